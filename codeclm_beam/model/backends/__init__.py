@@ -1,0 +1,54 @@
+"""Backends: the only code that knows a wire protocol.
+
+A backend sends one `ModelRequest` and returns a `RawAnswer`, or raises a
+`TransientModelError` / `PermanentModelError`. Retries, quotas, caching, schema
+validation and concurrency are the handler's, once for every backend.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+
+from codeclm_beam.model.config import ModelConfig
+from codeclm_beam.model.types import ModelRequest
+
+
+@dataclasses.dataclass(frozen=True)
+class RawAnswer:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+
+
+class Backend(abc.ABC):
+    # False where one process can only run one generation at a time (llama.cpp).
+    concurrent: bool = True
+
+    @abc.abstractmethod
+    def generate(self, request: ModelRequest) -> RawAnswer:
+        ...
+
+    def close(self) -> None:
+        pass
+
+
+def create_backend(config: ModelConfig) -> Backend:
+    backend = config.spec.backend
+    if backend in ("vertex", "gemini"):
+        from codeclm_beam.model.backends.google import GoogleGenAIBackend
+        return GoogleGenAIBackend(config)
+    if backend == "openai":
+        from codeclm_beam.model.backends.openai_compat import OpenAICompatibleBackend
+        return OpenAICompatibleBackend(config)
+    if backend == "llamacpp":
+        from codeclm_beam.model.backends.llamacpp import LlamaCppBackend
+        return LlamaCppBackend(config)
+    if backend == "custom":
+        import importlib
+        module_name, _, class_name = config.spec.model.partition(":")
+        backend_class = getattr(importlib.import_module(module_name), class_name)
+        if not (isinstance(backend_class, type) and issubclass(backend_class, Backend)):
+            raise TypeError(f"{config.uri}: {class_name} is not a Backend subclass")
+        return backend_class(config)
+    raise ValueError(f"no backend for {config.uri}")

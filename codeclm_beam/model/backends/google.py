@@ -1,0 +1,117 @@
+"""Gemini through google-genai: `vertex:` (Vertex AI, ADC) and `gemini:` (Developer API).
+
+Beam's own GeminiModelHandler is not used: its stock request function sends a whole
+batch as one `contents=[...]` list, which google-genai turns into ONE request with N
+parts, and zips N inputs with one answer. Here every element is its own request.
+google-genai's own retries stay off (no `retry_options`) because the handler owns them.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+from codeclm_beam.model.backends import Backend
+from codeclm_beam.model.backends import RawAnswer
+from codeclm_beam.model.config import ModelConfig
+from codeclm_beam.model.errors import PermanentModelError
+from codeclm_beam.model.errors import TransientModelError
+from codeclm_beam.model.errors import classify_http_status
+from codeclm_beam.model.errors import parse_retry_after
+from codeclm_beam.model.types import ModelRequest
+
+
+class GoogleGenAIBackend(Backend):
+    def __init__(self, config: ModelConfig):
+        from google import genai
+        from google.genai import types
+
+        self._types = types
+        self._model = config.spec.model
+        http_options = types.HttpOptions(
+            timeout=int(config.request_timeout_s * 1000),
+            base_url=config.base_url or None)
+        if config.spec.backend == "vertex":
+            project = config.project or os.environ.get("GOOGLE_CLOUD_PROJECT")
+            location = (config.location or os.environ.get("GOOGLE_CLOUD_LOCATION")
+                        or "us-central1")
+            if not project:
+                raise PermanentModelError(
+                    f"{config.uri}: set --vertex_project or GOOGLE_CLOUD_PROJECT")
+            self._client = genai.Client(
+                vertexai=True, project=project, location=location,
+                credentials=config.credentials, http_options=http_options)
+        else:
+            api_key = os.environ.get("GEMINI_API_KEY") or os.environ.get("GOOGLE_API_KEY")
+            if not api_key:
+                raise PermanentModelError(
+                    f"{config.uri}: set GEMINI_API_KEY (or GOOGLE_API_KEY)")
+            self._client = genai.Client(api_key=api_key, http_options=http_options)
+
+    def _config(self, request: ModelRequest):
+        types = self._types
+        system = "\n\n".join(m.content for m in request.messages if m.role == "system")
+        schema = request.json_schema
+        return types.GenerateContentConfig(
+            system_instruction=system or None,
+            temperature=request.settings.temperature,
+            max_output_tokens=request.settings.max_output_tokens,
+            seed=request.settings.seed,
+            response_mime_type="application/json" if schema else None,
+            response_json_schema=schema,
+            candidate_count=1,
+        )
+
+    def generate(self, request: ModelRequest) -> RawAnswer:
+        types = self._types
+        contents = [
+            types.Content(role="model" if m.role == "assistant" else "user",
+                          parts=[types.Part(text=m.content)])
+            for m in request.messages if m.role != "system"
+        ]
+        try:
+            response = self._client.models.generate_content(
+                model=self._model, contents=contents, config=self._config(request))
+        except Exception as e:
+            raise _translate(e) from e
+        if not response.candidates:
+            feedback = getattr(response, "prompt_feedback", None)
+            raise PermanentModelError(f"no candidates returned (prompt feedback: {feedback})")
+        candidate = response.candidates[0]
+        finish = candidate.finish_reason
+        finish_name = getattr(finish, "name", None) or str(finish or "STOP")
+        text = "".join(part.text or "" for part in (candidate.content.parts or [])
+                       if not getattr(part, "thought", False)) if candidate.content else ""
+        usage = response.usage_metadata
+        return RawAnswer(
+            text=text,
+            prompt_tokens=(usage.prompt_token_count or 0) if usage else 0,
+            completion_tokens=(usage.candidates_token_count or 0) if usage else 0,
+            finish_reason=finish_name)
+
+
+def _translate(error: Exception) -> Exception:
+    from google.genai import errors as genai_errors
+
+    if isinstance(error, genai_errors.APIError):
+        retry_after = _retry_after(error)
+        return classify_http_status(
+            int(error.code or 0), f"{error.code} {error.status}: {error.message}",
+            retry_after)
+    # Timeouts, dropped connections and unreadable bodies: worth sending again.
+    return TransientModelError(f"{type(error).__name__}: {error}")
+
+
+def _retry_after(error: Any) -> Optional[float]:
+    response = getattr(error, "response", None)
+    headers = getattr(response, "headers", None)
+    if headers is not None:
+        seconds = parse_retry_after(headers.get("retry-after"))
+        if seconds is not None:
+            return seconds
+    # google.rpc.RetryInfo in the error body: {"error": {"details": [{"retryDelay": ..}]}}
+    body = getattr(error, "details", None) or {}
+    details = body.get("error", {}).get("details", []) if isinstance(body, dict) else []
+    for detail in details if isinstance(details, list) else []:
+        if isinstance(detail, dict) and "retryDelay" in detail:
+            return parse_retry_after(str(detail["retryDelay"]))
+    return None

@@ -1,0 +1,75 @@
+"""The embedded backend: llama-cpp-python in the worker process.
+
+One model per process, shared by every stage and thread that names the same file
+(each Beam stage gets its own handler, so without this registry a pipeline with a
+dozen model stages would load a dozen copies). llama.cpp runs one generation at a
+time per model, hence the lock and `concurrent = False`.
+"""
+from __future__ import annotations
+
+import os
+import threading
+
+from codeclm_beam.model.backends import Backend
+from codeclm_beam.model.backends import RawAnswer
+from codeclm_beam.model.config import ModelConfig
+from codeclm_beam.model.errors import PermanentModelError
+from codeclm_beam.model.types import ModelRequest
+
+_MODELS: dict[tuple, tuple[object, threading.Lock]] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def _load(path: str, n_ctx: int, n_threads: int):
+    key = (path, n_ctx, n_threads)
+    with _MODELS_LOCK:
+        if key not in _MODELS:
+            try:
+                from llama_cpp import Llama
+            except ImportError:
+                raise PermanentModelError(
+                    "llamacpp: models need llama-cpp-python: "
+                    "pip install 'codeclm-beam[local]'") from None
+            model = Llama(model_path=path, n_ctx=n_ctx, n_threads=n_threads,
+                          verbose=False)
+            _MODELS[key] = (model, threading.Lock())
+        return _MODELS[key]
+
+
+class LlamaCppBackend(Backend):
+    concurrent = False
+
+    def __init__(self, config: ModelConfig):
+        path = config.spec.gguf_path()
+        n_threads = config.n_threads or max(1, os.cpu_count() or 1)
+        self._model, self._lock = _load(path, config.n_ctx, n_threads)
+
+    def generate(self, request: ModelRequest) -> RawAnswer:
+        kwargs = {}
+        schema = request.json_schema
+        if schema is not None:
+            # llama.cpp compiles the schema to a grammar: the answer is valid JSON of
+            # that shape by construction (unless cut off by max_tokens).
+            kwargs["response_format"] = {"type": "json_object", "schema": schema}
+        if request.settings.seed is not None:
+            kwargs["seed"] = request.settings.seed
+        with self._lock:
+            # Clear the prompt cache so an answer depends only on its own prompt and
+            # seed, never on what this process generated before (reproducibility).
+            self._model.reset()
+            try:
+                out = self._model.create_chat_completion(
+                    messages=[{"role": m.role, "content": m.content}
+                              for m in request.messages],
+                    temperature=request.settings.temperature,
+                    max_tokens=request.settings.max_output_tokens,
+                    **kwargs)
+            except ValueError as e:  # e.g. the prompt exceeds the context window
+                raise PermanentModelError(f"llama.cpp: {e}") from e
+        choice = out["choices"][0]
+        usage = out.get("usage") or {}
+        return RawAnswer(
+            text=choice["message"].get("content") or "",
+            prompt_tokens=usage.get("prompt_tokens", 0),
+            completion_tokens=usage.get("completion_tokens", 0),
+            finish_reason=choice.get("finish_reason") or "stop")

@@ -1,0 +1,63 @@
+"""Any OpenAI-compatible chat server: vLLM, Ollama, llama.cpp server, TGI.
+
+The openai client's own retries are off (`max_retries=0`): the handler owns retries.
+"""
+from __future__ import annotations
+
+import os
+
+from codeclm_beam.model.backends import Backend
+from codeclm_beam.model.backends import RawAnswer
+from codeclm_beam.model.config import ModelConfig
+from codeclm_beam.model.errors import TransientModelError
+from codeclm_beam.model.errors import classify_http_status
+from codeclm_beam.model.errors import parse_retry_after
+from codeclm_beam.model.types import ModelRequest
+
+
+class OpenAICompatibleBackend(Backend):
+    def __init__(self, config: ModelConfig):
+        import openai
+
+        spec = config.spec
+        self._openai = openai
+        self._model = spec.model
+        self._client = openai.OpenAI(
+            base_url=spec.base_url,
+            # Local servers need no key, but the client insists on one.
+            api_key=os.environ.get("OPENAI_API_KEY") or "not-needed",
+            max_retries=0,
+            timeout=config.request_timeout_s)
+
+    def generate(self, request: ModelRequest) -> RawAnswer:
+        kwargs = {}
+        schema = request.json_schema
+        if schema is not None:
+            kwargs["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "answer", "schema": schema, "strict": True},
+            }
+        if request.settings.seed is not None:
+            kwargs["seed"] = request.settings.seed
+        try:
+            response = self._client.chat.completions.create(
+                model=self._model,
+                messages=[{"role": m.role, "content": m.content} for m in request.messages],
+                temperature=request.settings.temperature,
+                max_tokens=request.settings.max_output_tokens,
+                **kwargs)
+        except self._openai.APIStatusError as e:
+            raise classify_http_status(
+                e.status_code, f"{e.status_code}: {e.message}",
+                parse_retry_after(e.response.headers.get("retry-after"))) from e
+        except Exception as e:
+            raise TransientModelError(f"{type(e).__name__}: {e}") from e
+        if not response.choices:
+            raise TransientModelError("the server returned no choices")
+        choice = response.choices[0]
+        usage = response.usage
+        return RawAnswer(
+            text=choice.message.content or "",
+            prompt_tokens=(usage.prompt_tokens or 0) if usage else 0,
+            completion_tokens=(usage.completion_tokens or 0) if usage else 0,
+            finish_reason=choice.finish_reason or "stop")

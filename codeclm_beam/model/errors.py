@@ -1,0 +1,59 @@
+"""How a backend tells the model layer what went wrong.
+
+Backends translate their client library's exceptions into these two classes, so the
+retry policy is written once: `TransientModelError` is retried with backoff (honouring
+the server's delay when it gives one), `PermanentModelError` goes straight to the dead
+letter. `SchemaMismatch` is an answer that arrived but does not satisfy its schema; it
+is re-asked, not retried.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+# The HTTP statuses a call may succeed on if sent again.
+RETRYABLE_HTTP_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+
+
+class ModelError(Exception):
+    def __init__(self, message: str, *, status: Optional[int] = None):
+        super().__init__(message)
+        self.status = status
+
+
+class TransientModelError(ModelError):
+    def __init__(self, message: str, *, status: Optional[int] = None,
+                 retry_after: Optional[float] = None):
+        super().__init__(message, status=status)
+        self.retry_after = retry_after
+
+
+class PermanentModelError(ModelError):
+    pass
+
+
+class SchemaMismatch(ModelError):
+    def __init__(self, message: str, raw_answer: str):
+        super().__init__(message)
+        self.raw_answer = raw_answer
+
+
+def classify_http_status(status: int, message: str,
+                         retry_after: Optional[float] = None) -> ModelError:
+    if status in RETRYABLE_HTTP_STATUSES:
+        return TransientModelError(message, status=status, retry_after=retry_after)
+    return PermanentModelError(message, status=status)
+
+
+def parse_retry_after(value: Optional[str]) -> Optional[float]:
+    """Seconds from a `Retry-After` header (delta-seconds form) or a google.rpc
+    RetryInfo `retryDelay` ("1.5s")."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.endswith("s"):
+        value = value[:-1]
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None  # HTTP-date form: fall back to our own backoff
+    return max(0.0, seconds)

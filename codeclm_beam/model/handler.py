@@ -1,0 +1,311 @@
+"""The model layer's Beam face: a `RemoteModelHandler` for `RunInference`.
+
+RunInference owns batching, per-process client sharing and its own metrics, as for any
+Beam model. This handler owns what a paid chat API needs on top, per element:
+
+    cache lookup -> quota -> send -> retry (transport) -> validate -> re-ask (schema)
+                 -> cache store -> ModelResponse | ModelFailure
+
+`request()` never raises. RemoteModelHandler's own retry and failure path work per
+*batch* (one bad element would re-send or dead-letter 31 good ones), so every element
+comes back as a `PredictionResult` whose inference is a response or a `ModelFailure`,
+and the calling transform routes failures to its dead-letter output.
+
+Elements of a batch run concurrently on a thread pool shared by every stage that calls
+the same model in this process, so `max_concurrency` bounds requests in flight per
+worker process and a batch of 32 costs about one round-trip, not 32.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import math
+import threading
+import time
+from typing import Any, Iterable, Optional, Sequence
+
+import jsonschema
+import tenacity
+from apache_beam.io.components.adaptive_throttler import ThrottlingSignaler
+from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import PredictionResult
+from apache_beam.ml.inference.base import RemoteModelHandler
+
+from codeclm_beam.model.backends import Backend
+from codeclm_beam.model.backends import RawAnswer
+from codeclm_beam.model.backends import create_backend
+from codeclm_beam.model.cache import ResponseCache
+from codeclm_beam.model.config import ModelConfig
+from codeclm_beam.model.errors import ModelError
+from codeclm_beam.model.errors import SchemaMismatch
+from codeclm_beam.model.errors import TransientModelError
+from codeclm_beam.model.ratelimit import TokenBucketRateLimiter
+from codeclm_beam.model.ratelimit import make_rate_limiter
+from codeclm_beam.model.types import CallStats
+from codeclm_beam.model.types import ModelFailure
+from codeclm_beam.model.types import ModelRequest
+from codeclm_beam.model.types import ModelResponse
+from codeclm_beam.model.types import ModelResult
+from codeclm_beam.redact import redact
+
+_LOG = logging.getLogger(__name__)
+
+# An answer longer than this many characters per requested output token is not a
+# model answer but a misbehaving server (or an injection attempt); never parse it.
+_MAX_CHARS_PER_TOKEN = 16
+# Seeds for re-asks after a schema failure, so a re-run re-asks identically.
+_REASK_SEED_STRIDE = 7919
+
+_POOLS: dict[tuple, concurrent.futures.ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _shared_pool(model_id: str, workers: int) -> concurrent.futures.ThreadPoolExecutor:
+    with _POOLS_LOCK:
+        key = (model_id, workers)
+        if key not in _POOLS:
+            _POOLS[key] = concurrent.futures.ThreadPoolExecutor(
+                max_workers=workers, thread_name_prefix=f"codeclm-{model_id}")
+        return _POOLS[key]
+
+
+def _estimate_tokens(request: ModelRequest) -> int:
+    # About four characters a token for English; only used to pre-pay the token
+    # quota, and corrected with the server's real count after the call.
+    return max(1, request.prompt_chars() // 4)
+
+
+class _WaitForServerOrBackoff(tenacity.wait.wait_base):
+    """The server's Retry-After / RetryInfo delay when it sent one, else exponential
+    backoff with full jitter."""
+
+    def __init__(self, initial: float, maximum: float):
+        self._backoff = tenacity.wait_random_exponential(multiplier=initial, max=maximum)
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
+        error = retry_state.outcome.exception() if retry_state.outcome else None
+        if isinstance(error, TransientModelError) and error.retry_after is not None:
+            return error.retry_after
+        return self._backoff(retry_state)
+
+
+class ModelClient:
+    """Everything one worker process needs to call one model."""
+
+    def __init__(self, config: ModelConfig, backend: Optional[Backend] = None):
+        self.config = config
+        self.spec = config.spec
+        self.backend = backend or create_backend(config)
+        self.cache = ResponseCache(config.cache_dir) if config.cache_dir else None
+        self.limiter = make_rate_limiter(config.quota, tag=self.spec.cache_id)
+        workers = config.max_concurrency if self.backend.concurrent else 1
+        self.pool = _shared_pool(self.spec.cache_id, workers)
+        self._validators: dict[str, Any] = {}
+
+    def call_all(self, requests: Sequence[ModelRequest]) -> list[ModelResult]:
+        if len(requests) == 1:
+            return [self.call(requests[0])]
+        return list(self.pool.map(self.call, requests))
+
+    def call(self, request: ModelRequest) -> ModelResult:
+        key = request.cache_key(self.spec.cache_id) if self.cache else None
+        if key:
+            hit = self.cache.get(key)
+            if hit is not None:
+                return _with_stats(hit, CallStats(cache_hit=True))
+        counters = {"attempts": 0, "retries": 0, "parse_retries": 0, "throttled": 0.0,
+                    "prompt_tokens": 0, "completion_tokens": 0}
+        raw_answer = None
+        try:
+            for parse_attempt in range(self.config.max_parse_retries + 1):
+                asked = request
+                if parse_attempt:
+                    counters["parse_retries"] += 1
+                    seed = request.settings.seed
+                    asked = request.with_seed(
+                        None if seed is None else seed + _REASK_SEED_STRIDE * parse_attempt)
+                raw = self._send_with_retries(asked, counters)
+                raw_answer = raw.text
+                try:
+                    data = self._parse(request, raw)
+                except SchemaMismatch as mismatch:
+                    last_mismatch = mismatch
+                    continue
+                response = ModelResponse(
+                    text=raw.text, data=data, prompt_tokens=raw.prompt_tokens,
+                    completion_tokens=raw.completion_tokens,
+                    finish_reason=raw.finish_reason)
+                if key:
+                    self.cache.put(key, response)
+                return _with_stats(response, _stats(counters))
+            raise last_mismatch
+        except ModelError as error:
+            return self._failure(request, error, counters, raw_answer)
+        except Exception as error:  # a bug or an unexpected library error: dead-letter it
+            _LOG.exception("unexpected error calling %s", self.spec.uri)
+            return self._failure(request, error, counters, raw_answer)
+
+    def _send_with_retries(self, request: ModelRequest, counters: dict) -> RawAnswer:
+        config = self.config
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(config.max_retries + 1),
+            wait=_WaitForServerOrBackoff(config.initial_backoff_s, config.max_backoff_s),
+            retry=tenacity.retry_if_exception_type(TransientModelError),
+            before_sleep=lambda state: counters.__setitem__(
+                "retries", counters["retries"] + 1),
+            reraise=True)
+        return retrying(self._send_once, request, counters)
+
+    def _send_once(self, request: ModelRequest, counters: dict) -> RawAnswer:
+        estimate = _estimate_tokens(request)
+        if self.limiter is not None:
+            started = time.monotonic()
+            if isinstance(self.limiter, TokenBucketRateLimiter):
+                self.limiter.allow(hits_added=1, tokens=estimate)
+            else:
+                self.limiter.allow(hits_added=1)
+            counters["throttled"] += time.monotonic() - started
+        counters["attempts"] += 1
+        raw = self.backend.generate(request)
+        counters["prompt_tokens"] += raw.prompt_tokens
+        counters["completion_tokens"] += raw.completion_tokens
+        if isinstance(self.limiter, TokenBucketRateLimiter):
+            self.limiter.charge_tokens(raw.prompt_tokens - estimate + raw.completion_tokens)
+        return raw
+
+    def _parse(self, request: ModelRequest, raw: RawAnswer) -> Any:
+        limit = request.settings.max_output_tokens * _MAX_CHARS_PER_TOKEN
+        if len(raw.text) > limit:
+            raise SchemaMismatch(
+                f"answer of {len(raw.text)} characters exceeds {limit} "
+                f"({request.settings.max_output_tokens} tokens)", raw.text[:2000])
+        if request.json_schema_text is None:
+            if not raw.text.strip():
+                raise SchemaMismatch("empty answer", raw.text)
+            return None
+        try:
+            data = json.loads(raw.text)
+        except ValueError as e:
+            raise SchemaMismatch(f"answer is not JSON ({e}; finish reason "
+                                 f"{raw.finish_reason})", raw.text) from None
+        validator = self._validators.get(request.json_schema_text)
+        if validator is None:
+            schema = request.json_schema
+            validator_class = jsonschema.validators.validator_for(schema)
+            validator = validator_class(schema)
+            self._validators[request.json_schema_text] = validator
+        error = jsonschema.exceptions.best_match(validator.iter_errors(data))
+        if error is not None:
+            path = "/".join(str(p) for p in error.absolute_path) or "(root)"
+            raise SchemaMismatch(f"answer fails its schema at {path}: {error.message}",
+                                 raw.text)
+        return data
+
+    def _failure(self, request, error, counters, raw_answer) -> ModelFailure:
+        raw = getattr(error, "raw_answer", None) or raw_answer
+        return ModelFailure(
+            request_id=request.request_id,
+            error_class=type(error).__name__,
+            message=redact(str(error))[:4000],
+            attempts=counters["attempts"],
+            raw_answer=redact(raw)[:4000] if raw else None,
+            stats=_stats(counters))
+
+
+def _stats(counters: dict) -> CallStats:
+    return CallStats(
+        attempts=counters["attempts"], retries=counters["retries"],
+        parse_retries=counters["parse_retries"],
+        throttled_seconds=counters["throttled"],
+        prompt_tokens=counters["prompt_tokens"],
+        completion_tokens=counters["completion_tokens"])
+
+
+def _with_stats(response: ModelResponse, stats: CallStats) -> ModelResponse:
+    import dataclasses
+    return dataclasses.replace(response, stats=stats)
+
+
+def metrics_namespace(stage: str, model_id: str) -> str:
+    return f"codeclm/{stage}/{model_id}"
+
+
+class StageMetrics:
+    """Beam counters for one stage and model. Updated only from the bundle thread:
+    Beam drops metric updates made from helper threads."""
+
+    NAMES = ("requests", "cache_hits", "retries", "parse_retries", "failures",
+             "throttled_ms", "prompt_tokens", "completion_tokens", "elements")
+
+    def __init__(self, stage: str, model_id: str):
+        namespace = metrics_namespace(stage, model_id)
+        self._counters = {name: Metrics.counter(namespace, name) for name in self.NAMES}
+        self._signaler = ThrottlingSignaler(namespace)
+        self._throttled_carry = 0.0
+
+    def record(self, results: Iterable[ModelResult]) -> None:
+        totals = dict.fromkeys(self.NAMES, 0)
+        throttled = 0.0
+        for result in results:
+            stats = result.stats
+            totals["elements"] += 1
+            totals["requests"] += stats.attempts
+            totals["cache_hits"] += int(stats.cache_hit)
+            totals["retries"] += stats.retries
+            totals["parse_retries"] += stats.parse_retries
+            totals["failures"] += int(isinstance(result, ModelFailure))
+            totals["prompt_tokens"] += stats.prompt_tokens
+            totals["completion_tokens"] += stats.completion_tokens
+            throttled += stats.throttled_seconds
+        totals["throttled_ms"] = int(throttled * 1000)
+        for name, value in totals.items():
+            if value:
+                self._counters[name].inc(value)
+        # Dataflow's autoscaler reads whole seconds; carry the fraction forward.
+        self._throttled_carry += throttled
+        whole = math.floor(self._throttled_carry)
+        if whole:
+            self._signaler.signal_throttled(whole)
+            self._throttled_carry -= whole
+
+
+class CodecLMModelHandler(RemoteModelHandler[ModelRequest, PredictionResult, ModelClient]):
+    """One model, as called by one stage. Use it with `RunInference`, usually keyed:
+    `RunInference(KeyedModelHandler(CodecLMModelHandler(config, "encode")))`."""
+
+    def __init__(self, config: ModelConfig, stage: str):
+        # Batch-level retries and throttling stay off: the client retries per element
+        # and never raises, and quota waits are signalled by StageMetrics.
+        super().__init__(namespace=f"codeclm/{stage}", num_retries=0)
+        self._config = config
+        self._stage = stage
+        # A batch is what runs concurrently; a few rounds of the pool per batch keep
+        # it busy without holding many elements in memory.
+        self._batching_kwargs = {"min_batch_size": 1,
+                                 "max_batch_size": max(1, config.max_concurrency * 4)}
+        self._metrics: Optional[StageMetrics] = None
+
+    @property
+    def config(self) -> ModelConfig:
+        return self._config
+
+    def create_client(self) -> ModelClient:
+        return ModelClient(self._config)
+
+    def request(self, batch: Sequence[ModelRequest], model: ModelClient,
+                inference_args: Optional[dict[str, Any]] = None) -> list[PredictionResult]:
+        results = model.call_all(batch)
+        if self._metrics is None:
+            self._metrics = StageMetrics(self._stage, model.spec.cache_id)
+        self._metrics.record(results)
+        return [PredictionResult(example=req, inference=res, model_id=model.spec.uri)
+                for req, res in zip(batch, results)]
+
+    def get_metrics_namespace(self) -> str:
+        return f"codeclm/{self._stage}"
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_metrics"] = None
+        return state

@@ -1,0 +1,121 @@
+"""The one request and response shape every model call in codeclm-beam uses.
+
+Stages build `ModelRequest`s; backends turn them into wire calls; the handler returns a
+`ModelResponse` or, when the call could not be completed, a `ModelFailure`. Both are
+plain frozen dataclasses so they pickle and compare cheaply across Beam workers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any, Optional, Union
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatMessage:
+    role: str  # "system" | "user" | "assistant"
+    content: str
+
+    def __post_init__(self):
+        if self.role not in ("system", "user", "assistant"):
+            raise ValueError(f"unknown chat role {self.role!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationSettings:
+    temperature: float = 0.7
+    max_output_tokens: int = 1024
+    # Seeded sampling makes a prompt's answer reproducible where the backend honours
+    # it (llama.cpp, OpenAI-compatible servers, Gemini), which is what lets the
+    # response cache answer a whole re-run.
+    seed: Optional[int] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRequest:
+    """One chat call. `request_id` names the element (for dead letters and logs); it is
+    deliberately not part of the cache key, which depends only on what is sent."""
+
+    request_id: str
+    messages: tuple[ChatMessage, ...]
+    settings: GenerationSettings = GenerationSettings()
+    # The JSON schema the answer must satisfy, as canonical JSON text so the request
+    # stays hashable and its cache key does not depend on dict ordering.
+    json_schema_text: Optional[str] = None
+
+    @classmethod
+    def create(
+        cls,
+        request_id: str,
+        messages: list[ChatMessage] | tuple[ChatMessage, ...],
+        settings: GenerationSettings = GenerationSettings(),
+        json_schema: Optional[dict] = None,
+    ) -> "ModelRequest":
+        schema_text = canonical_json(json_schema) if json_schema is not None else None
+        return cls(request_id, tuple(messages), settings, schema_text)
+
+    @property
+    def json_schema(self) -> Optional[dict]:
+        return json.loads(self.json_schema_text) if self.json_schema_text else None
+
+    def with_seed(self, seed: Optional[int]) -> "ModelRequest":
+        return dataclasses.replace(
+            self, settings=dataclasses.replace(self.settings, seed=seed))
+
+    def prompt_chars(self) -> int:
+        return sum(len(m.content) for m in self.messages)
+
+    def cache_key(self, backend_id: str) -> str:
+        """Hash of backend, model, messages, settings and schema."""
+        payload = {
+            "backend": backend_id,
+            "messages": [[m.role, m.content] for m in self.messages],
+            "settings": dataclasses.asdict(self.settings),
+            "schema": self.json_schema_text,
+        }
+        return hashlib.sha256(canonical_json(payload).encode("utf-8")).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class CallStats:
+    """What it took to answer one request; summed into Beam metrics per stage."""
+
+    attempts: int = 0  # backend calls actually sent (0 for a cache hit)
+    retries: int = 0  # transport retries (429/5xx/timeouts)
+    parse_retries: int = 0  # re-asks after an answer failed its schema
+    cache_hit: bool = False
+    throttled_seconds: float = 0.0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelResponse:
+    text: str
+    # The parsed JSON answer, validated against the request's schema; None for a
+    # free-text request.
+    data: Any
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    stats: CallStats = CallStats()
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFailure:
+    """A request that could not be answered after all retries."""
+
+    request_id: str
+    error_class: str
+    message: str
+    attempts: int
+    raw_answer: Optional[str] = None
+    stats: CallStats = CallStats()
+
+
+ModelResult = Union[ModelResponse, ModelFailure]
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

@@ -1,0 +1,102 @@
+"""Pipeline options: Beam `PipelineOptions` subclasses, so every runner flag
+(`--runner`, `--project`, `--region`, `--temp_location`, ...) passes straight through.
+"""
+from __future__ import annotations
+
+import uuid
+from typing import Optional
+
+from apache_beam.options.pipeline_options import GoogleCloudOptions
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import StandardOptions
+from apache_beam.options.pipeline_options import WorkerOptions
+
+from codeclm_beam.model.config import ModelConfig
+from codeclm_beam.model.ratelimit import QuotaConfig
+from codeclm_beam.model.uri import DEFAULT_MODEL_URI
+
+
+class ModelOptions(PipelineOptions):
+    """How models are called: the same flags for every pipeline."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        group = parser.add_argument_group("models")
+        group.add_argument("--strong_model", default=DEFAULT_MODEL_URI,
+                           help="Model URI of the strong model (the codec).")
+        group.add_argument("--target_model", default=DEFAULT_MODEL_URI,
+                           help="Model URI of the target model.")
+        group.add_argument("--judge_model", default=None,
+                           help="Model URI of the judge (default: the strong model).")
+        group.add_argument("--vertex_project", default=None,
+                           help="Vertex AI project (default: --project, then "
+                                "GOOGLE_CLOUD_PROJECT).")
+        group.add_argument("--vertex_location", default=None,
+                           help="Vertex AI location (default: GOOGLE_CLOUD_LOCATION, "
+                                "then us-central1).")
+        group.add_argument("--model_base_url", default=None,
+                           help="Endpoint override for vertex:/gemini: models (proxies).")
+        group.add_argument("--max_concurrency", type=int, default=8,
+                           help="Requests in flight per worker process and model.")
+        group.add_argument("--max_retries", type=int, default=6,
+                           help="Retries of a request on 408/429/5xx/timeouts.")
+        group.add_argument("--max_parse_retries", type=int, default=2,
+                           help="Re-asks of an answer that fails its JSON schema.")
+        group.add_argument("--request_timeout", type=float, default=300.0,
+                           help="Seconds before a request counts as timed out.")
+        group.add_argument("--max_requests_per_minute", type=float, default=None,
+                           help="Job-wide request quota per model endpoint.")
+        group.add_argument("--max_tokens_per_minute", type=float, default=None,
+                           help="Job-wide token quota per model endpoint.")
+        group.add_argument("--envoy_rate_limit_address", default=None,
+                           help="host:port of an Envoy rate-limit service: a global "
+                                "limit instead of the per-VM share.")
+        group.add_argument("--cache_dir", default=None,
+                           help="Response cache (local path or gs://). Default: "
+                                "OUTPUT_DIR/cache.")
+        group.add_argument("--no_cache", action="store_true", default=False,
+                           help="Send every request, store nothing.")
+        group.add_argument("--seed", type=int, default=0,
+                           help="Seed for sampling and every random choice.")
+        group.add_argument("--n_ctx", type=int, default=4096,
+                           help="Context window for embedded llama.cpp models.")
+
+
+def num_vms(options: PipelineOptions) -> int:
+    """VMs a job-wide quota is split over (see codeclm_beam.model.ratelimit)."""
+    runner = (options.view_as(StandardOptions).runner or "DirectRunner").lower()
+    if "dataflow" not in runner:
+        return 1
+    workers = options.view_as(WorkerOptions)
+    return max(1, workers.max_num_workers or workers.num_workers or 1)
+
+
+def model_configs(options: PipelineOptions, default_cache_dir: Optional[str] = None,
+                  run_id: Optional[str] = None) -> dict[str, ModelConfig]:
+    """The strong, target and judge ModelConfigs the options describe."""
+    opts = options.view_as(ModelOptions)
+    cloud = options.view_as(GoogleCloudOptions)
+    run_id = run_id or cloud.job_name or uuid.uuid4().hex[:12]
+    quota = QuotaConfig(
+        requests_per_minute=opts.max_requests_per_minute,
+        tokens_per_minute=opts.max_tokens_per_minute,
+        num_vms=num_vms(options),
+        run_id=run_id,
+        envoy_address=opts.envoy_rate_limit_address)
+    cache_dir = None if opts.no_cache else (opts.cache_dir or default_cache_dir)
+    base = dict(
+        project=opts.vertex_project or cloud.project,
+        location=opts.vertex_location,
+        base_url=opts.model_base_url,
+        request_timeout_s=opts.request_timeout,
+        max_concurrency=opts.max_concurrency,
+        max_retries=opts.max_retries,
+        max_parse_retries=opts.max_parse_retries,
+        quota=quota,
+        cache_dir=cache_dir,
+        n_ctx=opts.n_ctx)
+    return {
+        "strong": ModelConfig(uri=opts.strong_model, **base),
+        "target": ModelConfig(uri=opts.target_model, **base),
+        "judge": ModelConfig(uri=opts.judge_model or opts.strong_model, **base),
+    }

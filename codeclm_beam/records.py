@@ -1,0 +1,194 @@
+"""Typed records that flow between CodecLM stages, with their Avro schemas.
+
+Records are frozen dataclasses: they pickle across Beam workers, compare by value in
+tests, and their Avro schemas are derived from the field types, so the schema of a file
+cannot drift from the record that wrote it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from typing import Any, Optional
+
+
+@dataclasses.dataclass(frozen=True)
+class Seed:
+    seed_id: str
+    instruction: str
+    source: str  # file and row it came from
+
+
+@dataclasses.dataclass(frozen=True)
+class Metadata:
+    """One use case and 1..max_skills skills: the method's instruction metadata."""
+
+    metadata_id: str
+    use_case: str
+    skills: tuple[str, ...]
+    origin: str  # "seed" (encoded), "user" (supplied), "mix" (mix-and-match)
+    seed_id: Optional[str] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RubricSet:
+    """The rubric state of one metadata entry: rubrics and the action of each."""
+
+    metadata_id: str
+    use_case: str
+    skills: tuple[str, ...]
+    rubrics: tuple[str, ...]
+    actions: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """An instruction on its way through filter -> improve rounds."""
+
+    candidate_id: str
+    instruction: str
+    metadata_id: str
+    use_case: str
+    skills: tuple[str, ...]
+    iteration: int = 1
+    actions_applied: tuple[str, ...] = ()
+    # Earlier versions of the instruction, oldest first: the improvement chain.
+    history: tuple[str, ...] = ()
+    pending_action: Optional[str] = None
+    strong_answer: Optional[str] = None
+    target_answer: Optional[str] = None
+    strong_score: Optional[float] = None
+    target_score: Optional[float] = None
+
+    @property
+    def gap(self) -> Optional[float]:
+        if self.strong_score is None or self.target_score is None:
+            return None
+        return self.strong_score - self.target_score
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """A kept instruction-response pair: the product."""
+
+    example_id: str
+    instruction: str
+    response: str
+    response_source: str  # "strong" | "target"
+    iteration: int
+    use_case: str
+    skills: tuple[str, ...]
+    actions_applied: tuple[str, ...]
+    strong_score: float
+    target_score: float
+    gap: float
+    strong_model: str
+    target_model: str
+    judge_model: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Rejection:
+    """A candidate that did not become an example, and why."""
+
+    candidate_id: str
+    reason: str  # "within_threshold" after the last round, or "not_needed"
+    instruction: str
+    iteration: int
+    use_case: str
+    skills: tuple[str, ...]
+    actions_applied: tuple[str, ...]
+    strong_answer: Optional[str]
+    target_answer: Optional[str]
+    strong_score: Optional[float]
+    target_score: Optional[float]
+    gap: Optional[float]
+
+
+@dataclasses.dataclass(frozen=True)
+class DeadLetter:
+    """An element a stage could not process, with the reason. Never silently dropped."""
+
+    stage: str
+    element_id: str
+    error_class: str
+    message: str
+    attempts: int = 0
+    raw_answer: Optional[str] = None
+    payload: Optional[str] = None  # the input record as JSON
+
+    @classmethod
+    def of(cls, stage: str, element_id: str, error: BaseException, *, payload: Any = None,
+           attempts: int = 0, raw_answer: Optional[str] = None) -> "DeadLetter":
+        from codeclm_beam.redact import redact
+        return cls(stage=stage, element_id=element_id, error_class=type(error).__name__,
+                   message=redact(str(error))[:4000], attempts=attempts,
+                   raw_answer=redact(raw_answer)[:4000] if raw_answer else None,
+                   payload=cls.payload_json(payload))
+
+    @staticmethod
+    def payload_json(record: Any) -> Optional[str]:
+        if record is None:
+            return None
+        try:
+            value = to_dict(record) if dataclasses.is_dataclass(record) else record
+            return json.dumps(value, ensure_ascii=False, default=repr)[:100_000]
+        except Exception:
+            return repr(record)[:100_000]
+
+
+def to_dict(record: Any) -> dict:
+    """A record as a JSON-ready dict (tuples become lists)."""
+    return {f.name: _plain(getattr(record, f.name)) for f in dataclasses.fields(record)}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def from_dict(cls: type, data: dict) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for field in dataclasses.fields(cls):
+        if field.name not in data:
+            continue
+        value = data[field.name]
+        if isinstance(value, list) and _is_tuple(hints[field.name]):
+            value = tuple(value)
+        kwargs[field.name] = value
+    return cls(**kwargs)
+
+
+def _is_tuple(hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin is typing.Union:
+        return any(_is_tuple(a) for a in typing.get_args(hint))
+    return origin is tuple
+
+
+_AVRO_PRIMITIVES = {str: "string", int: "long", float: "double", bool: "boolean"}
+
+
+def _avro_type(hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return ["null", _avro_type(args[0])]
+    if origin is tuple:
+        return {"type": "array", "items": _avro_type(typing.get_args(hint)[0])}
+    return _AVRO_PRIMITIVES[hint]
+
+
+def avro_schema(cls: type) -> dict:
+    """The Avro record schema of a record dataclass."""
+    hints = typing.get_type_hints(cls)
+    fields = []
+    for field in dataclasses.fields(cls):
+        avro_field = {"name": field.name, "type": _avro_type(hints[field.name])}
+        if isinstance(avro_field["type"], list):
+            avro_field["default"] = None
+        fields.append(avro_field)
+    return {"type": "record", "name": cls.__name__, "namespace": "codeclm_beam",
+            "fields": fields}

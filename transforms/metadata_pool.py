@@ -1,0 +1,67 @@
+"""Metadata pool: keep every original (use case, skills), fill to `num_metadata` by
+seeded mix-and-match. No model call.
+
+A mixed entry draws one use case from the per-seed list (so frequent use cases are drawn
+more often) and 1..max_skills distinct skills without replacement from the union of all
+skills. The same metadata and seed give the same pool, whatever order Beam delivers the
+entries in.
+"""
+from __future__ import annotations
+
+import random
+from typing import Iterable
+
+import apache_beam as beam
+
+from codeclm_beam.records import Metadata
+from codeclm_beam.transforms.encode import metadata_id
+
+# How many draws per missing entry before concluding the skill/use-case space is too
+# small to fill the pool (then the pool is smaller, and the manifest says so).
+_DRAWS_PER_ENTRY = 50
+
+
+def build_metadata_pool(entries: Iterable[Metadata], num_metadata: int, max_skills: int,
+                        seed: int) -> list[Metadata]:
+    originals: dict[str, Metadata] = {}
+    use_case_draws: list[str] = []
+    all_skills: set[str] = set()
+    for entry in sorted(entries, key=lambda m: (m.seed_id or "", m.metadata_id)):
+        use_case_draws.append(entry.use_case)
+        all_skills.update(entry.skills)
+        originals.setdefault(entry.metadata_id, entry)
+    pool = dict(originals)
+    skills = sorted(all_skills)
+    rng = random.Random(seed)
+    attempts = 0
+    while len(pool) < num_metadata and use_case_draws and attempts < \
+            _DRAWS_PER_ENTRY * num_metadata:
+        attempts += 1
+        use_case = rng.choice(use_case_draws)
+        count = rng.randint(1, min(max_skills, len(skills)))
+        chosen = tuple(rng.sample(skills, count))
+        entry_id = metadata_id(use_case, chosen)
+        if entry_id not in pool:
+            pool[entry_id] = Metadata(entry_id, use_case, chosen, "mix")
+    return sorted(pool.values(), key=lambda m: m.metadata_id)
+
+
+class BuildMetadataPool(beam.PTransform):
+    """PCollection[Metadata] -> PCollection[Metadata] (originals + mix-and-match).
+
+    The pool is built in one place because mix-and-match needs every entry; pools are
+    hundreds to thousands of entries, not millions."""
+
+    def __init__(self, num_metadata: int = 200, max_skills: int = 3, seed: int = 0):
+        super().__init__()
+        self._num_metadata = num_metadata
+        self._max_skills = max_skills
+        self._seed = seed
+
+    def expand(self, metadata):
+        return (metadata
+                | "CollectAll" >> beam.combiners.ToList()
+                | "MixAndMatch" >> beam.FlatMap(
+                    build_metadata_pool, self._num_metadata, self._max_skills,
+                    self._seed)
+                | "Spread" >> beam.Reshuffle())
