@@ -7,6 +7,7 @@ time per model, hence the lock and `concurrent = False`.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import threading
 
@@ -34,6 +35,16 @@ def _load(path: str, n_ctx: int, n_threads: int):
                           verbose=False)
             _MODELS[key] = (model, threading.Lock())
         return _MODELS[key]
+
+
+@atexit.register
+def _close_all():
+    # Free models before interpreter teardown, when llama.cpp's finalisers can no
+    # longer run cleanly.
+    with _MODELS_LOCK:
+        for model, _ in _MODELS.values():
+            model.close()
+        _MODELS.clear()
 
 
 class LlamaCppBackend(Backend):

@@ -1,6 +1,12 @@
 """Any OpenAI-compatible chat server: vLLM, Ollama, llama.cpp server, TGI.
 
 The openai client's own retries are off (`max_retries=0`): the handler owns retries.
+
+The schema goes as OpenAI's `response_format: {"type": "json_schema", ...}`. Servers
+that only know the older `{"type": "json_object", "schema": ...}` dialect (llama.cpp's
+Python server, Anyscale-style endpoints) reject that with an error naming
+`response_format` (llama_cpp.server even answers 500); the backend then switches to
+that dialect once and remembers it for the process.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ class OpenAICompatibleBackend(Backend):
         spec = config.spec
         self._openai = openai
         self._model = spec.model
+        self._schema_dialect = "json_schema"
         self._client = openai.OpenAI(
             base_url=spec.base_url,
             # Local servers need no key, but the client insists on one.
@@ -29,28 +36,27 @@ class OpenAICompatibleBackend(Backend):
             max_retries=0,
             timeout=config.request_timeout_s)
 
+    def _response_format(self, schema: dict) -> dict:
+        if self._schema_dialect == "json_schema":
+            return {"type": "json_schema",
+                    "json_schema": {"name": "answer", "schema": schema, "strict": True}}
+        return {"type": "json_object", "schema": schema}
+
     def generate(self, request: ModelRequest) -> RawAnswer:
-        kwargs = {}
         schema = request.json_schema
-        if schema is not None:
-            kwargs["response_format"] = {
-                "type": "json_schema",
-                "json_schema": {"name": "answer", "schema": schema, "strict": True},
-            }
-        if request.settings.seed is not None:
-            kwargs["seed"] = request.settings.seed
         try:
-            response = self._client.chat.completions.create(
-                model=self._model,
-                messages=[{"role": m.role, "content": m.content} for m in request.messages],
-                temperature=request.settings.temperature,
-                max_tokens=request.settings.max_output_tokens,
-                **kwargs)
+            try:
+                response = self._send(request, schema)
+            except self._openai.APIStatusError as e:
+                if not self._rejects_schema_dialect(e, schema):
+                    raise
+                self._schema_dialect = "json_object"
+                response = self._send(request, schema)
         except self._openai.APIStatusError as e:
             raise classify_http_status(
                 e.status_code, f"{e.status_code}: {e.message}",
                 parse_retry_after(e.response.headers.get("retry-after"))) from e
-        except Exception as e:
+        except Exception as e:  # timeouts, dropped connections, unreadable bodies
             raise TransientModelError(f"{type(e).__name__}: {e}") from e
         if not response.choices:
             raise TransientModelError("the server returned no choices")
@@ -61,3 +67,21 @@ class OpenAICompatibleBackend(Backend):
             prompt_tokens=(usage.prompt_tokens or 0) if usage else 0,
             completion_tokens=(usage.completion_tokens or 0) if usage else 0,
             finish_reason=choice.finish_reason or "stop")
+
+    def _rejects_schema_dialect(self, error, schema) -> bool:
+        return (schema is not None and self._schema_dialect == "json_schema"
+                and error.status_code in (400, 422, 500)
+                and "response_format" in error.response.text)
+
+    def _send(self, request: ModelRequest, schema):
+        kwargs = {}
+        if schema is not None:
+            kwargs["response_format"] = self._response_format(schema)
+        if request.settings.seed is not None:
+            kwargs["seed"] = request.settings.seed
+        return self._client.chat.completions.create(
+            model=self._model,
+            messages=[{"role": m.role, "content": m.content} for m in request.messages],
+            temperature=request.settings.temperature,
+            max_tokens=request.settings.max_output_tokens,
+            **kwargs)

@@ -1,0 +1,60 @@
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from codeclm_beam.model.uri import ModelSpec
+
+# Worker processes of the multi-processing DirectRunner import the scripted backend
+# from tests/, so they need the repository root on their path.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    return ModelSpec.parse("llamacpp:smollm2-135m").gguf_path()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def llama_server(smollm2_path, tmp_path_factory):
+    """The real llama_cpp.server serving SmolLM2 on 127.0.0.1, for the session."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("llama-server") / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "llama_cpp.server", "--model", smollm2_path,
+             "--model_alias", "smollm2", "--host", "127.0.0.1", "--port", str(port),
+             "--n_ctx", "4096", "--n_threads", "2"],
+            stdout=out, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(base + "/v1/models", timeout=2).read()
+                break
+            except Exception:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError("llama_cpp.server did not start:\n"
+                                       + log.read_text()[-3000:])
+                time.sleep(0.5)
+        yield base + "/v1"
+    finally:
+        proc.terminate()
+        with contextlib.suppress(Exception):
+            proc.wait(timeout=20)
+        if proc.poll() is None:
+            proc.kill()

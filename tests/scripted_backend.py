@@ -1,0 +1,123 @@
+"""A scripted, deterministic model backend for pipeline-logic tests (tests only).
+
+Used through the model layer's extension point, `custom:tests.scripted_backend:
+ScriptedBackend@SCENARIO.json`, so everything above the wire (RunInference, retries,
+cache, quotas, metrics, stages) is the real code. The scenario file says which role the
+backend plays and how the judge scores; every call is appended to a log file per process
+so tests can count calls across the multi-processing DirectRunner's workers.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import time
+
+from codeclm_beam.model.backends import Backend
+from codeclm_beam.model.backends import RawAnswer
+from codeclm_beam.model.errors import PermanentModelError
+from codeclm_beam.model.errors import TransientModelError
+
+STRONG_PREFIX = "STRONG ANSWER:"
+TARGET_PREFIX = "TARGET ANSWER:"
+
+
+def write_scenario(path, **scenario) -> str:
+    with open(path, "w") as f:
+        json.dump(scenario, f)
+    return f"custom:tests.scripted_backend:ScriptedBackend@{path}"
+
+
+def read_calls(log_dir) -> list[dict]:
+    calls = []
+    for name in sorted(os.listdir(log_dir)):
+        if name.startswith("calls-"):
+            with open(os.path.join(log_dir, name)) as f:
+                calls.extend(json.loads(line) for line in f if line.strip())
+    return sorted(calls, key=lambda call: call["time"])
+
+
+class ScriptedBackend(Backend):
+    def __init__(self, config):
+        with open(config.spec.base_url) as f:
+            self.scenario = json.load(f)
+        self.role = self.scenario.get("role", "strong")
+        self.log_dir = self.scenario["log_dir"]
+        os.makedirs(self.log_dir, exist_ok=True)
+        self._lock = threading.Lock()
+        self._failures_left = dict(self.scenario.get("fail_first", {}))
+
+    def _log(self, kind, request):
+        line = json.dumps({"kind": kind, "role": self.role, "pid": os.getpid(),
+                           "time": time.time(), "id": request.request_id,
+                           "key": request.cache_key("scripted")})
+        with self._lock, open(os.path.join(self.log_dir, f"calls-{os.getpid()}.jsonl"),
+                              "a") as f:
+            f.write(line + "\n")
+
+    def generate(self, request) -> RawAnswer:
+        schema = request.json_schema or {}
+        props = schema.get("properties", {})
+        kind = ("encode" if "use_case" in props else
+                "rubrics" if "rubrics" in props else
+                "decode" if "instructions" in props else
+                "improve" if "instruction" in props else
+                "judge" if "assistant_1_score" in props else
+                "answer" if not schema else "other")
+        self._log(kind, request)
+        delay = self.scenario.get("latency_s", 0)
+        if delay:
+            time.sleep(delay)
+        user = request.messages[-1].content
+        with self._lock:
+            left = self._failures_left.get(kind, 0)
+            if left:
+                self._failures_left[kind] = left - 1
+        if left:
+            raise TransientModelError("scripted 503", status=503)
+        if self.scenario.get("fail_when") and self.scenario["fail_when"] in user:
+            raise PermanentModelError("scripted 400", status=400)
+        data = getattr(self, "_" + kind)(request, user, schema)
+        text = data if isinstance(data, str) else json.dumps(data)
+        return RawAnswer(text, prompt_tokens=len(user) // 4 + 1,
+                         completion_tokens=len(text) // 4 + 1, finish_reason="STOP")
+
+    def _encode(self, request, user, schema):
+        instruction = user.split("Instruction:\n", 1)[1].split("\n\nGive exactly")[0]
+        words = re.findall(r"[a-z]+", instruction.lower())
+        topic = words[0] if words else "general"
+        max_skills = schema["properties"]["skills"]["maxItems"]
+        skills = [f"{w} Skills" for w in words[1:1 + max_skills]] or ["knowledge", "writing"]
+        return {"use_case": f"  {topic.upper()} Tasks ", "skills": skills}
+
+    def _rubrics(self, request, user, schema):
+        n = schema["properties"]["rubrics"]["minItems"]
+        return {"rubrics": [{"rubric": f"rubric {i}", "action": f"add constraint {i}"}
+                            for i in range(n)]}
+
+    def _decode(self, request, user, schema):
+        n = schema["properties"]["instructions"]["minItems"]
+        use_case = re.search(r"Use case: (.*)", user).group(1)
+        return {"instructions": [f"Do {use_case} task number {i}." for i in range(n)]}
+
+    def _improve(self, request, user, schema):
+        instruction = user.split("Instruction:\n", 1)[1].split("\n\nAction:")[0]
+        action = user.split("Action:\n", 1)[1].split("\n")[0]
+        return {"instruction": f"{instruction} Also: {action}."}
+
+    def _answer(self, request, user, schema):
+        prefix = STRONG_PREFIX if self.role == "strong" else TARGET_PREFIX
+        return f"{prefix} {user[:60]}"
+
+    def _judge(self, request, user, schema):
+        first = user.split("[The Start of Assistant 1's Answer]\n", 1)[1]
+        strong_first = first.startswith(STRONG_PREFIX)
+        strong, target = {"strong_wins": (9, 2), "tie": (6, 6),
+                          "target_wins": (2, 9)}[self.scenario.get("judge", "tie")]
+        if strong_first:
+            return {"assistant_1_score": strong, "assistant_2_score": target}
+        return {"assistant_1_score": target, "assistant_2_score": strong}
+
+    def _other(self, request, user, schema):
+        return {k: 1 for k in schema.get("properties", {})} if schema else "ok"
