@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Any, Callable, Iterable, NamedTuple, Optional
+from typing import Any, Callable, Iterable, NamedTuple, Optional, Union
 
 import apache_beam as beam
 from apache_beam.ml.inference.base import KeyedModelHandler
@@ -43,8 +43,13 @@ class StageSpec:
     parse: Callable[[Any, Any], Iterable[Any]]
     # record -> stable id (dead letters, sampling seeds)
     record_id: Callable[[Any], str]
-    schema: Optional[dict] = None
+    # The answer's JSON schema; a callable when it depends on the record (a count).
+    # None asks for free text.
+    schema: Union[None, dict, Callable[[Any], dict]] = None
     settings: GenerationSettings = GenerationSettings()
+
+    def schema_for(self, record) -> Optional[dict]:
+        return self.schema(record) if callable(self.schema) else self.schema
 
 
 class StageOutput(NamedTuple):
@@ -71,7 +76,8 @@ class _BuildRequest(beam.DoFn):
             messages = spec.prompt(record)
             settings = dataclasses.replace(
                 spec.settings, seed=derive_seed(self._run_seed, spec.name, record_id))
-            request = ModelRequest.create(record_id, messages, settings, spec.schema)
+            request = ModelRequest.create(record_id, messages, settings,
+                                           spec.schema_for(record))
         except Exception as e:
             yield beam.pvalue.TaggedOutput(DEAD_LETTER, DeadLetter.of(
                 spec.name, _safe_id(spec, record), e, payload=record))
@@ -95,7 +101,7 @@ class _ParseAnswer(beam.DoFn):
                 payload=DeadLetter.payload_json(record)))
             return
         assert isinstance(result, ModelResponse)
-        answer = result.data if spec.schema is not None else result.text
+        answer = result.data if prediction.example.json_schema_text else result.text
         try:
             outputs = list(spec.parse(record, answer))
         except Exception as e:
@@ -133,3 +139,31 @@ class CallModel(beam.PTransform):
         dead = ((prompted[DEAD_LETTER], parsed[DEAD_LETTER])
                 | "DeadLetters" >> beam.Flatten())
         return StageOutput(parsed.main, dead)
+
+
+FLOW_NAMESPACE = "codeclm/flow"
+
+
+class _Tally(beam.DoFn):
+    def __init__(self, name: str):
+        self._name = name
+        self._counter = None
+
+    def setup(self):
+        self._counter = beam.metrics.Metrics.counter(FLOW_NAMESPACE, self._name)
+
+    def process(self, element):
+        self._counter.inc()
+        yield element
+
+
+class Tally(beam.PTransform):
+    """Passes elements through, counting them in the `codeclm/flow` namespace; the
+    manifest's per-stage accounting is read from these counters."""
+
+    def __init__(self, name: str):
+        super().__init__(label=f"Tally[{name}]")
+        self._name = name
+
+    def expand(self, pcoll):
+        return pcoll | beam.ParDo(_Tally(self._name))

@@ -1,1 +1,22 @@
-"""CodecLM stages as composite Beam PTransforms."""
+"""CodecLM stages as composite Beam PTransforms, each usable on its own.
+
+    from codeclm_beam.transforms import EncodeMetadata, ContrastiveFilter
+"""
+from codeclm_beam.transforms.codeclm import CodecLM
+from codeclm_beam.transforms.codeclm import CodecLMConfig
+from codeclm_beam.transforms.codeclm import CodecLMOutput
+from codeclm_beam.transforms.contrastive_filter import ContrastiveFilter
+from codeclm_beam.transforms.contrastive_filter import FilterOutput
+from codeclm_beam.transforms.decode import DecodeInstructions
+from codeclm_beam.transforms.encode import EncodeMetadata
+from codeclm_beam.transforms.improve import ImproveInstructions
+from codeclm_beam.transforms.metadata_pool import BuildMetadataPool
+from codeclm_beam.transforms.read_seeds import ReadMetadata
+from codeclm_beam.transforms.read_seeds import ReadSeeds
+from codeclm_beam.transforms.rubrics import GenerateRubrics
+
+__all__ = [
+    "BuildMetadataPool", "CodecLM", "CodecLMConfig", "CodecLMOutput", "ContrastiveFilter",
+    "DecodeInstructions", "EncodeMetadata", "FilterOutput", "GenerateRubrics",
+    "ImproveInstructions", "ReadMetadata", "ReadSeeds",
+]

@@ -1,0 +1,113 @@
+"""Improve (Self-Rubrics): rewrite an undecided instruction to be harder.
+
+One action is drawn at random from the rubric state of the instruction's metadata
+entry, preferring actions not yet applied to this instruction; the strong model, as an
+instruction improver, rewrites the instruction by following it. The result goes back to
+contrastive filtering as the next iteration, with the chain recorded.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import apache_beam as beam
+
+from codeclm_beam.model import ChatMessage
+from codeclm_beam.model import GenerationSettings
+from codeclm_beam.model import ModelConfig
+from codeclm_beam.records import Candidate
+from codeclm_beam.records import DeadLetter
+from codeclm_beam.stage import DEAD_LETTER
+from codeclm_beam.stage import CallModel
+from codeclm_beam.stage import StageOutput
+from codeclm_beam.stage import StageSpec
+from codeclm_beam.stage import derive_seed
+
+STAGE = "improve"
+
+_SYSTEM = "You are an instruction improver. Answer with JSON only."
+
+
+def improve_schema() -> dict:
+    return {"type": "object",
+            "properties": {"instruction": {"type": "string", "minLength": 5,
+                                           "maxLength": 4000}},
+            "required": ["instruction"], "additionalProperties": False}
+
+
+def improve_prompt(candidate: Candidate) -> list[ChatMessage]:
+    return [
+        ChatMessage("system", _SYSTEM),
+        ChatMessage("user", (
+            f"Instruction:\n{candidate.instruction}\n\n"
+            f"Action:\n{candidate.pending_action}\n\n"
+            "Rewrite the instruction so that it is harder by following the action. Keep "
+            "it reasonable, self-consistent and answerable, do not copy the action's "
+            "words, and do not answer it.")),
+    ]
+
+
+def apply_rewrite(candidate: Candidate, data: dict) -> list[Candidate]:
+    rewritten = data["instruction"].strip()
+    if not rewritten:
+        raise ValueError("the rewritten instruction is blank")
+    return [dataclasses.replace(
+        candidate, instruction=rewritten, iteration=candidate.iteration + 1,
+        actions_applied=candidate.actions_applied + (candidate.pending_action,),
+        history=candidate.history + (candidate.instruction,), pending_action=None,
+        strong_answer=None, target_answer=None, strong_score=None, target_score=None)]
+
+
+def choose_action(candidate: Candidate, actions: tuple[str, ...], run_seed: int) -> str:
+    fresh = [a for a in actions if a not in candidate.actions_applied]
+    rng = random.Random(derive_seed(run_seed, "action", candidate.candidate_id,
+                                    str(candidate.iteration)))
+    return rng.choice(fresh or list(actions))
+
+
+class _ChooseAction(beam.DoFn):
+    def __init__(self, run_seed: int):
+        self._run_seed = run_seed
+
+    def process(self, candidate: Candidate, rubric_state: dict):
+        rubric = rubric_state.get(candidate.metadata_id)
+        if rubric is None or not rubric.actions:
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER, DeadLetter.of(
+                STAGE, candidate.candidate_id,
+                LookupError(f"no rubric state for metadata {candidate.metadata_id} "
+                            "(its rubrics call failed; see the rubrics dead letters)"),
+                payload=candidate))
+            return
+        action = choose_action(candidate, rubric.actions, self._run_seed)
+        yield dataclasses.replace(candidate, pending_action=action)
+
+
+class ImproveInstructions(beam.PTransform):
+    """PCollection[Candidate] -> StageOutput(PCollection[Candidate], dead letters).
+
+    `rubric_state` is the PCollection[RubricSet] from GenerateRubrics, read as a side
+    input keyed by metadata id."""
+
+    def __init__(self, model: ModelConfig, rubric_state, temperature: float = 0.7,
+                 max_output_tokens: int = 1024, run_seed: int = 0):
+        super().__init__()
+        self._rubric_state = rubric_state
+        self._spec = StageSpec(
+            name=STAGE, prompt=improve_prompt, parse=apply_rewrite,
+            record_id=lambda c: f"{c.candidate_id}/i{c.iteration}",
+            schema=improve_schema(),
+            settings=GenerationSettings(temperature, max_output_tokens))
+        self._model = model
+        self._run_seed = run_seed
+
+    def expand(self, candidates) -> StageOutput:
+        rubrics_by_id = self._rubric_state | "KeyByMetadata" >> beam.Map(
+            lambda r: (r.metadata_id, r))
+        chosen = candidates | "ChooseAction" >> beam.ParDo(
+            _ChooseAction(self._run_seed), beam.pvalue.AsDict(rubrics_by_id)
+        ).with_outputs(DEAD_LETTER, main="main")
+        rewritten = chosen.main | "Rewrite" >> CallModel(
+            self._spec, self._model, self._run_seed)
+        dead = ((chosen[DEAD_LETTER], rewritten.dead_letter)
+                | "DeadLetters" >> beam.Flatten())
+        return StageOutput(rewritten.output, dead)
