@@ -56,5 +56,5 @@ setuptools.setup(
             "hypothesis>=6.100",
         ],
     },
-    entry_points={"console_scripts": ["codeclm-beam=codeclm_beam.cli:main"]},
+    entry_points={"console_scripts": ["codeclm-beam=codeclm_beam.pipelines.cli:main"]},
 )

@@ -54,7 +54,10 @@ class CodecLMConfig:
     temperature: float = 0.7
     answer_temperature: float = 0.7
     judge_temperature: float = 0.0
+    # Answers of the strong and target models.
     max_output_tokens: int = 1024
+    # Encode, rubrics, decode and improve: structured answers that must not be cut off.
+    codec_max_output_tokens: int = 1024
     seed: int = 0
 
     def __post_init__(self):
@@ -129,7 +132,8 @@ class CodecLM(beam.PTransform):
             metadata = inputs
         else:
             encoded = inputs | "EncodeMetadata" >> EncodeMetadata(
-                cfg.strong, cfg.max_skills, cfg.temperature, 256, cfg.seed)
+                cfg.strong, cfg.max_skills, cfg.temperature, cfg.codec_max_output_tokens,
+                cfg.seed)
             metadata = encoded.output | "CountMetadata" >> Tally("metadata")
             dead_letters.append(encoded.dead_letter)
 
@@ -138,10 +142,11 @@ class CodecLM(beam.PTransform):
                     cfg.num_metadata, cfg.max_skills, cfg.seed)
                 | "CountPool" >> Tally("metadata_pool"))
         rubrics = pool | "GenerateRubrics" >> GenerateRubrics(
-            cfg.strong, cfg.num_rubrics, cfg.temperature, cfg.max_output_tokens, cfg.seed)
+            cfg.strong, cfg.num_rubrics, cfg.temperature, cfg.codec_max_output_tokens,
+            cfg.seed)
         decoded = pool | "DecodeInstructions" >> DecodeInstructions(
             cfg.strong, cfg.basic_instructions, cfg.temperature,
-            max(cfg.max_output_tokens, 2048), cfg.seed)
+            cfg.codec_max_output_tokens, cfg.seed)
         dead_letters += [rubrics.dead_letter, decoded.dead_letter]
         rubric_state = rubrics.output | "CountRubrics" >> Tally("rubric_sets")
 
@@ -183,7 +188,8 @@ class CodecLM(beam.PTransform):
                                 f"round{round_number}.not_needed")
                             | f"{name}/RejectNotNeeded" >> beam.Map(rejection, "not_needed"))
             improved = selected.taken | f"{name}/ImproveInstructions" >> ImproveInstructions(
-                cfg.strong, rubric_state, cfg.temperature, cfg.max_output_tokens, cfg.seed)
+                cfg.strong, rubric_state, cfg.temperature, cfg.codec_max_output_tokens,
+                cfg.seed)
             dead_letters.append(improved.dead_letter)
             candidates = improved.output
 

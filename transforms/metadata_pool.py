@@ -1,6 +1,10 @@
 """Metadata pool: keep every original (use case, skills), fill to `num_metadata` by
 seeded mix-and-match. No model call.
 
+When there are more distinct originals than `num_metadata`, the pool is a seeded random
+sample of `num_metadata` of them (a sample keeps the seeds' distribution), so the pool
+size, and with it the call budget, is always what the user asked for.
+
 A mixed entry draws one use case from the per-seed list (so frequent use cases are drawn
 more often) and 1..max_skills distinct skills without replacement from the union of all
 skills. The same metadata and seed give the same pool, whatever order Beam delivers the
@@ -30,9 +34,12 @@ def build_metadata_pool(entries: Iterable[Metadata], num_metadata: int, max_skil
         use_case_draws.append(entry.use_case)
         all_skills.update(entry.skills)
         originals.setdefault(entry.metadata_id, entry)
+    rng = random.Random(seed)
+    if len(originals) > num_metadata:
+        chosen = rng.sample(sorted(originals), num_metadata)
+        return sorted((originals[k] for k in chosen), key=lambda m: m.metadata_id)
     pool = dict(originals)
     skills = sorted(all_skills)
-    rng = random.Random(seed)
     attempts = 0
     while len(pool) < num_metadata and use_case_draws and attempts < \
             _DRAWS_PER_ENTRY * num_metadata:

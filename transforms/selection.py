@@ -46,8 +46,10 @@ class TakeLowestRanked(beam.PTransform):
         limit = self._limit
         if not isinstance(limit, beam.PCollection):
             limit = pcoll.pipeline | "Limit" >> beam.Create([limit])
+        # One more than the limit, so "exactly `limit` elements" and "more than
+        # `limit`" can be told apart.
         smallest = (pcoll | "Rank" >> beam.Map(rank)
-                    | "Smallest" >> beam.combiners.Top.Smallest(max(1, self._max_limit)))
+                    | "Smallest" >> beam.combiners.Top.Smallest(self._max_limit + 1))
         cutoff = smallest | "Cutoff" >> beam.Map(
             lambda ranks, n: _cutoff(ranks, min(n, self._max_limit)),
             beam.pvalue.AsSingleton(limit))

@@ -18,6 +18,21 @@ from codeclm_beam.model.errors import PermanentModelError
 from codeclm_beam.model.types import ModelRequest
 
 _MODELS: dict[tuple, tuple[object, threading.Lock]] = {}
+# llama.cpp expands a string's length bounds into one grammar rule per character: a
+# maxLength of a few hundred makes a grammar it cannot parse, and the process dies with
+# a segmentation fault. Bounds are left out of the grammar; the handler still validates
+# every answer against the full schema, and re-asks when one breaks them.
+_UNSAFE_GRAMMAR_KEYS = frozenset({"minLength", "maxLength", "pattern", "format"})
+
+
+def grammar_schema(schema):
+    """The schema without the keywords llama.cpp's grammar compiler cannot take."""
+    if isinstance(schema, dict):
+        return {k: grammar_schema(v) for k, v in schema.items()
+                if k not in _UNSAFE_GRAMMAR_KEYS}
+    if isinstance(schema, list):
+        return [grammar_schema(v) for v in schema]
+    return schema
 _MODELS_LOCK = threading.Lock()
 
 
@@ -61,13 +76,11 @@ class LlamaCppBackend(Backend):
         if schema is not None:
             # llama.cpp compiles the schema to a grammar: the answer is valid JSON of
             # that shape by construction (unless cut off by max_tokens).
-            kwargs["response_format"] = {"type": "json_object", "schema": schema}
+            kwargs["response_format"] = {"type": "json_object",
+                                         "schema": grammar_schema(schema)}
         if request.settings.seed is not None:
             kwargs["seed"] = request.settings.seed
         with self._lock:
-            # Clear the prompt cache so an answer depends only on its own prompt and
-            # seed, never on what this process generated before (reproducibility).
-            self._model.reset()
             try:
                 out = self._model.create_chat_completion(
                     messages=[{"role": m.role, "content": m.content}

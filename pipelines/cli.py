@@ -1,0 +1,108 @@
+"""The `codeclm-beam` command.
+
+    codeclm-beam generate --seeds seeds.jsonl --output_dir out [Beam flags...]
+
+Flags the subcommand does not know are Beam's (`--runner`, `--project`, ...), passed
+through to `PipelineOptions` untouched.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Optional
+
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from codeclm_beam.options import ModelOptions
+from codeclm_beam.version import __version__
+
+
+def _options_parser(prog: str, description: str, *views) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description,
+        epilog="Any other flag is a Beam pipeline option (--runner, --project, "
+               "--region, --temp_location, --direct_num_workers, ...).")
+    for view in views:
+        view._add_argparse_args(parser)
+    return parser
+
+
+def _summary(manifest: dict) -> str:
+    acc = manifest["accounting"]
+    cand = acc["candidates"]
+    calls = manifest["model_calls"]["totals"]
+    lines = [
+        f"codeclm-beam generate finished in {manifest['wall_time_seconds']} s",
+        f"  models: strong={manifest['models']['strong']} "
+        f"target={manifest['models']['target']} judge={manifest['models']['judge']}",
+    ]
+    if "seeds" in acc["seeds"]:
+        s = acc["seeds"]
+        lines.append(f"  seeds: {s['rows_read']} rows, {s['seeds']} unique, "
+                     f"{s['duplicates_dropped']} duplicates, {s['dead_letter']} bad rows, "
+                     f"{s['encoded']} encoded")
+    lines.append(f"  metadata pool: {acc['metadata_pool']['entries']} entries, "
+                 f"{acc['metadata_pool']['rubric_sets']} rubric sets")
+    lines.append(f"  basic instructions: {cand['basic_instructions']}")
+    for r in cand["rounds"]:
+        if r["candidates"]:
+            lines.append(f"    round {r['round']}: {r['candidates']} candidates, "
+                         f"{r['kept']} kept, {r['undecided']} within threshold, "
+                         f"{r['not_needed']} not needed")
+    unresolved = cand["unresolved_after_last_round"]
+    if manifest["options"].get("keep_unresolved"):
+        verdict = f"{cand['kept']} by the gap rule, {unresolved} unresolved kept anyway"
+    else:
+        verdict = f"{cand['kept']} by the gap rule; {unresolved} rejected after the last round"
+    lines.append(f"  kept pairs: {cand['examples_written']} ({verdict}; surplus "
+                 f"{cand['surplus']}); "
+                 f"dead letters: {sum(acc['dead_letters_by_stage'].values())}")
+    lines.append(f"  model calls: {calls.get('requests', 0)} requests, "
+                 f"{calls.get('cache_hits', 0)} cache hits, "
+                 f"{calls.get('prompt_tokens', 0)} prompt + "
+                 f"{calls.get('completion_tokens', 0)} completion tokens")
+    lines.append(f"  accounting balanced: {acc['balanced']}")
+    lines.append(f"  outputs: {manifest['outputs']['examples']} (and rejected/, "
+                 "dead_letter/, metadata_pool/, rubrics/, manifest.json beside it)")
+    return "\n".join(lines)
+
+
+def generate(argv: list[str]) -> int:
+    from codeclm_beam.pipelines.generate import GenerateOptions
+    from codeclm_beam.pipelines.generate import run
+    parser = _options_parser("codeclm-beam generate",
+                             "Generate CodecLM instruction-response pairs.",
+                             GenerateOptions, ModelOptions)
+    known, _ = parser.parse_known_args(argv)  # validates our flags; --help exits here
+    if not known.seeds and not known.metadata:
+        parser.error("give --seeds FILE (or --metadata FILE)")
+    manifest = run(options=PipelineOptions(argv))
+    print(_summary(manifest))
+    return 0 if manifest["accounting"]["balanced"] else 3
+
+
+COMMANDS = {"generate": generate}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="codeclm-beam",
+        description="CodecLM tailored synthetic instruction data on Apache Beam.")
+    parser.add_argument("--version", action="version", version=__version__)
+    parser.add_argument("command", choices=sorted(COMMANDS),
+                        help="generate: seeds -> instruction-response pairs")
+    if not argv or argv[0] in ("-h", "--help", "--version"):
+        parser.parse_args(argv or ["--help"])
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        parser.error(f"unknown command {command!r}")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return COMMANDS[command](rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""`codeclm-beam generate`: seeds (or metadata) in, tailored instruction data out."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import time
+import uuid
+from typing import Any, Optional
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import StandardOptions
+
+from codeclm_beam.options import ModelOptions
+from codeclm_beam.options import model_configs
+from codeclm_beam.records import Example
+from codeclm_beam.stage import Tally
+from codeclm_beam.transforms import CodecLM
+from codeclm_beam.transforms import CodecLMConfig
+from codeclm_beam.transforms import ReadMetadata
+from codeclm_beam.transforms import ReadSeeds
+from codeclm_beam.transforms.read_seeds import DEFAULT_MAX_CHARS
+from codeclm_beam.version import __version__
+from codeclm_beam.pipelines import manifest as manifest_lib
+from codeclm_beam.pipelines.outputs import EXPORT_FORMATS
+from codeclm_beam.pipelines.outputs import CountDeadLettersByStage
+from codeclm_beam.pipelines.outputs import WriteAvro
+from codeclm_beam.pipelines.outputs import WriteExports
+from codeclm_beam.pipelines.outputs import WriteJsonl
+from codeclm_beam.pipelines.outputs import write_json
+
+_LOG = logging.getLogger(__name__)
+
+
+class GenerateOptions(PipelineOptions):
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        group = parser.add_argument_group("generate")
+        group.add_argument("--seeds", default=None,
+                           help="Seed instructions: a file or glob (JSONL, JSON, CSV, "
+                                "Parquet, Avro; local or gs://).")
+        group.add_argument("--metadata", default=None,
+                           help="Instead of seeds: use case + skills rows (scenario 2).")
+        group.add_argument("--instruction_field", default=None,
+                           help="Dotted path of the instruction in a seed row.")
+        group.add_argument("--max_seed_chars", type=int, default=DEFAULT_MAX_CHARS,
+                           help="Longer seed instructions go to the dead letter.")
+        group.add_argument("--output_dir", default="out",
+                           help="Where outputs go (local or gs://).")
+        group.add_argument("--num_examples", type=int, default=1000,
+                           help="Instruction-response pairs wanted.")
+        group.add_argument("--num_instructions", type=int, default=None,
+                           help="Basic instructions to decode (default: num_examples).")
+        group.add_argument("--overgenerate_margin", type=int, default=0,
+                           help="Candidates improved beyond those still needed.")
+        group.add_argument("--num_metadata", type=int, default=200,
+                           help="Metadata pool size (mix-and-match fills it).")
+        group.add_argument("--max_skills", type=int, default=3)
+        group.add_argument("--num_rubrics", type=int, default=4)
+        group.add_argument("--max_iterations", type=int, default=4,
+                           help="Filter rounds, basic generation counted as the first.")
+        group.add_argument("--threshold", type=float, default=3.0,
+                           help="Score gap θ for contrastive filtering.")
+        group.add_argument("--score_scale", type=int, default=10)
+        group.add_argument("--keep_unresolved", action="store_true", default=False,
+                           help="Keep the better answer of candidates still within θ "
+                                "after the last round (default: reject them).")
+        group.add_argument("--temperature", type=float, default=0.7,
+                           help="Temperature of encode, rubrics, decode and improve.")
+        group.add_argument("--answer_temperature", type=float, default=0.7)
+        group.add_argument("--judge_temperature", type=float, default=0.0)
+        group.add_argument("--max_output_tokens", type=int, default=1024,
+                           help="Longest answer of the strong and target models.")
+        group.add_argument("--codec_max_output_tokens", type=int, default=1024,
+                           help="Longest structured answer of encode, rubrics, decode "
+                                "and improve.")
+        group.add_argument("--export_format", action="append", default=[],
+                           choices=EXPORT_FORMATS,
+                           help="Also write fine-tuning files (repeatable).")
+
+
+def codeclm_config(options: PipelineOptions, run_id: str) -> CodecLMConfig:
+    opts = options.view_as(GenerateOptions)
+    models = model_configs(options, FileSystems.join(opts.output_dir, "cache"), run_id)
+    return CodecLMConfig(
+        strong=models["strong"], target=models["target"], judge=models["judge"],
+        num_examples=opts.num_examples, num_instructions=opts.num_instructions,
+        overgenerate_margin=opts.overgenerate_margin, num_metadata=opts.num_metadata,
+        max_skills=opts.max_skills, num_rubrics=opts.num_rubrics,
+        max_iterations=opts.max_iterations, threshold=opts.threshold,
+        score_scale=opts.score_scale, keep_unresolved=opts.keep_unresolved,
+        temperature=opts.temperature, answer_temperature=opts.answer_temperature,
+        judge_temperature=opts.judge_temperature,
+        max_output_tokens=opts.max_output_tokens,
+        codec_max_output_tokens=opts.codec_max_output_tokens,
+        seed=options.view_as(ModelOptions).seed)
+
+
+def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
+                   config: CodecLMConfig) -> None:
+    opts = options.view_as(GenerateOptions)
+    if bool(opts.seeds) == bool(opts.metadata):
+        raise ValueError("give exactly one of --seeds and --metadata")
+    out = opts.output_dir
+    if opts.seeds:
+        read = pipeline | "ReadSeeds" >> ReadSeeds(
+            opts.seeds, opts.instruction_field, opts.max_seed_chars)
+        inputs = read.output | "CountSeeds" >> Tally("seeds")
+    else:
+        read = pipeline | "ReadMetadata" >> ReadMetadata(opts.metadata, opts.max_skills)
+        inputs = read.output | "CountUserMetadata" >> Tally("user_metadata")
+    result = inputs | "CodecLM" >> CodecLM(config, from_metadata=bool(opts.metadata))
+
+    result.examples | "WriteExamples" >> WriteJsonl(out, "examples")
+    result.examples | "WriteExamplesAvro" >> WriteAvro(out, "examples", Example)
+    result.rejected | "WriteRejected" >> WriteJsonl(out, "rejected")
+    result.metadata_pool | "WriteMetadataPool" >> WriteJsonl(out, "metadata_pool")
+    result.rubrics | "WriteRubrics" >> WriteJsonl(out, "rubrics")
+    ((read.dead_letter, result.dead_letter)
+     | "AllDeadLetters" >> beam.Flatten()
+     | "CountDeadLetters" >> CountDeadLettersByStage()
+     | "WriteDeadLetters" >> WriteJsonl(out, "dead_letter"))
+    if opts.export_format:
+        result.examples | "Export" >> WriteExports(out, opts.export_format)
+
+
+def public_options(options: PipelineOptions) -> dict[str, Any]:
+    """The options worth recording. Nothing secret is an option: keys and tokens are
+    read from the environment by backends and never pass through here."""
+    all_options = options.get_all_options(drop_default=False)
+    names = _own_option_names(GenerateOptions) | _own_option_names(ModelOptions)
+    recorded = {name: all_options.get(name) for name in sorted(names)}
+    recorded["runner"] = options.view_as(StandardOptions).runner or "DirectRunner"
+    return recorded
+
+
+def _own_option_names(view) -> set[str]:
+    parser = argparse.ArgumentParser()
+    view._add_argparse_args(parser)
+    return {action.dest for action in parser._actions if action.dest != "help"}
+
+
+def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = None,
+        wait: bool = True) -> dict[str, Any]:
+    """Runs `generate` and returns its manifest (also written to OUTPUT_DIR)."""
+    options = options or PipelineOptions(argv)
+    run_id = uuid.uuid4().hex[:12]
+    config = codeclm_config(options, run_id)
+    opts = options.view_as(GenerateOptions)
+    started = time.time()
+    pipeline = beam.Pipeline(options=options)
+    build_pipeline(pipeline, options, config)
+    result = pipeline.run()
+    if options.get_all_options().get("dry_run") or not wait:
+        # A Dataflow dry run builds and validates the whole job but submits nothing.
+        return {"tool": "codeclm-beam generate", "run_id": run_id, "submitted": False,
+                "job": str(getattr(result, "job_id", lambda: None)() or result)}
+    result.wait_until_finish()
+    counters = manifest_lib.collect_counters(result)
+    manifest = {
+        "tool": "codeclm-beam generate",
+        "code_version": __version__,
+        "run_id": run_id,
+        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "wall_time_seconds": round(time.time() - started, 2),
+        "models": {"strong": config.strong.spec.uri, "target": config.target.spec.uri,
+                   "judge": config.judge.spec.uri},
+        "options": public_options(options),
+        "accounting": manifest_lib.accounting(
+            counters, config.max_iterations, bool(opts.metadata), config.keep_unresolved),
+        "model_calls": manifest_lib.model_calls(counters),
+        "outputs": {name: FileSystems.join(opts.output_dir, name) for name in (
+            "examples", "rejected", "dead_letter", "metadata_pool", "rubrics")},
+    }
+    write_json(FileSystems.join(opts.output_dir, "manifest.json"), manifest)
+    return manifest

@@ -1,0 +1,105 @@
+"""The run manifest: what ran, what it cost, and where every element went.
+
+Counts come from the run's Beam metrics (the same counters Dataflow shows), so the
+manifest works on any runner that reports committed or attempted counters.
+"""
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+from apache_beam.metrics.metric import MetricsFilter
+
+from codeclm_beam.model.handler import StageMetrics
+
+MODEL_STAGES = ("encode", "rubrics", "decode", "answer_strong", "answer_target", "judge",
+                "improve")
+
+
+def collect_counters(result) -> dict[str, dict[str, int]]:
+    """{namespace: {name: value}} for every codeclm counter of a finished run."""
+    counters: dict[str, dict[str, int]] = collections.defaultdict(dict)
+    for counter in result.metrics().query(MetricsFilter())["counters"]:
+        namespace = counter.key.metric.namespace
+        if not namespace.startswith("codeclm/"):
+            continue
+        value = counter.committed if counter.committed is not None else counter.attempted
+        name = counter.key.metric.name
+        counters[namespace][name] = counters[namespace].get(name, 0) + (value or 0)
+    return dict(counters)
+
+
+def model_calls(counters: dict) -> dict[str, Any]:
+    """Per stage: the model and its requests, cache hits, retries, tokens..."""
+    stages: dict[str, Any] = {}
+    for namespace, values in counters.items():
+        parts = namespace.split("/", 2)
+        if len(parts) != 3 or parts[1] in ("flow", "dead_letter"):
+            continue
+        _, stage, model = parts
+        entry = stages.setdefault(stage, {"models": {}})
+        entry["models"][model] = {name: values.get(name, 0) for name in StageMetrics.NAMES
+                                  if name != "throttled_ms"}
+        entry["models"][model]["throttled_seconds"] = values.get("throttled_ms", 0) / 1000
+    totals = collections.Counter()
+    for entry in stages.values():
+        for numbers in entry["models"].values():
+            totals.update({k: v for k, v in numbers.items()})
+    return {"by_stage": stages, "totals": dict(totals)}
+
+
+def accounting(counters: dict, max_iterations: int, from_metadata: bool,
+               keep_unresolved: bool = False) -> dict[str, Any]:
+    """Where every seed and every candidate went, with the identities checked."""
+    flow = counters.get("codeclm/flow", {})
+    dead = counters.get("codeclm/dead_letter", {})
+    get = flow.get
+    checks = {}
+    seeds: dict[str, Any] = {}
+    if not from_metadata:
+        seeds = {"rows_read": get("read_seeds.rows", 0), "seeds": get("seeds", 0),
+                 "duplicates_dropped": get("read_seeds.duplicates", 0),
+                 "dead_letter": dead.get("read_seeds", 0),
+                 "encoded": get("metadata", 0), "encode_dead_letter": dead.get("encode", 0)}
+        checks["rows = seeds + duplicates + dead letters"] = (
+            seeds["rows_read"] == seeds["seeds"] + seeds["duplicates_dropped"]
+            + seeds["dead_letter"])
+        checks["seeds = metadata + encode dead letters"] = (
+            seeds["seeds"] == seeds["encoded"] + seeds["encode_dead_letter"])
+    else:
+        seeds = {"rows_read": get("read_metadata.rows", 0),
+                 "metadata": get("user_metadata", 0),
+                 "duplicates_dropped": get("read_metadata.duplicates", 0),
+                 "dead_letter": dead.get("read_metadata", 0)}
+        checks["rows = metadata + duplicates + dead letters"] = (
+            seeds["rows_read"] == seeds["metadata"] + seeds["duplicates_dropped"]
+            + seeds["dead_letter"])
+    pool = {"entries": get("metadata_pool", 0), "rubric_sets": get("rubric_sets", 0),
+            "rubrics_dead_letter": dead.get("rubrics", 0),
+            "decode_dead_letter": dead.get("decode", 0)}
+    checks["pool = rubric sets + rubrics dead letters"] = (
+        pool["entries"] == pool["rubric_sets"] + pool["rubrics_dead_letter"])
+    rounds = []
+    for r in range(1, max_iterations + 1):
+        rounds.append({"round": r, "candidates": get(f"round{r}.candidates", 0),
+                       "kept": get(f"round{r}.kept", 0),
+                       "undecided": get(f"round{r}.undecided", 0),
+                       "not_needed": get(f"round{r}.not_needed", 0)})
+    lost = (dead.get("answer_strong", 0) + dead.get("answer_target", 0)
+            + get("judge_incomplete", 0) + dead.get("improve", 0))
+    kept_total = sum(r["kept"] for r in rounds)
+    last = rounds[-1]["undecided"] if rounds else 0
+    not_needed = sum(r["not_needed"] for r in rounds)
+    candidates = {"basic_instructions": get("basic_instructions", 0),
+                  "kept": kept_total, "unresolved_after_last_round": last,
+                  "not_needed": not_needed, "lost_to_dead_letters": lost,
+                  "examples_written": get("examples", 0), "surplus": get("surplus", 0),
+                  "rounds": rounds}
+    checks["basic = kept + unresolved + not needed + dead letters"] = (
+        candidates["basic_instructions"] == kept_total + last + not_needed + lost)
+    kept_all = kept_total + (last if keep_unresolved else 0)
+    checks["kept = examples + surplus"] = (
+        candidates["examples_written"] + candidates["surplus"] == kept_all)
+    return {"seeds": seeds, "metadata_pool": pool, "candidates": candidates,
+            "dead_letters_by_stage": dict(dead), "checks": checks,
+            "balanced": all(checks.values())}

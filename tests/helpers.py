@@ -1,0 +1,66 @@
+"""Shared helpers for pipeline tests: scripted models, running `generate`, reading
+outputs."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+from codeclm_beam.pipelines.generate import run
+from tests.scripted_backend import read_calls
+from tests.scripted_backend import write_scenario
+
+TOPICS = ["python", "poem", "email", "budget", "story", "sql", "recipe", "travel",
+          "physics", "marketing", "history", "fitness"]
+
+
+def write_seeds(path, n: int) -> str:
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"instruction": f"{TOPICS[i % len(TOPICS)]} request "
+                                               f"number{i} with details"}) + "\n")
+    return str(path)
+
+
+def scripted_models(tmp_path, judge: str, **scenario) -> dict[str, str]:
+    log_dir = str(tmp_path / "calls")
+    return {role: write_scenario(tmp_path / f"{role}.json", role=role, judge=judge,
+                                 log_dir=log_dir, **scenario)
+            for role in ("strong", "target", "judge")}
+
+
+def generate_args(tmp_path, models, seeds, output_dir, *extra) -> list[str]:
+    return ["--seeds", seeds, "--output_dir", str(output_dir),
+            "--strong_model", models["strong"], "--target_model", models["target"],
+            "--judge_model", models["judge"], *extra]
+
+
+def run_generate(argv):
+    return run(argv=argv)
+
+
+def read_jsonl(output_dir, name) -> list[dict]:
+    rows = []
+    for path in sorted(glob.glob(os.path.join(str(output_dir), name, "*.jsonl"))):
+        with open(path) as f:
+            rows.extend(json.loads(line) for line in f if line.strip())
+    return rows
+
+
+def calls_by_kind(tmp_path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    log_dir = tmp_path / "calls"
+    if not log_dir.exists():
+        return counts
+    for call in read_calls(log_dir):
+        kind = call["kind"]
+        if kind == "answer":
+            kind = f"answer_{call['role']}"
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
+def stage_requests(manifest) -> dict[str, int]:
+    """Backend requests per stage, from the run's Beam metrics."""
+    return {stage: sum(m["requests"] for m in entry["models"].values())
+            for stage, entry in manifest["model_calls"]["by_stage"].items()}

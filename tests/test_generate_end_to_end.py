@@ -1,0 +1,215 @@
+"""`generate` end to end with a scripted backend whose judge scores the test chooses,
+checked against the method's exact call budget, plus cache re-runs, the real embedded
+model, and a Dataflow dry run."""
+import collections
+import json
+import os
+
+import fastavro
+import jsonschema
+import pytest
+
+from codeclm_beam.records import Example
+from codeclm_beam.records import avro_schema
+from tests.helpers import calls_by_kind
+from tests.helpers import generate_args
+from tests.helpers import read_jsonl
+from tests.helpers import run_generate
+from tests.helpers import scripted_models
+from tests.helpers import stage_requests
+from tests.helpers import write_seeds
+
+N_SEEDS = 6
+NUM_METADATA = 8  # 6 originals + 2 mixed
+NUM_INSTRUCTIONS = 16  # ceil(16 / 8) = 2 per entry -> B = 16
+
+
+def budget(n, m, b_per_iteration_counts):
+    """The method's call budget: n encode + M rubrics + M decode, and per candidate per
+    iteration 1 strong + 1 target + 2 judge, plus 1 improve before iterations 2.."""
+    calls = {"encode": n, "rubrics": m, "decode": m, "answer_strong": 0,
+             "answer_target": 0, "judge": 0, "improve": 0}
+    for iteration, count in enumerate(b_per_iteration_counts, start=1):
+        calls["answer_strong"] += count
+        calls["answer_target"] += count
+        calls["judge"] += 2 * count
+        if iteration > 1:
+            calls["improve"] += count
+    return {k: v for k, v in calls.items() if v}
+
+
+def scenario(tmp_path, judge, *extra, output="out"):
+    models = scripted_models(tmp_path, judge)
+    seeds = write_seeds(tmp_path / "seeds.jsonl", N_SEEDS)
+    argv = generate_args(tmp_path, models, seeds, tmp_path / output,
+                         "--num_metadata", str(NUM_METADATA),
+                         "--num_instructions", str(NUM_INSTRUCTIONS),
+                         "--num_examples", "100", *extra)
+    return argv
+
+
+def check_strong_wins(tmp_path, manifest, output="out"):
+    B = NUM_INSTRUCTIONS
+    expected = budget(N_SEEDS, NUM_METADATA, [B])
+    assert calls_by_kind(tmp_path) == expected
+    assert stage_requests(manifest) == expected
+    assert manifest["model_calls"]["totals"]["requests"] == \
+        N_SEEDS + 2 * NUM_METADATA + 4 * B
+    examples = read_jsonl(tmp_path / output, "examples")
+    assert len(examples) == B
+    assert {e["response_source"] for e in examples} == {"strong"}
+    assert {e["iteration"] for e in examples} == {1}
+    assert all(e["gap"] == 7.0 and e["strong_score"] == 9.0 for e in examples)
+    assert read_jsonl(tmp_path / output, "rejected") == []
+    assert manifest["accounting"]["balanced"], manifest["accounting"]["checks"]
+    return examples
+
+
+def test_strong_wins_everything_is_kept_in_round_one_on_budget(tmp_path):
+    manifest = run_generate(scenario(tmp_path, "strong_wins"))
+    check_strong_wins(tmp_path, manifest)
+    acc = manifest["accounting"]
+    assert acc["seeds"]["seeds"] == N_SEEDS and acc["metadata_pool"]["entries"] == 8
+    assert acc["candidates"]["rounds"][0] == {
+        "round": 1, "candidates": 16, "kept": 16, "undecided": 0, "not_needed": 0}
+    pool = read_jsonl(tmp_path / "out", "metadata_pool")
+    assert collections.Counter(m["origin"] for m in pool) == {"seed": 6, "mix": 2}
+    rubrics = read_jsonl(tmp_path / "out", "rubrics")
+    assert len(rubrics) == 8 and all(len(r["actions"]) == 4 for r in rubrics)
+
+
+def test_strong_wins_on_the_multiprocessing_direct_runner(tmp_path):
+    manifest = run_generate(scenario(
+        tmp_path, "strong_wins", "--direct_num_workers", "2",
+        "--direct_running_mode", "multi_processing"))
+    check_strong_wins(tmp_path, manifest)
+
+
+def test_ties_run_every_round_and_end_rejected_at_19_calls_each(tmp_path):
+    manifest = run_generate(scenario(tmp_path, "tie"))
+    B = NUM_INSTRUCTIONS
+    expected = budget(N_SEEDS, NUM_METADATA, [B, B, B, B])
+    assert calls_by_kind(tmp_path) == expected
+    assert stage_requests(manifest) == expected
+    per_candidate = (sum(expected.values()) - N_SEEDS - 2 * NUM_METADATA) / B
+    assert per_candidate == 19
+    assert read_jsonl(tmp_path / "out", "examples") == []
+    rejected = read_jsonl(tmp_path / "out", "rejected")
+    assert len(rejected) == B
+    assert all(r["reason"] == "within_threshold" and r["iteration"] == 4
+               and r["gap"] == 0.0 and len(r["actions_applied"]) == 3 for r in rejected)
+    # Actions not yet applied are preferred: three rewrites, three different actions.
+    assert all(len(set(r["actions_applied"])) == 3 for r in rejected)
+    assert manifest["accounting"]["balanced"]
+
+
+def test_target_wins_keeps_the_targets_answers(tmp_path):
+    manifest = run_generate(scenario(tmp_path, "target_wins"))
+    examples = read_jsonl(tmp_path / "out", "examples")
+    assert len(examples) == NUM_INSTRUCTIONS
+    assert all(e["response_source"] == "target" and e["gap"] == -7.0
+               and e["response"].startswith("TARGET ANSWER:") for e in examples)
+    assert manifest["accounting"]["balanced"]
+
+
+def test_num_examples_stops_improving_once_the_dataset_is_full(tmp_path):
+    # Ties everywhere, but only 5 pairs wanted (+1 margin): round 2 improves 6 of the
+    # 16 undecided candidates, the other 10 are not needed, and so on.
+    argv = scenario(tmp_path, "tie", "--num_examples", "5", "--overgenerate_margin", "1")
+    manifest = run_generate(argv)
+    rounds = manifest["accounting"]["candidates"]["rounds"]
+    assert [r["candidates"] for r in rounds] == [16, 6, 6, 6]
+    assert [r["not_needed"] for r in rounds] == [10, 0, 0, 0]
+    assert calls_by_kind(tmp_path)["improve"] == 18
+    assert manifest["accounting"]["balanced"]
+
+
+def test_rerun_with_the_same_cache_makes_no_call_and_writes_identical_examples(tmp_path):
+    argv = scenario(tmp_path, "strong_wins", "--cache_dir", str(tmp_path / "cache"))
+    run_generate(argv)
+    first_calls = sum(calls_by_kind(tmp_path).values())
+    first = read_jsonl(tmp_path / "out", "examples")
+    manifest = run_generate(scenario(tmp_path, "strong_wins", "--cache_dir",
+                                     str(tmp_path / "cache"), output="again"))
+    assert sum(calls_by_kind(tmp_path).values()) == first_calls  # zero new calls
+    assert manifest["model_calls"]["totals"].get("requests", 0) == 0
+    assert manifest["model_calls"]["totals"]["cache_hits"] == first_calls
+    again = read_jsonl(tmp_path / "again", "examples")
+    key = lambda e: e["example_id"]
+    assert sorted(first, key=key) == sorted(again, key=key)
+
+
+def test_outputs_avro_and_exports(tmp_path):
+    run_generate(scenario(tmp_path, "strong_wins", "--export_format", "vertex",
+                          "--export_format", "openai", "--export_format", "alpaca"))
+    out = tmp_path / "out"
+    avro_files = list((out / "examples").glob("*.avro"))
+    records = []
+    for path in avro_files:
+        with open(path, "rb") as f:
+            reader = fastavro.reader(f)
+            assert reader.writer_schema["name"] == "codeclm_beam.Example"
+            records.extend(reader)
+    assert len(records) == NUM_INSTRUCTIONS
+    fastavro.validation.validate_many(records, fastavro.parse_schema(avro_schema(Example)))
+    assert {r["example_id"] for r in records} == \
+        {e["example_id"] for e in read_jsonl(out, "examples")}
+    vertex = [json.loads(l) for p in (out / "export").glob("vertex-*.jsonl")
+              for l in open(p)]
+    assert len(vertex) == NUM_INSTRUCTIONS
+    assert [c["role"] for c in vertex[0]["contents"]] == ["user", "model"]
+    openai_rows = [json.loads(l) for p in (out / "export").glob("openai-*.jsonl")
+                   for l in open(p)]
+    assert [m["role"] for m in openai_rows[0]["messages"]] == ["user", "assistant"]
+    alpaca = json.load(open(out / "export" / "alpaca.json"))
+    assert len(alpaca) == NUM_INSTRUCTIONS and set(alpaca[0]) == {
+        "instruction", "input", "output"}
+    manifest = json.load(open(out / "manifest.json"))
+    assert manifest["models"]["strong"].startswith("custom:tests.scripted_backend")
+    assert manifest["options"]["num_examples"] == 100
+
+
+def test_dead_letters_are_accounted_for(tmp_path):
+    # The strong model refuses (400) every instruction that mentions "poem".
+    models = {role: uri for role, uri in scripted_models(tmp_path, "strong_wins").items()}
+    from tests.scripted_backend import write_scenario
+    models["strong"] = write_scenario(tmp_path / "strong.json", role="strong",
+                                      judge="strong_wins", log_dir=str(tmp_path / "calls"),
+                                      fail_when="poem")
+    seeds = write_seeds(tmp_path / "seeds.jsonl", N_SEEDS)
+    manifest = run_generate(generate_args(
+        tmp_path, models, seeds, tmp_path / "out", "--num_metadata", "8",
+        "--num_instructions", "16", "--num_examples", "100"))
+    dead = read_jsonl(tmp_path / "out", "dead_letter")
+    assert dead and all(d["error_class"] == "PermanentModelError" for d in dead)
+    assert all("poem" in (d["payload"] or "") for d in dead)
+    assert manifest["accounting"]["balanced"], manifest["accounting"]["checks"]
+    assert manifest["accounting"]["dead_letters_by_stage"]["encode"] == 1
+
+
+@pytest.mark.timeout(900)
+def test_real_embedded_model_on_three_seeds(tmp_path):
+    seeds = tmp_path / "seeds.jsonl"
+    with open(seeds, "w") as f:
+        for text in ("Write a haiku about the sea.",
+                     "Explain what a Python list comprehension is.",
+                     "Give three tips for a job interview."):
+            f.write(json.dumps({"instruction": text}) + "\n")
+    manifest = run_generate([
+        "--seeds", str(seeds), "--output_dir", str(tmp_path / "out"),
+        "--num_metadata", "2", "--num_instructions", "2", "--num_examples", "2",
+        "--max_iterations", "2", "--max_output_tokens", "48"])
+    assert manifest["models"]["strong"] == "llamacpp:smollm2-135m"
+    assert manifest["accounting"]["balanced"], manifest["accounting"]["checks"]
+    pool = read_jsonl(tmp_path / "out", "metadata_pool")
+    assert len(pool) == 2 and all(m["use_case"] and 1 <= len(m["skills"]) <= 3
+                                  for m in pool)
+    for name in ("examples", "rejected"):
+        for row in read_jsonl(tmp_path / "out", name):
+            assert row["instruction"].strip()
+            if name == "examples":
+                jsonschema.validate(row, {"type": "object", "required": [
+                    "instruction", "response", "strong_score", "target_score", "gap"]})
+                assert 1 <= row["strong_score"] <= 10
+    acc = manifest["accounting"]["candidates"]
+    assert acc["basic_instructions"] == 2

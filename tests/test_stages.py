@@ -1,0 +1,150 @@
+"""Each CodecLM stage alone on TestPipeline, driven by the scripted backend."""
+import apache_beam as beam
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that
+from apache_beam.testing.util import equal_to
+
+from codeclm_beam.model import ModelConfig
+from codeclm_beam.records import Candidate
+from codeclm_beam.records import Metadata
+from codeclm_beam.records import RubricSet
+from codeclm_beam.records import Seed
+from codeclm_beam.transforms import BuildMetadataPool
+from codeclm_beam.transforms import ContrastiveFilter
+from codeclm_beam.transforms import DecodeInstructions
+from codeclm_beam.transforms import EncodeMetadata
+from codeclm_beam.transforms import GenerateRubrics
+from codeclm_beam.transforms import ImproveInstructions
+from codeclm_beam.transforms.encode import make_metadata
+from codeclm_beam.transforms.encode import normalize_skills
+from codeclm_beam.transforms.metadata_pool import build_metadata_pool
+from tests.helpers import scripted_models
+
+
+@pytest.fixture
+def models(tmp_path):
+    return {role: ModelConfig(uri) for role, uri in
+            scripted_models(tmp_path, "strong_wins").items()}
+
+
+def models_for(tmp_path, judge):
+    return {role: ModelConfig(uri) for role, uri in
+            scripted_models(tmp_path, judge).items()}
+
+
+def test_encode_normalises_metadata(models):
+    seeds = [Seed("s1", "Python sorting Lists quickly", "f:1"),
+             Seed("s2", "poem", "f:2")]
+    with TestPipeline() as p:
+        out = p | beam.Create(seeds) | EncodeMetadata(models["strong"], max_skills=2)
+        assert_that(out.output | beam.Map(lambda m: (m.seed_id, m.use_case, m.skills,
+                                                      m.origin)),
+                    equal_to([("s1", "python tasks", ("sorting", "lists"), "seed"),
+                              ("s2", "poem tasks", ("writing",), "seed")]),
+                    label="metadata")
+        # "poem" alone: the scripted model answers skills ["knowledge", "writing"];
+        # "knowledge" may never stand as a skill, "writing" remains.
+        assert_that(out.dead_letter, equal_to([]), label="no dead letters")
+
+
+def test_skill_normalisation_rules():
+    assert normalize_skills(["Python Skills", "  Market   Research ", "knowledge",
+                             "skill", "python"], 3) == ("python", "market research")
+    with pytest.raises(ValueError):
+        make_metadata("code", ["knowledge", "skills"], "seed", 3)
+
+
+def test_metadata_pool_keeps_originals_and_is_reproducible():
+    entries = [make_metadata(uc, sk, "seed", 3, f"s{i}") for i, (uc, sk) in enumerate([
+        ("code generation", ["python", "algorithms"]),
+        ("code generation", ["sql"]),
+        ("creative writing", ["poetry", "imagery"]),
+    ])]
+    pool = build_metadata_pool(entries, 10, 3, seed=7)
+    assert len(pool) == 10
+    assert {m.metadata_id for m in entries} <= {m.metadata_id for m in pool}
+    assert len({m.metadata_id for m in pool}) == 10
+    assert pool == build_metadata_pool(list(reversed(entries)), 10, 3, seed=7)
+    assert pool != build_metadata_pool(entries, 10, 3, seed=8)
+    mixed = [m for m in pool if m.origin == "mix"]
+    skills = {"python", "algorithms", "sql", "poetry", "imagery"}
+    assert all(1 <= len(m.skills) <= 3 and set(m.skills) <= skills for m in mixed)
+    assert all(m.use_case in ("code generation", "creative writing") for m in mixed)
+    # More originals than asked for: a seeded sample of them.
+    assert len(build_metadata_pool(entries, 2, 3, seed=1)) == 2
+
+
+def test_metadata_pool_transform(models):
+    entries = [make_metadata(f"use case {i}", [f"skill{i}", "shared"], "seed", 3, f"s{i}")
+               for i in range(3)]
+    with TestPipeline() as p:
+        pool = p | beam.Create(entries) | BuildMetadataPool(num_metadata=6, seed=1)
+        assert_that(pool | beam.combiners.Count.Globally(), equal_to([6]))
+
+
+def test_rubrics_once_per_entry(models):
+    pool = [Metadata(f"m{i}", "code generation", ("python",), "seed") for i in range(3)]
+    with TestPipeline() as p:
+        out = p | beam.Create(pool) | GenerateRubrics(models["strong"], num_rubrics=4)
+        assert_that(out.output | beam.Map(lambda r: (r.metadata_id, len(r.rubrics),
+                                                      len(r.actions))),
+                    equal_to([(f"m{i}", 4, 4) for i in range(3)]))
+
+
+def test_decode_splits_instructions_equally(models):
+    pool = [Metadata(f"m{i}", f"use case {i}", ("python",), "seed") for i in range(3)]
+    with TestPipeline() as p:
+        out = p | beam.Create(pool) | DecodeInstructions(models["strong"], 7)
+        # ceil(7 / 3) = 3 per entry
+        assert_that(out.output | beam.Map(lambda c: (c.metadata_id, c.iteration))
+                    | beam.combiners.Count.PerElement(),
+                    equal_to([((f"m{i}", 1), 3) for i in range(3)]))
+
+
+def candidate(i, **kw):
+    return Candidate(f"c{i}", f"Do task {i}.", "m0", "code generation", ("python",), **kw)
+
+
+@pytest.mark.parametrize("judge,kept,source,gap", [
+    ("strong_wins", 2, "strong", 7.0), ("target_wins", 2, "target", -7.0),
+    ("tie", 0, None, 0.0)])
+def test_contrastive_filter_gap_rule(tmp_path, judge, kept, source, gap):
+    m = models_for(tmp_path, judge)
+    with TestPipeline() as p:
+        out = (p | beam.Create([candidate(0), candidate(1)])
+               | ContrastiveFilter(m["strong"], m["target"], m["judge"], threshold=3.0))
+        assert_that(out.kept | beam.Map(lambda e: (e.response_source, e.gap)),
+                    equal_to([(source, gap)] * kept), label="kept")
+        assert_that(out.undecided | beam.Map(lambda c: (c.strong_score, c.target_score,
+                                                         bool(c.strong_answer))),
+                    equal_to([(6.0, 6.0, True)] * (2 - kept)), label="undecided")
+
+
+def test_contrastive_filter_threshold_is_inclusive(tmp_path):
+    m = models_for(tmp_path, "strong_wins")  # gap 7
+    with TestPipeline() as p:
+        out = (p | beam.Create([candidate(0)])
+               | ContrastiveFilter(m["strong"], m["target"], m["judge"], threshold=7.0))
+        assert_that(out.kept, equal_to([]), label="kept")
+        assert_that(out.undecided | beam.Map(lambda c: c.gap), equal_to([7.0]),
+                    label="undecided")
+
+
+def test_improve_applies_a_fresh_action_and_records_the_chain(models):
+    rubric = RubricSet("m0", "code generation", ("python",), ("r1", "r2"),
+                       ("add tests", "add types"))
+    start = candidate(0, iteration=2, actions_applied=("add tests",),
+                      history=("Do task.",))
+    orphan = Candidate("c9", "Orphan.", "m-missing", "x", ("y",))
+    with TestPipeline() as p:
+        state = p | "Rubrics" >> beam.Create([rubric])
+        out = (p | beam.Create([start, orphan])
+               | ImproveInstructions(models["strong"], state))
+        assert_that(out.output | beam.Map(lambda c: (
+            c.candidate_id, c.iteration, c.actions_applied, c.history, c.instruction)),
+            equal_to([("c0", 3, ("add tests", "add types"), ("Do task.", "Do task 0."),
+                       "Do task 0. Also: add types.")]), label="improved")
+        assert_that(out.dead_letter | beam.Map(lambda d: (d.stage, d.element_id,
+                                                           d.error_class)),
+                    equal_to([("improve", "c9", "LookupError")]), label="dead")
