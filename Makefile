@@ -22,7 +22,7 @@ $(VENV)/.installed-dev: setup.py | $(PY)
 
 venv: $(VENV)/.installed-dev
 
-# The main job on the embedded SmolLM2-135M model, for both roles: ~10 basic
+# The main job on the embedded SmolLM2-135M model, for both roles: ~8 basic
 # instructions from examples/seeds.jsonl, outputs under out/. With one model on both
 # sides the judge sees no gap, so --keep_unresolved keeps the better answer of what is
 # still undecided after the last round (real runs leave it off).
@@ -30,7 +30,7 @@ demo: $(VENV)/.installed-local
 	$(VENV)/bin/codeclm-beam generate \
 	  --seeds examples/seeds.jsonl --output_dir $(OUT)/demo \
 	  --strong_model llamacpp:smollm2-135m --target_model llamacpp:smollm2-135m \
-	  --num_examples 10 --num_metadata 10 --max_output_tokens 96 --keep_unresolved \
+	  --num_examples 8 --num_metadata 8 --max_output_tokens 64 --codec_max_output_tokens 384 --keep_unresolved \
 	  --export_format openai --export_format alpaca
 
 test: $(VENV)/.installed-dev

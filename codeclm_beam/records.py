@@ -7,9 +7,15 @@ cannot drift from the record that wrote it.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import typing
 from typing import Any, Optional
+
+
+def content_id(prefix: str, text: str) -> str:
+    """A stable id from content (Python's hash() is salted per process)."""
+    return prefix + hashlib.sha256(text.encode("utf-8")).hexdigest()[:15]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,6 +23,10 @@ class Seed:
     seed_id: str
     instruction: str
     source: str  # file and row it came from
+
+    @classmethod
+    def of(cls, instruction: str, source: str = "") -> "Seed":
+        return cls(content_id("s", instruction), instruction, source)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +75,13 @@ class Candidate:
         if self.strong_score is None or self.target_score is None:
             return None
         return self.strong_score - self.target_score
+
+    @classmethod
+    def of(cls, instruction: str, use_case: str = "", skills: tuple[str, ...] = (),
+           metadata_id: str = "") -> "Candidate":
+        """A candidate from your own instruction, for using ContrastiveFilter alone."""
+        return cls(content_id("c", instruction), instruction, metadata_id, use_case,
+                   tuple(skills))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -213,3 +213,19 @@ def test_real_embedded_model_on_three_seeds(tmp_path):
                 assert 1 <= row["strong_score"] <= 10
     acc = manifest["accounting"]["candidates"]
     assert acc["basic_instructions"] == 2
+
+
+def test_readme_example_of_stages_in_an_existing_pipeline(tmp_path):
+    import importlib.util
+    models = scripted_models(tmp_path, "strong_wins")
+    spec = importlib.util.spec_from_file_location(
+        "existing_pipeline", os.path.join(os.path.dirname(__file__), "..", "examples",
+                                          "existing_pipeline.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--strong_uri", models["strong"], "--target_uri", models["target"],
+                 "--output_dir", str(tmp_path / "mine")])
+    assert len(read_jsonl(tmp_path / "mine", "metadata")) == 2
+    pairs = read_jsonl(tmp_path / "mine", "pairs")
+    assert len(pairs) == 2 and all(p["response_source"] == "strong" for p in pairs)
+    assert read_jsonl(tmp_path / "mine", "dead_letter") == []

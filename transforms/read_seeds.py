@@ -15,7 +15,6 @@ exact duplicates are dropped and counted.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import os
@@ -176,7 +175,7 @@ def make_seed(source: str, row: Any, instruction_field: Optional[str],
                        f"{max_chars} (--max_seed_chars)")
     if "\x00" in text:
         raise RowError("instruction contains NUL characters")
-    return Seed("s" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:15], text, source)
+    return Seed.of(text, source)
 
 
 class _ParseFile(beam.DoFn):
