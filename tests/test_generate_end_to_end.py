@@ -229,3 +229,29 @@ def test_readme_example_of_stages_in_an_existing_pipeline(tmp_path):
     pairs = read_jsonl(tmp_path / "mine", "pairs")
     assert len(pairs) == 2 and all(p["response_source"] == "strong" for p in pairs)
     assert read_jsonl(tmp_path / "mine", "dead_letter") == []
+
+
+def test_metrics_count_retries_failures_tokens_per_stage(tmp_path):
+    from tests.scripted_backend import write_scenario
+    models = scripted_models(tmp_path, "strong_wins")
+    # The judge answers 503 to its first three calls (retried), the strong model
+    # refuses anything about "poem" (400, a failure).
+    models["judge"] = write_scenario(tmp_path / "judge.json", role="judge",
+                                     judge="strong_wins", log_dir=str(tmp_path / "calls"),
+                                     fail_first={"judge": 3})
+    models["strong"] = write_scenario(tmp_path / "strong.json", role="strong",
+                                      judge="strong_wins", log_dir=str(tmp_path / "calls"),
+                                      fail_when="poem")
+    seeds = write_seeds(tmp_path / "seeds.jsonl", N_SEEDS)
+    manifest = run_generate(generate_args(
+        tmp_path, models, seeds, tmp_path / "out", "--num_metadata", "8",
+        "--num_instructions", "16", "--num_examples", "100", "--max_retries", "5"))
+    by_stage = manifest["model_calls"]["by_stage"]
+    judge = next(iter(by_stage["judge"]["models"].values()))
+    encode = next(iter(by_stage["encode"]["models"].values()))
+    assert judge["retries"] == 3 and judge["failures"] == 0
+    assert judge["requests"] == judge["elements"] + 3
+    assert encode["failures"] == 1 and encode["elements"] == N_SEEDS
+    assert all(m["prompt_tokens"] > 0 and m["completion_tokens"] > 0
+               for entry in by_stage.values() for m in entry["models"].values())
+    assert manifest["accounting"]["balanced"]
