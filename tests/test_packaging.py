@@ -1,0 +1,56 @@
+"""The package installs `transforms/` and `pipelines/` as codeclm_beam.transforms and
+codeclm_beam.pipelines, in a wheel as in the editable install, and its CLI answers."""
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from codeclm_beam.pipelines.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_wheel_maps_transforms_and_pipelines_under_codeclm_beam(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
+                    "--no-build-isolation", "-q", "-w", str(tmp_path), ROOT], check=True)
+    (wheel,) = tmp_path.glob("codeclm_beam-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "codeclm_beam/transforms/encode.py" in names
+    assert "codeclm_beam/pipelines/generate.py" in names
+    assert "codeclm_beam/model/backends/google.py" in names
+    top_level = {n.split("/")[0] for n in names if not n.endswith(".dist-info/")}
+    assert top_level <= {"codeclm_beam", wheel.name.split("-")[0] + "-" +
+                         wheel.name.split("-")[1] + ".dist-info"}, top_level
+    metadata = next(n for n in names if n.endswith("METADATA"))
+    requires = [l for l in zipfile.ZipFile(wheel).read(metadata).decode().splitlines()
+                if l.startswith("Requires-Dist")]
+    core = [r for r in requires if "extra ==" not in r]
+    assert any("apache-beam[gcp]==2.77.*" in r for r in core)
+    assert not any("llama" in r for r in core), "llama.cpp must stay an extra"
+
+
+def test_editable_install_imports_the_mapped_packages():
+    import codeclm_beam.pipelines.generate as generate
+    import codeclm_beam.transforms.encode as encode
+    assert encode.__file__.endswith(os.path.join("transforms", "encode.py"))
+    assert generate.__file__.endswith(os.path.join("pipelines", "generate.py"))
+
+
+def test_cli_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert "generate" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--strong_model" in out and "--num_examples" in out and "--runner" in out
+
+
+def test_cli_refuses_a_bad_model_uri_early(tmp_path):
+    with pytest.raises(ValueError, match="not BACKEND:MODEL"):
+        main(["generate", "--seeds", "x.jsonl", "--output_dir", str(tmp_path),
+              "--strong_model", "gpt4"])
