@@ -22,10 +22,14 @@ def write_seeds(path, n: int) -> str:
     return str(path)
 
 
-def scripted_models(tmp_path, judge: str, **scenario) -> dict[str, str]:
+def scripted_models(tmp_path, judge: str, per_role: dict | None = None,
+                    **scenario) -> dict[str, str]:
+    """URIs of scripted strong, target and judge models; `per_role` adds scenario
+    keys to one role (e.g. {"strong": {"fail_when": "poem"}})."""
     log_dir = str(tmp_path / "calls")
+    per_role = per_role or {}
     return {role: write_scenario(tmp_path / f"{role}.json", role=role, judge=judge,
-                                 log_dir=log_dir, **scenario)
+                                 log_dir=log_dir, **scenario, **per_role.get(role, {}))
             for role in ("strong", "target", "judge")}
 
 

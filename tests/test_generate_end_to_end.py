@@ -171,11 +171,8 @@ def test_outputs_avro_and_exports(tmp_path):
 
 def test_dead_letters_are_accounted_for(tmp_path):
     # The strong model refuses (400) every instruction that mentions "poem".
-    models = {role: uri for role, uri in scripted_models(tmp_path, "strong_wins").items()}
-    from tests.scripted_backend import write_scenario
-    models["strong"] = write_scenario(tmp_path / "strong.json", role="strong",
-                                      judge="strong_wins", log_dir=str(tmp_path / "calls"),
-                                      fail_when="poem")
+    models = scripted_models(tmp_path, "strong_wins",
+                             per_role={"strong": {"fail_when": "poem"}})
     seeds = write_seeds(tmp_path / "seeds.jsonl", N_SEEDS)
     manifest = run_generate(generate_args(
         tmp_path, models, seeds, tmp_path / "out", "--num_metadata", "8",
@@ -232,16 +229,10 @@ def test_readme_example_of_stages_in_an_existing_pipeline(tmp_path):
 
 
 def test_metrics_count_retries_failures_tokens_per_stage(tmp_path):
-    from tests.scripted_backend import write_scenario
-    models = scripted_models(tmp_path, "strong_wins")
     # The judge answers 503 to its first three calls (retried), the strong model
     # refuses anything about "poem" (400, a failure).
-    models["judge"] = write_scenario(tmp_path / "judge.json", role="judge",
-                                     judge="strong_wins", log_dir=str(tmp_path / "calls"),
-                                     fail_first={"judge": 3})
-    models["strong"] = write_scenario(tmp_path / "strong.json", role="strong",
-                                      judge="strong_wins", log_dir=str(tmp_path / "calls"),
-                                      fail_when="poem")
+    models = scripted_models(tmp_path, "strong_wins", per_role={
+        "judge": {"fail_first": {"judge": 3}}, "strong": {"fail_when": "poem"}})
     seeds = write_seeds(tmp_path / "seeds.jsonl", N_SEEDS)
     manifest = run_generate(generate_args(
         tmp_path, models, seeds, tmp_path / "out", "--num_metadata", "8",
