@@ -1,16 +1,65 @@
 """The generate pipeline survives a Dataflow dry run offline: the whole job is built
-(every DoFn, side input and coder pickled) and validated, and nothing is submitted."""
+(every DoFn, side input and coder pickled) and validated, and nothing is submitted.
+The built job is then inspected: the method's stages are there by name, and the rubric
+state and the kept count reach their consumers as side inputs."""
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.portability.api import beam_runner_api_pb2
+
+from codeclm_beam.pipelines.generate import build_pipeline
+from codeclm_beam.pipelines.generate import codeclm_config
 from tests.helpers import run_generate
 
-DRY_RUN = ["--runner=DataflowRunner", "--project=codeclm-test-project", "--region=us-central1",
-           "--temp_location=gs://codeclm-test-bucket/tmp", "--staging_location=gs://codeclm-test-bucket/stage",
-           "--no_auth", "--dry_run=True", "--sdk_location=container"]
+DRY_RUN = ["--runner=DataflowRunner", "--project=codeclm-test-project",
+           "--region=us-central1", "--temp_location=gs://codeclm-test-bucket/tmp",
+           "--staging_location=gs://codeclm-test-bucket/stage", "--no_auth",
+           "--dry_run=True", "--sdk_location=container"]
+GENERATE = ["--seeds", "gs://codeclm-test-bucket/seeds/*.jsonl",
+            "--output_dir", "gs://codeclm-test-bucket/out",
+            "--strong_model", "vertex:gemini-2.5-flash",
+            "--target_model", "openai:target@http://10.0.0.2:8000/v1",
+            "--max_num_workers", "4", "--max_requests_per_minute", "600",
+            "--export_format", "vertex"]
 
 
-def test_generate_passes_a_dataflow_dry_run():
-    result = run_generate(DRY_RUN + [
-        "--seeds", "gs://codeclm-test-bucket/seeds/*.jsonl", "--output_dir", "gs://codeclm-test-bucket/out",
-        "--strong_model", "vertex:gemini-2.5-flash", "--target_model",
-        "openai:target@http://10.0.0.2:8000/v1", "--max_num_workers", "4",
-        "--max_requests_per_minute", "600", "--export_format", "vertex"])
+def test_generate_cli_path_passes_a_dataflow_dry_run():
+    result = run_generate(DRY_RUN + GENERATE)
     assert result["submitted"] is False
+
+
+def test_the_built_dataflow_job_has_the_method_stages_and_side_inputs():
+    options = PipelineOptions(DRY_RUN + GENERATE)
+    pipeline = beam.Pipeline(options=options)
+    config = codeclm_config(options, "dry-run")
+    build_pipeline(pipeline, options, config)
+    job = pipeline.run().job
+    transforms = job.proto_pipeline.components.transforms
+    names = {t.unique_name for t in transforms.values()}
+    for stage in ("ReadSeeds", "CodecLM/EncodeMetadata", "CodecLM/BuildMetadataPool",
+                  "CodecLM/GenerateRubrics", "CodecLM/DecodeInstructions",
+                  "CodecLM/Round1/ContrastiveFilter", "CodecLM/Round1/ImproveInstructions",
+                  "CodecLM/Round3/ImproveInstructions", "CodecLM/Round4/ContrastiveFilter",
+                  "CodecLM/CutToNumExamples", "WriteExamples", "WriteDeadLetters"):
+        assert any(n == stage or n.startswith(stage + "/") for n in names), stage
+    assert not any(n.startswith("CodecLM/Round4/ImproveInstructions") for n in names)
+
+    def side_input_consumers(fragment):
+        found = []
+        for t in transforms.values():
+            if fragment in t.unique_name and t.spec.urn == "beam:transform:pardo:v1":
+                payload = beam_runner_api_pb2.ParDoPayload.FromString(t.spec.payload)
+                if payload.side_inputs:
+                    found.append(t.unique_name)
+        return found
+
+    # The rubric state is read by every round's improve step...
+    for round_number in (1, 2, 3):
+        assert side_input_consumers(
+            f"Round{round_number}/ImproveInstructions/ChooseAction"), round_number
+    # ...and each round's selection reads how many pairs are still needed.
+    for round_number in (1, 2, 3):
+        assert side_input_consumers(
+            f"Round{round_number}/SelectForImprovement/Cutoff"), round_number
+    # The job-wide quota of 600 RPM is split over --max_num_workers=4 VMs.
+    assert config.strong.quota.num_vms == 4
+    assert config.strong.quota.per_vm(600) == 150
