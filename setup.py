@@ -43,6 +43,9 @@ setuptools.setup(
         "jsonschema>=4.20",
         "tenacity>=8.2",
         "openai>=1.50",
+        # apache-beam[gcp] 2.77 pins google-cloud-dataflow-client>=0.13,<0.14.
+        "google-cloud-dataflow-client>=0.13,<0.14",
+        "tqdm>=4.66",
     ],
     extras_require={
         # The embedded model: compiles llama.cpp, so never on Dataflow workers by default.

@@ -83,7 +83,12 @@ def generate(argv: list[str]) -> int:
     return 0 if manifest["accounting"]["balanced"] else 3
 
 
-COMMANDS = {"generate": generate}
+def jobs(argv: list[str]) -> int:
+    from codeclm_beam.pipelines.jobs import jobs_command
+    return jobs_command(argv)
+
+
+COMMANDS = {"generate": generate, "jobs": jobs}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -93,7 +98,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         description="CodecLM tailored synthetic instruction data on Apache Beam.")
     parser.add_argument("--version", action="version", version=__version__)
     parser.add_argument("command", choices=sorted(COMMANDS),
-                        help="generate: seeds -> instruction-response pairs")
+                        help="generate: seeds -> instruction-response pairs; "
+                             "jobs: list, status or cancel Dataflow jobs")
     if not argv or argv[0] in ("-h", "--help", "--version"):
         parser.parse_args(argv or ["--help"])
         return 0

@@ -47,6 +47,9 @@ class RecordingServer:
             def do_GET(self):
                 self._handle("GET")
 
+            def do_PUT(self):
+                self._handle("PUT")
+
             def log_message(self, *args):
                 pass
 
