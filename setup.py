@@ -46,6 +46,8 @@ setuptools.setup(
         # apache-beam[gcp] 2.77 pins google-cloud-dataflow-client>=0.13,<0.14.
         "google-cloud-dataflow-client>=0.13,<0.14",
         "tqdm>=4.66",
+        # Run reports (plots embedded in one HTML file).
+        "matplotlib>=3.8",
     ],
     extras_require={
         # The embedded model: compiles llama.cpp, so never on Dataflow workers by default.

@@ -62,6 +62,19 @@ class ModelOptions(PipelineOptions):
                            help="Context window for embedded llama.cpp models.")
 
 
+class RunOptions(PipelineOptions):
+    """Flags every codeclm-beam pipeline shares (Beam parses all option classes with one
+    parser, so a flag may be defined in one class only)."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        group = parser.add_argument_group("run")
+        group.add_argument("--output_dir", default="out",
+                           help="Where outputs go (local or gs://).")
+        group.add_argument("--no_report", action="store_true", default=False,
+                           help="Do not write report.html and the dataset card.")
+
+
 def num_vms(options: PipelineOptions) -> int:
     """VMs a job-wide quota is split over (see codeclm_beam.model.ratelimit)."""
     runner = (options.view_as(StandardOptions).runner or "DirectRunner").lower()

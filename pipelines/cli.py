@@ -16,6 +16,7 @@ from typing import Optional
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from codeclm_beam.options import ModelOptions
+from codeclm_beam.options import RunOptions
 from codeclm_beam.version import __version__
 
 
@@ -74,7 +75,7 @@ def generate(argv: list[str]) -> int:
     from codeclm_beam.pipelines.generate import run
     parser = _options_parser("codeclm-beam generate",
                              "Generate CodecLM instruction-response pairs.",
-                             GenerateOptions, ModelOptions)
+                             GenerateOptions, RunOptions, ModelOptions)
     known, _ = parser.parse_known_args(argv)  # validates our flags; --help exits here
     if not known.seeds and not known.metadata:
         parser.error("give --seeds FILE (or --metadata FILE)")
@@ -83,12 +84,29 @@ def generate(argv: list[str]) -> int:
     return 0 if manifest["accounting"]["balanced"] else 3
 
 
+def evaluate(argv: list[str]) -> int:
+    from codeclm_beam.pipelines.evaluate import EvaluateOptions
+    from codeclm_beam.pipelines.evaluate import markdown_table
+    from codeclm_beam.pipelines.evaluate import run
+    parser = _options_parser("codeclm-beam evaluate",
+                             "Capacity Recovery Ratio of candidate models against a "
+                             "reference model on benchmark files.",
+                             EvaluateOptions, RunOptions, ModelOptions)
+    known, _ = parser.parse_known_args(argv)
+    if not known.benchmark:
+        parser.error("give --benchmark FILE (repeatable)")
+    summary = run(options=PipelineOptions(argv))
+    if "candidates" in summary:
+        print(markdown_table(summary))
+    return 0
+
+
 def jobs(argv: list[str]) -> int:
     from codeclm_beam.pipelines.jobs import jobs_command
     return jobs_command(argv)
 
 
-COMMANDS = {"generate": generate, "jobs": jobs}
+COMMANDS = {"generate": generate, "evaluate": evaluate, "jobs": jobs}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -99,6 +117,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--version", action="version", version=__version__)
     parser.add_argument("command", choices=sorted(COMMANDS),
                         help="generate: seeds -> instruction-response pairs; "
+                             "evaluate: CRR against a reference model; "
                              "jobs: list, status or cancel Dataflow jobs")
     if not argv or argv[0] in ("-h", "--help", "--version"):
         parser.parse_args(argv or ["--help"])

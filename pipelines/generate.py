@@ -14,6 +14,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.options.pipeline_options import StandardOptions
 
 from codeclm_beam.options import ModelOptions
+from codeclm_beam.options import RunOptions
 from codeclm_beam.options import model_configs
 from codeclm_beam.records import Example
 from codeclm_beam.stage import Tally
@@ -47,8 +48,6 @@ class GenerateOptions(PipelineOptions):
                            help="Dotted path of the instruction in a seed row.")
         group.add_argument("--max_seed_chars", type=int, default=DEFAULT_MAX_CHARS,
                            help="Longer seed instructions go to the dead letter.")
-        group.add_argument("--output_dir", default="out",
-                           help="Where outputs go (local or gs://).")
         group.add_argument("--num_examples", type=int, default=1000,
                            help="Instruction-response pairs wanted.")
         group.add_argument("--num_instructions", type=int, default=None,
@@ -83,7 +82,8 @@ class GenerateOptions(PipelineOptions):
 
 def codeclm_config(options: PipelineOptions, run_id: str) -> CodecLMConfig:
     opts = options.view_as(GenerateOptions)
-    models = model_configs(options, FileSystems.join(opts.output_dir, "cache"), run_id)
+    output_dir = options.view_as(RunOptions).output_dir
+    models = model_configs(options, FileSystems.join(output_dir, "cache"), run_id)
     return CodecLMConfig(
         strong=models["strong"], target=models["target"], judge=models["judge"],
         num_examples=opts.num_examples, num_instructions=opts.num_instructions,
@@ -103,7 +103,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
     opts = options.view_as(GenerateOptions)
     if bool(opts.seeds) == bool(opts.metadata):
         raise ValueError("give exactly one of --seeds and --metadata")
-    out = opts.output_dir
+    out = options.view_as(RunOptions).output_dir
     if opts.seeds:
         read = pipeline | "ReadSeeds" >> ReadSeeds(
             opts.seeds, opts.instruction_field, opts.max_seed_chars)
@@ -130,7 +130,8 @@ def public_options(options: PipelineOptions) -> dict[str, Any]:
     """The options worth recording. Nothing secret is an option: keys and tokens are
     read from the environment by backends and never pass through here."""
     all_options = options.get_all_options(drop_default=False)
-    names = _own_option_names(GenerateOptions) | _own_option_names(ModelOptions)
+    names = (_own_option_names(GenerateOptions) | _own_option_names(ModelOptions)
+             | _own_option_names(RunOptions))
     recorded = {name: all_options.get(name) for name in sorted(names)}
     recorded["runner"] = options.view_as(StandardOptions).runner or "DirectRunner"
     return recorded
@@ -149,6 +150,7 @@ def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = N
     run_id = uuid.uuid4().hex[:12]
     config = codeclm_config(options, run_id)
     opts = options.view_as(GenerateOptions)
+    output_dir = options.view_as(RunOptions).output_dir
     started = time.time()
     pipeline = beam.Pipeline(options=options)
     build_pipeline(pipeline, options, config)
@@ -171,8 +173,8 @@ def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = N
         "accounting": manifest_lib.accounting(
             counters, config.max_iterations, bool(opts.metadata), config.keep_unresolved),
         "model_calls": manifest_lib.model_calls(counters),
-        "outputs": {name: FileSystems.join(opts.output_dir, name) for name in (
+        "outputs": {name: FileSystems.join(output_dir, name) for name in (
             "examples", "rejected", "dead_letter", "metadata_pool", "rubrics")},
     }
-    write_json(FileSystems.join(opts.output_dir, "manifest.json"), manifest)
+    write_json(FileSystems.join(output_dir, "manifest.json"), manifest)
     return manifest

@@ -119,3 +119,13 @@ def write_json(path: str, value: Any) -> None:
 def read_json(path: str) -> Any:
     with FileSystems.open(path) as f:
         return json.loads(f.read().decode("utf-8"))
+
+
+def read_jsonl_dir(directory: str) -> list[dict]:
+    """Every row of every *.jsonl file a sharded write left in `directory`."""
+    rows = []
+    for match in FileSystems.match([FileSystems.join(directory, "*.jsonl")])[0].metadata_list:
+        with FileSystems.open(match.path) as f:
+            rows.extend(json.loads(line) for line in f.read().decode("utf-8").splitlines()
+                        if line.strip())
+    return rows

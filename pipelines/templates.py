@@ -9,6 +9,7 @@ import argparse
 import json
 
 from codeclm_beam.options import ModelOptions
+from codeclm_beam.options import RunOptions
 from codeclm_beam.pipelines.generate import GenerateOptions
 
 # Parameters a Dataflow launch must give; everything else has a default.
@@ -17,7 +18,7 @@ REQUIRED = {"output_dir"}
 
 def flex_template_metadata() -> dict:
     parameters = []
-    for view in (GenerateOptions, ModelOptions):
+    for view in (GenerateOptions, RunOptions, ModelOptions):
         parser = argparse.ArgumentParser()
         view._add_argparse_args(parser)
         for action in parser._actions:
@@ -47,7 +48,7 @@ def flex_template_metadata() -> dict:
 
 def _store_true_flags() -> set[str]:
     flags = set()
-    for view in (GenerateOptions, ModelOptions):
+    for view in (GenerateOptions, RunOptions, ModelOptions):
         parser = argparse.ArgumentParser()
         view._add_argparse_args(parser)
         flags.update(a.dest for a in parser._actions

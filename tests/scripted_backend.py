@@ -113,11 +113,31 @@ class ScriptedBackend(Backend):
     def _judge(self, request, user, schema):
         first = user.split("[The Start of Assistant 1's Answer]\n", 1)[1]
         strong_first = first.startswith(STRONG_PREFIX)
+        if self.scenario.get("judge") == "by_instruction":
+            return self._judge_by_instruction(user, strong_first)
         strong, target = {"strong_wins": (9, 2), "tie": (6, 6),
                           "target_wins": (2, 9)}[self.scenario.get("judge", "tie")]
         if strong_first:
             return {"assistant_1_score": strong, "assistant_2_score": target}
         return {"assistant_1_score": target, "assistant_2_score": strong}
+
+    def _judge_by_instruction(self, user, strong_first):
+        """The question names the verdict: [WIN]/[LOSS] for the target (candidate) in
+        both orders, [FIRST]/[SECOND] for whichever answer stands first/second (position
+        bias: a tie after the swap), [EQUAL] for equal scores."""
+        question = user.split("[Question]\n", 1)[1].split("\n\n[The Start")[0]
+        high, low = 9, 3
+        if "[WIN]" in question or "[LOSS]" in question:
+            target_wins = "[WIN]" in question
+            target, strong = (high, low) if target_wins else (low, high)
+            first, second = (strong, target) if strong_first else (target, strong)
+        elif "[FIRST]" in question:
+            first, second = high, low
+        elif "[SECOND]" in question:
+            first, second = low, high
+        else:
+            first, second = 5, 5
+        return {"assistant_1_score": first, "assistant_2_score": second}
 
     def _other(self, request, user, schema):
         return {k: 1 for k in schema.get("properties", {})} if schema else "ok"

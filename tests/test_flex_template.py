@@ -7,6 +7,7 @@ from codeclm_beam.pipelines.templates import flex_template_metadata
 from codeclm_beam.pipelines.templates import launcher_argv
 from codeclm_beam.pipelines.cli import _options_parser
 from codeclm_beam.options import ModelOptions
+from codeclm_beam.options import RunOptions
 from codeclm_beam.pipelines.generate import GenerateOptions
 
 TEMPLATE_DIR = os.path.join(os.path.dirname(__file__), "..", "pipelines", "flex_template")
@@ -18,7 +19,7 @@ def test_committed_metadata_is_generated_from_the_cli_options():
     assert committed == flex_template_metadata(), (
         "regenerate: python -m codeclm_beam.pipelines.templates > "
         "pipelines/flex_template/metadata.json")
-    parser = _options_parser("x", "x", GenerateOptions, ModelOptions)
+    parser = _options_parser("x", "x", GenerateOptions, RunOptions, ModelOptions)
     cli_flags = {a.dest for a in parser._actions if a.dest != "help"}
     assert {p["name"] for p in committed["parameters"]} == cli_flags
     assert [p["name"] for p in committed["parameters"] if not p["isOptional"]] == \
@@ -29,7 +30,7 @@ def test_launcher_translates_template_booleans():
     argv = launcher_argv(["--seeds=gs://b/s.jsonl", "--keep_unresolved=true",
                           "--no_cache=false", "--num_examples=10"])
     assert argv == ["--seeds=gs://b/s.jsonl", "--keep_unresolved", "--num_examples=10"]
-    known, _ = _options_parser("x", "x", GenerateOptions, ModelOptions).parse_known_args(argv)
+    known, _ = _options_parser("x", "x", GenerateOptions, RunOptions, ModelOptions).parse_known_args(argv)
     assert known.keep_unresolved is True and known.no_cache is False
     assert known.num_examples == 10
 

@@ -79,15 +79,13 @@ def judge_schema(score_scale: int) -> dict:
             "additionalProperties": False}
 
 
-def judge_prompt(task: JudgeTask, score_scale: int) -> list[ChatMessage]:
+def pairwise_judge_prompt(question: str, first: str, second: str,
+                          score_scale: int) -> list[ChatMessage]:
     """Vicuna's pairwise judge prompt, asking for the two scores only."""
-    c = task.candidate
-    first, second = ((c.strong_answer, c.target_answer) if task.strong_first
-                     else (c.target_answer, c.strong_answer))
     return [
         ChatMessage("system", _JUDGE_SYSTEM),
         ChatMessage("user", (
-            f"[Question]\n{c.instruction}\n\n"
+            f"[Question]\n{question}\n\n"
             f"[The Start of Assistant 1's Answer]\n{first}\n\n"
             "[The End of Assistant 1's Answer]\n\n"
             f"[The Start of Assistant 2's Answer]\n{second}\n\n"
@@ -100,6 +98,13 @@ def judge_prompt(task: JudgeTask, score_scale: int) -> list[ChatMessage]:
             "Please output only the two scores, for Assistant 1 and Assistant 2, as JSON, "
             "with no explanation.")),
     ]
+
+
+def judge_prompt(task: JudgeTask, score_scale: int) -> list[ChatMessage]:
+    c = task.candidate
+    first, second = ((c.strong_answer, c.target_answer) if task.strong_first
+                     else (c.target_answer, c.strong_answer))
+    return pairwise_judge_prompt(c.instruction, first, second, score_scale)
 
 
 class _Decide(beam.DoFn):

@@ -1,0 +1,182 @@
+"""`codeclm-beam evaluate`: Capacity Recovery Ratio of candidate models against a
+reference model on benchmark files, as in the CodecLM paper."""
+from __future__ import annotations
+
+import collections
+import datetime
+import time
+import uuid
+from typing import Any, Optional
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import GoogleCloudOptions
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from codeclm_beam.options import ModelOptions
+from codeclm_beam.options import RunOptions
+from codeclm_beam.options import model_configs
+from codeclm_beam.pipelines import manifest as manifest_lib
+from codeclm_beam.pipelines.outputs import CountDeadLettersByStage
+from codeclm_beam.pipelines.outputs import WriteJsonl
+from codeclm_beam.pipelines.outputs import write_json
+from codeclm_beam.transforms.evaluate import JudgeAgainstReference
+from codeclm_beam.transforms.evaluate import ReadBenchmarks
+from codeclm_beam.version import __version__
+
+OUTCOMES = ("win", "tie", "loss")
+
+
+class EvaluateOptions(PipelineOptions):
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        group = parser.add_argument_group("evaluate")
+        group.add_argument("--benchmark", action="append", default=[],
+                           help="Benchmark file (JSONL; Evol-Instruct, Vicuna, "
+                                "Self-Instruct, Koala layouts detected). Repeatable.")
+        group.add_argument("--candidate_model", action="append", default=[],
+                           help="Model URI to evaluate (repeatable: one row each).")
+        group.add_argument("--reference_model", default=None,
+                           help="Model URI compared against (default: --strong_model).")
+        group.add_argument("--bootstrap_samples", type=int, default=2000,
+                           help="Resamples for the CRR-difference confidence interval.")
+        group.add_argument("--allow_seed_items", action="store_true", default=False,
+                           help="Evaluate on items `split` marked as seeds.")
+        group.add_argument("--evaluate_instruction_field", default=None,
+                           help="Dotted path of the instruction in a generic JSONL file.")
+
+
+def crr(counts: dict[str, int]) -> Optional[float]:
+    total = sum(counts.get(k, 0) for k in OUTCOMES)
+    return 100.0 * (counts.get("win", 0) + counts.get("tie", 0)) / total if total else None
+
+
+def bootstrap_difference(a: list[str], b: list[str], samples: int,
+                         seed: int) -> dict[str, float]:
+    """CRR(b) - CRR(a) over paired items, with a 95% percentile bootstrap interval."""
+    recovered_a = np.array([o != "loss" for o in a], dtype=float)
+    recovered_b = np.array([o != "loss" for o in b], dtype=float)
+    diff = 100.0 * (recovered_b.mean() - recovered_a.mean())
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(a), size=(samples, len(a)))
+    boot = 100.0 * (recovered_b[idx].mean(axis=1) - recovered_a[idx].mean(axis=1))
+    low, high = np.percentile(boot, [2.5, 97.5])
+    return {"difference": round(float(diff), 2), "ci95_low": round(float(low), 2),
+            "ci95_high": round(float(high), 2), "items": len(a)}
+
+
+def summarize(judgements: list[dict], candidates: list[str], samples: int,
+              seed: int) -> dict[str, Any]:
+    by_cell: dict[tuple[str, str], collections.Counter] = collections.defaultdict(
+        collections.Counter)
+    outcomes: dict[tuple[str, str], dict[str, str]] = collections.defaultdict(dict)
+    for j in judgements:
+        by_cell[(j["candidate_model"], j["benchmark"])][j["outcome"]] += 1
+        outcomes[(j["candidate_model"], j["benchmark"])][j["item_id"]] = j["outcome"]
+    benchmarks = sorted({b for _, b in by_cell})
+    rows = []
+    for model in candidates:
+        cells = {}
+        overall = collections.Counter()
+        for bench in benchmarks:
+            counts = by_cell.get((model, bench), collections.Counter())
+            overall.update(counts)
+            cells[bench] = {"win": counts["win"], "tie": counts["tie"],
+                            "loss": counts["loss"], "total": sum(counts.values()),
+                            "crr": _round(crr(counts))}
+        rows.append({"candidate_model": model, "benchmarks": cells,
+                     "overall": {**{k: overall[k] for k in OUTCOMES},
+                                 "total": sum(overall.values()),
+                                 "crr": _round(crr(overall))}})
+    differences = []
+    for i, base in enumerate(candidates):
+        for other in candidates[i + 1:]:
+            for bench in benchmarks:
+                a, b = outcomes[(base, bench)], outcomes[(other, bench)]
+                shared = sorted(set(a) & set(b))
+                if shared:
+                    differences.append({
+                        "benchmark": bench, "from": base, "to": other,
+                        **bootstrap_difference([a[k] for k in shared],
+                                               [b[k] for k in shared], samples, seed)})
+    return {"benchmarks": benchmarks, "candidates": rows, "differences": differences}
+
+
+def _round(value):
+    return None if value is None else round(value, 2)
+
+
+def markdown_table(summary: dict) -> str:
+    """Rows = candidates, columns = benchmarks: CRR % with W/T/L, as in the paper."""
+    benches = summary["benchmarks"]
+    lines = ["| candidate | " + " | ".join(benches) + " | overall |",
+             "| --- |" + " --- |" * (len(benches) + 1)]
+    for row in summary["candidates"]:
+        cells = [row["benchmarks"][b] for b in benches] + [row["overall"]]
+        lines.append(f"| {row['candidate_model']} | " + " | ".join(
+            f"{c['crr']:.2f} ({c['win']}/{c['tie']}/{c['loss']})" if c["crr"] is not None
+            else "n/a" for c in cells) + " |")
+    if summary["differences"]:
+        lines += ["", "| benchmark | from | to | ΔCRR | 95% CI |", "| --- | --- | --- | --- | --- |"]
+        for d in summary["differences"]:
+            lines.append(f"| {d['benchmark']} | {d['from']} | {d['to']} | "
+                         f"{d['difference']:+.2f} | [{d['ci95_low']:+.2f}, "
+                         f"{d['ci95_high']:+.2f}] |")
+    lines += ["", "Cells: CRR % (wins/ties/losses of the candidate against the reference; "
+              "a win or loss needs the same verdict in both answer orders)."]
+    return "\n".join(lines) + "\n"
+
+
+def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = None,
+        wait: bool = True) -> dict[str, Any]:
+    options = options or PipelineOptions(argv)
+    opts = options.view_as(EvaluateOptions)
+    model_opts = options.view_as(ModelOptions)
+    output_dir = options.view_as(RunOptions).output_dir
+    if not opts.benchmark:
+        raise ValueError("give at least one --benchmark FILE")
+    run_id = uuid.uuid4().hex[:12]
+    models = model_configs(options, FileSystems.join(output_dir, "cache"), run_id)
+    reference = models["strong"].replace(uri=opts.reference_model or models["strong"].uri)
+    judge = models["judge"].replace(uri=model_opts.judge_model or reference.uri)
+    candidate_uris = opts.candidate_model or [model_opts.target_model]
+    candidates = [models["target"].replace(uri=uri) for uri in candidate_uris]
+    candidate_names = [c.spec.uri for c in candidates]
+
+    read = ReadBenchmarks(opts.benchmark, opts.evaluate_instruction_field,
+                          opts.allow_seed_items)
+    started = time.time()
+    pipeline = beam.Pipeline(options=options)
+    items = pipeline | "ReadBenchmarks" >> read
+    judged = items.output | "JudgeAgainstReference" >> JudgeAgainstReference(
+        candidates, reference, judge, run_seed=model_opts.seed)
+    judged.output | "WriteJudgements" >> WriteJsonl(output_dir, "judgements")
+    ((items.dead_letter, judged.dead_letter)
+     | "AllDeadLetters" >> beam.Flatten()
+     | "CountDeadLetters" >> CountDeadLettersByStage()
+     | "WriteDeadLetters" >> WriteJsonl(output_dir, "dead_letter"))
+    result = pipeline.run()
+    if options.get_all_options().get("dry_run") or not wait:
+        return {"tool": "codeclm-beam evaluate", "run_id": run_id, "submitted": False}
+    result.wait_until_finish()
+
+    from codeclm_beam.pipelines.outputs import read_jsonl_dir
+    judgements = read_jsonl_dir(FileSystems.join(output_dir, "judgements"))
+    summary = summarize(judgements, candidate_names, opts.bootstrap_samples,
+                        model_opts.seed)
+    counters = manifest_lib.collect_counters(result)
+    summary.update({
+        "tool": "codeclm-beam evaluate", "code_version": __version__, "run_id": run_id,
+        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "wall_time_seconds": round(time.time() - started, 2),
+        "layouts": read.layouts,
+        "models": {"candidates": candidate_names, "reference": reference.spec.uri,
+                   "judge": judge.spec.uri},
+        "model_calls": manifest_lib.model_calls(counters),
+        "dead_letters_by_stage": counters.get("codeclm/dead_letter", {}),
+    })
+    write_json(FileSystems.join(output_dir, "summary.json"), summary)
+    with FileSystems.create(FileSystems.join(output_dir, "crr.md")) as f:
+        f.write(markdown_table(summary).encode("utf-8"))
+    return summary
