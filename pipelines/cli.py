@@ -65,8 +65,15 @@ def _summary(manifest: dict) -> str:
                  f"{calls.get('prompt_tokens', 0)} prompt + "
                  f"{calls.get('completion_tokens', 0)} completion tokens")
     lines.append(f"  accounting balanced: {acc['balanced']}")
+    if "tailoring" in manifest:
+        t = manifest["tailoring"]
+        lines.append(f"  tailoring: use-case JS divergence {t['use_case_js_divergence']} "
+                     f"bits, seed-skill coverage {t['seed_skill_coverage']}")
+    if "report" in manifest:
+        lines.append(f"  report: {manifest['report']}")
     lines.append(f"  outputs: {manifest['outputs']['examples']} (and rejected/, "
-                 "dead_letter/, metadata_pool/, rubrics/, manifest.json beside it)")
+                 "dead_letter/, seed_metadata/, metadata_pool/, rubrics/, manifest.json "
+                 "beside it)")
     return "\n".join(lines)
 
 
@@ -101,12 +108,23 @@ def evaluate(argv: list[str]) -> int:
     return 0
 
 
+def split(argv: list[str]) -> int:
+    from codeclm_beam.pipelines.split import split_command
+    return split_command(argv)
+
+
+def report(argv: list[str]) -> int:
+    from codeclm_beam.pipelines.report import report_command
+    return report_command(argv)
+
+
 def jobs(argv: list[str]) -> int:
     from codeclm_beam.pipelines.jobs import jobs_command
     return jobs_command(argv)
 
 
-COMMANDS = {"generate": generate, "evaluate": evaluate, "jobs": jobs}
+COMMANDS = {"generate": generate, "evaluate": evaluate, "split": split,
+            "report": report, "jobs": jobs}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -118,6 +136,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("command", choices=sorted(COMMANDS),
                         help="generate: seeds -> instruction-response pairs; "
                              "evaluate: CRR against a reference model; "
+                             "split: a benchmark into seed and eval parts; "
+                             "report: report.html and dataset card of a run; "
                              "jobs: list, status or cancel Dataflow jobs")
     if not argv or argv[0] in ("-h", "--help", "--version"):
         parser.parse_args(argv or ["--help"])

@@ -3,6 +3,7 @@ reference model on benchmark files, as in the CodecLM paper."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 import datetime
 import time
 import uuid
@@ -11,7 +12,6 @@ from typing import Any, Optional
 import apache_beam as beam
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import GoogleCloudOptions
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from codeclm_beam.options import ModelOptions
@@ -20,6 +20,8 @@ from codeclm_beam.options import model_configs
 from codeclm_beam.pipelines import manifest as manifest_lib
 from codeclm_beam.pipelines.outputs import CountDeadLettersByStage
 from codeclm_beam.pipelines.outputs import WriteJsonl
+from codeclm_beam.pipelines.outputs import read_jsonl_dir
+from codeclm_beam.pipelines.outputs import clear_outputs
 from codeclm_beam.pipelines.outputs import write_json
 from codeclm_beam.transforms.evaluate import JudgeAgainstReference
 from codeclm_beam.transforms.evaluate import ReadBenchmarks
@@ -128,9 +130,16 @@ def markdown_table(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = None,
-        wait: bool = True) -> dict[str, Any]:
-    options = options or PipelineOptions(argv)
+@dataclasses.dataclass
+class EvaluatePlan:
+    read: ReadBenchmarks
+    candidates: list[str]
+    reference: str
+    judge: str
+    run_id: str
+
+
+def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions) -> EvaluatePlan:
     opts = options.view_as(EvaluateOptions)
     model_opts = options.view_as(ModelOptions)
     output_dir = options.view_as(RunOptions).output_dir
@@ -142,12 +151,9 @@ def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = N
     judge = models["judge"].replace(uri=model_opts.judge_model or reference.uri)
     candidate_uris = opts.candidate_model or [model_opts.target_model]
     candidates = [models["target"].replace(uri=uri) for uri in candidate_uris]
-    candidate_names = [c.spec.uri for c in candidates]
 
     read = ReadBenchmarks(opts.benchmark, opts.evaluate_instruction_field,
                           opts.allow_seed_items)
-    started = time.time()
-    pipeline = beam.Pipeline(options=options)
     items = pipeline | "ReadBenchmarks" >> read
     judged = items.output | "JudgeAgainstReference" >> JudgeAgainstReference(
         candidates, reference, judge, run_seed=model_opts.seed)
@@ -156,27 +162,44 @@ def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = N
      | "AllDeadLetters" >> beam.Flatten()
      | "CountDeadLetters" >> CountDeadLettersByStage()
      | "WriteDeadLetters" >> WriteJsonl(output_dir, "dead_letter"))
+    return EvaluatePlan(read, [c.spec.uri for c in candidates], reference.spec.uri,
+                        judge.spec.uri, run_id)
+
+
+def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = None,
+        wait: bool = True) -> dict[str, Any]:
+    options = options or PipelineOptions(argv)
+    opts = options.view_as(EvaluateOptions)
+    output_dir = options.view_as(RunOptions).output_dir
+    started = time.time()
+    pipeline = beam.Pipeline(options=options)
+    plan = build_pipeline(pipeline, options)
+    if not options.get_all_options().get("dry_run"):
+        clear_outputs(output_dir, ("judgements", "dead_letter"))
     result = pipeline.run()
     if options.get_all_options().get("dry_run") or not wait:
-        return {"tool": "codeclm-beam evaluate", "run_id": run_id, "submitted": False}
+        return {"tool": "codeclm-beam evaluate", "run_id": plan.run_id, "submitted": False}
     result.wait_until_finish()
 
-    from codeclm_beam.pipelines.outputs import read_jsonl_dir
     judgements = read_jsonl_dir(FileSystems.join(output_dir, "judgements"))
-    summary = summarize(judgements, candidate_names, opts.bootstrap_samples,
-                        model_opts.seed)
+    summary = summarize(judgements, plan.candidates, opts.bootstrap_samples,
+                        options.view_as(ModelOptions).seed)
     counters = manifest_lib.collect_counters(result)
     summary.update({
-        "tool": "codeclm-beam evaluate", "code_version": __version__, "run_id": run_id,
+        "tool": "codeclm-beam evaluate", "code_version": __version__,
+        "run_id": plan.run_id,
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "wall_time_seconds": round(time.time() - started, 2),
-        "layouts": read.layouts,
-        "models": {"candidates": candidate_names, "reference": reference.spec.uri,
-                   "judge": judge.spec.uri},
+        "layouts": plan.read.layouts,
+        "models": {"candidates": plan.candidates, "reference": plan.reference,
+                   "judge": plan.judge},
         "model_calls": manifest_lib.model_calls(counters),
         "dead_letters_by_stage": counters.get("codeclm/dead_letter", {}),
     })
     write_json(FileSystems.join(output_dir, "summary.json"), summary)
     with FileSystems.create(FileSystems.join(output_dir, "crr.md")) as f:
         f.write(markdown_table(summary).encode("utf-8"))
+    if not options.view_as(RunOptions).no_report:
+        from codeclm_beam.pipelines.report import write_report
+        summary["report"] = write_report(output_dir)["report"]
     return summary

@@ -30,9 +30,12 @@ from codeclm_beam.pipelines.outputs import CountDeadLettersByStage
 from codeclm_beam.pipelines.outputs import WriteAvro
 from codeclm_beam.pipelines.outputs import WriteExports
 from codeclm_beam.pipelines.outputs import WriteJsonl
+from codeclm_beam.pipelines.outputs import clear_outputs
 from codeclm_beam.pipelines.outputs import write_json
 
 _LOG = logging.getLogger(__name__)
+OUTPUT_FOLDERS = ("examples", "rejected", "dead_letter", "seed_metadata", "metadata_pool",
+                  "rubrics", "export")
 
 
 class GenerateOptions(PipelineOptions):
@@ -116,6 +119,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
     result.examples | "WriteExamples" >> WriteJsonl(out, "examples")
     result.examples | "WriteExamplesAvro" >> WriteAvro(out, "examples", Example)
     result.rejected | "WriteRejected" >> WriteJsonl(out, "rejected")
+    result.seed_metadata | "WriteSeedMetadata" >> WriteJsonl(out, "seed_metadata")
     result.metadata_pool | "WriteMetadataPool" >> WriteJsonl(out, "metadata_pool")
     result.rubrics | "WriteRubrics" >> WriteJsonl(out, "rubrics")
     ((read.dead_letter, result.dead_letter)
@@ -154,6 +158,8 @@ def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = N
     started = time.time()
     pipeline = beam.Pipeline(options=options)
     build_pipeline(pipeline, options, config)
+    if not options.get_all_options().get("dry_run"):
+        clear_outputs(output_dir, OUTPUT_FOLDERS)
     result = pipeline.run()
     if options.get_all_options().get("dry_run") or not wait:
         # A Dataflow dry run builds and validates the whole job but submits nothing.
@@ -173,8 +179,11 @@ def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = N
         "accounting": manifest_lib.accounting(
             counters, config.max_iterations, bool(opts.metadata), config.keep_unresolved),
         "model_calls": manifest_lib.model_calls(counters),
-        "outputs": {name: FileSystems.join(output_dir, name) for name in (
-            "examples", "rejected", "dead_letter", "metadata_pool", "rubrics")},
+        "outputs": {name: FileSystems.join(output_dir, name) for name in OUTPUT_FOLDERS},
     }
     write_json(FileSystems.join(output_dir, "manifest.json"), manifest)
+    if not options.view_as(RunOptions).no_report:
+        from codeclm_beam.pipelines.report import write_report
+        report = write_report(output_dir)  # also adds the tailoring figure to the file
+        manifest.update(tailoring=report["tailoring"], report=report["report"])
     return manifest

@@ -129,3 +129,13 @@ def read_jsonl_dir(directory: str) -> list[dict]:
             rows.extend(json.loads(line) for line in f.read().decode("utf-8").splitlines()
                         if line.strip())
     return rows
+
+
+def clear_outputs(output_dir: str, names: Iterable[str]) -> None:
+    """Deletes the files an earlier run left in these output folders (never the cache),
+    so a re-run into the same --output_dir cannot mix its shards with stale ones."""
+    for name in names:
+        pattern = FileSystems.join(output_dir, name, "*")
+        stale = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
+        if stale:
+            FileSystems.delete(stale)

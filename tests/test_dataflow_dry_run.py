@@ -63,3 +63,25 @@ def test_the_built_dataflow_job_has_the_method_stages_and_side_inputs():
     # The job-wide quota of 600 RPM is split over --max_num_workers=4 VMs.
     assert config.strong.quota.num_vms == 4
     assert config.strong.quota.per_vm(600) == 150
+
+
+def test_evaluate_passes_a_dataflow_dry_run_with_its_stages():
+    import os
+    from codeclm_beam.pipelines import evaluate
+    fixtures = os.path.join(os.path.dirname(__file__), "fixtures", "benchmarks")
+    argv = DRY_RUN + ["--benchmark", os.path.join(fixtures, "vicuna.jsonl"),
+                      "--benchmark", os.path.join(fixtures, "koala.jsonl"),
+                      "--output_dir", "gs://codeclm-test-bucket/eval",
+                      "--strong_model", "vertex:gemini-2.5-pro",
+                      "--candidate_model", "openai:before@http://10.0.0.2:8000/v1",
+                      "--candidate_model", "openai:after@http://10.0.0.3:8000/v1"]
+    assert evaluate.run(argv)["submitted"] is False
+    options = PipelineOptions(argv)
+    pipeline = beam.Pipeline(options=options)
+    evaluate.build_pipeline(pipeline, options)
+    names = {t.unique_name for t in
+             pipeline.run().job.proto_pipeline.components.transforms.values()}
+    for stage in ("ReadBenchmarks", "JudgeAgainstReference/AnswerReference",
+                  "JudgeAgainstReference/Candidate0/Judge",
+                  "JudgeAgainstReference/Candidate1/Judge", "WriteJudgements"):
+        assert any(n == stage or n.startswith(stage + "/") for n in names), stage

@@ -246,3 +246,13 @@ def test_metrics_count_retries_failures_tokens_per_stage(tmp_path):
     assert all(m["prompt_tokens"] > 0 and m["completion_tokens"] > 0
                for entry in by_stage.values() for m in entry["models"].values())
     assert manifest["accounting"]["balanced"]
+
+
+def test_a_rerun_into_the_same_output_dir_replaces_stale_shards(tmp_path):
+    argv = scenario(tmp_path, "strong_wins")
+    stale = tmp_path / "out" / "examples" / "examples-00007-of-00009.jsonl"
+    stale.parent.mkdir(parents=True)
+    stale.write_text('{"example_id": "stale"}\n')
+    run_generate(argv)
+    assert not stale.exists()
+    assert len(read_jsonl(tmp_path / "out", "examples")) == NUM_INSTRUCTIONS

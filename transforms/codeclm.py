@@ -76,6 +76,7 @@ class CodecLMConfig:
 
 
 class CodecLMOutput(NamedTuple):
+    seed_metadata: beam.PCollection  # Metadata of the seeds (or the user's metadata)
     examples: beam.PCollection  # Example
     rejected: beam.PCollection  # Rejection
     dead_letter: beam.PCollection  # DeadLetter
@@ -200,6 +201,7 @@ class CodecLM(beam.PTransform):
                         | "CountSurplus" >> Tally("surplus")
                         | "RejectSurplus" >> beam.Map(_surplus_rejection))
         return CodecLMOutput(
+            seed_metadata=metadata,
             examples=cut.taken | "CountExamples" >> Tally("examples"),
             rejected=tuple(rejected) | "AllRejected" >> beam.Flatten(),
             dead_letter=tuple(dead_letters) | "AllDeadLetters" >> beam.Flatten(),

@@ -122,6 +122,13 @@ def detect_file_layout(path: str, instruction_field: Optional[str] = None) -> La
     raise ValueError(f"benchmark file {path} is empty")
 
 
+def _first_row(path: str) -> dict:
+    with FileSystems.open(path) as handle:
+        for _, row in _jsonl_rows(path, handle):
+            return row if isinstance(row, dict) else {}
+    return {}
+
+
 def make_item(path: str, number: int, row: Any, layout: Layout,
               instruction_field: Optional[str]) -> EvalItem:
     if not isinstance(row, dict):
@@ -174,6 +181,12 @@ class ReadBenchmarks(beam.PTransform):
         for path in paths:
             for match in FileSystems.match([path])[0].metadata_list:
                 self._layouts[match.path] = detect_file_layout(match.path, instruction_field)
+                if not allow_seed_items and _first_row(match.path).get(SPLIT_MARKER) == \
+                        "seeds":
+                    raise ValueError(
+                        f"{match.path} is the seed part of a `codeclm-beam split`: "
+                        "evaluating on seeds measures memorisation. Evaluate on the "
+                        "eval part, or pass --allow_seed_items.")
         if not self._layouts:
             raise ValueError(f"no benchmark files match {paths}")
         self._field = instruction_field

@@ -1,0 +1,437 @@
+"""`codeclm-beam report RUN_DIR`: one self-contained `report.html` (plots embedded as
+PNG data) for a `generate` or `evaluate` run, the tailoring figure, and for generate
+runs a dataset card (`README.md`, Hugging Face layout) beside the data."""
+from __future__ import annotations
+
+import argparse
+import base64
+import collections
+import html
+import io
+import json
+import math
+from typing import Any, Optional
+
+from apache_beam.io.filesystems import FileSystems
+
+from codeclm_beam.pipelines.outputs import read_json
+from codeclm_beam.pipelines.outputs import read_jsonl_dir
+from codeclm_beam.pipelines.outputs import write_json
+
+# USD per million tokens (input, output). Estimates to replace with your contract's
+# prices: pass --prices FILE with {"MODEL URI or prefix": {"input": x, "output": y}}.
+DEFAULT_PRICES = {
+    "vertex:gemini-2.5-pro": {"input": 1.25, "output": 10.0},
+    "vertex:gemini-2.5-flash": {"input": 0.30, "output": 2.50},
+    "gemini:gemini-2.5-flash": {"input": 0.30, "output": 2.50},
+    "llamacpp:": {"input": 0.0, "output": 0.0},
+}
+
+CITATION = """@inproceedings{wang2024codeclm,
+  title={CodecLM: Aligning Language Models with Tailored Synthetic Data},
+  author={Wang, Zifeng and Li, Chun-Liang and Perot, Vincent and Le, Long T. and Miao, Jin
+          and Zhang, Zizhao and Lee, Chen-Yu and Pfister, Tomas},
+  booktitle={Findings of the Association for Computational Linguistics: NAACL 2024},
+  year={2024}
+}"""
+
+
+# ---- the tailoring figure ---------------------------------------------------------
+
+def distribution(values: list[str]) -> dict[str, float]:
+    counts = collections.Counter(values)
+    total = sum(counts.values())
+    return {k: v / total for k, v in counts.items()} if total else {}
+
+
+def jensen_shannon(p: dict[str, float], q: dict[str, float]) -> Optional[float]:
+    """Jensen–Shannon divergence in bits: 0 = same distribution, 1 = disjoint."""
+    if not p or not q:
+        return None
+    keys = set(p) | set(q)
+    m = {k: (p.get(k, 0) + q.get(k, 0)) / 2 for k in keys}
+
+    def kl(a):
+        return sum(a[k] * math.log2(a[k] / m[k]) for k in keys if a.get(k, 0) > 0)
+
+    return round((kl(p) + kl(q)) / 2, 4)
+
+
+def tailoring(seed_metadata: list[dict], examples: list[dict]) -> dict[str, Any]:
+    """How closely the kept examples follow the seeds' use cases and skills."""
+    seed_skills = {s for m in seed_metadata for s in m["skills"]}
+    kept_skills = {s for e in examples for s in e["skills"]}
+    return {
+        "use_case_js_divergence": jensen_shannon(
+            distribution([m["use_case"] for m in seed_metadata]),
+            distribution([e["use_case"] for e in examples])),
+        "seed_skill_coverage": round(len(seed_skills & kept_skills) / len(seed_skills), 4)
+        if seed_skills else None,
+        "seed_use_cases": len({m["use_case"] for m in seed_metadata}),
+        "kept_use_cases": len({e["use_case"] for e in examples}),
+        "note": "use_case_js_divergence: Jensen-Shannon divergence (bits) between the use "
+                "cases of the seeds and of the kept examples, 0 = identical; "
+                "seed_skill_coverage: share of the seeds' skills found among the kept "
+                "examples' skills.",
+    }
+
+
+# ---- plots ------------------------------------------------------------------------
+
+def _figure():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _png(fig) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    _figure().close(fig)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def compare_distributions(title: str, series: dict[str, list[str]], top: int) -> str:
+    plt = _figure()
+    totals = collections.Counter(v for values in series.values() for v in values)
+    labels = [k for k, _ in totals.most_common(top)]
+    fig, ax = plt.subplots(figsize=(10, 0.32 * max(4, len(labels)) + 1.2))
+    height = 0.8 / max(1, len(series))
+    for i, (name, values) in enumerate(series.items()):
+        share = distribution(values)
+        ax.barh([y + i * height for y in range(len(labels))],
+                [100 * share.get(k, 0) for k in labels], height=height, label=name)
+    ax.set_yticks([y + height * (len(series) - 1) / 2 for y in range(len(labels))])
+    ax.set_yticklabels(labels)
+    ax.invert_yaxis()
+    ax.set_xlabel("share (%)")
+    ax.set_title(title)
+    ax.legend()
+    return _png(fig)
+
+
+def kept_by_iteration(examples: list[dict], iterations: int) -> str:
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    rounds = list(range(1, iterations + 1))
+    bottom = [0] * len(rounds)
+    for source in ("strong", "target"):
+        counts = [sum(1 for e in examples if e["iteration"] == r
+                      and e["response_source"] == source) for r in rounds]
+        ax.bar(rounds, counts, bottom=bottom, label=f"{source} answer")
+        bottom = [b + c for b, c in zip(bottom, counts)]
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("kept pairs")
+    ax.set_xticks(rounds)
+    ax.set_title("Kept pairs per iteration and answer source")
+    ax.legend()
+    return _png(fig)
+
+
+def gap_histogram(gaps: list[float], threshold: float, scale: int) -> str:
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    bins = [x / 2 - 0.25 for x in range(-2 * scale, 2 * scale + 2)]
+    ax.hist(gaps, bins=bins, color="#4c72b0")
+    for x in (threshold, -threshold):
+        ax.axvline(x, color="#c44e52", linestyle="--")
+    ax.set_xlabel("score gap (strong − target)")
+    ax.set_ylabel("candidates (last judgement)")
+    ax.set_title(f"Score gaps; threshold ±{threshold:g}")
+    return _png(fig)
+
+
+def calls_per_stage(by_stage: dict) -> str:
+    plt = _figure()
+    stages = list(by_stage)
+    requests = [sum(m["requests"] for m in by_stage[s]["models"].values()) for s in stages]
+    hits = [sum(m["cache_hits"] for m in by_stage[s]["models"].values()) for s in stages]
+    tokens = [sum(m["prompt_tokens"] + m["completion_tokens"]
+                  for m in by_stage[s]["models"].values()) for s in stages]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.4))
+    left.bar(stages, requests, label="requests sent")
+    left.bar(stages, hits, bottom=requests, label="cache hits")
+    left.set_title("Model calls per stage")
+    left.legend()
+    right.bar(stages, tokens, color="#55a868")
+    right.set_title("Tokens per stage (prompt + completion)")
+    for ax in (left, right):
+        ax.tick_params(axis="x", rotation=45)
+    return _png(fig)
+
+
+def wtl_bars(summary: dict) -> str:
+    plt = _figure()
+    rows = [(row["candidate_model"], bench, row["benchmarks"][bench])
+            for row in summary["candidates"] for bench in summary["benchmarks"]]
+    fig, ax = plt.subplots(figsize=(10, 0.45 * max(3, len(rows)) + 1))
+    labels = [f"{bench} · {model[-40:]}" for model, bench, _ in rows]
+    left = [0.0] * len(rows)
+    for outcome, color in (("win", "#55a868"), ("tie", "#ccb974"), ("loss", "#c44e52")):
+        values = [100 * c[outcome] / c["total"] if c["total"] else 0 for _, _, c in rows]
+        ax.barh(labels, values, left=left, color=color, label=outcome)
+        left = [a + b for a, b in zip(left, values)]
+    for y, (_, _, c) in enumerate(rows):
+        if c["crr"] is not None:
+            ax.text(101, y, f"CRR {c['crr']:.1f}%", va="center")
+    ax.set_xlim(0, 118)
+    ax.invert_yaxis()
+    ax.set_xlabel("% of items (candidate vs reference)")
+    ax.set_title("Wins / ties / losses and CRR")
+    ax.legend(loc="lower right")
+    return _png(fig)
+
+
+# ---- pages ------------------------------------------------------------------------
+
+_STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+table{border-collapse:collapse;margin:.5em 0;font-size:.9em}td,th{border:1px solid #ccc;
+padding:.25em .6em;text-align:left;vertical-align:top;overflow-wrap:anywhere}img{max-width:100%;display:block;margin:1em 0}
+pre{white-space:pre-wrap;background:#f6f6f6;padding:.5em}.muted{color:#666}"""
+
+# The page reports on itself for headless checks: how many plots decoded, and any
+# script error, as attributes on <body>.
+_SELF_CHECK = """<script>
+window.addEventListener('error', e => { document.body.dataset.errors =
+  (document.body.dataset.errors || '') + e.message + ';'; });
+window.addEventListener('load', () => {
+  const imgs = [...document.querySelectorAll('img.plot')];
+  document.body.dataset.plots = imgs.length;
+  document.body.dataset.plotsDecoded = imgs.filter(i => i.naturalWidth > 0).length;
+});
+</script>"""
+
+
+def _table(rows: list[list[Any]], header: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row)
+                   + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _page(title: str, sections: list[str]) -> str:
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>"
+            f"{html.escape(title)}</title><style>{_STYLE}</style></head><body>"
+            f"{_SELF_CHECK}<h1>{html.escape(title)}</h1>{''.join(sections)}</body></html>")
+
+
+def _img(src: str, alt: str) -> str:
+    return f"<img class='plot' alt='{html.escape(alt)}' src='{src}'>"
+
+
+def price_of(uri: str, prices: dict) -> Optional[dict]:
+    if uri in prices:
+        return prices[uri]
+    matches = [k for k in prices if uri.startswith(k)]
+    return prices[max(matches, key=len)] if matches else None
+
+
+def estimated_cost(by_stage: dict, prices: dict) -> tuple[list[list[Any]], Optional[float]]:
+    rows, total, unknown = [], 0.0, False
+    for stage, entry in by_stage.items():
+        for model, m in entry["models"].items():
+            price = price_of(model, prices)
+            cost = None
+            if price is not None:
+                cost = (m["prompt_tokens"] * price["input"]
+                        + m["completion_tokens"] * price["output"]) / 1e6
+                total += cost
+            else:
+                unknown = True
+            rows.append([stage, model, m["requests"], m["cache_hits"], m["retries"],
+                         m["failures"], m["prompt_tokens"], m["completion_tokens"],
+                         "unknown" if cost is None else f"${cost:,.4f}"])
+    return rows, None if unknown else total
+
+
+def _pairs(rows: list[dict], fields: list[str], limit: int = 5) -> str:
+    picked = sorted(rows, key=lambda r: r.get("example_id") or r.get("candidate_id"))[:limit]
+    return "".join(
+        "<pre>" + html.escape("\n".join(f"{f}: {str(r.get(f))[:1200]}" for f in fields))
+        + "</pre>" for r in picked) or "<p class='muted'>none</p>"
+
+
+def generate_report(run_dir: str, prices: dict) -> dict[str, Any]:
+    manifest = read_json(FileSystems.join(run_dir, "manifest.json"))
+    examples = read_jsonl_dir(FileSystems.join(run_dir, "examples"))
+    rejected = read_jsonl_dir(FileSystems.join(run_dir, "rejected"))
+    seed_metadata = read_jsonl_dir(FileSystems.join(run_dir, "seed_metadata"))
+    pool = read_jsonl_dir(FileSystems.join(run_dir, "metadata_pool"))
+    options = manifest["options"]
+    tailor = tailoring(seed_metadata, examples)
+    manifest["tailoring"] = tailor
+    write_json(FileSystems.join(run_dir, "manifest.json"), manifest)
+
+    by_stage = manifest["model_calls"]["by_stage"]
+    cost_rows, cost = estimated_cost(by_stage, prices)
+    acc = manifest["accounting"]
+    gaps = [r["gap"] for r in examples + rejected if r.get("gap") is not None]
+    sections = [
+        f"<p>Models: strong <b>{html.escape(manifest['models']['strong'])}</b>, target "
+        f"<b>{html.escape(manifest['models']['target'])}</b>, judge "
+        f"<b>{html.escape(manifest['models']['judge'])}</b>. Wall time "
+        f"{manifest['wall_time_seconds']} s. Accounting balanced: {acc['balanced']}.</p>",
+        "<h2>Tailoring</h2>",
+        _table([[k, v] for k, v in tailor.items() if k != "note"], ["figure", "value"]),
+        f"<p class='muted'>{html.escape(tailor['note'])}</p>",
+        _img(compare_distributions("Use cases: seeds, pool, kept examples", {
+            "seeds": [m["use_case"] for m in seed_metadata],
+            "pool": [m["use_case"] for m in pool],
+            "kept": [e["use_case"] for e in examples]}, 15), "use case distributions"),
+        _img(compare_distributions("Skills: seeds, pool, kept examples", {
+            "seeds": [s for m in seed_metadata for s in m["skills"]],
+            "pool": [s for m in pool for s in m["skills"]],
+            "kept": [s for e in examples for s in e["skills"]]}, 20), "skill distributions"),
+        "<h2>Filtering</h2>",
+        _img(kept_by_iteration(examples, int(options.get("max_iterations") or 4)),
+             "kept pairs per iteration"),
+        _img(gap_histogram(gaps, float(options.get("threshold") or 3),
+                           int(options.get("score_scale") or 10)), "score gaps"),
+        _table([[r["round"], r["candidates"], r["kept"], r["undecided"], r["not_needed"]]
+                for r in acc["candidates"]["rounds"]],
+               ["round", "candidates", "kept", "within threshold", "not needed"]),
+        "<h2>Calls, tokens and cost</h2>",
+        _img(calls_per_stage(by_stage), "calls and tokens per stage"),
+        _table(cost_rows, ["stage", "model", "requests", "cache hits", "retries",
+                           "failures", "prompt tokens", "completion tokens", "est. cost"]),
+        f"<p>Estimated cost: <b>{'unknown (no price for a model)' if cost is None else f'${cost:,.2f}'}"
+        "</b> (prices are estimates; override with <code>--prices</code>).</p>",
+        "<h2>Sample of kept pairs</h2>",
+        _pairs(examples, ["instruction", "response", "response_source", "iteration",
+                          "use_case", "skills", "gap"]),
+        "<h2>Sample of rejected candidates</h2>",
+        _pairs(rejected, ["instruction", "reason", "iteration", "strong_score",
+                          "target_score", "gap"]),
+    ]
+    _write(FileSystems.join(run_dir, "report.html"),
+           _page("codeclm-beam generate report", sections))
+    _write(FileSystems.join(run_dir, "README.md"), dataset_card(manifest, len(examples)))
+    return {"report": FileSystems.join(run_dir, "report.html"), "tailoring": tailor,
+            "estimated_cost_usd": cost}
+
+
+def evaluate_report(run_dir: str) -> dict[str, Any]:
+    from codeclm_beam.pipelines.evaluate import markdown_table
+    summary = read_json(FileSystems.join(run_dir, "summary.json"))
+    rows = []
+    for row in summary["candidates"]:
+        for bench in summary["benchmarks"]:
+            c = row["benchmarks"][bench]
+            rows.append([row["candidate_model"], bench, c["win"], c["tie"], c["loss"],
+                         c["crr"]])
+    sections = [
+        f"<p>Reference <b>{html.escape(summary['models']['reference'])}</b>, judge "
+        f"<b>{html.escape(summary['models']['judge'])}</b>.</p>",
+        _img(wtl_bars(summary), "wins ties losses"),
+        _table(rows, ["candidate", "benchmark", "wins", "ties", "losses", "CRR %"]),
+        "<h2>As in the paper</h2><pre>" + html.escape(markdown_table(summary)) + "</pre>",
+    ]
+    _write(FileSystems.join(run_dir, "report.html"),
+           _page("codeclm-beam evaluate report", sections))
+    return {"report": FileSystems.join(run_dir, "report.html")}
+
+
+def dataset_card(manifest: dict, num_examples: int) -> str:
+    options = manifest["options"]
+    acc = manifest["accounting"]
+    tailor = manifest.get("tailoring", {})
+    size = ("n<1K" if num_examples < 1000 else "1K<n<10K" if num_examples < 10_000
+            else "10K<n<100K" if num_examples < 100_000 else "100K<n<1M"
+            if num_examples < 1_000_000 else "n>1M")
+    return f"""---
+pretty_name: CodecLM synthetic instructions ({manifest['run_id']})
+language:
+- en
+license: other
+task_categories:
+- text-generation
+tags:
+- synthetic
+- instruction-tuning
+- codeclm
+size_categories:
+- {size}
+configs:
+- config_name: default
+  data_files: examples/*.jsonl
+---
+
+# CodecLM synthetic instruction data
+
+{num_examples} instruction–response pairs generated by codeclm-beam
+{manifest['code_version']}, an implementation of
+[CodecLM](https://arxiv.org/abs/2404.05875), tailored to the distribution of the seed
+instructions.
+
+## How it was made
+
+- Strong model (codec, answers, rubrics, improvements): `{manifest['models']['strong']}`
+- Target model: `{manifest['models']['target']}`
+- Judge: `{manifest['models']['judge']}`
+- Metadata pool: {acc['metadata_pool']['entries']} entries; {options.get('num_rubrics')}
+  rubrics each; up to {options.get('max_iterations')} iterations; threshold
+  {options.get('threshold')} on a {options.get('score_scale')}-point scale; seed
+  {options.get('seed')}.
+- Candidates: {acc['candidates']['basic_instructions']} basic instructions;
+  {acc['candidates']['kept']} kept by the gap rule,
+  {acc['candidates']['unresolved_after_last_round']} still within the threshold after
+  the last round ({'kept anyway' if options.get('keep_unresolved') else 'rejected'}),
+  {acc['candidates']['lost_to_dead_letters']} lost to errors (see `dead_letter/`).
+
+## Tailoring
+
+Jensen–Shannon divergence between the use cases of the seeds and of the kept examples:
+{tailor.get('use_case_js_divergence')} bits (0 = identical). Share of the seeds' skills
+found among the kept examples: {tailor.get('seed_skill_coverage')}.
+
+## Fields
+
+`instruction`, `response`, `response_source` (strong or target), `iteration`,
+`use_case`, `skills`, `actions_applied`, `strong_score`, `target_score`, `gap`,
+`strong_model`, `target_model`, `judge_model`.
+
+## Limitations
+
+Synthetic data inherits the strong model's errors, biases and blind spots, and the
+judge's: an LLM judge prefers long and confident answers and can be wrong. The data is
+tailored to the seed instructions; it is no better than they are at representing your
+users. Check a sample by hand before training, and evaluate the tuned model on held-out
+instructions (`codeclm-beam evaluate`). Respect the terms of use of the models that
+produced it.
+
+## Citation
+
+```bibtex
+{CITATION}
+```
+"""
+
+
+def _write(path: str, text: str) -> None:
+    with FileSystems.create(path) as f:
+        f.write(text.encode("utf-8"))
+
+
+def write_report(run_dir: str, prices: Optional[dict] = None) -> dict[str, Any]:
+    prices = {**DEFAULT_PRICES, **(prices or {})}
+    if FileSystems.exists(FileSystems.join(run_dir, "manifest.json")):
+        return generate_report(run_dir, prices)
+    if FileSystems.exists(FileSystems.join(run_dir, "summary.json")):
+        return evaluate_report(run_dir)
+    raise ValueError(f"{run_dir} holds neither a generate run (manifest.json) nor an "
+                     "evaluate run (summary.json)")
+
+
+def report_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="codeclm-beam report",
+                                     description="Write report.html for a run directory.")
+    parser.add_argument("run_dir")
+    parser.add_argument("--prices", default=None,
+                        help='JSON file: {"MODEL URI or prefix": {"input": USD per 1M '
+                             'tokens, "output": USD per 1M tokens}}')
+    args = parser.parse_args(argv)
+    prices = read_json(args.prices) if args.prices else None
+    result = write_report(args.run_dir, prices)
+    print(json.dumps(result, indent=2, default=str))
+    return 0

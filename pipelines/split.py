@@ -1,0 +1,74 @@
+"""`codeclm-beam split`: a benchmark file into a seed part and an evaluation part
+(default 20/80, seeded, stratified by category where the layout has one), as the paper
+did. Rows of the seed part are marked, and `evaluate` refuses them unless told to."""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import random
+from typing import Optional
+
+from apache_beam.io.filesystems import FileSystems
+
+from codeclm_beam.transforms.evaluate import SPLIT_MARKER
+from codeclm_beam.transforms.evaluate import benchmark_name
+from codeclm_beam.transforms.evaluate import detect_file_layout
+from codeclm_beam.transforms.read_seeds import RowError
+from codeclm_beam.transforms.read_seeds import _jsonl_rows
+
+
+def split_rows(rows: list[dict], category_field: Optional[str], seed_fraction: float,
+               seed: int) -> tuple[list[dict], list[dict]]:
+    by_category: dict[str, list[int]] = collections.defaultdict(list)
+    for index, row in enumerate(rows):
+        by_category[str(row.get(category_field)) if category_field else ""].append(index)
+    rng = random.Random(seed)
+    seed_indexes = set()
+    for category in sorted(by_category):
+        indexes = by_category[category]
+        rng.shuffle(indexes)
+        seed_indexes.update(indexes[:round(seed_fraction * len(indexes))])
+    seeds = [dict(rows[i], **{SPLIT_MARKER: "seeds"}) for i in sorted(seed_indexes)]
+    held_out = [dict(rows[i], **{SPLIT_MARKER: "eval"}) for i in range(len(rows))
+                if i not in seed_indexes]
+    return seeds, held_out
+
+
+def split_file(path: str, output_dir: str, seed_fraction: float = 0.2, seed: int = 0,
+               instruction_field: Optional[str] = None) -> dict:
+    layout = detect_file_layout(path, instruction_field)
+    with FileSystems.open(path) as handle:
+        rows = []
+        for source, row in _jsonl_rows(path, handle):
+            if isinstance(row, RowError) or not isinstance(row, dict):
+                raise ValueError(f"{source}: {row if isinstance(row, RowError) else 'not an object'}")
+            rows.append(row)
+    seeds, held_out = split_rows(rows, layout.category_field, seed_fraction, seed)
+    name = benchmark_name(path)
+    outputs = {"seeds": FileSystems.join(output_dir, f"{name}.seeds.jsonl"),
+               "eval": FileSystems.join(output_dir, f"{name}.eval.jsonl")}
+    for part, part_rows in (("seeds", seeds), ("eval", held_out)):
+        with FileSystems.create(outputs[part]) as f:
+            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n"
+                            for r in part_rows).encode("utf-8"))
+    return {"benchmark": name, "layout": layout.name, "rows": len(rows),
+            "seeds": len(seeds), "eval": len(held_out), "stratified_by":
+            layout.category_field if any(layout.category_field in r for r in rows)
+            else None, "files": outputs}
+
+
+def split_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="codeclm-beam split", description=__doc__)
+    parser.add_argument("benchmark", help="Benchmark JSONL file (local or gs://).")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--seed_fraction", type=float, default=0.2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--instruction_field", default=None)
+    args = parser.parse_args(argv)
+    if not 0 < args.seed_fraction < 1:
+        parser.error("--seed_fraction must lie between 0 and 1")
+    result = split_file(args.benchmark, args.output_dir, args.seed_fraction, args.seed,
+                        args.instruction_field)
+    print(json.dumps(result, indent=2))
+    return 0
