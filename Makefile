@@ -36,5 +36,10 @@ demo: $(VENV)/.installed-local
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest
 
+# Side-by-side measurements -> benchmarks/results/latest.{json,md}. BENCH_SCALE=0.3
+# for a quick run.
+bench: $(VENV)/.installed-dev
+	$(PY) benchmarks/run.py
+
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache

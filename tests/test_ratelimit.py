@@ -32,21 +32,53 @@ def assert_within_rate(times, capacity, rate_per_s, slack=0.05):
             (i, t - times[0])
 
 
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
 def test_bucket_reservations_follow_the_rate():
+    clock = FakeClock()
     bucket = TokenBucket(requests_per_minute=600, tokens_per_minute=None,
-                         burst_seconds=1.0)  # 10/s, capacity 10
+                         burst_seconds=1.0, clock=clock)  # capacity 10, 590/60 per s
     waits = [bucket.reserve(1) for _ in range(30)]
     assert waits[:10] == [0.0] * 10
-    assert abs(waits[-1] - 2.0) < 0.05
+    assert abs(waits[-1] - 20 / (590 / 60)) < 1e-9
+
+
+def test_no_sixty_second_window_exceeds_the_quota():
+    """A server counting requests over any 60 s window never sees more than the limit,
+    however greedy the callers."""
+    for limit in (60, 600, 5000):
+        clock = FakeClock()
+        bucket = TokenBucket(limit, None, burst_seconds=1.0, clock=clock)
+        sent = []
+        for _ in range(3 * limit):
+            wait = bucket.reserve(1)
+            sent.append(clock.now + wait)
+            clock.now += wait / 2  # callers arrive faster than they are let through
+        sent.sort()
+        j = 0
+        for i, t in enumerate(sent):
+            while sent[j] <= t - 60:
+                j += 1
+            assert i - j + 1 <= limit, (limit, i - j + 1)
+        # ...and it uses the quota: over three minutes, at least 95% of it.
+        assert len(sent) / ((sent[-1] - sent[0]) / 60) >= 0.95 * limit
 
 
 def test_token_quota_counts_tokens_not_requests():
+    clock = FakeClock()
     bucket = TokenBucket(requests_per_minute=None, tokens_per_minute=6000,
-                         burst_seconds=1.0)  # 100 tokens/s
+                         burst_seconds=1.0, clock=clock)  # capacity 100, 5900/60 per s
+    rate = 5900 / 60
     assert bucket.reserve(1, tokens=100) == 0.0
-    assert abs(bucket.reserve(1, tokens=200) - 2.0) < 0.05
+    assert abs(bucket.reserve(1, tokens=200) - 200 / rate) < 1e-9
     bucket.charge_tokens(100)  # completion tokens learnt after the call
-    assert 2.95 < bucket.reserve(1, tokens=1) < 3.1
+    assert abs(bucket.reserve(1, tokens=1) - 301 / rate) < 1e-9
 
 
 def make_requests(n, tag=""):

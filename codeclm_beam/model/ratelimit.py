@@ -38,11 +38,17 @@ class TokenBucket:
 
     `reserve` takes what a request needs now (the level may go negative: that debt is
     the queue) and returns how many seconds the caller must wait before sending, so
-    concurrent callers are served in arrival order at exactly the configured rate.
+    concurrent callers are served in arrival order.
+
+    Quotas are checked over any 60-second window, and a bucket lets through at most
+    `capacity + 60 * rate` in one: so the refill rate is `(limit - capacity) / 60`,
+    which keeps every window within the limit while a cold start still goes out at once.
     """
 
     def __init__(self, requests_per_minute: Optional[float],
-                 tokens_per_minute: Optional[float], burst_seconds: float = 1.0):
+                 tokens_per_minute: Optional[float], burst_seconds: float = 1.0,
+                 clock=time.monotonic):
+        self._clock = clock
         self._lock = threading.Lock()
         self._rates = {}  # kind -> per second
         self._capacity = {}
@@ -52,13 +58,13 @@ class TokenBucket:
             if per_minute:
                 if per_minute <= 0:
                     raise ValueError(f"{kind} per minute must be positive")
-                rate = per_minute / 60.0
-                self._rates[kind] = rate
-                # A bucket of `burst_seconds` of quota (at least one request) lets a
-                # cold start go out at once without bursting past a per-minute window.
-                self._capacity[kind] = max(1.0, rate * burst_seconds)
-                self._level[kind] = self._capacity[kind]
-        self._updated = time.monotonic()
+                # A bucket of `burst_seconds` of quota (at least one unit) lets a cold
+                # start go out at once.
+                capacity = min(per_minute / 2, max(1.0, per_minute / 60 * burst_seconds))
+                self._capacity[kind] = capacity
+                self._rates[kind] = (per_minute - capacity) / 60.0
+                self._level[kind] = capacity
+        self._updated = clock()
 
     def _refill(self, now: float) -> None:
         elapsed = now - self._updated
@@ -70,7 +76,7 @@ class TokenBucket:
     def reserve(self, requests: float = 1.0, tokens: float = 0.0) -> float:
         """Takes `requests` and `tokens` from the bucket; returns seconds to wait."""
         with self._lock:
-            now = time.monotonic()
+            now = self._clock()
             self._refill(now)
             wait = 0.0
             for kind, amount in (("requests", requests), ("tokens", tokens)):
@@ -85,7 +91,7 @@ class TokenBucket:
         requests wait for them."""
         if "tokens" in self._rates and tokens:
             with self._lock:
-                self._refill(time.monotonic())
+                self._refill(self._clock())
                 self._level["tokens"] -= tokens
 
 

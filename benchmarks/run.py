@@ -1,0 +1,291 @@
+"""`make bench`: side-by-side measurements in one run, written to
+benchmarks/results/latest.json and benchmarks/results/latest.md.
+
+Every figure is a ratio measured in this run against a baseline measured in the same
+run on the same machine, so the numbers travel between machines better than seconds do.
+BENCH_SCALE (default 1.0) scales the request counts; CI does not run this.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks.fake_model_server import FakeModelServer  # noqa: E402
+from benchmarks.fake_model_server import ServerConfig  # noqa: E402
+from codeclm_beam.model import ChatMessage  # noqa: E402
+from codeclm_beam.model import GenerationSettings  # noqa: E402
+from codeclm_beam.model import ModelClient  # noqa: E402
+from codeclm_beam.model import ModelConfig  # noqa: E402
+from codeclm_beam.model import ModelRequest  # noqa: E402
+from codeclm_beam.model import QuotaConfig  # noqa: E402
+
+SCALE = float(os.environ.get("BENCH_SCALE", "1.0"))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+
+
+def requests(n: int, tag: str, schema=None) -> list[ModelRequest]:
+    return [ModelRequest.create(f"{tag}{i}", [ChatMessage("user", f"Question {tag} {i}?")],
+                                GenerationSettings(0.7, 256, seed=i), schema)
+            for i in range(n)]
+
+
+def quota_use() -> dict[str, Any]:
+    """N requests through the model layer against a server enforcing Q RPM."""
+    quota_rpm, latency = 600, 0.3
+    n = int(700 * SCALE)
+    with FakeModelServer(ServerConfig(rpm=quota_rpm, latency_mean=latency)) as server:
+        client = ModelClient(ModelConfig(
+            uri=f"openai:strong@{server.base_url}/v1", max_concurrency=16,
+            quota=QuotaConfig(requests_per_minute=quota_rpm, run_id=f"bench{os.getpid()}")))
+        started = time.monotonic()
+        results = client.call_all(requests(n, "quota"))
+        wall = time.monotonic() - started
+        outcomes = server.outcomes()
+    sent = sum(outcomes.values())
+    ideal = max(n - quota_rpm / 60, 0) / (quota_rpm / 60) + latency  # burst of 1 s
+    return {"requests": n, "quota_rpm": quota_rpm, "latency_s": latency,
+            "achieved_rpm_over_quota": round(60 * n / wall / quota_rpm, 3),
+            "share_429": round(outcomes.get("throttled", 0) / sent, 4),
+            "wall_over_ideal": round(wall / ideal, 3),
+            "answered": sum(1 for r in results if not hasattr(r, "error_class"))}
+
+
+def codeclm_shaped() -> dict[str, Any]:
+    """An answer, a second answer, two judge calls per item: this project's model layer
+    (concurrent, quota-aware) against a plain sequential loop, same server and quota."""
+    quota_rpm, latency, items = 1200, 0.3, int(60 * SCALE)
+    judge_schema = {"type": "object", "properties": {
+        "assistant_1_score": {"type": "integer", "enum": list(range(1, 11))},
+        "assistant_2_score": {"type": "integer", "enum": list(range(1, 11))}},
+        "required": ["assistant_1_score", "assistant_2_score"]}
+    out = {}
+    for name in ("codeclm_beam", "sequential_loop"):
+        with FakeModelServer(ServerConfig(rpm=quota_rpm, latency_mean=latency)) as server:
+            config = ModelConfig(uri=f"openai:strong@{server.base_url}/v1",
+                                 max_concurrency=16 if name == "codeclm_beam" else 1,
+                                 quota=QuotaConfig(requests_per_minute=quota_rpm,
+                                                   run_id=f"shaped{name}{os.getpid()}"))
+            client = ModelClient(config)
+            started = time.monotonic()
+            work = (requests(items, "a") + requests(items, "b")
+                    + requests(2 * items, "j", judge_schema))
+            results = (client.call_all(work) if name == "codeclm_beam"
+                       else [client.call(r) for r in work])
+            wall = time.monotonic() - started
+            sent = sum(server.outcomes().values())
+        out[name] = {"items": items, "wall_s": round(wall, 2),
+                     "requests_per_item": round(sent / items, 3),
+                     "failed": sum(1 for r in results if hasattr(r, "error_class"))}
+    out["speedup_over_sequential"] = round(out["sequential_loop"]["wall_s"]
+                                           / out["codeclm_beam"]["wall_s"], 2)
+    out["peers"] = ("distilabel and bespokelabs-curator are not measured yet (see "
+                    "README, Benchmarks)")
+    return out
+
+
+def overhead() -> dict[str, Any]:
+    """Items per second through `generate` on the DirectRunner against an instant
+    server, versus a bare asyncio client sending the same number of requests."""
+    from codeclm_beam.pipelines.generate import run
+    with tempfile.TemporaryDirectory() as tmp, FakeModelServer(ServerConfig(
+            accept_rate=0.7)) as server:
+        seeds = os.path.join(tmp, "seeds.jsonl")
+        with open(seeds, "w") as f:
+            for i in range(int(100 * SCALE)):
+                f.write(json.dumps({"instruction": f"Seed instruction {i} about topic {i % 7}"})
+                        + "\n")
+        started = time.monotonic()
+        run(["--seeds", seeds, "--output_dir", os.path.join(tmp, "out"), "--no_cache",
+             "--no_report", "--strong_model", f"openai:strong@{server.base_url}/v1",
+             "--target_model", f"openai:target@{server.base_url}/v1",
+             "--num_metadata", "20", "--num_instructions", str(int(100 * SCALE)),
+             "--num_examples", str(int(100 * SCALE)), "--max_concurrency", "16"])
+        pipeline_wall = time.monotonic() - started
+        sent = len(server.log)
+        bodies = [{"model": "strong", "messages": [
+            {"role": "user", "content": f"Question {i}?"}]} for i in range(sent)]
+
+        async def bare():
+            import httpx
+            limits = httpx.Limits(max_connections=16)
+            async with httpx.AsyncClient(base_url=server.base_url, limits=limits) as c:
+                gate = asyncio.Semaphore(16)
+
+                async def one(body):
+                    async with gate:
+                        r = await c.post("/v1/chat/completions", json=body)
+                        r.json()
+                await asyncio.gather(*(one(b) for b in bodies))
+
+        started = time.monotonic()
+        asyncio.run(bare())
+        bare_wall = time.monotonic() - started
+    return {"requests": sent, "pipeline_requests_per_s": round(sent / pipeline_wall, 1),
+            "bare_asyncio_requests_per_s": round(sent / bare_wall, 1),
+            "pipeline_over_bare_throughput": round(bare_wall / pipeline_wall, 3)}
+
+
+def embedded() -> dict[str, Any]:
+    """Generated tokens per second through the model layer in a Beam pipeline versus
+    direct llama-cpp-python calls on the same prompts."""
+    import apache_beam as beam
+    from apache_beam.ml.inference.base import RunInference
+    from codeclm_beam.model import CodecLMModelHandler
+    from codeclm_beam.model.uri import ModelSpec
+    from llama_cpp import Llama
+
+    prompts = [f"Write two sentences about topic number {i}." for i in range(int(8 * SCALE))]
+    work = [ModelRequest.create(f"e{i}", [ChatMessage("user", p)],
+                                GenerationSettings(0.7, 96, seed=i))
+            for i, p in enumerate(prompts)]
+    model = Llama(model_path=ModelSpec.parse("llamacpp:smollm2-135m").gguf_path(),
+                  n_ctx=4096, n_threads=os.cpu_count(), verbose=False)
+    started, direct_tokens = time.monotonic(), 0
+    for i, p in enumerate(prompts):
+        out = model.create_chat_completion(messages=[{"role": "user", "content": p}],
+                                           temperature=0.7, max_tokens=96, seed=i)
+        direct_tokens += out["usage"]["completion_tokens"]
+    direct_rate = direct_tokens / (time.monotonic() - started)
+    model.close()
+    with tempfile.TemporaryDirectory() as tmp:
+        tokens_file = os.path.join(tmp, "tokens")
+        started = time.monotonic()
+        with beam.Pipeline() as p:
+            (p | beam.Create(work)
+             | RunInference(CodecLMModelHandler(ModelConfig(), "bench"))
+             | beam.Map(lambda pr: pr.inference.completion_tokens)
+             | beam.CombineGlobally(sum)
+             | beam.io.WriteToText(tokens_file, num_shards=1, shard_name_template=""))
+        wall = time.monotonic() - started
+        pipeline_tokens = int(open(tokens_file).read())
+    pipeline_rate = pipeline_tokens / wall
+    return {"prompts": len(prompts), "direct_tokens_per_s": round(direct_rate, 1),
+            "pipeline_tokens_per_s": round(pipeline_rate, 1),
+            "pipeline_over_direct": round(pipeline_rate / direct_rate, 3),
+            "note": "pipeline wall time includes loading the model and Beam start-up"}
+
+
+def memory() -> dict[str, Any]:
+    """Peak RSS of `generate` (a fresh process each) on growing seed files against an
+    instant server; everything after encoding is held small so the seeds dominate."""
+    sizes = [int(s * SCALE) for s in (1_000, 10_000)] + (
+        [int(100_000 * SCALE)] if os.environ.get("BENCH_MEMORY_100K") else [])
+    out = {}
+    with FakeModelServer(ServerConfig(accept_rate=1.0)) as server:
+        for size in sizes:
+            with tempfile.TemporaryDirectory() as tmp:
+                seeds = os.path.join(tmp, "seeds.jsonl")
+                with open(seeds, "w") as f:
+                    for i in range(size):
+                        f.write(json.dumps({"instruction": f"Seed {i}: explain idea {i}"})
+                                + "\n")
+                code = ("import resource,sys; from codeclm_beam.pipelines.generate import "
+                        "run; run(sys.argv[1:]); print(resource.getrusage("
+                        "resource.RUSAGE_SELF).ru_maxrss)")
+                started = time.monotonic()
+                proc = subprocess.run(
+                    [sys.executable, "-c", code, "--seeds", seeds, "--output_dir",
+                     os.path.join(tmp, "out"), "--no_cache", "--no_report",
+                     "--strong_model", f"openai:strong@{server.base_url}/v1",
+                     "--target_model", f"openai:target@{server.base_url}/v1",
+                     "--num_metadata", "20", "--num_instructions", "20",
+                     "--num_examples", "20", "--max_concurrency", "32"],
+                    capture_output=True, text=True, cwd=ROOT, check=True)
+                out[str(size)] = {"peak_rss_mb": round(int(
+                    proc.stdout.strip().splitlines()[-1]) / 1024, 1),
+                    "wall_s": round(time.monotonic() - started, 1)}
+    keys = list(out)
+    out["rss_growth_over_input_growth"] = round(
+        (out[keys[-1]]["peak_rss_mb"] / out[keys[0]]["peak_rss_mb"])
+        / (int(keys[-1]) / int(keys[0])), 4)
+    return out
+
+
+def calls_against_budget() -> dict[str, Any]:
+    """Model calls per stage against the method's formula, then a cached re-run."""
+    from codeclm_beam.pipelines.generate import run
+    with tempfile.TemporaryDirectory() as tmp, FakeModelServer(ServerConfig(
+            accept_rate=0.6)) as server:
+        seeds = os.path.join(tmp, "seeds.jsonl")
+        with open(seeds, "w") as f:
+            for i in range(20):
+                f.write(json.dumps({"instruction": f"Seed instruction {i}"}) + "\n")
+        argv = ["--seeds", seeds, "--output_dir", os.path.join(tmp, "out"),
+                "--cache_dir", os.path.join(tmp, "cache"), "--no_report",
+                "--strong_model", f"openai:strong@{server.base_url}/v1",
+                "--target_model", f"openai:target@{server.base_url}/v1",
+                "--num_metadata", "10", "--num_instructions", "50", "--num_examples", "1000"]
+        manifest = run(argv)
+        first = len(server.log)
+        run(argv)
+        second = len(server.log) - first
+    acc = manifest["accounting"]
+    rounds = acc["candidates"]["rounds"]
+    formula = (acc["seeds"]["seeds"] + 2 * acc["metadata_pool"]["entries"]
+               + sum(4 * r["candidates"] for r in rounds)
+               + sum(r["candidates"] for r in rounds[1:]))
+    kept = acc["candidates"]["kept"]
+    return {"calls": first, "budget_formula": formula,
+            "calls_over_formula": round(first / formula, 4),
+            "kept_pairs": kept, "calls_per_kept_pair": round(first / max(kept, 1), 2),
+            "calls_on_cached_rerun": second}
+
+
+def markdown(results: dict) -> str:
+    q, s, o = results["quota_use"], results["codeclm_shaped"], results["overhead"]
+    lines = ["| benchmark | figure | value |", "| --- | --- | --- |",
+             f"| quota use | achieved RPM / quota | {q['achieved_rpm_over_quota']} |",
+             f"| quota use | share of 429s | {q['share_429']} |",
+             f"| quota use | wall / ideal wall | {q['wall_over_ideal']} |",
+             f"| CodecLM workload | codeclm-beam wall (s) | {s['codeclm_beam']['wall_s']} |",
+             f"| CodecLM workload | sequential loop wall (s) | {s['sequential_loop']['wall_s']} |",
+             f"| CodecLM workload | requests per item (codeclm-beam) | {s['codeclm_beam']['requests_per_item']} |",
+             f"| CodecLM workload | speed-up over sequential | {s['speedup_over_sequential']} |",
+             f"| overhead | pipeline / bare asyncio throughput | {o['pipeline_over_bare_throughput']} |"]
+    if "embedded" in results:
+        e = results["embedded"]
+        lines.append(f"| embedded model | pipeline / direct tokens per s | {e['pipeline_over_direct']} |")
+    if "memory" in results:
+        m = results["memory"]
+        lines.append(f"| memory | RSS growth / input growth | {m['rss_growth_over_input_growth']} |")
+    c = results["calls"]
+    lines += [f"| calls | calls / budget formula | {c['calls_over_formula']} |",
+              f"| calls | calls per kept pair | {c['calls_per_kept_pair']} |",
+              f"| calls | calls on a cached re-run | {c['calls_on_cached_rerun']} |"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    os.makedirs(RESULTS, exist_ok=True)
+    results: dict[str, Any] = {"scale": SCALE, "cpus": os.cpu_count(),
+                               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    steps = [("quota_use", quota_use), ("codeclm_shaped", codeclm_shaped),
+             ("overhead", overhead), ("calls", calls_against_budget),
+             ("memory", memory), ("embedded", embedded)]
+    only = set(filter(None, os.environ.get("BENCH_ONLY", "").split(",")))
+    for name, step in steps:
+        if only and name not in only:
+            continue
+        print(f"bench: {name} ...", flush=True)
+        results[name] = step()
+        print(json.dumps(results[name], indent=1), flush=True)
+    with open(os.path.join(RESULTS, "latest.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    if not only:
+        with open(os.path.join(RESULTS, "latest.md"), "w") as f:
+            f.write(markdown(results))
+        print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
