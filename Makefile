@@ -38,7 +38,14 @@ test: $(VENV)/.installed-dev
 
 # Side-by-side measurements -> benchmarks/results/latest.{json,md}. BENCH_SCALE=0.3
 # for a quick run.
-bench: $(VENV)/.installed-dev
+PEERS := benchmarks/.venv-peers
+$(PEERS)/.installed: benchmarks/peers/requirements.txt
+	$(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install --quiet -r benchmarks/peers/requirements.txt
+	$(PEERS)/bin/python benchmarks/peers/setup_tiktoken_cache.py benchmarks/.tiktoken-cache
+	touch $@
+
+bench: $(VENV)/.installed-dev $(PEERS)/.installed
 	$(PY) benchmarks/run.py
 
 clean:

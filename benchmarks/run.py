@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -88,8 +87,31 @@ def codeclm_shaped() -> dict[str, Any]:
                      "failed": sum(1 for r in results if hasattr(r, "error_class"))}
     out["speedup_over_sequential"] = round(out["sequential_loop"]["wall_s"]
                                            / out["codeclm_beam"]["wall_s"], 2)
-    out["peers"] = ("distilabel and bespokelabs-curator are not measured yet (see "
-                    "README, Benchmarks)")
+    peers_python = os.path.join(ROOT, "benchmarks", ".venv-peers", "bin", "python")
+    for peer in ("distilabel", "curator"):
+        if not os.path.exists(peers_python):
+            out[peer] = "not measured: run `make bench` to create benchmarks/.venv-peers"
+            continue
+        with FakeModelServer(ServerConfig(rpm=quota_rpm, latency_mean=latency)) as server:
+            proc = subprocess.run(
+                [peers_python, os.path.join(ROOT, "benchmarks", "peers", "workload.py"),
+                 "--peer", peer, "--base_url", f"{server.base_url}/v1",
+                 "--items", str(items), "--rpm", str(quota_rpm)],
+                capture_output=True, text=True, timeout=1800, env={
+                    "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                    "HOME": tempfile.mkdtemp(),
+                    "TIKTOKEN_CACHE_DIR": os.path.join(ROOT, "benchmarks",
+                                                       ".tiktoken-cache")})
+            sent = sum(server.outcomes().values())
+            throttled = server.outcomes().get("throttled", 0)
+        if proc.returncode:
+            out[peer] = {"error": proc.stderr[-800:]}
+            continue
+        report = json.loads(proc.stdout.strip().splitlines()[-1])
+        out[peer] = {"items": items, "wall_s": report["wall_s"],
+                     "completed_items": report["completed_items"],
+                     "requests_per_item": round(sent / max(report["completed_items"], 1), 3),
+                     "share_429": round(throttled / max(sent, 1), 4)}
     return out
 
 
@@ -251,6 +273,10 @@ def markdown(results: dict) -> str:
              f"| CodecLM workload | sequential loop wall (s) | {s['sequential_loop']['wall_s']} |",
              f"| CodecLM workload | requests per item (codeclm-beam) | {s['codeclm_beam']['requests_per_item']} |",
              f"| CodecLM workload | speed-up over sequential | {s['speedup_over_sequential']} |",
+             *[f"| CodecLM workload | {peer} wall (s) / requests per item | "
+               f"{s[peer]['wall_s']} / {s[peer]['requests_per_item']} |"
+               for peer in ("distilabel", "curator") if isinstance(s.get(peer), dict)
+               and "wall_s" in s[peer]],
              f"| overhead | pipeline / bare asyncio throughput | {o['pipeline_over_bare_throughput']} |"]
     if "embedded" in results:
         e = results["embedded"]
