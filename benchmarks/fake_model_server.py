@@ -108,6 +108,9 @@ class FakeModelServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # Headers and body go out as separate writes; with Nagle's algorithm on,
+            # the client's delayed ACK adds ~40 ms to every keep-alive request.
+            disable_nagle_algorithm = True
 
             def do_POST(self):
                 server._handle(self)
@@ -189,8 +192,7 @@ class FakeModelServer:
         if wait is not None:
             return self._send(handler, 429, {"error": {
                 "code": 429, "message": "quota exceeded", "status": "RESOURCE_EXHAUSTED"}},
-                "throttled", headers={"retry-after": str(math.ceil(wait))},
-                api=request["api"])
+                "throttled", headers={"retry-after": str(math.ceil(wait))})
         # Faults are drawn per delivery, answers per request content: a retried request
         # meets a new draw of faults but gets the same answer.
         with self._lock:
@@ -207,7 +209,7 @@ class FakeModelServer:
                      "status": "INTERNAL" if status == 500 else "UNAVAILABLE"}
             if self.config.echo_headers_in_errors:
                 error["message"] += f"; request headers: {dict(handler.headers)}"
-            return self._send(handler, status, {"error": error}, fault, api=request["api"])
+            return self._send(handler, status, {"error": error}, fault)
         if fault == "hang":
             time.sleep(self.config.hang_seconds)
             self._record(outcome=fault, status=None, latency=time.monotonic() - started)
@@ -301,7 +303,7 @@ class FakeModelServer:
                                   "candidatesTokenCount": completion_tokens,
                                   "totalTokenCount": prompt_tokens + completion_tokens}}
 
-    def _send(self, handler, status, payload, outcome, headers=None, api=None):
+    def _send(self, handler, status, payload, outcome, headers=None):
         self._send_bytes(handler, status, json.dumps(payload).encode(), outcome,
                          headers=headers)
 

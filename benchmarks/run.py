@@ -200,8 +200,7 @@ def embedded() -> dict[str, Any]:
 def memory() -> dict[str, Any]:
     """Peak RSS of `generate` (a fresh process each) on growing seed files against an
     instant server; everything after encoding is held small so the seeds dominate."""
-    sizes = [int(s * SCALE) for s in (1_000, 10_000)] + (
-        [int(100_000 * SCALE)] if os.environ.get("BENCH_MEMORY_100K") else [])
+    sizes = [int(s * SCALE) for s in (1_000, 10_000, 100_000)]
     out = {}
     with FakeModelServer(ServerConfig(accept_rate=1.0)) as server:
         for size in sizes:
