@@ -292,21 +292,26 @@ def markdown(results: dict) -> str:
 
 def main() -> None:
     os.makedirs(RESULTS, exist_ok=True)
-    results: dict[str, Any] = {"scale": SCALE, "cpus": os.cpu_count(),
-                               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    only = set(filter(None, os.environ.get("BENCH_ONLY", "").split(",")))
+    latest = os.path.join(RESULTS, "latest.json")
+    results: dict[str, Any] = {}
+    if only and os.path.exists(latest):
+        with open(latest) as f:
+            results = json.load(f)  # re-measure some steps, keep the others
+    results.update({"scale": SCALE, "cpus": os.cpu_count(),
+                    "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     steps = [("quota_use", quota_use), ("codeclm_shaped", codeclm_shaped),
              ("overhead", overhead), ("calls", calls_against_budget),
              ("memory", memory), ("embedded", embedded)]
-    only = set(filter(None, os.environ.get("BENCH_ONLY", "").split(",")))
     for name, step in steps:
         if only and name not in only:
             continue
         print(f"bench: {name} ...", flush=True)
         results[name] = step()
         print(json.dumps(results[name], indent=1), flush=True)
-    with open(os.path.join(RESULTS, "latest.json"), "w") as f:
+    with open(latest, "w") as f:
         json.dump(results, f, indent=2)
-    if not only:
+    if all(name in results for name, _ in steps):
         with open(os.path.join(RESULTS, "latest.md"), "w") as f:
             f.write(markdown(results))
         print(markdown(results))
