@@ -46,10 +46,15 @@ class StageSpec:
     # The answer's JSON schema; a callable when it depends on the record (a count).
     # None asks for free text.
     schema: Union[None, dict, Callable[[Any], dict]] = None
-    settings: GenerationSettings = GenerationSettings()
+    # Generation settings; a callable when the output length depends on the record.
+    settings: Union[GenerationSettings, Callable[[Any], GenerationSettings]] = (
+        GenerationSettings())
 
     def schema_for(self, record) -> Optional[dict]:
         return self.schema(record) if callable(self.schema) else self.schema
+
+    def settings_for(self, record) -> GenerationSettings:
+        return self.settings(record) if callable(self.settings) else self.settings
 
 
 class StageOutput(NamedTuple):
@@ -75,7 +80,7 @@ class _BuildRequest(beam.DoFn):
             record_id = spec.record_id(record)
             messages = spec.prompt(record)
             settings = dataclasses.replace(
-                spec.settings, seed=derive_seed(self._run_seed, spec.name, record_id))
+                spec.settings_for(record), seed=derive_seed(self._run_seed, spec.name, record_id))
             request = ModelRequest.create(record_id, messages, settings,
                                            spec.schema_for(record))
         except Exception as e:

@@ -51,6 +51,7 @@ class ScriptedBackend(Backend):
     def _log(self, kind, request):
         line = json.dumps({"kind": kind, "role": self.role, "pid": os.getpid(),
                            "time": time.time(), "id": request.request_id,
+                           "max_output_tokens": request.settings.max_output_tokens,
                            "key": request.cache_key("scripted")})
         with self._lock, open(os.path.join(self.log_dir, f"calls-{os.getpid()}.jsonl"),
                               "a") as f:

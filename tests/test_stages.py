@@ -16,10 +16,12 @@ from codeclm_beam.transforms import DecodeInstructions
 from codeclm_beam.transforms import EncodeMetadata
 from codeclm_beam.transforms import GenerateRubrics
 from codeclm_beam.transforms import ImproveInstructions
+from codeclm_beam.transforms.decode import TOKENS_PER_INSTRUCTION
 from codeclm_beam.transforms.encode import make_metadata
 from codeclm_beam.transforms.encode import normalize_skills
 from codeclm_beam.transforms.metadata_pool import build_metadata_pool
 from tests.helpers import scripted_models
+from tests.scripted_backend import read_calls
 
 
 @pytest.fixture
@@ -100,6 +102,19 @@ def test_decode_splits_instructions_equally(models):
         assert_that(out.output | beam.Map(lambda c: (c.metadata_id, c.iteration))
                     | beam.combiners.Count.PerElement(),
                     equal_to([((f"m{i}", 1), 3) for i in range(3)]))
+
+
+def test_decode_output_limit_grows_with_the_count(tmp_path, models):
+    # 12 instructions in one answer need more than the 1024-token floor; a fixed limit
+    # would truncate the JSON into a parse failure on a real model.
+    pool = [Metadata("m0", "use case", ("python",), "seed")]
+    with TestPipeline() as p:
+        out = (p | beam.Create(pool)
+               | DecodeInstructions(models["strong"], 12, max_output_tokens=1024))
+        assert_that(out.output | beam.combiners.Count.Globally(), equal_to([12]))
+    limits = [c["max_output_tokens"] for c in read_calls(tmp_path / "calls")
+              if c["kind"] == "decode"]
+    assert limits == [12 * TOKENS_PER_INSTRUCTION]
 
 
 def candidate(i, **kw):

@@ -74,6 +74,17 @@ def parse_instructions(task: DecodeTask, data: dict) -> list[Candidate]:
     return candidates
 
 
+# An instruction rarely needs more than this many tokens; decode's output limit is
+# at least this times the count, so a large count is not truncated into a parse failure.
+TOKENS_PER_INSTRUCTION = 256
+
+
+def decode_settings(temperature: float, max_output_tokens: int, count: int
+                    ) -> GenerationSettings:
+    return GenerationSettings(temperature,
+                              max(max_output_tokens, TOKENS_PER_INSTRUCTION * count))
+
+
 def instructions_per_entry(num_instructions: int, pool_size: int) -> int:
     return math.ceil(num_instructions / pool_size) if pool_size else 0
 
@@ -95,7 +106,8 @@ class DecodeInstructions(beam.PTransform):
             parse=parse_instructions,
             record_id=lambda task: task.metadata.metadata_id,
             schema=lambda task: decode_schema(task.count),
-            settings=GenerationSettings(temperature, max_output_tokens))
+            settings=lambda task: decode_settings(temperature, max_output_tokens,
+                                                  task.count))
         self._model = model
         self._run_seed = run_seed
 
