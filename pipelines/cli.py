@@ -118,13 +118,18 @@ def report(argv: list[str]) -> int:
     return report_command(argv)
 
 
+def plan(argv: list[str]) -> int:
+    from codeclm_beam.pipelines.plan import plan_command
+    return plan_command(argv)
+
+
 def jobs(argv: list[str]) -> int:
     from codeclm_beam.pipelines.jobs import jobs_command
     return jobs_command(argv)
 
 
 COMMANDS = {"generate": generate, "evaluate": evaluate, "split": split,
-            "report": report, "jobs": jobs}
+            "report": report, "plan": plan, "jobs": jobs}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -138,6 +143,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                              "evaluate: CRR against a reference model; "
                              "split: a benchmark into seed and eval parts; "
                              "report: report.html and dataset card of a run; "
+                             "plan: calls, tokens and cost of a large run from a "
+                             "pilot; "
                              "jobs: list, status or cancel Dataflow jobs")
     if not argv or argv[0] in ("-h", "--help", "--version"):
         parser.parse_args(argv or ["--help"])

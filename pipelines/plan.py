@@ -1,0 +1,269 @@
+"""`codeclm-beam plan PILOT_RUN`: what a large run will cost, before paying for it.
+
+A small pilot run with the models you mean to use measures what the method leaves open:
+the share of candidates kept in each round, the tokens per call of each stage and the
+re-asks per call. The plan scales those to `--num_examples` through the method's call
+budget (the same rule `generate` follows: each round improves no more candidates than
+are still needed), and prices the result with the report's price table.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from typing import Any
+from typing import Optional
+
+from apache_beam.io.filesystems import FileSystems
+
+from codeclm_beam.pipelines.outputs import read_json
+from codeclm_beam.pipelines.report import DEFAULT_PRICES
+from codeclm_beam.pipelines.report import price_of
+from codeclm_beam.transforms.decode import instructions_per_entry
+
+# Calls each candidate costs in a round: strong answer, target answer, two judge calls;
+# rounds after the first add the improve call that made the candidate.
+ROUND_CALLS = {"answer_strong": 1, "answer_target": 1, "judge": 2}
+# One decode call writes all of an entry's instructions; past this many, long JSON
+# answers start to fail or repeat themselves, so the plan says to grow the pool instead.
+MAX_SENSIBLE_PER_ENTRY = 20
+# Fewer candidates than this in the pilot's first round make its acceptance a guess.
+MIN_PILOT_CANDIDATES = 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Pilot:
+    """What a finished generate run measured."""
+    accept_by_round: tuple[float, ...]   # kept / candidates, per round
+    seeds: int
+    num_metadata: int
+    basic_instructions: int
+    max_iterations: int
+    keep_unresolved: bool
+    overgenerate_margin: int
+    by_stage: dict  # manifest["model_calls"]["by_stage"]
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> "Pilot":
+        cand = manifest["accounting"]["candidates"]
+        options = manifest["options"]
+        rates, last = [], None
+        for r in cand["rounds"]:
+            if r["candidates"]:
+                last = r["kept"] / r["candidates"]
+            rates.append(last)
+        if last is None:
+            raise ValueError("the pilot run judged no candidate; run it on more seeds")
+        # A round the pilot never reached takes the rate of the last round it did.
+        first_known = next(rate for rate in rates if rate is not None)
+        filled, previous = [], first_known
+        for rate in rates:
+            previous = previous if rate is None else rate
+            filled.append(previous)
+        seeds = manifest["accounting"]["seeds"]
+        return cls(tuple(filled), int(seeds.get("seeds", seeds.get("encoded", 0))),
+                   int(manifest["accounting"]["metadata_pool"]["entries"]),
+                   int(cand["basic_instructions"]), int(options["max_iterations"]),
+                   bool(options.get("keep_unresolved")),
+                   int(options.get("overgenerate_margin") or 0),
+                   manifest["model_calls"]["by_stage"])
+
+
+def simulate_rounds(accept: tuple[float, ...], basic: float, wanted: float, margin: int,
+                    keep_unresolved: bool) -> tuple[list[float], float]:
+    """Expected candidates judged in each round, and the pairs written, under the rule
+    `generate` follows: a round improves no more candidates than are still needed."""
+    rounds, kept, remaining = [], 0.0, float(basic)
+    for rate in accept:
+        if remaining <= 0:
+            break
+        rounds.append(remaining)
+        kept += remaining * rate
+        missing = wanted - kept
+        # As transforms.codeclm.still_needed: the margin only while pairs are missing.
+        remaining = min(remaining * (1 - rate), missing + margin if missing > 0 else 0.0)
+    ran_every_round = len(rounds) == len(accept)
+    unresolved = rounds[-1] * (1 - accept[-1]) if keep_unresolved and ran_every_round else 0
+    return rounds, min(float(wanted), kept + unresolved)
+
+
+def basic_instructions_needed(accept: tuple[float, ...], wanted: int, margin: int,
+                              keep_unresolved: bool) -> Optional[int]:
+    """The fewest basic instructions whose expected pairs reach `wanted` (within half a
+    pair), or None when no number does. Later rounds only refill what is still missing
+    (plus the margin), so with no margin the first round must carry most of the load."""
+    def enough(basic: int) -> bool:
+        return simulate_rounds(accept, basic, wanted, margin, keep_unresolved)[1] \
+            >= wanted - 0.5
+    # Past `high` more basic instructions change nothing: round 1 alone fills the set,
+    # or (nothing kept in round 1) later rounds are capped at wanted + margin anyway.
+    high = math.ceil(wanted / accept[0]) if accept[0] > 0 else wanted + margin
+    high = max(high, wanted)
+    if not enough(high):
+        return None
+    low = 1
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if enough(middle) else (middle + 1, high)
+    return low
+
+
+def project_stages(by_stage: dict, elements: dict[str, float],
+                   completion_scale: dict[str, float], prices: dict
+                   ) -> tuple[list[dict], dict[str, dict]]:
+    """Requests, tokens and cost per stage and model at the planned element counts,
+    at the pilot's requests per element and tokens per request."""
+    stages, per_model = [], {}
+    for stage, n in elements.items():
+        for model, measured in by_stage.get(stage, {}).get("models", {}).items():
+            done = measured["elements"] or 1
+            requests = n * measured["requests"] / done  # re-asks and retries included
+            per_request = max(measured["requests"], 1)
+            prompt = requests * measured["prompt_tokens"] / per_request
+            completion = (requests * measured["completion_tokens"] / per_request
+                          * completion_scale.get(stage, 1.0))
+            price = price_of(model, prices)
+            cost = (None if price is None else
+                    (prompt * price["input"] + completion * price["output"]) / 1e6)
+            stages.append({"stage": stage, "model": model, "requests": round(requests),
+                           "prompt_tokens": round(prompt),
+                           "completion_tokens": round(completion),
+                           "cost_usd": None if cost is None else round(cost, 2)})
+            total = per_model.setdefault(model, {"requests": 0.0, "tokens": 0.0})
+            total["requests"] += requests
+            total["tokens"] += prompt + completion
+    return stages, per_model
+
+
+def plan(pilot: Pilot, num_examples: int, num_instructions: Optional[int] = None,
+         num_seeds: Optional[int] = None, num_metadata: Optional[int] = None,
+         prices: Optional[dict] = None, requests_per_minute: Optional[float] = None,
+         tokens_per_minute: Optional[float] = None,
+         overgenerate_margin: Optional[int] = None) -> dict[str, Any]:
+    prices = {**DEFAULT_PRICES, **(prices or {})}
+    accept = pilot.accept_by_round[:pilot.max_iterations]
+    margin = pilot.overgenerate_margin if overgenerate_margin is None else overgenerate_margin
+    warnings = []
+    needed = basic_instructions_needed(accept, num_examples, margin, pilot.keep_unresolved)
+    if num_instructions is None:
+        num_instructions = num_examples if needed is None else needed
+    seeds = pilot.seeds if num_seeds is None else num_seeds
+    entries = pilot.num_metadata if num_metadata is None else num_metadata
+    rounds, expected_pairs = simulate_rounds(accept, num_instructions, num_examples,
+                                             margin, pilot.keep_unresolved)
+    if expected_pairs < num_examples - 0.5:
+        warnings.append(
+            f"expected pairs ({expected_pairs:,.0f}) fall short of --num_examples; "
+            + ("at the pilot's acceptance no number of basic instructions reaches it: "
+               "raise --overgenerate_margin, or change the models or --threshold"
+               if needed is None else f"ask for --num_instructions {needed:,}"))
+    pilot_count = instructions_per_entry(pilot.basic_instructions, pilot.num_metadata)
+    planned_count = instructions_per_entry(num_instructions, entries)
+    elements = {"encode": seeds, "rubrics": entries, "decode": entries,
+                "improve": sum(rounds[1:]),
+                **{stage: n * sum(rounds) for stage, n in ROUND_CALLS.items()}}
+    completion_scale = {"decode": planned_count / pilot_count if pilot_count else 1.0}
+    if planned_count > MAX_SENSIBLE_PER_ENTRY:
+        warnings.append(f"decode must write {planned_count:,} instructions per metadata "
+                        f"entry in one call; raise --num_metadata to at least "
+                        f"{math.ceil(num_instructions / MAX_SENSIBLE_PER_ENTRY):,}")
+    if pilot.basic_instructions < MIN_PILOT_CANDIDATES:
+        warnings.append(f"the pilot judged {pilot.basic_instructions} basic instructions; "
+                        f"acceptance measured on fewer than {MIN_PILOT_CANDIDATES} is a "
+                        "rough guess")
+
+    stages, per_model = project_stages(pilot.by_stage, elements, completion_scale, prices)
+    costs = [s["cost_usd"] for s in stages]
+    minutes = [0.0]
+    for total in per_model.values():
+        if requests_per_minute:
+            minutes.append(total["requests"] / requests_per_minute)
+        if tokens_per_minute:
+            minutes.append(total["tokens"] / tokens_per_minute)
+    fixed = seeds + 2 * entries
+    return {
+        "num_examples": num_examples,
+        "num_instructions": num_instructions,
+        "overgenerate_margin": margin,
+        "expected_pairs": round(expected_pairs),
+        "pilot_accept_by_round": [round(rate, 4) for rate in accept],
+        "candidates_by_round": [round(n) for n in rounds],
+        "calls_bounds": {
+            # Every candidate kept in round 1, and every candidate run through all rounds.
+            "all_kept_in_round_1": fixed + 4 * num_instructions,
+            "all_rounds_for_every_candidate": fixed + num_instructions * (
+                4 + 5 * (pilot.max_iterations - 1)),
+        },
+        "stages": stages,
+        "total_requests": sum(s["requests"] for s in stages),
+        "total_tokens": sum(s["prompt_tokens"] + s["completion_tokens"] for s in stages),
+        "cost_usd": None if None in costs else round(sum(costs), 2),
+        "quota_bound_hours": (round(max(minutes) / 60, 2)
+                              if requests_per_minute or tokens_per_minute else None),
+        "warnings": warnings,
+    }
+
+
+def render(result: dict) -> str:
+    lines = [
+        f"plan for {result['num_examples']:,} kept pairs: ask for "
+        f"--num_instructions {result['num_instructions']:,} --overgenerate_margin "
+        f"{result['overgenerate_margin']:,} "
+        f"(expected pairs {result['expected_pairs']:,})",
+        f"  pilot acceptance by round: {result['pilot_accept_by_round']}",
+        f"  candidates by round: {result['candidates_by_round']}",
+        f"  {'stage':<14}{'model':<34}{'requests':>14}{'prompt tok':>16}"
+        f"{'completion tok':>16}{'USD':>12}",
+    ]
+    for s in result["stages"]:
+        cost = "unknown" if s["cost_usd"] is None else f"{s['cost_usd']:,.2f}"
+        lines.append(f"  {s['stage']:<14}{s['model'][:33]:<34}{s['requests']:>14,}"
+                     f"{s['prompt_tokens']:>16,}{s['completion_tokens']:>16,}{cost:>12}")
+    bounds = result["calls_bounds"]
+    cost = "unknown" if result["cost_usd"] is None else f"${result['cost_usd']:,.2f}"
+    lines += [
+        f"  total: {result['total_requests']:,} requests, {result['total_tokens']:,} "
+        f"tokens, {cost}",
+        f"  budget formula bounds (first attempts): {bounds['all_kept_in_round_1']:,} "
+        "calls (all kept in "
+        f"round 1) to {bounds['all_rounds_for_every_candidate']:,} (every candidate "
+        "through every round)",
+    ]
+    if result["quota_bound_hours"] is not None:
+        lines.append(f"  quota-bound wall time: {result['quota_bound_hours']:,} h")
+    lines += [f"  warning: {warning}" for warning in result["warnings"]]
+    return "\n".join(lines)
+
+
+def plan_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="codeclm-beam plan",
+        description="Project calls, tokens, cost and quota-bound wall time of a large "
+                    "generate run from a small pilot run with the same models.")
+    parser.add_argument("pilot_run", help="output_dir of a finished generate run")
+    parser.add_argument("--num_examples", type=int, required=True)
+    parser.add_argument("--num_instructions", type=int, default=None,
+                        help="Default: enough for --num_examples at the pilot's "
+                             "acceptance.")
+    parser.add_argument("--num_seeds", type=int, default=None,
+                        help="Seeds of the large run (default: the pilot's).")
+    parser.add_argument("--num_metadata", type=int, default=None,
+                        help="Pool size of the large run (default: the pilot's).")
+    parser.add_argument("--overgenerate_margin", type=int, default=None,
+                        help="Of the large run (default: the pilot's). A margin lets "
+                             "later rounds make up for candidates still undecided.")
+    parser.add_argument("--max_requests_per_minute", type=float, default=None)
+    parser.add_argument("--max_tokens_per_minute", type=float, default=None)
+    parser.add_argument("--prices", default=None,
+                        help='JSON file: {"MODEL URI or prefix": {"input": USD per 1M '
+                             'tokens, "output": USD per 1M tokens}}')
+    parser.add_argument("--json", action="store_true", help="Print the plan as JSON.")
+    args = parser.parse_args(argv)
+    pilot = Pilot.from_manifest(read_json(FileSystems.join(args.pilot_run, "manifest.json")))
+    result = plan(pilot, args.num_examples, args.num_instructions, args.num_seeds,
+                  args.num_metadata, read_json(args.prices) if args.prices else None,
+                  args.max_requests_per_minute, args.max_tokens_per_minute,
+                  args.overgenerate_margin)
+    print(json.dumps(result, indent=2) if args.json else render(result))
+    return 0
