@@ -74,6 +74,8 @@ def _summary(manifest: dict) -> str:
     lines.append(f"  outputs: {manifest['outputs']['examples']} (and rejected/, "
                  "dead_letter/, seed_metadata/, metadata_pool/, rubrics/, manifest.json "
                  "beside it)")
+    lines.append(f"  to cost a larger run from this one: codeclm-beam plan "
+                 f"{manifest['options']['output_dir']} --num_examples N")
     return "\n".join(lines)
 
 

@@ -30,6 +30,8 @@ ROUND_CALLS = {"answer_strong": 1, "answer_target": 1, "judge": 2}
 MAX_SENSIBLE_PER_ENTRY = 20
 # Fewer candidates than this in the pilot's first round make its acceptance a guess.
 MIN_PILOT_CANDIDATES = 30
+# A margin no round can exhaust.
+EVERY_UNDECIDED = 2 ** 62
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +43,6 @@ class Pilot:
     basic_instructions: int
     max_iterations: int
     keep_unresolved: bool
-    overgenerate_margin: int
     by_stage: dict  # manifest["model_calls"]["by_stage"]
 
     @classmethod
@@ -66,7 +67,6 @@ class Pilot:
                    int(manifest["accounting"]["metadata_pool"]["entries"]),
                    int(cand["basic_instructions"]), int(options["max_iterations"]),
                    bool(options.get("keep_unresolved")),
-                   int(options.get("overgenerate_margin") or 0),
                    manifest["model_calls"]["by_stage"])
 
 
@@ -143,9 +143,19 @@ def plan(pilot: Pilot, num_examples: int, num_instructions: Optional[int] = None
          overgenerate_margin: Optional[int] = None) -> dict[str, Any]:
     prices = {**DEFAULT_PRICES, **(prices or {})}
     accept = pilot.accept_by_round[:pilot.max_iterations]
-    margin = pilot.overgenerate_margin if overgenerate_margin is None else overgenerate_margin
     warnings = []
-    needed = basic_instructions_needed(accept, num_examples, margin, pilot.keep_unresolved)
+    if overgenerate_margin is None:
+        # The method's mix: every candidate still undecided after a round is improved,
+        # so the rubric rounds yield their harder instructions. The largest undecided
+        # count is round 2's, so a margin of that size never cuts a round short.
+        needed = basic_instructions_needed(accept, num_examples, EVERY_UNDECIDED,
+                                           pilot.keep_unresolved)
+        basic = num_instructions or needed or num_examples
+        margin = math.ceil(basic * (1 - accept[0]))
+    else:
+        margin = overgenerate_margin
+        needed = basic_instructions_needed(accept, num_examples, margin,
+                                           pilot.keep_unresolved)
     if num_instructions is None:
         num_instructions = num_examples if needed is None else needed
     seeds = pilot.seeds if num_seeds is None else num_seeds
@@ -251,8 +261,10 @@ def plan_command(argv: list[str]) -> int:
     parser.add_argument("--num_metadata", type=int, default=None,
                         help="Pool size of the large run (default: the pilot's).")
     parser.add_argument("--overgenerate_margin", type=int, default=None,
-                        help="Of the large run (default: the pilot's). A margin lets "
-                             "later rounds make up for candidates still undecided.")
+                        help="Of the large run. Default: large enough that every "
+                             "undecided candidate is improved (the method's mix); 0 "
+                             "makes round 1 carry the load and keeps few improved "
+                             "instructions.")
     parser.add_argument("--max_requests_per_minute", type=float, default=None)
     parser.add_argument("--max_tokens_per_minute", type=float, default=None)
     parser.add_argument("--prices", default=None,

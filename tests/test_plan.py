@@ -86,13 +86,20 @@ def test_plan_scales_to_a_large_run_within_the_budget_bounds(mixed_pilot):
     assert result["warnings"] == []
 
 
-def test_a_margin_lets_later_rounds_make_up_the_difference(mixed_pilot):
+def test_by_default_every_undecided_candidate_is_improved(mixed_pilot):
     pilot = Pilot.from_manifest(mixed_pilot[1])
-    without = plan(pilot, num_examples=100_000, num_metadata=10_000)
-    with_margin = plan(pilot, num_examples=100_000, num_metadata=10_000,
-                       overgenerate_margin=50_000)
-    assert with_margin["num_instructions"] < without["num_instructions"]
-    assert with_margin["expected_pairs"] >= 99_999
+    q1 = 1 - pilot.accept_by_round[0]
+    method_mix = plan(pilot, num_examples=100_000, num_metadata=10_000)
+    rounds = method_mix["candidates_by_round"]
+    assert rounds[1] == pytest.approx(rounds[0] * q1, abs=1)
+    assert method_mix["expected_pairs"] >= 99_999
+    # Margin 0: later rounds only refill what is missing, so more basic instructions
+    # are needed and almost none of the pairs come from improved instructions.
+    no_margin = plan(pilot, num_examples=100_000, num_metadata=10_000,
+                     overgenerate_margin=0)
+    assert no_margin["num_instructions"] > method_mix["num_instructions"]
+    assert sum(no_margin["candidates_by_round"][1:]) < 0.01 * sum(rounds[1:])
+    assert no_margin["expected_pairs"] >= 99_999
 
 
 def test_plan_follows_the_early_stop_of_num_examples(tmp_path):
@@ -105,7 +112,7 @@ def test_plan_follows_the_early_stop_of_num_examples(tmp_path):
         "--num_instructions", "16", "--num_examples", "5", "--overgenerate_margin", "1",
         "--no_report"))
     result = plan(Pilot.from_manifest(manifest), num_examples=5, num_instructions=16,
-                  num_seeds=6, num_metadata=8)
+                  num_seeds=6, num_metadata=8, overgenerate_margin=1)
     assert result["candidates_by_round"] == [16, 6, 6, 6]
     assert planned_requests(result) == stage_requests(manifest)
     assert result["expected_pairs"] == 0
