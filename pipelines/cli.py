@@ -130,6 +130,15 @@ def jobs(argv: list[str]) -> int:
     return jobs_command(argv)
 
 
+class _BeamResourceNoise(logging.Filter):
+    """Beam 2.77's inference module imports `resource` in one try-block with its
+    ModelManager, which needs torch; without torch it decides `resource` is missing and
+    warns at every model load, even on Linux. The warning says nothing about the run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Resource module is not available")
+
+
 COMMANDS = {"generate": generate, "evaluate": evaluate, "split": split,
             "report": report, "plan": plan, "jobs": jobs}
 
@@ -155,6 +164,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if command not in COMMANDS:
         parser.error(f"unknown command {command!r}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_BeamResourceNoise())
     return COMMANDS[command](rest)
 
 

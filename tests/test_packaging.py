@@ -8,6 +8,9 @@ import zipfile
 import pytest
 
 from codeclm_beam.pipelines.cli import main
+from tests.helpers import generate_args
+from tests.helpers import scripted_models
+from tests.helpers import write_seeds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,3 +57,18 @@ def test_cli_refuses_a_bad_model_uri_early(tmp_path):
     with pytest.raises(ValueError, match="not BACKEND:MODEL"):
         main(["generate", "--seeds", "x.jsonl", "--output_dir", str(tmp_path),
               "--strong_model", "gpt4"])
+
+
+def test_cli_generate_prints_its_summary_without_beam_noise(tmp_path):
+    models = scripted_models(tmp_path, "strong_wins")
+    seeds = write_seeds(tmp_path / "seeds.jsonl", 3)
+    script = os.path.join(os.path.dirname(sys.executable), "codeclm-beam")
+    done = subprocess.run(
+        [script, "generate", *generate_args(tmp_path, models, seeds, tmp_path / "out",
+                                             "--num_metadata", "3", "--no_report")],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": ROOT})  # the scripted backend lives in tests/
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "accounting balanced: True" in done.stdout
+    assert "codeclm-beam plan" in done.stdout
+    assert "Resource module is not available" not in done.stderr
