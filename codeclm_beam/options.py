@@ -3,6 +3,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import uuid
 from typing import Optional
 
@@ -73,6 +74,15 @@ class RunOptions(PipelineOptions):
                            help="Where outputs go (local or gs://).")
         group.add_argument("--no_report", action="store_true", default=False,
                            help="Do not write report.html and the dataset card.")
+
+
+def option_actions(*views: type[PipelineOptions]) -> list[argparse.Action]:
+    """The flags these option classes define, as argparse actions, in order: what the
+    manifest records and the Flex Template declares."""
+    parser = argparse.ArgumentParser(add_help=False)
+    for view in views:
+        view._add_argparse_args(parser)
+    return list(parser._actions)
 
 
 def num_vms(options: PipelineOptions) -> int:

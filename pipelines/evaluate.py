@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import datetime
 import time
 import uuid
 from typing import Any, Optional
@@ -18,14 +17,13 @@ from codeclm_beam.options import ModelOptions
 from codeclm_beam.options import RunOptions
 from codeclm_beam.options import model_configs
 from codeclm_beam.pipelines import manifest as manifest_lib
-from codeclm_beam.pipelines.outputs import CountDeadLettersByStage
+from codeclm_beam.pipelines.outputs import WriteDeadLetters
 from codeclm_beam.pipelines.outputs import WriteJsonl
 from codeclm_beam.pipelines.outputs import read_jsonl_dir
-from codeclm_beam.pipelines.outputs import clear_outputs
 from codeclm_beam.pipelines.outputs import write_json
+from codeclm_beam.pipelines.outputs import write_text
 from codeclm_beam.transforms.evaluate import JudgeAgainstReference
 from codeclm_beam.transforms.evaluate import ReadBenchmarks
-from codeclm_beam.version import __version__
 
 OUTCOMES = ("win", "tie", "loss")
 
@@ -159,9 +157,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions) -> Evaluat
         candidates, reference, judge, run_seed=model_opts.seed)
     judged.output | "WriteJudgements" >> WriteJsonl(output_dir, "judgements")
     ((items.dead_letter, judged.dead_letter)
-     | "AllDeadLetters" >> beam.Flatten()
-     | "CountDeadLetters" >> CountDeadLettersByStage()
-     | "WriteDeadLetters" >> WriteJsonl(output_dir, "dead_letter"))
+     | "WriteDeadLetters" >> WriteDeadLetters(output_dir))
     return EvaluatePlan(read, [c.spec.uri for c in candidates], reference.spec.uri,
                         judge.spec.uri, run_id)
 
@@ -174,22 +170,18 @@ def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = N
     started = time.time()
     pipeline = beam.Pipeline(options=options)
     plan = build_pipeline(pipeline, options)
-    if not options.get_all_options().get("dry_run"):
-        clear_outputs(output_dir, ("judgements", "dead_letter"))
-    result = pipeline.run()
-    if options.get_all_options().get("dry_run") or not wait:
-        return {"tool": "codeclm-beam evaluate", "run_id": plan.run_id, "submitted": False}
-    result.wait_until_finish()
+    result, not_finished = manifest_lib.run_pipeline(
+        pipeline, options, output_dir, ("judgements", "dead_letter"),
+        "codeclm-beam evaluate", plan.run_id, wait)
+    if not_finished:
+        return not_finished
 
     judgements = read_jsonl_dir(FileSystems.join(output_dir, "judgements"))
     summary = summarize(judgements, plan.candidates, opts.bootstrap_samples,
                         options.view_as(ModelOptions).seed)
     counters = manifest_lib.collect_counters(result)
     summary.update({
-        "tool": "codeclm-beam evaluate", "code_version": __version__,
-        "run_id": plan.run_id,
-        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "wall_time_seconds": round(time.time() - started, 2),
+        **manifest_lib.run_header("codeclm-beam evaluate", plan.run_id, started),
         "layouts": plan.read.layouts,
         "models": {"candidates": plan.candidates, "reference": plan.reference,
                    "judge": plan.judge},
@@ -197,8 +189,8 @@ def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = N
         "dead_letters_by_stage": counters.get("codeclm/dead_letter", {}),
     })
     write_json(FileSystems.join(output_dir, "summary.json"), summary)
-    with FileSystems.create(FileSystems.join(output_dir, "crr.md")) as f:
-        f.write(markdown_table(summary).encode("utf-8"))
+    write_text(FileSystems.join(output_dir, "crr.md"), markdown_table(summary),
+               "text/markdown")
     if not options.view_as(RunOptions).no_report:
         from codeclm_beam.pipelines.report import write_report
         summary["report"] = write_report(output_dir)["report"]

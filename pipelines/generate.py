@@ -1,8 +1,6 @@
 """`codeclm-beam generate`: seeds (or metadata) in, tailored instruction data out."""
 from __future__ import annotations
 
-import argparse
-import datetime
 import logging
 import time
 import uuid
@@ -16,6 +14,7 @@ from apache_beam.options.pipeline_options import StandardOptions
 from codeclm_beam.options import ModelOptions
 from codeclm_beam.options import RunOptions
 from codeclm_beam.options import model_configs
+from codeclm_beam.options import option_actions
 from codeclm_beam.records import Example
 from codeclm_beam.stage import Tally
 from codeclm_beam.transforms import CodecLM
@@ -23,14 +22,12 @@ from codeclm_beam.transforms import CodecLMConfig
 from codeclm_beam.transforms import ReadMetadata
 from codeclm_beam.transforms import ReadSeeds
 from codeclm_beam.transforms.read_seeds import DEFAULT_MAX_CHARS
-from codeclm_beam.version import __version__
 from codeclm_beam.pipelines import manifest as manifest_lib
 from codeclm_beam.pipelines.outputs import EXPORT_FORMATS
-from codeclm_beam.pipelines.outputs import CountDeadLettersByStage
 from codeclm_beam.pipelines.outputs import WriteAvro
+from codeclm_beam.pipelines.outputs import WriteDeadLetters
 from codeclm_beam.pipelines.outputs import WriteExports
 from codeclm_beam.pipelines.outputs import WriteJsonl
-from codeclm_beam.pipelines.outputs import clear_outputs
 from codeclm_beam.pipelines.outputs import write_json
 
 _LOG = logging.getLogger(__name__)
@@ -122,10 +119,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
     result.seed_metadata | "WriteSeedMetadata" >> WriteJsonl(out, "seed_metadata")
     result.metadata_pool | "WriteMetadataPool" >> WriteJsonl(out, "metadata_pool")
     result.rubrics | "WriteRubrics" >> WriteJsonl(out, "rubrics")
-    ((read.dead_letter, result.dead_letter)
-     | "AllDeadLetters" >> beam.Flatten()
-     | "CountDeadLetters" >> CountDeadLettersByStage()
-     | "WriteDeadLetters" >> WriteJsonl(out, "dead_letter"))
+    (read.dead_letter, result.dead_letter) | "WriteDeadLetters" >> WriteDeadLetters(out)
     if opts.export_format:
         result.examples | "Export" >> WriteExports(out, opts.export_format)
 
@@ -134,17 +128,11 @@ def public_options(options: PipelineOptions) -> dict[str, Any]:
     """The options worth recording. Nothing secret is an option: keys and tokens are
     read from the environment by backends and never pass through here."""
     all_options = options.get_all_options(drop_default=False)
-    names = (_own_option_names(GenerateOptions) | _own_option_names(ModelOptions)
-             | _own_option_names(RunOptions))
+    names = {action.dest for action in option_actions(GenerateOptions, ModelOptions,
+                                                       RunOptions)}
     recorded = {name: all_options.get(name) for name in sorted(names)}
     recorded["runner"] = options.view_as(StandardOptions).runner or "DirectRunner"
     return recorded
-
-
-def _own_option_names(view) -> set[str]:
-    parser = argparse.ArgumentParser()
-    view._add_argparse_args(parser)
-    return {action.dest for action in parser._actions if action.dest != "help"}
 
 
 def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = None,
@@ -158,21 +146,14 @@ def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = N
     started = time.time()
     pipeline = beam.Pipeline(options=options)
     build_pipeline(pipeline, options, config)
-    if not options.get_all_options().get("dry_run"):
-        clear_outputs(output_dir, OUTPUT_FOLDERS)
-    result = pipeline.run()
-    if options.get_all_options().get("dry_run") or not wait:
-        # A Dataflow dry run builds and validates the whole job but submits nothing.
-        return {"tool": "codeclm-beam generate", "run_id": run_id, "submitted": False,
-                "job": str(getattr(result, "job_id", lambda: None)() or result)}
-    result.wait_until_finish()
+    result, not_finished = manifest_lib.run_pipeline(
+        pipeline, options, output_dir, OUTPUT_FOLDERS, "codeclm-beam generate", run_id,
+        wait)
+    if not_finished:
+        return not_finished
     counters = manifest_lib.collect_counters(result)
     manifest = {
-        "tool": "codeclm-beam generate",
-        "code_version": __version__,
-        "run_id": run_id,
-        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "wall_time_seconds": round(time.time() - started, 2),
+        **manifest_lib.run_header("codeclm-beam generate", run_id, started),
         "models": {"strong": config.strong.spec.uri, "target": config.target.spec.uri,
                    "judge": config.judge.spec.uri},
         "options": public_options(options),

@@ -6,14 +6,48 @@ manifest works on any runner that reports committed or attempted counters.
 from __future__ import annotations
 
 import collections
+import datetime
+import time
 from typing import Any
+from typing import Iterable
+from typing import Optional
 
+import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions
 
 from codeclm_beam.model.handler import StageMetrics
+from codeclm_beam.pipelines.outputs import clear_outputs
+from codeclm_beam.version import __version__
 
 MODEL_STAGES = ("encode", "rubrics", "decode", "answer_strong", "answer_target", "judge",
                 "improve")
+
+
+def run_pipeline(pipeline: beam.Pipeline, options: PipelineOptions, output_dir: str,
+                 output_folders: Iterable[str], tool: str, run_id: str,
+                 wait: bool = True) -> tuple[Any, Optional[dict[str, Any]]]:
+    """Runs a built pipeline into `output_dir`: (the finished result, None), or, when
+    nothing finishes here (a dry run, or a launch that does not wait), (the result, what
+    to return instead)."""
+    dry_run = bool(options.get_all_options().get("dry_run"))
+    if not dry_run:
+        clear_outputs(output_dir, output_folders)
+    result = pipeline.run()
+    if dry_run or not wait:
+        # A Dataflow dry run builds and validates the whole job but submits nothing.
+        job_id = getattr(result, "job_id", None)
+        return result, {"tool": tool, "run_id": run_id, "submitted": not dry_run,
+                        "job": str((job_id() if callable(job_id) else None) or result)}
+    result.wait_until_finish()
+    return result, None
+
+
+def run_header(tool: str, run_id: str, started: float) -> dict[str, Any]:
+    """What ran and when: the first fields of a manifest or summary."""
+    return {"tool": tool, "code_version": __version__, "run_id": run_id,
+            "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "wall_time_seconds": round(time.time() - started, 2)}
 
 
 def collect_counters(result) -> dict[str, dict[str, int]]:
@@ -44,7 +78,7 @@ def model_calls(counters: dict) -> dict[str, Any]:
     totals = collections.Counter()
     for entry in stages.values():
         for numbers in entry["models"].values():
-            totals.update({k: v for k, v in numbers.items()})
+            totals.update(numbers)
     return {"by_stage": stages, "totals": dict(totals)}
 
 

@@ -3,6 +3,7 @@
     OUTPUT_DIR/examples/examples-*.jsonl, examples-*.avro
     OUTPUT_DIR/rejected/rejected-*.jsonl
     OUTPUT_DIR/dead_letter/dead_letter-*.jsonl
+    OUTPUT_DIR/seed_metadata/seed_metadata-*.jsonl
     OUTPUT_DIR/metadata_pool/metadata_pool-*.jsonl
     OUTPUT_DIR/rubrics/rubrics-*.jsonl
     OUTPUT_DIR/export/{vertex,openai}-*.jsonl, alpaca.json   (with --export_format)
@@ -106,14 +107,29 @@ class _CountDeadLetters(beam.DoFn):
         yield dead_letter
 
 
-class CountDeadLettersByStage(beam.PTransform):
+class WriteDeadLetters(beam.PTransform):
+    """Every stage's dead letters, as a tuple of PCollections, into one folder, counted
+    by stage for the manifest's accounting."""
+
+    def __init__(self, output_dir: str):
+        super().__init__()
+        self._output_dir = output_dir
+
     def expand(self, dead_letters):
-        return dead_letters | beam.ParDo(_CountDeadLetters())
+        return (dead_letters
+                | "All" >> beam.Flatten()
+                | "CountByStage" >> beam.ParDo(_CountDeadLetters())
+                | "Write" >> WriteJsonl(self._output_dir, "dead_letter"))
+
+
+def write_text(path: str, text: str, mime_type: str = "text/plain") -> None:
+    with FileSystems.create(path, mime_type=mime_type) as f:
+        f.write(text.encode("utf-8"))
 
 
 def write_json(path: str, value: Any) -> None:
-    with FileSystems.create(path, mime_type="application/json") as f:
-        f.write(json.dumps(value, indent=2, ensure_ascii=False, default=str).encode("utf-8"))
+    write_text(path, json.dumps(value, indent=2, ensure_ascii=False, default=str),
+               "application/json")
 
 
 def read_json(path: str) -> Any:

@@ -17,6 +17,7 @@ from apache_beam.io.filesystems import FileSystems
 from codeclm_beam.pipelines.outputs import read_json
 from codeclm_beam.pipelines.outputs import read_jsonl_dir
 from codeclm_beam.pipelines.outputs import write_json
+from codeclm_beam.pipelines.outputs import write_text
 
 # USD per million tokens (input, output). Estimates to replace with your contract's
 # prices: pass --prices FILE with {"MODEL URI or prefix": {"input": x, "output": y}}.
@@ -304,9 +305,10 @@ def generate_report(run_dir: str, prices: dict) -> dict[str, Any]:
         _pairs(rejected, ["instruction", "reason", "iteration", "strong_score",
                           "target_score", "gap"]),
     ]
-    _write(FileSystems.join(run_dir, "report.html"),
-           _page("codeclm-beam generate report", sections))
-    _write(FileSystems.join(run_dir, "README.md"), dataset_card(manifest, len(examples)))
+    write_text(FileSystems.join(run_dir, "report.html"),
+               _page("codeclm-beam generate report", sections), "text/html")
+    write_text(FileSystems.join(run_dir, "README.md"),
+               dataset_card(manifest, len(examples)), "text/markdown")
     return {"report": FileSystems.join(run_dir, "report.html"), "tailoring": tailor,
             "estimated_cost_usd": cost}
 
@@ -327,8 +329,8 @@ def evaluate_report(run_dir: str) -> dict[str, Any]:
         _table(rows, ["candidate", "benchmark", "wins", "ties", "losses", "CRR %"]),
         "<h2>As in the paper</h2><pre>" + html.escape(markdown_table(summary)) + "</pre>",
     ]
-    _write(FileSystems.join(run_dir, "report.html"),
-           _page("codeclm-beam evaluate report", sections))
+    write_text(FileSystems.join(run_dir, "report.html"),
+               _page("codeclm-beam evaluate report", sections), "text/html")
     return {"report": FileSystems.join(run_dir, "report.html")}
 
 
@@ -406,11 +408,6 @@ produced it.
 {CITATION}
 ```
 """
-
-
-def _write(path: str, text: str) -> None:
-    with FileSystems.create(path) as f:
-        f.write(text.encode("utf-8"))
 
 
 def write_report(run_dir: str, prices: Optional[dict] = None) -> dict[str, Any]:

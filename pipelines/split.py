@@ -11,6 +11,7 @@ from typing import Optional
 
 from apache_beam.io.filesystems import FileSystems
 
+from codeclm_beam.pipelines.outputs import write_text
 from codeclm_beam.transforms.evaluate import SPLIT_MARKER
 from codeclm_beam.transforms.evaluate import benchmark_name
 from codeclm_beam.transforms.evaluate import detect_file_layout
@@ -49,9 +50,8 @@ def split_file(path: str, output_dir: str, seed_fraction: float = 0.2, seed: int
     outputs = {"seeds": FileSystems.join(output_dir, f"{name}.seeds.jsonl"),
                "eval": FileSystems.join(output_dir, f"{name}.eval.jsonl")}
     for part, part_rows in (("seeds", seeds), ("eval", held_out)):
-        with FileSystems.create(outputs[part]) as f:
-            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n"
-                            for r in part_rows).encode("utf-8"))
+        write_text(outputs[part], "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                          for r in part_rows), "application/jsonl")
     return {"benchmark": name, "layout": layout.name, "rows": len(rows),
             "seeds": len(seeds), "eval": len(held_out), "stratified_by":
             layout.category_field if any(layout.category_field in r for r in rows)

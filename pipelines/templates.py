@@ -10,33 +10,30 @@ import json
 
 from codeclm_beam.options import ModelOptions
 from codeclm_beam.options import RunOptions
+from codeclm_beam.options import option_actions
 from codeclm_beam.pipelines.generate import GenerateOptions
 
 # Parameters a Dataflow launch must give; everything else has a default.
 REQUIRED = {"output_dir"}
+OPTION_VIEWS = (GenerateOptions, RunOptions, ModelOptions)
 
 
 def flex_template_metadata() -> dict:
     parameters = []
-    for view in (GenerateOptions, RunOptions, ModelOptions):
-        parser = argparse.ArgumentParser()
-        view._add_argparse_args(parser)
-        for action in parser._actions:
-            if action.dest == "help":
-                continue
-            help_text = action.help or action.dest.replace("_", " ")
-            if action.default not in (None, [], False, "") and not isinstance(
-                    action, argparse._StoreTrueAction):
-                help_text += f" Default: {action.default}."
-            if action.choices:
-                help_text += f" One of: {', '.join(map(str, action.choices))}."
-            parameter = {"name": action.dest,
-                         "label": action.dest.replace("_", " ").capitalize(),
-                         "helpText": help_text,
-                         "isOptional": action.dest not in REQUIRED}
-            if isinstance(action, argparse._StoreTrueAction):
-                parameter["regexes"] = ["^(true|false)$"]
-            parameters.append(parameter)
+    for action in option_actions(*OPTION_VIEWS):
+        help_text = action.help or action.dest.replace("_", " ")
+        if action.default not in (None, [], False, "") and not isinstance(
+                action, argparse._StoreTrueAction):
+            help_text += f" Default: {action.default}."
+        if action.choices:
+            help_text += f" One of: {', '.join(map(str, action.choices))}."
+        parameter = {"name": action.dest,
+                     "label": action.dest.replace("_", " ").capitalize(),
+                     "helpText": help_text,
+                     "isOptional": action.dest not in REQUIRED}
+        if isinstance(action, argparse._StoreTrueAction):
+            parameter["regexes"] = ["^(true|false)$"]
+        parameters.append(parameter)
     return {
         "name": "codeclm-beam generate",
         "description": "CodecLM: tailored synthetic instruction-response pairs from seed "
@@ -46,21 +43,12 @@ def flex_template_metadata() -> dict:
     }
 
 
-def _store_true_flags() -> set[str]:
-    flags = set()
-    for view in (GenerateOptions, RunOptions, ModelOptions):
-        parser = argparse.ArgumentParser()
-        view._add_argparse_args(parser)
-        flags.update(a.dest for a in parser._actions
-                     if isinstance(a, argparse._StoreTrueAction))
-    return flags
-
-
 def launcher_argv(argv: list[str]) -> list[str]:
     """Flex Templates pass every parameter as --name=value, booleans as "true"/"false";
     our switches take no value, so "--keep_unresolved=true" becomes the bare flag and
     "=false" drops it."""
-    switches = _store_true_flags()
+    switches = {action.dest for action in option_actions(*OPTION_VIEWS)
+                if isinstance(action, argparse._StoreTrueAction)}
     out = []
     for arg in argv:
         name, eq, value = arg.partition("=")

@@ -85,3 +85,19 @@ def test_evaluate_passes_a_dataflow_dry_run_with_its_stages():
                   "JudgeAgainstReference/Candidate0/Judge",
                   "JudgeAgainstReference/Candidate1/Judge", "WriteJudgements"):
         assert any(n == stage or n.startswith(stage + "/") for n in names), stage
+
+
+def test_a_launch_that_does_not_wait_reports_the_job_as_submitted(tmp_path):
+    # The Flex Template launcher runs generate with wait=False: the job is submitted
+    # and the caller must not be told otherwise. Here the DirectRunner stands in.
+    from codeclm_beam.pipelines.manifest import run_pipeline
+    (tmp_path / "out" / "examples").mkdir(parents=True)
+    (tmp_path / "out" / "examples" / "stale.jsonl").write_text("{}\n")
+    pipeline = beam.Pipeline(options=PipelineOptions([]))
+    _ = pipeline | beam.Create([1])
+    result, returned = run_pipeline(pipeline, PipelineOptions([]), str(tmp_path / "out"),
+                                    ["examples"], "codeclm-beam generate", "r1",
+                                    wait=False)
+    assert returned["submitted"] is True and returned["run_id"] == "r1"
+    assert not (tmp_path / "out" / "examples" / "stale.jsonl").exists()
+    result.wait_until_finish()
