@@ -53,17 +53,12 @@ class Pilot:
         for r in cand["rounds"]:
             if r["candidates"]:
                 last = r["kept"] / r["candidates"]
+            # A round the pilot never reached takes the rate of the last round it did.
             rates.append(last)
-        if last is None:
+        if not rates or rates[0] is None:
             raise ValueError("the pilot run judged no candidate; run it on more seeds")
-        # A round the pilot never reached takes the rate of the last round it did.
-        first_known = next(rate for rate in rates if rate is not None)
-        filled, previous = [], first_known
-        for rate in rates:
-            previous = previous if rate is None else rate
-            filled.append(previous)
         seeds = manifest["accounting"]["seeds"]
-        return cls(tuple(filled), int(seeds.get("seeds", seeds.get("encoded", 0))),
+        return cls(tuple(rates), int(seeds.get("seeds", seeds.get("encoded", 0))),
                    int(manifest["accounting"]["metadata_pool"]["entries"]),
                    int(cand["basic_instructions"]), int(options["max_iterations"]),
                    bool(options.get("keep_unresolved")),

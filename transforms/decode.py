@@ -8,7 +8,6 @@ schema.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 
 import apache_beam as beam
@@ -18,6 +17,7 @@ from codeclm_beam.model import GenerationSettings
 from codeclm_beam.model import ModelConfig
 from codeclm_beam.records import Candidate
 from codeclm_beam.records import Metadata
+from codeclm_beam.records import content_id
 from codeclm_beam.stage import CallModel
 from codeclm_beam.stage import StageOutput
 from codeclm_beam.stage import StageSpec
@@ -59,7 +59,7 @@ def decode_prompt(task: DecodeTask) -> list[ChatMessage]:
 
 
 def candidate_id(metadata_id: str, index: int) -> str:
-    return "c" + hashlib.sha256(f"{metadata_id}/{index}".encode()).hexdigest()[:15]
+    return content_id("c", f"{metadata_id}/{index}")
 
 
 def parse_instructions(task: DecodeTask, data: dict) -> list[Candidate]:

@@ -6,7 +6,6 @@ normalised (case, whitespace, and never "skill"/"knowledge" standing as a skill)
 """
 from __future__ import annotations
 
-import hashlib
 import re
 from typing import Iterable
 
@@ -17,6 +16,7 @@ from codeclm_beam.model import GenerationSettings
 from codeclm_beam.model import ModelConfig
 from codeclm_beam.records import Metadata
 from codeclm_beam.records import Seed
+from codeclm_beam.records import content_id
 from codeclm_beam.stage import CallModel
 from codeclm_beam.stage import StageOutput
 from codeclm_beam.stage import StageSpec
@@ -91,7 +91,7 @@ def normalize_skills(skills: Iterable[str], max_skills: int) -> tuple[str, ...]:
 
 def metadata_id(use_case: str, skills: tuple[str, ...]) -> str:
     key = use_case + "\x1f" + "\x1f".join(sorted(skills))
-    return "m" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:15]
+    return content_id("m", key)
 
 
 def make_metadata(use_case: str, skills: Iterable[str], origin: str, max_skills: int,

@@ -12,7 +12,6 @@ CRR = (wins + ties) / total.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Optional
 
@@ -25,6 +24,7 @@ from codeclm_beam.model import ModelConfig
 from codeclm_beam.records import DeadLetter
 from codeclm_beam.stage import DEAD_LETTER
 from codeclm_beam.stage import CallModel
+from codeclm_beam.stage import StageOutput
 from codeclm_beam.stage import StageSpec
 from codeclm_beam.transforms.contrastive_filter import answer_prompt
 from codeclm_beam.transforms.contrastive_filter import judge_schema
@@ -100,9 +100,9 @@ def benchmark_name(path: str) -> str:
     return os.path.splitext(os.path.basename(path))[0]
 
 
-def detect_file_layout(path: str, instruction_field: Optional[str] = None) -> Layout:
-    """Reads the first row of a benchmark file and names its layout; fails with the
-    file and the fields it found when it cannot."""
+def first_row(path: str) -> dict:
+    """The first row of a benchmark file; fails with the file's name when it has none
+    or cannot be read."""
     matches = FileSystems.match([path])[0].metadata_list
     if not matches:
         raise ValueError(f"benchmark file {path} does not exist")
@@ -112,21 +112,22 @@ def detect_file_layout(path: str, instruction_field: Optional[str] = None) -> La
                 raise ValueError(f"benchmark file {path}: {row}")
             if not isinstance(row, dict):
                 raise ValueError(f"benchmark file {path}: rows are not JSON objects")
-            layout = detect_layout(row, instruction_field)
-            if layout is None:
-                raise ValueError(
-                    f"benchmark file {path}: cannot tell its layout (Evol-Instruct, "
-                    "Vicuna, Self-Instruct, Koala) from the fields found: "
-                    f"{sorted(row)}; pass --instruction_field")
-            return layout
+            return row
     raise ValueError(f"benchmark file {path} is empty")
 
 
-def _first_row(path: str) -> dict:
-    with FileSystems.open(path) as handle:
-        for _, row in _jsonl_rows(path, handle):
-            return row if isinstance(row, dict) else {}
-    return {}
+def detect_file_layout(path: str, instruction_field: Optional[str] = None,
+                       row: Optional[dict] = None) -> Layout:
+    """Names the layout of a benchmark file from its first row (`row`, when the caller
+    has read it already); fails with the file and the fields it found when it cannot."""
+    row = first_row(path) if row is None else row
+    layout = detect_layout(row, instruction_field)
+    if layout is None:
+        raise ValueError(
+            f"benchmark file {path}: cannot tell its layout (Evol-Instruct, "
+            "Vicuna, Self-Instruct, Koala) from the fields found: "
+            f"{sorted(row)}; pass --instruction_field")
+    return layout
 
 
 def make_item(path: str, number: int, row: Any, layout: Layout,
@@ -180,9 +181,10 @@ class ReadBenchmarks(beam.PTransform):
         self._layouts = {}
         for path in paths:
             for match in FileSystems.match([path])[0].metadata_list:
-                self._layouts[match.path] = detect_file_layout(match.path, instruction_field)
-                if not allow_seed_items and _first_row(match.path).get(SPLIT_MARKER) == \
-                        "seeds":
+                row = first_row(match.path)
+                self._layouts[match.path] = detect_file_layout(match.path,
+                                                               instruction_field, row)
+                if not allow_seed_items and row.get(SPLIT_MARKER) == "seeds":
                     raise ValueError(
                         f"{match.path} is the seed part of a `codeclm-beam split`: "
                         "evaluating on seeds measures memorisation. Evaluate on the "
@@ -197,7 +199,6 @@ class ReadBenchmarks(beam.PTransform):
         return {path: layout.name for path, layout in self._layouts.items()}
 
     def expand(self, pbegin):
-        from codeclm_beam.stage import StageOutput
         parsed = (pbegin
                   | "Files" >> beam.Create(sorted(self._layouts))
                   | "Match" >> fileio.MatchAll()
@@ -317,7 +318,6 @@ class JudgeAgainstReference(beam.PTransform):
             settings=GenerationSettings(0.0, 32))
 
     def expand(self, items):
-        from codeclm_beam.stage import StageOutput
         seed = self._run_seed
         ref_uri = self._reference.spec.uri
         reference = (items
@@ -366,7 +366,3 @@ def _judge_tasks(joined):
         yield EvalJudgeTask(candidate.item, candidate.model, candidate.answer,
                             reference.answer, candidate_first)
 
-
-def judgement_json(judgement: Judgement) -> str:
-    from codeclm_beam.records import to_dict
-    return json.dumps(to_dict(judgement), ensure_ascii=False)

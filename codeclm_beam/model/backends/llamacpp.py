@@ -18,6 +18,8 @@ from codeclm_beam.model.errors import PermanentModelError
 from codeclm_beam.model.types import ModelRequest
 
 _MODELS: dict[tuple, tuple[object, threading.Lock]] = {}
+_MODELS_LOCK = threading.Lock()
+
 # llama.cpp expands a string's length bounds into one grammar rule per character: a
 # maxLength of a few hundred makes a grammar it cannot parse, and the process dies with
 # a segmentation fault. Bounds are left out of the grammar; the handler still validates
@@ -33,7 +35,6 @@ def grammar_schema(schema):
     if isinstance(schema, list):
         return [grammar_schema(v) for v in schema]
     return schema
-_MODELS_LOCK = threading.Lock()
 
 
 def _load(path: str, n_ctx: int, n_threads: int):
