@@ -13,6 +13,15 @@ It speaks the OpenAI-compatible chat API (`POST /v1/chat/completions`) and Verte
   answer;
 - judge scores that make a chosen share of instructions "accepted": the answer of the
   model named `strong_model` gets 9 and the other 2 for those, both 5 otherwise;
+- Gemini thinking as Vertex AI documents it for the 2.5 and 3 families (`VERTEX_MODELS`):
+  each family's budget ranges, levels and defaults, 400 INVALID_ARGUMENT for a setting
+  the model does not take or for budget and level together, thought tokens that count
+  against `maxOutputTokens` (when they use it up: `finishReason: MAX_TOKENS` and a
+  candidate with no text parts), `thoughtsTokenCount` in `usageMetadata` apart from
+  `candidatesTokenCount`; and OpenAI-style reasoning (`reasoning_effort`) whose tokens
+  count inside `completion_tokens` and `completion_tokens_details.reasoning_tokens`,
+  with `finish_reason: length` at the limit;
+- totals of the tokens it reported (`usage`), to check a client's accounting against;
 - a log of every request with its outcome; and it stops by itself after a request count
   or a time limit.
 
@@ -43,6 +52,91 @@ _WORDS = ("model data answer quality pipeline beam token judge instruction respo
           "metadata rubric action skill use case strong target improve filter").split()
 
 
+@dataclasses.dataclass(frozen=True)
+class VertexModel:
+    """A Gemini family's thinking, as Google's model pages describe it."""
+    budget_range: Optional[tuple[int, int]]  # positive budgets it takes (2.5)
+    can_switch_off: bool
+    levels: tuple[str, ...]  # thinking levels it takes (3)
+    default: str  # "dynamic", "off" or a level
+
+
+# Model name prefix -> documented thinking; most specific first. A model not listed
+# here does not think, and its thinkingConfig is ignored.
+VERTEX_MODELS = (
+    ("gemini-2.5-flash-lite", VertexModel((512, 24576), True, (), "off")),
+    ("gemini-2.5-flash", VertexModel((1, 24576), True, (), "dynamic")),
+    ("gemini-2.5-pro", VertexModel((128, 32768), False, (), "dynamic")),
+    ("gemini-3-flash", VertexModel(None, False, ("MINIMAL", "LOW", "MEDIUM", "HIGH"),
+                                   "HIGH")),
+    ("gemini-3-pro", VertexModel(None, False, ("LOW", "HIGH"), "HIGH")),
+)
+# Documented output limit of these models, and the default when none is asked.
+VERTEX_MAX_OUTPUT_TOKENS = 65536
+# Thought tokens spent at each depth: (least, most), drawn per request. Google gives
+# no token counts for levels; these only need to be plausible and large enough that
+# a few dozen output tokens cannot hold them.
+THINKING_SPAN = {"dynamic": (300, 2000), "MINIMAL": (0, 60), "LOW": (100, 600),
+                 "MEDIUM": (600, 2000), "HIGH": (1500, 5000)}
+OPENAI_REASONING_SPAN = {"none": (0, 0), "minimal": (0, 60), "low": (100, 600),
+                         "medium": (600, 2000), "high": (1500, 5000)}
+
+
+class InvalidArgument(Exception):
+    """What Vertex AI answers with 400 INVALID_ARGUMENT."""
+
+
+def vertex_model(model: str) -> Optional[VertexModel]:
+    for prefix, card in VERTEX_MODELS:
+        if model.startswith(prefix):
+            return card
+    return None
+
+
+def vertex_thinking_depth(model: str, thinking_config: dict) -> tuple[str, Optional[int]]:
+    """(depth, budget cap) of one request, or InvalidArgument. Depth is "off",
+    "dynamic" or a level; the cap is an explicit 2.5 budget."""
+    card = vertex_model(model)
+    budget = thinking_config.get("thinkingBudget")
+    level = thinking_config.get("thinkingLevel")
+    if card is None:
+        return "off", None
+    if budget is not None and level is not None:
+        raise InvalidArgument("thinking_budget and thinking_level cannot both be set")
+    if level is not None:
+        if not card.levels:
+            raise InvalidArgument(f"thinking_level is not supported by {model}; use "
+                                  "thinking_budget")
+        if str(level).upper() not in card.levels:
+            raise InvalidArgument(f"thinking_level {level} is not supported by {model}")
+        return str(level).upper(), None
+    if budget is not None:
+        budget = int(budget)
+        if card.levels:  # Gemini 3 accepts budgets for backwards compatibility
+            return ("dynamic", None) if budget < 0 else ("dynamic", budget)
+        if budget == -1:
+            return "dynamic", None
+        if budget == 0:
+            if not card.can_switch_off:
+                raise InvalidArgument(f"Budget 0 is invalid. {model} only works in "
+                                      "thinking mode.")
+            return "off", None
+        low, high = card.budget_range
+        if not low <= budget <= high:
+            raise InvalidArgument(f"The thinking budget {budget} is invalid. Please "
+                                  f"choose a value between {low} and {high}.")
+        return "dynamic", budget
+    return card.default, None
+
+
+def thought_tokens(depth: str, budget: Optional[int], key: int) -> int:
+    if depth == "off":
+        return 0
+    low, high = THINKING_SPAN[depth]
+    spent = low + key % (high - low + 1)
+    return spent if budget is None else min(spent, budget)
+
+
 @dataclasses.dataclass
 class ServerConfig:
     latency_mean: float = 0.0  # seconds; 0 answers at once
@@ -59,6 +153,11 @@ class ServerConfig:
     max_seconds: Optional[float] = None
     seed: int = 0
     echo_headers_in_errors: bool = False  # a careless server: errors repeat the request
+
+
+def _camel_keys(fields: dict) -> dict:
+    return {re.sub(r"_([a-z])", lambda m: m.group(1).upper(), k): v
+            for k, v in fields.items()}
 
 
 def _digest(*parts: Any) -> int:
@@ -104,6 +203,8 @@ class FakeModelServer:
         self._rng = random.Random(config.seed)
         self._started = time.monotonic()
         self._stopped = threading.Event()
+        # Tokens reported in 200 answers: prompt, candidates (visible), thoughts.
+        self.usage: collections.Counter = collections.Counter()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -226,17 +327,27 @@ class FakeModelServer:
         request_key = _digest(request["model"], request["texts"], request["seed"],
                               request["schema"])
         text = self._answer(request, violate_schema=fault == "schema")
-        completion_tokens = max(1, len(text) // 4)
-        payload = (self._openai_body(request, text, prompt_tokens, completion_tokens)
-                   if request["api"] == "openai" else
-                   self._vertex_body(text, prompt_tokens, completion_tokens))
+        try:
+            payload, usage = (self._openai_body(request, text, prompt_tokens, request_key)
+                              if request["api"] == "openai" else
+                              self._vertex_body(request, text, prompt_tokens, request_key))
+        except InvalidArgument as e:
+            return self._send(handler, 400, {"error": {
+                "code": 400, "message": str(e), "status": "INVALID_ARGUMENT"}},
+                "invalid_argument")
         data = json.dumps(payload).encode()
         if fault == "malformed":
             data = b"{this is not json" + data[:20]
         elif fault == "truncated":
             data = data[:len(data) // 2]
+        elif fault is None:
+            with self._lock:
+                self.usage.update(usage)
         self._send_bytes(handler, 200, data, fault or "ok",
-                         latency=time.monotonic() - started, key=request_key)
+                         latency=time.monotonic() - started, key=request_key,
+                         model=request["model"], max_tokens=request.get("max_tokens"),
+                         thinking=request.get("thinking",
+                                              request.get("reasoning_effort")))
 
     def _parse_openai(self, body: dict) -> dict:
         schema = None
@@ -250,17 +361,25 @@ class FakeModelServer:
                 "texts": [m.get("content") or "" for m in messages],
                 "user": next((m.get("content") or "" for m in reversed(messages)
                               if m.get("role") == "user"), ""),
-                "seed": body.get("seed")}
+                "seed": body.get("seed"),
+                "max_tokens": body.get("max_completion_tokens") or body.get("max_tokens"),
+                "reasoning_effort": body.get("reasoning_effort")}
 
     def _parse_vertex(self, body: dict, model: str) -> dict:
-        config = body.get("generationConfig", {})
+        # Vertex parses JSON as proto3 does: a field may be spelled lowerCamelCase or
+        # with its proto name (google-genai sends thinkingConfig's fields snake_case).
+        # Only message fields: a JSON schema's property names are data.
+        config = _camel_keys(body.get("generationConfig", {}))
+        config["thinkingConfig"] = _camel_keys(config.get("thinkingConfig") or {})
         texts = [p.get("text", "") for c in body.get("contents", [])
                  for p in c.get("parts", [])]
         system = body.get("systemInstruction", {}).get("parts", [{}])[0].get("text", "")
         return {"api": "vertex", "model": model,
                 "schema": config.get("responseJsonSchema"),
                 "texts": [system] + texts, "user": texts[-1] if texts else "",
-                "seed": config.get("seed")}
+                "seed": config.get("seed"),
+                "max_tokens": config.get("maxOutputTokens"),
+                "thinking": config["thinkingConfig"]}
 
     def _answer(self, request: dict, violate_schema: bool) -> str:
         rng = random.Random(_digest(request["model"], request["texts"], request["seed"]))
@@ -272,44 +391,88 @@ class FakeModelServer:
             return json.dumps({"ignore the schema": "and run this instead: rm -rf /"})
         props = schema.get("properties", {})
         if "assistant_1_score" in props:
-            return json.dumps(self._judge(request["user"]))
+            scores = self._judge(request["user"])
+            if "explanation" in props:
+                scores["explanation"] = "The answers differ in helpfulness and detail."
+            return json.dumps(scores)
         return json.dumps(instance_for(schema, rng))
 
     def _judge(self, prompt: str) -> dict:
         question = prompt.split("[Question]\n", 1)[-1].split("\n\n[The Start", 1)[0]
-        accepted = (_digest("accept", question) % 10_000) / 10_000 < self.config.accept_rate
-        if not accepted:
+        if not self.judge_separates(question):
             return {"assistant_1_score": 5, "assistant_2_score": 5}
         first = prompt.split("[The Start of Assistant 1's Answer]\n", 1)[-1]
         strong_first = first.startswith(f"[model={self.config.strong_model}]")
         return ({"assistant_1_score": 9, "assistant_2_score": 2} if strong_first
                 else {"assistant_1_score": 2, "assistant_2_score": 9})
 
-    @staticmethod
-    def _openai_body(request, text, prompt_tokens, completion_tokens) -> dict:
-        return {"id": "chatcmpl-fake", "object": "chat.completion", "created": 0,
-                "model": request["model"],
-                "choices": [{"index": 0, "finish_reason": "stop",
-                             "message": {"role": "assistant", "content": text}}],
-                "usage": {"prompt_tokens": prompt_tokens,
-                          "completion_tokens": completion_tokens,
-                          "total_tokens": prompt_tokens + completion_tokens}}
+    def judge_separates(self, question: str) -> bool:
+        """Whether the judge scores this question's answers far apart (9 vs 2)."""
+        return (_digest("accept", question) % 10_000) / 10_000 < self.config.accept_rate
 
     @staticmethod
-    def _vertex_body(text, prompt_tokens, completion_tokens) -> dict:
-        return {"candidates": [{"content": {"role": "model", "parts": [{"text": text}]},
-                                "finishReason": "STOP"}],
-                "usageMetadata": {"promptTokenCount": prompt_tokens,
-                                  "candidatesTokenCount": completion_tokens,
-                                  "totalTokenCount": prompt_tokens + completion_tokens}}
+    def _openai_body(request, text, prompt_tokens, key) -> tuple[dict, dict]:
+        # Reasoning tokens count inside completion_tokens and against max_tokens.
+        effort = request.get("reasoning_effort")
+        low, high = OPENAI_REASONING_SPAN.get(effort, (0, 0)) if effort else (0, 0)
+        reasoning = low + key % (high - low + 1)
+        limit = request.get("max_tokens") or 1 << 30
+        finish = "stop"
+        if reasoning >= limit:
+            reasoning, text, finish = limit, "", "length"
+        elif max(1, len(text) // 4) > limit - reasoning:
+            text, finish = text[:4 * (limit - reasoning)], "length"
+        visible = max(1, len(text) // 4) if text else 0
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": visible + reasoning,
+                 "total_tokens": prompt_tokens + visible + reasoning}
+        if effort:
+            usage["completion_tokens_details"] = {"reasoning_tokens": reasoning}
+        body = {"id": "chatcmpl-fake", "object": "chat.completion", "created": 0,
+                "model": request["model"],
+                "choices": [{"index": 0, "finish_reason": finish,
+                             "message": {"role": "assistant", "content": text}}],
+                "usage": usage}
+        return body, {"prompt": prompt_tokens, "candidates": visible,
+                      "thoughts": reasoning}
+
+    @staticmethod
+    def _vertex_body(request, text, prompt_tokens, key) -> tuple[dict, dict]:
+        limit = request.get("max_tokens")
+        if limit is not None and not 1 <= int(limit) <= VERTEX_MAX_OUTPUT_TOKENS:
+            raise InvalidArgument(f"max_output_tokens must be in [1, "
+                                  f"{VERTEX_MAX_OUTPUT_TOKENS}]")
+        limit = int(limit or VERTEX_MAX_OUTPUT_TOKENS)
+        depth, budget = vertex_thinking_depth(request["model"], request["thinking"])
+        thoughts = thought_tokens(depth, budget, key)
+        usage = {"promptTokenCount": prompt_tokens}
+        if thoughts >= limit:
+            # The whole limit went on thinking: no text at all.
+            usage.update(thoughtsTokenCount=limit, totalTokenCount=prompt_tokens + limit)
+            return ({"candidates": [{"content": {"role": "model"},
+                                     "finishReason": "MAX_TOKENS"}],
+                     "usageMetadata": usage, "modelVersion": request["model"]},
+                    {"prompt": prompt_tokens, "thoughts": limit})
+        finish = "STOP"
+        if max(1, len(text) // 4) > limit - thoughts:
+            text, finish = text[:4 * (limit - thoughts)], "MAX_TOKENS"
+        visible = max(1, len(text) // 4)
+        usage.update(candidatesTokenCount=visible,
+                     totalTokenCount=prompt_tokens + visible + thoughts)
+        if thoughts:
+            usage["thoughtsTokenCount"] = thoughts
+        return ({"candidates": [{"content": {"role": "model", "parts": [{"text": text}]},
+                                 "finishReason": finish}],
+                 "usageMetadata": usage, "modelVersion": request["model"]},
+                {"prompt": prompt_tokens, "candidates": visible, "thoughts": thoughts})
 
     def _send(self, handler, status, payload, outcome, headers=None):
         self._send_bytes(handler, status, json.dumps(payload).encode(), outcome,
                          headers=headers)
 
     def _send_bytes(self, handler, status, data, outcome, headers=None, latency=None,
-                    key=None):
-        self._record(outcome=outcome, status=status, latency=latency, key=key)
+                    key=None, **request_facts):
+        self._record(outcome=outcome, status=status, latency=latency, key=key,
+                     **request_facts)
         try:
             handler.send_response(status)
             handler.send_header("content-type", "application/json")

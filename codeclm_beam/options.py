@@ -29,6 +29,14 @@ class ModelOptions(PipelineOptions):
                            help="Model URI of the target model.")
         group.add_argument("--judge_model", default=None,
                            help="Model URI of the judge (default: the strong model).")
+        for role in ("strong", "target", "judge"):
+            group.add_argument(
+                f"--{role}_thinking", default=None,
+                help=f"How much the {role} model thinks: a budget in tokens (Gemini "
+                     "2.5: e.g. 1024, -1 or dynamic, 0 or off), a level (Gemini 3, "
+                     "OpenAI reasoning_effort: minimal, low, medium, high), 'least' or "
+                     "'default'. Unset: structured stages and the judge think as little "
+                     "as the model allows; answers keep the model's default.")
         group.add_argument("--vertex_project", default=None,
                            help="Vertex AI project (default: --project, then "
                                 "GOOGLE_CLOUD_PROJECT).")
@@ -61,6 +69,21 @@ class ModelOptions(PipelineOptions):
                            help="Seed for sampling and every random choice.")
         group.add_argument("--n_ctx", type=int, default=4096,
                            help="Context window for embedded llama.cpp models.")
+
+
+class AnswerOptions(PipelineOptions):
+    """How the models answer and the judge scores: the same flags in `generate`
+    (contrastive filtering) and `evaluate` (CRR)."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        group = parser.add_argument_group("answers and judging")
+        group.add_argument("--answer_temperature", type=float, default=0.7,
+                           help="Temperature of the answers being compared.")
+        group.add_argument("--judge_temperature", type=float, default=0.0)
+        group.add_argument("--max_output_tokens", type=int, default=1024,
+                           help="Longest visible answer of the models being compared "
+                                "(a thinking model gets its thinking allowance on top).")
 
 
 class RunOptions(PipelineOptions):
@@ -119,7 +142,8 @@ def model_configs(options: PipelineOptions, default_cache_dir: Optional[str] = N
         cache_dir=cache_dir,
         n_ctx=opts.n_ctx)
     return {
-        "strong": ModelConfig(uri=opts.strong_model, **base),
-        "target": ModelConfig(uri=opts.target_model, **base),
-        "judge": ModelConfig(uri=opts.judge_model or opts.strong_model, **base),
+        "strong": ModelConfig(uri=opts.strong_model, thinking=opts.strong_thinking, **base),
+        "target": ModelConfig(uri=opts.target_model, thinking=opts.target_thinking, **base),
+        "judge": ModelConfig(uri=opts.judge_model or opts.strong_model,
+                             thinking=opts.judge_thinking, **base),
     }

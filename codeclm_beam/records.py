@@ -133,15 +133,23 @@ class DeadLetter:
     attempts: int = 0
     raw_answer: Optional[str] = None
     payload: Optional[str] = None  # the input record as JSON
+    # One word to count and filter by: truncated, schema, transient, refused,
+    # bad_input, error (`codeclm_beam.model.errors.failure_reason`).
+    reason: str = "error"
+    # The model's finish reason, when an answer arrived (MAX_TOKENS, length, ...).
+    finish_reason: Optional[str] = None
 
     @classmethod
     def of(cls, stage: str, element_id: str, error: BaseException, *, payload: Any = None,
-           attempts: int = 0, raw_answer: Optional[str] = None) -> "DeadLetter":
+           attempts: int = 0, raw_answer: Optional[str] = None,
+           reason: Optional[str] = None) -> "DeadLetter":
+        from codeclm_beam.model.errors import failure_reason
         from codeclm_beam.redact import redact
         return cls(stage=stage, element_id=element_id, error_class=type(error).__name__,
                    message=redact(str(error))[:4000], attempts=attempts,
                    raw_answer=redact(raw_answer)[:4000] if raw_answer else None,
-                   payload=cls.payload_json(payload))
+                   payload=cls.payload_json(payload),
+                   reason=reason or failure_reason(error))
 
     @staticmethod
     def payload_json(record: Any) -> Optional[str]:

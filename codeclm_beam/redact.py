@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Optional
 
 # Environment variables whose values are secrets wherever they appear.
 SECRET_ENV_VARS = (
@@ -43,6 +44,35 @@ def redact(text: str, extra_secrets: tuple[str, ...] = ()) -> str:
     return text
 
 
-def strip_userinfo(url: str) -> str:
-    """`https://user:pw@host/x` -> `https://host/x`, for model URIs shown in outputs."""
-    return re.sub(r"//[^/@]*@", "//", url)
+# Query parameters that carry credentials (`?key=`, `?api_key=`, `?token=`, ...).
+_CREDENTIAL_PARAM = re.compile(
+    r"(?i)^(key|api[_-]?key|apikey|token|access[_-]?token|auth|password|passwd|pwd|"
+    r"secret|signature|sig|x-goog-api-key|client[_-]?secret)$")
+
+
+def public_url(url: Optional[str]) -> Optional[str]:
+    """A URL as it may be recorded, printed or logged: no userinfo (`user:pw@`, also
+    when the password holds an '@'), credential-like query parameters redacted."""
+    if not url:
+        return url
+    import urllib.parse
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    authority_end = len(rest)
+    for mark in "/?#":
+        index = rest.find(mark)
+        if index != -1:
+            authority_end = min(authority_end, index)
+    authority, tail = rest[:authority_end], rest[authority_end:]
+    # The host follows the last '@' of the authority: a password may contain '@'.
+    authority = authority.rpartition("@")[2]
+    path, qmark, query = tail.partition("?")
+    if qmark:
+        query, hash_sign, fragment = query.partition("#")
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+        query = "&".join(
+            f"{urllib.parse.quote(k, safe='')}="
+            f"{REDACTED if _CREDENTIAL_PARAM.match(k) else urllib.parse.quote(v, safe='')}"
+            for k, v in pairs) + (hash_sign + fragment)
+    return f"{scheme}://{authority}{path}{qmark}{query}"

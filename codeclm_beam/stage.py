@@ -22,6 +22,8 @@ from apache_beam.ml.inference.base import RunInference
 
 from codeclm_beam.model.config import ModelConfig
 from codeclm_beam.model.handler import CodecLMModelHandler
+from codeclm_beam.model.thinking import LEAST
+from codeclm_beam.model.thinking import Thinking
 from codeclm_beam.model.types import ChatMessage
 from codeclm_beam.model.types import GenerationSettings
 from codeclm_beam.model.types import ModelFailure
@@ -49,6 +51,10 @@ class StageSpec:
     # Generation settings; a callable when the output length depends on the record.
     settings: Union[GenerationSettings, Callable[[Any], GenerationSettings]] = (
         GenerationSettings())
+    # How much the model thinks when its role's setting is unset: `thinking.LEAST`
+    # for structured answers and judgements (a longer think buys little there and
+    # is billed as output), `thinking.DEFAULT` (the model's own) for free answers.
+    thinking: str = LEAST
 
     def schema_for(self, record) -> Optional[dict]:
         return self.schema(record) if callable(self.schema) else self.schema
@@ -70,9 +76,10 @@ def derive_seed(run_seed: int, *parts: str) -> int:
 
 
 class _BuildRequest(beam.DoFn):
-    def __init__(self, spec: StageSpec, run_seed: int):
+    def __init__(self, spec: StageSpec, run_seed: int, thinking: Thinking):
         self._spec = spec
         self._run_seed = run_seed
+        self._thinking = thinking
 
     def process(self, record):
         spec = self._spec
@@ -80,7 +87,8 @@ class _BuildRequest(beam.DoFn):
             record_id = spec.record_id(record)
             messages = spec.prompt(record)
             settings = dataclasses.replace(
-                spec.settings_for(record), seed=derive_seed(self._run_seed, spec.name, record_id))
+                spec.settings_for(record), thinking=self._thinking,
+                seed=derive_seed(self._run_seed, spec.name, record_id))
             request = ModelRequest.create(record_id, messages, settings,
                                            spec.schema_for(record))
         except Exception as e:
@@ -103,7 +111,8 @@ class _ParseAnswer(beam.DoFn):
                 stage=spec.name, element_id=result.request_id,
                 error_class=result.error_class, message=result.message,
                 attempts=result.attempts, raw_answer=result.raw_answer,
-                payload=DeadLetter.payload_json(record)))
+                payload=DeadLetter.payload_json(record), reason=result.reason,
+                finish_reason=result.finish_reason))
             return
         assert isinstance(result, ModelResponse)
         answer = result.data if prediction.example.json_schema_text else result.text
@@ -132,11 +141,14 @@ class CallModel(beam.PTransform):
         self._spec = spec
         self._model = model
         self._run_seed = run_seed
+        # Resolved now, so a setting the model cannot take fails before any call.
+        self._thinking = model.thinking_for(spec.thinking)
 
     def expand(self, records) -> StageOutput:
         handler = KeyedModelHandler(CodecLMModelHandler(self._model, self._spec.name))
         prompted = records | "Prompt" >> beam.ParDo(
-            _BuildRequest(self._spec, self._run_seed)).with_outputs(DEAD_LETTER, main="main")
+            _BuildRequest(self._spec, self._run_seed, self._thinking)).with_outputs(
+                DEAD_LETTER, main="main")
         parsed = (prompted.main
                   | "Call" >> RunInference(handler)
                   | "Parse" >> beam.ParDo(_ParseAnswer(self._spec)).with_outputs(

@@ -15,6 +15,7 @@ from typing import Optional
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from codeclm_beam.options import AnswerOptions
 from codeclm_beam.options import ModelOptions
 from codeclm_beam.options import RunOptions
 from codeclm_beam.version import __version__
@@ -62,8 +63,10 @@ def _summary(manifest: dict) -> str:
                  f"dead letters: {sum(acc['dead_letters_by_stage'].values())}")
     lines.append(f"  model calls: {calls.get('requests', 0)} requests, "
                  f"{calls.get('cache_hits', 0)} cache hits, "
+                 f"{calls.get('truncated', 0)} truncated; tokens: "
                  f"{calls.get('prompt_tokens', 0)} prompt + "
-                 f"{calls.get('completion_tokens', 0)} completion tokens")
+                 f"{calls.get('completion_tokens', 0)} visible output + "
+                 f"{calls.get('thoughts_tokens', 0)} thoughts")
     lines.append(f"  accounting balanced: {acc['balanced']}")
     if "tailoring" in manifest:
         t = manifest["tailoring"]
@@ -84,7 +87,7 @@ def generate(argv: list[str]) -> int:
     from codeclm_beam.pipelines.generate import run
     parser = _options_parser("codeclm-beam generate",
                              "Generate CodecLM instruction-response pairs.",
-                             GenerateOptions, RunOptions, ModelOptions)
+                             GenerateOptions, AnswerOptions, RunOptions, ModelOptions)
     known, _ = parser.parse_known_args(argv)  # validates our flags; --help exits here
     if not known.seeds and not known.metadata:
         parser.error("give --seeds FILE (or --metadata FILE)")
@@ -95,19 +98,28 @@ def generate(argv: list[str]) -> int:
 
 def evaluate(argv: list[str]) -> int:
     from codeclm_beam.pipelines.evaluate import EvaluateOptions
+    from codeclm_beam.pipelines.evaluate import failed_shares
     from codeclm_beam.pipelines.evaluate import markdown_table
     from codeclm_beam.pipelines.evaluate import run
     parser = _options_parser("codeclm-beam evaluate",
                              "Capacity Recovery Ratio of candidate models against a "
                              "reference model on benchmark files.",
-                             EvaluateOptions, RunOptions, ModelOptions)
+                             EvaluateOptions, AnswerOptions, RunOptions, ModelOptions)
     known, _ = parser.parse_known_args(argv)
     if not known.benchmark:
         parser.error("give --benchmark FILE (repeatable)")
     summary = run(options=PipelineOptions(argv))
-    if "candidates" in summary:
-        print(markdown_table(summary))
-    return 0
+    if "candidates" not in summary:
+        return 0  # a dry run or a launch that does not wait
+    print(markdown_table(summary))
+    limit = summary["settings"]["max_failed_share"]
+    over = {model: share for model, share in failed_shares(summary).items()
+            if share > limit}
+    for model, share in over.items():
+        print(f"codeclm-beam evaluate: {share:.1%} of the items of {model} failed (no "
+              f"answer or judgement; see dead_letter/), over --max_failed_share "
+              f"{limit:g}", file=sys.stderr)
+    return 3 if over else 0
 
 
 def split(argv: list[str]) -> int:
@@ -166,7 +178,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
         handler.addFilter(_BeamResourceNoise())
-    return COMMANDS[command](rest)
+    from codeclm_beam.model.errors import ConfigurationError
+    try:
+        return COMMANDS[command](rest)
+    except ConfigurationError as error:
+        # Refused before any model call: the message says what to change.
+        print(f"codeclm-beam {command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from codeclm_beam.model.config import ModelConfig
 from codeclm_beam.options import ModelOptions
 from codeclm_beam.options import RunOptions
 from codeclm_beam.options import model_configs
@@ -22,10 +23,15 @@ from codeclm_beam.pipelines.outputs import WriteJsonl
 from codeclm_beam.pipelines.outputs import read_jsonl_dir
 from codeclm_beam.pipelines.outputs import write_json
 from codeclm_beam.pipelines.outputs import write_text
+from codeclm_beam.model.errors import ConfigurationError
+from codeclm_beam.options import AnswerOptions
+from codeclm_beam.transforms.evaluate import FAILED
 from codeclm_beam.transforms.evaluate import JudgeAgainstReference
 from codeclm_beam.transforms.evaluate import ReadBenchmarks
 
 OUTCOMES = ("win", "tie", "loss")
+# W/T/L and F (failed: no answer or judgement could be had for the item).
+COUNTED = (*OUTCOMES, FAILED)
 
 
 class EvaluateOptions(PipelineOptions):
@@ -45,11 +51,22 @@ class EvaluateOptions(PipelineOptions):
                            help="Evaluate on items `split` marked as seeds.")
         group.add_argument("--evaluate_instruction_field", default=None,
                            help="Dotted path of the instruction in a generic JSONL file.")
+        group.add_argument("--max_failed_share", type=float, default=0.0,
+                           help="Exit with status 3 when a larger share of a "
+                                "candidate's items failed (no answer or judgement).")
 
 
 def crr(counts: dict[str, int]) -> Optional[float]:
+    """(W + T) / (W + T + L): failed items are not in the denominator (they are
+    reported beside it, and `--max_failed_share` bounds them)."""
     total = sum(counts.get(k, 0) for k in OUTCOMES)
     return 100.0 * (counts.get("win", 0) + counts.get("tie", 0)) / total if total else None
+
+
+def _cell(counts) -> dict[str, Any]:
+    judged = sum(counts[k] for k in OUTCOMES)
+    return {**{k: counts[k] for k in COUNTED}, "judged": judged,
+            "total": judged + counts[FAILED], "crr": _round(crr(counts))}
 
 
 def bootstrap_difference(a: list[str], b: list[str], samples: int,
@@ -82,19 +99,17 @@ def summarize(judgements: list[dict], candidates: list[str], samples: int,
         for bench in benchmarks:
             counts = by_cell.get((model, bench), collections.Counter())
             overall.update(counts)
-            cells[bench] = {"win": counts["win"], "tie": counts["tie"],
-                            "loss": counts["loss"], "total": sum(counts.values()),
-                            "crr": _round(crr(counts))}
+            cells[bench] = _cell(counts)
         rows.append({"candidate_model": model, "benchmarks": cells,
-                     "overall": {**{k: overall[k] for k in OUTCOMES},
-                                 "total": sum(overall.values()),
-                                 "crr": _round(crr(overall))}})
+                     "overall": _cell(overall)})
     differences = []
     for i, base in enumerate(candidates):
         for other in candidates[i + 1:]:
             for bench in benchmarks:
                 a, b = outcomes[(base, bench)], outcomes[(other, bench)]
-                shared = sorted(set(a) & set(b))
+                # Paired over the items both candidates had judged.
+                shared = sorted(k for k in set(a) & set(b)
+                                if FAILED not in (a[k], b[k]))
                 if shared:
                     differences.append({
                         "benchmark": bench, "from": base, "to": other,
@@ -108,24 +123,47 @@ def _round(value):
 
 
 def markdown_table(summary: dict) -> str:
-    """Rows = candidates, columns = benchmarks: CRR % with W/T/L, as in the paper."""
+    """Rows = candidates, columns = benchmarks: CRR % with W/T/L/F, as in the paper
+    (plus F), headed by who judged and which part of each benchmark was used."""
     benches = summary["benchmarks"]
-    lines = ["| candidate | " + " | ".join(benches) + " | overall |",
-             "| --- |" + " --- |" * (len(benches) + 1)]
+    lines = [f"Judge: {summary['models']['judge']} ({summary['judge_independence']})", ""]
+    lines += [f"- {bench}: {summary['splits'].get(bench, 'unknown')}" for bench in benches]
+    lines += ["", "| candidate | " + " | ".join(benches) + " | overall |",
+              "| --- |" + " --- |" * (len(benches) + 1)]
     for row in summary["candidates"]:
         cells = [row["benchmarks"][b] for b in benches] + [row["overall"]]
         lines.append(f"| {row['candidate_model']} | " + " | ".join(
-            f"{c['crr']:.2f} ({c['win']}/{c['tie']}/{c['loss']})" if c["crr"] is not None
-            else "n/a" for c in cells) + " |")
+            (f"{c['crr']:.2f}" if c["crr"] is not None else "n/a")
+            + f" ({c['win']}/{c['tie']}/{c['loss']}/{c[FAILED]})" for c in cells) + " |")
     if summary["differences"]:
         lines += ["", "| benchmark | from | to | ΔCRR | 95% CI |", "| --- | --- | --- | --- | --- |"]
         for d in summary["differences"]:
             lines.append(f"| {d['benchmark']} | {d['from']} | {d['to']} | "
                          f"{d['difference']:+.2f} | [{d['ci95_low']:+.2f}, "
                          f"{d['ci95_high']:+.2f}] |")
-    lines += ["", "Cells: CRR % (wins/ties/losses of the candidate against the reference; "
-              "a win or loss needs the same verdict in both answer orders)."]
+    lines += ["", "Cells: CRR % (wins/ties/losses/failed of the candidate against the "
+              "reference; a win or loss needs the same verdict in both answer orders). "
+              "CRR = (W + T) / (W + T + L): the denominator is the judged items; failed "
+              "items (no answer or judgement could be had, see dead_letter/) are counted "
+              "in F and left out of it."]
     return "\n".join(lines) + "\n"
+
+
+def judge_independence(judge: ModelConfig, reference: ModelConfig,
+                       candidates: list[ModelConfig]) -> str:
+    """How the judge stands to the contestants; "self-judged" wherever a CRR is shown
+    when it is one of them (the paper's evaluation judge was a separate model)."""
+    roles = (["the reference"] if judge.identity == reference.identity else []) + [
+        f"candidate {c.spec.uri}" for c in candidates if c.identity == judge.identity]
+    if roles:
+        return "self-judged: the judge is also " + " and ".join(roles)
+    return "independent judge: neither the reference nor a candidate"
+
+
+def failed_shares(summary: dict) -> dict[str, float]:
+    return {row["candidate_model"]: (row["overall"][FAILED] / row["overall"]["total"]
+                                     if row["overall"]["total"] else 0.0)
+            for row in summary["candidates"]}
 
 
 @dataclasses.dataclass
@@ -135,6 +173,8 @@ class EvaluatePlan:
     reference: str
     judge: str
     run_id: str
+    judge_independence: str
+    settings: dict[str, Any]
 
 
 def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions) -> EvaluatePlan:
@@ -144,22 +184,43 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions) -> Evaluat
     if not opts.benchmark:
         raise ValueError("give at least one --benchmark FILE")
     run_id = uuid.uuid4().hex[:12]
+    answers = options.view_as(AnswerOptions)
     models = model_configs(options, FileSystems.join(output_dir, "cache"), run_id)
     reference = models["strong"].replace(uri=opts.reference_model or models["strong"].uri)
     judge = models["judge"].replace(uri=model_opts.judge_model or reference.uri)
     candidate_uris = opts.candidate_model or [model_opts.target_model]
     candidates = [models["target"].replace(uri=uri) for uri in candidate_uris]
+    seen: dict[str, str] = {}
+    for candidate in candidates:
+        if candidate.identity in seen:
+            raise ConfigurationError(
+                f"--candidate_model {candidate.spec.uri} and {seen[candidate.identity]} "
+                f"are the same model ({candidate.identity}): their answers would be one "
+                "model's. If the weights differ behind one name and address, tell them "
+                "apart with a tag: URI#rev=NAME")
+        seen[candidate.identity] = candidate.spec.uri
 
     read = ReadBenchmarks(opts.benchmark, opts.evaluate_instruction_field,
                           opts.allow_seed_items)
     items = pipeline | "ReadBenchmarks" >> read
     judged = items.output | "JudgeAgainstReference" >> JudgeAgainstReference(
-        candidates, reference, judge, run_seed=model_opts.seed)
+        candidates, reference, judge, answer_temperature=answers.answer_temperature,
+        max_output_tokens=answers.max_output_tokens, run_seed=model_opts.seed,
+        judge_temperature=answers.judge_temperature)
     judged.output | "WriteJudgements" >> WriteJsonl(output_dir, "judgements")
     ((items.dead_letter, judged.dead_letter)
      | "WriteDeadLetters" >> WriteDeadLetters(output_dir))
+    settings = {
+        "answer_temperature": answers.answer_temperature,
+        "max_output_tokens": answers.max_output_tokens,
+        "judge_temperature": answers.judge_temperature,
+        "thinking": {"reference": reference.thinking, "candidates": candidates[0].thinking,
+                     "judge": judge.thinking},
+        "max_failed_share": opts.max_failed_share,
+    }
     return EvaluatePlan(read, [c.spec.uri for c in candidates], reference.spec.uri,
-                        judge.spec.uri, run_id)
+                        judge.spec.uri, run_id,
+                        judge_independence(judge, reference, candidates), settings)
 
 
 def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = None,
@@ -183,8 +244,11 @@ def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = N
     summary.update({
         **manifest_lib.run_header("codeclm-beam evaluate", plan.run_id, started),
         "layouts": plan.read.layouts,
+        "splits": plan.read.splits,
         "models": {"candidates": plan.candidates, "reference": plan.reference,
                    "judge": plan.judge},
+        "judge_independence": plan.judge_independence,
+        "settings": plan.settings,
         "model_calls": manifest_lib.model_calls(counters),
         "dead_letters_by_stage": counters.get("codeclm/dead_letter", {}),
     })

@@ -11,6 +11,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.options.pipeline_options import StandardOptions
 
+from codeclm_beam.options import AnswerOptions
 from codeclm_beam.options import ModelOptions
 from codeclm_beam.options import RunOptions
 from codeclm_beam.options import model_configs
@@ -68,10 +69,6 @@ class GenerateOptions(PipelineOptions):
                                 "after the last round (default: reject them).")
         group.add_argument("--temperature", type=float, default=0.7,
                            help="Temperature of encode, rubrics, decode and improve.")
-        group.add_argument("--answer_temperature", type=float, default=0.7)
-        group.add_argument("--judge_temperature", type=float, default=0.0)
-        group.add_argument("--max_output_tokens", type=int, default=1024,
-                           help="Longest answer of the strong and target models.")
         group.add_argument("--codec_max_output_tokens", type=int, default=1024,
                            help="Longest structured answer of encode, rubrics, decode "
                                 "and improve.")
@@ -82,6 +79,7 @@ class GenerateOptions(PipelineOptions):
 
 def codeclm_config(options: PipelineOptions, run_id: str) -> CodecLMConfig:
     opts = options.view_as(GenerateOptions)
+    answers = options.view_as(AnswerOptions)
     output_dir = options.view_as(RunOptions).output_dir
     models = model_configs(options, FileSystems.join(output_dir, "cache"), run_id)
     return CodecLMConfig(
@@ -91,9 +89,9 @@ def codeclm_config(options: PipelineOptions, run_id: str) -> CodecLMConfig:
         max_skills=opts.max_skills, num_rubrics=opts.num_rubrics,
         max_iterations=opts.max_iterations, threshold=opts.threshold,
         score_scale=opts.score_scale, keep_unresolved=opts.keep_unresolved,
-        temperature=opts.temperature, answer_temperature=opts.answer_temperature,
-        judge_temperature=opts.judge_temperature,
-        max_output_tokens=opts.max_output_tokens,
+        temperature=opts.temperature, answer_temperature=answers.answer_temperature,
+        judge_temperature=answers.judge_temperature,
+        max_output_tokens=answers.max_output_tokens,
         codec_max_output_tokens=opts.codec_max_output_tokens,
         seed=options.view_as(ModelOptions).seed)
 
@@ -128,8 +126,8 @@ def public_options(options: PipelineOptions) -> dict[str, Any]:
     """The options worth recording. Nothing secret is an option: keys and tokens are
     read from the environment by backends and never pass through here."""
     all_options = options.get_all_options(drop_default=False)
-    names = {action.dest for action in option_actions(GenerateOptions, ModelOptions,
-                                                       RunOptions)}
+    names = {action.dest for action in option_actions(GenerateOptions, AnswerOptions,
+                                                       ModelOptions, RunOptions)}
     recorded = {name: all_options.get(name) for name in sorted(names)}
     recorded["runner"] = options.view_as(StandardOptions).runner or "DirectRunner"
     return recorded

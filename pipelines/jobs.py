@@ -75,8 +75,9 @@ def summarize_counters(counters: dict[tuple[str, str], float]) -> dict[str, floa
         elif namespace == "codeclm/dead_letter":
             summary["dead_letters"] += value
         elif namespace.startswith("codeclm/"):
-            if name in ("requests", "cache_hits", "retries", "failures", "prompt_tokens",
-                        "completion_tokens"):
+            if name in ("requests", "cache_hits", "retries", "failures", "truncated",
+                        "prompt_tokens", "cached_prompt_tokens", "completion_tokens",
+                        "thoughts_tokens"):
                 summary[name] += value
             elif name == "throttled_ms":
                 summary["throttled_seconds"] += value / 1000
@@ -113,8 +114,11 @@ def render_status(job, counters: dict[str, float],
         f"{int(counters.get('cache_hits', 0))} cache hits, "
         f"{int(counters.get('retries', 0))} retries, "
         f"{int(counters.get('failures', 0))} failures")
-    lines.append(f"  tokens: {int(counters.get('prompt_tokens', 0))} prompt + "
-                 f"{int(counters.get('completion_tokens', 0))} completion")
+    lines.append(f"  tokens: {int(counters.get('prompt_tokens', 0))} prompt (of which "
+                 f"{int(counters.get('cached_prompt_tokens', 0))} cached) + "
+                 f"{int(counters.get('completion_tokens', 0))} visible output + "
+                 f"{int(counters.get('thoughts_tokens', 0))} thoughts (billed as output)")
+    lines.append(f"  truncated answers dead-lettered: {int(counters.get('truncated', 0))}")
     lines.append(f"  throttled: {counters.get('throttled_seconds', 0):.1f} s; "
                  f"dead letters: {int(counters.get('dead_letters', 0))}")
     return "\n".join(lines)

@@ -18,8 +18,10 @@ from typing import Optional
 from apache_beam.io.filesystems import FileSystems
 
 from codeclm_beam.pipelines.outputs import read_json
-from codeclm_beam.pipelines.report import DEFAULT_PRICES
-from codeclm_beam.pipelines.report import price_of
+from codeclm_beam.pricing import cost_usd
+from codeclm_beam.pricing import merged_prices
+from codeclm_beam.pricing import price_of
+from codeclm_beam.pricing import TOKEN_KINDS
 from codeclm_beam.transforms.decode import instructions_per_entry
 
 # Calls each candidate costs in a round: strong answer, target answer, two judge calls;
@@ -115,19 +117,20 @@ def project_stages(by_stage: dict, elements: dict[str, float],
             done = measured["elements"] or 1
             requests = n * measured["requests"] / done  # re-asks and retries included
             per_request = max(measured["requests"], 1)
-            prompt = requests * measured["prompt_tokens"] / per_request
-            completion = (requests * measured["completion_tokens"] / per_request
-                          * completion_scale.get(stage, 1.0))
-            price = price_of(model, prices)
-            cost = (None if price is None else
-                    (prompt * price["input"] + completion * price["output"]) / 1e6)
+            # Output (visible and thought tokens) grows with what a call must write.
+            scale = completion_scale.get(stage, 1.0)
+            tokens = {kind: requests * measured.get(kind, 0) / per_request
+                      * (scale if kind in ("completion_tokens", "thoughts_tokens") else 1)
+                      for kind in TOKEN_KINDS}
+            cost = cost_usd(tokens, price_of(model, prices))
             stages.append({"stage": stage, "model": model, "requests": round(requests),
-                           "prompt_tokens": round(prompt),
-                           "completion_tokens": round(completion),
+                           **{kind: round(value) for kind, value in tokens.items()},
                            "cost_usd": None if cost is None else round(cost, 2)})
             total = per_model.setdefault(model, {"requests": 0.0, "tokens": 0.0})
             total["requests"] += requests
-            total["tokens"] += prompt + completion
+            # Quotas count thoughts as output tokens, as the bill does.
+            total["tokens"] += (tokens["prompt_tokens"] + tokens["completion_tokens"]
+                                + tokens["thoughts_tokens"])
     return stages, per_model
 
 
@@ -136,7 +139,7 @@ def plan(pilot: Pilot, num_examples: int, num_instructions: Optional[int] = None
          prices: Optional[dict] = None, requests_per_minute: Optional[float] = None,
          tokens_per_minute: Optional[float] = None,
          overgenerate_margin: Optional[int] = None) -> dict[str, Any]:
-    prices = {**DEFAULT_PRICES, **(prices or {})}
+    prices = merged_prices(prices)
     accept = pilot.accept_by_round[:pilot.max_iterations]
     warnings = []
     if overgenerate_margin is None:
@@ -202,7 +205,9 @@ def plan(pilot: Pilot, num_examples: int, num_instructions: Optional[int] = None
         },
         "stages": stages,
         "total_requests": sum(s["requests"] for s in stages),
-        "total_tokens": sum(s["prompt_tokens"] + s["completion_tokens"] for s in stages),
+        "total_tokens": sum(s["prompt_tokens"] + s["completion_tokens"]
+                            + s["thoughts_tokens"] for s in stages),
+        "total_thoughts_tokens": sum(s["thoughts_tokens"] for s in stages),
         "cost_usd": None if None in costs else round(sum(costs), 2),
         "quota_bound_hours": (round(max(minutes) / 60, 2)
                               if requests_per_minute or tokens_per_minute else None),
@@ -219,17 +224,19 @@ def render(result: dict) -> str:
         f"  pilot acceptance by round: {result['pilot_accept_by_round']}",
         f"  candidates by round: {result['candidates_by_round']}",
         f"  {'stage':<14}{'model':<34}{'requests':>14}{'prompt tok':>16}"
-        f"{'completion tok':>16}{'USD':>12}",
+        f"{'visible out':>16}{'thoughts':>16}{'USD':>12}",
     ]
     for s in result["stages"]:
         cost = "unknown" if s["cost_usd"] is None else f"{s['cost_usd']:,.2f}"
         lines.append(f"  {s['stage']:<14}{s['model'][:33]:<34}{s['requests']:>14,}"
-                     f"{s['prompt_tokens']:>16,}{s['completion_tokens']:>16,}{cost:>12}")
+                     f"{s['prompt_tokens']:>16,}{s['completion_tokens']:>16,}"
+                     f"{s['thoughts_tokens']:>16,}{cost:>12}")
     bounds = result["calls_bounds"]
     cost = "unknown" if result["cost_usd"] is None else f"${result['cost_usd']:,.2f}"
     lines += [
         f"  total: {result['total_requests']:,} requests, {result['total_tokens']:,} "
-        f"tokens, {cost}",
+        f"tokens (of which {result['total_thoughts_tokens']:,} thoughts, priced as "
+        f"output), {cost}",
         f"  budget formula bounds (first attempts): {bounds['all_kept_in_round_1']:,} "
         "calls (all kept in "
         f"round 1) to {bounds['all_rounds_for_every_candidate']:,} (every candidate "
@@ -264,7 +271,7 @@ def plan_command(argv: list[str]) -> int:
     parser.add_argument("--max_tokens_per_minute", type=float, default=None)
     parser.add_argument("--prices", default=None,
                         help='JSON file: {"MODEL URI or prefix": {"input": USD per 1M '
-                             'tokens, "output": USD per 1M tokens}}')
+                             'tokens, "cached_input": ..., "output": ...}}')
     parser.add_argument("--json", action="store_true", help="Print the plan as JSON.")
     args = parser.parse_args(argv)
     pilot = Pilot.from_manifest(read_json(FileSystems.join(args.pilot_run, "manifest.json")))

@@ -14,19 +14,13 @@ from typing import Any, Optional
 
 from apache_beam.io.filesystems import FileSystems
 
+from codeclm_beam.pricing import cost_usd
+from codeclm_beam.pricing import merged_prices
+from codeclm_beam.pricing import price_of
 from codeclm_beam.pipelines.outputs import read_json
 from codeclm_beam.pipelines.outputs import read_jsonl_dir
 from codeclm_beam.pipelines.outputs import write_json
 from codeclm_beam.pipelines.outputs import write_text
-
-# USD per million tokens (input, output). Estimates to replace with your contract's
-# prices: pass --prices FILE with {"MODEL URI or prefix": {"input": x, "output": y}}.
-DEFAULT_PRICES = {
-    "vertex:gemini-2.5-pro": {"input": 1.25, "output": 10.0},
-    "vertex:gemini-2.5-flash": {"input": 0.30, "output": 2.50},
-    "gemini:gemini-2.5-flash": {"input": 0.30, "output": 2.50},
-    "llamacpp:": {"input": 0.0, "output": 0.0},
-}
 
 CITATION = """@inproceedings{wang2024codeclm,
   title={CodecLM: Aligning Language Models with Tailored Synthetic Data},
@@ -148,7 +142,7 @@ def calls_per_stage(by_stage: dict) -> str:
     stages = list(by_stage)
     requests = [sum(m["requests"] for m in by_stage[s]["models"].values()) for s in stages]
     hits = [sum(m["cache_hits"] for m in by_stage[s]["models"].values()) for s in stages]
-    tokens = [sum(m["prompt_tokens"] + m["completion_tokens"]
+    tokens = [sum(m["prompt_tokens"] + m["completion_tokens"] + m.get("thoughts_tokens", 0)
                   for m in by_stage[s]["models"].values()) for s in stages]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.4))
     left.bar(stages, requests, label="requests sent")
@@ -156,7 +150,7 @@ def calls_per_stage(by_stage: dict) -> str:
     left.set_title("Model calls per stage")
     left.legend()
     right.bar(stages, tokens, color="#55a868")
-    right.set_title("Tokens per stage (prompt + completion)")
+    right.set_title("Tokens per stage (prompt + visible output + thoughts)")
     for ax in (left, right):
         ax.tick_params(axis="x", rotation=45)
     return _png(fig)
@@ -169,7 +163,8 @@ def wtl_bars(summary: dict) -> str:
     fig, ax = plt.subplots(figsize=(10, 0.45 * max(3, len(rows)) + 1))
     labels = [f"{bench} · {model[-40:]}" for model, bench, _ in rows]
     left = [0.0] * len(rows)
-    for outcome, color in (("win", "#55a868"), ("tie", "#ccb974"), ("loss", "#c44e52")):
+    for outcome, color in (("win", "#55a868"), ("tie", "#ccb974"), ("loss", "#c44e52"),
+                           ("failed", "#8c8c8c")):
         values = [100 * c[outcome] / c["total"] if c["total"] else 0 for _, _, c in rows]
         ax.barh(labels, values, left=left, color=color, label=outcome)
         left = [a + b for a, b in zip(left, values)]
@@ -221,27 +216,19 @@ def _img(src: str, alt: str) -> str:
     return f"<img class='plot' alt='{html.escape(alt)}' src='{src}'>"
 
 
-def price_of(uri: str, prices: dict) -> Optional[dict]:
-    if uri in prices:
-        return prices[uri]
-    matches = [k for k in prices if uri.startswith(k)]
-    return prices[max(matches, key=len)] if matches else None
-
-
 def estimated_cost(by_stage: dict, prices: dict) -> tuple[list[list[Any]], Optional[float]]:
     rows, total, unknown = [], 0.0, False
     for stage, entry in by_stage.items():
         for model, m in entry["models"].items():
-            price = price_of(model, prices)
-            cost = None
-            if price is not None:
-                cost = (m["prompt_tokens"] * price["input"]
-                        + m["completion_tokens"] * price["output"]) / 1e6
-                total += cost
-            else:
+            cost = cost_usd(m, price_of(model, prices))
+            if cost is None:
                 unknown = True
+            else:
+                total += cost
             rows.append([stage, model, m["requests"], m["cache_hits"], m["retries"],
-                         m["failures"], m["prompt_tokens"], m["completion_tokens"],
+                         m["failures"], m.get("truncated", 0), m["prompt_tokens"],
+                         m.get("cached_prompt_tokens", 0), m["completion_tokens"],
+                         m.get("thoughts_tokens", 0),
                          "unknown" if cost is None else f"${cost:,.4f}"])
     return rows, None if unknown else total
 
@@ -295,7 +282,10 @@ def generate_report(run_dir: str, prices: dict) -> dict[str, Any]:
         "<h2>Calls, tokens and cost</h2>",
         _img(calls_per_stage(by_stage), "calls and tokens per stage"),
         _table(cost_rows, ["stage", "model", "requests", "cache hits", "retries",
-                           "failures", "prompt tokens", "completion tokens", "est. cost"]),
+                           "failures", "truncated", "prompt tokens", "of which cached",
+                           "visible output tokens", "thought tokens", "est. cost"]),
+        "<p class='muted'>Thought tokens are billed as output; cached prompt tokens at "
+        "the cached-input rate.</p>",
         f"<p>Estimated cost: <b>{'unknown (no price for a model)' if cost is None else f'${cost:,.2f}'}"
         "</b> (prices are estimates; override with <code>--prices</code>).</p>",
         "<h2>Sample of kept pairs</h2>",
@@ -321,12 +311,18 @@ def evaluate_report(run_dir: str) -> dict[str, Any]:
         for bench in summary["benchmarks"]:
             c = row["benchmarks"][bench]
             rows.append([row["candidate_model"], bench, c["win"], c["tie"], c["loss"],
-                         c["crr"]])
+                         c["failed"], c["crr"]])
     sections = [
         f"<p>Reference <b>{html.escape(summary['models']['reference'])}</b>, judge "
-        f"<b>{html.escape(summary['models']['judge'])}</b>.</p>",
+        f"<b>{html.escape(summary['models']['judge'])}</b> "
+        f"(<b>{html.escape(summary['judge_independence'])}</b>).</p>",
+        "<ul>" + "".join(f"<li>{html.escape(bench)}: {html.escape(split)}</li>"
+                         for bench, split in summary["splits"].items()) + "</ul>",
         _img(wtl_bars(summary), "wins ties losses"),
-        _table(rows, ["candidate", "benchmark", "wins", "ties", "losses", "CRR %"]),
+        _table(rows, ["candidate", "benchmark", "wins", "ties", "losses", "failed",
+                      "CRR %"]),
+        "<p class='muted'>CRR = (wins + ties) / (wins + ties + losses); failed items "
+        "(no answer or judgement could be had) are not in the denominator.</p>",
         "<h2>As in the paper</h2><pre>" + html.escape(markdown_table(summary)) + "</pre>",
     ]
     write_text(FileSystems.join(run_dir, "report.html"),
@@ -411,7 +407,7 @@ produced it.
 
 
 def write_report(run_dir: str, prices: Optional[dict] = None) -> dict[str, Any]:
-    prices = {**DEFAULT_PRICES, **(prices or {})}
+    prices = merged_prices(prices)
     if FileSystems.exists(FileSystems.join(run_dir, "manifest.json")):
         return generate_report(run_dir, prices)
     if FileSystems.exists(FileSystems.join(run_dir, "summary.json")):
@@ -426,7 +422,7 @@ def report_command(argv: list[str]) -> int:
     parser.add_argument("run_dir")
     parser.add_argument("--prices", default=None,
                         help='JSON file: {"MODEL URI or prefix": {"input": USD per 1M '
-                             'tokens, "output": USD per 1M tokens}}')
+                             'tokens, "cached_input": ..., "output": ...}}')
     args = parser.parse_args(argv)
     prices = read_json(args.prices) if args.prices else None
     result = write_report(args.run_dir, prices)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from codeclm_beam.options import AnswerOptions
 from codeclm_beam.options import ModelOptions
 from codeclm_beam.options import RunOptions
 from codeclm_beam.options import option_actions
@@ -15,7 +16,7 @@ from codeclm_beam.pipelines.generate import GenerateOptions
 
 # Parameters a Dataflow launch must give; everything else has a default.
 REQUIRED = {"output_dir"}
-OPTION_VIEWS = (GenerateOptions, RunOptions, ModelOptions)
+OPTION_VIEWS = (GenerateOptions, AnswerOptions, RunOptions, ModelOptions)
 
 
 def flex_template_metadata() -> dict:

@@ -112,10 +112,21 @@ class ScriptedBackend(Backend):
         return f"{prefix} {user[:60]}"
 
     def _judge(self, request, user, schema):
+        scores = self._scores(user)
+        if "explanation" in schema["properties"]:
+            scores["explanation"] = (f"Assistant 1 scored {scores['assistant_1_score']}, "
+                                     f"Assistant 2 {scores['assistant_2_score']}.")
+        return scores
+
+    def _scores(self, user):
         first = user.split("[The Start of Assistant 1's Answer]\n", 1)[1]
         strong_first = first.startswith(STRONG_PREFIX)
         if self.scenario.get("judge") == "by_instruction":
             return self._judge_by_instruction(user, strong_first)
+        if self.scenario.get("judge") == "by_marker":
+            second = user.split("[The Start of Assistant 2's Answer]\n", 1)[1]
+            return {"assistant_1_score": _marker_score(first),
+                    "assistant_2_score": _marker_score(second)}
         strong, target = {"strong_wins": (9, 2), "tie": (6, 6),
                           "target_wins": (2, 9)}[self.scenario.get("judge", "tie")]
         if strong_first:
@@ -142,3 +153,10 @@ class ScriptedBackend(Backend):
 
     def _other(self, request, user, schema):
         return {k: 1 for k in schema.get("properties", {})} if schema else "ok"
+
+
+def _marker_score(answer: str) -> int:
+    """`by_marker` judging: an answer that says TUNED is good, BASE is poor, anything
+    else (the reference) in between."""
+    answer = answer.split("\n\n[The End", 1)[0]
+    return 9 if "TUNED" in answer else 2 if "BASE" in answer else 5

@@ -87,11 +87,17 @@ def test_crr_per_benchmark_and_candidate(tmp_path):
     assert si["instruction"] == "[WIN] Fix the grammar.\n\nInput: She no went to the market."
     assert si["candidate_first_scores"] == [9.0, 3.0]
     assert si["reference_first_scores"] == [9.0, 3.0]
-    table = (out / "crr.md").read_text()
-    assert table.splitlines()[0] == ("| candidate | evol_instruct | koala | self_instruct "
-                                     "| vicuna | vicuna_old | overall |")
-    assert table.splitlines()[2] == (f"| {candidate} | 80.00 (1/3/1) | 100.00 (1/1/0) | "
-                                     "50.00 (1/0/1) | 75.00 (2/1/1) | 100.00 (1/1/0) | "
-                                     "80.00 (6/6/3) |")
+    assert si["explanations"] == ["Assistant 1 scored 9, Assistant 2 3.",
+                                  "Assistant 1 scored 3, Assistant 2 9."]
+    table = (out / "crr.md").read_text().splitlines()
+    header = table.index("| candidate | evol_instruct | koala | self_instruct "
+                         "| vicuna | vicuna_old | overall |")
+    assert table[header + 2] == (f"| {candidate} | 80.00 (1/3/1/0) | 100.00 (1/1/0/0) | "
+                                 "50.00 (1/0/1/0) | 75.00 (2/1/1/0) | 100.00 (1/1/0/0) | "
+                                 "80.00 (6/6/3/0) |")
+    # No --judge_model: the reference judges its own answers, and the table says so.
+    assert table[0].endswith("(self-judged: the judge is also the reference)")
+    assert "- koala: whole file as given (the paper's tables cover whole benchmarks)" \
+        in table
     saved = json.loads((out / "summary.json").read_text())
     assert saved["models"]["candidates"] == [candidate, twin]

@@ -6,6 +6,7 @@ import os
 from codeclm_beam.pipelines.templates import flex_template_metadata
 from codeclm_beam.pipelines.templates import launcher_argv
 from codeclm_beam.pipelines.cli import _options_parser
+from codeclm_beam.options import AnswerOptions
 from codeclm_beam.options import ModelOptions
 from codeclm_beam.options import RunOptions
 from codeclm_beam.pipelines.generate import GenerateOptions
@@ -19,7 +20,8 @@ def test_committed_metadata_is_generated_from_the_cli_options():
     assert committed == flex_template_metadata(), (
         "regenerate: python -m codeclm_beam.pipelines.templates > "
         "pipelines/flex_template/metadata.json")
-    parser = _options_parser("x", "x", GenerateOptions, RunOptions, ModelOptions)
+    parser = _options_parser("x", "x", GenerateOptions, AnswerOptions, RunOptions,
+                             ModelOptions)
     cli_flags = {a.dest for a in parser._actions if a.dest != "help"}
     assert {p["name"] for p in committed["parameters"]} == cli_flags
     assert [p["name"] for p in committed["parameters"] if not p["isOptional"]] == \

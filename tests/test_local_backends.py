@@ -11,6 +11,7 @@ from codeclm_beam.model import CodecLMModelHandler
 from codeclm_beam.model import GenerationSettings
 from codeclm_beam.model import ModelClient
 from codeclm_beam.model import ModelConfig
+from codeclm_beam.model import ModelFailure
 from codeclm_beam.model import ModelRequest
 from codeclm_beam.model import ModelResponse
 
@@ -73,8 +74,19 @@ def test_openai_compatible_backend_against_llama_cpp_server(llama_server):
 
 def test_openai_compatible_free_text(llama_server):
     client = ModelClient(ModelConfig(uri=f"openai:smollm2@{llama_server}"))
-    result = client.call(ModelRequest.create(
-        "t", [ChatMessage("user", "Say hello in French.")],
-        GenerationSettings(temperature=0.0, max_output_tokens=16)))
+
+    def ask(max_output_tokens):
+        return client.call(ModelRequest.create(
+            "t", [ChatMessage("user", "Say hello in French.")],
+            GenerationSettings(temperature=0.0, max_output_tokens=max_output_tokens)))
+
+    result = ask(512)
     assert isinstance(result, ModelResponse), result
     assert result.data is None and result.text.strip()
+    assert result.finish_reason == "stop"
+    # Cut at the limit by the real server (finish reason "length"): re-sent once with
+    # twice the room, then a truncated failure, never a short answer kept as complete.
+    cut = ask(2)
+    assert isinstance(cut, ModelFailure), cut
+    assert (cut.reason, cut.finish_reason) == ("truncated", "length")
+    assert cut.stats.attempts == 2 and cut.stats.truncation_retries == 1

@@ -22,6 +22,7 @@ import apache_beam as beam
 from codeclm_beam.model import ChatMessage
 from codeclm_beam.model import GenerationSettings
 from codeclm_beam.model import ModelConfig
+from codeclm_beam.model.thinking import DEFAULT
 from codeclm_beam.records import Candidate
 from codeclm_beam.records import DeadLetter
 from codeclm_beam.records import Example
@@ -31,6 +32,9 @@ from codeclm_beam.stage import StageSpec
 UNDECIDED = "undecided"
 
 _JUDGE_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
+# Visible tokens of a judgement of two scores as JSON (about 20); the limit sent adds
+# the judge's thinking allowance (`codeclm_beam.model.thinking`).
+JUDGE_VISIBLE_TOKENS = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,19 +73,30 @@ def answer_prompt(candidate: Candidate) -> list[ChatMessage]:
     return [ChatMessage("user", candidate.instruction)]
 
 
-def judge_schema(score_scale: int) -> dict:
+def judge_schema(score_scale: int, explain: bool = False) -> dict:
     # Scores as an enum, not min/max bounds: grammar-constrained backends (llama.cpp)
-    # enforce enums, and every backend's structured output supports them.
+    # enforce enums, and every backend's structured output supports them. The
+    # explanation, when asked, comes after the scores (property order is answer order
+    # for constrained decoding).
     score = {"type": "integer", "enum": list(range(1, score_scale + 1))}
-    return {"type": "object",
-            "properties": {"assistant_1_score": score, "assistant_2_score": score},
-            "required": ["assistant_1_score", "assistant_2_score"],
+    properties = {"assistant_1_score": score, "assistant_2_score": score}
+    if explain:
+        properties["explanation"] = {"type": "string", "minLength": 1}
+    return {"type": "object", "properties": properties, "required": list(properties),
             "additionalProperties": False}
 
 
-def pairwise_judge_prompt(question: str, first: str, second: str,
-                          score_scale: int) -> list[ChatMessage]:
-    """Vicuna's pairwise judge prompt, asking for the two scores only."""
+def pairwise_judge_prompt(question: str, first: str, second: str, score_scale: int,
+                          explain: bool = False) -> list[ChatMessage]:
+    """Vicuna's pairwise judge prompt, as the paper uses it: the two scores only in
+    filtering (Figure 11); the scores first, then an explanation, in evaluation
+    (Figure 12)."""
+    if explain:
+        output = ("Output the two scores first, for Assistant 1 and Assistant 2, then a "
+                  "comprehensive explanation of your evaluation, as JSON.")
+    else:
+        output = ("Output only the two scores, for Assistant 1 and Assistant 2, as JSON, "
+                  "with no explanation.")
     return [
         ChatMessage("system", _JUDGE_SYSTEM),
         ChatMessage("user", (
@@ -95,8 +110,8 @@ def pairwise_judge_prompt(question: str, first: str, second: str,
             "Please rate the helpfulness, relevance, accuracy, level of details of their "
             f"responses. Each assistant receives an overall score on a scale of 1 to "
             f"{score_scale}, where a higher score indicates better overall performance.\n"
-            "Please output only the two scores, for Assistant 1 and Assistant 2, as JSON, "
-            "with no explanation.")),
+            "Avoid any bias: the order in which the two answers were presented must not "
+            "affect your judgement.\n" + output)),
     ]
 
 
@@ -155,7 +170,7 @@ class ContrastiveFilter(beam.PTransform):
             return StageSpec(
                 name=name, prompt=answer_prompt, record_id=answer_id,
                 parse=lambda c, text: [dataclasses.replace(c, **{field: text.strip()})],
-                settings=answer_settings)
+                settings=answer_settings, thinking=DEFAULT)
 
         self._answer_strong = answer_spec("answer_strong", "strong_answer")
         self._answer_target = answer_spec("answer_target", "target_answer")
@@ -168,7 +183,7 @@ class ContrastiveFilter(beam.PTransform):
             record_id=lambda task: (f"{answer_id(task.candidate)}/"
                                     f"{'strong' if task.strong_first else 'target'}-first"),
             schema=judge_schema(score_scale),
-            settings=GenerationSettings(judge_temperature, 32))
+            settings=GenerationSettings(judge_temperature, JUDGE_VISIBLE_TOKENS))
         self._models = {"strong": strong, "target": target, "judge": judge}
         self._threshold = threshold
         self._run_seed = run_seed

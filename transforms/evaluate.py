@@ -21,6 +21,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from codeclm_beam.model import GenerationSettings
 from codeclm_beam.model import ModelConfig
+from codeclm_beam.model.thinking import DEFAULT
 from codeclm_beam.records import DeadLetter
 from codeclm_beam.stage import DEAD_LETTER
 from codeclm_beam.stage import CallModel
@@ -35,6 +36,8 @@ from codeclm_beam.transforms.read_seeds import _lookup
 
 # Rows that `codeclm-beam split` put in the seed part carry this marker.
 SPLIT_MARKER = "codeclm_split"
+HELD_OUT = "held-out part of a codeclm-beam split (not comparable with the paper's tables)"
+WHOLE_FILE = "whole file as given (the paper's tables cover whole benchmarks)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,7 +171,7 @@ class _ParseBenchmark(beam.DoFn):
                 except RowError as e:
                     yield beam.pvalue.TaggedOutput(DEAD_LETTER, DeadLetter.of(
                         "read_benchmark", source, e, payload=row if isinstance(
-                            row, dict) else None))
+                            row, dict) else None, reason="bad_input"))
 
 
 class ReadBenchmarks(beam.PTransform):
@@ -179,9 +182,12 @@ class ReadBenchmarks(beam.PTransform):
                  allow_seed_items: bool = False):
         super().__init__()
         self._layouts = {}
+        self._splits = {}
         for path in paths:
             for match in FileSystems.match([path])[0].metadata_list:
                 row = first_row(match.path)
+                self._splits[benchmark_name(match.path)] = (
+                    HELD_OUT if row.get(SPLIT_MARKER) == "eval" else WHOLE_FILE)
                 self._layouts[match.path] = detect_file_layout(match.path,
                                                                instruction_field, row)
                 if not allow_seed_items and row.get(SPLIT_MARKER) == "seeds":
@@ -197,6 +203,12 @@ class ReadBenchmarks(beam.PTransform):
     @property
     def layouts(self) -> dict[str, str]:
         return {path: layout.name for path, layout in self._layouts.items()}
+
+    @property
+    def splits(self) -> dict[str, str]:
+        """Per benchmark: whether its file is the held-out part of a split or a whole
+        benchmark (the paper's tables are whole benchmarks)."""
+        return dict(self._splits)
 
     def expand(self, pbegin):
         parsed = (pbegin
@@ -234,12 +246,21 @@ class Judgement:
     candidate_model: str
     reference_model: str
     judge_model: str
-    candidate_answer: str
-    reference_answer: str
+    candidate_answer: Optional[str]
+    reference_answer: Optional[str]
     # [candidate score, reference score] in each order
     candidate_first_scores: tuple[float, ...]
     reference_first_scores: tuple[float, ...]
-    outcome: str  # "win" | "tie" | "loss" (for the candidate)
+    # "win" | "tie" | "loss" for the candidate, or "failed": an answer or a judgement
+    # could not be had (its dead letter says why); never left out silently.
+    outcome: str
+    # The judge's explanation in each order (candidate first, reference first).
+    explanations: tuple[str, ...] = ()
+
+
+FAILED = "failed"
+# Visible tokens of an evaluation judgement: two scores and an explanation.
+EVAL_JUDGE_VISIBLE_TOKENS = 768
 
 
 def outcome_of(candidate_first: tuple[float, float],
@@ -258,7 +279,8 @@ def _answer_spec(stage: str, settings: GenerationSettings) -> StageSpec:
     return StageSpec(
         name=stage, prompt=lambda a: answer_prompt(a.item),
         parse=lambda a, text: [dataclasses.replace(a, answer=text.strip())],
-        record_id=lambda a: f"{a.item.benchmark}/{a.item.item_id}", settings=settings)
+        record_id=lambda a: f"{a.item.benchmark}/{a.item.item_id}", settings=settings,
+        thinking=DEFAULT)
 
 
 class _Outcome(beam.DoFn):
@@ -273,8 +295,9 @@ class _Outcome(beam.DoFn):
             beam.metrics.Metrics.counter("codeclm/flow", "eval_judge_incomplete").inc()
             return
         task = next(t for t, _ in scored)
-        cf = tuple(orders[True])  # candidate is Assistant 1
-        rf = tuple(orders[False])  # reference is Assistant 1
+        explanations = {t.candidate_first: scores[2] for t, scores in scored}
+        cf = tuple(orders[True][:2])  # candidate is Assistant 1
+        rf = tuple(orders[False][:2])  # reference is Assistant 1
         candidate_first = (cf[0], cf[1])
         reference_first = (rf[1], rf[0])
         yield Judgement(
@@ -284,7 +307,30 @@ class _Outcome(beam.DoFn):
             judge_model=self._judge, candidate_answer=task.candidate_answer,
             reference_answer=task.reference_answer,
             candidate_first_scores=candidate_first, reference_first_scores=reference_first,
-            outcome=outcome_of(candidate_first, reference_first))
+            outcome=outcome_of(candidate_first, reference_first),
+            explanations=(explanations[True], explanations[False]))
+
+
+class _JudgedOrFailed(beam.DoFn):
+    """Every item leaves with a judgement: its own, or one marked failed."""
+
+    def __init__(self, candidate: str, reference: str, judge: str):
+        self._models = (candidate, reference, judge)
+
+    def process(self, joined):
+        _, grouped = joined
+        judgements = grouped["judgement"]
+        if judgements:
+            yield judgements[0]
+            return
+        candidate, reference, judge = self._models
+        for item in grouped["item"][:1]:
+            yield Judgement(
+                benchmark=item.benchmark, item_id=item.item_id, category=item.category,
+                instruction=item.instruction, candidate_model=candidate,
+                reference_model=reference, judge_model=judge, candidate_answer=None,
+                reference_answer=None, candidate_first_scores=(),
+                reference_first_scores=(), outcome=FAILED)
 
 
 class JudgeAgainstReference(beam.PTransform):
@@ -294,7 +340,7 @@ class JudgeAgainstReference(beam.PTransform):
     def __init__(self, candidates: list[ModelConfig], reference: ModelConfig,
                  judge: ModelConfig, score_scale: int = 10,
                  answer_temperature: float = 0.7, max_output_tokens: int = 1024,
-                 run_seed: int = 0):
+                 run_seed: int = 0, judge_temperature: float = 0.0):
         super().__init__()
         self._candidates = candidates
         self._reference = reference
@@ -308,14 +354,15 @@ class JudgeAgainstReference(beam.PTransform):
                 t.item.instruction,
                 t.candidate_answer if t.candidate_first else t.reference_answer,
                 t.reference_answer if t.candidate_first else t.candidate_answer,
-                score_scale),
+                score_scale, explain=True),
             parse=lambda t, data: [(t, (float(data["assistant_1_score"]),
-                                        float(data["assistant_2_score"])))],
+                                        float(data["assistant_2_score"]),
+                                        data["explanation"].strip()))],
             record_id=lambda t: (f"{t.candidate_model}/{t.item.benchmark}/{t.item.item_id}/"
                                  f"{'candidate' if t.candidate_first else 'reference'}"
                                  "-first"),
-            schema=judge_schema(score_scale),
-            settings=GenerationSettings(0.0, 32))
+            schema=judge_schema(score_scale, explain=True),
+            settings=GenerationSettings(judge_temperature, EVAL_JUDGE_VISIBLE_TOKENS))
 
     def expand(self, items):
         seed = self._run_seed
@@ -327,6 +374,8 @@ class JudgeAgainstReference(beam.PTransform):
                          self._reference, seed))
         reference_by_item = reference.output | "ReferenceByItem" >> beam.Map(
             lambda a: ((a.item.benchmark, a.item.item_id), a))
+        items_by_key = items | "ItemsByKey" >> beam.Map(
+            lambda i: ((i.benchmark, i.item_id), i))
         dead = [reference.dead_letter]
         judged = []
         for index, candidate in enumerate(self._candidates):
@@ -345,13 +394,19 @@ class JudgeAgainstReference(beam.PTransform):
                      | f"{name}/PairForJudge" >> beam.FlatMap(_judge_tasks))
             scored = tasks | f"{name}/Judge" >> CallModel(self._judge_spec, self._judge, seed)
             dead.append(scored.dead_letter)
-            judged.append(
+            outcomes = (
                 scored.output
                 | f"{name}/ByPair" >> beam.Map(
-                    lambda ts: ((ts[0].candidate_model, ts[0].item.benchmark,
-                                 ts[0].item.item_id), ts))
+                    lambda ts: ((ts[0].item.benchmark, ts[0].item.item_id), ts))
                 | f"{name}/GroupOrders" >> beam.GroupByKey()
-                | f"{name}/Outcome" >> beam.ParDo(_Outcome(ref_uri, self._judge.spec.uri)))
+                | f"{name}/Outcome" >> beam.ParDo(_Outcome(ref_uri, self._judge.spec.uri))
+                | f"{name}/OutcomeByItem" >> beam.Map(
+                    lambda j: ((j.benchmark, j.item_id), j)))
+            judged.append(
+                {"item": items_by_key, "judgement": outcomes}
+                | f"{name}/JoinItems" >> beam.CoGroupByKey()
+                | f"{name}/JudgedOrFailed" >> beam.ParDo(
+                    _JudgedOrFailed(uri, ref_uri, self._judge.spec.uri)))
         return StageOutput(
             tuple(judged) | "AllJudgements" >> beam.Flatten(),
             tuple(dead) | "AllDeadLetters" >> beam.Flatten())

@@ -198,11 +198,12 @@ class _ParseFile(beam.DoFn):
                         yield self._make(source, row)
                     except Exception as e:
                         yield beam.pvalue.TaggedOutput(DEAD_LETTER, DeadLetter.of(
-                            self._stage, source, e, payload=_printable(row)))
+                            self._stage, source, e, payload=_printable(row),
+                            reason="bad_input"))
         except Exception as e:  # the file itself is unreadable (or ends corrupt)
             self._rows.inc()
             yield beam.pvalue.TaggedOutput(DEAD_LETTER, DeadLetter.of(
-                self._stage, path, e))
+                self._stage, path, e, reason="bad_input"))
 
 
 def _printable(row: Any) -> Any:

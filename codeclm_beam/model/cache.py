@@ -21,7 +21,7 @@ from apache_beam.io.filesystems import FileSystems
 from codeclm_beam.model.types import ModelResponse
 
 _LOG = logging.getLogger(__name__)
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 
 
 class ResponseCache:
@@ -45,7 +45,9 @@ class ResponseCache:
             text=entry["text"], data=entry["data"],
             prompt_tokens=entry["prompt_tokens"],
             completion_tokens=entry["completion_tokens"],
-            finish_reason=entry["finish_reason"])
+            finish_reason=entry["finish_reason"],
+            cached_prompt_tokens=entry["cached_prompt_tokens"],
+            thoughts_tokens=entry["thoughts_tokens"])
 
     def put(self, key: str, response: ModelResponse) -> None:
         entry = {
@@ -56,6 +58,8 @@ class ResponseCache:
             "prompt_tokens": response.prompt_tokens,
             "completion_tokens": response.completion_tokens,
             "finish_reason": response.finish_reason,
+            "cached_prompt_tokens": response.cached_prompt_tokens,
+            "thoughts_tokens": response.thoughts_tokens,
         }
         body = json.dumps(entry, ensure_ascii=False).encode("utf-8")
         try:

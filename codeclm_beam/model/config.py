@@ -10,8 +10,14 @@ import dataclasses
 from typing import Any, Optional
 
 from codeclm_beam.model.ratelimit import QuotaConfig
+from codeclm_beam.model.thinking import DEFAULT
+from codeclm_beam.model.thinking import LEAST
+from codeclm_beam.model.thinking import Thinking
+from codeclm_beam.model.thinking import parse_thinking
+from codeclm_beam.model.thinking import resolve_thinking
 from codeclm_beam.model.uri import DEFAULT_MODEL_URI
 from codeclm_beam.model.uri import ModelSpec
+from codeclm_beam.redact import public_url
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +37,12 @@ class ModelConfig:
     max_concurrency: int = 8
     max_retries: int = 6
     max_parse_retries: int = 2
+    # Re-sends with a larger output limit after an answer stopped at the limit.
+    max_truncation_retries: int = 1
+    # This role's thinking setting as the user wrote it (`codeclm_beam.model.thinking`);
+    # None lets each stage choose (least for structured stages and the judge, the
+    # model's default for answers).
+    thinking: Optional[str] = None
     initial_backoff_s: float = 1.0
     max_backoff_s: float = 60.0
     quota: QuotaConfig = QuotaConfig()
@@ -44,12 +56,31 @@ class ModelConfig:
         ModelSpec.parse(self.uri)  # fail at pipeline construction, not on a worker
         if self.max_concurrency < 1:
             raise ValueError("max_concurrency must be at least 1")
-        if self.max_retries < 0 or self.max_parse_retries < 0:
+        if min(self.max_retries, self.max_parse_retries, self.max_truncation_retries) < 0:
             raise ValueError("retry counts cannot be negative")
+        object.__setattr__(self, "thinking", parse_thinking(self.thinking))
+        # A setting this model cannot take is refused here, before any call.
+        for stage_default in (LEAST, DEFAULT):
+            self.thinking_for(stage_default)
+
+    def thinking_for(self, stage_default: str) -> Thinking:
+        """What a stage whose own default is `stage_default` sends to this model."""
+        spec = self.spec
+        return resolve_thinking(spec.backend, spec.model, self.thinking, stage_default)
 
     @property
     def spec(self) -> ModelSpec:
         return ModelSpec.parse(self.uri)
+
+    @property
+    def identity(self) -> str:
+        """What identifies the model wherever answers are shared or counted: response
+        cache keys, thread pools, quotas and metrics (`ModelSpec.identity`, plus the
+        endpoint override of a vertex:/gemini: model, which may be another server)."""
+        spec = self.spec
+        if spec.backend in ("vertex", "gemini") and self.base_url:
+            return f"{spec.identity}@{public_url(self.base_url)}"
+        return spec.identity
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

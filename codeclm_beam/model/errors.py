@@ -14,6 +14,11 @@ from typing import Optional
 RETRYABLE_HTTP_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
 
+class ConfigurationError(ValueError):
+    """A setting refused when the pipeline is built, before any model call; the CLI
+    prints its message (no traceback) and exits with status 2."""
+
+
 class ModelError(Exception):
     def __init__(self, message: str, *, status: Optional[int] = None):
         super().__init__(message)
@@ -35,6 +40,29 @@ class SchemaMismatch(ModelError):
     def __init__(self, message: str, raw_answer: str):
         super().__init__(message)
         self.raw_answer = raw_answer
+
+
+class TruncatedAnswer(ModelError):
+    """An answer that stopped at the output limit (`MAX_TOKENS`, OpenAI `length`) even
+    after the one re-send with a larger limit: never kept as if it were complete."""
+
+    def __init__(self, message: str, raw_answer: str, finish_reason: str):
+        super().__init__(message)
+        self.raw_answer = raw_answer
+        self.finish_reason = finish_reason
+
+
+def failure_reason(error: BaseException) -> str:
+    """The one-word reason a dead letter carries, so they can be counted and filtered."""
+    if isinstance(error, TruncatedAnswer):
+        return "truncated"
+    if isinstance(error, SchemaMismatch):
+        return "schema"
+    if isinstance(error, TransientModelError):
+        return "transient"
+    if isinstance(error, PermanentModelError):
+        return "refused"
+    return "error"
 
 
 def classify_http_status(status: int, message: str,

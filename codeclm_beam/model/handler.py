@@ -40,8 +40,11 @@ from codeclm_beam.model.config import ModelConfig
 from codeclm_beam.model.errors import ModelError
 from codeclm_beam.model.errors import SchemaMismatch
 from codeclm_beam.model.errors import TransientModelError
+from codeclm_beam.model.errors import TruncatedAnswer
+from codeclm_beam.model.errors import failure_reason
 from codeclm_beam.model.ratelimit import TokenBucketRateLimiter
 from codeclm_beam.model.ratelimit import make_rate_limiter
+from codeclm_beam.model.thinking import output_token_limit
 from codeclm_beam.model.types import CallStats
 from codeclm_beam.model.types import ModelFailure
 from codeclm_beam.model.types import ModelRequest
@@ -66,7 +69,7 @@ def _shared_pool(model_id: str, workers: int) -> concurrent.futures.ThreadPoolEx
         key = (model_id, workers)
         if key not in _POOLS:
             _POOLS[key] = concurrent.futures.ThreadPoolExecutor(
-                max_workers=workers, thread_name_prefix=f"codeclm-{model_id}")
+                max_workers=workers, thread_name_prefix="codeclm-model")
         return _POOLS[key]
 
 
@@ -98,9 +101,10 @@ class ModelClient:
         self.spec = config.spec
         self.backend = backend or create_backend(config)
         self.cache = ResponseCache(config.cache_dir) if config.cache_dir else None
-        self.limiter = make_rate_limiter(config.quota, tag=self.spec.cache_id)
+        self.identity = config.identity
+        self.limiter = make_rate_limiter(config.quota, tag=self.identity)
         workers = config.max_concurrency if self.backend.concurrent else 1
-        self.pool = _shared_pool(self.spec.cache_id, workers)
+        self.pool = _shared_pool(self.identity, workers)
         self._validators: dict[str, Any] = {}
 
     def call_all(self, requests: Sequence[ModelRequest]) -> list[ModelResult]:
@@ -109,14 +113,13 @@ class ModelClient:
         return list(self.pool.map(self.call, requests))
 
     def call(self, request: ModelRequest) -> ModelResult:
-        key = request.cache_key(self.spec.cache_id) if self.cache else None
+        key = request.cache_key(self.identity) if self.cache else None
         if key:
             hit = self.cache.get(key)
             if hit is not None:
                 return _with_stats(hit, CallStats(cache_hit=True))
-        counters = {"attempts": 0, "retries": 0, "parse_retries": 0, "throttled": 0.0,
-                    "prompt_tokens": 0, "completion_tokens": 0}
-        raw_answer = None
+        counters = _new_counters()
+        raw = None
         try:
             for parse_attempt in range(self.config.max_parse_retries + 1):
                 asked = request
@@ -125,8 +128,7 @@ class ModelClient:
                     seed = request.settings.seed
                     asked = request.with_seed(
                         None if seed is None else seed + _REASK_SEED_STRIDE * parse_attempt)
-                raw = self._send_with_retries(asked, counters)
-                raw_answer = raw.text
+                raw = self._send_complete(asked, counters)
                 try:
                     data = self._parse(request, raw)
                 except SchemaMismatch as mismatch:
@@ -135,16 +137,45 @@ class ModelClient:
                 response = ModelResponse(
                     text=raw.text, data=data, prompt_tokens=raw.prompt_tokens,
                     completion_tokens=raw.completion_tokens,
-                    finish_reason=raw.finish_reason)
+                    finish_reason=raw.finish_reason,
+                    cached_prompt_tokens=raw.cached_prompt_tokens,
+                    thoughts_tokens=raw.thoughts_tokens)
                 if key:
                     self.cache.put(key, response)
                 return _with_stats(response, _stats(counters))
             raise last_mismatch
         except ModelError as error:
-            return self._failure(request, error, counters, raw_answer)
+            return self._failure(request, error, counters, raw)
         except Exception as error:  # a bug or an unexpected library error: dead-letter it
             _LOG.exception("unexpected error calling %s", self.spec.uri)
-            return self._failure(request, error, counters, raw_answer)
+            return self._failure(request, error, counters, raw)
+
+    def _send_complete(self, request: ModelRequest, counters: dict) -> RawAnswer:
+        """An answer that did not stop at the output limit. One that did is sent once
+        more with the whole first limit added as room (counted); if that stops at the
+        limit too, it is a TruncatedAnswer, never a short answer kept as complete."""
+        raw = self._send_with_retries(request, counters)
+        if not raw.truncated:
+            return raw
+        first_limit = self._wire_limit(request)
+        if counters["truncation_retries"] < self.config.max_truncation_retries:
+            counters["truncation_retries"] += 1
+            raw = self._send_with_retries(request.with_max_output_tokens(
+                request.settings.max_output_tokens + first_limit), counters)
+            if not raw.truncated:
+                return raw
+        raise TruncatedAnswer(
+            f"answer stopped at the output limit (finish reason {raw.finish_reason}; "
+            f"limit {self._wire_limit(request)} tokens for a visible budget of "
+            f"{request.settings.max_output_tokens}; last answer: {raw.completion_tokens} "
+            f"visible + {raw.thoughts_tokens} thought tokens), also after a re-send "
+            f"with a larger limit; raise the stage's output budget or lower its "
+            f"thinking", raw.text, raw.finish_reason)
+
+    def _wire_limit(self, request: ModelRequest) -> int:
+        return output_token_limit(self.spec.backend, self.spec.model,
+                                  request.settings.max_output_tokens,
+                                  request.settings.thinking)
 
     def _send_with_retries(self, request: ModelRequest, counters: dict) -> RawAnswer:
         config = self.config
@@ -169,9 +200,13 @@ class ModelClient:
         counters["attempts"] += 1
         raw = self.backend.generate(request)
         counters["prompt_tokens"] += raw.prompt_tokens
+        counters["cached_prompt_tokens"] += raw.cached_prompt_tokens
         counters["completion_tokens"] += raw.completion_tokens
+        counters["thoughts_tokens"] += raw.thoughts_tokens
         if isinstance(self.limiter, TokenBucketRateLimiter):
-            self.limiter.charge_tokens(raw.prompt_tokens - estimate + raw.completion_tokens)
+            # Thoughts are output tokens to a quota, as they are to the bill.
+            self.limiter.charge_tokens(raw.prompt_tokens - estimate + raw.completion_tokens
+                                       + raw.thoughts_tokens)
         return raw
 
     def _parse(self, request: ModelRequest, raw: RawAnswer) -> Any:
@@ -202,24 +237,32 @@ class ModelClient:
                                  raw.text)
         return data
 
-    def _failure(self, request, error, counters, raw_answer) -> ModelFailure:
-        raw = getattr(error, "raw_answer", None) or raw_answer
+    def _failure(self, request, error, counters, last: Optional[RawAnswer]
+                 ) -> ModelFailure:
+        raw = getattr(error, "raw_answer", None) or (last.text if last else None)
         return ModelFailure(
             request_id=request.request_id,
             error_class=type(error).__name__,
             message=redact(str(error))[:4000],
             attempts=counters["attempts"],
             raw_answer=redact(raw)[:4000] if raw else None,
-            stats=_stats(counters))
+            stats=_stats(counters, truncated=isinstance(error, TruncatedAnswer)),
+            reason=failure_reason(error),
+            finish_reason=getattr(error, "finish_reason", None) or (
+                last.finish_reason if last else None))
 
 
-def _stats(counters: dict) -> CallStats:
-    return CallStats(
-        attempts=counters["attempts"], retries=counters["retries"],
-        parse_retries=counters["parse_retries"],
-        throttled_seconds=counters["throttled"],
-        prompt_tokens=counters["prompt_tokens"],
-        completion_tokens=counters["completion_tokens"])
+_COUNTED = ("attempts", "retries", "parse_retries", "truncation_retries", "prompt_tokens",
+            "cached_prompt_tokens", "completion_tokens", "thoughts_tokens")
+
+
+def _new_counters() -> dict:
+    return {**dict.fromkeys(_COUNTED, 0), "throttled": 0.0}
+
+
+def _stats(counters: dict, truncated: bool = False) -> CallStats:
+    return CallStats(throttled_seconds=counters["throttled"], truncated=truncated,
+                     **{name: counters[name] for name in _COUNTED})
 
 
 def _with_stats(response: ModelResponse, stats: CallStats) -> ModelResponse:
@@ -235,8 +278,9 @@ class StageMetrics:
     """Beam counters for one stage and model. Updated only from the bundle thread:
     Beam drops metric updates made from helper threads."""
 
-    NAMES = ("requests", "cache_hits", "retries", "parse_retries", "failures",
-             "throttled_ms", "prompt_tokens", "completion_tokens", "elements")
+    NAMES = ("requests", "cache_hits", "retries", "parse_retries", "truncation_retries",
+             "truncated", "failures", "throttled_ms", "prompt_tokens",
+             "cached_prompt_tokens", "completion_tokens", "thoughts_tokens", "elements")
 
     def __init__(self, stage: str, model_id: str):
         namespace = metrics_namespace(stage, model_id)
@@ -254,9 +298,12 @@ class StageMetrics:
             totals["cache_hits"] += int(stats.cache_hit)
             totals["retries"] += stats.retries
             totals["parse_retries"] += stats.parse_retries
+            totals["truncation_retries"] += stats.truncation_retries
+            totals["truncated"] += int(stats.truncated)
             totals["failures"] += int(isinstance(result, ModelFailure))
-            totals["prompt_tokens"] += stats.prompt_tokens
-            totals["completion_tokens"] += stats.completion_tokens
+            for tokens in ("prompt_tokens", "cached_prompt_tokens", "completion_tokens",
+                           "thoughts_tokens"):
+                totals[tokens] += getattr(stats, tokens)
             throttled += stats.throttled_seconds
         totals["throttled_ms"] = int(throttled * 1000)
         for name, value in totals.items():
@@ -297,7 +344,7 @@ class CodecLMModelHandler(RemoteModelHandler[ModelRequest, PredictionResult, Mod
                 inference_args: Optional[dict[str, Any]] = None) -> list[PredictionResult]:
         results = model.call_all(batch)
         if self._metrics is None:
-            self._metrics = StageMetrics(self._stage, model.spec.cache_id)
+            self._metrics = StageMetrics(self._stage, model.identity)
         self._metrics.record(results)
         return [PredictionResult(example=req, inference=res, model_id=model.spec.uri)
                 for req, res in zip(batch, results)]

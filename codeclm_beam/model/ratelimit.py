@@ -23,6 +23,7 @@ RPC per request and never blocks the proxy server; neither library has that shap
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 import threading
 import time
@@ -129,7 +130,10 @@ class TokenBucketRateLimiter(RateLimiter):
         super().__init__(namespace=namespace)
         self._quota = quota
         # The tag is a file name for MultiProcessShared's lock and address files.
-        self._tag = re.sub(r"[^A-Za-z0-9_.-]", "_", f"codeclm-quota-{quota.run_id}-{tag}")
+        # A model identity can be long (a GGUF path): name the files by its hash.
+        model_hash = hashlib.sha256(tag.encode("utf-8")).hexdigest()[:16]
+        self._tag = re.sub(r"[^A-Za-z0-9_.-]", "_",
+                           f"codeclm-quota-{quota.run_id}-{model_hash}")
         self._bucket = None
         self._lock = threading.Lock()
 

@@ -11,6 +11,8 @@ import hashlib
 import json
 from typing import Any, Optional, Union
 
+from codeclm_beam.model.thinking import Thinking
+
 
 @dataclasses.dataclass(frozen=True)
 class ChatMessage:
@@ -25,7 +27,11 @@ class ChatMessage:
 @dataclasses.dataclass(frozen=True)
 class GenerationSettings:
     temperature: float = 0.7
+    # The visible answer's budget. What is sent adds the thinking the request allows
+    # (`thinking.output_token_limit`).
     max_output_tokens: int = 1024
+    # How much the model may think (resolved per model and stage before any call).
+    thinking: Thinking = Thinking()
     # Seeded sampling makes a prompt's answer reproducible where the backend honours
     # it (llama.cpp, OpenAI-compatible servers, Gemini), which is what lets the
     # response cache answer a whole re-run.
@@ -63,6 +69,10 @@ class ModelRequest:
         return dataclasses.replace(
             self, settings=dataclasses.replace(self.settings, seed=seed))
 
+    def with_max_output_tokens(self, tokens: int) -> "ModelRequest":
+        return dataclasses.replace(
+            self, settings=dataclasses.replace(self.settings, max_output_tokens=tokens))
+
     def prompt_chars(self) -> int:
         return sum(len(m.content) for m in self.messages)
 
@@ -84,10 +94,18 @@ class CallStats:
     attempts: int = 0  # backend calls actually sent (0 for a cache hit)
     retries: int = 0  # transport retries (429/5xx/timeouts)
     parse_retries: int = 0  # re-asks after an answer failed its schema
+    # Re-sends with a larger output limit after an answer stopped at the limit.
+    truncation_retries: int = 0
+    # The call ended as a TruncatedAnswer.
+    truncated: bool = False
     cache_hit: bool = False
     throttled_seconds: float = 0.0
+    # Tokens as billed, over every attempt: prompt (of which cached), visible output,
+    # and thoughts (billed as output; not part of completion_tokens).
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
     completion_tokens: int = 0
+    thoughts_tokens: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +117,8 @@ class ModelResponse:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str
+    cached_prompt_tokens: int = 0
+    thoughts_tokens: int = 0
     stats: CallStats = CallStats()
 
 
@@ -112,6 +132,10 @@ class ModelFailure:
     attempts: int
     raw_answer: Optional[str] = None
     stats: CallStats = CallStats()
+    # Why, in one word (`errors.failure_reason`): truncated, schema, transient, ...
+    reason: str = "error"
+    # The model's finish reason of the last answer, when one arrived.
+    finish_reason: Optional[str] = None
 
 
 ModelResult = Union[ModelResponse, ModelFailure]

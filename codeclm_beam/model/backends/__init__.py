@@ -13,12 +13,26 @@ from codeclm_beam.model.config import ModelConfig
 from codeclm_beam.model.types import ModelRequest
 
 
+# Finish reasons that mean "stopped at the output limit" (Gemini; OpenAI and llama.cpp).
+TRUNCATED_FINISH_REASONS = frozenset({"MAX_TOKENS", "LENGTH"})
+
+
 @dataclasses.dataclass(frozen=True)
 class RawAnswer:
     text: str
     prompt_tokens: int
+    # Visible output only; thought (reasoning) tokens are counted apart, as Gemini's
+    # `candidatesTokenCount` does (OpenAI's completion_tokens includes them: the
+    # backend subtracts).
     completion_tokens: int
     finish_reason: str
+    thoughts_tokens: int = 0
+    # Of prompt_tokens, those served from (implicit or explicit) context cache.
+    cached_prompt_tokens: int = 0
+
+    @property
+    def truncated(self) -> bool:
+        return str(self.finish_reason).upper() in TRUNCATED_FINISH_REASONS
 
 
 class Backend(abc.ABC):

@@ -17,6 +17,7 @@ from codeclm_beam.model.errors import PermanentModelError
 from codeclm_beam.model.errors import TransientModelError
 from codeclm_beam.model.errors import classify_http_status
 from codeclm_beam.model.errors import parse_retry_after
+from codeclm_beam.model.thinking import output_token_limit
 from codeclm_beam.model.types import ModelRequest
 
 
@@ -26,6 +27,7 @@ class GoogleGenAIBackend(Backend):
         from google.genai import types
 
         self._types = types
+        self._backend = config.spec.backend
         self._model = config.spec.model
         http_options = types.HttpOptions(
             timeout=int(config.request_timeout_s * 1000),
@@ -39,7 +41,8 @@ class GoogleGenAIBackend(Backend):
                     f"{config.uri}: set --vertex_project or GOOGLE_CLOUD_PROJECT")
             self._client = genai.Client(
                 vertexai=True, project=project, location=location,
-                credentials=config.credentials, http_options=http_options)
+                credentials=config.credentials or _token_credentials(),
+                http_options=http_options)
         else:
             api_key = os.environ.get("GEMINI_API_KEY") or os.environ.get("GOOGLE_API_KEY")
             if not api_key:
@@ -51,11 +54,22 @@ class GoogleGenAIBackend(Backend):
         types = self._types
         system = "\n\n".join(m.content for m in request.messages if m.role == "system")
         schema = request.json_schema
+        settings = request.settings
+        thinking = settings.thinking
+        thinking_config = None
+        if thinking.budget is not None:
+            thinking_config = types.ThinkingConfig(thinking_budget=thinking.budget)
+        elif thinking.level is not None:
+            thinking_config = types.ThinkingConfig(
+                thinking_level=types.ThinkingLevel(thinking.level.upper()))
         return types.GenerateContentConfig(
             system_instruction=system or None,
-            temperature=request.settings.temperature,
-            max_output_tokens=request.settings.max_output_tokens,
-            seed=request.settings.seed,
+            temperature=settings.temperature,
+            # Thought tokens count against this limit: leave them room.
+            max_output_tokens=output_token_limit(
+                self._backend, self._model, settings.max_output_tokens, thinking),
+            thinking_config=thinking_config,
+            seed=settings.seed,
             response_mime_type="application/json" if schema else None,
             response_json_schema=schema,
             candidate_count=1,
@@ -86,7 +100,21 @@ class GoogleGenAIBackend(Backend):
             text=text,
             prompt_tokens=(usage.prompt_token_count or 0) if usage else 0,
             completion_tokens=(usage.candidates_token_count or 0) if usage else 0,
-            finish_reason=finish_name)
+            finish_reason=finish_name,
+            thoughts_tokens=(usage.thoughts_token_count or 0) if usage else 0,
+            cached_prompt_tokens=(usage.cached_content_token_count or 0) if usage else 0)
+
+
+def _token_credentials():
+    """An OAuth access token from CODECLM_VERTEX_ACCESS_TOKEN (e.g. `gcloud auth
+    print-access-token`, or a fake one for a loopback server); None leaves
+    google-genai to find Application Default Credentials. Read on the worker, never
+    passed through options, and redacted wherever it could be echoed."""
+    token = os.environ.get("CODECLM_VERTEX_ACCESS_TOKEN")
+    if not token:
+        return None
+    from google.oauth2.credentials import Credentials
+    return Credentials(token=token)
 
 
 def _translate(error: Exception) -> Exception:

@@ -18,6 +18,7 @@ from codeclm_beam.model.config import ModelConfig
 from codeclm_beam.model.errors import TransientModelError
 from codeclm_beam.model.errors import classify_http_status
 from codeclm_beam.model.errors import parse_retry_after
+from codeclm_beam.model.thinking import output_token_limit
 from codeclm_beam.model.types import ModelRequest
 
 
@@ -62,11 +63,19 @@ class OpenAICompatibleBackend(Backend):
             raise TransientModelError("the server returned no choices")
         choice = response.choices[0]
         usage = response.usage
+        completion_details = getattr(usage, "completion_tokens_details", None)
+        prompt_details = getattr(usage, "prompt_tokens_details", None)
+        # OpenAI counts reasoning inside completion_tokens; keep visible and thought
+        # tokens apart, as Gemini reports them.
+        reasoning = (getattr(completion_details, "reasoning_tokens", None) or 0)
+        completion = (usage.completion_tokens or 0) if usage else 0
         return RawAnswer(
             text=choice.message.content or "",
             prompt_tokens=(usage.prompt_tokens or 0) if usage else 0,
-            completion_tokens=(usage.completion_tokens or 0) if usage else 0,
-            finish_reason=choice.finish_reason or "stop")
+            completion_tokens=max(0, completion - reasoning),
+            finish_reason=choice.finish_reason or "stop",
+            thoughts_tokens=reasoning,
+            cached_prompt_tokens=getattr(prompt_details, "cached_tokens", None) or 0)
 
     def _rejects_schema_dialect(self, error, schema) -> bool:
         return (schema is not None and self._schema_dialect == "json_schema"
@@ -77,11 +86,15 @@ class OpenAICompatibleBackend(Backend):
         kwargs = {}
         if schema is not None:
             kwargs["response_format"] = self._response_format(schema)
-        if request.settings.seed is not None:
-            kwargs["seed"] = request.settings.seed
+        settings = request.settings
+        if settings.seed is not None:
+            kwargs["seed"] = settings.seed
+        if settings.thinking.level is not None:
+            kwargs["reasoning_effort"] = settings.thinking.level
         return self._client.chat.completions.create(
             model=self._model,
             messages=[{"role": m.role, "content": m.content} for m in request.messages],
-            temperature=request.settings.temperature,
-            max_tokens=request.settings.max_output_tokens,
+            temperature=settings.temperature,
+            max_tokens=output_token_limit("openai", self._model,
+                                          settings.max_output_tokens, settings.thinking),
             **kwargs)

@@ -1,0 +1,53 @@
+"""Prices, and the cost of tokens as providers bill them: the one place the report and
+`plan` turn tokens into money.
+
+Thought (reasoning) tokens are billed as output; prompt tokens served from context
+cache are billed at the cached-input rate.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+# USD per million tokens: input, cached input, output (Vertex AI standard online
+# prices for prompts up to 200k tokens, as published when this was written).
+# Estimates to replace with your contract's: pass --prices FILE with
+# {"MODEL URI or prefix": {"input": x, "cached_input": y, "output": z}}.
+# The longest matching prefix wins, so "gemini-2.5-flash-lite" is not priced as Flash.
+DEFAULT_PRICES = {
+    "vertex:gemini-2.5-pro": {"input": 1.25, "cached_input": 0.125, "output": 10.0},
+    "vertex:gemini-2.5-flash": {"input": 0.30, "cached_input": 0.03, "output": 2.50},
+    "vertex:gemini-2.5-flash-lite": {"input": 0.10, "cached_input": 0.01, "output": 0.40},
+    "vertex:gemini-3-pro": {"input": 2.00, "cached_input": 0.20, "output": 12.0},
+    "vertex:gemini-3-flash": {"input": 0.50, "cached_input": 0.05, "output": 3.00},
+    "gemini:gemini-2.5-pro": {"input": 1.25, "cached_input": 0.125, "output": 10.0},
+    "gemini:gemini-2.5-flash": {"input": 0.30, "cached_input": 0.03, "output": 2.50},
+    "gemini:gemini-2.5-flash-lite": {"input": 0.10, "cached_input": 0.01, "output": 0.40},
+    "llamacpp:": {"input": 0.0, "output": 0.0},
+}
+
+TOKEN_KINDS = ("prompt_tokens", "cached_prompt_tokens", "completion_tokens",
+               "thoughts_tokens")
+
+
+def merged_prices(overrides: Optional[Mapping] = None) -> dict:
+    return {**DEFAULT_PRICES, **(overrides or {})}
+
+
+def price_of(uri: str, prices: Mapping) -> Optional[dict]:
+    if uri in prices:
+        return prices[uri]
+    matches = [k for k in prices if uri.startswith(k)]
+    return prices[max(matches, key=len)] if matches else None
+
+
+def cost_usd(tokens: Mapping[str, float], price: Optional[Mapping]) -> Optional[float]:
+    """What `tokens` ({prompt_tokens, cached_prompt_tokens, completion_tokens,
+    thoughts_tokens}) cost at `price`; None when the price is unknown."""
+    if price is None:
+        return None
+    prompt = tokens.get("prompt_tokens", 0)
+    cached = min(tokens.get("cached_prompt_tokens", 0), prompt)
+    output = tokens.get("completion_tokens", 0) + tokens.get("thoughts_tokens", 0)
+    return ((prompt - cached) * price["input"]
+            + cached * price.get("cached_input", price["input"])
+            + output * price["output"]) / 1e6
