@@ -34,6 +34,8 @@ setuptools.setup(
         "codeclm_beam.transforms": "transforms",
         "codeclm_beam.pipelines": "pipelines",
     },
+    # The stages' prompt templates, read at run time (workers too).
+    package_data={"codeclm_beam.transforms": ["prompts/*.txt"]},
     install_requires=[
         "apache-beam[gcp]==2.77.*",
         # apache-beam[gcp] 2.77 pins google-cloud-aiplatform<2, which pins google-genai<3.

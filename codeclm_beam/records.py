@@ -95,7 +95,11 @@ class Example:
     iteration: int
     use_case: str
     skills: tuple[str, ...]
+    # The chain: history[i] is the instruction at iteration i + 1, and
+    # actions_applied[i] the action that rewrote it into the next one.
     actions_applied: tuple[str, ...]
+    history: tuple[str, ...]
+    metadata_id: str
     strong_score: float
     target_score: float
     gap: float
@@ -103,23 +107,69 @@ class Example:
     target_model: str
     judge_model: str
 
+    @classmethod
+    def of(cls, candidate: "Candidate", source: str,
+           models: dict[str, str]) -> "Example":
+        """`candidate`, scored, kept with the answer of `source` ("strong"/"target")."""
+        return cls(
+            example_id=candidate.candidate_id, instruction=candidate.instruction,
+            response=(candidate.strong_answer if source == "strong"
+                      else candidate.target_answer),
+            response_source=source, iteration=candidate.iteration,
+            use_case=candidate.use_case, skills=candidate.skills,
+            actions_applied=candidate.actions_applied, history=candidate.history,
+            metadata_id=candidate.metadata_id, strong_score=candidate.strong_score,
+            target_score=candidate.target_score, gap=candidate.gap,
+            **{f"{role}_model": uri for role, uri in models.items()})
+
 
 @dataclasses.dataclass(frozen=True)
 class Rejection:
     """A candidate that did not become an example, and why."""
 
     candidate_id: str
-    reason: str  # "within_threshold" after the last round, or "not_needed"
+    # "within_threshold" after the last round, "not_needed" once --num_examples was in
+    # reach, "surplus" beyond it.
+    reason: str
     instruction: str
     iteration: int
     use_case: str
     skills: tuple[str, ...]
-    actions_applied: tuple[str, ...]
+    actions_applied: tuple[str, ...]  # the chain, as in Example
+    history: tuple[str, ...]
+    metadata_id: str
     strong_answer: Optional[str]
     target_answer: Optional[str]
     strong_score: Optional[float]
     target_score: Optional[float]
     gap: Optional[float]
+
+    @classmethod
+    def of(cls, candidate: "Candidate", reason: str) -> "Rejection":
+        return cls(
+            candidate_id=candidate.candidate_id, reason=reason,
+            instruction=candidate.instruction, iteration=candidate.iteration,
+            use_case=candidate.use_case, skills=candidate.skills,
+            actions_applied=candidate.actions_applied, history=candidate.history,
+            metadata_id=candidate.metadata_id, strong_answer=candidate.strong_answer,
+            target_answer=candidate.target_answer, strong_score=candidate.strong_score,
+            target_score=candidate.target_score, gap=candidate.gap)
+
+    @classmethod
+    def of_example(cls, example: Example, reason: str) -> "Rejection":
+        """A kept pair cut away (the surplus beyond --num_examples)."""
+        return cls(
+            candidate_id=example.example_id, reason=reason,
+            instruction=example.instruction, iteration=example.iteration,
+            use_case=example.use_case, skills=example.skills,
+            actions_applied=example.actions_applied, history=example.history,
+            metadata_id=example.metadata_id,
+            strong_answer=example.response if example.response_source == "strong"
+            else None,
+            target_answer=example.response if example.response_source == "target"
+            else None,
+            strong_score=example.strong_score, target_score=example.target_score,
+            gap=example.gap)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,12 +45,16 @@ def _summary(manifest: dict) -> str:
         lines.append(f"  seeds: {s['rows_read']} rows, {s['seeds']} unique, "
                      f"{s['duplicates_dropped']} duplicates, {s['dead_letter']} bad rows, "
                      f"{s['encoded']} encoded")
-    lines.append(f"  metadata pool: {acc['metadata_pool']['entries']} entries, "
-                 f"{acc['metadata_pool']['rubric_sets']} rubric sets")
+    pool = acc["metadata_pool"]
+    lines.append(f"  metadata pool: {pool['entries']} entries (--num_metadata "
+                 f"{pool['asked']}), {pool['rubric_sets']} rubric sets")
+    if pool["note"]:
+        lines.append(f"    {pool['note']}")
     lines.append(f"  basic instructions: {cand['basic_instructions']}")
     for r in cand["rounds"]:
         if r["candidates"]:
-            lines.append(f"    round {r['round']}: {r['candidates']} candidates, "
+            lines.append(f"    round {r['round']}: {r['candidates']} candidates "
+                         f"({r['fresh']} fresh from the reserve), "
                          f"{r['kept']} kept, {r['undecided']} within threshold, "
                          f"{r['not_needed']} not needed")
     unresolved = cand["unresolved_after_last_round"]
@@ -61,6 +65,11 @@ def _summary(manifest: dict) -> str:
     lines.append(f"  kept pairs: {cand['examples_written']} ({verdict}; surplus "
                  f"{cand['surplus']}); "
                  f"dead letters: {sum(acc['dead_letters_by_stage'].values())}")
+    delivery = manifest["delivery"]
+    lines.append(f"  asked {delivery['asked']}, delivered {delivery['delivered']}")
+    if "gap" in delivery:
+        lines.append(f"    short by {delivery['gap']}: {delivery['reason']}")
+        lines.append(f"    to close the gap: {delivery['to_close_the_gap']}")
     lines.append(f"  model calls: {calls.get('requests', 0)} requests, "
                  f"{calls.get('cache_hits', 0)} cache hits, "
                  f"{calls.get('truncated', 0)} truncated; tokens: "
@@ -137,6 +146,11 @@ def plan(argv: list[str]) -> int:
     return plan_command(argv)
 
 
+def prompts(argv: list[str]) -> int:
+    from codeclm_beam.pipelines.prompts import prompts_command
+    return prompts_command(argv)
+
+
 def jobs(argv: list[str]) -> int:
     from codeclm_beam.pipelines.jobs import jobs_command
     return jobs_command(argv)
@@ -152,7 +166,7 @@ class _BeamResourceNoise(logging.Filter):
 
 
 COMMANDS = {"generate": generate, "evaluate": evaluate, "split": split,
-            "report": report, "plan": plan, "jobs": jobs}
+            "report": report, "plan": plan, "jobs": jobs, "prompts": prompts}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -168,7 +182,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                              "report: report.html and dataset card of a run; "
                              "plan: calls, tokens and cost of a large run from a "
                              "pilot; "
-                             "jobs: list, status or cancel Dataflow jobs")
+                             "jobs: list, status or cancel Dataflow jobs; "
+                             "prompts: what each stage sends a model")
     if not argv or argv[0] in ("-h", "--help", "--version"):
         parser.parse_args(argv or ["--help"])
         return 0

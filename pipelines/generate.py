@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import shlex
 import time
 import uuid
 from typing import Any, Optional
@@ -17,6 +18,7 @@ from codeclm_beam.options import RunOptions
 from codeclm_beam.options import model_configs
 from codeclm_beam.options import option_actions
 from codeclm_beam.records import Example
+from codeclm_beam.records import Rejection
 from codeclm_beam.stage import Tally
 from codeclm_beam.transforms import CodecLM
 from codeclm_beam.transforms import CodecLMConfig
@@ -52,7 +54,10 @@ class GenerateOptions(PipelineOptions):
         group.add_argument("--num_examples", type=int, default=1000,
                            help="Instruction-response pairs wanted.")
         group.add_argument("--num_instructions", type=int, default=None,
-                           help="Basic instructions to decode (default: num_examples).")
+                           help="Basic instructions to decode (default: 2 x "
+                                "num_examples). Round 1 judges num_examples of them; "
+                                "the rest is a reserve later rounds draw from when "
+                                "fewer pairs are kept than needed.")
         group.add_argument("--overgenerate_margin", type=int, default=0,
                            help="Candidates improved beyond those still needed.")
         group.add_argument("--num_metadata", type=int, default=200,
@@ -114,6 +119,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
     result.examples | "WriteExamples" >> WriteJsonl(out, "examples")
     result.examples | "WriteExamplesAvro" >> WriteAvro(out, "examples", Example)
     result.rejected | "WriteRejected" >> WriteJsonl(out, "rejected")
+    result.rejected | "WriteRejectedAvro" >> WriteAvro(out, "rejected", Rejection)
     result.seed_metadata | "WriteSeedMetadata" >> WriteJsonl(out, "seed_metadata")
     result.metadata_pool | "WriteMetadataPool" >> WriteJsonl(out, "metadata_pool")
     result.rubrics | "WriteRubrics" >> WriteJsonl(out, "rubrics")
@@ -131,6 +137,21 @@ def public_options(options: PipelineOptions) -> dict[str, Any]:
     recorded = {name: all_options.get(name) for name in sorted(names)}
     recorded["runner"] = options.view_as(StandardOptions).runner or "DirectRunner"
     return recorded
+
+
+def rerun_command(options: PipelineOptions) -> str:
+    """This run's command line, as far as our own flags go (Beam's are the user's)."""
+    names = {action.dest: action for action in option_actions(
+        GenerateOptions, AnswerOptions, ModelOptions, RunOptions)}
+    words = ["codeclm-beam generate"]
+    for name, value in sorted(options.get_all_options(drop_default=True).items()):
+        action = names.get(name)
+        if action is None or name == "num_instructions" or value in (None, [], False):
+            continue
+        values = value if isinstance(value, list) else [value]
+        words += [f"--{name}"] if value is True else [
+            f"--{name} {shlex.quote(str(v))}" for v in values]
+    return " ".join(words)
 
 
 def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = None,
@@ -156,10 +177,14 @@ def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = N
                    "judge": config.judge.spec.uri},
         "options": public_options(options),
         "accounting": manifest_lib.accounting(
-            counters, config.max_iterations, bool(opts.metadata), config.keep_unresolved),
+            counters, config.max_iterations, bool(opts.metadata), config.keep_unresolved,
+            config.num_metadata),
         "model_calls": manifest_lib.model_calls(counters),
         "outputs": {name: FileSystems.join(output_dir, name) for name in OUTPUT_FOLDERS},
     }
+    manifest["delivery"] = manifest_lib.delivery(
+        manifest["accounting"], config.num_examples, config.basic_instructions,
+        rerun_command(options))
     write_json(FileSystems.join(output_dir, "manifest.json"), manifest)
     if not options.view_as(RunOptions).no_report:
         from codeclm_beam.pipelines.report import write_report

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import datetime
+import math
 import time
 from typing import Any
 from typing import Iterable
@@ -83,7 +84,7 @@ def model_calls(counters: dict) -> dict[str, Any]:
 
 
 def accounting(counters: dict, max_iterations: int, from_metadata: bool,
-               keep_unresolved: bool = False) -> dict[str, Any]:
+               keep_unresolved: bool = False, num_metadata: int = 0) -> dict[str, Any]:
     """Where every seed and every candidate went, with the identities checked."""
     flow = counters.get("codeclm/flow", {})
     dead = counters.get("codeclm/dead_letter", {})
@@ -108,7 +109,11 @@ def accounting(counters: dict, max_iterations: int, from_metadata: bool,
         checks["rows = metadata + duplicates + dead letters"] = (
             seeds["rows_read"] == seeds["metadata"] + seeds["duplicates_dropped"]
             + seeds["dead_letter"])
-    pool = {"entries": get("metadata_pool", 0), "rubric_sets": get("rubric_sets", 0),
+    pool = {"entries": get("metadata_pool", 0), "asked": num_metadata,
+            "note": ("every distinct (use case, skills) of the seeds is kept, as the "
+                     "method does: the pool is larger than --num_metadata"
+                     if get("metadata_pool", 0) > num_metadata else ""),
+            "rubric_sets": get("rubric_sets", 0),
             "rubrics_dead_letter": dead.get("rubrics", 0),
             "decode_dead_letter": dead.get("decode", 0)}
     checks["pool = rubric sets + rubrics dead letters"] = (
@@ -116,6 +121,8 @@ def accounting(counters: dict, max_iterations: int, from_metadata: bool,
     rounds = []
     for r in range(1, max_iterations + 1):
         rounds.append({"round": r, "candidates": get(f"round{r}.candidates", 0),
+                       # of the candidates, fresh basic instructions from the reserve
+                       "fresh": get(f"round{r}.fresh", 0),
                        "kept": get(f"round{r}.kept", 0),
                        "undecided": get(f"round{r}.undecided", 0),
                        "not_needed": get(f"round{r}.not_needed", 0)})
@@ -124,16 +131,49 @@ def accounting(counters: dict, max_iterations: int, from_metadata: bool,
     kept_total = sum(r["kept"] for r in rounds)
     last = rounds[-1]["undecided"] if rounds else 0
     not_needed = sum(r["not_needed"] for r in rounds)
+    reserve_unused = get("reserve_unused", 0)
     candidates = {"basic_instructions": get("basic_instructions", 0),
                   "kept": kept_total, "unresolved_after_last_round": last,
-                  "not_needed": not_needed, "lost_to_dead_letters": lost,
+                  "not_needed": not_needed, "reserve_unused": reserve_unused,
+                  "lost_to_dead_letters": lost,
                   "examples_written": get("examples", 0), "surplus": get("surplus", 0),
                   "rounds": rounds}
-    checks["basic = kept + unresolved + not needed + dead letters"] = (
-        candidates["basic_instructions"] == kept_total + last + not_needed + lost)
+    checks["basic = kept + unresolved + not needed + unused reserve + dead letters"] = (
+        candidates["basic_instructions"]
+        == kept_total + last + not_needed + reserve_unused + lost)
     kept_all = kept_total + (last if keep_unresolved else 0)
     checks["kept = examples + surplus"] = (
         candidates["examples_written"] + candidates["surplus"] == kept_all)
     return {"seeds": seeds, "metadata_pool": pool, "candidates": candidates,
             "dead_letters_by_stage": dict(dead), "checks": checks,
             "balanced": all(checks.values())}
+
+
+def delivery(accounting_: dict, num_examples: int, num_instructions: int,
+             rerun: str) -> dict[str, Any]:
+    """Asked N, delivered K; when K < N, why, and the command that closes the gap."""
+    cand = accounting_["candidates"]
+    delivered = cand["examples_written"]
+    result = {"asked": num_examples, "delivered": delivered}
+    if delivered >= num_examples:
+        return result
+    reasons = []
+    if cand["reserve_unused"] == 0:
+        reasons.append(f"all {cand['basic_instructions']} basic instructions were used")
+    if cand["unresolved_after_last_round"]:
+        reasons.append(f"{cand['unresolved_after_last_round']} candidates were still "
+                       "within the threshold after the last round (rejected/)")
+    if cand["lost_to_dead_letters"]:
+        reasons.append(f"{cand['lost_to_dead_letters']} candidates were lost to dead "
+                       "letters (dead_letter/)")
+    if not cand["basic_instructions"]:
+        reasons.append("no basic instruction was decoded (see dead_letter/)")
+    # More basic instructions, in proportion to what was missing, with some room.
+    share = delivered / num_examples if delivered else 0.25
+    more = math.ceil(num_instructions / share * 1.25)
+    result.update(
+        gap=num_examples - delivered, reason="; ".join(reasons) or "unknown",
+        to_close_the_gap=(f"{rerun} --num_instructions {more}  (the same --output_dir "
+                          "reuses every cached encode and rubrics answer; decode and "
+                          "the new instructions' calls are paid)"))
+    return result

@@ -22,6 +22,7 @@ from codeclm_beam.pricing import cost_usd
 from codeclm_beam.pricing import merged_prices
 from codeclm_beam.pricing import price_of
 from codeclm_beam.pricing import TOKEN_KINDS
+from codeclm_beam.transforms.codeclm import round_slots
 from codeclm_beam.transforms.decode import instructions_per_entry
 
 # Calls each candidate costs in a round: strong answer, target answer, two judge calls;
@@ -32,8 +33,6 @@ ROUND_CALLS = {"answer_strong": 1, "answer_target": 1, "judge": 2}
 MAX_SENSIBLE_PER_ENTRY = 20
 # Fewer candidates than this in the pilot's first round make its acceptance a guess.
 MIN_PILOT_CANDIDATES = 30
-# A margin no round can exhaust.
-EVERY_UNDECIDED = 2 ** 62
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,36 +66,56 @@ class Pilot:
                    manifest["model_calls"]["by_stage"])
 
 
+@dataclasses.dataclass(frozen=True)
+class Rounds:
+    """Expected candidates judged per round, of them improved (the rest fresh from the
+    reserve), and the pairs written."""
+    judged: list[float]
+    improved: list[float]
+    pairs: float
+
+
 def simulate_rounds(accept: tuple[float, ...], basic: float, wanted: float, margin: int,
-                    keep_unresolved: bool) -> tuple[list[float], float]:
-    """Expected candidates judged in each round, and the pairs written, under the rule
-    `generate` follows: a round improves no more candidates than are still needed."""
-    rounds, kept, remaining = [], 0.0, float(basic)
-    for rate in accept:
-        if remaining <= 0:
+                    keep_unresolved: bool) -> Rounds:
+    """Expected counts under the rule `generate` follows (transforms.codeclm): round 1
+    judges `wanted` (+ margin) of the basic instructions; each later round judges
+    `round_slots` candidates, undecided ones improved first, then fresh ones from the
+    reserve."""
+    entering = min(float(basic), float(wanted + margin))
+    reserve = float(basic) - entering
+    judged, improved, kept, total_judged, undecided = [], [], 0.0, 0.0, 0.0
+    for number, rate in enumerate(accept, start=1):
+        if entering <= 0:
             break
-        rounds.append(remaining)
-        kept += remaining * rate
-        missing = wanted - kept
-        # As transforms.codeclm.still_needed: the margin only while pairs are missing.
-        remaining = min(remaining * (1 - rate), missing + margin if missing > 0 else 0.0)
-    ran_every_round = len(rounds) == len(accept)
-    unresolved = rounds[-1] * (1 - accept[-1]) if keep_unresolved and ran_every_round else 0
-    return rounds, min(float(wanted), kept + unresolved)
+        judged.append(entering)
+        kept += entering * rate
+        total_judged += entering
+        undecided = entering * (1 - rate)
+        if number == len(accept):
+            break
+        slots = round_slots(kept, total_judged, wanted, margin)
+        if slots <= 0:
+            break
+        improving = min(undecided, slots)
+        fresh = min(reserve, slots - improving)
+        reserve -= fresh
+        improved.append(improving)
+        entering = improving + fresh
+    ran_every_round = len(judged) == len(accept)
+    unresolved = undecided if keep_unresolved and ran_every_round else 0.0
+    return Rounds(judged, improved, min(float(wanted), kept + unresolved))
 
 
 def basic_instructions_needed(accept: tuple[float, ...], wanted: int, margin: int,
                               keep_unresolved: bool) -> Optional[int]:
     """The fewest basic instructions whose expected pairs reach `wanted` (within half a
-    pair), or None when no number does. Later rounds only refill what is still missing
-    (plus the margin), so with no margin the first round must carry most of the load."""
+    pair), or None when no number does."""
     def enough(basic: int) -> bool:
-        return simulate_rounds(accept, basic, wanted, margin, keep_unresolved)[1] \
+        return simulate_rounds(accept, basic, wanted, margin, keep_unresolved).pairs \
             >= wanted - 0.5
-    # Past `high` more basic instructions change nothing: round 1 alone fills the set,
-    # or (nothing kept in round 1) later rounds are capped at wanted + margin anyway.
-    high = math.ceil(wanted / accept[0]) if accept[0] > 0 else wanted + margin
-    high = max(high, wanted)
+    # Every basic instruction judged in one round at least: past `high` nothing changes.
+    high = math.ceil(wanted / max(min(accept), 1e-9)) + wanted if any(accept) else \
+        wanted + margin
     if not enough(high):
         return None
     low = 1
@@ -142,35 +161,26 @@ def plan(pilot: Pilot, num_examples: int, num_instructions: Optional[int] = None
     prices = merged_prices(prices)
     accept = pilot.accept_by_round[:pilot.max_iterations]
     warnings = []
-    if overgenerate_margin is None:
-        # The method's mix: every candidate still undecided after a round is improved,
-        # so the rubric rounds yield their harder instructions. The largest undecided
-        # count is round 2's, so a margin of that size never cuts a round short.
-        needed = basic_instructions_needed(accept, num_examples, EVERY_UNDECIDED,
-                                           pilot.keep_unresolved)
-        basic = num_instructions or needed or num_examples
-        margin = math.ceil(basic * (1 - accept[0]))
-    else:
-        margin = overgenerate_margin
-        needed = basic_instructions_needed(accept, num_examples, margin,
-                                           pilot.keep_unresolved)
+    margin = overgenerate_margin or 0
+    needed = basic_instructions_needed(accept, num_examples, margin, pilot.keep_unresolved)
     if num_instructions is None:
         num_instructions = num_examples if needed is None else needed
     seeds = pilot.seeds if num_seeds is None else num_seeds
     entries = pilot.num_metadata if num_metadata is None else num_metadata
-    rounds, expected_pairs = simulate_rounds(accept, num_instructions, num_examples,
-                                             margin, pilot.keep_unresolved)
+    rounds = simulate_rounds(accept, num_instructions, num_examples, margin,
+                             pilot.keep_unresolved)
+    expected_pairs = rounds.pairs
     if expected_pairs < num_examples - 0.5:
         warnings.append(
             f"expected pairs ({expected_pairs:,.0f}) fall short of --num_examples; "
             + ("at the pilot's acceptance no number of basic instructions reaches it: "
-               "raise --overgenerate_margin, or change the models or --threshold"
+               "change the models or --threshold"
                if needed is None else f"ask for --num_instructions {needed:,}"))
     pilot_count = instructions_per_entry(pilot.basic_instructions, pilot.num_metadata)
     planned_count = instructions_per_entry(num_instructions, entries)
     elements = {"encode": seeds, "rubrics": entries, "decode": entries,
-                "improve": sum(rounds[1:]),
-                **{stage: n * sum(rounds) for stage, n in ROUND_CALLS.items()}}
+                "improve": sum(rounds.improved),
+                **{stage: n * sum(rounds.judged) for stage, n in ROUND_CALLS.items()}}
     completion_scale = {"decode": planned_count / pilot_count if pilot_count else 1.0}
     if planned_count > MAX_SENSIBLE_PER_ENTRY:
         warnings.append(f"decode must write {planned_count:,} instructions per metadata "
@@ -196,10 +206,11 @@ def plan(pilot: Pilot, num_examples: int, num_instructions: Optional[int] = None
         "overgenerate_margin": margin,
         "expected_pairs": round(expected_pairs),
         "pilot_accept_by_round": [round(rate, 4) for rate in accept],
-        "candidates_by_round": [round(n) for n in rounds],
+        "candidates_by_round": [round(n) for n in rounds.judged],
+        "improved_by_round": [round(n) for n in rounds.improved],
         "calls_bounds": {
-            # Every candidate kept in round 1, and every candidate run through all rounds.
-            "all_kept_in_round_1": fixed + 4 * num_instructions,
+            # Every candidate of round 1 kept, and every candidate run through all rounds.
+            "all_kept_in_round_1": fixed + 4 * min(num_instructions, num_examples + margin),
             "all_rounds_for_every_candidate": fixed + num_instructions * (
                 4 + 5 * (pilot.max_iterations - 1)),
         },
@@ -263,10 +274,7 @@ def plan_command(argv: list[str]) -> int:
     parser.add_argument("--num_metadata", type=int, default=None,
                         help="Pool size of the large run (default: the pilot's).")
     parser.add_argument("--overgenerate_margin", type=int, default=None,
-                        help="Of the large run. Default: large enough that every "
-                             "undecided candidate is improved (the method's mix); 0 "
-                             "makes round 1 carry the load and keeps few improved "
-                             "instructions.")
+                        help="Of the large run (default 0, as generate's).")
     parser.add_argument("--max_requests_per_minute", type=float, default=None)
     parser.add_argument("--max_tokens_per_minute", type=float, default=None)
     parser.add_argument("--prices", default=None,

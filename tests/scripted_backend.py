@@ -8,6 +8,7 @@ so tests can count calls across the multi-processing DirectRunner's workers.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -99,7 +100,7 @@ class ScriptedBackend(Backend):
 
     def _decode(self, request, user, schema):
         n = schema["properties"]["instructions"]["minItems"]
-        use_case = re.search(r"Use case: (.*)", user).group(1)
+        use_case = re.search(r"(?i)use case: (.*)", user).group(1)
         return {"instructions": [f"Do {use_case} task number {i}." for i in range(n)]}
 
     def _improve(self, request, user, schema):
@@ -127,8 +128,15 @@ class ScriptedBackend(Backend):
             second = user.split("[The Start of Assistant 2's Answer]\n", 1)[1]
             return {"assistant_1_score": _marker_score(first),
                     "assistant_2_score": _marker_score(second)}
+        verdict = self.scenario.get("judge", "tie")
+        if verdict == "half":
+            # About half the instructions are separated, the others tie: a fixed
+            # half, by the instruction's hash, so improving one redraws it.
+            question = user.split("[Question]\n", 1)[1].split("\n\n[The Start")[0]
+            digest = hashlib.sha256(question.encode()).digest()[0]
+            verdict = "strong_wins" if digest % 2 == 0 else "tie"
         strong, target = {"strong_wins": (9, 2), "tie": (6, 6),
-                          "target_wins": (2, 9)}[self.scenario.get("judge", "tie")]
+                          "target_wins": (2, 9)}[verdict]
         if strong_first:
             return {"assistant_1_score": strong, "assistant_2_score": target}
         return {"assistant_1_score": target, "assistant_2_score": strong}

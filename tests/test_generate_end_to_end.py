@@ -65,13 +65,23 @@ def check_strong_wins(tmp_path, manifest, output="out"):
     return examples
 
 
+def assert_avro_rows_equal(output_dir, name, jsonl_rows):
+    rows = []
+    for path in sorted((output_dir / name).glob("*.avro")):
+        with open(path, "rb") as f:
+            rows.extend(fastavro.reader(f))
+    key = lambda r: r.get("example_id") or r["candidate_id"]  # noqa: E731
+    assert sorted(rows, key=key) == sorted(jsonl_rows, key=key)
+
+
 def test_strong_wins_everything_is_kept_in_round_one_on_budget(tmp_path):
     manifest = run_generate(scenario(tmp_path, "strong_wins"))
     check_strong_wins(tmp_path, manifest)
     acc = manifest["accounting"]
     assert acc["seeds"]["seeds"] == N_SEEDS and acc["metadata_pool"]["entries"] == 8
     assert acc["candidates"]["rounds"][0] == {
-        "round": 1, "candidates": 16, "kept": 16, "undecided": 0, "not_needed": 0}
+        "round": 1, "candidates": 16, "fresh": 0, "kept": 16, "undecided": 0,
+        "not_needed": 0}
     pool = read_jsonl(tmp_path / "out", "metadata_pool")
     assert collections.Counter(m["origin"] for m in pool) == {"seed": 6, "mix": 2}
     rubrics = read_jsonl(tmp_path / "out", "rubrics")
@@ -100,6 +110,13 @@ def test_ties_run_every_round_and_end_rejected_at_19_calls_each(tmp_path):
                and r["gap"] == 0.0 and len(r["actions_applied"]) == 3 for r in rejected)
     # Actions not yet applied are preferred: three rewrites, three different actions.
     assert all(len(set(r["actions_applied"])) == 3 for r in rejected)
+    # The chain: every earlier version, and the action that made the next one.
+    for r in rejected:
+        versions = r["history"] + [r["instruction"]]
+        assert len(r["history"]) == 3
+        assert all(after == f"{before} Also: {action}." for before, action, after in
+                   zip(versions, r["actions_applied"], versions[1:]))
+    assert_avro_rows_equal(tmp_path / "out", "rejected", rejected)
     assert manifest["accounting"]["balanced"]
 
 
@@ -112,16 +129,66 @@ def test_target_wins_keeps_the_targets_answers(tmp_path):
     assert manifest["accounting"]["balanced"]
 
 
-def test_num_examples_stops_improving_once_the_dataset_is_full(tmp_path):
-    # Ties everywhere, but only 5 pairs wanted (+1 margin): round 2 improves 6 of the
-    # 16 undecided candidates, the other 10 are not needed, and so on.
+def test_a_round_judges_what_is_still_needed_over_the_share_kept(tmp_path):
+    # Ties everywhere and 5 pairs wanted (+1 margin) of 16 basic instructions: round 1
+    # judges 6, the rest is the reserve. Nothing is kept, so each later round judges
+    # 5 / MIN_YIELD + 1 = 21 at most: the 6 undecided improved, then 10 fresh ones.
     argv = scenario(tmp_path, "tie", "--num_examples", "5", "--overgenerate_margin", "1")
     manifest = run_generate(argv)
     rounds = manifest["accounting"]["candidates"]["rounds"]
-    assert [r["candidates"] for r in rounds] == [16, 6, 6, 6]
-    assert [r["not_needed"] for r in rounds] == [10, 0, 0, 0]
-    assert calls_by_kind(tmp_path)["improve"] == 18
+    assert [r["candidates"] for r in rounds] == [6, 16, 16, 16]
+    assert [r["fresh"] for r in rounds] == [0, 10, 0, 0]
+    assert [r["not_needed"] for r in rounds] == [0, 0, 0, 0]
+    assert calls_by_kind(tmp_path)["improve"] == 6 + 16 + 16
+    assert calls_by_kind(tmp_path)["judge"] == 2 * (6 + 16 + 16 + 16)
     assert manifest["accounting"]["balanced"]
+
+
+def test_ask_for_12_get_12(tmp_path):
+    # The judge separates about half the candidates in each round; only the number
+    # of pairs is given.
+    models = scripted_models(tmp_path, "half")
+    seeds = write_seeds(tmp_path / "seeds.jsonl", N_SEEDS)
+    manifest = run_generate(generate_args(tmp_path, models, seeds, tmp_path / "out",
+                                          "--num_examples", "12", "--no_report"))
+    assert len(read_jsonl(tmp_path / "out", "examples")) == 12
+    assert manifest["delivery"] == {"asked": 12, "delivered": 12}
+    acc = manifest["accounting"]
+    assert acc["balanced"], acc["checks"]
+    rounds = acc["candidates"]["rounds"]
+    assert rounds[0]["candidates"] == 12 and sum(r["fresh"] for r in rounds) > 0
+    # No round runs once 12 are kept, and every call is the method's.
+    kept, judged = 0, 0
+    for r in rounds:
+        assert r["candidates"] == 0 or kept < 12
+        kept += r["kept"]
+        judged += r["candidates"]
+    improved_examples = [e for e in read_jsonl(tmp_path / "out", "examples")
+                         if e["iteration"] > 1]
+    assert improved_examples and all(
+        len(e["history"]) == len(e["actions_applied"]) == e["iteration"] - 1
+        for e in improved_examples)
+    assert_avro_rows_equal(tmp_path / "out", "examples",
+                           read_jsonl(tmp_path / "out", "examples"))
+    pool = acc["metadata_pool"]["entries"]
+    improved = sum(r["candidates"] - r["fresh"] for r in rounds[1:])
+    assert stage_requests(manifest) == {
+        "encode": N_SEEDS, "rubrics": pool, "decode": pool, "answer_strong": judged,
+        "answer_target": judged, "judge": 2 * judged, "improve": improved}
+
+
+def test_a_short_delivery_says_why_and_how_to_close_the_gap(tmp_path):
+    models = scripted_models(tmp_path, "tie")
+    seeds = write_seeds(tmp_path / "seeds.jsonl", N_SEEDS)
+    manifest = run_generate(generate_args(
+        tmp_path, models, seeds, tmp_path / "out", "--num_examples", "3",
+        "--num_metadata", "6", "--no_report"))
+    delivery = manifest["delivery"]
+    assert (delivery["asked"], delivery["delivered"], delivery["gap"]) == (3, 0, 3)
+    assert "within the threshold after the last round" in delivery["reason"]
+    assert delivery["to_close_the_gap"].startswith("codeclm-beam generate --judge_model")
+    assert "--num_examples 3" in delivery["to_close_the_gap"]
+    assert "--num_instructions" in delivery["to_close_the_gap"]
 
 
 def test_rerun_with_the_same_cache_makes_no_call_and_writes_identical_examples(tmp_path):
@@ -256,3 +323,16 @@ def test_a_rerun_into_the_same_output_dir_replaces_stale_shards(tmp_path):
     run_generate(argv)
     assert not stale.exists()
     assert len(read_jsonl(tmp_path / "out", "examples")) == NUM_INSTRUCTIONS
+
+
+def test_more_distinct_seed_metadata_than_num_metadata_keeps_them_all(tmp_path):
+    models = scripted_models(tmp_path, "strong_wins")
+    seeds = write_seeds(tmp_path / "seeds.jsonl", N_SEEDS)  # 6 distinct use cases
+    manifest = run_generate(generate_args(tmp_path, models, seeds, tmp_path / "out",
+                                          "--num_metadata", "4", "--num_examples", "2",
+                                          "--no_report"))
+    pool = manifest["accounting"]["metadata_pool"]
+    assert (pool["entries"], pool["asked"]) == (N_SEEDS, 4)
+    assert "larger than --num_metadata" in pool["note"]
+    assert {m["origin"] for m in read_jsonl(tmp_path / "out", "metadata_pool")} == {"seed"}
+    assert stage_requests(manifest)["rubrics"] == N_SEEDS

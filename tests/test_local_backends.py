@@ -85,8 +85,10 @@ def test_openai_compatible_free_text(llama_server):
     assert result.data is None and result.text.strip()
     assert result.finish_reason == "stop"
     # Cut at the limit by the real server (finish reason "length"): re-sent once with
-    # twice the room, then a truncated failure, never a short answer kept as complete.
+    # twice the room, re-asked with other seeds, then a truncated failure, never a
+    # short answer kept as complete.
     cut = ask(2)
     assert isinstance(cut, ModelFailure), cut
     assert (cut.reason, cut.finish_reason) == ("truncated", "length")
-    assert cut.stats.attempts == 2 and cut.stats.truncation_retries == 1
+    assert cut.stats.truncation_retries == 1 and cut.stats.parse_retries == 2
+    assert cut.stats.attempts == 4

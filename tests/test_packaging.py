@@ -23,6 +23,7 @@ def test_wheel_maps_transforms_and_pipelines_under_codeclm_beam(tmp_path):
     assert "codeclm_beam/transforms/encode.py" in names
     assert "codeclm_beam/pipelines/generate.py" in names
     assert "codeclm_beam/model/backends/google.py" in names
+    assert "codeclm_beam/transforms/prompts/encode.txt" in names  # templates ship
     top_level = {n.split("/")[0] for n in names if not n.endswith(".dist-info/")}
     assert top_level <= {"codeclm_beam", wheel.name.split("-")[0] + "-" +
                          wheel.name.split("-")[1] + ".dist-info"}, top_level

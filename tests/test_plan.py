@@ -11,6 +11,7 @@ from codeclm_beam.pipelines.plan import Pilot
 from codeclm_beam.pipelines.plan import basic_instructions_needed
 from codeclm_beam.pipelines.plan import plan
 from codeclm_beam.pipelines.plan import simulate_rounds
+from codeclm_beam.transforms.codeclm import round_slots
 from tests.helpers import generate_args
 from tests.helpers import run_generate
 from tests.helpers import scripted_models
@@ -19,7 +20,7 @@ from tests.helpers import write_seeds
 
 
 def measured_tokens(manifest):
-    return sum(m["prompt_tokens"] + m["completion_tokens"]
+    return sum(m["prompt_tokens"] + m["completion_tokens"] + m["thoughts_tokens"]
                for entry in manifest["model_calls"]["by_stage"].values()
                for m in entry["models"].values())
 
@@ -86,25 +87,28 @@ def test_plan_scales_to_a_large_run_within_the_budget_bounds(mixed_pilot):
     assert result["warnings"] == []
 
 
-def test_by_default_every_undecided_candidate_is_improved(mixed_pilot):
+def test_later_rounds_follow_the_share_kept_so_far(mixed_pilot):
     pilot = Pilot.from_manifest(mixed_pilot[1])
-    q1 = 1 - pilot.accept_by_round[0]
-    method_mix = plan(pilot, num_examples=100_000, num_metadata=10_000)
-    rounds = method_mix["candidates_by_round"]
-    assert rounds[1] == pytest.approx(rounds[0] * q1, abs=1)
-    assert method_mix["expected_pairs"] >= 99_999
-    # Margin 0: later rounds only refill what is missing, so more basic instructions
-    # are needed and almost none of the pairs come from improved instructions.
-    no_margin = plan(pilot, num_examples=100_000, num_metadata=10_000,
-                     overgenerate_margin=0)
-    assert no_margin["num_instructions"] > method_mix["num_instructions"]
-    assert sum(no_margin["candidates_by_round"][1:]) < 0.01 * sum(rounds[1:])
-    assert no_margin["expected_pairs"] >= 99_999
+    accept = pilot.accept_by_round
+    result = plan(pilot, num_examples=100_000, num_metadata=10_000)
+    judged, improved = result["candidates_by_round"], result["improved_by_round"]
+    assert judged[0] == 100_000  # round 1 judges what is wanted; the rest is reserve
+    kept = judged[0] * accept[0]
+    slots = round_slots(kept, judged[0], 100_000, 0)
+    assert improved[0] == pytest.approx(min(judged[0] * (1 - accept[0]), slots), abs=1)
+    # The rest of the slots is fresh, as far as the reserve goes.
+    reserve = result["num_instructions"] - judged[0]
+    assert judged[1] == pytest.approx(improved[0] + min(reserve, slots - improved[0]),
+                                      abs=1)
+    assert result["expected_pairs"] >= 99_999
+    # The fewest basic instructions that get there.
+    assert result["num_instructions"] == basic_instructions_needed(
+        accept, 100_000, 0, pilot.keep_unresolved)
 
 
 def test_plan_follows_the_early_stop_of_num_examples(tmp_path):
     # The scripted ties pilot of the end-to-end tests: 16 basic instructions, 5 wanted,
-    # margin 1, so rounds judge [16, 6, 6, 6]; the plan must make the same calls.
+    # margin 1, so rounds judge [6, 16, 16, 16]; the plan must make the same calls.
     models = scripted_models(tmp_path, "tie")
     seeds = write_seeds(tmp_path / "seeds.jsonl", 6)
     manifest = run_generate(generate_args(
@@ -113,7 +117,7 @@ def test_plan_follows_the_early_stop_of_num_examples(tmp_path):
         "--no_report"))
     result = plan(Pilot.from_manifest(manifest), num_examples=5, num_instructions=16,
                   num_seeds=6, num_metadata=8, overgenerate_margin=1)
-    assert result["candidates_by_round"] == [16, 6, 6, 6]
+    assert result["candidates_by_round"] == [6, 16, 16, 16]
     assert planned_requests(result) == stage_requests(manifest)
     assert result["expected_pairs"] == 0
     assert any("fall short" in w and "no number of basic instructions" in w
@@ -122,16 +126,19 @@ def test_plan_follows_the_early_stop_of_num_examples(tmp_path):
 
 def test_rounds_by_hand():
     half = (0.5, 0.5, 0.5, 0.5)
-    assert simulate_rounds(half, 16, wanted=100, margin=0, keep_unresolved=False) == \
-        ([16, 8, 4, 2], 15)
-    # 8 kept in round 1; only the 2 still missing are improved, then 1, then 0.5.
-    assert simulate_rounds(half, 16, wanted=10, margin=0, keep_unresolved=False) == \
-        ([16, 2, 1, 0.5], 9.75)
-    assert simulate_rounds(half, 16, wanted=100, margin=0, keep_unresolved=True) == \
-        ([16, 8, 4, 2], 16)
-    # 12 -> 6 kept, then 4, 2, 1 refilled: 9.5 pairs expected (11 gives 9.44).
-    assert basic_instructions_needed(half, 10, margin=0, keep_unresolved=False) == 12
-    assert basic_instructions_needed(half, 10, margin=0, keep_unresolved=True) == 10
+    # More pairs wanted than basic instructions: every undecided one is improved.
+    rounds = simulate_rounds(half, 16, wanted=100, margin=0, keep_unresolved=False)
+    assert (rounds.judged, rounds.improved, rounds.pairs) == ([16, 8, 4, 2], [8, 4, 2], 15)
+    # 10 wanted: round 1 judges 10 and keeps 5; 5 missing at a share of 1/2 makes 10
+    # slots, the 5 undecided improved and 5 fresh from the reserve: 5 more kept.
+    rounds = simulate_rounds(half, 16, wanted=10, margin=0, keep_unresolved=False)
+    assert (rounds.judged, rounds.improved, rounds.pairs) == ([10, 10], [5], 10)
+    rounds = simulate_rounds(half, 16, wanted=100, margin=0, keep_unresolved=True)
+    assert rounds.pairs == 16
+    # 11: round 1 judges 10 (5 kept), round 2 improves 5 and draws the 1 left (3
+    # kept), rounds 3 and 4 improve what is still undecided (1.5, then 0.5).
+    assert basic_instructions_needed(half, 10, margin=0, keep_unresolved=False) == 11
+    assert simulate_rounds(half, 11, 10, 0, False).judged == [10, 6, 3, 1]
     assert basic_instructions_needed((0.0,) * 4, 10, margin=5, keep_unresolved=False) \
         is None
 

@@ -73,8 +73,10 @@ def test_metadata_pool_keeps_originals_and_is_reproducible():
     skills = {"python", "algorithms", "sql", "poetry", "imagery"}
     assert all(1 <= len(m.skills) <= 3 and set(m.skills) <= skills for m in mixed)
     assert all(m.use_case in ("code generation", "creative writing") for m in mixed)
-    # More originals than asked for: a seeded sample of them.
-    assert len(build_metadata_pool(entries, 2, 3, seed=1)) == 2
+    # More originals than asked for: every original is kept, as the method does.
+    larger = build_metadata_pool(entries, 2, 3, seed=1)
+    assert {m.metadata_id for m in larger} == {m.metadata_id for m in entries}
+    assert all(m.origin == "seed" for m in larger)
 
 
 def test_metadata_pool_transform(models):

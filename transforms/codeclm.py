@@ -1,21 +1,28 @@
 """`CodecLM`: the whole method as one composite.
 
-    seeds ─Encode─> metadata ─Pool─> pool ─┬─Rubrics─> rubric state ──────────────┐ (side input)
-                                           └─Decode─> basic instructions           │
-                                                        │                          │
-           Round t (t = 1..max_iterations, unrolled: Beam has no data-dependent loops)
-           candidates ─Filter─┬─ kept ───────────────────────────────> examples
-                              └─ undecided ─Select(needed)─┬─Improve─> candidates of t+1
-                                                           └─ not needed ─> rejected
-           after the last round: undecided ─> rejected (or kept with --keep_unresolved)
+    seeds ─Encode─> metadata ─Pool─> pool ─┬─Rubrics─> rubric state ─────────────────┐ (side input)
+                                           └─Decode─> basic instructions              │
+                                                 ├─ the first num_examples ─┐          │
+                                                 └─ the rest: reserve       │          │
+      Round t (t = 1..max_iterations, unrolled: Beam has no data-dependent loops)     │
+      candidates ─Filter─┬─ kept ─────────────────────────────────────────> examples   │
+                         └─ undecided ─Select(slots)─┬─ Improve ──┬─> candidates of t+1
+                                   reserve ─Select(rest of slots) ┘  │
+                                                     └─ not needed ─> rejected
+      after the last round: undecided ─> rejected (or kept with --keep_unresolved)
 
-Each round reads the count kept so far as a side input and improves no more candidates
-than are still needed (plus `overgenerate_margin`), so no calls are spent once the
-dataset is full; the final examples are cut to `num_examples` deterministically.
+Ask for N, get N: decode makes more basic instructions than round 1 judges (a reserve,
+`RESERVE_FACTOR` x N by default, at no extra call: one decode call per entry writes
+them all). Round 1 judges N (+ margin). Every later round judges as many candidates
+as are still needed divided by the share kept so far (`round_slots`): undecided ones
+first, improved along their rubrics (the method), then fresh ones from the reserve.
+No call is spent once N pairs are kept, and the examples are cut to N
+deterministically.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import NamedTuple, Optional
 
 import apache_beam as beam
@@ -34,6 +41,25 @@ from codeclm_beam.transforms.rubrics import GenerateRubrics
 from codeclm_beam.transforms.selection import TakeLowestRanked
 from codeclm_beam.transforms.selection import stable_rank
 
+# Default basic instructions per pair wanted: round 1 judges one per pair, the rest is
+# the reserve.
+RESERVE_FACTOR = 2
+# The least share of judged candidates a round assumes will be kept: a round judges at
+# most 1 / MIN_YIELD times what is still needed.
+MIN_YIELD = 0.25
+
+
+def round_slots(kept_so_far: float, judged_so_far: float, num_examples: int,
+                margin: int) -> int:
+    """How many candidates the next round judges: the pairs still needed divided by
+    the share of judged candidates kept so far (at least MIN_YIELD), plus the margin;
+    0 once num_examples pairs are kept. `plan` projects large runs with this rule."""
+    needed = num_examples - kept_so_far
+    if needed <= 0:
+        return 0
+    share = kept_so_far / judged_so_far if judged_so_far else 1.0
+    return math.ceil(round(needed / max(MIN_YIELD, share), 6)) + margin
+
 
 @dataclasses.dataclass(frozen=True)
 class CodecLMConfig:
@@ -41,7 +67,8 @@ class CodecLMConfig:
     target: ModelConfig
     judge: ModelConfig
     num_examples: int = 1000
-    # Basic instructions to decode; None means num_examples.
+    # Basic instructions to decode; None means RESERVE_FACTOR x num_examples. Those
+    # round 1 does not judge are the reserve later rounds draw from.
     num_instructions: Optional[int] = None
     overgenerate_margin: int = 0
     num_metadata: int = 200
@@ -72,7 +99,12 @@ class CodecLMConfig:
 
     @property
     def basic_instructions(self) -> int:
-        return self.num_instructions or self.num_examples
+        return self.num_instructions or RESERVE_FACTOR * self.num_examples
+
+    @property
+    def models(self) -> dict[str, str]:
+        return {"strong": self.strong.spec.uri, "target": self.target.spec.uri,
+                "judge": self.judge.spec.uri}
 
 
 class CodecLMOutput(NamedTuple):
@@ -85,26 +117,11 @@ class CodecLMOutput(NamedTuple):
 
 
 def rejection(candidate: Candidate, reason: str) -> Rejection:
-    return Rejection(
-        candidate_id=candidate.candidate_id, reason=reason,
-        instruction=candidate.instruction, iteration=candidate.iteration,
-        use_case=candidate.use_case, skills=candidate.skills,
-        actions_applied=candidate.actions_applied,
-        strong_answer=candidate.strong_answer, target_answer=candidate.target_answer,
-        strong_score=candidate.strong_score, target_score=candidate.target_score,
-        gap=candidate.gap)
+    return Rejection.of(candidate, reason)
 
 
 def keep_better_answer(candidate: Candidate, models: dict[str, str]) -> Example:
-    source = "strong" if candidate.gap >= 0 else "target"
-    return Example(
-        example_id=candidate.candidate_id, instruction=candidate.instruction,
-        response=candidate.strong_answer if source == "strong" else candidate.target_answer,
-        response_source=source, iteration=candidate.iteration,
-        use_case=candidate.use_case, skills=candidate.skills,
-        actions_applied=candidate.actions_applied, strong_score=candidate.strong_score,
-        target_score=candidate.target_score, gap=candidate.gap, **{
-            f"{role}_model": uri for role, uri in models.items()})
+    return Example.of(candidate, "strong" if candidate.gap >= 0 else "target", models)
 
 
 def example_rank(example: Example) -> int:
@@ -112,9 +129,110 @@ def example_rank(example: Example) -> int:
     return (example.iteration << 48) | stable_rank(example.example_id)
 
 
-def still_needed(kept_so_far: int, num_examples: int, margin: int) -> int:
-    needed = num_examples - kept_so_far
-    return needed + margin if needed > 0 else 0
+def _count(pcolls: list, label: str, pipeline) -> beam.PCollection:
+    """How many elements a list of PCollections holds, as a singleton PCollection."""
+    return (tuple(pcolls)
+            | f"{label}/All" >> beam.Flatten(pipeline=pipeline)
+            | f"{label}/Count" >> beam.combiners.Count.Globally())
+
+
+class RoundOutput(NamedTuple):
+    kept: beam.PCollection  # Example
+    next_candidates: beam.PCollection  # Candidate: improved and fresh, for round t+1
+    reserve: beam.PCollection  # Candidate: basic instructions not judged yet
+    rejected: beam.PCollection  # Rejection
+    dead_letter: beam.PCollection  # DeadLetter
+
+
+class Round(beam.PTransform):
+    """Round t of the method (the method's iteration t for the candidates that began in
+    round 1), counting what it keeps, leaves undecided and rejects:
+
+        candidates ─Filter─┬─ kept
+                           └─ undecided ─Select(slots)─┬─ Improve ─────────┬─> next
+             reserve ─────────Select(slots − improved)─┼───────────────────┘
+                                                       └─ not needed ─> rejected
+
+    The last round rejects what is still undecided (or keeps its better answer with
+    keep_unresolved), and the reserve it did not need."""
+
+    def __init__(self, config: CodecLMConfig, number: int, rubric_state, reserve,
+                 kept_before: list, judged_before: list):
+        super().__init__()
+        self._cfg = config
+        self._number = number
+        self._rubric_state = rubric_state
+        self._reserve = reserve
+        self._kept_before = list(kept_before)
+        self._judged_before = list(judged_before)
+
+    def expand(self, candidates) -> RoundOutput:
+        cfg, t = self._cfg, self._number
+        filtered = (candidates
+                    | "CountCandidates" >> Tally(f"round{t}.candidates")
+                    | "ContrastiveFilter" >> ContrastiveFilter(
+                        cfg.strong, cfg.target, cfg.judge, cfg.threshold,
+                        cfg.score_scale, cfg.answer_temperature, cfg.judge_temperature,
+                        cfg.max_output_tokens, cfg.seed))
+        kept = filtered.kept | "CountKept" >> Tally(f"round{t}.kept")
+        undecided = filtered.undecided | "CountUndecided" >> Tally(f"round{t}.undecided")
+        if t == cfg.max_iterations:
+            return self._last(candidates.pipeline, kept, undecided, filtered.dead_letter)
+
+        slots = self._slots(candidates, kept)
+        rank = candidate_rank(cfg.seed)
+        selected = undecided | "SelectForImprovement" >> TakeLowestRanked(
+            rank, max_limit=cfg.basic_instructions, limit=slots)
+        fresh_slots = slots | "FreshSlots" >> beam.Map(
+            lambda total, improving: max(0, total - improving),
+            beam.pvalue.AsSingleton(_count([selected.taken], "CountImproving",
+                                           candidates.pipeline)))
+        fresh = self._reserve | "DrawFromReserve" >> TakeLowestRanked(
+            rank, max_limit=cfg.basic_instructions, limit=fresh_slots)
+        improved = selected.taken | "ImproveInstructions" >> ImproveInstructions(
+            cfg.strong, self._rubric_state, cfg.temperature, cfg.codec_max_output_tokens,
+            cfg.seed)
+        return RoundOutput(
+            kept=kept,
+            next_candidates=(improved.output,
+                             fresh.taken | "CountFresh" >> Tally(f"round{t + 1}.fresh"))
+            | "Next" >> beam.Flatten(),
+            reserve=fresh.rest,
+            rejected=(selected.rest
+                      | "CountNotNeeded" >> Tally(f"round{t}.not_needed")
+                      | "RejectNotNeeded" >> beam.Map(rejection, "not_needed")),
+            dead_letter=(filtered.dead_letter, improved.dead_letter)
+            | "DeadLetters" >> beam.Flatten())
+
+    def _slots(self, candidates, kept):
+        """round_slots, from everything kept and judged up to this round."""
+        cfg, pipeline = self._cfg, candidates.pipeline
+        judged = _count([*self._judged_before, candidates], "CountJudged", pipeline)
+        return (_count([*self._kept_before, kept], "CountKeptSoFar", pipeline)
+                | "Slots" >> beam.Map(
+                    lambda kept_so_far, judged_so_far: round_slots(
+                        kept_so_far, judged_so_far, cfg.num_examples,
+                        cfg.overgenerate_margin),
+                    beam.pvalue.AsSingleton(judged)))
+
+    def _last(self, pipeline, kept, undecided, dead_letter) -> RoundOutput:
+        cfg = self._cfg
+        unused = (self._reserve
+                  | "CountReserveUnused" >> Tally("reserve_unused")
+                  | "RejectReserveUnused" >> beam.Map(rejection, "not_needed"))
+        if cfg.keep_unresolved:
+            kept = (kept, undecided | "KeepUnresolved" >> beam.Map(
+                keep_better_answer, cfg.models)) | "KeptAndUnresolved" >> beam.Flatten()
+            rejected = unused
+        else:
+            rejected = (undecided | "RejectUnresolved" >> beam.Map(
+                rejection, "within_threshold"), unused) | "Rejected" >> beam.Flatten()
+        nothing = pipeline | "Nothing" >> beam.Create([])
+        return RoundOutput(kept, nothing, nothing, rejected, dead_letter)
+
+
+def candidate_rank(seed: int):
+    return lambda candidate: stable_rank(str(seed), candidate.candidate_id)
 
 
 class CodecLM(beam.PTransform):
@@ -128,16 +246,7 @@ class CodecLM(beam.PTransform):
 
     def expand(self, inputs) -> CodecLMOutput:
         cfg = self._config
-        dead_letters = []
-        if self._from_metadata:
-            metadata = inputs
-        else:
-            encoded = inputs | "EncodeMetadata" >> EncodeMetadata(
-                cfg.strong, cfg.max_skills, cfg.temperature, cfg.codec_max_output_tokens,
-                cfg.seed)
-            metadata = encoded.output | "CountMetadata" >> Tally("metadata")
-            dead_letters.append(encoded.dead_letter)
-
+        metadata, dead_letters = self._metadata(inputs)
         pool = (metadata
                 | "BuildMetadataPool" >> BuildMetadataPool(
                     cfg.num_metadata, cfg.max_skills, cfg.seed)
@@ -150,56 +259,27 @@ class CodecLM(beam.PTransform):
             cfg.codec_max_output_tokens, cfg.seed)
         dead_letters += [rubrics.dead_letter, decoded.dead_letter]
         rubric_state = rubrics.output | "CountRubrics" >> Tally("rubric_sets")
+        first = (decoded.output
+                 | "CountBasic" >> Tally("basic_instructions")
+                 | "TakeFirstRound" >> TakeLowestRanked(
+                     candidate_rank(cfg.seed), cfg.num_examples + cfg.overgenerate_margin))
 
-        candidates = decoded.output | "CountBasic" >> Tally("basic_instructions")
-        kept_per_round, rejected = [], []
-        models = {"strong": cfg.strong.spec.uri, "target": cfg.target.spec.uri,
-                  "judge": cfg.judge.spec.uri}
-        for round_number in range(1, cfg.max_iterations + 1):
-            name = f"Round{round_number}"
-            candidates = candidates | f"{name}/CountCandidates" >> Tally(
-                f"round{round_number}.candidates")
-            filtered = candidates | f"{name}/ContrastiveFilter" >> ContrastiveFilter(
-                cfg.strong, cfg.target, cfg.judge, cfg.threshold, cfg.score_scale,
-                cfg.answer_temperature, cfg.judge_temperature, cfg.max_output_tokens,
-                cfg.seed)
-            kept_per_round.append(filtered.kept | f"{name}/CountKept" >> Tally(
-                f"round{round_number}.kept"))
-            dead_letters.append(filtered.dead_letter)
-            undecided = filtered.undecided | f"{name}/CountUndecided" >> Tally(
-                f"round{round_number}.undecided")
-            if round_number == cfg.max_iterations:
-                if cfg.keep_unresolved:
-                    kept_per_round.append(undecided | "KeepUnresolved" >> beam.Map(
-                        keep_better_answer, models))
-                else:
-                    rejected.append(undecided | "RejectUnresolved" >> beam.Map(
-                        rejection, "within_threshold"))
-                break
-            kept_so_far = (kept_per_round
-                           | f"{name}/AllKept" >> beam.Flatten()
-                           | f"{name}/CountAllKept" >> beam.combiners.Count.Globally()
-                           | f"{name}/StillNeeded" >> beam.Map(
-                               still_needed, cfg.num_examples, cfg.overgenerate_margin))
-            selected = undecided | f"{name}/SelectForImprovement" >> TakeLowestRanked(
-                lambda c: stable_rank(str(cfg.seed), c.candidate_id),
-                max_limit=cfg.num_examples + cfg.overgenerate_margin, limit=kept_so_far)
-            rejected.append(selected.rest
-                            | f"{name}/CountNotNeeded" >> Tally(
-                                f"round{round_number}.not_needed")
-                            | f"{name}/RejectNotNeeded" >> beam.Map(rejection, "not_needed"))
-            improved = selected.taken | f"{name}/ImproveInstructions" >> ImproveInstructions(
-                cfg.strong, rubric_state, cfg.temperature, cfg.codec_max_output_tokens,
-                cfg.seed)
-            dead_letters.append(improved.dead_letter)
-            candidates = improved.output
+        candidates, reserve, kept, judged, rejected = first.taken, first.rest, [], [], []
+        for number in range(1, cfg.max_iterations + 1):
+            result = candidates | f"Round{number}" >> Round(
+                cfg, number, rubric_state, reserve, kept, judged)
+            judged.append(candidates)
+            kept.append(result.kept)
+            rejected.append(result.rejected)
+            dead_letters.append(result.dead_letter)
+            candidates, reserve = result.next_candidates, result.reserve
 
-        cut = (kept_per_round
+        cut = (kept
                | "AllExamples" >> beam.Flatten()
                | "CutToNumExamples" >> TakeLowestRanked(example_rank, cfg.num_examples))
         rejected.append(cut.rest
                         | "CountSurplus" >> Tally("surplus")
-                        | "RejectSurplus" >> beam.Map(_surplus_rejection))
+                        | "RejectSurplus" >> beam.Map(Rejection.of_example, "surplus"))
         return CodecLMOutput(
             seed_metadata=metadata,
             examples=cut.taken | "CountExamples" >> Tally("examples"),
@@ -208,14 +288,12 @@ class CodecLM(beam.PTransform):
             metadata_pool=pool,
             rubrics=rubric_state)
 
-
-def _surplus_rejection(example: Example) -> Rejection:
-    return Rejection(
-        candidate_id=example.example_id, reason="surplus",
-        instruction=example.instruction, iteration=example.iteration,
-        use_case=example.use_case, skills=example.skills,
-        actions_applied=example.actions_applied,
-        strong_answer=example.response if example.response_source == "strong" else None,
-        target_answer=example.response if example.response_source == "target" else None,
-        strong_score=example.strong_score, target_score=example.target_score,
-        gap=example.gap)
+    def _metadata(self, inputs) -> tuple[beam.PCollection, list]:
+        """The seeds' metadata (encoded) or the user's, and encode's dead letters."""
+        if self._from_metadata:
+            return inputs, []
+        cfg = self._config
+        encoded = inputs | "EncodeMetadata" >> EncodeMetadata(
+            cfg.strong, cfg.max_skills, cfg.temperature, cfg.codec_max_output_tokens,
+            cfg.seed)
+        return encoded.output | "CountMetadata" >> Tally("metadata"), [encoded.dead_letter]

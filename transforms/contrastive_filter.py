@@ -23,6 +23,7 @@ from codeclm_beam.model import ChatMessage
 from codeclm_beam.model import GenerationSettings
 from codeclm_beam.model import ModelConfig
 from codeclm_beam.model.thinking import DEFAULT
+from codeclm_beam.prompts import PromptTemplate
 from codeclm_beam.records import Candidate
 from codeclm_beam.records import DeadLetter
 from codeclm_beam.records import Example
@@ -31,7 +32,6 @@ from codeclm_beam.stage import StageSpec
 
 UNDECIDED = "undecided"
 
-_JUDGE_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
 # Visible tokens of a judgement of two scores as JSON (about 20); the limit sent adds
 # the judge's thinking allowance (`codeclm_beam.model.thinking`).
 JUDGE_VISIBLE_TOKENS = 64
@@ -70,7 +70,7 @@ def answer_id(candidate: Candidate) -> str:
 
 
 def answer_prompt(candidate: Candidate) -> list[ChatMessage]:
-    return [ChatMessage("user", candidate.instruction)]
+    return PromptTemplate.load("answer").messages(instruction=candidate.instruction)
 
 
 def judge_schema(score_scale: int, explain: bool = False) -> dict:
@@ -89,30 +89,10 @@ def judge_schema(score_scale: int, explain: bool = False) -> dict:
 def pairwise_judge_prompt(question: str, first: str, second: str, score_scale: int,
                           explain: bool = False) -> list[ChatMessage]:
     """Vicuna's pairwise judge prompt, as the paper uses it: the two scores only in
-    filtering (Figure 11); the scores first, then an explanation, in evaluation
-    (Figure 12)."""
-    if explain:
-        output = ("Output the two scores first, for Assistant 1 and Assistant 2, then a "
-                  "comprehensive explanation of your evaluation, as JSON.")
-    else:
-        output = ("Output only the two scores, for Assistant 1 and Assistant 2, as JSON, "
-                  "with no explanation.")
-    return [
-        ChatMessage("system", _JUDGE_SYSTEM),
-        ChatMessage("user", (
-            f"[Question]\n{question}\n\n"
-            f"[The Start of Assistant 1's Answer]\n{first}\n\n"
-            "[The End of Assistant 1's Answer]\n\n"
-            f"[The Start of Assistant 2's Answer]\n{second}\n\n"
-            "[The End of Assistant 2's Answer]\n\n"
-            "[System]\nWe would like to request your feedback on the performance of two "
-            "AI assistants in response to the user question displayed above.\n"
-            "Please rate the helpfulness, relevance, accuracy, level of details of their "
-            f"responses. Each assistant receives an overall score on a scale of 1 to "
-            f"{score_scale}, where a higher score indicates better overall performance.\n"
-            "Avoid any bias: the order in which the two answers were presented must not "
-            "affect your judgement.\n" + output)),
-    ]
+    filtering (`judge_filter`, Figure 11); the scores first, then an explanation, in
+    evaluation (`judge_eval`, Figure 12)."""
+    return PromptTemplate.load("judge_eval" if explain else "judge_filter").messages(
+        question=question, answer_1=first, answer_2=second, score_scale=score_scale)
 
 
 def judge_prompt(task: JudgeTask, score_scale: int) -> list[ChatMessage]:
@@ -146,14 +126,7 @@ class _Decide(beam.DoFn):
         if abs(gap) <= self._threshold:
             yield beam.pvalue.TaggedOutput(UNDECIDED, scored)
             return
-        source = "strong" if gap > 0 else "target"
-        yield Example(
-            example_id=c.candidate_id, instruction=c.instruction,
-            response=c.strong_answer if source == "strong" else c.target_answer,
-            response_source=source, iteration=c.iteration, use_case=c.use_case,
-            skills=c.skills, actions_applied=c.actions_applied, strong_score=strong,
-            target_score=target, gap=gap, strong_model=self._models["strong"],
-            target_model=self._models["target"], judge_model=self._models["judge"])
+        yield Example.of(scored, "strong" if gap > 0 else "target", self._models)
 
 
 class ContrastiveFilter(beam.PTransform):

@@ -15,6 +15,7 @@ import apache_beam as beam
 from codeclm_beam.model import ChatMessage
 from codeclm_beam.model import GenerationSettings
 from codeclm_beam.model import ModelConfig
+from codeclm_beam.prompts import PromptTemplate
 from codeclm_beam.records import Candidate
 from codeclm_beam.records import Metadata
 from codeclm_beam.records import content_id
@@ -47,15 +48,8 @@ def decode_schema(count: int) -> dict:
 
 def decode_prompt(task: DecodeTask) -> list[ChatMessage]:
     entry = task.metadata
-    return [
-        ChatMessage("system", "You write instructions that users give to an AI "
-                              "assistant. Answer with JSON only."),
-        ChatMessage("user", (
-            f"Use case: {entry.use_case}\nSkills: {', '.join(entry.skills)}\n\n"
-            f"Write {task.count} new, diverse and realistic instructions a user could "
-            "give for this use case, each needing these skills. Write only the "
-            "instructions; do not answer them.")),
-    ]
+    return PromptTemplate.load(STAGE).messages(
+        count=task.count, use_case=entry.use_case, skills=", ".join(entry.skills))
 
 
 def candidate_id(metadata_id: str, index: int) -> str:

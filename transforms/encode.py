@@ -6,6 +6,7 @@ normalised (case, whitespace, and never "skill"/"knowledge" standing as a skill)
 """
 from __future__ import annotations
 
+import json
 import re
 from typing import Iterable
 
@@ -14,6 +15,7 @@ import apache_beam as beam
 from codeclm_beam.model import ChatMessage
 from codeclm_beam.model import GenerationSettings
 from codeclm_beam.model import ModelConfig
+from codeclm_beam.prompts import PromptTemplate
 from codeclm_beam.records import Metadata
 from codeclm_beam.records import Seed
 from codeclm_beam.records import content_id
@@ -23,24 +25,20 @@ from codeclm_beam.stage import StageSpec
 
 STAGE = "encode"
 
-_SYSTEM = (
-    "You analyse user instructions. For an instruction, name its use case (the kind "
-    "of task, in a few words) and the skills a responder needs (each 2-3 words). "
-    "Answer with JSON only, no explanation.")
-
-_DEMONSTRATIONS = (
-    ("Write a Python function that returns the n-th Fibonacci number using memoization.",
-     "code generation", ["python", "dynamic programming"]),
-    ("I'm opening a small bakery downtown. Draft a one-page business plan that covers "
-     "the target customers and the main competitors.",
-     "business plan development", ["market research", "financial planning",
-                                   "business writing"]),
-    ("Pretend you are a medieval innkeeper and greet a tired traveller who just "
-     "walked in from the rain.",
-     "role-play", ["character voice", "creative writing"]),
-)
-
-_GENERIC_WORDS = re.compile(r"\b(skills?|knowledge)\b", re.IGNORECASE)
+# Words that describe a skill instead of naming it, as the paper's prompt forbids:
+# "skill(s)" and "knowledge" anywhere; "understanding of", "ability to", "experience
+# with"... before what is needed (but "natural language understanding" and "user
+# experience design" are names); an adjective of degree at the start ("strong", ...).
+_BANNED = re.compile(r"\b(skills?|knowledge)\b", re.IGNORECASE)
+_DESCRIBING_PREFIX = re.compile(
+    r"^(?:(?:basic|good|strong|solid|in-depth|thorough)\s+)?"
+    r"(?:understanding|ability|abilities|proficiency|expertise|familiarity|experience|"
+    r"competence|command|mastery)\s+(?:of|in|with|to|for|about|on)\s+", re.IGNORECASE)
+_DEGREE = re.compile(r"^(?:basic|good|strong|solid|in-depth|thorough)\s+", re.IGNORECASE)
+# Words that cannot start or end a skill once the describing words are gone.
+_DANGLING = {"of", "in", "on", "for", "and", "or", "with", "to", "about", "the", "a",
+             "an", "at", "as", "by"}
+MAX_SKILL_WORDS = 3
 
 
 def encode_schema(max_skills: int) -> dict:
@@ -57,19 +55,17 @@ def encode_schema(max_skills: int) -> dict:
 
 
 def encode_prompt(seed: Seed, max_skills: int) -> list[ChatMessage]:
-    import json
-    messages = [ChatMessage("system", _SYSTEM)]
-    for instruction, use_case, skills in _DEMONSTRATIONS:
-        messages.append(ChatMessage("user", _ask(instruction, max_skills)))
+    """The instruction analyser's prompt: rules, the paper's three demonstrations as
+    user/assistant turns (answers in the schema's JSON), then the seed."""
+    template = PromptTemplate.load(STAGE)
+    messages = [ChatMessage("system", template.system.format(max_skills=max_skills))]
+    for demonstration in template.demonstration_fields():
+        skills = [s.strip() for s in demonstration["skills"].split(",")][:max_skills]
+        messages.append(template.user_message(instruction=demonstration["instruction"]))
         messages.append(ChatMessage("assistant", json.dumps(
-            {"use_case": use_case, "skills": skills[:max_skills]})))
-    messages.append(ChatMessage("user", _ask(seed.instruction, max_skills)))
+            {"use_case": demonstration["use_case"], "skills": skills})))
+    messages.append(template.user_message(instruction=seed.instruction))
     return messages
-
-
-def _ask(instruction: str, max_skills: int) -> str:
-    return (f"Instruction:\n{instruction}\n\nGive exactly one use case and 1 to "
-            f"{max_skills} skills.")
 
 
 def normalize_phrase(text: str) -> str:
@@ -77,13 +73,31 @@ def normalize_phrase(text: str) -> str:
     return text.strip(" .,;:!?\"'`-_*()[]{}")
 
 
+def normalize_skill(skill: str) -> str:
+    """A skill as the paper asks for it: what is needed, named in at most three words,
+    with no describing words ("skill", "knowledge", "ability to", ...) and no
+    preposition or article left dangling at either end; "" when nothing is left (then
+    the skill is dropped)."""
+    text = normalize_phrase(_BANNED.sub(" ", str(skill)))
+    text = _DEGREE.sub("", _DESCRIBING_PREFIX.sub("", text))
+    words = text.split()
+    while words and words[0] in _DANGLING:
+        words.pop(0)
+    while words and words[-1] in _DANGLING:
+        words.pop()
+    if len(words) > MAX_SKILL_WORDS:
+        # Too long to be a name: linking words go first ("creative writing and
+        # storytelling" -> "creative writing storytelling"), then all but three.
+        words = [w for w in words if w not in _DANGLING][:MAX_SKILL_WORDS]
+    return normalize_phrase(" ".join(words))
+
+
 def normalize_skills(skills: Iterable[str], max_skills: int) -> tuple[str, ...]:
-    """Lower-cased, de-duplicated skills with "skill"/"knowledge" removed as words;
-    a skill that was nothing but those words disappears."""
+    """Normalised, de-duplicated skills (`normalize_skill`); the ones that come out
+    empty are dropped, and at most `max_skills` are kept."""
     seen = []
     for skill in skills:
-        cleaned = normalize_phrase(_GENERIC_WORDS.sub(" ", str(skill)))
-        cleaned = normalize_phrase(re.sub(r"\b(of|in|for|and)$", "", cleaned))
+        cleaned = normalize_skill(skill)
         if cleaned and cleaned not in seen:
             seen.append(cleaned)
     return tuple(seen[:max_skills])

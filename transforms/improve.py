@@ -15,6 +15,7 @@ import apache_beam as beam
 from codeclm_beam.model import ChatMessage
 from codeclm_beam.model import GenerationSettings
 from codeclm_beam.model import ModelConfig
+from codeclm_beam.prompts import PromptTemplate
 from codeclm_beam.records import Candidate
 from codeclm_beam.records import DeadLetter
 from codeclm_beam.stage import DEAD_LETTER
@@ -25,9 +26,6 @@ from codeclm_beam.stage import derive_seed
 
 STAGE = "improve"
 
-_SYSTEM = "You are an instruction improver. Answer with JSON only."
-
-
 def improve_schema() -> dict:
     return {"type": "object",
             "properties": {"instruction": {"type": "string", "minLength": 5,
@@ -36,15 +34,9 @@ def improve_schema() -> dict:
 
 
 def improve_prompt(candidate: Candidate) -> list[ChatMessage]:
-    return [
-        ChatMessage("system", _SYSTEM),
-        ChatMessage("user", (
-            f"Instruction:\n{candidate.instruction}\n\n"
-            f"Action:\n{candidate.pending_action}\n\n"
-            "Rewrite the instruction so that it is harder by following the action. Keep "
-            "it reasonable, self-consistent and answerable, do not copy the action's "
-            "words, and do not answer it.")),
-    ]
+    return PromptTemplate.load(STAGE).messages(
+        use_case=candidate.use_case, skills=", ".join(candidate.skills),
+        instruction=candidate.instruction, action=candidate.pending_action)
 
 
 def apply_rewrite(candidate: Candidate, data: dict) -> list[Candidate]:

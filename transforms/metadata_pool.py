@@ -1,9 +1,10 @@
 """Metadata pool: keep every original (use case, skills), fill to `num_metadata` by
 seeded mix-and-match. No model call.
 
-When there are more distinct originals than `num_metadata`, the pool is a seeded random
-sample of `num_metadata` of them (a sample keeps the seeds' distribution), so the pool
-size, and with it the call budget, is always what the user asked for.
+When the seeds give more distinct originals than `num_metadata`, every one is kept, as
+the method does: the pool is larger than asked for, with no mixed entry, and the call
+budget grows with it (one rubrics and one decode call per entry). The manifest shows
+the pool's size beside `--num_metadata`; a smaller pool needs fewer or more alike seeds.
 
 A mixed entry draws one use case from the per-seed list (so frequent use cases are drawn
 more often) and 1..max_skills distinct skills without replacement from the union of all
@@ -35,9 +36,6 @@ def build_metadata_pool(entries: Iterable[Metadata], num_metadata: int, max_skil
         all_skills.update(entry.skills)
         originals.setdefault(entry.metadata_id, entry)
     rng = random.Random(seed)
-    if len(originals) > num_metadata:
-        chosen = rng.sample(sorted(originals), num_metadata)
-        return sorted((originals[k] for k in chosen), key=lambda m: m.metadata_id)
     pool = dict(originals)
     skills = sorted(all_skills)
     attempts = 0

@@ -11,6 +11,7 @@ import apache_beam as beam
 from codeclm_beam.model import ChatMessage
 from codeclm_beam.model import GenerationSettings
 from codeclm_beam.model import ModelConfig
+from codeclm_beam.prompts import PromptTemplate
 from codeclm_beam.records import Metadata
 from codeclm_beam.records import RubricSet
 from codeclm_beam.stage import CallModel
@@ -18,11 +19,6 @@ from codeclm_beam.stage import StageOutput
 from codeclm_beam.stage import StageSpec
 
 STAGE = "rubrics"
-
-_SYSTEM = (
-    "You are a domain expert who judges how hard instructions are for an AI assistant. "
-    "Answer with JSON only.")
-
 
 def rubrics_schema(num_rubrics: int) -> dict:
     return {
@@ -47,16 +43,8 @@ def rubrics_schema(num_rubrics: int) -> dict:
 
 
 def rubrics_prompt(entry: Metadata, num_rubrics: int) -> list[ChatMessage]:
-    return [
-        ChatMessage("system", _SYSTEM),
-        ChatMessage("user", (
-            f"Use case: {entry.use_case}\nSkills: {', '.join(entry.skills)}\n\n"
-            f"Write {num_rubrics} rubrics that tell a hard instruction for this use case "
-            "and these skills from an easy one. For each rubric, give one concrete "
-            "action that would make an instruction harder along that rubric (for "
-            "example, for business plan development with market research: \"add a "
-            "SWOT analysis\", \"compare with named competitors\").")),
-    ]
+    return PromptTemplate.load(STAGE).messages(
+        num_rubrics=num_rubrics, use_case=entry.use_case, skills=", ".join(entry.skills))
 
 
 def parse_rubrics(entry: Metadata, data: dict) -> list[RubricSet]:

@@ -130,9 +130,13 @@ class ModelClient:
                         None if seed is None else seed + _REASK_SEED_STRIDE * parse_attempt)
                 raw = self._send_complete(asked, counters)
                 try:
+                    if raw.truncated:
+                        # Cut even with more room (a model looping on itself): ask
+                        # again with another seed, as for a broken answer.
+                        raise self._truncated(request, raw)
                     data = self._parse(request, raw)
-                except SchemaMismatch as mismatch:
-                    last_mismatch = mismatch
+                except (SchemaMismatch, TruncatedAnswer) as unusable:
+                    last_error = unusable
                     continue
                 response = ModelResponse(
                     text=raw.text, data=data, prompt_tokens=raw.prompt_tokens,
@@ -143,7 +147,7 @@ class ModelClient:
                 if key:
                     self.cache.put(key, response)
                 return _with_stats(response, _stats(counters))
-            raise last_mismatch
+            raise last_error
         except ModelError as error:
             return self._failure(request, error, counters, raw)
         except Exception as error:  # a bug or an unexpected library error: dead-letter it
@@ -151,26 +155,25 @@ class ModelClient:
             return self._failure(request, error, counters, raw)
 
     def _send_complete(self, request: ModelRequest, counters: dict) -> RawAnswer:
-        """An answer that did not stop at the output limit. One that did is sent once
-        more with the whole first limit added as room (counted); if that stops at the
-        limit too, it is a TruncatedAnswer, never a short answer kept as complete."""
+        """The answer, re-sent once per call with the whole first limit added as room
+        when it stopped at the limit (counted). The caller never keeps an answer that
+        is still cut: it is a TruncatedAnswer."""
         raw = self._send_with_retries(request, counters)
-        if not raw.truncated:
-            return raw
-        first_limit = self._wire_limit(request)
-        if counters["truncation_retries"] < self.config.max_truncation_retries:
+        if raw.truncated and \
+                counters["truncation_retries"] < self.config.max_truncation_retries:
             counters["truncation_retries"] += 1
             raw = self._send_with_retries(request.with_max_output_tokens(
-                request.settings.max_output_tokens + first_limit), counters)
-            if not raw.truncated:
-                return raw
-        raise TruncatedAnswer(
+                request.settings.max_output_tokens + self._wire_limit(request)), counters)
+        return raw
+
+    def _truncated(self, request: ModelRequest, raw: RawAnswer) -> TruncatedAnswer:
+        return TruncatedAnswer(
             f"answer stopped at the output limit (finish reason {raw.finish_reason}; "
             f"limit {self._wire_limit(request)} tokens for a visible budget of "
-            f"{request.settings.max_output_tokens}; last answer: {raw.completion_tokens} "
-            f"visible + {raw.thoughts_tokens} thought tokens), also after a re-send "
-            f"with a larger limit; raise the stage's output budget or lower its "
-            f"thinking", raw.text, raw.finish_reason)
+            f"{request.settings.max_output_tokens}, and one re-send with more room; "
+            f"last answer: {raw.completion_tokens} visible + {raw.thoughts_tokens} "
+            "thought tokens): raise the stage's output budget or lower its thinking",
+            raw.text, raw.finish_reason)
 
     def _wire_limit(self, request: ModelRequest) -> int:
         return output_token_limit(self.spec.backend, self.spec.model,
