@@ -97,6 +97,9 @@ class RunOptions(PipelineOptions):
                            help="Where outputs go (local or gs://).")
         group.add_argument("--no_report", action="store_true", default=False,
                            help="Do not write report.html and the dataset card.")
+        group.add_argument("--force", action="store_true", default=False,
+                           help="Write into an --output_dir that holds files no run "
+                                "wrote (they are kept as they are).")
 
 
 def option_actions(*views: type[PipelineOptions]) -> list[argparse.Action]:

@@ -13,6 +13,17 @@ import typing
 from typing import Any, Optional
 
 
+def invalid_text_reason(text: str) -> Optional[str]:
+    """Why `text` cannot be written as UTF-8 (a lone surrogate, which JSON's "\\ud800"
+    escapes let through), or None. Records carry only text that can be written."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (f"not valid Unicode text: a lone surrogate (U+{ord(text[e.start]):04X}) "
+                f"at character {e.start}")
+    return None
+
+
 def content_id(prefix: str, text: str) -> str:
     """A stable id from content (Python's hash() is salted per process)."""
     return prefix + hashlib.sha256(text.encode("utf-8")).hexdigest()[:15]
@@ -195,21 +206,32 @@ class DeadLetter:
            reason: Optional[str] = None) -> "DeadLetter":
         from codeclm_beam.model.errors import failure_reason
         from codeclm_beam.redact import redact
-        return cls(stage=stage, element_id=element_id, error_class=type(error).__name__,
-                   message=redact(str(error))[:4000], attempts=attempts,
-                   raw_answer=redact(raw_answer)[:4000] if raw_answer else None,
+        return cls(stage=stage, element_id=writable(element_id),
+                   error_class=type(error).__name__,
+                   message=writable(redact(str(error))[:4000]), attempts=attempts,
+                   raw_answer=writable(redact(raw_answer)[:4000]) if raw_answer else None,
                    payload=cls.payload_json(payload),
                    reason=reason or failure_reason(error))
 
     @staticmethod
     def payload_json(record: Any) -> Optional[str]:
+        # ASCII JSON: a payload that is not valid Unicode (the reason it is here) is
+        # written as \\u escapes instead of failing the writer.
         if record is None:
             return None
         try:
             value = to_dict(record) if dataclasses.is_dataclass(record) else record
-            return json.dumps(value, ensure_ascii=False, default=repr)[:100_000]
+            return json.dumps(value, ensure_ascii=True, default=repr)[:100_000]
         except Exception:
-            return repr(record)[:100_000]
+            return ascii(record)[:100_000]
+
+
+def writable(text: Optional[str]) -> Optional[str]:
+    """`text`, with anything UTF-8 cannot hold (lone surrogates) as backslash escapes:
+    for dead letters and messages, which must be written whatever they quote."""
+    if text is None:
+        return None
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def to_dict(record: Any) -> dict:

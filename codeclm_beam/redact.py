@@ -2,11 +2,19 @@
 
 Every error message that leaves the model layer passes through `redact`, because
 servers echo requests back in errors and client libraries put headers in messages.
+It takes out: the values of the key variables below and of every credential a model
+URI carried (`register_url_secrets`: a password, its Basic-auth encoding, a `?key=`
+value), the credentials of any URL in the text (`public_url`), the credentials of an
+`Authorization` header of any scheme and of `x-goog-api-key`, and tokens of the
+shapes the providers use.
 """
 from __future__ import annotations
 
+import base64
 import os
 import re
+import threading
+import urllib.parse
 from typing import Optional
 
 # Environment variables whose values are secrets wherever they appear.
@@ -18,8 +26,12 @@ SECRET_ENV_VARS = (
 )
 
 _PATTERNS = (
-    re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]{8,}"),
-    re.compile(r"(?i)((?:api[_-]?key|x-goog-api-key|access_token|authorization)"
+    # An Authorization header of any scheme (Bearer, Basic, Digest, ...): the scheme
+    # stays, the credentials go.
+    re.compile(r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?(?:[A-Za-z-]+\s+)?)"
+               r"[^\s\"',}]{4,}"),
+    re.compile(r"(?i)((?:bearer|basic|digest)\s+)[A-Za-z0-9._~+/=-]{8,}"),
+    re.compile(r"(?i)((?:api[_-]?key|x-goog-api-key|access_token)"
                r"[\"']?\s*[:=]\s*[\"']?)[^\s\"'&,}]{6,}"),
     re.compile(r"\bsk-[A-Za-z0-9_-]{8,}"),
     re.compile(r"\bAIza[0-9A-Za-z_-]{20,}"),
@@ -27,15 +39,45 @@ _PATTERNS = (
 )
 
 REDACTED = "[REDACTED]"
+# Any URL in a text, up to white space or quoting.
+_URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s\"'<>]+")
+
+# Credentials seen in model URIs in this process.
+_URL_SECRETS: set[str] = set()
+_URL_SECRETS_LOCK = threading.Lock()
+
+
+def register_url_secrets(url: Optional[str]) -> None:
+    """Remembers the credentials a URL carries, so `redact` takes them out of any text
+    (a server that echoes its request, a client that prints its URL)."""
+    if not url or "://" not in url:
+        return
+    authority = url.partition("://")[2]
+    for mark in "/?#":
+        authority = authority.split(mark, 1)[0]
+    found = []
+    userinfo = authority.rpartition("@")[0]
+    if userinfo:
+        user, _, password = userinfo.partition(":")
+        found += [userinfo, password, urllib.parse.unquote(password),
+                  base64.b64encode(urllib.parse.unquote(userinfo).encode()).decode()]
+    query = url.partition("?")[2].partition("#")[0]
+    found += [v for k, v in urllib.parse.parse_qsl(query) if _CREDENTIAL_PARAM.match(k)]
+    with _URL_SECRETS_LOCK:
+        _URL_SECRETS.update(s for s in found if s and len(s) >= 4)
 
 
 def redact(text: str, extra_secrets: tuple[str, ...] = ()) -> str:
     if not text:
         return text
-    secrets = [os.environ.get(name, "") for name in SECRET_ENV_VARS] + list(extra_secrets)
+    with _URL_SECRETS_LOCK:
+        url_secrets = sorted(_URL_SECRETS, key=len, reverse=True)
+    secrets = ([os.environ.get(name, "") for name in SECRET_ENV_VARS]
+               + list(extra_secrets) + url_secrets)
     for secret in secrets:
         if secret and len(secret) >= 4:
             text = text.replace(secret, REDACTED)
+    text = _URL.sub(lambda m: public_url(m.group(0)), text)
     for pattern in _PATTERNS:
         if pattern.groups:
             text = pattern.sub(lambda m: m.group(1) + REDACTED, text)
@@ -55,7 +97,6 @@ def public_url(url: Optional[str]) -> Optional[str]:
     when the password holds an '@'), credential-like query parameters redacted."""
     if not url:
         return url
-    import urllib.parse
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url

@@ -30,6 +30,7 @@ from codeclm_beam.model.types import ModelFailure
 from codeclm_beam.model.types import ModelRequest
 from codeclm_beam.model.types import ModelResponse
 from codeclm_beam.records import DeadLetter
+from codeclm_beam.records import writable
 
 DEAD_LETTER = "dead_letter"
 
@@ -109,8 +110,8 @@ class _ParseAnswer(beam.DoFn):
         if isinstance(result, ModelFailure):
             yield beam.pvalue.TaggedOutput(DEAD_LETTER, DeadLetter(
                 stage=spec.name, element_id=result.request_id,
-                error_class=result.error_class, message=result.message,
-                attempts=result.attempts, raw_answer=result.raw_answer,
+                error_class=result.error_class, message=writable(result.message),
+                attempts=result.attempts, raw_answer=writable(result.raw_answer),
                 payload=DeadLetter.payload_json(record), reason=result.reason,
                 finish_reason=result.finish_reason))
             return

@@ -16,19 +16,35 @@ from typing import Optional
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from codeclm_beam.options import AnswerOptions
+from codeclm_beam.pipelines.args import SuggestingParser
+from codeclm_beam.pipelines.args import unknown_message
 from codeclm_beam.options import ModelOptions
 from codeclm_beam.options import RunOptions
 from codeclm_beam.version import __version__
 
 
 def _options_parser(prog: str, description: str, *views) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = SuggestingParser(
         prog=prog, description=description,
         epilog="Any other flag is a Beam pipeline option (--runner, --project, "
                "--region, --temp_location, --direct_num_workers, ...).")
     for view in views:
         view._add_argparse_args(parser)
     return parser
+
+
+def refuse_unknown_options(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Flags that neither this command nor any Beam pipeline option knows are refused
+    before anything runs (Beam would only log them and run with the defaults); Beam's
+    flags (`--runner`, `--project`, ...) pass through to the runner."""
+    from apache_beam.options.pipeline_options import _BeamArgumentParser
+    every = _BeamArgumentParser(allow_abbrev=False)
+    classes = {str(cls): cls for cls in PipelineOptions.__subclasses__()}
+    for cls in classes.values():
+        cls._add_argparse_args(every)
+    _, unknown = every.parse_known_args(argv)
+    if unknown:
+        parser.error(unknown_message(unknown, every))
 
 
 def _summary(manifest: dict) -> str:
@@ -98,6 +114,7 @@ def generate(argv: list[str]) -> int:
                              "Generate CodecLM instruction-response pairs.",
                              GenerateOptions, AnswerOptions, RunOptions, ModelOptions)
     known, _ = parser.parse_known_args(argv)  # validates our flags; --help exits here
+    refuse_unknown_options(parser, argv)
     if not known.seeds and not known.metadata:
         parser.error("give --seeds FILE (or --metadata FILE)")
     manifest = run(options=PipelineOptions(argv))
@@ -115,6 +132,7 @@ def evaluate(argv: list[str]) -> int:
                              "reference model on benchmark files.",
                              EvaluateOptions, AnswerOptions, RunOptions, ModelOptions)
     known, _ = parser.parse_known_args(argv)
+    refuse_unknown_options(parser, argv)
     if not known.benchmark:
         parser.error("give --benchmark FILE (repeatable)")
     summary = run(options=PipelineOptions(argv))
@@ -171,7 +189,7 @@ COMMANDS = {"generate": generate, "evaluate": evaluate, "split": split,
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(
+    parser = SuggestingParser(
         prog="codeclm-beam",
         description="CodecLM tailored synthetic instruction data on Apache Beam.")
     parser.add_argument("--version", action="version", version=__version__)

@@ -18,16 +18,18 @@ from codeclm_beam.options import ModelOptions
 from codeclm_beam.options import RunOptions
 from codeclm_beam.options import model_configs
 from codeclm_beam.pipelines import manifest as manifest_lib
+from codeclm_beam.pipelines import preflight as preflight_lib
+from codeclm_beam.pipelines.outputs import OutputDirectory
 from codeclm_beam.pipelines.outputs import WriteDeadLetters
 from codeclm_beam.pipelines.outputs import WriteJsonl
 from codeclm_beam.pipelines.outputs import read_jsonl_dir
-from codeclm_beam.pipelines.outputs import write_json
-from codeclm_beam.pipelines.outputs import write_text
+from codeclm_beam.pipelines.report import write_report
 from codeclm_beam.model.errors import ConfigurationError
 from codeclm_beam.options import AnswerOptions
 from codeclm_beam.transforms.evaluate import FAILED
 from codeclm_beam.transforms.evaluate import JudgeAgainstReference
 from codeclm_beam.transforms.evaluate import ReadBenchmarks
+from codeclm_beam.transforms.evaluate import make_item
 
 OUTCOMES = ("win", "tie", "loss")
 # W/T/L and F (failed: no answer or judgement could be had for the item).
@@ -175,15 +177,20 @@ class EvaluatePlan:
     run_id: str
     judge_independence: str
     settings: dict[str, Any]
+    answering: list[ModelConfig]  # the reference and the candidates
 
 
-def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions) -> EvaluatePlan:
+def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
+                   out: Optional[str] = None,
+                   run_id: Optional[str] = None) -> EvaluatePlan:
+    """The evaluate pipeline, writing its outputs under `out` (default --output_dir)."""
     opts = options.view_as(EvaluateOptions)
     model_opts = options.view_as(ModelOptions)
     output_dir = options.view_as(RunOptions).output_dir
+    out = out or output_dir
     if not opts.benchmark:
-        raise ValueError("give at least one --benchmark FILE")
-    run_id = uuid.uuid4().hex[:12]
+        raise ConfigurationError("give at least one --benchmark FILE")
+    run_id = run_id or uuid.uuid4().hex[:12]
     answers = options.view_as(AnswerOptions)
     models = model_configs(options, FileSystems.join(output_dir, "cache"), run_id)
     reference = models["strong"].replace(uri=opts.reference_model or models["strong"].uri)
@@ -207,9 +214,9 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions) -> Evaluat
         candidates, reference, judge, answer_temperature=answers.answer_temperature,
         max_output_tokens=answers.max_output_tokens, run_seed=model_opts.seed,
         judge_temperature=answers.judge_temperature)
-    judged.output | "WriteJudgements" >> WriteJsonl(output_dir, "judgements")
+    judged.output | "WriteJudgements" >> WriteJsonl(out, "judgements")
     ((items.dead_letter, judged.dead_letter)
-     | "WriteDeadLetters" >> WriteDeadLetters(output_dir))
+     | "WriteDeadLetters" >> WriteDeadLetters(out))
     settings = {
         "answer_temperature": answers.answer_temperature,
         "max_output_tokens": answers.max_output_tokens,
@@ -220,23 +227,47 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions) -> Evaluat
     }
     return EvaluatePlan(read, [c.spec.uri for c in candidates], reference.spec.uri,
                         judge.spec.uri, run_id,
-                        judge_independence(judge, reference, candidates), settings)
+                        judge_independence(judge, reference, candidates), settings,
+                        [reference, *candidates])
+
+
+def preflight(options: PipelineOptions, plan: EvaluatePlan) -> None:
+    """Everything that can be checked before a file is written or a call is made
+    (layouts and model identities were checked when the pipeline was built)."""
+    opts = options.view_as(EvaluateOptions)
+    preflight_lib.check_output_budget("--max_output_tokens",
+                                      options.view_as(AnswerOptions).max_output_tokens,
+                                      plan.answering)
+    for path in plan.read.layouts:
+        if path.startswith("gs://") and options.get_all_options().get("dry_run"):
+            continue
+        preflight_lib.check_rows(path, "--benchmark", lambda source, row, p=path: make_item(
+            p, int(source.rpartition(":")[2]), row, plan.read.layout_of(p),
+            opts.evaluate_instruction_field))
 
 
 def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = None,
         wait: bool = True) -> dict[str, Any]:
     options = options or PipelineOptions(argv)
     opts = options.view_as(EvaluateOptions)
-    output_dir = options.view_as(RunOptions).output_dir
+    run_opts = options.view_as(RunOptions)
+    output_dir = run_opts.output_dir
+    if not options.get_all_options().get("dry_run"):  # a dry run reads no gs:// input
+        preflight_lib.check_gcs_credentials(
+            [*opts.benchmark, output_dir, options.view_as(ModelOptions).cache_dir])
+    run_id = uuid.uuid4().hex[:12]
+    outputs = OutputDirectory(output_dir, run_id, "summary.json", run_opts.force)
     started = time.time()
     pipeline = beam.Pipeline(options=options)
-    plan = build_pipeline(pipeline, options)
+    plan = build_pipeline(pipeline, options, outputs.staging, run_id)
+    preflight(options, plan)
+    if not options.get_all_options().get("dry_run"):
+        outputs.check()
     result, not_finished = manifest_lib.run_pipeline(
-        pipeline, options, output_dir, ("judgements", "dead_letter"),
-        "codeclm-beam evaluate", plan.run_id, wait)
+        pipeline, options, outputs, "codeclm-beam evaluate", plan.run_id, wait)
     if not_finished:
         return not_finished
-
+    outputs.promote()
     judgements = read_jsonl_dir(FileSystems.join(output_dir, "judgements"))
     summary = summarize(judgements, plan.candidates, opts.bootstrap_samples,
                         options.view_as(ModelOptions).seed)
@@ -252,10 +283,8 @@ def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = N
         "model_calls": manifest_lib.model_calls(counters),
         "dead_letters_by_stage": counters.get("codeclm/dead_letter", {}),
     })
-    write_json(FileSystems.join(output_dir, "summary.json"), summary)
-    write_text(FileSystems.join(output_dir, "crr.md"), markdown_table(summary),
-               "text/markdown")
-    if not options.view_as(RunOptions).no_report:
-        from codeclm_beam.pipelines.report import write_report
-        summary["report"] = write_report(output_dir)["report"]
+    outputs.write_text("crr.md", markdown_table(summary), "text/markdown")
+    if not run_opts.no_report:
+        summary["report"] = write_report(outputs, summary)
+    outputs.commit(summary)
     return summary

@@ -18,6 +18,7 @@ from codeclm_beam.options import RunOptions
 from codeclm_beam.options import model_configs
 from codeclm_beam.options import option_actions
 from codeclm_beam.records import Example
+from codeclm_beam.redact import redact
 from codeclm_beam.records import Rejection
 from codeclm_beam.stage import Tally
 from codeclm_beam.transforms import CodecLM
@@ -31,7 +32,13 @@ from codeclm_beam.pipelines.outputs import WriteAvro
 from codeclm_beam.pipelines.outputs import WriteDeadLetters
 from codeclm_beam.pipelines.outputs import WriteExports
 from codeclm_beam.pipelines.outputs import WriteJsonl
-from codeclm_beam.pipelines.outputs import write_json
+from codeclm_beam.pipelines.outputs import OutputDirectory
+from codeclm_beam.pipelines.report import run_tailoring
+from codeclm_beam.pipelines.report import write_report
+from codeclm_beam.pipelines import preflight as preflight_lib
+from codeclm_beam.model.errors import ConfigurationError
+from codeclm_beam.transforms.read_seeds import make_seed
+from codeclm_beam.transforms.read_seeds import make_user_metadata
 
 _LOG = logging.getLogger(__name__)
 OUTPUT_FOLDERS = ("examples", "rejected", "dead_letter", "seed_metadata", "metadata_pool",
@@ -102,11 +109,11 @@ def codeclm_config(options: PipelineOptions, run_id: str) -> CodecLMConfig:
 
 
 def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
-                   config: CodecLMConfig) -> None:
+                   config: CodecLMConfig, out: str) -> None:
+    """The generate pipeline, writing its outputs under `out`."""
     opts = options.view_as(GenerateOptions)
     if bool(opts.seeds) == bool(opts.metadata):
-        raise ValueError("give exactly one of --seeds and --metadata")
-    out = options.view_as(RunOptions).output_dir
+        raise ConfigurationError("give exactly one of --seeds and --metadata")
     if opts.seeds:
         read = pipeline | "ReadSeeds" >> ReadSeeds(
             opts.seeds, opts.instruction_field, opts.max_seed_chars)
@@ -134,9 +141,18 @@ def public_options(options: PipelineOptions) -> dict[str, Any]:
     all_options = options.get_all_options(drop_default=False)
     names = {action.dest for action in option_actions(GenerateOptions, AnswerOptions,
                                                        ModelOptions, RunOptions)}
-    recorded = {name: all_options.get(name) for name in sorted(names)}
+    recorded = {name: _public(all_options.get(name)) for name in sorted(names)}
     recorded["runner"] = options.view_as(StandardOptions).runner or "DirectRunner"
     return recorded
+
+
+def _public(value: Any) -> Any:
+    """An option's value as it may be recorded: credentials out of any URL in it."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, list):
+        return [_public(v) for v in value]
+    return value
 
 
 def rerun_command(options: PipelineOptions) -> str:
@@ -148,10 +164,38 @@ def rerun_command(options: PipelineOptions) -> str:
         action = names.get(name)
         if action is None or name == "num_instructions" or value in (None, [], False):
             continue
-        values = value if isinstance(value, list) else [value]
+        values = _public(value if isinstance(value, list) else [value])
         words += [f"--{name}"] if value is True else [
             f"--{name} {shlex.quote(str(v))}" for v in values]
     return " ".join(words)
+
+
+def preflight(options: PipelineOptions, config: CodecLMConfig) -> None:
+    """Everything that can be checked before a file is written or a call is made. A
+    dry run builds the job offline: it reads no gs:// input."""
+    opts = options.view_as(GenerateOptions)
+    run_opts = options.view_as(RunOptions)
+    offline = bool(options.get_all_options().get("dry_run"))
+    if bool(opts.seeds) == bool(opts.metadata):
+        raise ConfigurationError("give exactly one of --seeds and --metadata")
+    if not offline:
+        preflight_lib.check_gcs_credentials(
+            [opts.seeds, opts.metadata, run_opts.output_dir, config.strong.cache_dir])
+    preflight_lib.check_output_budget("--max_output_tokens", config.max_output_tokens,
+                                      [config.strong, config.target])
+    preflight_lib.check_output_budget("--codec_max_output_tokens",
+                                      config.codec_max_output_tokens, [config.strong])
+    preflight_lib.check_decode_size(config.basic_instructions, config.num_metadata,
+                                    config.num_examples)
+    if offline and (opts.seeds or opts.metadata).startswith("gs://"):
+        return
+    if opts.seeds:
+        preflight_lib.check_rows(opts.seeds, "--seeds", lambda source, row: make_seed(
+            source, row, opts.instruction_field, opts.max_seed_chars))
+    else:
+        preflight_lib.check_rows(opts.metadata, "--metadata",
+                                 lambda source, row: make_user_metadata(
+                                     source, row, config.max_skills))
 
 
 def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = None,
@@ -161,33 +205,36 @@ def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = N
     run_id = uuid.uuid4().hex[:12]
     config = codeclm_config(options, run_id)
     opts = options.view_as(GenerateOptions)
-    output_dir = options.view_as(RunOptions).output_dir
+    run_opts = options.view_as(RunOptions)
+    output_dir = run_opts.output_dir
+    preflight(options, config)
+    outputs = OutputDirectory(output_dir, run_id, "manifest.json", run_opts.force)
+    if not options.get_all_options().get("dry_run"):
+        outputs.check()
     started = time.time()
     pipeline = beam.Pipeline(options=options)
-    build_pipeline(pipeline, options, config)
+    build_pipeline(pipeline, options, config, outputs.staging)
     result, not_finished = manifest_lib.run_pipeline(
-        pipeline, options, output_dir, OUTPUT_FOLDERS, "codeclm-beam generate", run_id,
-        wait)
+        pipeline, options, outputs, "codeclm-beam generate", run_id, wait)
     if not_finished:
         return not_finished
     counters = manifest_lib.collect_counters(result)
+    outputs.promote()
     manifest = {
         **manifest_lib.run_header("codeclm-beam generate", run_id, started),
-        "models": {"strong": config.strong.spec.uri, "target": config.target.spec.uri,
-                   "judge": config.judge.spec.uri},
+        "models": config.models,
         "options": public_options(options),
         "accounting": manifest_lib.accounting(
             counters, config.max_iterations, bool(opts.metadata), config.keep_unresolved,
             config.num_metadata),
         "model_calls": manifest_lib.model_calls(counters),
         "outputs": {name: FileSystems.join(output_dir, name) for name in OUTPUT_FOLDERS},
+        "tailoring": run_tailoring(output_dir),
     }
     manifest["delivery"] = manifest_lib.delivery(
         manifest["accounting"], config.num_examples, config.basic_instructions,
         rerun_command(options))
-    write_json(FileSystems.join(output_dir, "manifest.json"), manifest)
-    if not options.view_as(RunOptions).no_report:
-        from codeclm_beam.pipelines.report import write_report
-        report = write_report(output_dir)  # also adds the tailoring figure to the file
-        manifest.update(tailoring=report["tailoring"], report=report["report"])
+    if not run_opts.no_report:
+        manifest["report"] = write_report(outputs, manifest)
+    outputs.commit(manifest)
     return manifest

@@ -16,6 +16,7 @@ import time
 from typing import Any, Callable, Optional
 
 from google.cloud import dataflow_v1beta3 as dataflow
+from codeclm_beam.pipelines.args import SuggestingParser
 
 TERMINAL_STATES = {"JOB_STATE_DONE", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED",
                    "JOB_STATE_UPDATED", "JOB_STATE_DRAINED", "JOB_STATE_STOPPED"}
@@ -163,7 +164,7 @@ class DataflowJobs:
 
 
 def jobs_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="codeclm-beam jobs",
+    parser = SuggestingParser(prog="codeclm-beam jobs",
                                      description="Dataflow jobs: list, status, cancel.")
     parser.add_argument("action", choices=("list", "status", "cancel"))
     parser.add_argument("job_id", nargs="?")

@@ -18,29 +18,36 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from codeclm_beam.model.handler import StageMetrics
-from codeclm_beam.pipelines.outputs import clear_outputs
+from codeclm_beam.pipelines.outputs import OutputDirectory
 from codeclm_beam.version import __version__
 
 MODEL_STAGES = ("encode", "rubrics", "decode", "answer_strong", "answer_target", "judge",
                 "improve")
 
 
-def run_pipeline(pipeline: beam.Pipeline, options: PipelineOptions, output_dir: str,
-                 output_folders: Iterable[str], tool: str, run_id: str,
+def run_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
+                 outputs: OutputDirectory, tool: str, run_id: str,
                  wait: bool = True) -> tuple[Any, Optional[dict[str, Any]]]:
-    """Runs a built pipeline into `output_dir`: (the finished result, None), or, when
-    nothing finishes here (a dry run, or a launch that does not wait), (the result, what
-    to return instead)."""
+    """Runs a built pipeline whose outputs go to `outputs.staging`: (the finished
+    result, None), or, when nothing finishes here (a dry run, or a launch that does not
+    wait), (the result, what to return instead). A run that fails leaves the previous
+    run's outputs as they were, and its own staging area is removed."""
     dry_run = bool(options.get_all_options().get("dry_run"))
-    if not dry_run:
-        clear_outputs(output_dir, output_folders)
-    result = pipeline.run()
-    if dry_run or not wait:
-        # A Dataflow dry run builds and validates the whole job but submits nothing.
-        job_id = getattr(result, "job_id", None)
-        return result, {"tool": tool, "run_id": run_id, "submitted": not dry_run,
-                        "job": str((job_id() if callable(job_id) else None) or result)}
-    result.wait_until_finish()
+    try:
+        result = pipeline.run()
+        if dry_run or not wait:
+            # A Dataflow dry run builds and validates the whole job but submits
+            # nothing. A launch that does not wait leaves its outputs where the job
+            # writes them: nobody is there to move them into place.
+            job_id = getattr(result, "job_id", None)
+            return result, {"tool": tool, "run_id": run_id, "submitted": not dry_run,
+                            "job": str((job_id() if callable(job_id) else None) or result),
+                            "outputs": None if dry_run else outputs.staging}
+        result.wait_until_finish()
+    except BaseException:
+        if not dry_run:
+            outputs.abandon()
+        raise
     return result, None
 
 

@@ -11,31 +11,43 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
-from typing import Any, Iterable
+import logging
+import os
+import shutil
+from typing import Any, Iterable, Optional
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
+from codeclm_beam.model.errors import ConfigurationError
 from codeclm_beam.records import avro_schema
 from codeclm_beam.records import to_dict
 
 EXPORT_FORMATS = ("vertex", "openai", "alpaca")
+_LOG = logging.getLogger(__name__)
 
 
 def to_json_line(record) -> str:
     return json.dumps(to_dict(record), ensure_ascii=False)
 
 
+def to_ascii_json_line(record) -> str:
+    """For dead letters, which quote what could not be read: never fails to write."""
+    return json.dumps(to_dict(record), ensure_ascii=True)
+
+
 class WriteJsonl(beam.PTransform):
-    def __init__(self, output_dir: str, name: str):
+    def __init__(self, output_dir: str, name: str, to_line=to_json_line):
         super().__init__()
         self._prefix = FileSystems.join(output_dir, name, name)
+        self._to_line = to_line
 
     def expand(self, records):
         return (records
-                | "ToJson" >> beam.Map(to_json_line)
+                | "ToJson" >> beam.Map(self._to_line)
                 | "Write" >> beam.io.WriteToText(self._prefix, file_name_suffix=".jsonl"))
 
 
@@ -119,7 +131,8 @@ class WriteDeadLetters(beam.PTransform):
         return (dead_letters
                 | "All" >> beam.Flatten()
                 | "CountByStage" >> beam.ParDo(_CountDeadLetters())
-                | "Write" >> WriteJsonl(self._output_dir, "dead_letter"))
+                | "Write" >> WriteJsonl(self._output_dir, "dead_letter",
+                                        to_ascii_json_line))
 
 
 def write_text(path: str, text: str, mime_type: str = "text/plain") -> None:
@@ -138,20 +151,155 @@ def read_json(path: str) -> Any:
 
 
 def read_jsonl_dir(directory: str) -> list[dict]:
-    """Every row of every *.jsonl file a sharded write left in `directory`."""
+    """Every row of the shards a run wrote in `directory` (NAME/NAME-*.jsonl): never a
+    file of the user's that stands beside them."""
+    name = directory.rstrip("/").rsplit("/", 1)[-1]
+    pattern = FileSystems.join(directory, f"{name}-*.jsonl")
     rows = []
-    for match in FileSystems.match([FileSystems.join(directory, "*.jsonl")])[0].metadata_list:
+    for match in FileSystems.match([pattern])[0].metadata_list:
         with FileSystems.open(match.path) as f:
             rows.extend(json.loads(line) for line in f.read().decode("utf-8").splitlines()
                         if line.strip())
     return rows
 
 
-def clear_outputs(output_dir: str, names: Iterable[str]) -> None:
-    """Deletes the files an earlier run left in these output folders (never the cache),
-    so a re-run into the same --output_dir cannot mix its shards with stale ones."""
-    for name in names:
-        pattern = FileSystems.join(output_dir, name, "*")
-        stale = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
+# Beside the outputs: the response cache (never touched) and the staging area of runs
+# under way (`OutputDirectory`).
+CACHE_FOLDER = "cache"
+STAGING_FOLDER = ".staging"
+_PROMOTING = "PROMOTING.json"
+
+
+class OutputDirectory:
+    """A run's claim on --output_dir.
+
+    The pipeline writes its shards under `.staging/RUN_ID/`; only when it has
+    succeeded does `promote` move them into place and delete the files of the previous
+    run that the new ones do not replace. So a failed run leaves the previous run's
+    outputs whole, with the record (manifest.json or summary.json) that lists them.
+    Every record lists the files its run wrote (`written_files`), and a run deletes
+    nothing else: a folder holding files no run wrote is refused unless `force`, and
+    even then those files are neither deleted nor overwritten.
+    """
+
+    def __init__(self, root: str, run_id: str, record: str, force: bool = False):
+        self.root = root.rstrip("/") or root
+        self.run_id = run_id
+        self.record = record
+        self.force = force
+        self._previous: Optional[set[str]] = None
+        self._foreign: set[str] = set()
+        self.written: list[str] = []
+
+    @property
+    def staging(self) -> str:
+        return FileSystems.join(self.root, STAGING_FOLDER, self.run_id)
+
+    def path(self, relative: str) -> str:
+        return FileSystems.join(self.root, *relative.split("/"))
+
+    def _relative_files(self, under: str) -> set[str]:
+        prefix = under.rstrip("/") + "/"
+        try:
+            matches = FileSystems.match([prefix + "**"])[0].metadata_list
+        except Exception:  # no such folder yet
+            return set()
+        return {m.path[len(prefix):] for m in matches if m.path.startswith(prefix)}
+
+    def previous_files(self) -> set[str]:
+        """What earlier runs wrote here: their record's list, and the lists of any
+        promotion a killed run left unfinished."""
+        if self._previous is not None:
+            return self._previous
+        owned: set[str] = set()
+        record = self.path(self.record)
+        if FileSystems.exists(record):
+            try:
+                previous = read_json(record)
+            except Exception as e:
+                raise ConfigurationError(
+                    f"--output_dir {self.root}: {self.record} cannot be read ({e}); "
+                    "choose another folder, or remove it") from None
+            owned.add(self.record)
+            owned.update(previous.get("written_files") or [])
+        for relative in self._relative_files(FileSystems.join(self.root, STAGING_FOLDER)):
+            if relative.endswith("/" + _PROMOTING):
+                owned.update(read_json(FileSystems.join(
+                    self.root, STAGING_FOLDER, relative)).get("files", []))
+        self._previous = owned
+        return owned
+
+    def check(self) -> None:
+        """Refuses a folder that holds files no run wrote (unless force): before any
+        file is written or deleted."""
+        existing = {r for r in self._relative_files(self.root)
+                    if not r.startswith((CACHE_FOLDER + "/", STAGING_FOLDER + "/"))}
+        self._foreign = existing - self.previous_files()
+        if self._foreign and not self.force:
+            shown = ", ".join(sorted(self._foreign)[:5])
+            more = len(self._foreign) - 5
+            raise ConfigurationError(
+                f"--output_dir {self.root} holds files that no codeclm-beam run wrote "
+                f"({shown}{f' and {more} more' if more > 0 else ''}); choose a new or "
+                "empty folder, or pass --force to write beside them (they are never "
+                "deleted or overwritten)")
+
+    def promote(self) -> None:
+        """Moves the staged outputs into place and deletes what the previous run wrote
+        and this one does not replace."""
+        staged = sorted(r for r in self._relative_files(self.staging)
+                        if r != _PROMOTING and "beam-temp" not in r)
+        moving = [r for r in staged if r not in self._foreign]
+        # Listed first, so a run killed halfway still owns what it moved.
+        write_json(FileSystems.join(self.staging, _PROMOTING),
+                   {"files": moving + [self.record]})
+        for relative in moving:
+            _make_parent(self.path(relative))
+        if moving:
+            FileSystems.rename([FileSystems.join(self.staging, *r.split("/"))
+                                for r in moving], [self.path(r) for r in moving])
+        self.written.extend(moving)
+        self._delete_stale()
+
+    def _delete_stale(self) -> None:
+        keep = set(self.written) | {self.record}
+        stale = [self.path(r) for r in sorted(self.previous_files() - keep)
+                 if r not in self._foreign and FileSystems.exists(self.path(r))]
         if stale:
             FileSystems.delete(stale)
+
+    def write_text(self, relative: str, text: str, mime_type: str = "text/plain") -> bool:
+        """Writes one file of the run (report, card, record); False when the name is
+        a file no run wrote (kept as it is)."""
+        if relative in self._foreign:
+            _LOG.warning("not writing %s: a file of yours has that name", self.path(relative))
+            return False
+        write_text(self.path(relative), text, mime_type)
+        if relative not in self.written:
+            self.written.append(relative)
+        return True
+
+    def commit(self, record: dict) -> None:
+        """Writes the record, listing every file this run wrote, and ends the
+        promotion (the record is the last file written)."""
+        record["written_files"] = sorted(set(self.written) | {self.record})
+        write_json(self.path(self.record), record)
+        self._delete_stale()
+        self.abandon()
+
+    def abandon(self) -> None:
+        """Removes this run's staging area (after success, or after a failure)."""
+        staged = [FileSystems.join(self.staging, *r.split("/"))
+                  for r in self._relative_files(self.staging)]
+        if staged:
+            FileSystems.delete(staged)
+        if not self.staging.startswith("gs://") and os.path.isdir(self.staging):
+            shutil.rmtree(self.staging, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.dirname(self.staging))  # .staging/, when empty
+
+
+def _make_parent(path: str) -> None:
+    if "://" in path:
+        return  # object stores have no folders
+    os.makedirs(os.path.dirname(path), exist_ok=True)

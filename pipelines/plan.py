@@ -24,6 +24,7 @@ from codeclm_beam.pricing import price_of
 from codeclm_beam.pricing import TOKEN_KINDS
 from codeclm_beam.transforms.codeclm import round_slots
 from codeclm_beam.transforms.decode import instructions_per_entry
+from codeclm_beam.pipelines.args import SuggestingParser
 
 # Calls each candidate costs in a round: strong answer, target answer, two judge calls;
 # rounds after the first add the improve call that made the candidate.
@@ -260,7 +261,7 @@ def render(result: dict) -> str:
 
 
 def plan_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = SuggestingParser(
         prog="codeclm-beam plan",
         description="Project calls, tokens, cost and quota-bound wall time of a large "
                     "generate run from a small pilot run with the same models.")

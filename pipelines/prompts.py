@@ -19,6 +19,7 @@ from codeclm_beam.transforms.decode import decode_prompt
 from codeclm_beam.transforms.encode import encode_prompt
 from codeclm_beam.transforms.improve import improve_prompt
 from codeclm_beam.transforms.rubrics import rubrics_prompt
+from codeclm_beam.pipelines.args import SuggestingParser
 
 SAMPLE_SEED = Seed.of("Write a SQL query that lists the ten customers who spent the most "
                       "last month, with their total.")
@@ -52,7 +53,7 @@ def render(messages: list[ChatMessage]) -> str:
 
 
 def prompts_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="codeclm-beam prompts", description=__doc__)
+    parser = SuggestingParser(prog="codeclm-beam prompts", description=__doc__)
     parser.add_argument("stage", nargs="?", choices=sorted(STAGES),
                         help="One stage (default: all).")
     args = parser.parse_args(argv)

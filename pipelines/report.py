@@ -17,10 +17,11 @@ from apache_beam.io.filesystems import FileSystems
 from codeclm_beam.pricing import cost_usd
 from codeclm_beam.pricing import merged_prices
 from codeclm_beam.pricing import price_of
+from codeclm_beam.model.errors import ConfigurationError
+from codeclm_beam.pipelines.outputs import OutputDirectory
 from codeclm_beam.pipelines.outputs import read_json
 from codeclm_beam.pipelines.outputs import read_jsonl_dir
-from codeclm_beam.pipelines.outputs import write_json
-from codeclm_beam.pipelines.outputs import write_text
+from codeclm_beam.pipelines.args import SuggestingParser
 
 CITATION = """@inproceedings{wang2024codeclm,
   title={CodecLM: Aligning Language Models with Tailored Synthetic Data},
@@ -240,16 +241,20 @@ def _pairs(rows: list[dict], fields: list[str], limit: int = 5) -> str:
         + "</pre>" for r in picked) or "<p class='muted'>none</p>"
 
 
-def generate_report(run_dir: str, prices: dict) -> dict[str, Any]:
-    manifest = read_json(FileSystems.join(run_dir, "manifest.json"))
+def run_tailoring(run_dir: str) -> dict[str, Any]:
+    """The tailoring figure of a generate run's outputs (it goes into the manifest)."""
+    return tailoring(read_jsonl_dir(FileSystems.join(run_dir, "seed_metadata")),
+                     read_jsonl_dir(FileSystems.join(run_dir, "examples")))
+
+
+def generate_report(run_dir: str, manifest: dict, prices: dict) -> dict[str, str]:
+    """report.html and the dataset card of a generate run: rendered, not written."""
     examples = read_jsonl_dir(FileSystems.join(run_dir, "examples"))
     rejected = read_jsonl_dir(FileSystems.join(run_dir, "rejected"))
     seed_metadata = read_jsonl_dir(FileSystems.join(run_dir, "seed_metadata"))
     pool = read_jsonl_dir(FileSystems.join(run_dir, "metadata_pool"))
     options = manifest["options"]
-    tailor = tailoring(seed_metadata, examples)
-    manifest["tailoring"] = tailor
-    write_json(FileSystems.join(run_dir, "manifest.json"), manifest)
+    tailor = manifest["tailoring"]
 
     by_stage = manifest["model_calls"]["by_stage"]
     cost_rows, cost = estimated_cost(by_stage, prices)
@@ -295,17 +300,12 @@ def generate_report(run_dir: str, prices: dict) -> dict[str, Any]:
         _pairs(rejected, ["instruction", "reason", "iteration", "strong_score",
                           "target_score", "gap"]),
     ]
-    write_text(FileSystems.join(run_dir, "report.html"),
-               _page("codeclm-beam generate report", sections), "text/html")
-    write_text(FileSystems.join(run_dir, "README.md"),
-               dataset_card(manifest, len(examples)), "text/markdown")
-    return {"report": FileSystems.join(run_dir, "report.html"), "tailoring": tailor,
-            "estimated_cost_usd": cost}
+    return {"report.html": _page("codeclm-beam generate report", sections),
+            "README.md": dataset_card(manifest, len(examples))}
 
 
-def evaluate_report(run_dir: str) -> dict[str, Any]:
+def evaluate_report(summary: dict) -> dict[str, str]:
     from codeclm_beam.pipelines.evaluate import markdown_table
-    summary = read_json(FileSystems.join(run_dir, "summary.json"))
     rows = []
     for row in summary["candidates"]:
         for bench in summary["benchmarks"]:
@@ -325,9 +325,7 @@ def evaluate_report(run_dir: str) -> dict[str, Any]:
         "(no answer or judgement could be had) are not in the denominator.</p>",
         "<h2>As in the paper</h2><pre>" + html.escape(markdown_table(summary)) + "</pre>",
     ]
-    write_text(FileSystems.join(run_dir, "report.html"),
-               _page("codeclm-beam evaluate report", sections), "text/html")
-    return {"report": FileSystems.join(run_dir, "report.html")}
+    return {"report.html": _page("codeclm-beam evaluate report", sections)}
 
 
 def dataset_card(manifest: dict, num_examples: int) -> str:
@@ -406,25 +404,46 @@ produced it.
 """
 
 
-def write_report(run_dir: str, prices: Optional[dict] = None) -> dict[str, Any]:
-    prices = merged_prices(prices)
-    if FileSystems.exists(FileSystems.join(run_dir, "manifest.json")):
-        return generate_report(run_dir, prices)
-    if FileSystems.exists(FileSystems.join(run_dir, "summary.json")):
-        return evaluate_report(run_dir)
-    raise ValueError(f"{run_dir} holds neither a generate run (manifest.json) nor an "
-                     "evaluate run (summary.json)")
+_MIME = {"report.html": "text/html", "README.md": "text/markdown"}
+
+
+def write_report(outputs: OutputDirectory, record: dict,
+                 prices: Optional[dict] = None) -> str:
+    """Renders a run's report (and a generate run's card) from its record and writes
+    them through the run's OutputDirectory; returns the report's path."""
+    if record["tool"] == "codeclm-beam generate":
+        pages = generate_report(outputs.root, record, merged_prices(prices))
+    else:
+        pages = evaluate_report(record)
+    for name, text in pages.items():
+        outputs.write_text(name, text, _MIME[name])
+    return outputs.path("report.html")
 
 
 def report_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="codeclm-beam report",
-                                     description="Write report.html for a run directory.")
+    parser = SuggestingParser(prog="codeclm-beam report",
+                                     description="Rewrite report.html (and a generate "
+                                                 "run's dataset card) for a run "
+                                                 "directory.")
     parser.add_argument("run_dir")
     parser.add_argument("--prices", default=None,
                         help='JSON file: {"MODEL URI or prefix": {"input": USD per 1M '
                              'tokens, "cached_input": ..., "output": ...}}')
     args = parser.parse_args(argv)
     prices = read_json(args.prices) if args.prices else None
-    result = write_report(args.run_dir, prices)
-    print(json.dumps(result, indent=2, default=str))
+    for name in ("manifest.json", "summary.json"):
+        if FileSystems.exists(FileSystems.join(args.run_dir, name)):
+            break
+    else:
+        raise ConfigurationError(f"{args.run_dir} holds neither a generate run "
+                                 "(manifest.json) nor an evaluate run (summary.json)")
+    record = read_json(FileSystems.join(args.run_dir, name))
+    outputs = OutputDirectory(args.run_dir, "report", name, force=True)
+    outputs.check()  # names the user's own files, which are not overwritten
+    outputs.written = list(record.get("written_files") or [])
+    report = write_report(outputs, record, prices)
+    if "tailoring" in record:
+        record["tailoring"] = run_tailoring(args.run_dir)
+    outputs.commit(record)
+    print(json.dumps({"report": report}, indent=2))
     return 0

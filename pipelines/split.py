@@ -17,6 +17,7 @@ from codeclm_beam.transforms.evaluate import benchmark_name
 from codeclm_beam.transforms.evaluate import detect_file_layout
 from codeclm_beam.transforms.read_seeds import RowError
 from codeclm_beam.transforms.read_seeds import _jsonl_rows
+from codeclm_beam.pipelines.args import SuggestingParser
 
 
 def split_rows(rows: list[dict], category_field: Optional[str], seed_fraction: float,
@@ -38,7 +39,7 @@ def split_rows(rows: list[dict], category_field: Optional[str], seed_fraction: f
 
 def split_file(path: str, output_dir: str, seed_fraction: float = 0.2, seed: int = 0,
                instruction_field: Optional[str] = None) -> dict:
-    layout = detect_file_layout(path, instruction_field)
+    layout = detect_file_layout(path, instruction_field, flag="--instruction_field")
     with FileSystems.open(path) as handle:
         rows = []
         for source, row in _jsonl_rows(path, handle):
@@ -59,7 +60,7 @@ def split_file(path: str, output_dir: str, seed_fraction: float = 0.2, seed: int
 
 
 def split_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="codeclm-beam split", description=__doc__)
+    parser = SuggestingParser(prog="codeclm-beam split", description=__doc__)
     parser.add_argument("benchmark", help="Benchmark JSONL file (local or gs://).")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--seed_fraction", type=float, default=0.2)

@@ -48,6 +48,8 @@ class ScriptedBackend(Backend):
         os.makedirs(self.log_dir, exist_ok=True)
         self._lock = threading.Lock()
         self._failures_left = dict(self.scenario.get("fail_first", {}))
+        if self.scenario.get("crash"):
+            raise RuntimeError("scripted crash: the model cannot be loaded")
 
     def _log(self, kind, request):
         line = json.dumps({"kind": kind, "role": self.role, "pid": os.getpid(),
@@ -82,6 +84,8 @@ class ScriptedBackend(Backend):
             raise PermanentModelError("scripted 400", status=400)
         data = getattr(self, "_" + kind)(request, user, schema)
         text = data if isinstance(data, str) else json.dumps(data)
+        if self.scenario.get("surrogate_when") and self.scenario["surrogate_when"] in user:
+            text = text + " \ud800"  # a lone surrogate, as a broken server may send
         return RawAnswer(text, prompt_tokens=len(user) // 4 + 1,
                          completion_tokens=len(text) // 4 + 1, finish_reason="STOP")
 

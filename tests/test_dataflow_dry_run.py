@@ -31,7 +31,7 @@ def test_the_built_dataflow_job_has_the_method_stages_and_side_inputs():
     options = PipelineOptions(DRY_RUN + GENERATE)
     pipeline = beam.Pipeline(options=options)
     config = codeclm_config(options, "dry-run")
-    build_pipeline(pipeline, options, config)
+    build_pipeline(pipeline, options, config, "gs://codeclm-test-bucket/out")
     job = pipeline.run().job
     transforms = job.proto_pipeline.components.transforms
     names = {t.unique_name for t in transforms.values()}
@@ -89,15 +89,19 @@ def test_evaluate_passes_a_dataflow_dry_run_with_its_stages():
 
 def test_a_launch_that_does_not_wait_reports_the_job_as_submitted(tmp_path):
     # The Flex Template launcher runs generate with wait=False: the job is submitted
-    # and the caller must not be told otherwise. Here the DirectRunner stands in.
+    # and the caller must not be told otherwise. Here the DirectRunner stands in. No
+    # one is there to move its outputs into place: they stay in its staging folder,
+    # and nothing already in --output_dir is touched.
     from codeclm_beam.pipelines.manifest import run_pipeline
+    from codeclm_beam.pipelines.outputs import OutputDirectory
     (tmp_path / "out" / "examples").mkdir(parents=True)
-    (tmp_path / "out" / "examples" / "stale.jsonl").write_text("{}\n")
+    (tmp_path / "out" / "examples" / "mine.jsonl").write_text("{}\n")
+    outputs = OutputDirectory(str(tmp_path / "out"), "r1", "manifest.json")
     pipeline = beam.Pipeline(options=PipelineOptions([]))
     _ = pipeline | beam.Create([1])
-    result, returned = run_pipeline(pipeline, PipelineOptions([]), str(tmp_path / "out"),
-                                    ["examples"], "codeclm-beam generate", "r1",
-                                    wait=False)
+    result, returned = run_pipeline(pipeline, PipelineOptions([]), outputs,
+                                    "codeclm-beam generate", "r1", wait=False)
     assert returned["submitted"] is True and returned["run_id"] == "r1"
-    assert not (tmp_path / "out" / "examples" / "stale.jsonl").exists()
+    assert returned["outputs"] == outputs.staging
+    assert (tmp_path / "out" / "examples" / "mine.jsonl").exists()
     result.wait_until_finish()

@@ -317,12 +317,22 @@ def test_metrics_count_retries_failures_tokens_per_stage(tmp_path):
 
 def test_a_rerun_into_the_same_output_dir_replaces_stale_shards(tmp_path):
     argv = scenario(tmp_path, "strong_wins")
-    stale = tmp_path / "out" / "examples" / "examples-00007-of-00009.jsonl"
-    stale.parent.mkdir(parents=True)
-    stale.write_text('{"example_id": "stale"}\n')
     run_generate(argv)
+    # As if the first run had written nine shards: the rerun writes fewer, and the
+    # shard it does not rewrite must not linger beside its own.
+    stale = tmp_path / "out" / "examples" / "examples-00007-of-00009.jsonl"
+    stale.write_text('{"example_id": "stale"}\n')
+    manifest_path = tmp_path / "out" / "manifest.json"
+    first = json.loads(manifest_path.read_text())
+    first["written_files"].append("examples/examples-00007-of-00009.jsonl")
+    manifest_path.write_text(json.dumps(first))
+    second = run_generate(argv)
     assert not stale.exists()
     assert len(read_jsonl(tmp_path / "out", "examples")) == NUM_INSTRUCTIONS
+    on_disk = {str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*")
+               if p.is_file() and not str(p.relative_to(tmp_path / "out")).startswith(
+                   "cache/")}
+    assert on_disk == set(second["written_files"]), "every file is listed, and only those"
 
 
 def test_more_distinct_seed_metadata_than_num_metadata_keeps_them_all(tmp_path):

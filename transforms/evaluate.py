@@ -21,8 +21,10 @@ from apache_beam.io.filesystems import FileSystems
 
 from codeclm_beam.model import GenerationSettings
 from codeclm_beam.model import ModelConfig
+from codeclm_beam.model.errors import ConfigurationError
 from codeclm_beam.model.thinking import DEFAULT
 from codeclm_beam.records import DeadLetter
+from codeclm_beam.records import invalid_text_reason
 from codeclm_beam.stage import DEAD_LETTER
 from codeclm_beam.stage import CallModel
 from codeclm_beam.stage import StageOutput
@@ -54,31 +56,34 @@ class Layout:
     id_field: Optional[str]
     category_field: Optional[str]
 
+    # The field holding the instruction (or the conversation's turns).
+    instruction_field: Optional[str] = None
+
     def instruction(self, row: dict, instruction_field: Optional[str]) -> Any:
-        if self.name == "evol-instruct":
-            return row["Instruction"]
+        """The row's instruction; a RowError (a dead letter) when the row lacks it."""
+        if self.instruction_field is None:
+            return _lookup(row, instruction_field)
+        if self.instruction_field not in row:
+            raise RowError(f"no '{self.instruction_field}' field, where the {self.name} "
+                           f"layout (detected from the file's first row) keeps the "
+                           f"instruction; fields found: {sorted(map(str, row))[:20]}")
+        value = row[self.instruction_field]
         if self.name == "vicuna":
-            turns = row["turns"]
-            return turns[0] if isinstance(turns, list) and turns else None
-        if self.name == "vicuna-old":
-            return row["text"]
+            return value[0] if isinstance(value, list) and value else None
         if self.name == "self-instruct":
             instances = row.get("instances") or [{}]
             extra = instances[0].get("input") if isinstance(instances[0], dict) else None
-            if isinstance(extra, str) and extra.strip():
-                return f"{row['instruction']}\n\nInput: {extra}"
-            return row["instruction"]
-        if self.name == "koala":
-            return row["prompt"]
-        return _lookup(row, instruction_field)
+            if isinstance(extra, str) and extra.strip() and isinstance(value, str):
+                return f"{value}\n\nInput: {extra}"
+        return value
 
 
 LAYOUTS = {
-    "evol-instruct": Layout("evol-instruct", "idx", "Skill"),
-    "vicuna": Layout("vicuna", "question_id", "category"),
-    "vicuna-old": Layout("vicuna-old", "question_id", "category"),
-    "self-instruct": Layout("self-instruct", "id", "motivation_app"),
-    "koala": Layout("koala", "id", None),
+    "evol-instruct": Layout("evol-instruct", "idx", "Skill", "Instruction"),
+    "vicuna": Layout("vicuna", "question_id", "category", "turns"),
+    "vicuna-old": Layout("vicuna-old", "question_id", "category", "text"),
+    "self-instruct": Layout("self-instruct", "id", "motivation_app", "instruction"),
+    "koala": Layout("koala", "id", None, "prompt"),
     "jsonl": Layout("jsonl", "id", "category"),
 }
 
@@ -108,28 +113,29 @@ def first_row(path: str) -> dict:
     or cannot be read."""
     matches = FileSystems.match([path])[0].metadata_list
     if not matches:
-        raise ValueError(f"benchmark file {path} does not exist")
+        raise ConfigurationError(f"benchmark file {path} does not exist")
     with FileSystems.open(matches[0].path) as handle:
         for _, row in _jsonl_rows(path, handle):
             if isinstance(row, RowError):
-                raise ValueError(f"benchmark file {path}: {row}")
+                raise ConfigurationError(f"benchmark file {path}: {row}")
             if not isinstance(row, dict):
-                raise ValueError(f"benchmark file {path}: rows are not JSON objects")
+                raise ConfigurationError(f"benchmark file {path}: rows are not JSON objects")
             return row
-    raise ValueError(f"benchmark file {path} is empty")
+    raise ConfigurationError(f"benchmark file {path} is empty")
 
 
 def detect_file_layout(path: str, instruction_field: Optional[str] = None,
-                       row: Optional[dict] = None) -> Layout:
+                       row: Optional[dict] = None,
+                       flag: str = "--evaluate_instruction_field") -> Layout:
     """Names the layout of a benchmark file from its first row (`row`, when the caller
     has read it already); fails with the file and the fields it found when it cannot."""
     row = first_row(path) if row is None else row
     layout = detect_layout(row, instruction_field)
     if layout is None:
-        raise ValueError(
+        raise ConfigurationError(
             f"benchmark file {path}: cannot tell its layout (Evol-Instruct, "
             "Vicuna, Self-Instruct, Koala) from the fields found: "
-            f"{sorted(row)}; pass --instruction_field")
+            f"{sorted(row)}; name the instruction's field with {flag}")
     return layout
 
 
@@ -143,6 +149,9 @@ def make_item(path: str, number: int, row: Any, layout: Layout,
     instruction = layout.instruction(row, instruction_field)
     if not isinstance(instruction, str) or not instruction.strip():
         raise RowError("no instruction text in the row")
+    invalid = invalid_text_reason(instruction)
+    if invalid:
+        raise RowError(f"instruction is {invalid}")
     item_id = row.get(layout.id_field) if layout.id_field else None
     category = row.get(layout.category_field) if layout.category_field else None
     return EvalItem(benchmark_name(path), str(item_id if item_id is not None else number),
@@ -191,18 +200,21 @@ class ReadBenchmarks(beam.PTransform):
                 self._layouts[match.path] = detect_file_layout(match.path,
                                                                instruction_field, row)
                 if not allow_seed_items and row.get(SPLIT_MARKER) == "seeds":
-                    raise ValueError(
+                    raise ConfigurationError(
                         f"{match.path} is the seed part of a `codeclm-beam split`: "
                         "evaluating on seeds measures memorisation. Evaluate on the "
                         "eval part, or pass --allow_seed_items.")
         if not self._layouts:
-            raise ValueError(f"no benchmark files match {paths}")
+            raise ConfigurationError(f"no benchmark files match {paths}")
         self._field = instruction_field
         self._allow = allow_seed_items
 
     @property
     def layouts(self) -> dict[str, str]:
         return {path: layout.name for path, layout in self._layouts.items()}
+
+    def layout_of(self, path: str) -> Layout:
+        return self._layouts[path]
 
     @property
     def splits(self) -> dict[str, str]:

@@ -26,6 +26,7 @@ from apache_beam.metrics import Metrics
 
 from codeclm_beam.records import DeadLetter
 from codeclm_beam.records import Seed
+from codeclm_beam.records import invalid_text_reason
 from codeclm_beam.stage import DEAD_LETTER
 from codeclm_beam.stage import StageOutput
 from codeclm_beam.transforms.encode import make_metadata
@@ -175,6 +176,9 @@ def make_seed(source: str, row: Any, instruction_field: Optional[str],
                        f"{max_chars} (--max_seed_chars)")
     if "\x00" in text:
         raise RowError("instruction contains NUL characters")
+    invalid = invalid_text_reason(text)
+    if invalid:
+        raise RowError(f"instruction is {invalid}")
     return Seed.of(text, source)
 
 
@@ -275,6 +279,10 @@ def make_user_metadata(source: str, row: Any, max_skills: int):
     skills = row.get("skills")
     if not isinstance(use_case, str):
         raise RowError("no text field 'use_case'")
+    for text in [use_case, *(skills if isinstance(skills, (list, tuple)) else [skills])]:
+        invalid = invalid_text_reason(text) if isinstance(text, str) else None
+        if invalid:
+            raise RowError(f"use case or skill is {invalid}")
     if isinstance(skills, str):
         skills = [s for s in skills.replace(";", ",").split(",")]
     if not isinstance(skills, (list, tuple)) or not all(isinstance(s, str) for s in skills):

@@ -50,6 +50,7 @@ from codeclm_beam.model.types import ModelFailure
 from codeclm_beam.model.types import ModelRequest
 from codeclm_beam.model.types import ModelResponse
 from codeclm_beam.model.types import ModelResult
+from codeclm_beam.records import invalid_text_reason
 from codeclm_beam.redact import redact
 
 _LOG = logging.getLogger(__name__)
@@ -213,6 +214,10 @@ class ModelClient:
         return raw
 
     def _parse(self, request: ModelRequest, raw: RawAnswer) -> Any:
+        invalid = invalid_text_reason(raw.text)
+        if invalid:
+            # It could be neither cached nor written: ask again, as for a broken answer.
+            raise SchemaMismatch(f"answer is {invalid}", raw.text)
         limit = request.settings.max_output_tokens * _MAX_CHARS_PER_TOKEN
         if len(raw.text) > limit:
             raise SchemaMismatch(

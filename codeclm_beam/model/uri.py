@@ -21,7 +21,9 @@ import hashlib
 import os
 from typing import Optional
 
+from codeclm_beam.model.errors import ConfigurationError
 from codeclm_beam.redact import public_url
+from codeclm_beam.redact import register_url_secrets
 
 DEFAULT_MODEL_URI = "llamacpp:smollm2-135m"
 BACKENDS = ("vertex", "gemini", "openai", "llamacpp", "custom")
@@ -53,9 +55,10 @@ class ModelSpec:
 
     @classmethod
     def parse(cls, uri: str) -> "ModelSpec":
+        register_url_secrets((uri or "").partition("@")[2])
         uri, hash_sign, tag = (uri or "").partition("#")
         if hash_sign and not tag.strip():
-            raise ValueError(f"model URI {public_url(uri)!r}: '#' must be followed by "
+            raise ConfigurationError(f"model URI {public_url(uri)!r}: '#' must be followed by "
                              "a tag, e.g. #rev=ckpt-1200")
         spec = cls._parse(uri)
         return dataclasses.replace(spec, tag=tag.strip() or None)
@@ -64,21 +67,21 @@ class ModelSpec:
     def _parse(cls, uri: str) -> "ModelSpec":
         backend, sep, rest = (uri or "").partition(":")
         if not sep or backend not in BACKENDS or not rest:
-            raise ValueError(
+            raise ConfigurationError(
                 f"model URI {public_url(uri)!r} is not BACKEND:MODEL with BACKEND one of "
                 f"{', '.join(BACKENDS)} (e.g. {DEFAULT_MODEL_URI}, "
                 "vertex:gemini-2.5-flash, openai:MODEL@http://127.0.0.1:8000/v1)")
         if backend == "openai":
             model, at, base_url = rest.partition("@")
             if not at or not model or not base_url.startswith(("http://", "https://")):
-                raise ValueError(f"model URI {public_url(uri)!r}: write "
+                raise ConfigurationError(f"model URI {public_url(uri)!r}: write "
                                  "openai:MODEL@http(s)://HOST/v1")
             return cls(backend, model, base_url)
         if backend == "custom":
             target, _, arg = rest.partition("@")
             module, colon, name = target.partition(":")
             if not colon or not module or not name:
-                raise ValueError(f"model URI {public_url(uri)!r}: write "
+                raise ConfigurationError(f"model URI {public_url(uri)!r}: write "
                                  "custom:package.module:Class")
             return cls(backend, target, arg or None)
         return cls(backend, rest)

@@ -11,6 +11,7 @@ that dialect once and remembers it for the process.
 from __future__ import annotations
 
 import os
+import urllib.parse
 
 from codeclm_beam.model.backends import Backend
 from codeclm_beam.model.backends import RawAnswer
@@ -22,6 +23,24 @@ from codeclm_beam.model.thinking import output_token_limit
 from codeclm_beam.model.types import ModelRequest
 
 
+def client_url(base_url: str) -> tuple[str, dict[str, str]]:
+    """The base URL as the openai client needs it: a password that holds '@' (the host
+    follows the last '@') percent-encoded, and query parameters (`?key=...`) sent with
+    every request instead of breaking the path the client appends."""
+    scheme, _, rest = base_url.partition("://")
+    end = min([i for i in (rest.find("/"), rest.find("?")) if i != -1] or [len(rest)])
+    authority, tail = rest[:end], rest[end:]
+    userinfo, at, host = authority.rpartition("@")
+    if at:
+        user, colon, password = userinfo.partition(":")
+        authority = (urllib.parse.quote(urllib.parse.unquote(user), safe="")
+                     + (":" + urllib.parse.quote(urllib.parse.unquote(password), safe="")
+                        if colon else "") + "@" + host)
+    path, _, query = tail.partition("?")
+    return (f"{scheme}://{authority}{path}",
+            dict(urllib.parse.parse_qsl(query.partition("#")[0], keep_blank_values=True)))
+
+
 class OpenAICompatibleBackend(Backend):
     def __init__(self, config: ModelConfig):
         import openai
@@ -30,8 +49,10 @@ class OpenAICompatibleBackend(Backend):
         self._openai = openai
         self._model = spec.model
         self._schema_dialect = "json_schema"
+        base_url, query = client_url(spec.base_url)
         self._client = openai.OpenAI(
-            base_url=spec.base_url,
+            base_url=base_url,
+            default_query=query or None,
             # Local servers need no key, but the client insists on one.
             api_key=os.environ.get("OPENAI_API_KEY") or "not-needed",
             max_retries=0,
