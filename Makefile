@@ -22,15 +22,20 @@ $(VENV)/.installed-dev: setup.py | $(PY)
 
 venv: $(VENV)/.installed-dev
 
-# The main job on the embedded SmolLM2-135M model, for both roles: ~8 basic
-# instructions from examples/seeds.jsonl, outputs under out/. With one model on both
-# sides the judge sees no gap, so --keep_unresolved keeps the better answer of what is
-# still undecided after the last round (real runs leave it off).
+# The main job on the embedded SmolLM2-135M model, for both roles: 4 pairs from the 6
+# seeds of examples/demo_seeds.jsonl (a sample of examples/seeds.jsonl: every distinct
+# use case and skills of the seeds becomes a pool entry, with a rubrics and a decode call
+# each), outputs under out/. Two rounds (the method's default is four) keep it to a few
+# minutes on two cores; answers get 192 tokens, and one that runs
+# past them is a dead letter, never a cut answer. With one model on both sides the judge
+# sees no gap, so --keep_unresolved keeps the better answer of what is still undecided
+# after the last round (real runs leave it off).
 demo: $(VENV)/.installed-local
 	$(VENV)/bin/codeclm-beam generate \
-	  --seeds examples/seeds.jsonl --output_dir $(OUT)/demo \
+	  --seeds examples/demo_seeds.jsonl --output_dir $(OUT)/demo \
 	  --strong_model llamacpp:smollm2-135m --target_model llamacpp:smollm2-135m \
-	  --num_examples 8 --num_metadata 8 --max_output_tokens 64 --codec_max_output_tokens 384 --keep_unresolved \
+	  --num_examples 4 --num_metadata 4 --max_iterations 2 --max_output_tokens 192 \
+	  --codec_max_output_tokens 384 --keep_unresolved \
 	  --export_format openai --export_format alpaca
 
 test: $(VENV)/.installed-dev

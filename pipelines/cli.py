@@ -33,6 +33,17 @@ def _options_parser(prog: str, description: str, *views) -> argparse.ArgumentPar
     return parser
 
 
+def parse_pipeline_flags(prog: str, description: str, views: tuple, argv: list[str],
+                         required: tuple[str, ...], missing: str) -> None:
+    """Checks a pipeline command's flags (--help exits here): every flag neither we nor
+    Beam know is refused, and one of the `required` options must be given."""
+    parser = _options_parser(prog, description, *views)
+    known, _ = parser.parse_known_args(argv)
+    refuse_unknown_options(parser, argv)
+    if not any(getattr(known, name) for name in required):
+        parser.error(missing)
+
+
 def refuse_unknown_options(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     """Flags that neither this command nor any Beam pipeline option knows are refused
     before anything runs (Beam would only log them and run with the defaults); Beam's
@@ -107,17 +118,26 @@ def _summary(manifest: dict) -> str:
     return "\n".join(lines)
 
 
+def _launch_summary(launch: dict) -> str:
+    if not launch["submitted"]:
+        return (f"{launch['tool']}: job built and validated, not submitted (dry run); "
+                f"run id {launch['run_id']}")
+    return (f"{launch['tool']}: job submitted ({launch['job']}); its outputs will stay "
+            f"under {launch['outputs']} (a launch that does not wait does not move them "
+            "into place)")
+
+
 def generate(argv: list[str]) -> int:
     from codeclm_beam.pipelines.generate import GenerateOptions
     from codeclm_beam.pipelines.generate import run
-    parser = _options_parser("codeclm-beam generate",
-                             "Generate CodecLM instruction-response pairs.",
-                             GenerateOptions, AnswerOptions, RunOptions, ModelOptions)
-    known, _ = parser.parse_known_args(argv)  # validates our flags; --help exits here
-    refuse_unknown_options(parser, argv)
-    if not known.seeds and not known.metadata:
-        parser.error("give --seeds FILE (or --metadata FILE)")
+    parse_pipeline_flags(
+        "codeclm-beam generate", "Generate CodecLM instruction-response pairs.",
+        (GenerateOptions, AnswerOptions, RunOptions, ModelOptions), argv,
+        ("seeds", "metadata"), "give --seeds FILE (or --metadata FILE)")
     manifest = run(options=PipelineOptions(argv))
+    if "accounting" not in manifest:  # a dry run, or a launch that does not wait
+        print(_launch_summary(manifest))
+        return 0
     print(_summary(manifest))
     return 0 if manifest["accounting"]["balanced"] else 3
 
@@ -127,17 +147,15 @@ def evaluate(argv: list[str]) -> int:
     from codeclm_beam.pipelines.evaluate import failed_shares
     from codeclm_beam.pipelines.evaluate import markdown_table
     from codeclm_beam.pipelines.evaluate import run
-    parser = _options_parser("codeclm-beam evaluate",
-                             "Capacity Recovery Ratio of candidate models against a "
-                             "reference model on benchmark files.",
-                             EvaluateOptions, AnswerOptions, RunOptions, ModelOptions)
-    known, _ = parser.parse_known_args(argv)
-    refuse_unknown_options(parser, argv)
-    if not known.benchmark:
-        parser.error("give --benchmark FILE (repeatable)")
+    parse_pipeline_flags(
+        "codeclm-beam evaluate", "Capacity Recovery Ratio of candidate models against a "
+        "reference model on benchmark files.",
+        (EvaluateOptions, AnswerOptions, RunOptions, ModelOptions), argv,
+        ("benchmark",), "give --benchmark FILE (repeatable)")
     summary = run(options=PipelineOptions(argv))
-    if "candidates" not in summary:
-        return 0  # a dry run or a launch that does not wait
+    if "candidates" not in summary:  # a dry run, or a launch that does not wait
+        print(_launch_summary(summary))
+        return 0
     print(markdown_table(summary))
     limit = summary["settings"]["max_failed_share"]
     over = {model: share for model, share in failed_shares(summary).items()

@@ -243,7 +243,7 @@ def preflight(options: PipelineOptions, plan: EvaluatePlan) -> None:
             continue
         preflight_lib.check_rows(path, "--benchmark", lambda source, row, p=path: make_item(
             p, int(source.rpartition(":")[2]), row, plan.read.layout_of(p),
-            opts.evaluate_instruction_field))
+            opts.evaluate_instruction_field, opts.allow_seed_items))
 
 
 def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = None,

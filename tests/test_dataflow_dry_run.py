@@ -27,6 +27,12 @@ def test_generate_cli_path_passes_a_dataflow_dry_run():
     assert result["submitted"] is False
 
 
+def test_the_dry_run_from_the_command_line_ends_with_status_0(capsys):
+    from codeclm_beam.pipelines.cli import main
+    assert main(["generate", *GENERATE, *DRY_RUN]) == 0
+    assert "job built and validated, not submitted" in capsys.readouterr().out
+
+
 def test_the_built_dataflow_job_has_the_method_stages_and_side_inputs():
     options = PipelineOptions(DRY_RUN + GENERATE)
     pipeline = beam.Pipeline(options=options)

@@ -53,6 +53,10 @@ def dataflow_api(state):
                 counter("codeclm/judge/vertex:gemini", "requests", 500),
                 counter("codeclm/answer_strong/vertex:gemini", "requests", 250),
                 counter("codeclm/judge/vertex:gemini", "prompt_tokens", 123456),
+                counter("codeclm/judge/vertex:gemini", "cached_prompt_tokens", 2048),
+                counter("codeclm/judge/vertex:gemini", "completion_tokens", 700),
+                counter("codeclm/judge/vertex:gemini", "thoughts_tokens", 64000),
+                counter("codeclm/judge/vertex:gemini", "truncated", 3),
                 counter("codeclm/judge/vertex:gemini", "throttled_ms", 4500),
                 counter("codeclm/dead_letter", "judge", 2),
                 {"name": {"origin": "dataflow/v1b3", "name": "ElementCount",
@@ -94,7 +98,9 @@ def test_status_shows_counters_and_progress(api, capsys):
     out = capsys.readouterr().out
     assert "JOB_STATE_RUNNING" in out and "elapsed: 0:20:0" in out
     assert "120/200" in out and "60%" in out  # 90 + 30 committed kept of 200 wanted
-    assert "750 requests" in out and "123456 prompt" in out
+    assert "750 requests" in out and "123456 prompt (of which 2048 cached)" in out
+    assert "700 visible output + 64000 thoughts (billed as output)" in out
+    assert "truncated answers dead-lettered: 3" in out
     assert "throttled: 4.5 s" in out and "dead letters: 2" in out
     get = next(r for r in server.requests if r["path"].split("?")[0] == PREFIX + "/job-a")
     assert f"view={dataflow.JobView.JOB_VIEW_ALL.value}" in get["path"]

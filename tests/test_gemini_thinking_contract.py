@@ -274,3 +274,24 @@ def test_a_refused_combination_fails_before_any_request(tmp_path, vertex_env, ca
         assert server.log == []
     err = capsys.readouterr().err
     assert named in err and "allows" in err and "Traceback" not in err
+
+
+def test_the_token_quota_is_charged_for_thoughts(monkeypatch):
+    import uuid
+    from codeclm_beam.model import QuotaConfig
+    from codeclm_beam.model import TokenBucketRateLimiter
+    charged = []
+    monkeypatch.setattr(TokenBucketRateLimiter, "allow",
+                        lambda self, hits_added=1, tokens=0: charged.append(tokens) or True)
+    monkeypatch.setattr(TokenBucketRateLimiter, "charge_tokens",
+                        lambda self, tokens: charged.append(tokens))
+    with FakeModelServer(ServerConfig(max_seconds=60)) as server:
+        config = ModelConfig(uri=f"openai:o-test@{server.base_url}/v1", thinking="high",
+                             quota=QuotaConfig(tokens_per_minute=10 ** 9,
+                                               run_id=uuid.uuid4().hex))
+        result = ModelClient(config).call(free_text_request(200, config.thinking_for(
+            DEFAULT)))
+    assert isinstance(result, ModelResponse) and result.thoughts_tokens > 0
+    # The estimate paid before the call plus the correction after it: every token the
+    # server reported, thoughts included.
+    assert sum(charged) == sum(server.usage.values())

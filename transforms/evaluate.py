@@ -140,10 +140,11 @@ def detect_file_layout(path: str, instruction_field: Optional[str] = None,
 
 
 def make_item(path: str, number: int, row: Any, layout: Layout,
-              instruction_field: Optional[str]) -> EvalItem:
+              instruction_field: Optional[str],
+              allow_seed_items: bool = False) -> EvalItem:
     if not isinstance(row, dict):
         raise RowError("row is not a JSON object")
-    if row.get(SPLIT_MARKER) == "seeds":
+    if row.get(SPLIT_MARKER) == "seeds" and not allow_seed_items:
         raise RowError("this item was used as a seed (codeclm-beam split); evaluating "
                        "on it would measure memorisation")
     instruction = layout.instruction(row, instruction_field)
@@ -174,9 +175,8 @@ class _ParseBenchmark(beam.DoFn):
                 try:
                     if isinstance(row, RowError):
                         raise row
-                    if self._allow_seed_items and isinstance(row, dict):
-                        row = {k: v for k, v in row.items() if k != SPLIT_MARKER}
-                    yield make_item(path, number, row, layout, self._field)
+                    yield make_item(path, number, row, layout, self._field,
+                                    self._allow_seed_items)
                 except RowError as e:
                     yield beam.pvalue.TaggedOutput(DEAD_LETTER, DeadLetter.of(
                         "read_benchmark", source, e, payload=row if isinstance(
