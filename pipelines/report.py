@@ -265,6 +265,11 @@ def generate_report(run_dir: str, manifest: dict, prices: dict) -> dict[str, str
         f"<b>{html.escape(manifest['models']['target'])}</b>, judge "
         f"<b>{html.escape(manifest['models']['judge'])}</b>. Wall time "
         f"{manifest['wall_time_seconds']} s. Accounting balanced: {acc['balanced']}.</p>",
+        f"<p><b>Asked {manifest['delivery']['asked']:,}, delivered "
+        f"{manifest['delivery']['delivered']:,}</b>"
+        + (f": {html.escape(manifest['delivery']['reason'])}. To close the gap: "
+           f"<code>{html.escape(manifest['delivery']['to_close_the_gap'])}</code>"
+           if "gap" in manifest["delivery"] else "") + ".</p>",
         "<h2>Tailoring</h2>",
         _table([[k, v] for k, v in tailor.items() if k != "note"], ["figure", "value"]),
         f"<p class='muted'>{html.escape(tailor['note'])}</p>",
@@ -281,9 +286,10 @@ def generate_report(run_dir: str, manifest: dict, prices: dict) -> dict[str, str
              "kept pairs per iteration"),
         _img(gap_histogram(gaps, float(options.get("threshold") or 3),
                            int(options.get("score_scale") or 10)), "score gaps"),
-        _table([[r["round"], r["candidates"], r["kept"], r["undecided"], r["not_needed"]]
-                for r in acc["candidates"]["rounds"]],
-               ["round", "candidates", "kept", "within threshold", "not needed"]),
+        _table([[r["round"], r["candidates"], r.get("fresh", 0), r["kept"], r["undecided"],
+                 r["not_needed"]] for r in acc["candidates"]["rounds"]],
+               ["round", "candidates", "of them fresh from the reserve", "kept",
+                "within threshold", "not needed"]),
         "<h2>Calls, tokens and cost</h2>",
         _img(calls_per_stage(by_stage), "calls and tokens per stage"),
         _table(cost_rows, ["stage", "model", "requests", "cache hits", "retries",
