@@ -10,6 +10,17 @@ from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 
+from codeclm_beam.model import ChatMessage
+from codeclm_beam.model import GenerationSettings
+from codeclm_beam.model import ModelClient
+from codeclm_beam.model import ModelConfig
+from codeclm_beam.model import ModelFailure
+from codeclm_beam.model import ModelRequest
+from codeclm_beam.model import ModelResponse
+from codeclm_beam.model.backends import Backend
+from codeclm_beam.model.backends import RawAnswer
+from codeclm_beam.pipelines.outputs import to_ascii_json_line
+from codeclm_beam.pipelines.outputs import to_json_line
 from codeclm_beam.records import DeadLetter
 from codeclm_beam.records import Seed
 from codeclm_beam.transforms.read_seeds import STAGE
@@ -40,6 +51,11 @@ def parse(path, data):
         else:
             assert isinstance(out, Seed)
             seeds.append(out)
+    # The writers cannot fail on what passed the reader, nor on a dead letter.
+    for seed in seeds:
+        to_json_line(seed).encode("utf-8")
+    for letter in dead:
+        to_ascii_json_line(letter).encode("utf-8")
     return seeds, dead
 
 
@@ -49,7 +65,11 @@ json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(
         st.text(max_size=8), children, max_size=4), max_leaves=20)
+# Any text, lone surrogates included: JSON's "\\ud800" escapes carry them into Python.
+any_text = st.text(st.characters(exclude_categories=()), min_size=1, max_size=60)
 bad_rows = st.one_of(
+    any_text.filter(lambda t: any(0xD800 <= ord(c) <= 0xDFFF for c in t)).map(
+        lambda t: json.dumps({"instruction": "x " + t}).encode()),  # lone surrogates
     st.binary(min_size=1, max_size=200).filter(lambda b: b.strip() and b"\n" not in b),
     json_values.map(lambda v: json.dumps({"instruction": v}).encode()),  # wrong types
     st.integers(MAX_CHARS + 1, 5000).map(
@@ -92,3 +112,34 @@ def test_empty_files_yield_nothing_and_no_crash():
     for ext in ("parquet", "avro"):
         seeds, dead = parse(f"/tmp/empty.{ext}", b"")
         assert seeds == [] and [d.element_id for d in dead] == [f"/tmp/empty.{ext}"]
+
+
+class _Answers(Backend):
+    """Answers each request with the next text of a list (any text at all)."""
+
+    def __init__(self, texts):
+        self._texts = list(texts)
+
+    def generate(self, request):
+        return RawAnswer(self._texts.pop(0), 1, 1, "stop")
+
+
+@settings(max_examples=150, deadline=None)
+@given(answers=st.lists(any_text, min_size=3, max_size=3),
+       schema=st.sampled_from([None, {"type": "object"}]))
+def test_any_model_answer_is_a_response_or_a_failure_and_can_be_written(tmp_path_factory,
+                                                                        answers, schema):
+    cache_dir = str(tmp_path_factory.mktemp("cache"))
+    client = ModelClient(ModelConfig(uri="custom:x.y:Z", cache_dir=cache_dir),
+                         backend=_Answers(answers))
+    result = client.call(ModelRequest.create(
+        "r", [ChatMessage("user", "hi")], GenerationSettings(0.0, 64), schema))
+    if isinstance(result, ModelResponse):
+        result.text.encode("utf-8")  # cacheable and writable
+        assert client.cache.get(ModelRequest.create(
+            "r", [ChatMessage("user", "hi")], GenerationSettings(0.0, 64), schema
+        ).cache_key(client.identity)) is not None
+    else:
+        assert isinstance(result, ModelFailure) and result.reason in ("schema",)
+        to_ascii_json_line(DeadLetter.of("s", "r", ValueError(result.message),
+                                         raw_answer=result.raw_answer)).encode("utf-8")
