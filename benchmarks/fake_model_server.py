@@ -153,6 +153,8 @@ class ServerConfig:
     max_seconds: Optional[float] = None
     seed: int = 0
     echo_headers_in_errors: bool = False  # a careless server: errors repeat the request
+    # With N > 0, JSON strings are drawn from N words (see instance_for).
+    vocabulary: int = 0
 
 
 def _camel_keys(fields: dict) -> dict:
@@ -165,19 +167,20 @@ def _digest(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
 
 
-def instance_for(schema: dict, rng: random.Random) -> Any:
+def instance_for(schema: dict, rng: random.Random, vocabulary: int = 0) -> Any:
     """A value satisfying `schema` (object, array, string, integer, number, boolean,
-    enum, min/max items and lengths)."""
+    enum, min/max items and lengths). With `vocabulary`, every string is one of that
+    many words (few distinct answers, as from seeds that are much alike)."""
     if "enum" in schema:
         return rng.choice(schema["enum"])
     kind = schema.get("type", "object")
     if kind == "object":
         props = schema.get("properties", {})
-        return {name: instance_for(sub, rng) for name, sub in props.items()}
+        return {name: instance_for(sub, rng, vocabulary) for name, sub in props.items()}
     if kind == "array":
         low = schema.get("minItems", 1)
         high = schema.get("maxItems", max(low, 3))
-        return [instance_for(schema.get("items", {"type": "string"}), rng)
+        return [instance_for(schema.get("items", {"type": "string"}), rng, vocabulary)
                 for _ in range(rng.randint(low, high))]
     if kind == "integer":
         return rng.randint(schema.get("minimum", 1), schema.get("maximum", 10))
@@ -185,6 +188,10 @@ def instance_for(schema: dict, rng: random.Random) -> Any:
         return round(rng.uniform(schema.get("minimum", 0), schema.get("maximum", 10)), 2)
     if kind == "boolean":
         return rng.random() < 0.5
+    if vocabulary:
+        word = _WORDS[rng.randrange(min(vocabulary, len(_WORDS)))]
+        return (word * max(1, -(-schema.get("minLength", 1) // len(word))))[
+            :schema.get("maxLength", 200)]
     low = max(schema.get("minLength", 0), 1)
     high = schema.get("maxLength", 200)
     words = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 12)))
@@ -395,7 +402,7 @@ class FakeModelServer:
             if "explanation" in props:
                 scores["explanation"] = "The answers differ in helpfulness and detail."
             return json.dumps(scores)
-        return json.dumps(instance_for(schema, rng))
+        return json.dumps(instance_for(schema, rng, self.config.vocabulary))
 
     def _judge(self, prompt: str) -> dict:
         question = prompt.split("[Question]\n", 1)[-1].split("\n\n[The Start", 1)[0]
