@@ -61,6 +61,8 @@ setuptools.setup(
             "pytest>=8",
             "pytest-timeout>=2.3",
             "hypothesis>=6.100",
+            # A real Cloud Storage server on loopback, for gs:// outputs in tests.
+            "gcp-storage-emulator>=2024.0",
         ],
     },
     entry_points={"console_scripts": ["codeclm-beam=codeclm_beam.pipelines.cli:main"]},

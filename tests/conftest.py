@@ -58,3 +58,20 @@ def llama_server(smollm2_path, tmp_path_factory):
             proc.wait(timeout=20)
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """A real Cloud Storage emulator (gcp-storage-emulator) on 127.0.0.1 for the
+    session, holding the bucket `codeclm-test`; yields its address for
+    STORAGE_EMULATOR_HOST, which google-cloud-storage (and so Beam's gs:// filesystem)
+    honours."""
+    from gcp_storage_emulator.server import create_server
+    port = _free_port()
+    server = create_server("127.0.0.1", port, in_memory=True,
+                           default_bucket="codeclm-test")
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
