@@ -102,6 +102,11 @@ class RunOptions(PipelineOptions):
                                 "wrote (they are kept as they are).")
 
 
+def is_dry_run(options: PipelineOptions) -> bool:
+    """A Dataflow dry run: the job is built offline, nothing is read, written or sent."""
+    return bool(options.get_all_options().get("dry_run"))
+
+
 def option_actions(*views: type[PipelineOptions]) -> list[argparse.Action]:
     """The flags these option classes define, as argparse actions, in order: what the
     manifest records and the Flex Template declares."""

@@ -128,12 +128,11 @@ def _launch_summary(launch: dict) -> str:
 
 
 def generate(argv: list[str]) -> int:
-    from codeclm_beam.pipelines.generate import GenerateOptions
+    from codeclm_beam.pipelines.generate import OPTION_VIEWS
     from codeclm_beam.pipelines.generate import run
     parse_pipeline_flags(
         "codeclm-beam generate", "Generate CodecLM instruction-response pairs.",
-        (GenerateOptions, AnswerOptions, RunOptions, ModelOptions), argv,
-        ("seeds", "metadata"), "give --seeds FILE (or --metadata FILE)")
+        OPTION_VIEWS, argv, ("seeds", "metadata"), "give --seeds FILE (or --metadata FILE)")
     manifest = run(options=PipelineOptions(argv))
     if "accounting" not in manifest:  # a dry run, or a launch that does not wait
         print(_launch_summary(manifest))

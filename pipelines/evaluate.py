@@ -26,6 +26,7 @@ from codeclm_beam.pipelines.outputs import read_jsonl_dir
 from codeclm_beam.pipelines.report import write_report
 from codeclm_beam.model.errors import ConfigurationError
 from codeclm_beam.options import AnswerOptions
+from codeclm_beam.options import is_dry_run
 from codeclm_beam.transforms.evaluate import FAILED
 from codeclm_beam.transforms.evaluate import JudgeAgainstReference
 from codeclm_beam.transforms.evaluate import ReadBenchmarks
@@ -235,11 +236,12 @@ def preflight(options: PipelineOptions, plan: EvaluatePlan) -> None:
     """Everything that can be checked before a file is written or a call is made
     (layouts and model identities were checked when the pipeline was built)."""
     opts = options.view_as(EvaluateOptions)
+    offline = is_dry_run(options)
     preflight_lib.check_output_budget("--max_output_tokens",
                                       options.view_as(AnswerOptions).max_output_tokens,
                                       plan.answering)
     for path in plan.read.layouts:
-        if path.startswith("gs://") and options.get_all_options().get("dry_run"):
+        if path.startswith("gs://") and offline:
             continue
         preflight_lib.check_rows(path, "--benchmark", lambda source, row, p=path: make_item(
             p, int(source.rpartition(":")[2]), row, plan.read.layout_of(p),
@@ -252,7 +254,8 @@ def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = N
     opts = options.view_as(EvaluateOptions)
     run_opts = options.view_as(RunOptions)
     output_dir = run_opts.output_dir
-    if not options.get_all_options().get("dry_run"):  # a dry run reads no gs:// input
+    offline = is_dry_run(options)  # a dry run reads no gs:// input, writes nothing
+    if not offline:
         preflight_lib.check_gcs_credentials(
             [*opts.benchmark, output_dir, options.view_as(ModelOptions).cache_dir])
     run_id = uuid.uuid4().hex[:12]
@@ -261,7 +264,7 @@ def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = N
     pipeline = beam.Pipeline(options=options)
     plan = build_pipeline(pipeline, options, outputs.staging, run_id)
     preflight(options, plan)
-    if not options.get_all_options().get("dry_run"):
+    if not offline:
         outputs.check()
     result, not_finished = manifest_lib.run_pipeline(
         pipeline, options, outputs, "codeclm-beam evaluate", plan.run_id, wait)

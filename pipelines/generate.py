@@ -13,6 +13,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.options.pipeline_options import StandardOptions
 
 from codeclm_beam.options import AnswerOptions
+from codeclm_beam.options import is_dry_run
 from codeclm_beam.options import ModelOptions
 from codeclm_beam.options import RunOptions
 from codeclm_beam.options import model_configs
@@ -89,6 +90,10 @@ class GenerateOptions(PipelineOptions):
                            help="Also write fine-tuning files (repeatable).")
 
 
+# Every flag `generate` takes, in the order the CLI and the Flex Template list them.
+OPTION_VIEWS = (GenerateOptions, AnswerOptions, RunOptions, ModelOptions)
+
+
 def codeclm_config(options: PipelineOptions, run_id: str) -> CodecLMConfig:
     opts = options.view_as(GenerateOptions)
     answers = options.view_as(AnswerOptions)
@@ -139,8 +144,7 @@ def public_options(options: PipelineOptions) -> dict[str, Any]:
     """The options worth recording. Nothing secret is an option: keys and tokens are
     read from the environment by backends and never pass through here."""
     all_options = options.get_all_options(drop_default=False)
-    names = {action.dest for action in option_actions(GenerateOptions, AnswerOptions,
-                                                       ModelOptions, RunOptions)}
+    names = {action.dest for action in option_actions(*OPTION_VIEWS)}
     recorded = {name: _public(all_options.get(name)) for name in sorted(names)}
     recorded["runner"] = options.view_as(StandardOptions).runner or "DirectRunner"
     return recorded
@@ -157,8 +161,7 @@ def _public(value: Any) -> Any:
 
 def rerun_command(options: PipelineOptions) -> str:
     """This run's command line, as far as our own flags go (Beam's are the user's)."""
-    names = {action.dest: action for action in option_actions(
-        GenerateOptions, AnswerOptions, ModelOptions, RunOptions)}
+    names = {action.dest: action for action in option_actions(*OPTION_VIEWS)}
     words = ["codeclm-beam generate"]
     for name, value in sorted(options.get_all_options(drop_default=True).items()):
         action = names.get(name)
@@ -175,7 +178,7 @@ def preflight(options: PipelineOptions, config: CodecLMConfig) -> None:
     dry run builds the job offline: it reads no gs:// input."""
     opts = options.view_as(GenerateOptions)
     run_opts = options.view_as(RunOptions)
-    offline = bool(options.get_all_options().get("dry_run"))
+    offline = is_dry_run(options)
     if bool(opts.seeds) == bool(opts.metadata):
         raise ConfigurationError("give exactly one of --seeds and --metadata")
     if not offline:
@@ -209,7 +212,7 @@ def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = N
     output_dir = run_opts.output_dir
     preflight(options, config)
     outputs = OutputDirectory(output_dir, run_id, "manifest.json", run_opts.force)
-    if not options.get_all_options().get("dry_run"):
+    if not is_dry_run(options):
         outputs.check()
     started = time.time()
     pipeline = beam.Pipeline(options=options)

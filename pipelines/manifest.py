@@ -18,6 +18,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from codeclm_beam.model.handler import StageMetrics
+from codeclm_beam.options import is_dry_run
 from codeclm_beam.pipelines.outputs import OutputDirectory
 from codeclm_beam.version import __version__
 
@@ -32,7 +33,7 @@ def run_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
     result, None), or, when nothing finishes here (a dry run, or a launch that does not
     wait), (the result, what to return instead). A run that fails leaves the previous
     run's outputs as they were, and its own staging area is removed."""
-    dry_run = bool(options.get_all_options().get("dry_run"))
+    dry_run = is_dry_run(options)
     try:
         result = pipeline.run()
         if dry_run or not wait:

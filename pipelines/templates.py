@@ -8,15 +8,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from codeclm_beam.options import AnswerOptions
-from codeclm_beam.options import ModelOptions
-from codeclm_beam.options import RunOptions
 from codeclm_beam.options import option_actions
-from codeclm_beam.pipelines.generate import GenerateOptions
+from codeclm_beam.pipelines.generate import OPTION_VIEWS
 
 # Parameters a Dataflow launch must give; everything else has a default.
 REQUIRED = {"output_dir"}
-OPTION_VIEWS = (GenerateOptions, AnswerOptions, RunOptions, ModelOptions)
 
 
 def flex_template_metadata() -> dict:
