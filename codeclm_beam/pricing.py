@@ -25,9 +25,6 @@ DEFAULT_PRICES = {
     "llamacpp:": {"input": 0.0, "output": 0.0},
 }
 
-TOKEN_KINDS = ("prompt_tokens", "cached_prompt_tokens", "completion_tokens",
-               "thoughts_tokens")
-
 
 def merged_prices(overrides: Optional[Mapping] = None) -> dict:
     return {**DEFAULT_PRICES, **(overrides or {})}

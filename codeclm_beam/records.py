@@ -9,8 +9,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import typing
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 
 def invalid_text_reason(text: str) -> Optional[str]:
@@ -289,3 +290,73 @@ def avro_schema(cls: type) -> dict:
         fields.append(avro_field)
     return {"type": "record", "name": cls.__name__, "namespace": "codeclm_beam",
             "fields": fields}
+
+
+# Metadata rules: what makes a use case and skills usable, and a metadata entry's id.
+# Words that describe a skill instead of naming it, as the paper's prompt forbids:
+# "skill(s)" and "knowledge" anywhere; "understanding of", "ability to", "experience
+# with"... before what is needed (but "natural language understanding" and "user
+# experience design" are names); an adjective of degree at the start ("strong", ...).
+_BANNED = re.compile(r"\b(skills?|knowledge)\b", re.IGNORECASE)
+_DESCRIBING_PREFIX = re.compile(
+    r"^(?:(?:basic|good|strong|solid|in-depth|thorough)\s+)?"
+    r"(?:understanding|ability|abilities|proficiency|expertise|familiarity|experience|"
+    r"competence|command|mastery)\s+(?:of|in|with|to|for|about|on)\s+", re.IGNORECASE)
+_DEGREE = re.compile(r"^(?:basic|good|strong|solid|in-depth|thorough)\s+", re.IGNORECASE)
+# Words that cannot start or end a skill once the describing words are gone.
+_DANGLING = {"of", "in", "on", "for", "and", "or", "with", "to", "about", "the", "a",
+             "an", "at", "as", "by"}
+MAX_SKILL_WORDS = 3
+
+
+def normalize_phrase(text: str) -> str:
+    text = re.sub(r"\s+", " ", str(text)).strip().lower()
+    return text.strip(" .,;:!?\"'`-_*()[]{}")
+
+
+def normalize_skill(skill: str) -> str:
+    """A skill as the paper asks for it: what is needed, named in at most three words,
+    with no describing words ("skill", "knowledge", "ability to", ...) and no
+    preposition or article left dangling at either end; "" when nothing is left (then
+    the skill is dropped)."""
+    text = normalize_phrase(_BANNED.sub(" ", str(skill)))
+    text = _DEGREE.sub("", _DESCRIBING_PREFIX.sub("", text))
+    words = text.split()
+    while words and words[0] in _DANGLING:
+        words.pop(0)
+    while words and words[-1] in _DANGLING:
+        words.pop()
+    if len(words) > MAX_SKILL_WORDS:
+        # Too long to be a name: linking words go first ("creative writing and
+        # storytelling" -> "creative writing storytelling"), then all but three.
+        words = [w for w in words if w not in _DANGLING][:MAX_SKILL_WORDS]
+    return normalize_phrase(" ".join(words))
+
+
+def normalize_skills(skills: Iterable[str], max_skills: int) -> tuple[str, ...]:
+    """Normalised, de-duplicated skills (`normalize_skill`); the ones that come out
+    empty are dropped, and at most `max_skills` are kept."""
+    seen = []
+    for skill in skills:
+        cleaned = normalize_skill(skill)
+        if cleaned and cleaned not in seen:
+            seen.append(cleaned)
+    return tuple(seen[:max_skills])
+
+
+def metadata_id(use_case: str, skills: tuple[str, ...]) -> str:
+    key = use_case + "\x1f" + "\x1f".join(sorted(skills))
+    return content_id("m", key)
+
+
+def make_metadata(use_case: str, skills: Iterable[str], origin: str, max_skills: int,
+                  seed_id: str | None = None) -> Metadata:
+    """Normalised metadata, or ValueError naming what is unusable."""
+    use_case = normalize_phrase(use_case)
+    if not use_case:
+        raise ValueError("empty use case")
+    normalized = normalize_skills(skills, max_skills)
+    if not normalized:
+        raise ValueError(f"no usable skill in {list(skills)!r}")
+    return Metadata(metadata_id(use_case, normalized), use_case, normalized, origin,
+                    seed_id)

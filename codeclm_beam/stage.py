@@ -20,6 +20,7 @@ import apache_beam as beam
 from apache_beam.ml.inference.base import KeyedModelHandler
 from apache_beam.ml.inference.base import RunInference
 
+from codeclm_beam import metrics
 from codeclm_beam.model.config import ModelConfig
 from codeclm_beam.model.handler import CodecLMModelHandler
 from codeclm_beam.model.thinking import LEAST
@@ -159,16 +160,13 @@ class CallModel(beam.PTransform):
         return StageOutput(parsed.main, dead)
 
 
-FLOW_NAMESPACE = "codeclm/flow"
-
-
 class _Tally(beam.DoFn):
     def __init__(self, name: str):
         self._name = name
         self._counter = None
 
     def setup(self):
-        self._counter = beam.metrics.Metrics.counter(FLOW_NAMESPACE, self._name)
+        self._counter = metrics.flow_counter(self._name)
 
     def process(self, element):
         self._counter.inc()
@@ -176,8 +174,8 @@ class _Tally(beam.DoFn):
 
 
 class Tally(beam.PTransform):
-    """Passes elements through, counting them in the `codeclm/flow` namespace; the
-    manifest's per-stage accounting is read from these counters."""
+    """Passes elements through, counting them as the flow counter `name` (declared in
+    `codeclm_beam.metrics`); the manifest's accounting is read from these counters."""
 
     def __init__(self, name: str):
         super().__init__(label=f"Tally[{name}]")

@@ -8,7 +8,6 @@ through to `PipelineOptions` untouched.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from typing import Optional

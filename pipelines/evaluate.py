@@ -13,6 +13,7 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from codeclm_beam.metrics import RunCounters
 from codeclm_beam.model.config import ModelConfig
 from codeclm_beam.options import ModelOptions
 from codeclm_beam.options import RunOptions
@@ -245,7 +246,7 @@ def preflight(options: PipelineOptions, plan: EvaluatePlan) -> None:
             continue
         preflight_lib.check_rows(path, "--benchmark", lambda source, row, p=path: make_item(
             p, int(source.rpartition(":")[2]), row, plan.read.layout_of(p),
-            opts.evaluate_instruction_field, opts.allow_seed_items))
+            opts.allow_seed_items))
 
 
 def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = None,
@@ -274,7 +275,7 @@ def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = N
     judgements = read_jsonl_dir(FileSystems.join(output_dir, "judgements"))
     summary = summarize(judgements, plan.candidates, opts.bootstrap_samples,
                         options.view_as(ModelOptions).seed)
-    counters = manifest_lib.collect_counters(result)
+    counters = RunCounters.from_result(result)
     summary.update({
         **manifest_lib.run_header("codeclm-beam evaluate", plan.run_id, started),
         "layouts": plan.read.layouts,
@@ -283,8 +284,8 @@ def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = N
                    "judge": plan.judge},
         "judge_independence": plan.judge_independence,
         "settings": plan.settings,
-        "model_calls": manifest_lib.model_calls(counters),
-        "dead_letters_by_stage": counters.get("codeclm/dead_letter", {}),
+        "model_calls": counters.model_calls(),
+        "dead_letters_by_stage": counters.dead_letters(),
     })
     outputs.write_text("crr.md", markdown_table(summary), "text/markdown")
     if not run_opts.no_report:

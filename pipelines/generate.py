@@ -12,6 +12,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.options.pipeline_options import StandardOptions
 
+from codeclm_beam import metrics
+from codeclm_beam.metrics import RunCounters
 from codeclm_beam.options import AnswerOptions
 from codeclm_beam.options import is_dry_run
 from codeclm_beam.options import ModelOptions
@@ -122,10 +124,10 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
     if opts.seeds:
         read = pipeline | "ReadSeeds" >> ReadSeeds(
             opts.seeds, opts.instruction_field, opts.max_seed_chars)
-        inputs = read.output | "CountSeeds" >> Tally("seeds")
+        inputs = read.output | "CountSeeds" >> Tally(metrics.SEEDS)
     else:
         read = pipeline | "ReadMetadata" >> ReadMetadata(opts.metadata, opts.max_skills)
-        inputs = read.output | "CountUserMetadata" >> Tally("user_metadata")
+        inputs = read.output | "CountUserMetadata" >> Tally(metrics.USER_METADATA)
     result = inputs | "CodecLM" >> CodecLM(config, from_metadata=bool(opts.metadata))
 
     result.examples | "WriteExamples" >> WriteJsonl(out, "examples")
@@ -221,7 +223,7 @@ def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = N
         pipeline, options, outputs, "codeclm-beam generate", run_id, wait)
     if not_finished:
         return not_finished
-    counters = manifest_lib.collect_counters(result)
+    counters = RunCounters.from_result(result)
     outputs.promote()
     manifest = {
         **manifest_lib.run_header("codeclm-beam generate", run_id, started),
@@ -230,7 +232,7 @@ def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = N
         "accounting": manifest_lib.accounting(
             counters, config.max_iterations, bool(opts.metadata), config.keep_unresolved,
             config.num_metadata),
-        "model_calls": manifest_lib.model_calls(counters),
+        "model_calls": counters.model_calls(),
         "outputs": {name: FileSystems.join(output_dir, name) for name in OUTPUT_FOLDERS},
         "tailoring": run_tailoring(output_dir),
     }

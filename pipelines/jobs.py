@@ -7,7 +7,6 @@ model calls, tokens, throttled seconds, dead letters) and a progress bar toward
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import datetime
 import os
@@ -16,6 +15,7 @@ import time
 from typing import Any, Callable, Optional
 
 from google.cloud import dataflow_v1beta3 as dataflow
+from codeclm_beam.metrics import RunCounters
 from codeclm_beam.pipelines.args import SuggestingParser
 
 TERMINAL_STATES = {"JOB_STATE_DONE", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED",
@@ -63,26 +63,6 @@ def user_counters(job_metrics) -> dict[tuple[str, str], float]:
         if isinstance(value, (int, float)):
             totals[(context.get("namespace", ""), update.name.name)] += value
     return dict(totals)
-
-
-def summarize_counters(counters: dict[tuple[str, str], float]) -> dict[str, float]:
-    summary = collections.Counter()
-    for (namespace, name), value in counters.items():
-        if namespace == "codeclm/flow":
-            if name.endswith(".kept"):
-                summary["kept_pairs"] += value
-            if name == "examples":
-                summary["examples_written"] += value
-        elif namespace == "codeclm/dead_letter":
-            summary["dead_letters"] += value
-        elif namespace.startswith("codeclm/"):
-            if name in ("requests", "cache_hits", "retries", "failures", "truncated",
-                        "prompt_tokens", "cached_prompt_tokens", "completion_tokens",
-                        "thoughts_tokens"):
-                summary[name] += value
-            elif name == "throttled_ms":
-                summary["throttled_seconds"] += value / 1000
-    return dict(summary)
 
 
 def _num_examples_option(job) -> Optional[int]:
@@ -144,7 +124,7 @@ class DataflowJobs:
     def counters(self, job_id: str) -> dict[str, float]:
         metrics = self._metrics.get_job_metrics(request=dataflow.GetJobMetricsRequest(
             project_id=self._project, location=self._region, job_id=job_id))
-        return summarize_counters(user_counters(metrics))
+        return RunCounters.from_pairs(user_counters(metrics).items()).summary()
 
     def cancel(self, job_id: str):
         return self._jobs.update_job(request=dataflow.UpdateJobRequest(

@@ -5,19 +5,17 @@ manifest works on any runner that reports committed or attempted counters.
 """
 from __future__ import annotations
 
-import collections
 import datetime
 import math
 import time
 from typing import Any
-from typing import Iterable
 from typing import Optional
 
 import apache_beam as beam
-from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from codeclm_beam.model.handler import StageMetrics
+from codeclm_beam import metrics as m
+from codeclm_beam.metrics import RunCounters
 from codeclm_beam.options import is_dry_run
 from codeclm_beam.pipelines.outputs import OutputDirectory
 from codeclm_beam.version import __version__
@@ -59,92 +57,53 @@ def run_header(tool: str, run_id: str, started: float) -> dict[str, Any]:
             "wall_time_seconds": round(time.time() - started, 2)}
 
 
-def collect_counters(result) -> dict[str, dict[str, int]]:
-    """{namespace: {name: value}} for every codeclm counter of a finished run."""
-    counters: dict[str, dict[str, int]] = collections.defaultdict(dict)
-    for counter in result.metrics().query(MetricsFilter())["counters"]:
-        namespace = counter.key.metric.namespace
-        if not namespace.startswith("codeclm/"):
-            continue
-        value = counter.committed if counter.committed is not None else counter.attempted
-        name = counter.key.metric.name
-        counters[namespace][name] = counters[namespace].get(name, 0) + (value or 0)
-    return dict(counters)
-
-
-def model_calls(counters: dict) -> dict[str, Any]:
-    """Per stage: the model and its requests, cache hits, retries, tokens..."""
-    stages: dict[str, Any] = {}
-    for namespace, values in counters.items():
-        parts = namespace.split("/", 2)
-        if len(parts) != 3 or parts[1] in ("flow", "dead_letter"):
-            continue
-        _, stage, model = parts
-        entry = stages.setdefault(stage, {"models": {}})
-        entry["models"][model] = {name: values.get(name, 0) for name in StageMetrics.NAMES
-                                  if name != "throttled_ms"}
-        entry["models"][model]["throttled_seconds"] = values.get("throttled_ms", 0) / 1000
-    totals = collections.Counter()
-    for entry in stages.values():
-        for numbers in entry["models"].values():
-            totals.update(numbers)
-    return {"by_stage": stages, "totals": dict(totals)}
-
-
-def accounting(counters: dict, max_iterations: int, from_metadata: bool,
+def accounting(counters: RunCounters, max_iterations: int, from_metadata: bool,
                keep_unresolved: bool = False, num_metadata: int = 0) -> dict[str, Any]:
     """Where every seed and every candidate went, with the identities checked."""
-    flow = counters.get("codeclm/flow", {})
-    dead = counters.get("codeclm/dead_letter", {})
-    get = flow.get
+    flow, dead = counters.flow, counters.dead_letter
     checks = {}
     seeds: dict[str, Any] = {}
     if not from_metadata:
-        seeds = {"rows_read": get("read_seeds.rows", 0), "seeds": get("seeds", 0),
-                 "duplicates_dropped": get("read_seeds.duplicates", 0),
-                 "dead_letter": dead.get("read_seeds", 0),
-                 "encoded": get("metadata", 0), "encode_dead_letter": dead.get("encode", 0)}
+        seeds = {"rows_read": flow(m.rows_read("read_seeds")), "seeds": flow(m.SEEDS),
+                 "duplicates_dropped": flow(m.duplicates("read_seeds")),
+                 "dead_letter": dead("read_seeds"),
+                 "encoded": flow(m.METADATA), "encode_dead_letter": dead("encode")}
         checks["rows = seeds + duplicates + dead letters"] = (
             seeds["rows_read"] == seeds["seeds"] + seeds["duplicates_dropped"]
             + seeds["dead_letter"])
         checks["seeds = metadata + encode dead letters"] = (
             seeds["seeds"] == seeds["encoded"] + seeds["encode_dead_letter"])
     else:
-        seeds = {"rows_read": get("read_metadata.rows", 0),
-                 "metadata": get("user_metadata", 0),
-                 "duplicates_dropped": get("read_metadata.duplicates", 0),
-                 "dead_letter": dead.get("read_metadata", 0)}
+        seeds = {"rows_read": flow(m.rows_read("read_metadata")),
+                 "metadata": flow(m.USER_METADATA),
+                 "duplicates_dropped": flow(m.duplicates("read_metadata")),
+                 "dead_letter": dead("read_metadata")}
         checks["rows = metadata + duplicates + dead letters"] = (
             seeds["rows_read"] == seeds["metadata"] + seeds["duplicates_dropped"]
             + seeds["dead_letter"])
-    pool = {"entries": get("metadata_pool", 0), "asked": num_metadata,
+    pool = {"entries": flow(m.METADATA_POOL), "asked": num_metadata,
             "note": ("every distinct (use case, skills) of the seeds is kept, as the "
                      "method does: the pool is larger than --num_metadata"
-                     if get("metadata_pool", 0) > num_metadata else ""),
-            "rubric_sets": get("rubric_sets", 0),
-            "rubrics_dead_letter": dead.get("rubrics", 0),
-            "decode_dead_letter": dead.get("decode", 0)}
+                     if flow(m.METADATA_POOL) > num_metadata else ""),
+            "rubric_sets": flow(m.RUBRIC_SETS),
+            "rubrics_dead_letter": dead("rubrics"),
+            "decode_dead_letter": dead("decode")}
     checks["pool = rubric sets + rubrics dead letters"] = (
         pool["entries"] == pool["rubric_sets"] + pool["rubrics_dead_letter"])
-    rounds = []
-    for r in range(1, max_iterations + 1):
-        rounds.append({"round": r, "candidates": get(f"round{r}.candidates", 0),
-                       # of the candidates, fresh basic instructions from the reserve
-                       "fresh": get(f"round{r}.fresh", 0),
-                       "kept": get(f"round{r}.kept", 0),
-                       "undecided": get(f"round{r}.undecided", 0),
-                       "not_needed": get(f"round{r}.not_needed", 0)})
-    lost = (dead.get("answer_strong", 0) + dead.get("answer_target", 0)
-            + get("judge_incomplete", 0) + dead.get("improve", 0))
+    # of a round's candidates, "fresh" are basic instructions drawn from the reserve
+    rounds = [{"round": r, **{what: counters.in_round(r, what) for what in m.ROUND_COUNTS}}
+              for r in range(1, max_iterations + 1)]
+    lost = (dead("answer_strong") + dead("answer_target")
+            + flow(m.incomplete("judge")) + dead("improve"))
     kept_total = sum(r["kept"] for r in rounds)
     last = rounds[-1]["undecided"] if rounds else 0
     not_needed = sum(r["not_needed"] for r in rounds)
-    reserve_unused = get("reserve_unused", 0)
-    candidates = {"basic_instructions": get("basic_instructions", 0),
+    reserve_unused = flow(m.RESERVE_UNUSED)
+    candidates = {"basic_instructions": flow(m.BASIC_INSTRUCTIONS),
                   "kept": kept_total, "unresolved_after_last_round": last,
                   "not_needed": not_needed, "reserve_unused": reserve_unused,
                   "lost_to_dead_letters": lost,
-                  "examples_written": get("examples", 0), "surplus": get("surplus", 0),
+                  "examples_written": flow(m.EXAMPLES), "surplus": flow(m.SURPLUS),
                   "rounds": rounds}
     checks["basic = kept + unresolved + not needed + unused reserve + dead letters"] = (
         candidates["basic_instructions"]
@@ -153,7 +112,7 @@ def accounting(counters: dict, max_iterations: int, from_metadata: bool,
     checks["kept = examples + surplus"] = (
         candidates["examples_written"] + candidates["surplus"] == kept_all)
     return {"seeds": seeds, "metadata_pool": pool, "candidates": candidates,
-            "dead_letters_by_stage": dict(dead), "checks": checks,
+            "dead_letters_by_stage": counters.dead_letters(), "checks": checks,
             "balanced": all(checks.values())}
 
 

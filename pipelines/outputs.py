@@ -20,7 +20,7 @@ from typing import Any, Iterable, Optional
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics import Metrics
+from codeclm_beam import metrics
 
 from codeclm_beam.model.errors import ConfigurationError
 from codeclm_beam.records import avro_schema
@@ -115,7 +115,7 @@ class WriteExports(beam.PTransform):
 
 class _CountDeadLetters(beam.DoFn):
     def process(self, dead_letter):
-        Metrics.counter("codeclm/dead_letter", dead_letter.stage).inc()
+        metrics.dead_letter_counter(dead_letter.stage).inc()
         yield dead_letter
 
 

@@ -8,7 +8,6 @@ are still needed), and prices the result with the report's price table.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -21,7 +20,7 @@ from codeclm_beam.pipelines.outputs import read_json
 from codeclm_beam.pricing import cost_usd
 from codeclm_beam.pricing import merged_prices
 from codeclm_beam.pricing import price_of
-from codeclm_beam.pricing import TOKEN_KINDS
+from codeclm_beam.metrics import TOKEN_KINDS
 from codeclm_beam.transforms.codeclm import round_slots
 from codeclm_beam.transforms.decode import instructions_per_entry
 from codeclm_beam.pipelines.args import SuggestingParser

@@ -43,8 +43,8 @@ def check_rows(pattern: str, flag: str,
                make: Callable[[str, Any], Any]) -> None:
     """At least one row of the files matching `pattern` becomes a record with `make`;
     reading stops at the first that does, so a good input costs one row."""
-    from codeclm_beam.transforms.read_seeds import RowError
-    from codeclm_beam.transforms.read_seeds import iter_rows
+    from codeclm_beam.rows import RowError
+    from codeclm_beam.rows import iter_rows
     try:
         files = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
     except Exception as e:

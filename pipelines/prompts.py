@@ -2,7 +2,6 @@
 exactly as a model is sent them (templates in `transforms/prompts/`)."""
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from typing import Callable
 

@@ -3,7 +3,6 @@ PNG data) for a `generate` or `evaluate` run, the tailoring figure, and for gene
 runs a dataset card (`README.md`, Hugging Face layout) beside the data."""
 from __future__ import annotations
 
-import argparse
 import base64
 import collections
 import html

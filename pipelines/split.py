@@ -3,7 +3,6 @@
 did. Rows of the seed part are marked, and `evaluate` refuses them unless told to."""
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import random
@@ -15,8 +14,8 @@ from codeclm_beam.pipelines.outputs import write_text
 from codeclm_beam.transforms.evaluate import SPLIT_MARKER
 from codeclm_beam.transforms.evaluate import benchmark_name
 from codeclm_beam.transforms.evaluate import detect_file_layout
-from codeclm_beam.transforms.read_seeds import RowError
-from codeclm_beam.transforms.read_seeds import _jsonl_rows
+from codeclm_beam.rows import RowError
+from codeclm_beam.rows import jsonl_rows
 from codeclm_beam.pipelines.args import SuggestingParser
 
 
@@ -42,7 +41,7 @@ def split_file(path: str, output_dir: str, seed_fraction: float = 0.2, seed: int
     layout = detect_file_layout(path, instruction_field, flag="--instruction_field")
     with FileSystems.open(path) as handle:
         rows = []
-        for source, row in _jsonl_rows(path, handle):
+        for source, row in jsonl_rows(path, handle):
             if isinstance(row, RowError) or not isinstance(row, dict):
                 raise ValueError(f"{source}: {row if isinstance(row, RowError) else 'not an object'}")
             rows.append(row)

@@ -8,8 +8,8 @@ import pytest
 from codeclm_beam.pipelines.cli import main as cli_main
 from codeclm_beam.pipelines.prompts import STAGES
 from codeclm_beam.prompts import PromptTemplate
-from codeclm_beam.transforms.encode import normalize_skill
-from codeclm_beam.transforms.encode import normalize_skills
+from codeclm_beam.records import normalize_skill
+from codeclm_beam.records import normalize_skills
 
 # Stage -> phrases its rendered prompt must contain (case-insensitive), one per element.
 ELEMENTS = {

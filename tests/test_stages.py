@@ -17,8 +17,8 @@ from codeclm_beam.transforms import EncodeMetadata
 from codeclm_beam.transforms import GenerateRubrics
 from codeclm_beam.transforms import ImproveInstructions
 from codeclm_beam.transforms.decode import TOKENS_PER_INSTRUCTION
-from codeclm_beam.transforms.encode import make_metadata
-from codeclm_beam.transforms.encode import normalize_skills
+from codeclm_beam.records import make_metadata
+from codeclm_beam.records import normalize_skills
 from codeclm_beam.transforms.metadata_pool import build_metadata_pool
 from tests.helpers import scripted_models
 from tests.scripted_backend import read_calls

@@ -27,6 +27,7 @@ from typing import NamedTuple, Optional
 
 import apache_beam as beam
 
+from codeclm_beam import metrics
 from codeclm_beam.model import ModelConfig
 from codeclm_beam.records import Candidate
 from codeclm_beam.records import Example
@@ -169,13 +170,13 @@ class Round(beam.PTransform):
     def expand(self, candidates) -> RoundOutput:
         cfg, t = self._cfg, self._number
         filtered = (candidates
-                    | "CountCandidates" >> Tally(f"round{t}.candidates")
+                    | "CountCandidates" >> Tally(metrics.in_round(t, "candidates"))
                     | "ContrastiveFilter" >> ContrastiveFilter(
                         cfg.strong, cfg.target, cfg.judge, cfg.threshold,
                         cfg.score_scale, cfg.answer_temperature, cfg.judge_temperature,
                         cfg.max_output_tokens, cfg.seed))
-        kept = filtered.kept | "CountKept" >> Tally(f"round{t}.kept")
-        undecided = filtered.undecided | "CountUndecided" >> Tally(f"round{t}.undecided")
+        kept = filtered.kept | "CountKept" >> Tally(metrics.in_round(t, "kept"))
+        undecided = filtered.undecided | "CountUndecided" >> Tally(metrics.in_round(t, "undecided"))
         if t == cfg.max_iterations:
             return self._last(candidates.pipeline, kept, undecided, filtered.dead_letter)
 
@@ -195,11 +196,11 @@ class Round(beam.PTransform):
         return RoundOutput(
             kept=kept,
             next_candidates=(improved.output,
-                             fresh.taken | "CountFresh" >> Tally(f"round{t + 1}.fresh"))
+                             fresh.taken | "CountFresh" >> Tally(metrics.in_round(t + 1, "fresh")))
             | "Next" >> beam.Flatten(),
             reserve=fresh.rest,
             rejected=(selected.rest
-                      | "CountNotNeeded" >> Tally(f"round{t}.not_needed")
+                      | "CountNotNeeded" >> Tally(metrics.in_round(t, "not_needed"))
                       | "RejectNotNeeded" >> beam.Map(rejection, "not_needed")),
             dead_letter=(filtered.dead_letter, improved.dead_letter)
             | "DeadLetters" >> beam.Flatten())
@@ -218,7 +219,7 @@ class Round(beam.PTransform):
     def _last(self, pipeline, kept, undecided, dead_letter) -> RoundOutput:
         cfg = self._cfg
         unused = (self._reserve
-                  | "CountReserveUnused" >> Tally("reserve_unused")
+                  | "CountReserveUnused" >> Tally(metrics.RESERVE_UNUSED)
                   | "RejectReserveUnused" >> beam.Map(rejection, "not_needed"))
         if cfg.keep_unresolved:
             kept = (kept, undecided | "KeepUnresolved" >> beam.Map(
@@ -250,7 +251,7 @@ class CodecLM(beam.PTransform):
         pool = (metadata
                 | "BuildMetadataPool" >> BuildMetadataPool(
                     cfg.num_metadata, cfg.max_skills, cfg.seed)
-                | "CountPool" >> Tally("metadata_pool"))
+                | "CountPool" >> Tally(metrics.METADATA_POOL))
         rubrics = pool | "GenerateRubrics" >> GenerateRubrics(
             cfg.strong, cfg.num_rubrics, cfg.temperature, cfg.codec_max_output_tokens,
             cfg.seed)
@@ -258,9 +259,9 @@ class CodecLM(beam.PTransform):
             cfg.strong, cfg.basic_instructions, cfg.temperature,
             cfg.codec_max_output_tokens, cfg.seed)
         dead_letters += [rubrics.dead_letter, decoded.dead_letter]
-        rubric_state = rubrics.output | "CountRubrics" >> Tally("rubric_sets")
+        rubric_state = rubrics.output | "CountRubrics" >> Tally(metrics.RUBRIC_SETS)
         first = (decoded.output
-                 | "CountBasic" >> Tally("basic_instructions")
+                 | "CountBasic" >> Tally(metrics.BASIC_INSTRUCTIONS)
                  | "TakeFirstRound" >> TakeLowestRanked(
                      candidate_rank(cfg.seed), cfg.num_examples + cfg.overgenerate_margin))
 
@@ -278,11 +279,11 @@ class CodecLM(beam.PTransform):
                | "AllExamples" >> beam.Flatten()
                | "CutToNumExamples" >> TakeLowestRanked(example_rank, cfg.num_examples))
         rejected.append(cut.rest
-                        | "CountSurplus" >> Tally("surplus")
+                        | "CountSurplus" >> Tally(metrics.SURPLUS)
                         | "RejectSurplus" >> beam.Map(Rejection.of_example, "surplus"))
         return CodecLMOutput(
             seed_metadata=metadata,
-            examples=cut.taken | "CountExamples" >> Tally("examples"),
+            examples=cut.taken | "CountExamples" >> Tally(metrics.EXAMPLES),
             rejected=tuple(rejected) | "AllRejected" >> beam.Flatten(),
             dead_letter=tuple(dead_letters) | "AllDeadLetters" >> beam.Flatten(),
             metadata_pool=pool,
@@ -296,4 +297,4 @@ class CodecLM(beam.PTransform):
         encoded = inputs | "EncodeMetadata" >> EncodeMetadata(
             cfg.strong, cfg.max_skills, cfg.temperature, cfg.codec_max_output_tokens,
             cfg.seed)
-        return encoded.output | "CountMetadata" >> Tally("metadata"), [encoded.dead_letter]
+        return encoded.output | "CountMetadata" >> Tally(metrics.METADATA), [encoded.dead_letter]

@@ -19,13 +19,13 @@ from typing import NamedTuple
 
 import apache_beam as beam
 
+from codeclm_beam import metrics
 from codeclm_beam.model import ChatMessage
 from codeclm_beam.model import GenerationSettings
 from codeclm_beam.model import ModelConfig
 from codeclm_beam.model.thinking import DEFAULT
 from codeclm_beam.prompts import PromptTemplate
 from codeclm_beam.records import Candidate
-from codeclm_beam.records import DeadLetter
 from codeclm_beam.records import Example
 from codeclm_beam.stage import CallModel
 from codeclm_beam.stage import StageSpec
@@ -116,7 +116,7 @@ class _Decide(beam.DoFn):
         if len(candidates) != 1 or len(orders) != 2:
             # A judge call failed for good; its dead letter holds the reason, and the
             # candidate is counted as lost to the judge stage.
-            beam.metrics.Metrics.counter("codeclm/flow", "judge_incomplete").inc()
+            metrics.flow_counter(metrics.incomplete("judge")).inc()
             return
         c = candidates[0]
         strong = (orders[True].strong + orders[False].strong) / 2

@@ -19,6 +19,7 @@ import apache_beam as beam
 from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 
+from codeclm_beam import metrics
 from codeclm_beam.model import GenerationSettings
 from codeclm_beam.model import ModelConfig
 from codeclm_beam.model.errors import ConfigurationError
@@ -32,9 +33,10 @@ from codeclm_beam.stage import StageSpec
 from codeclm_beam.transforms.contrastive_filter import answer_prompt
 from codeclm_beam.transforms.contrastive_filter import judge_schema
 from codeclm_beam.transforms.contrastive_filter import pairwise_judge_prompt
-from codeclm_beam.transforms.read_seeds import RowError
-from codeclm_beam.transforms.read_seeds import _jsonl_rows
-from codeclm_beam.transforms.read_seeds import _lookup
+from codeclm_beam.rows import Layout
+from codeclm_beam.rows import RowError
+from codeclm_beam.rows import detect_layout
+from codeclm_beam.rows import jsonl_rows
 
 # Rows that `codeclm-beam split` put in the seed part carry this marker.
 SPLIT_MARKER = "codeclm_split"
@@ -50,60 +52,6 @@ class EvalItem:
     category: Optional[str] = None
 
 
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    name: str
-    id_field: Optional[str]
-    category_field: Optional[str]
-
-    # The field holding the instruction (or the conversation's turns).
-    instruction_field: Optional[str] = None
-
-    def instruction(self, row: dict, instruction_field: Optional[str]) -> Any:
-        """The row's instruction; a RowError (a dead letter) when the row lacks it."""
-        if self.instruction_field is None:
-            return _lookup(row, instruction_field)
-        if self.instruction_field not in row:
-            raise RowError(f"no '{self.instruction_field}' field, where the {self.name} "
-                           f"layout (detected from the file's first row) keeps the "
-                           f"instruction; fields found: {sorted(map(str, row))[:20]}")
-        value = row[self.instruction_field]
-        if self.name == "vicuna":
-            return value[0] if isinstance(value, list) and value else None
-        if self.name == "self-instruct":
-            instances = row.get("instances") or [{}]
-            extra = instances[0].get("input") if isinstance(instances[0], dict) else None
-            if isinstance(extra, str) and extra.strip() and isinstance(value, str):
-                return f"{value}\n\nInput: {extra}"
-        return value
-
-
-LAYOUTS = {
-    "evol-instruct": Layout("evol-instruct", "idx", "Skill", "Instruction"),
-    "vicuna": Layout("vicuna", "question_id", "category", "turns"),
-    "vicuna-old": Layout("vicuna-old", "question_id", "category", "text"),
-    "self-instruct": Layout("self-instruct", "id", "motivation_app", "instruction"),
-    "koala": Layout("koala", "id", None, "prompt"),
-    "jsonl": Layout("jsonl", "id", "category"),
-}
-
-
-def detect_layout(row: dict, instruction_field: Optional[str] = None) -> Optional[Layout]:
-    if instruction_field:
-        return LAYOUTS["jsonl"]
-    if "Instruction" in row:
-        return LAYOUTS["evol-instruct"]
-    if "turns" in row:
-        return LAYOUTS["vicuna"]
-    if "text" in row and "question_id" in row:
-        return LAYOUTS["vicuna-old"]
-    if "instruction" in row and "instances" in row:
-        return LAYOUTS["self-instruct"]
-    if "prompt" in row:
-        return LAYOUTS["koala"]
-    return None
-
-
 def benchmark_name(path: str) -> str:
     return os.path.splitext(os.path.basename(path))[0]
 
@@ -115,7 +63,7 @@ def first_row(path: str) -> dict:
     if not matches:
         raise ConfigurationError(f"benchmark file {path} does not exist")
     with FileSystems.open(matches[0].path) as handle:
-        for _, row in _jsonl_rows(path, handle):
+        for _, row in jsonl_rows(path, handle):
             if isinstance(row, RowError):
                 raise ConfigurationError(f"benchmark file {path}: {row}")
             if not isinstance(row, dict):
@@ -140,14 +88,13 @@ def detect_file_layout(path: str, instruction_field: Optional[str] = None,
 
 
 def make_item(path: str, number: int, row: Any, layout: Layout,
-              instruction_field: Optional[str],
               allow_seed_items: bool = False) -> EvalItem:
     if not isinstance(row, dict):
         raise RowError("row is not a JSON object")
     if row.get(SPLIT_MARKER) == "seeds" and not allow_seed_items:
         raise RowError("this item was used as a seed (codeclm-beam split); evaluating "
                        "on it would measure memorisation")
-    instruction = layout.instruction(row, instruction_field)
+    instruction = layout.instruction(row)
     if not isinstance(instruction, str) or not instruction.strip():
         raise RowError("no instruction text in the row")
     invalid = invalid_text_reason(instruction)
@@ -160,23 +107,20 @@ def make_item(path: str, number: int, row: Any, layout: Layout,
 
 
 class _ParseBenchmark(beam.DoFn):
-    def __init__(self, layouts: dict[str, Layout], instruction_field: Optional[str],
-                 allow_seed_items: bool):
+    def __init__(self, layouts: dict[str, Layout], allow_seed_items: bool):
         self._layouts = layouts
-        self._field = instruction_field
         self._allow_seed_items = allow_seed_items
 
     def process(self, readable):
         path = readable.metadata.path
         layout = self._layouts[path]
         with readable.open() as handle:
-            for source, row in _jsonl_rows(path, handle):
+            for source, row in jsonl_rows(path, handle):
                 number = int(source.rpartition(":")[2])
                 try:
                     if isinstance(row, RowError):
                         raise row
-                    yield make_item(path, number, row, layout, self._field,
-                                    self._allow_seed_items)
+                    yield make_item(path, number, row, layout, self._allow_seed_items)
                 except RowError as e:
                     yield beam.pvalue.TaggedOutput(DEAD_LETTER, DeadLetter.of(
                         "read_benchmark", source, e, payload=row if isinstance(
@@ -206,7 +150,6 @@ class ReadBenchmarks(beam.PTransform):
                         "eval part, or pass --allow_seed_items.")
         if not self._layouts:
             raise ConfigurationError(f"no benchmark files match {paths}")
-        self._field = instruction_field
         self._allow = allow_seed_items
 
     @property
@@ -228,7 +171,7 @@ class ReadBenchmarks(beam.PTransform):
                   | "Match" >> fileio.MatchAll()
                   | "Open" >> fileio.ReadMatches()
                   | "Parse" >> beam.ParDo(_ParseBenchmark(
-                      self._layouts, self._field, self._allow)).with_outputs(
+                      self._layouts, self._allow)).with_outputs(
                           DEAD_LETTER, main="main"))
         return StageOutput(parsed.main, parsed[DEAD_LETTER])
 
@@ -304,7 +247,7 @@ class _Outcome(beam.DoFn):
         _, scored = keyed
         orders = {task.candidate_first: scores for task, scores in scored}
         if len(orders) != 2:
-            beam.metrics.Metrics.counter("codeclm/flow", "eval_judge_incomplete").inc()
+            metrics.flow_counter(metrics.incomplete("eval_judge")).inc()
             return
         task = next(t for t, _ in scored)
         explanations = {t.candidate_first: scores[2] for t, scores in scored}

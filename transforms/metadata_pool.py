@@ -19,7 +19,7 @@ from typing import Iterable
 import apache_beam as beam
 
 from codeclm_beam.records import Metadata
-from codeclm_beam.transforms.encode import metadata_id
+from codeclm_beam.records import metadata_id
 
 # How many draws per missing entry before concluding the skill/use-case space is too
 # small to fill the pool (then the pool is smaller, and the manifest says so).

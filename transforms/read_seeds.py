@@ -1,166 +1,34 @@
 """Reading seeds (instructions) and user-supplied metadata from files.
 
-JSONL, JSON arrays, CSV/TSV, Parquet and Avro, local or `gs://` (through Beam's
-`fileio`, so any Beam filesystem works; `.gz`/`.bz2` are decompressed by extension).
-The instruction is found in the common layouts without being told:
-
-    instruction (+ input, or instances[0].input, appended as "Input: ..."), prompt,
-    text, question, Instruction, turns (first item), messages / conversations (first
-    user turn)
-
-and `instruction_field` (a dotted path, e.g. `data.turns.0`) overrides the search.
-Empty, non-text, oversized and undecodable rows go to the dead letter with the reason;
-exact duplicates are dropped and counted.
+Any format and Beam filesystem `codeclm_beam.rows` reads (`.gz`/`.bz2` are
+decompressed by extension). Each row's instruction is found by its layout
+(`rows.LAYOUTS`: Alpaca, Self-Instruct, Evol-Instruct, Vicuna, Koala, chat
+conversations...) without being told, and `instruction_field` (a dotted path, e.g.
+`data.turns.0`) overrides the search. Empty, non-text, oversized and undecodable rows
+go to the dead letter with the reason; exact duplicates are dropped and counted.
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
-import os
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import apache_beam as beam
 from apache_beam.io import fileio
-from apache_beam.metrics import Metrics
+from codeclm_beam import metrics
 
 from codeclm_beam.records import DeadLetter
 from codeclm_beam.records import Seed
+from codeclm_beam.records import make_metadata
+from codeclm_beam.rows import RowError
+from codeclm_beam.rows import find_instruction
+from codeclm_beam.rows import iter_rows
 from codeclm_beam.records import invalid_text_reason
 from codeclm_beam.stage import DEAD_LETTER
 from codeclm_beam.stage import StageOutput
-from codeclm_beam.transforms.encode import make_metadata
 
 STAGE = "read_seeds"
 METADATA_STAGE = "read_metadata"
-FORMATS = ("jsonl", "json", "csv", "tsv", "parquet", "avro")
 DEFAULT_MAX_CHARS = 20_000
-
-
-class RowError(ValueError):
-    """A row that cannot become a seed; the message is the reason."""
-
-
-def _format_of(path: str) -> str:
-    name = path.lower()
-    for suffix in (".gz", ".bz2", ".zst", ".deflate"):
-        if name.endswith(suffix):
-            name = name[:-len(suffix)]
-    ext = os.path.splitext(name)[1].lstrip(".")
-    return {"ndjson": "jsonl", "jl": "jsonl", "txt": "jsonl"}.get(ext, ext)
-
-
-def iter_rows(path: str, handle) -> Iterator[tuple[str, Any]]:
-    """(row source, row or RowError) for every row of an open binary file."""
-    fmt = _format_of(path)
-    if fmt not in FORMATS:
-        raise RowError(f"unknown file format '.{fmt}' (known: {', '.join(FORMATS)})")
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-        number = 0
-        for batch in pq.ParquetFile(handle).iter_batches(batch_size=1024):
-            for row in batch.to_pylist():
-                number += 1
-                yield f"{path}:{number}", row
-    elif fmt == "avro":
-        import fastavro
-        for number, row in enumerate(fastavro.reader(handle), start=1):
-            yield f"{path}:{number}", row
-    elif fmt in ("csv", "tsv"):
-        data = handle.read()
-        try:
-            text = data.decode("utf-8-sig")
-        except UnicodeDecodeError as e:
-            raise RowError(f"file is not UTF-8 text: {e}") from None
-        reader = csv.DictReader(io.StringIO(text, newline=""),
-                                delimiter="\t" if fmt == "tsv" else ",")
-        for number, row in enumerate(reader, start=1):
-            yield f"{path}:{number}", row
-    elif fmt == "json":
-        data = handle.read()
-        try:
-            value = json.loads(data.decode("utf-8-sig"))
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            # Many ".json" files are JSON Lines; read them as such.
-            yield from _jsonl_rows(path, io.BytesIO(data))
-            return
-        rows = value if isinstance(value, list) else [value]
-        for number, row in enumerate(rows, start=1):
-            yield f"{path}:{number}", row
-    else:
-        yield from _jsonl_rows(path, handle)
-
-
-def _jsonl_rows(path, handle):
-    for number, raw in enumerate(handle, start=1):
-        source = f"{path}:{number}"
-        if not raw.strip():
-            continue
-        try:
-            yield source, json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            yield source, RowError(f"line is not valid UTF-8: {e}")
-        except RecursionError:
-            yield source, RowError("line is nested too deeply to parse")
-        except ValueError as e:
-            yield source, RowError(f"line is not valid JSON: {e}")
-
-
-def _lookup(row: Any, dotted: str) -> Any:
-    value = row
-    for part in dotted.split("."):
-        if isinstance(value, dict) and part in value:
-            value = value[part]
-        elif isinstance(value, (list, tuple)) and part.lstrip("-").isdigit() and \
-                -len(value) <= int(part) < len(value):
-            value = value[int(part)]
-        else:
-            raise RowError(f"field '{dotted}' not found")
-    return value
-
-
-def _first_user_turn(turns: Any) -> Any:
-    if not isinstance(turns, list):
-        return turns
-    for turn in turns:
-        if isinstance(turn, dict):
-            role = str(turn.get("role", turn.get("from", ""))).lower()
-            if role in ("user", "human"):
-                return turn.get("content", turn.get("value"))
-    raise RowError("no user turn in the conversation")
-
-
-def find_instruction(row: Any, instruction_field: Optional[str] = None) -> Any:
-    if not isinstance(row, dict):
-        raise RowError(f"row is a {type(row).__name__}, not an object with fields")
-    if instruction_field:
-        return _lookup(row, instruction_field)
-    if "instruction" in row:
-        extra = row.get("input")
-        instances = row.get("instances")
-        if not extra and isinstance(instances, list) and instances and \
-                isinstance(instances[0], dict):
-            extra = instances[0].get("input")
-        instruction = row["instruction"]
-        if extra and isinstance(extra, str) and extra.strip() and \
-                isinstance(instruction, str):
-            return f"{instruction}\n\nInput: {extra}"
-        return instruction
-    for name in ("prompt", "text", "question", "Instruction"):
-        if name in row:
-            return row[name]
-    if "turns" in row:
-        turns = row["turns"]
-        if isinstance(turns, list) and turns:
-            first = turns[0]
-            return first.get("content") if isinstance(first, dict) else first
-        raise RowError("'turns' is empty or not a list")
-    for name in ("messages", "conversations"):
-        if name in row:
-            return _first_user_turn(row[name])
-    raise RowError("no instruction field (looked for instruction, prompt, text, "
-                   f"question, Instruction, turns, messages, conversations) in fields "
-                   f"{sorted(map(str, row))[:20]}; pass --instruction_field")
 
 
 def make_seed(source: str, row: Any, instruction_field: Optional[str],
@@ -188,7 +56,7 @@ class _ParseFile(beam.DoFn):
     def __init__(self, stage: str, make):
         self._stage = stage
         self._make = make
-        self._rows = Metrics.counter("codeclm/flow", f"{stage}.rows")
+        self._rows = metrics.flow_counter(metrics.rows_read(stage))
 
     def process(self, readable: fileio.ReadableFile):
         path = readable.metadata.path
@@ -231,7 +99,7 @@ def _row_order(record) -> tuple:
 
 class _KeepFirstCountRest(beam.DoFn):
     def __init__(self, stage: str):
-        self._duplicates = Metrics.counter("codeclm/flow", f"{stage}.duplicates")
+        self._duplicates = metrics.flow_counter(metrics.duplicates(stage))
 
     def process(self, keyed):
         _, records = keyed

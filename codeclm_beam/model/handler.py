@@ -28,10 +28,10 @@ from typing import Any, Iterable, Optional, Sequence
 import jsonschema
 import tenacity
 from apache_beam.io.components.adaptive_throttler import ThrottlingSignaler
-from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import PredictionResult
 from apache_beam.ml.inference.base import RemoteModelHandler
 
+from codeclm_beam import metrics
 from codeclm_beam.model.backends import Backend
 from codeclm_beam.model.backends import RawAnswer
 from codeclm_beam.model.backends import create_backend
@@ -278,26 +278,19 @@ def _with_stats(response: ModelResponse, stats: CallStats) -> ModelResponse:
     return dataclasses.replace(response, stats=stats)
 
 
-def metrics_namespace(stage: str, model_id: str) -> str:
-    return f"codeclm/{stage}/{model_id}"
-
-
 class StageMetrics:
     """Beam counters for one stage and model. Updated only from the bundle thread:
     Beam drops metric updates made from helper threads."""
 
-    NAMES = ("requests", "cache_hits", "retries", "parse_retries", "truncation_retries",
-             "truncated", "failures", "throttled_ms", "prompt_tokens",
-             "cached_prompt_tokens", "completion_tokens", "thoughts_tokens", "elements")
-
     def __init__(self, stage: str, model_id: str):
-        namespace = metrics_namespace(stage, model_id)
-        self._counters = {name: Metrics.counter(namespace, name) for name in self.NAMES}
+        namespace = metrics.model_namespace(stage, model_id)
+        self._counters = {name: metrics.Counter(namespace, name)
+                          for name in metrics.MODEL_COUNTERS}
         self._signaler = ThrottlingSignaler(namespace)
         self._throttled_carry = 0.0
 
     def record(self, results: Iterable[ModelResult]) -> None:
-        totals = dict.fromkeys(self.NAMES, 0)
+        totals = dict.fromkeys(metrics.MODEL_COUNTERS, 0)
         throttled = 0.0
         for result in results:
             stats = result.stats
@@ -309,8 +302,7 @@ class StageMetrics:
             totals["truncation_retries"] += stats.truncation_retries
             totals["truncated"] += int(stats.truncated)
             totals["failures"] += int(isinstance(result, ModelFailure))
-            for tokens in ("prompt_tokens", "cached_prompt_tokens", "completion_tokens",
-                           "thoughts_tokens"):
+            for tokens in metrics.TOKEN_KINDS:
                 totals[tokens] += getattr(stats, tokens)
             throttled += stats.throttled_seconds
         totals["throttled_ms"] = int(throttled * 1000)
@@ -350,7 +342,11 @@ class CodecLMModelHandler(RemoteModelHandler[ModelRequest, PredictionResult, Mod
 
     def request(self, batch: Sequence[ModelRequest], model: ModelClient,
                 inference_args: Optional[dict[str, Any]] = None) -> list[PredictionResult]:
-        results = model.call_all(batch)
+        metrics.LIVE.flying(self._stage, len(batch))
+        try:
+            results = model.call_all(batch)
+        finally:
+            metrics.LIVE.flying(self._stage, -len(batch))
         if self._metrics is None:
             self._metrics = StageMetrics(self._stage, model.identity)
         self._metrics.record(results)

@@ -1,0 +1,202 @@
+"""Every counter a run keeps, declared once, and the one reader of them.
+
+Beam counters are the run's record: the manifest, `jobs status`, the live progress and
+the CLI summary all read them through `RunCounters`, so a counter's name is spelled
+only here (as `_MetricsCollector` does for RunInference in Beam's
+`ml/inference/base.py`). Three namespaces:
+
+    codeclm/flow                 where elements went: rows read, seeds, pool entries,
+                                 round{n}.candidates/kept/..., examples, surplus
+    codeclm/dead_letter          dead letters, one counter per stage
+    codeclm/{stage}/{model id}   model calls: MODEL_COUNTERS
+
+Each increment also goes to a process-local mirror (`LIVE`) that the live progress of
+a local run reads while the pipeline runs: Beam's own metrics of a DirectRunner run
+are only readable when it has finished. The mirror counts attempts (a retried bundle
+counts twice), so it drives the display only; the manifest reads committed counters.
+"""
+from __future__ import annotations
+
+import collections
+import threading
+from typing import Any, Iterable
+
+from apache_beam.metrics import Metrics
+
+PREFIX = "codeclm/"
+FLOW = "codeclm/flow"
+DEAD_LETTERS = "codeclm/dead_letter"
+
+# Tokens as billed: prompt (of which cached, billed at the cached-input rate), visible
+# output, and thoughts (billed as output).
+TOKEN_KINDS = ("prompt_tokens", "cached_prompt_tokens", "completion_tokens",
+               "thoughts_tokens")
+MODEL_COUNTERS = ("requests", "cache_hits", "retries", "parse_retries",
+                  "truncation_retries", "truncated", "failures", "throttled_ms",
+                  *TOKEN_KINDS, "elements")
+
+# Flow counters of the generate pipeline.
+SEEDS = "seeds"
+USER_METADATA = "user_metadata"
+METADATA = "metadata"
+METADATA_POOL = "metadata_pool"
+RUBRIC_SETS = "rubric_sets"
+BASIC_INSTRUCTIONS = "basic_instructions"
+RESERVE_UNUSED = "reserve_unused"
+SURPLUS = "surplus"
+EXAMPLES = "examples"
+# What a round counts, as round{n}.{what}.
+ROUND_COUNTS = ("candidates", "fresh", "kept", "undecided", "not_needed")
+
+
+def rows_read(stage: str) -> str:
+    return f"{stage}.rows"
+
+
+def duplicates(stage: str) -> str:
+    return f"{stage}.duplicates"
+
+
+def in_round(number: int, what: str) -> str:
+    assert what in ROUND_COUNTS, what
+    return f"round{number}.{what}"
+
+
+def incomplete(judge_stage: str) -> str:
+    """Contests of which a judge call failed for good (its dead letter says why)."""
+    return f"{judge_stage}_incomplete"
+
+
+def model_namespace(stage: str, model_id: str) -> str:
+    return f"{PREFIX}{stage}/{model_id}"
+
+
+class _Live:
+    """The process-local mirror of every counter, plus the calls in flight."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._values: dict[tuple[str, str], int] = collections.Counter()
+        self._in_flight: dict[str, int] = collections.Counter()
+
+    def inc(self, namespace: str, name: str, value: int) -> None:
+        with self._lock:
+            self._values[(namespace, name)] += value
+
+    def flying(self, stage: str, delta: int) -> None:
+        with self._lock:
+            self._in_flight[stage] += delta
+
+    def snapshot(self) -> tuple[dict[tuple[str, str], int], dict[str, int]]:
+        with self._lock:
+            return dict(self._values), {k: v for k, v in self._in_flight.items() if v}
+
+    def reset(self) -> None:
+        with self._lock:
+            self._values.clear()
+            self._in_flight.clear()
+
+
+LIVE = _Live()
+
+
+class Counter:
+    """A Beam counter that the live progress can see too. Create it in `setup` (or
+    lazily), like a Beam counter."""
+
+    def __init__(self, namespace: str, name: str):
+        self._namespace = namespace
+        self._name = name
+        self._beam = Metrics.counter(namespace, name)
+
+    def inc(self, value: int = 1) -> None:
+        self._beam.inc(value)
+        LIVE.inc(self._namespace, self._name, value)
+
+
+def flow_counter(name: str) -> Counter:
+    return Counter(FLOW, name)
+
+
+def dead_letter_counter(stage: str) -> Counter:
+    return Counter(DEAD_LETTERS, stage)
+
+
+class RunCounters:
+    """A run's codeclm counters, {namespace: {name: value}}, however they were read:
+    from a finished Beam result, from a Dataflow job's metrics, or live."""
+
+    def __init__(self, values: dict[str, dict[str, float]]):
+        self._values = values
+
+    @classmethod
+    def from_pairs(cls, pairs: Iterable[tuple[tuple[str, str], float]]) -> "RunCounters":
+        values: dict[str, dict[str, float]] = collections.defaultdict(dict)
+        for (namespace, name), value in pairs:
+            if namespace.startswith(PREFIX):
+                values[namespace][name] = values[namespace].get(name, 0) + (value or 0)
+        return cls(dict(values))
+
+    @classmethod
+    def from_result(cls, result) -> "RunCounters":
+        """Committed counters of a finished Beam run (attempted where a runner does
+        not commit)."""
+        from apache_beam.metrics.metric import MetricsFilter
+        counters = result.metrics().query(MetricsFilter())["counters"]
+        return cls.from_pairs(
+            ((c.key.metric.namespace, c.key.metric.name),
+             c.committed if c.committed is not None else c.attempted) for c in counters)
+
+    @classmethod
+    def live(cls) -> "RunCounters":
+        return cls.from_pairs(LIVE.snapshot()[0].items())
+
+    def as_dict(self) -> dict[str, dict[str, float]]:
+        return {ns: dict(values) for ns, values in self._values.items()}
+
+    def flow(self, name: str) -> int:
+        return int(self._values.get(FLOW, {}).get(name, 0))
+
+    def in_round(self, number: int, what: str) -> int:
+        return self.flow(in_round(number, what))
+
+    def rounds(self) -> list[int]:
+        """The round numbers that counted anything, in order."""
+        numbers = {int(name[5:].split(".", 1)[0]) for name in self._values.get(FLOW, {})
+                   if name.startswith("round") and name[5:].split(".", 1)[0].isdigit()}
+        return sorted(numbers)
+
+    def dead_letters(self) -> dict[str, int]:
+        return {stage: int(v) for stage, v in self._values.get(DEAD_LETTERS, {}).items()}
+
+    def dead_letter(self, stage: str) -> int:
+        return self.dead_letters().get(stage, 0)
+
+    def model_calls(self) -> dict[str, Any]:
+        """Per stage and model: requests, cache hits, retries, tokens...; and totals."""
+        stages: dict[str, Any] = {}
+        for namespace, values in sorted(self._values.items()):
+            if namespace in (FLOW, DEAD_LETTERS) or namespace.count("/") != 2:
+                continue
+            _, stage, model = namespace.split("/", 2)
+            numbers = {name: int(values.get(name, 0)) for name in MODEL_COUNTERS
+                       if name != "throttled_ms"}
+            numbers["throttled_seconds"] = values.get("throttled_ms", 0) / 1000
+            stages.setdefault(stage, {"models": {}})["models"][model] = numbers
+        totals: collections.Counter = collections.Counter()
+        for entry in stages.values():
+            for numbers in entry["models"].values():
+                totals.update(numbers)
+        return {"by_stage": stages, "totals": dict(totals)}
+
+    def summary(self) -> dict[str, float]:
+        """The figures `jobs status` and the progress display show."""
+        totals = self.model_calls()["totals"]
+        kept = sum(self.in_round(n, "kept") for n in self.rounds())
+        result = {name: totals.get(name, 0) for name in
+                  ("requests", "cache_hits", "retries", "failures", "truncated",
+                   *TOKEN_KINDS, "throttled_seconds")}
+        result.update(kept_pairs=kept, examples_written=self.flow(EXAMPLES),
+                      dead_letters=sum(self.dead_letters().values()))
+        return result
+
