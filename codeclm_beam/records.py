@@ -83,6 +83,11 @@ class Candidate:
     target_score: Optional[float] = None
 
     @property
+    def answer_key(self) -> str:
+        """Names this version's answers (and so their sampling seeds)."""
+        return f"{self.candidate_id}/i{self.iteration}"
+
+    @property
     def gap(self) -> Optional[float]:
         if self.strong_score is None or self.target_score is None:
             return None

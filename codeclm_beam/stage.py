@@ -1,7 +1,8 @@
 """A model stage, and `CallModel`, the one composite every model stage runs through.
 
-A stage is three small things (`StageSpec`): how to build its prompt from a record, the
-schema of the answer, and how to turn the answer into the next records. Transport,
+A stage is three small things (a `Stage`): how to build its prompt from a record, the
+typed answer (whose JSON schema the model is asked for), and how to turn the answer
+into the next records. Transport,
 batching, retries, quotas and caching are the model layer's. `CallModel` joins them:
 
     records ──Prompt──> (record, request) ──RunInference──> (record, result) ──Parse──> output
@@ -14,9 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Any, Callable, Iterable, NamedTuple, Optional, Union
+from typing import Any, ClassVar, Iterable, NamedTuple, Optional
 
 import apache_beam as beam
+import pydantic
 from apache_beam.ml.inference.base import KeyedModelHandler
 from apache_beam.ml.inference.base import RunInference
 
@@ -36,33 +38,84 @@ from codeclm_beam.records import writable
 DEAD_LETTER = "dead_letter"
 
 
-@dataclasses.dataclass(frozen=True)
-class StageSpec:
-    """What a model stage is, apart from how models are called."""
+class Answer(pydantic.BaseModel):
+    """A stage's typed answer. Its JSON schema is what the model is asked to fill
+    (constrained decoding where the backend has it); the handler validates every
+    answer against that schema, and the stage's `parse` reads typed fields."""
 
-    name: str
-    # record -> chat messages
-    prompt: Callable[[Any], list[ChatMessage]]
-    # record, validated answer (JSON data, or text when schema is None) -> next records
-    parse: Callable[[Any, Any], Iterable[Any]]
-    # record -> stable id (dead letters, sampling seeds)
-    record_id: Callable[[Any], str]
-    # The answer's JSON schema; a callable when it depends on the record (a count).
-    # None asks for free text.
-    schema: Union[None, dict, Callable[[Any], dict]] = None
-    # Generation settings; a callable when the output length depends on the record.
-    settings: Union[GenerationSettings, Callable[[Any], GenerationSettings]] = (
-        GenerationSettings())
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    @classmethod
+    def request_schema(cls) -> dict:
+        """The model's JSON schema as sent: no titles, nested models inlined (not every
+        backend follows `$ref`)."""
+        schema = cls.model_json_schema()
+        return _inline(schema, schema.pop("$defs", {}))
+
+    @classmethod
+    def variant(cls, **fields) -> type["Answer"]:
+        """This answer with some fields' types replaced: for what is known only when
+        the stage is built or the record is read (a count, a score scale)."""
+        return pydantic.create_model(
+            cls.__name__, __base__=cls,
+            **{name: (annotation, ...) for name, annotation in fields.items()})
+
+
+def _inline(node, definitions: dict):
+    if isinstance(node, list):
+        return [_inline(item, definitions) for item in node]
+    if not isinstance(node, dict):
+        return node
+    if "$ref" in node:
+        return _inline(dict(definitions[node["$ref"].rsplit("/", 1)[1]]), definitions)
+    return {key: (_inline(value, definitions) if key != "properties" else
+                  {name: _inline(prop, definitions) for name, prop in value.items()})
+            for key, value in node.items() if key != "title"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """What a model stage is, apart from how models are called (after curator's
+    `LLM.prompt()`/`parse()` with a `response_format`, and distilabel's
+    `Task.format_input`/`format_output`). A stage module subclasses it once; the
+    fields are the stage's parameters, so a stage can be built, its prompt rendered and
+    its parsing tested without a pipeline or a model."""
+
+    name: str = "stage"
+    settings: GenerationSettings = GenerationSettings()
+
     # How much the model thinks when its role's setting is unset: `thinking.LEAST`
     # for structured answers and judgements (a longer think buys little there and
     # is billed as output), `thinking.DEFAULT` (the model's own) for free answers.
-    thinking: str = LEAST
+    thinking: ClassVar[str] = LEAST
 
-    def schema_for(self, record) -> Optional[dict]:
-        return self.schema(record) if callable(self.schema) else self.schema
+    def record_id(self, record) -> str:
+        """A stable id: dead letters name it, and sampling seeds derive from it."""
+        raise NotImplementedError
+
+    def prompt(self, record) -> list[ChatMessage]:
+        raise NotImplementedError
+
+    def answer_type(self, record) -> Optional[type[Answer]]:
+        """The answer's type; None asks for free text."""
+        return None
+
+    def parse(self, record, answer) -> Iterable[Any]:
+        """The next records from a record and its answer (an `answer_type` instance,
+        or the text)."""
+        raise NotImplementedError
 
     def settings_for(self, record) -> GenerationSettings:
-        return self.settings(record) if callable(self.settings) else self.settings
+        return self.settings
+
+    def schema_for(self, record) -> Optional[dict]:
+        answer_type = self.answer_type(record)
+        return answer_type.request_schema() if answer_type else None
+
+    def read_answer(self, record, response: ModelResponse):
+        answer_type = self.answer_type(record)
+        return (answer_type.model_validate(response.data) if answer_type
+                else response.text)
 
 
 class StageOutput(NamedTuple):
@@ -78,7 +131,7 @@ def derive_seed(run_seed: int, *parts: str) -> int:
 
 
 class _BuildRequest(beam.DoFn):
-    def __init__(self, spec: StageSpec, run_seed: int, thinking: Thinking):
+    def __init__(self, spec: Stage, run_seed: int, thinking: Thinking):
         self._spec = spec
         self._run_seed = run_seed
         self._thinking = thinking
@@ -101,7 +154,7 @@ class _BuildRequest(beam.DoFn):
 
 
 class _ParseAnswer(beam.DoFn):
-    def __init__(self, spec: StageSpec):
+    def __init__(self, spec: Stage):
         self._spec = spec
 
     def process(self, keyed_result):
@@ -117,9 +170,8 @@ class _ParseAnswer(beam.DoFn):
                 finish_reason=result.finish_reason))
             return
         assert isinstance(result, ModelResponse)
-        answer = result.data if prediction.example.json_schema_text else result.text
         try:
-            outputs = list(spec.parse(record, answer))
+            outputs = list(spec.parse(record, spec.read_answer(record, result)))
         except Exception as e:
             yield beam.pvalue.TaggedOutput(DEAD_LETTER, DeadLetter.of(
                 spec.name, prediction.example.request_id, e, payload=record,
@@ -128,7 +180,7 @@ class _ParseAnswer(beam.DoFn):
         yield from outputs
 
 
-def _safe_id(spec: StageSpec, record) -> str:
+def _safe_id(spec: Stage, record) -> str:
     try:
         return spec.record_id(record)
     except Exception:
@@ -138,7 +190,7 @@ def _safe_id(spec: StageSpec, record) -> str:
 class CallModel(beam.PTransform):
     """Runs one model stage over a PCollection of records."""
 
-    def __init__(self, spec: StageSpec, model: ModelConfig, run_seed: int = 0):
+    def __init__(self, spec: Stage, model: ModelConfig, run_seed: int = 0):
         super().__init__(label=None)
         self._spec = spec
         self._model = model

@@ -9,15 +9,16 @@ from codeclm_beam.model import ChatMessage
 from codeclm_beam.records import Candidate
 from codeclm_beam.records import Metadata
 from codeclm_beam.records import Seed
-from codeclm_beam.transforms.contrastive_filter import JudgeTask
-from codeclm_beam.transforms.contrastive_filter import answer_prompt
-from codeclm_beam.transforms.contrastive_filter import judge_prompt
-from codeclm_beam.transforms.contrastive_filter import pairwise_judge_prompt
+from codeclm_beam.transforms.contrastive_filter import contest
+from codeclm_beam.transforms.decode import Decode
 from codeclm_beam.transforms.decode import DecodeTask
-from codeclm_beam.transforms.decode import decode_prompt
-from codeclm_beam.transforms.encode import encode_prompt
-from codeclm_beam.transforms.improve import improve_prompt
-from codeclm_beam.transforms.rubrics import rubrics_prompt
+from codeclm_beam.transforms.encode import Encode
+from codeclm_beam.transforms.improve import Improve
+from codeclm_beam.transforms.judge import AnswerInstruction
+from codeclm_beam.transforms.judge import Contest
+from codeclm_beam.transforms.judge import Judge
+from codeclm_beam.transforms.judge import JudgeTask
+from codeclm_beam.transforms.rubrics import Rubrics
 from codeclm_beam.pipelines.args import SuggestingParser
 
 SAMPLE_SEED = Seed.of("Write a SQL query that lists the ten customers who spent the most "
@@ -35,15 +36,16 @@ SAMPLE_ANSWERED = dataclasses.replace(
 # Stage -> its messages on the sample, with the method's defaults (3 skills, 4 rubrics,
 # a 10-point scale).
 STAGES: dict[str, Callable[[], list[ChatMessage]]] = {
-    "encode": lambda: encode_prompt(SAMPLE_SEED, 3),
-    "decode": lambda: decode_prompt(DecodeTask(SAMPLE_METADATA, 5)),
-    "rubrics": lambda: rubrics_prompt(SAMPLE_METADATA, 4),
-    "improve": lambda: improve_prompt(SAMPLE_ANSWERED),
-    "answer": lambda: answer_prompt(SAMPLE_CANDIDATE),
-    "judge_filter": lambda: judge_prompt(JudgeTask(SAMPLE_ANSWERED, True), 10),
-    "judge_eval": lambda: pairwise_judge_prompt(
-        SAMPLE_CANDIDATE.instruction, "(the candidate's answer)",
-        "(the reference model's answer)", 10, explain=True),
+    "encode": lambda: Encode(max_skills=3).prompt(SAMPLE_SEED),
+    "decode": lambda: Decode().prompt(DecodeTask(SAMPLE_METADATA, 5)),
+    "rubrics": lambda: Rubrics(num_rubrics=4).prompt(SAMPLE_METADATA),
+    "improve": lambda: Improve().prompt(SAMPLE_ANSWERED),
+    "answer": lambda: AnswerInstruction().prompt(SAMPLE_CANDIDATE),
+    "judge_filter": lambda: Judge(score_scale=10).prompt(
+        JudgeTask(contest(SAMPLE_ANSWERED), True)),
+    "judge_eval": lambda: Judge(score_scale=10, explain=True).prompt(JudgeTask(Contest(
+        "sample", SAMPLE_CANDIDATE.instruction, "(the candidate's answer)",
+        "(the reference model's answer)", ("candidate", "reference")), True)),
 }
 
 

@@ -9,7 +9,8 @@ from codeclm_beam.pipelines.evaluate import bootstrap_difference
 from codeclm_beam.pipelines.evaluate import crr
 from codeclm_beam.pipelines.evaluate import run
 from codeclm_beam.transforms.evaluate import detect_file_layout
-from codeclm_beam.transforms.evaluate import outcome_of
+from codeclm_beam.transforms.judge import Contest
+from codeclm_beam.transforms.judge import Verdict
 from tests.helpers import read_jsonl
 from tests.scripted_backend import write_scenario
 
@@ -27,7 +28,11 @@ EXPECTED = {  # benchmark: (wins, ties, losses), from the [WIN]/[LOSS]/... marke
     ((5, 5), (9, 3), "tie"),    # a draw in one order is never a win
 ])
 def test_position_swap_rule(candidate_first, reference_first, expected):
-    assert outcome_of(candidate_first, reference_first) == expected
+    contest = Contest("item", "instruction", "candidate", "reference",
+                      ("candidate", "reference"))
+    verdict = Verdict(contest, first_scores=(candidate_first[0], reference_first[0]),
+                      second_scores=(candidate_first[1], reference_first[1]))
+    assert verdict.outcome == expected
 
 
 def test_crr_and_bootstrap_arithmetic():

@@ -32,6 +32,7 @@ from codeclm_beam.model import ModelConfig
 from codeclm_beam.records import Candidate
 from codeclm_beam.records import Example
 from codeclm_beam.records import Rejection
+from codeclm_beam.stage import StageOutput
 from codeclm_beam.stage import Tally
 from codeclm_beam.transforms.contrastive_filter import ContrastiveFilter
 from codeclm_beam.transforms.decode import DecodeInstructions
@@ -39,6 +40,7 @@ from codeclm_beam.transforms.encode import EncodeMetadata
 from codeclm_beam.transforms.improve import ImproveInstructions
 from codeclm_beam.transforms.metadata_pool import BuildMetadataPool
 from codeclm_beam.transforms.rubrics import GenerateRubrics
+from codeclm_beam.transforms.selection import Split
 from codeclm_beam.transforms.selection import TakeLowestRanked
 from codeclm_beam.transforms.selection import stable_rank
 
@@ -172,9 +174,11 @@ class Round(beam.PTransform):
         filtered = (candidates
                     | "CountCandidates" >> Tally(metrics.in_round(t, "candidates"))
                     | "ContrastiveFilter" >> ContrastiveFilter(
-                        cfg.strong, cfg.target, cfg.judge, cfg.threshold,
-                        cfg.score_scale, cfg.answer_temperature, cfg.judge_temperature,
-                        cfg.max_output_tokens, cfg.seed))
+                        cfg.strong, cfg.target, cfg.judge, threshold=cfg.threshold,
+                        score_scale=cfg.score_scale,
+                        answer_temperature=cfg.answer_temperature,
+                        judge_temperature=cfg.judge_temperature,
+                        max_output_tokens=cfg.max_output_tokens, run_seed=cfg.seed))
         kept = filtered.kept | "CountKept" >> Tally(metrics.in_round(t, "kept"))
         undecided = filtered.undecided | "CountUndecided" >> Tally(metrics.in_round(t, "undecided"))
         if t == cfg.max_iterations:
@@ -236,6 +240,84 @@ def candidate_rank(seed: int):
     return lambda candidate: stable_rank(str(seed), candidate.candidate_id)
 
 
+class Counted(beam.PTransform):
+    """A stage (PCollection -> StageOutput) whose outputs are counted as the flow
+    counter `name`."""
+
+    def __init__(self, stage: beam.PTransform, name: str):
+        super().__init__()
+        self._stage = stage
+        self._name = name
+
+    def expand(self, pcoll) -> StageOutput:
+        result = pcoll | "Stage" >> self._stage
+        return StageOutput(result.output | "Count" >> Tally(self._name), result.dead_letter)
+
+
+class SeedMetadata(beam.PTransform):
+    """Seeds -> their encoded metadata; or the user's metadata, as it is."""
+
+    def __init__(self, config: CodecLMConfig, from_metadata: bool):
+        super().__init__()
+        self._cfg = config
+        self._from_metadata = from_metadata
+
+    def expand(self, inputs) -> StageOutput:
+        cfg = self._cfg
+        if self._from_metadata:
+            return StageOutput(inputs, inputs.pipeline | "NoDeadLetters" >> beam.Create([]))
+        return inputs | "Encode" >> Counted(EncodeMetadata(
+            cfg.strong, cfg.max_skills, cfg.temperature, cfg.codec_max_output_tokens,
+            cfg.seed), metrics.METADATA)
+
+
+class RoundsOutput(NamedTuple):
+    kept: beam.PCollection  # Example, from every round
+    rejected: beam.PCollection  # Rejection
+    dead_letter: beam.PCollection
+
+
+class Rounds(beam.PTransform):
+    """Round 1 .. max_iterations, unrolled (Beam has no data-dependent loops): each
+    round's next candidates are the following round's input."""
+
+    def __init__(self, config: CodecLMConfig, rubric_state, reserve):
+        super().__init__()
+        self._cfg = config
+        self._rubric_state = rubric_state
+        self._reserve = reserve
+
+    def expand(self, candidates) -> RoundsOutput:
+        reserve, kept, judged, rejected, dead = self._reserve, [], [], [], []
+        for number in range(1, self._cfg.max_iterations + 1):
+            result = candidates | f"Round{number}" >> Round(
+                self._cfg, number, self._rubric_state, reserve, kept, judged)
+            judged.append(candidates)
+            kept.append(result.kept)
+            rejected.append(result.rejected)
+            dead.append(result.dead_letter)
+            candidates, reserve = result.next_candidates, result.reserve
+        return RoundsOutput(tuple(kept) | "AllKept" >> beam.Flatten(),
+                            tuple(rejected) | "AllRejected" >> beam.Flatten(),
+                            tuple(dead) | "AllDeadLetters" >> beam.Flatten())
+
+
+class CutToNumExamples(beam.PTransform):
+    """Kept pairs -> Split(taken = the num_examples lowest-ranked (`example_rank`),
+    rest = the surplus, as rejections); both counted."""
+
+    def __init__(self, num_examples: int):
+        super().__init__()
+        self._num_examples = num_examples
+
+    def expand(self, kept) -> Split:
+        cut = kept | "Cut" >> TakeLowestRanked(example_rank, self._num_examples)
+        return Split(cut.taken | "CountExamples" >> Tally(metrics.EXAMPLES),
+                     cut.rest
+                     | "CountSurplus" >> Tally(metrics.SURPLUS)
+                     | "RejectSurplus" >> beam.Map(Rejection.of_example, "surplus"))
+
+
 class CodecLM(beam.PTransform):
     """PCollection[Seed] (or PCollection[Metadata] with from_metadata=True) ->
     CodecLMOutput."""
@@ -247,54 +329,24 @@ class CodecLM(beam.PTransform):
 
     def expand(self, inputs) -> CodecLMOutput:
         cfg = self._config
-        metadata, dead_letters = self._metadata(inputs)
-        pool = (metadata
+        metadata = inputs | "SeedMetadata" >> SeedMetadata(cfg, self._from_metadata)
+        pool = (metadata.output
                 | "BuildMetadataPool" >> BuildMetadataPool(
                     cfg.num_metadata, cfg.max_skills, cfg.seed)
                 | "CountPool" >> Tally(metrics.METADATA_POOL))
-        rubrics = pool | "GenerateRubrics" >> GenerateRubrics(
+        rubrics = pool | "GenerateRubrics" >> Counted(GenerateRubrics(
             cfg.strong, cfg.num_rubrics, cfg.temperature, cfg.codec_max_output_tokens,
-            cfg.seed)
-        decoded = pool | "DecodeInstructions" >> DecodeInstructions(
+            cfg.seed), metrics.RUBRIC_SETS)
+        basic = pool | "DecodeInstructions" >> Counted(DecodeInstructions(
             cfg.strong, cfg.basic_instructions, cfg.temperature,
-            cfg.codec_max_output_tokens, cfg.seed)
-        dead_letters += [rubrics.dead_letter, decoded.dead_letter]
-        rubric_state = rubrics.output | "CountRubrics" >> Tally(metrics.RUBRIC_SETS)
-        first = (decoded.output
-                 | "CountBasic" >> Tally(metrics.BASIC_INSTRUCTIONS)
-                 | "TakeFirstRound" >> TakeLowestRanked(
-                     candidate_rank(cfg.seed), cfg.num_examples + cfg.overgenerate_margin))
-
-        candidates, reserve, kept, judged, rejected = first.taken, first.rest, [], [], []
-        for number in range(1, cfg.max_iterations + 1):
-            result = candidates | f"Round{number}" >> Round(
-                cfg, number, rubric_state, reserve, kept, judged)
-            judged.append(candidates)
-            kept.append(result.kept)
-            rejected.append(result.rejected)
-            dead_letters.append(result.dead_letter)
-            candidates, reserve = result.next_candidates, result.reserve
-
-        cut = (kept
-               | "AllExamples" >> beam.Flatten()
-               | "CutToNumExamples" >> TakeLowestRanked(example_rank, cfg.num_examples))
-        rejected.append(cut.rest
-                        | "CountSurplus" >> Tally(metrics.SURPLUS)
-                        | "RejectSurplus" >> beam.Map(Rejection.of_example, "surplus"))
+            cfg.codec_max_output_tokens, cfg.seed), metrics.BASIC_INSTRUCTIONS)
+        first = basic.output | "TakeFirstRound" >> TakeLowestRanked(
+            candidate_rank(cfg.seed), cfg.num_examples + cfg.overgenerate_margin)
+        rounds = first.taken | "Rounds" >> Rounds(cfg, rubrics.output, first.rest)
+        examples = rounds.kept | "CutToNumExamples" >> CutToNumExamples(cfg.num_examples)
         return CodecLMOutput(
-            seed_metadata=metadata,
-            examples=cut.taken | "CountExamples" >> Tally(metrics.EXAMPLES),
-            rejected=tuple(rejected) | "AllRejected" >> beam.Flatten(),
-            dead_letter=tuple(dead_letters) | "AllDeadLetters" >> beam.Flatten(),
-            metadata_pool=pool,
-            rubrics=rubric_state)
-
-    def _metadata(self, inputs) -> tuple[beam.PCollection, list]:
-        """The seeds' metadata (encoded) or the user's, and encode's dead letters."""
-        if self._from_metadata:
-            return inputs, []
-        cfg = self._config
-        encoded = inputs | "EncodeMetadata" >> EncodeMetadata(
-            cfg.strong, cfg.max_skills, cfg.temperature, cfg.codec_max_output_tokens,
-            cfg.seed)
-        return encoded.output | "CountMetadata" >> Tally(metrics.METADATA), [encoded.dead_letter]
+            seed_metadata=metadata.output, examples=examples.taken,
+            rejected=(rounds.rejected, examples.rest) | "Rejected" >> beam.Flatten(),
+            dead_letter=(metadata.dead_letter, rubrics.dead_letter, basic.dead_letter,
+                         rounds.dead_letter) | "DeadLetters" >> beam.Flatten(),
+            metadata_pool=pool, rubrics=rubrics.output)

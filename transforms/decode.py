@@ -8,9 +8,13 @@ schema.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from typing import Annotated
 
 import apache_beam as beam
+from pydantic import Field
+from pydantic import StringConstraints
 
 from codeclm_beam.model import ChatMessage
 from codeclm_beam.model import GenerationSettings
@@ -21,7 +25,8 @@ from codeclm_beam.records import Metadata
 from codeclm_beam.records import content_id
 from codeclm_beam.stage import CallModel
 from codeclm_beam.stage import StageOutput
-from codeclm_beam.stage import StageSpec
+from codeclm_beam.stage import Answer
+from codeclm_beam.stage import Stage
 
 STAGE = "decode"
 
@@ -32,40 +37,22 @@ class DecodeTask:
     count: int
 
 
-def decode_schema(count: int) -> dict:
-    return {
-        "type": "object",
-        "properties": {
-            "instructions": {
-                "type": "array", "minItems": count, "maxItems": count,
-                "items": {"type": "string", "minLength": 5, "maxLength": 2000},
-            },
-        },
-        "required": ["instructions"],
-        "additionalProperties": False,
-    }
+Instruction = Annotated[str, StringConstraints(min_length=5, max_length=2000)]
 
 
-def decode_prompt(task: DecodeTask) -> list[ChatMessage]:
-    entry = task.metadata
-    return PromptTemplate.load(STAGE).messages(
-        count=task.count, use_case=entry.use_case, skills=", ".join(entry.skills))
+class DecodeAnswer(Answer):
+    instructions: list[Instruction]
+
+
+@functools.cache
+def decode_answer(count: int) -> type[Answer]:
+    """Exactly `count` instructions: the count is set by the pool's size."""
+    return DecodeAnswer.variant(
+        instructions=Annotated[list[Instruction], Field(min_length=count, max_length=count)])
 
 
 def candidate_id(metadata_id: str, index: int) -> str:
     return content_id("c", f"{metadata_id}/{index}")
-
-
-def parse_instructions(task: DecodeTask, data: dict) -> list[Candidate]:
-    entry = task.metadata
-    candidates = []
-    for index, text in enumerate(data["instructions"]):
-        text = text.strip()
-        if not text:
-            raise ValueError(f"instruction {index} is blank")
-        candidates.append(Candidate(candidate_id(entry.metadata_id, index), text,
-                                    entry.metadata_id, entry.use_case, entry.skills))
-    return candidates
 
 
 # An instruction rarely needs more than this many tokens; decode's output limit is
@@ -73,14 +60,43 @@ def parse_instructions(task: DecodeTask, data: dict) -> list[Candidate]:
 TOKENS_PER_INSTRUCTION = 256
 
 
-def decode_settings(temperature: float, max_output_tokens: int, count: int
-                    ) -> GenerationSettings:
-    return GenerationSettings(temperature,
-                              max(max_output_tokens, TOKENS_PER_INSTRUCTION * count))
-
-
 def instructions_per_entry(num_instructions: int, pool_size: int) -> int:
     return math.ceil(num_instructions / pool_size) if pool_size else 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Decode(Stage):
+    """DecodeTask (an entry and its count) -> Candidates."""
+
+    name: str = STAGE
+    settings: GenerationSettings = GenerationSettings(0.7, 2048)
+
+    def record_id(self, task: DecodeTask) -> str:
+        return task.metadata.metadata_id
+
+    def prompt(self, task: DecodeTask) -> list[ChatMessage]:
+        entry = task.metadata
+        return PromptTemplate.load(STAGE).messages(
+            count=task.count, use_case=entry.use_case, skills=", ".join(entry.skills))
+
+    def answer_type(self, task: DecodeTask) -> type[Answer]:
+        return decode_answer(task.count)
+
+    def parse(self, task: DecodeTask, answer: DecodeAnswer) -> list[Candidate]:
+        entry = task.metadata
+        candidates = []
+        for index, text in enumerate(answer.instructions):
+            text = text.strip()
+            if not text:
+                raise ValueError(f"instruction {index} is blank")
+            candidates.append(Candidate(candidate_id(entry.metadata_id, index), text,
+                                        entry.metadata_id, entry.use_case, entry.skills))
+        return candidates
+
+    def settings_for(self, task: DecodeTask) -> GenerationSettings:
+        # At least TOKENS_PER_INSTRUCTION per instruction asked for.
+        return dataclasses.replace(self.settings, max_output_tokens=max(
+            self.settings.max_output_tokens, TOKENS_PER_INSTRUCTION * task.count))
 
 
 class DecodeInstructions(beam.PTransform):
@@ -94,14 +110,7 @@ class DecodeInstructions(beam.PTransform):
                  run_seed: int = 0):
         super().__init__()
         self._num_instructions = num_instructions
-        self._spec = StageSpec(
-            name=STAGE,
-            prompt=decode_prompt,
-            parse=parse_instructions,
-            record_id=lambda task: task.metadata.metadata_id,
-            schema=lambda task: decode_schema(task.count),
-            settings=lambda task: decode_settings(temperature, max_output_tokens,
-                                                  task.count))
+        self._stage = Decode(settings=GenerationSettings(temperature, max_output_tokens))
         self._model = model
         self._run_seed = run_seed
 
@@ -111,4 +120,4 @@ class DecodeInstructions(beam.PTransform):
             lambda entry, size: DecodeTask(
                 entry, instructions_per_entry(self._num_instructions, size)),
             beam.pvalue.AsSingleton(pool_size))
-        return tasks | "Decode" >> CallModel(self._spec, self._model, self._run_seed)
+        return tasks | "Decode" >> CallModel(self._stage, self._model, self._run_seed)

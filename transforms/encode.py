@@ -6,47 +6,76 @@ normalised (case, whitespace, and never "skill"/"knowledge" standing as a skill)
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
+from typing import Annotated
 
 import apache_beam as beam
+from pydantic import Field
+from pydantic import StringConstraints
 
 from codeclm_beam.model import ChatMessage
 from codeclm_beam.model import GenerationSettings
 from codeclm_beam.model import ModelConfig
 from codeclm_beam.prompts import PromptTemplate
+from codeclm_beam.records import Metadata
 from codeclm_beam.records import Seed
 from codeclm_beam.records import make_metadata
 from codeclm_beam.stage import CallModel
 from codeclm_beam.stage import StageOutput
-from codeclm_beam.stage import StageSpec
+from codeclm_beam.stage import Answer
+from codeclm_beam.stage import Stage
 
 STAGE = "encode"
 
-def encode_schema(max_skills: int) -> dict:
-    return {
-        "type": "object",
-        "properties": {
-            "use_case": {"type": "string", "minLength": 1, "maxLength": 80},
-            "skills": {"type": "array", "minItems": 1, "maxItems": max_skills,
-                       "items": {"type": "string", "minLength": 1, "maxLength": 60}},
-        },
-        "required": ["use_case", "skills"],
-        "additionalProperties": False,
-    }
+UseCase = Annotated[str, StringConstraints(min_length=1, max_length=80)]
+Skill = Annotated[str, StringConstraints(min_length=1, max_length=60)]
 
 
-def encode_prompt(seed: Seed, max_skills: int) -> list[ChatMessage]:
-    """The instruction analyser's prompt: rules, the paper's three demonstrations as
-    user/assistant turns (answers in the schema's JSON), then the seed."""
-    template = PromptTemplate.load(STAGE)
-    messages = [ChatMessage("system", template.system.format(max_skills=max_skills))]
-    for demonstration in template.demonstration_fields():
-        skills = [s.strip() for s in demonstration["skills"].split(",")][:max_skills]
-        messages.append(template.user_message(instruction=demonstration["instruction"]))
-        messages.append(ChatMessage("assistant", json.dumps(
-            {"use_case": demonstration["use_case"], "skills": skills})))
-    messages.append(template.user_message(instruction=seed.instruction))
-    return messages
+class EncodeAnswer(Answer):
+    use_case: UseCase
+    skills: Annotated[list[Skill], Field(min_length=1, max_length=3)]
+
+
+@functools.cache
+def encode_answer(max_skills: int) -> type[Answer]:
+    return EncodeAnswer.variant(
+        skills=Annotated[list[Skill], Field(min_length=1, max_length=max_skills)])
+
+
+@dataclasses.dataclass(frozen=True)
+class Encode(Stage):
+    """Seed -> Metadata."""
+
+    name: str = STAGE
+    settings: GenerationSettings = GenerationSettings(0.7, 256)
+    max_skills: int = 3
+
+    def record_id(self, seed: Seed) -> str:
+        return seed.seed_id
+
+    def prompt(self, seed: Seed) -> list[ChatMessage]:
+        """The instruction analyser's prompt: rules, the paper's three demonstrations as
+        user/assistant turns (answers in the schema's JSON), then the seed."""
+        template = PromptTemplate.load(STAGE)
+        messages = [ChatMessage("system",
+                                template.system.format(max_skills=self.max_skills))]
+        for demonstration in template.demonstration_fields():
+            skills = [s.strip() for s in demonstration["skills"].split(",")]
+            skills = skills[:self.max_skills]
+            messages.append(template.user_message(instruction=demonstration["instruction"]))
+            messages.append(ChatMessage("assistant", json.dumps(
+                {"use_case": demonstration["use_case"], "skills": skills})))
+        messages.append(template.user_message(instruction=seed.instruction))
+        return messages
+
+    def answer_type(self, seed: Seed) -> type[Answer]:
+        return encode_answer(self.max_skills)
+
+    def parse(self, seed: Seed, answer: EncodeAnswer) -> list[Metadata]:
+        return [make_metadata(answer.use_case, answer.skills, "seed", self.max_skills,
+                              seed.seed_id)]
 
 
 class EncodeMetadata(beam.PTransform):
@@ -55,16 +84,10 @@ class EncodeMetadata(beam.PTransform):
     def __init__(self, model: ModelConfig, max_skills: int = 3, temperature: float = 0.7,
                  max_output_tokens: int = 256, run_seed: int = 0):
         super().__init__()
-        self._spec = StageSpec(
-            name=STAGE,
-            prompt=lambda seed: encode_prompt(seed, max_skills),
-            parse=lambda seed, data: [make_metadata(
-                data["use_case"], data["skills"], "seed", max_skills, seed.seed_id)],
-            record_id=lambda seed: seed.seed_id,
-            schema=encode_schema(max_skills),
-            settings=GenerationSettings(temperature, max_output_tokens))
+        self._stage = Encode(settings=GenerationSettings(temperature, max_output_tokens),
+                             max_skills=max_skills)
         self._model = model
         self._run_seed = run_seed
 
     def expand(self, seeds) -> StageOutput:
-        return seeds | "Encode" >> CallModel(self._spec, self._model, self._run_seed)
+        return seeds | "Encode" >> CallModel(self._stage, self._model, self._run_seed)

@@ -4,35 +4,32 @@ For each benchmark instruction, a candidate model (e.g. the tuned target) and th
 reference model (the strong model) answer; the judge scores both answers twice at
 temperature 0, with the answer order swapped. The candidate *wins* only if it wins in
 both orders, *loses* only if it loses in both, and anything else is a *tie*.
-CRR = (wins + ties) / total.
-
-    items ─AnswerReference────────────────────────┐
-          └AnswerCandidate[c] ─ join by item ──────┴─ PairForJudge ─ Judge (2 orders) ─ Outcome
+CRR = (wins + ties) / (wins + ties + losses); an item whose answer or judgement failed
+is a judgement marked `failed`, never left out.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import apache_beam as beam
 from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 
-from codeclm_beam import metrics
 from codeclm_beam.model import GenerationSettings
 from codeclm_beam.model import ModelConfig
 from codeclm_beam.model.errors import ConfigurationError
-from codeclm_beam.model.thinking import DEFAULT
 from codeclm_beam.records import DeadLetter
 from codeclm_beam.records import invalid_text_reason
 from codeclm_beam.stage import DEAD_LETTER
 from codeclm_beam.stage import CallModel
 from codeclm_beam.stage import StageOutput
-from codeclm_beam.stage import StageSpec
-from codeclm_beam.transforms.contrastive_filter import answer_prompt
-from codeclm_beam.transforms.contrastive_filter import judge_schema
-from codeclm_beam.transforms.contrastive_filter import pairwise_judge_prompt
+from codeclm_beam.transforms.judge import AnswerInstruction
+from codeclm_beam.transforms.judge import Contest
+from codeclm_beam.transforms.judge import Judge
+from codeclm_beam.transforms.judge import JudgeBothOrders
+from codeclm_beam.transforms.judge import Verdict
 from codeclm_beam.rows import Layout
 from codeclm_beam.rows import RowError
 from codeclm_beam.rows import detect_layout
@@ -182,14 +179,13 @@ class AnsweredItem:
     model: str
     answer: Optional[str] = None
 
+    @property
+    def instruction(self) -> str:
+        return self.item.instruction
 
-@dataclasses.dataclass(frozen=True)
-class EvalJudgeTask:
-    item: EvalItem
-    candidate_model: str
-    candidate_answer: str
-    reference_answer: str
-    candidate_first: bool
+    @property
+    def answer_key(self) -> str:
+        return f"{self.item.benchmark}/{self.item.item_id}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,52 +214,27 @@ FAILED = "failed"
 EVAL_JUDGE_VISIBLE_TOKENS = 768
 
 
-def outcome_of(candidate_first: tuple[float, float],
-               reference_first: tuple[float, float]) -> str:
-    """Win only if the candidate wins in both orders, loss only if it loses in both."""
-    wins = [c > r for c, r in (candidate_first, reference_first)]
-    losses = [c < r for c, r in (candidate_first, reference_first)]
-    if all(wins):
-        return "win"
-    if all(losses):
-        return "loss"
-    return "tie"
+def contests(answers) -> Iterator[Contest]:
+    """A candidate's and the reference's answers to one item, as a contest."""
+    _, grouped = answers
+    if len(grouped["candidate"]) != 1 or len(grouped["reference"]) != 1:
+        return  # an answer failed: its dead letter holds the reason
+    candidate, reference = grouped["candidate"][0], grouped["reference"][0]
+    yield Contest(f"{candidate.model}/{candidate.answer_key}", candidate.instruction,
+                   candidate.answer, reference.answer, ("candidate", "reference"),
+                   payload=candidate.item)
 
 
-def _answer_spec(stage: str, settings: GenerationSettings) -> StageSpec:
-    return StageSpec(
-        name=stage, prompt=lambda a: answer_prompt(a.item),
-        parse=lambda a, text: [dataclasses.replace(a, answer=text.strip())],
-        record_id=lambda a: f"{a.item.benchmark}/{a.item.item_id}", settings=settings,
-        thinking=DEFAULT)
-
-
-class _Outcome(beam.DoFn):
-    def __init__(self, reference: str, judge: str):
-        self._reference = reference
-        self._judge = judge
-
-    def process(self, keyed):
-        _, scored = keyed
-        orders = {task.candidate_first: scores for task, scores in scored}
-        if len(orders) != 2:
-            metrics.flow_counter(metrics.incomplete("eval_judge")).inc()
-            return
-        task = next(t for t, _ in scored)
-        explanations = {t.candidate_first: scores[2] for t, scores in scored}
-        cf = tuple(orders[True][:2])  # candidate is Assistant 1
-        rf = tuple(orders[False][:2])  # reference is Assistant 1
-        candidate_first = (cf[0], cf[1])
-        reference_first = (rf[1], rf[0])
-        yield Judgement(
-            benchmark=task.item.benchmark, item_id=task.item.item_id,
-            category=task.item.category, instruction=task.item.instruction,
-            candidate_model=task.candidate_model, reference_model=self._reference,
-            judge_model=self._judge, candidate_answer=task.candidate_answer,
-            reference_answer=task.reference_answer,
-            candidate_first_scores=candidate_first, reference_first_scores=reference_first,
-            outcome=outcome_of(candidate_first, reference_first),
-            explanations=(explanations[True], explanations[False]))
+def judgement(verdict: Verdict, candidate: str, reference: str, judge: str) -> Judgement:
+    item, contest = verdict.contest.payload, verdict.contest
+    return Judgement(
+        benchmark=item.benchmark, item_id=item.item_id, category=item.category,
+        instruction=item.instruction, candidate_model=candidate, reference_model=reference,
+        judge_model=judge, candidate_answer=contest.first, reference_answer=contest.second,
+        # (candidate, reference) in each order
+        candidate_first_scores=(verdict.first_scores[0], verdict.second_scores[0]),
+        reference_first_scores=(verdict.first_scores[1], verdict.second_scores[1]),
+        outcome=verdict.outcome, explanations=verdict.explanations)
 
 
 class _JudgedOrFailed(beam.DoFn):
@@ -290,89 +261,67 @@ class _JudgedOrFailed(beam.DoFn):
 
 class JudgeAgainstReference(beam.PTransform):
     """PCollection[EvalItem] -> (PCollection[Judgement], dead letters), one judgement
-    per item and candidate model."""
+    per item and candidate model; the reference answers each item once.
+
+        items ─AnswerReference──────────────────┐
+          └─Candidate[c]/Answer ─JoinAnswers────┴─Contest─JudgeBothOrders─Judgement
+          └──────────────────────────────────JoinItems─JudgedOrFailed (every item)
+    """
 
     def __init__(self, candidates: list[ModelConfig], reference: ModelConfig,
-                 judge: ModelConfig, score_scale: int = 10,
+                 judge: ModelConfig, *, score_scale: int = 10,
                  answer_temperature: float = 0.7, max_output_tokens: int = 1024,
                  run_seed: int = 0, judge_temperature: float = 0.0):
         super().__init__()
         self._candidates = candidates
         self._reference = reference
         self._judge = judge
-        self._scale = score_scale
-        self._answer_settings = GenerationSettings(answer_temperature, max_output_tokens)
+        answer = GenerationSettings(answer_temperature, max_output_tokens)
+        self._answer_reference = AnswerInstruction("eval_answer_reference", answer)
+        self._answer_candidate = AnswerInstruction("eval_answer_candidate", answer)
+        self._judge_stage = Judge(
+            "eval_judge", GenerationSettings(judge_temperature, EVAL_JUDGE_VISIBLE_TOKENS),
+            score_scale, explain=True)
         self._run_seed = run_seed
-        self._judge_spec = StageSpec(
-            name="eval_judge",
-            prompt=lambda t: pairwise_judge_prompt(
-                t.item.instruction,
-                t.candidate_answer if t.candidate_first else t.reference_answer,
-                t.reference_answer if t.candidate_first else t.candidate_answer,
-                score_scale, explain=True),
-            parse=lambda t, data: [(t, (float(data["assistant_1_score"]),
-                                        float(data["assistant_2_score"]),
-                                        data["explanation"].strip()))],
-            record_id=lambda t: (f"{t.candidate_model}/{t.item.benchmark}/{t.item.item_id}/"
-                                 f"{'candidate' if t.candidate_first else 'reference'}"
-                                 "-first"),
-            schema=judge_schema(score_scale, explain=True),
-            settings=GenerationSettings(judge_temperature, EVAL_JUDGE_VISIBLE_TOKENS))
 
     def expand(self, items):
         seed = self._run_seed
-        ref_uri = self._reference.spec.uri
+        ref_uri, judge_uri = self._reference.spec.uri, self._judge.spec.uri
         reference = (items
                      | "ForReference" >> beam.Map(lambda i: AnsweredItem(i, ref_uri))
                      | "AnswerReference" >> CallModel(
-                         _answer_spec("eval_answer_reference", self._answer_settings),
-                         self._reference, seed))
-        reference_by_item = reference.output | "ReferenceByItem" >> beam.Map(
-            lambda a: ((a.item.benchmark, a.item.item_id), a))
-        items_by_key = items | "ItemsByKey" >> beam.Map(
-            lambda i: ((i.benchmark, i.item_id), i))
-        dead = [reference.dead_letter]
-        judged = []
+                         self._answer_reference, self._reference, seed))
+        reference_by_item = reference.output | "ReferenceByItem" >> beam.Map(_by_item)
+        items_by_key = items | "ItemsByKey" >> beam.Map(lambda i: ((i.benchmark, i.item_id), i))
+        dead, judged = [reference.dead_letter], []
         for index, candidate in enumerate(self._candidates):
-            uri = candidate.spec.uri
-            name = f"Candidate{index}"
+            uri, name = candidate.spec.uri, f"Candidate{index}"
             answered = (items
                         | f"{name}/Items" >> beam.Map(lambda i, u=uri: AnsweredItem(i, u))
                         | f"{name}/Answer" >> CallModel(
-                            _answer_spec("eval_answer_candidate", self._answer_settings),
-                            candidate, seed))
-            dead.append(answered.dead_letter)
-            tasks = ({"candidate": answered.output | f"{name}/ByItem" >> beam.Map(
-                          lambda a: ((a.item.benchmark, a.item.item_id), a)),
-                      "reference": reference_by_item}
-                     | f"{name}/JoinAnswers" >> beam.CoGroupByKey()
-                     | f"{name}/PairForJudge" >> beam.FlatMap(_judge_tasks))
-            scored = tasks | f"{name}/Judge" >> CallModel(self._judge_spec, self._judge, seed)
-            dead.append(scored.dead_letter)
-            outcomes = (
-                scored.output
-                | f"{name}/ByPair" >> beam.Map(
-                    lambda ts: ((ts[0].item.benchmark, ts[0].item.item_id), ts))
-                | f"{name}/GroupOrders" >> beam.GroupByKey()
-                | f"{name}/Outcome" >> beam.ParDo(_Outcome(ref_uri, self._judge.spec.uri))
-                | f"{name}/OutcomeByItem" >> beam.Map(
-                    lambda j: ((j.benchmark, j.item_id), j)))
+                            self._answer_candidate, candidate, seed))
+            verdicts = ({"candidate": answered.output | f"{name}/ByItem" >> beam.Map(_by_item),
+                         "reference": reference_by_item}
+                        | f"{name}/JoinAnswers" >> beam.CoGroupByKey()
+                        | f"{name}/Contest" >> beam.FlatMap(contests)
+                        | f"{name}/JudgeBothOrders" >> JudgeBothOrders(
+                            self._judge, self._judge_stage, seed))
+            dead += [answered.dead_letter, verdicts.dead_letter]
             judged.append(
-                {"item": items_by_key, "judgement": outcomes}
+                {"item": items_by_key,
+                 "judgement": verdicts.output | f"{name}/Judgement" >> beam.Map(
+                     lambda v, u=uri: _by_item_key(judgement(v, u, ref_uri, judge_uri)))}
                 | f"{name}/JoinItems" >> beam.CoGroupByKey()
                 | f"{name}/JudgedOrFailed" >> beam.ParDo(
-                    _JudgedOrFailed(uri, ref_uri, self._judge.spec.uri)))
+                    _JudgedOrFailed(uri, ref_uri, judge_uri)))
         return StageOutput(
             tuple(judged) | "AllJudgements" >> beam.Flatten(),
             tuple(dead) | "AllDeadLetters" >> beam.Flatten())
 
 
-def _judge_tasks(joined):
-    _, grouped = joined
-    if len(grouped["candidate"]) != 1 or len(grouped["reference"]) != 1:
-        return  # an answer failed: its dead letter holds the reason
-    candidate, reference = grouped["candidate"][0], grouped["reference"][0]
-    for candidate_first in (True, False):
-        yield EvalJudgeTask(candidate.item, candidate.model, candidate.answer,
-                            reference.answer, candidate_first)
+def _by_item(answered: AnsweredItem):
+    return (answered.item.benchmark, answered.item.item_id), answered
 
+
+def _by_item_key(j: Judgement):
+    return (j.benchmark, j.item_id), j

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from typing import Annotated
 
 import apache_beam as beam
+from pydantic import StringConstraints
 
 from codeclm_beam.model import ChatMessage
 from codeclm_beam.model import GenerationSettings
@@ -21,33 +23,45 @@ from codeclm_beam.records import DeadLetter
 from codeclm_beam.stage import DEAD_LETTER
 from codeclm_beam.stage import CallModel
 from codeclm_beam.stage import StageOutput
-from codeclm_beam.stage import StageSpec
+from codeclm_beam.stage import Answer
+from codeclm_beam.stage import Stage
 from codeclm_beam.stage import derive_seed
 
 STAGE = "improve"
 
-def improve_schema() -> dict:
-    return {"type": "object",
-            "properties": {"instruction": {"type": "string", "minLength": 5,
-                                           "maxLength": 4000}},
-            "required": ["instruction"], "additionalProperties": False}
+
+class ImproveAnswer(Answer):
+    instruction: Annotated[str, StringConstraints(min_length=5, max_length=4000)]
 
 
-def improve_prompt(candidate: Candidate) -> list[ChatMessage]:
-    return PromptTemplate.load(STAGE).messages(
-        use_case=candidate.use_case, skills=", ".join(candidate.skills),
-        instruction=candidate.instruction, action=candidate.pending_action)
+@dataclasses.dataclass(frozen=True)
+class Improve(Stage):
+    """Candidate with a pending action -> the candidate, rewritten, one iteration on."""
 
+    name: str = STAGE
+    settings: GenerationSettings = GenerationSettings(0.7, 1024)
 
-def apply_rewrite(candidate: Candidate, data: dict) -> list[Candidate]:
-    rewritten = data["instruction"].strip()
-    if not rewritten:
-        raise ValueError("the rewritten instruction is blank")
-    return [dataclasses.replace(
-        candidate, instruction=rewritten, iteration=candidate.iteration + 1,
-        actions_applied=candidate.actions_applied + (candidate.pending_action,),
-        history=candidate.history + (candidate.instruction,), pending_action=None,
-        strong_answer=None, target_answer=None, strong_score=None, target_score=None)]
+    def record_id(self, candidate: Candidate) -> str:
+        return f"{candidate.candidate_id}/i{candidate.iteration}"
+
+    def prompt(self, candidate: Candidate) -> list[ChatMessage]:
+        return PromptTemplate.load(STAGE).messages(
+            use_case=candidate.use_case, skills=", ".join(candidate.skills),
+            instruction=candidate.instruction, action=candidate.pending_action)
+
+    def answer_type(self, candidate: Candidate) -> type[Answer]:
+        return ImproveAnswer
+
+    def parse(self, candidate: Candidate, answer: ImproveAnswer) -> list[Candidate]:
+        rewritten = answer.instruction.strip()
+        if not rewritten:
+            raise ValueError("the rewritten instruction is blank")
+        return [dataclasses.replace(
+            candidate, instruction=rewritten, iteration=candidate.iteration + 1,
+            actions_applied=candidate.actions_applied + (candidate.pending_action,),
+            history=candidate.history + (candidate.instruction,), pending_action=None,
+            strong_answer=None, target_answer=None, strong_score=None,
+            target_score=None)]
 
 
 def choose_action(candidate: Candidate, actions: tuple[str, ...], run_seed: int) -> str:
@@ -84,11 +98,7 @@ class ImproveInstructions(beam.PTransform):
                  max_output_tokens: int = 1024, run_seed: int = 0):
         super().__init__()
         self._rubric_state = rubric_state
-        self._spec = StageSpec(
-            name=STAGE, prompt=improve_prompt, parse=apply_rewrite,
-            record_id=lambda c: f"{c.candidate_id}/i{c.iteration}",
-            schema=improve_schema(),
-            settings=GenerationSettings(temperature, max_output_tokens))
+        self._stage = Improve(settings=GenerationSettings(temperature, max_output_tokens))
         self._model = model
         self._run_seed = run_seed
 
@@ -99,7 +109,7 @@ class ImproveInstructions(beam.PTransform):
             _ChooseAction(self._run_seed), beam.pvalue.AsDict(rubrics_by_id)
         ).with_outputs(DEAD_LETTER, main="main")
         rewritten = chosen.main | "Rewrite" >> CallModel(
-            self._spec, self._model, self._run_seed)
+            self._stage, self._model, self._run_seed)
         dead = ((chosen[DEAD_LETTER], rewritten.dead_letter)
                 | "DeadLetters" >> beam.Flatten())
         return StageOutput(rewritten.output, dead)

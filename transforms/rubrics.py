@@ -6,7 +6,13 @@ and one action per rubric that would make an instruction harder.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+from typing import Annotated
+
 import apache_beam as beam
+from pydantic import Field
+from pydantic import StringConstraints
 
 from codeclm_beam.model import ChatMessage
 from codeclm_beam.model import GenerationSettings
@@ -16,43 +22,56 @@ from codeclm_beam.records import Metadata
 from codeclm_beam.records import RubricSet
 from codeclm_beam.stage import CallModel
 from codeclm_beam.stage import StageOutput
-from codeclm_beam.stage import StageSpec
+from codeclm_beam.stage import Answer
+from codeclm_beam.stage import Stage
 
 STAGE = "rubrics"
 
-def rubrics_schema(num_rubrics: int) -> dict:
-    return {
-        "type": "object",
-        "properties": {
-            "rubrics": {
-                "type": "array", "minItems": num_rubrics, "maxItems": num_rubrics,
-                "items": {
-                    "type": "object",
-                    "properties": {
-                        "rubric": {"type": "string", "minLength": 3, "maxLength": 300},
-                        "action": {"type": "string", "minLength": 3, "maxLength": 300},
-                    },
-                    "required": ["rubric", "action"],
-                    "additionalProperties": False,
-                },
-            },
-        },
-        "required": ["rubrics"],
-        "additionalProperties": False,
-    }
+
+Phrase = Annotated[str, StringConstraints(min_length=3, max_length=300)]
 
 
-def rubrics_prompt(entry: Metadata, num_rubrics: int) -> list[ChatMessage]:
-    return PromptTemplate.load(STAGE).messages(
-        num_rubrics=num_rubrics, use_case=entry.use_case, skills=", ".join(entry.skills))
+class RubricAndAction(Answer):
+    rubric: Phrase
+    action: Phrase
 
 
-def parse_rubrics(entry: Metadata, data: dict) -> list[RubricSet]:
-    rubrics = tuple(" ".join(item["rubric"].split()) for item in data["rubrics"])
-    actions = tuple(" ".join(item["action"].split()) for item in data["rubrics"])
-    if not all(actions):
-        raise ValueError("an action is blank")
-    return [RubricSet(entry.metadata_id, entry.use_case, entry.skills, rubrics, actions)]
+class RubricsAnswer(Answer):
+    rubrics: list[RubricAndAction]
+
+
+@functools.cache
+def rubrics_answer(num_rubrics: int) -> type[Answer]:
+    return RubricsAnswer.variant(rubrics=Annotated[
+        list[RubricAndAction], Field(min_length=num_rubrics, max_length=num_rubrics)])
+
+
+@dataclasses.dataclass(frozen=True)
+class Rubrics(Stage):
+    """Metadata -> RubricSet."""
+
+    name: str = STAGE
+    settings: GenerationSettings = GenerationSettings(0.7, 1024)
+    num_rubrics: int = 4
+
+    def record_id(self, entry: Metadata) -> str:
+        return entry.metadata_id
+
+    def prompt(self, entry: Metadata) -> list[ChatMessage]:
+        return PromptTemplate.load(STAGE).messages(
+            num_rubrics=self.num_rubrics, use_case=entry.use_case,
+            skills=", ".join(entry.skills))
+
+    def answer_type(self, entry: Metadata) -> type[Answer]:
+        return rubrics_answer(self.num_rubrics)
+
+    def parse(self, entry: Metadata, answer: RubricsAnswer) -> list[RubricSet]:
+        rubrics = tuple(" ".join(item.rubric.split()) for item in answer.rubrics)
+        actions = tuple(" ".join(item.action.split()) for item in answer.rubrics)
+        if not all(actions):
+            raise ValueError("an action is blank")
+        return [RubricSet(entry.metadata_id, entry.use_case, entry.skills, rubrics,
+                          actions)]
 
 
 class GenerateRubrics(beam.PTransform):
@@ -61,15 +80,10 @@ class GenerateRubrics(beam.PTransform):
     def __init__(self, model: ModelConfig, num_rubrics: int = 4, temperature: float = 0.7,
                  max_output_tokens: int = 1024, run_seed: int = 0):
         super().__init__()
-        self._spec = StageSpec(
-            name=STAGE,
-            prompt=lambda entry: rubrics_prompt(entry, num_rubrics),
-            parse=parse_rubrics,
-            record_id=lambda entry: entry.metadata_id,
-            schema=rubrics_schema(num_rubrics),
-            settings=GenerationSettings(temperature, max_output_tokens))
+        self._stage = Rubrics(settings=GenerationSettings(temperature, max_output_tokens),
+                              num_rubrics=num_rubrics)
         self._model = model
         self._run_seed = run_seed
 
     def expand(self, pool) -> StageOutput:
-        return pool | "Rubrics" >> CallModel(self._spec, self._model, self._run_seed)
+        return pool | "Rubrics" >> CallModel(self._stage, self._model, self._run_seed)
