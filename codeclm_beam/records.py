@@ -81,6 +81,9 @@ class Candidate:
     target_answer: Optional[str] = None
     strong_score: Optional[float] = None
     target_score: Optional[float] = None
+    # The judge's scores as (strong, target) with the strong answer first, then as
+    # (strong, target) with the target answer first; the two scores above are means.
+    judge_orders: tuple[float, ...] = ()
 
     @property
     def answer_key(self) -> str:
@@ -123,15 +126,20 @@ class Example:
     strong_model: str
     target_model: str
     judge_model: str
+    # The other model's answer, not kept (with `response`, a preference pair).
+    other_response: Optional[str] = None
+    judge_orders: tuple[float, ...] = ()  # as in Candidate
 
     @classmethod
     def of(cls, candidate: "Candidate", source: str,
            models: dict[str, str]) -> "Example":
         """`candidate`, scored, kept with the answer of `source` ("strong"/"target")."""
+        strong = source == "strong"
         return cls(
             example_id=candidate.candidate_id, instruction=candidate.instruction,
-            response=(candidate.strong_answer if source == "strong"
-                      else candidate.target_answer),
+            response=candidate.strong_answer if strong else candidate.target_answer,
+            other_response=candidate.target_answer if strong else candidate.strong_answer,
+            judge_orders=candidate.judge_orders,
             response_source=source, iteration=candidate.iteration,
             use_case=candidate.use_case, skills=candidate.skills,
             actions_applied=candidate.actions_applied, history=candidate.history,
@@ -160,6 +168,7 @@ class Rejection:
     strong_score: Optional[float]
     target_score: Optional[float]
     gap: Optional[float]
+    judge_orders: tuple[float, ...] = ()  # as in Candidate
 
     @classmethod
     def of(cls, candidate: "Candidate", reason: str) -> "Rejection":
@@ -170,7 +179,8 @@ class Rejection:
             actions_applied=candidate.actions_applied, history=candidate.history,
             metadata_id=candidate.metadata_id, strong_answer=candidate.strong_answer,
             target_answer=candidate.target_answer, strong_score=candidate.strong_score,
-            target_score=candidate.target_score, gap=candidate.gap)
+            target_score=candidate.target_score, gap=candidate.gap,
+            judge_orders=candidate.judge_orders)
 
     @classmethod
     def of_example(cls, example: Example, reason: str) -> "Rejection":
@@ -182,11 +192,11 @@ class Rejection:
             actions_applied=example.actions_applied, history=example.history,
             metadata_id=example.metadata_id,
             strong_answer=example.response if example.response_source == "strong"
-            else None,
+            else example.other_response,
             target_answer=example.response if example.response_source == "target"
-            else None,
+            else example.other_response,
             strong_score=example.strong_score, target_score=example.target_score,
-            gap=example.gap)
+            gap=example.gap, judge_orders=example.judge_orders)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,6 +8,8 @@ through to `PipelineOptions` untouched.
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import logging
 import sys
 from typing import Optional
@@ -165,29 +167,17 @@ def evaluate(argv: list[str]) -> int:
     return 3 if over else 0
 
 
-def split(argv: list[str]) -> int:
-    from codeclm_beam.pipelines.split import split_command
-    return split_command(argv)
+# The other subcommands, imported when used: the CLI starts fast, and `jobs` never
+# imports Beam's inference module.
+SUBCOMMANDS = {"split": "split:split_command", "report": "report:report_command",
+               "plan": "plan:plan_command", "prompts": "prompts:prompts_command",
+               "show": "show:show_command", "jobs": "jobs:jobs_command"}
 
 
-def report(argv: list[str]) -> int:
-    from codeclm_beam.pipelines.report import report_command
-    return report_command(argv)
-
-
-def plan(argv: list[str]) -> int:
-    from codeclm_beam.pipelines.plan import plan_command
-    return plan_command(argv)
-
-
-def prompts(argv: list[str]) -> int:
-    from codeclm_beam.pipelines.prompts import prompts_command
-    return prompts_command(argv)
-
-
-def jobs(argv: list[str]) -> int:
-    from codeclm_beam.pipelines.jobs import jobs_command
-    return jobs_command(argv)
+def _subcommand(name: str, argv: list[str]) -> int:
+    module, function = SUBCOMMANDS[name].split(":")
+    return getattr(importlib.import_module(f"codeclm_beam.pipelines.{module}"),
+                   function)(argv)
 
 
 class _BeamResourceNoise(logging.Filter):
@@ -199,8 +189,8 @@ class _BeamResourceNoise(logging.Filter):
         return not record.getMessage().startswith("Resource module is not available")
 
 
-COMMANDS = {"generate": generate, "evaluate": evaluate, "split": split,
-            "report": report, "plan": plan, "jobs": jobs, "prompts": prompts}
+COMMANDS = {"generate": generate, "evaluate": evaluate,
+            **{name: functools.partial(_subcommand, name) for name in SUBCOMMANDS}}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -217,7 +207,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                              "plan: calls, tokens and cost of a large run from a "
                              "pilot; "
                              "jobs: list, status or cancel Dataflow jobs; "
-                             "prompts: what each stage sends a model")
+                             "prompts: what each stage sends a model; "
+                             "show: one pair of a run, traced through the method")
     if not argv or argv[0] in ("-h", "--help", "--version"):
         parser.parse_args(argv or ["--help"])
         return 0

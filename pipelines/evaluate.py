@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import time
 import uuid
 from typing import Any, Optional
@@ -13,7 +14,9 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from codeclm_beam import metrics
 from codeclm_beam.metrics import RunCounters
+from codeclm_beam.pipelines.progress import progress_for
 from codeclm_beam.model.config import ModelConfig
 from codeclm_beam.options import ModelOptions
 from codeclm_beam.options import RunOptions
@@ -31,6 +34,7 @@ from codeclm_beam.options import is_dry_run
 from codeclm_beam.transforms.evaluate import FAILED
 from codeclm_beam.transforms.evaluate import JudgeAgainstReference
 from codeclm_beam.transforms.evaluate import ReadBenchmarks
+from codeclm_beam.transforms.evaluate import READ_STAGE
 from codeclm_beam.transforms.evaluate import make_item
 
 OUTCOMES = ("win", "tie", "loss")
@@ -249,6 +253,14 @@ def preflight(options: PipelineOptions, plan: EvaluatePlan) -> None:
             opts.allow_seed_items))
 
 
+def projected_calls(candidates: int, counters: RunCounters) -> int:
+    """The calls this run makes, for the progress display's ETA: per item read, one
+    reference answer, and per candidate an answer and two judgements."""
+    items = (counters.flow(metrics.rows_read(READ_STAGE))
+             - counters.dead_letter(READ_STAGE))
+    return items * (1 + 3 * candidates)
+
+
 def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = None,
         wait: bool = True) -> dict[str, Any]:
     options = options or PipelineOptions(argv)
@@ -268,7 +280,9 @@ def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = N
     if not offline:
         outputs.check()
     result, not_finished = manifest_lib.run_pipeline(
-        pipeline, options, outputs, "codeclm-beam evaluate", plan.run_id, wait)
+        pipeline, options, outputs, "codeclm-beam evaluate", plan.run_id, wait,
+        progress_for(options, None, functools.partial(projected_calls,
+                                                      len(plan.candidates))))
     if not_finished:
         return not_finished
     outputs.promote()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+import functools
 import time
 import uuid
 from typing import Any, Optional
@@ -14,6 +15,7 @@ from apache_beam.options.pipeline_options import StandardOptions
 
 from codeclm_beam import metrics
 from codeclm_beam.metrics import RunCounters
+from codeclm_beam.pipelines.progress import progress_for
 from codeclm_beam.options import AnswerOptions
 from codeclm_beam.options import is_dry_run
 from codeclm_beam.options import ModelOptions
@@ -28,6 +30,7 @@ from codeclm_beam.transforms import CodecLM
 from codeclm_beam.transforms import CodecLMConfig
 from codeclm_beam.transforms import ReadMetadata
 from codeclm_beam.transforms import ReadSeeds
+from codeclm_beam.transforms.codeclm import round_slots
 from codeclm_beam.transforms.read_seeds import DEFAULT_MAX_CHARS
 from codeclm_beam.pipelines import manifest as manifest_lib
 from codeclm_beam.pipelines.outputs import EXPORT_FORMATS
@@ -203,6 +206,37 @@ def preflight(options: PipelineOptions, config: CodecLMConfig) -> None:
                                      source, row, config.max_skills))
 
 
+def projected_calls(config: CodecLMConfig, from_metadata: bool,
+                    counters: RunCounters) -> int:
+    """The calls (model or cache) this run will make, for the progress display's ETA:
+    what is counted so far, and the rest projected by the rule the rounds follow
+    (`round_slots`) at the share kept so far."""
+    cfg = config
+    seeds = 0 if from_metadata else counters.flow(metrics.SEEDS)
+    pool = counters.flow(metrics.METADATA_POOL) or min(cfg.num_metadata, max(seeds, 1))
+    basic = counters.flow(metrics.BASIC_INSTRUCTIONS) or cfg.basic_instructions
+    calls = seeds + 2 * pool
+    kept = judged = undecided = drawn = 0.0  # drawn: basic instructions judged
+    for number in range(1, cfg.max_iterations + 1):
+        candidates = counters.in_round(number, "candidates")
+        if candidates:
+            improved = candidates - counters.in_round(number, "fresh") if number > 1 else 0
+            kept += counters.in_round(number, "kept")
+            undecided = counters.in_round(number, "undecided")
+        else:
+            slots = (cfg.num_examples + cfg.overgenerate_margin if number == 1 else
+                     round_slots(kept, judged, cfg.num_examples, cfg.overgenerate_margin))
+            candidates = min(slots, max(0, basic - drawn) + undecided)
+            improved = min(candidates, undecided) if number > 1 else 0
+            share = kept / judged if judged else 0.0
+            kept += candidates * share
+            undecided = candidates * (1 - share)
+        calls += 4 * candidates + improved
+        judged += candidates
+        drawn += candidates - improved
+    return int(calls)
+
+
 def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = None,
         wait: bool = True) -> dict[str, Any]:
     """Runs `generate` and returns its manifest (also written to OUTPUT_DIR)."""
@@ -220,7 +254,9 @@ def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = N
     pipeline = beam.Pipeline(options=options)
     build_pipeline(pipeline, options, config, outputs.staging)
     result, not_finished = manifest_lib.run_pipeline(
-        pipeline, options, outputs, "codeclm-beam generate", run_id, wait)
+        pipeline, options, outputs, "codeclm-beam generate", run_id, wait,
+        progress_for(options, config.num_examples,
+                     functools.partial(projected_calls, config, bool(opts.metadata))))
     if not_finished:
         return not_finished
     counters = RunCounters.from_result(result)

@@ -5,6 +5,7 @@ manifest works on any runner that reports committed or attempted counters.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
 import time
@@ -26,14 +27,18 @@ MODEL_STAGES = ("encode", "rubrics", "decode", "answer_strong", "answer_target",
 
 def run_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
                  outputs: OutputDirectory, tool: str, run_id: str,
-                 wait: bool = True) -> tuple[Any, Optional[dict[str, Any]]]:
+                 wait: bool = True, progress=None) -> tuple[Any, Optional[dict[str, Any]]]:
     """Runs a built pipeline whose outputs go to `outputs.staging`: (the finished
     result, None), or, when nothing finishes here (a dry run, or a launch that does not
     wait), (the result, what to return instead). A run that fails leaves the previous
-    run's outputs as they were, and its own staging area is removed."""
+    run's outputs as they were, and its own staging area is removed. `progress` is a
+    context (pipelines.progress.progress_for) the run happens in."""
     dry_run = is_dry_run(options)
     try:
-        result = pipeline.run()
+        with progress or contextlib.nullcontext():
+            result = pipeline.run()
+            if not dry_run and wait:
+                result.wait_until_finish()
         if dry_run or not wait:
             # A Dataflow dry run builds and validates the whole job but submits
             # nothing. A launch that does not wait leaves its outputs where the job
@@ -42,7 +47,6 @@ def run_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
             return result, {"tool": tool, "run_id": run_id, "submitted": not dry_run,
                             "job": str((job_id() if callable(job_id) else None) or result),
                             "outputs": None if dry_run else outputs.staging}
-        result.wait_until_finish()
     except BaseException:
         if not dry_run:
             outputs.abandon()

@@ -184,7 +184,10 @@ def wtl_bars(summary: dict) -> str:
 _STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 table{border-collapse:collapse;margin:.5em 0;font-size:.9em}td,th{border:1px solid #ccc;
 padding:.25em .6em;text-align:left;vertical-align:top;overflow-wrap:anywhere}img{max-width:100%;display:block;margin:1em 0}
-pre{white-space:pre-wrap;background:#f6f6f6;padding:.5em}.muted{color:#666}"""
+pre{white-space:pre-wrap;background:#f6f6f6;padding:.5em}.muted{color:#666}
+.cards{display:flex;gap:1em;flex-wrap:wrap;margin:1em 0}.card{flex:1 1 300px;border:1px solid #ccc;
+border-radius:6px;padding:.6em 1em}.card h2{margin:.2em 0 .4em;font-size:1.1em}.card .big{font-size:1.6em;
+font-weight:600}.card ul{margin:.3em 0;padding-left:1.2em}.bad{color:#a40000}.good{color:#1a6e1a}"""
 
 # The page reports on itself for headless checks: how many plots decoded, and any
 # script error, as attributes on <body>.
@@ -246,6 +249,58 @@ def run_tailoring(run_dir: str) -> dict[str, Any]:
                      read_jsonl_dir(FileSystems.join(run_dir, "examples")))
 
 
+def _cards(cards: list[tuple[str, str, list[str]]]) -> str:
+    """The first screen: a few cards, each a headline figure and its lines (HTML)."""
+    return "<div class='cards'>" + "".join(
+        f"<div class='card'><h2>{html.escape(title)}</h2><div class='big'>{big}</div>"
+        f"<ul>{''.join(f'<li>{line}</li>' for line in lines)}</ul></div>"
+        for title, big, lines in cards) + "</div>"
+
+
+def generate_summary(manifest: dict, rejected: int, dead_letters: list[dict],
+                     cost: Optional[float]) -> str:
+    """What did I get, what did it cost, what failed: before any detail."""
+    acc, delivery = manifest["accounting"], manifest["delivery"]
+    cand = acc["candidates"]
+    totals = manifest["model_calls"]["totals"]
+    kept_by_rule = cand["kept"]
+    got = [f"{kept_by_rule:,} kept by the gap rule"
+           + (f", {cand['unresolved_after_last_round']:,} unresolved kept anyway "
+              "(--keep_unresolved)" if manifest["options"].get("keep_unresolved") else ""),
+           f"{rejected:,} candidates in <code>rejected/</code>, each with its reason",
+           f"from {acc['metadata_pool']['entries']:,} pool entries and "
+           f"{cand['basic_instructions']:,} basic instructions"]
+    if "gap" in delivery:
+        got.append(f"<span class='bad'>{delivery['gap']:,} short: "
+                   f"{html.escape(delivery['reason'])}</span>")
+    tokens = sum(totals.get(k, 0) for k in ("prompt_tokens", "completion_tokens",
+                                            "thoughts_tokens"))
+    cost_text = "unknown" if cost is None else f"${cost:,.2f}"
+    paid = [f"{totals.get('requests', 0):,} model requests, "
+            f"{totals.get('cache_hits', 0):,} answered from the cache",
+            f"{tokens:,} tokens ({totals.get('thoughts_tokens', 0):,} of them thoughts)",
+            f"wall time {manifest['wall_time_seconds']:,} s",
+            "<span class='muted'>" + ("no per-token price for these models"
+                                      if cost == 0 else "prices are estimates; see the "
+                                      "table below") + "</span>"]
+    by_reason: dict[tuple[str, str], int] = {}
+    for letter in dead_letters:
+        key = (letter.get("stage", "?"), letter.get("reason", "error"))
+        by_reason[key] = by_reason.get(key, 0) + 1
+    failed = [f"{count:,} at {html.escape(stage)}: {html.escape(reason)}"
+              for (stage, reason), count in sorted(by_reason.items())] or [
+        "<span class='good'>no dead letters</span>"]
+    failed.append(f"{totals.get('truncated', 0):,} answers cut at the output limit, "
+                  f"{totals.get('retries', 0):,} retries")
+    failed.append("<span class='good'>every element accounted for</span>" if acc["balanced"]
+                  else "<span class='bad'>the accounting does not balance: see "
+                       "manifest.json checks</span>")
+    return _cards([
+        ("What you got", f"{delivery['delivered']:,} of {delivery['asked']:,} pairs", got),
+        ("What it cost", cost_text, paid),
+        ("What failed", f"{len(dead_letters):,} dead letters", failed)])
+
+
 def generate_report(run_dir: str, manifest: dict, prices: dict) -> dict[str, str]:
     """report.html and the dataset card of a generate run: rendered, not written."""
     examples = read_jsonl_dir(FileSystems.join(run_dir, "examples"))
@@ -259,16 +314,16 @@ def generate_report(run_dir: str, manifest: dict, prices: dict) -> dict[str, str
     cost_rows, cost = estimated_cost(by_stage, prices)
     acc = manifest["accounting"]
     gaps = [r["gap"] for r in examples + rejected if r.get("gap") is not None]
+    dead_letters = read_jsonl_dir(FileSystems.join(run_dir, "dead_letter"))
     sections = [
+        generate_summary(manifest, len(rejected), dead_letters, cost),
         f"<p>Models: strong <b>{html.escape(manifest['models']['strong'])}</b>, target "
         f"<b>{html.escape(manifest['models']['target'])}</b>, judge "
         f"<b>{html.escape(manifest['models']['judge'])}</b>. Wall time "
         f"{manifest['wall_time_seconds']} s. Accounting balanced: {acc['balanced']}.</p>",
-        f"<p><b>Asked {manifest['delivery']['asked']:,}, delivered "
-        f"{manifest['delivery']['delivered']:,}</b>"
-        + (f": {html.escape(manifest['delivery']['reason'])}. To close the gap: "
-           f"<code>{html.escape(manifest['delivery']['to_close_the_gap'])}</code>"
-           if "gap" in manifest["delivery"] else "") + ".</p>",
+        (f"<p>To close the gap: <code>"
+         f"{html.escape(manifest['delivery']['to_close_the_gap'])}</code></p>"
+         if "gap" in manifest["delivery"] else ""),
         "<h2>Tailoring</h2>",
         _table([[k, v] for k, v in tailor.items() if k != "note"], ["figure", "value"]),
         f"<p class='muted'>{html.escape(tailor['note'])}</p>",

@@ -41,13 +41,16 @@ def test_the_built_dataflow_job_has_the_method_stages_and_side_inputs():
     job = pipeline.run().job
     transforms = job.proto_pipeline.components.transforms
     names = {t.unique_name for t in transforms.values()}
-    for stage in ("ReadSeeds", "CodecLM/EncodeMetadata", "CodecLM/BuildMetadataPool",
+    for stage in ("ReadSeeds", "CodecLM/SeedMetadata/Encode", "CodecLM/BuildMetadataPool",
                   "CodecLM/GenerateRubrics", "CodecLM/DecodeInstructions",
-                  "CodecLM/Round1/ContrastiveFilter", "CodecLM/Round1/ImproveInstructions",
-                  "CodecLM/Round3/ImproveInstructions", "CodecLM/Round4/ContrastiveFilter",
+                  "CodecLM/Rounds/Round1/ContrastiveFilter/JudgeBothOrders",
+                  "CodecLM/Rounds/Round1/ImproveInstructions",
+                  "CodecLM/Rounds/Round3/ImproveInstructions",
+                  "CodecLM/Rounds/Round4/ContrastiveFilter",
                   "CodecLM/CutToNumExamples", "WriteExamples", "WriteDeadLetters"):
         assert any(n == stage or n.startswith(stage + "/") for n in names), stage
-    assert not any(n.startswith("CodecLM/Round4/ImproveInstructions") for n in names)
+    assert not any(n.startswith("CodecLM/Rounds/Round4/ImproveInstructions")
+                   for n in names)
 
     def side_input_consumers(fragment):
         found = []
@@ -88,8 +91,9 @@ def test_evaluate_passes_a_dataflow_dry_run_with_its_stages():
     names = {t.unique_name for t in
              pipeline.run().job.proto_pipeline.components.transforms.values()}
     for stage in ("ReadBenchmarks", "JudgeAgainstReference/AnswerReference",
-                  "JudgeAgainstReference/Candidate0/Judge",
-                  "JudgeAgainstReference/Candidate1/Judge", "WriteJudgements"):
+                  "JudgeAgainstReference/Candidate0/JudgeBothOrders/Judge",
+                  "JudgeAgainstReference/Candidate1/JudgeBothOrders/Judge",
+                  "WriteJudgements"):
         assert any(n == stage or n.startswith(stage + "/") for n in names), stage
 
 

@@ -56,9 +56,11 @@ class _Decide(beam.DoFn):
         self._models = models
 
     def process(self, verdict: Verdict):
-        scored = dataclasses.replace(verdict.contest.payload,
-                                     strong_score=verdict.first_mean,
-                                     target_score=verdict.second_mean)
+        scored = dataclasses.replace(
+            verdict.contest.payload, strong_score=verdict.first_mean,
+            target_score=verdict.second_mean,
+            judge_orders=(verdict.first_scores[0], verdict.second_scores[0],
+                          verdict.first_scores[1], verdict.second_scores[1]))
         if abs(verdict.gap) <= self._threshold:
             yield beam.pvalue.TaggedOutput(UNDECIDED, scored)
             return

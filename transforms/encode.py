@@ -11,7 +11,6 @@ import functools
 import json
 from typing import Annotated
 
-import apache_beam as beam
 from pydantic import Field
 from pydantic import StringConstraints
 
@@ -23,7 +22,6 @@ from codeclm_beam.records import Metadata
 from codeclm_beam.records import Seed
 from codeclm_beam.records import make_metadata
 from codeclm_beam.stage import CallModel
-from codeclm_beam.stage import StageOutput
 from codeclm_beam.stage import Answer
 from codeclm_beam.stage import Stage
 
@@ -78,16 +76,10 @@ class Encode(Stage):
                               seed.seed_id)]
 
 
-class EncodeMetadata(beam.PTransform):
+class EncodeMetadata(CallModel):
     """PCollection[Seed] -> StageOutput(PCollection[Metadata], dead letters)."""
 
     def __init__(self, model: ModelConfig, max_skills: int = 3, temperature: float = 0.7,
                  max_output_tokens: int = 256, run_seed: int = 0):
-        super().__init__()
-        self._stage = Encode(settings=GenerationSettings(temperature, max_output_tokens),
-                             max_skills=max_skills)
-        self._model = model
-        self._run_seed = run_seed
-
-    def expand(self, seeds) -> StageOutput:
-        return seeds | "Encode" >> CallModel(self._stage, self._model, self._run_seed)
+        super().__init__(Encode(settings=GenerationSettings(temperature, max_output_tokens),
+                                max_skills=max_skills), model, run_seed)

@@ -17,6 +17,7 @@ import apache_beam as beam
 from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 
+from codeclm_beam import metrics
 from codeclm_beam.model import GenerationSettings
 from codeclm_beam.model import ModelConfig
 from codeclm_beam.model.errors import ConfigurationError
@@ -35,6 +36,7 @@ from codeclm_beam.rows import RowError
 from codeclm_beam.rows import detect_layout
 from codeclm_beam.rows import jsonl_rows
 
+READ_STAGE = "read_benchmark"
 # Rows that `codeclm-beam split` put in the seed part carry this marker.
 SPLIT_MARKER = "codeclm_split"
 HELD_OUT = "held-out part of a codeclm-beam split (not comparable with the paper's tables)"
@@ -108,11 +110,15 @@ class _ParseBenchmark(beam.DoFn):
         self._layouts = layouts
         self._allow_seed_items = allow_seed_items
 
+    def setup(self):
+        self._rows = metrics.flow_counter(metrics.rows_read(READ_STAGE))
+
     def process(self, readable):
         path = readable.metadata.path
         layout = self._layouts[path]
         with readable.open() as handle:
             for source, row in jsonl_rows(path, handle):
+                self._rows.inc()
                 number = int(source.rpartition(":")[2])
                 try:
                     if isinstance(row, RowError):
@@ -120,7 +126,7 @@ class _ParseBenchmark(beam.DoFn):
                     yield make_item(path, number, row, layout, self._allow_seed_items)
                 except RowError as e:
                     yield beam.pvalue.TaggedOutput(DEAD_LETTER, DeadLetter.of(
-                        "read_benchmark", source, e, payload=row if isinstance(
+                        READ_STAGE, source, e, payload=row if isinstance(
                             row, dict) else None, reason="bad_input"))
 
 

@@ -61,7 +61,7 @@ class Improve(Stage):
             actions_applied=candidate.actions_applied + (candidate.pending_action,),
             history=candidate.history + (candidate.instruction,), pending_action=None,
             strong_answer=None, target_answer=None, strong_score=None,
-            target_score=None)]
+            target_score=None, judge_orders=())]
 
 
 def choose_action(candidate: Candidate, actions: tuple[str, ...], run_seed: int) -> str:

@@ -10,7 +10,6 @@ import dataclasses
 import functools
 from typing import Annotated
 
-import apache_beam as beam
 from pydantic import Field
 from pydantic import StringConstraints
 
@@ -21,7 +20,6 @@ from codeclm_beam.prompts import PromptTemplate
 from codeclm_beam.records import Metadata
 from codeclm_beam.records import RubricSet
 from codeclm_beam.stage import CallModel
-from codeclm_beam.stage import StageOutput
 from codeclm_beam.stage import Answer
 from codeclm_beam.stage import Stage
 
@@ -74,16 +72,10 @@ class Rubrics(Stage):
                           actions)]
 
 
-class GenerateRubrics(beam.PTransform):
+class GenerateRubrics(CallModel):
     """PCollection[Metadata] -> StageOutput(PCollection[RubricSet], dead letters)."""
 
     def __init__(self, model: ModelConfig, num_rubrics: int = 4, temperature: float = 0.7,
                  max_output_tokens: int = 1024, run_seed: int = 0):
-        super().__init__()
-        self._stage = Rubrics(settings=GenerationSettings(temperature, max_output_tokens),
-                              num_rubrics=num_rubrics)
-        self._model = model
-        self._run_seed = run_seed
-
-    def expand(self, pool) -> StageOutput:
-        return pool | "Rubrics" >> CallModel(self._stage, self._model, self._run_seed)
+        super().__init__(Rubrics(settings=GenerationSettings(temperature, max_output_tokens),
+                                 num_rubrics=num_rubrics), model, run_seed)

@@ -1,0 +1,280 @@
+"""The CodecLM stages as Beam YAML transforms.
+
+`providers.yaml` beside this module is the provider (`include:` it, or copy its block
+into a pipeline's `providers:`); each entry names a factory below. Their config keys
+are the factories' keyword arguments; models are model URIs, as on the command line.
+
+Elements between YAML transforms are schema'd rows (`beam.Row`), so the stages work
+with YAML's own transforms (ReadFromJson, WriteToJson, Filter, MapToFields...): a stage
+reads rows with its record's fields and writes rows of its output record's fields.
+Every stage that calls a model takes `error_handling: {output: NAME}`, as Beam YAML's
+own transforms do, and Beam then refuses a pipeline that leaves NAME unconsumed: dead
+letters are never dropped silently.
+
+    pipeline:
+      transforms:
+        - type: ReadSeeds
+          config: {path: seeds.jsonl, error_handling: {output: bad_rows}}
+        - type: CodecLM
+          input: ReadSeeds
+          config: {strong_model: "llamacpp:smollm2-135m", num_examples: 4,
+                   error_handling: {output: dead_letters}}
+        - type: WriteToJson
+          input: CodecLM.examples
+          config: {path: out/examples.jsonl}
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from typing import Any, Optional
+
+import apache_beam as beam
+from apache_beam.typehints.row_type import RowTypeConstraint
+
+from codeclm_beam import records
+from codeclm_beam.model.config import ModelConfig
+from codeclm_beam.model.uri import DEFAULT_MODEL_URI
+
+PROVIDERS = os.path.join(os.path.dirname(__file__), "providers.yaml")
+
+
+def _row_type(record_class: type) -> RowTypeConstraint:
+    hints = typing.get_type_hints(record_class)
+
+    def beam_type(hint):
+        if typing.get_origin(hint) is tuple:
+            return typing.Sequence[typing.get_args(hint)[0]]
+        if typing.get_origin(hint) is typing.Union:
+            inner = [a for a in typing.get_args(hint) if a is not type(None)][0]
+            return typing.Optional[beam_type(inner)]
+        return hint
+
+    return RowTypeConstraint.from_fields(
+        [(f.name, beam_type(hints[f.name])) for f in dataclasses.fields(record_class)])
+
+
+def _to_row(record) -> beam.Row:
+    return beam.Row(**{name: list(value) if isinstance(value, tuple) else value
+                       for name, value in dataclasses.asdict(record).items()})
+
+
+def _from_row(record_class: type):
+    """A row (or the record itself) as `record_class`."""
+    hints = typing.get_type_hints(record_class)
+
+    def convert(element):
+        if isinstance(element, record_class):
+            return element
+        values = element._asdict() if hasattr(element, "_asdict") else dict(element)
+        fields = {}
+        for field in dataclasses.fields(record_class):
+            if field.name not in values:
+                continue
+            value = values[field.name]
+            if typing.get_origin(hints[field.name]) is tuple and value is not None:
+                value = tuple(value)
+            fields[field.name] = value
+        return record_class(**fields)
+    return convert
+
+
+class _AsRows(beam.PTransform):
+    def __init__(self, record_class: type):
+        super().__init__()
+        self._record_class = record_class
+
+    def expand(self, pcoll):
+        return pcoll | beam.Map(_to_row).with_output_types(_row_type(self._record_class))
+
+
+class _AsRecords(beam.PTransform):
+    def __init__(self, record_class: type):
+        super().__init__()
+        self._record_class = record_class
+
+    def expand(self, pcoll):
+        return pcoll | beam.Map(_from_row(self._record_class)).with_output_types(
+            self._record_class)
+
+
+def _error_output(error_handling: Optional[dict], stage: str) -> str:
+    if not error_handling or not error_handling.get("output"):
+        raise ValueError(f"{stage}: set error_handling: {{output: NAME}} and write NAME "
+                         "(its dead letters are never dropped silently)")
+    return error_handling["output"]
+
+
+def _model(uri: Optional[str], model_options: Optional[dict]) -> ModelConfig:
+    return ModelConfig(uri=uri or DEFAULT_MODEL_URI, **(model_options or {}))
+
+
+class _Stage(beam.PTransform):
+    """A codeclm stage between rows: input rows as `input_record`, each output of the
+    stage (a StageOutput-like NamedTuple) as rows of its record class."""
+
+    def __init__(self, stage: beam.PTransform, input_record: Optional[type],
+                 outputs: dict[str, tuple[str, type]], error_output: str):
+        super().__init__()
+        self._stage = stage
+        self._input_record = input_record
+        self._outputs = outputs  # YAML output name -> (stage output field, record)
+        self._error_output = error_output
+
+    def expand(self, pcoll):
+        if self._input_record is not None:
+            pcoll = pcoll | "AsRecords" >> _AsRecords(self._input_record)
+        result = pcoll | "Stage" >> self._stage
+        outputs = {name: getattr(result, field) | f"{name}AsRows" >> _AsRows(record)
+                   for name, (field, record) in self._outputs.items()}
+        outputs[self._error_output] = (result.dead_letter
+                                       | "DeadLettersAsRows" >> _AsRows(records.DeadLetter))
+        return outputs
+
+
+def ReadSeeds(path: str, error_handling: dict, instruction_field: Optional[str] = None,
+              max_chars: int = 20_000):
+    """Seed instructions from files (JSONL, JSON, CSV/TSV, Parquet, Avro).
+
+    Args:
+      path: A file pattern, local or gs://.
+      error_handling: {output: NAME}: the rows that are not seeds, with the reason.
+      instruction_field: The instruction's field (a dotted path), when not detected.
+      max_chars: Longer instructions are refused.
+    """
+    from codeclm_beam.transforms.read_seeds import ReadSeeds as Read
+    return _Stage(Read(path, instruction_field, max_chars), None,
+                  {"good": ("output", records.Seed)},
+                  _error_output(error_handling, "ReadSeeds"))
+
+
+ReadSeeds._yaml_requires_inputs = False
+
+
+def EncodeMetadata(error_handling: dict, model: Optional[str] = None,
+                   model_options: Optional[dict] = None, max_skills: int = 3,
+                   temperature: float = 0.7, max_output_tokens: int = 256, seed: int = 0):
+    """Seed rows (seed_id, instruction, source) -> metadata rows (use case, skills).
+
+    Args:
+      error_handling: {output: NAME}: seeds whose encoding failed, with the reason.
+      model: The strong model's URI (default: the embedded SmolLM2).
+      model_options: Other ModelConfig fields (max_concurrency, cache_dir, ...).
+    """
+    from codeclm_beam.transforms.encode import EncodeMetadata as Encode
+    return _Stage(Encode(_model(model, model_options), max_skills, temperature,
+                         max_output_tokens, seed), records.Seed,
+                  {"good": ("output", records.Metadata)},
+                  _error_output(error_handling, "EncodeMetadata"))
+
+
+class BuildMetadataPool(beam.PTransform):
+    """Metadata rows -> the metadata pool (every original, plus mix-and-match)."""
+
+    def __init__(self, num_metadata: int = 200, max_skills: int = 3, seed: int = 0):
+        super().__init__()
+        self._args = (num_metadata, max_skills, seed)
+
+    def expand(self, metadata):
+        from codeclm_beam.transforms.metadata_pool import BuildMetadataPool as Build
+        return (metadata
+                | "AsRecords" >> _AsRecords(records.Metadata)
+                | "Pool" >> Build(*self._args)
+                | "AsRows" >> _AsRows(records.Metadata))
+
+
+def GenerateRubrics(error_handling: dict, model: Optional[str] = None,
+                    model_options: Optional[dict] = None, num_rubrics: int = 4,
+                    temperature: float = 0.7, max_output_tokens: int = 1024,
+                    seed: int = 0):
+    """Pool entries -> their rubrics and actions (the improve step's side input)."""
+    from codeclm_beam.transforms.rubrics import GenerateRubrics as Rubrics
+    return _Stage(Rubrics(_model(model, model_options), num_rubrics, temperature,
+                          max_output_tokens, seed), records.Metadata,
+                  {"good": ("output", records.RubricSet)},
+                  _error_output(error_handling, "GenerateRubrics"))
+
+
+def DecodeInstructions(num_instructions: int, error_handling: dict,
+                       model: Optional[str] = None, model_options: Optional[dict] = None,
+                       temperature: float = 0.7, max_output_tokens: int = 2048,
+                       seed: int = 0):
+    """Pool entries -> candidate instructions (num_instructions over the pool)."""
+    from codeclm_beam.transforms.decode import DecodeInstructions as Decode
+    return _Stage(Decode(_model(model, model_options), num_instructions, temperature,
+                         max_output_tokens, seed), records.Metadata,
+                  {"good": ("output", records.Candidate)},
+                  _error_output(error_handling, "DecodeInstructions"))
+
+
+def ContrastiveFilter(error_handling: dict, strong_model: Optional[str] = None,
+                      target_model: Optional[str] = None, judge_model: Optional[str] = None,
+                      model_options: Optional[dict] = None, threshold: float = 3.0,
+                      score_scale: int = 10, answer_temperature: float = 0.7,
+                      judge_temperature: float = 0.0, max_output_tokens: int = 1024,
+                      seed: int = 0):
+    """Candidates -> kept pairs (output `kept`) and candidates within the threshold
+    (output `undecided`, for ImproveInstructions). The judge defaults to the strong
+    model."""
+    from codeclm_beam.transforms.contrastive_filter import ContrastiveFilter as Filter
+    strong = _model(strong_model, model_options)
+    return _Stage(
+        Filter(strong, _model(target_model, model_options),
+               _model(judge_model, model_options) if judge_model else strong,
+               threshold=threshold, score_scale=score_scale,
+               answer_temperature=answer_temperature, judge_temperature=judge_temperature,
+               max_output_tokens=max_output_tokens, run_seed=seed),
+        records.Candidate,
+        {"kept": ("kept", records.Example), "undecided": ("undecided", records.Candidate)},
+        _error_output(error_handling, "ContrastiveFilter"))
+
+
+class ImproveInstructions(beam.PTransform):
+    """{candidates: undecided candidate rows, rubrics: GenerateRubrics rows} ->
+    rewritten candidates, one iteration on (the input names are fixed)."""
+
+    def __init__(self, error_handling: dict, model: Optional[str] = None,
+                 model_options: Optional[dict] = None, temperature: float = 0.7,
+                 max_output_tokens: int = 1024, seed: int = 0):
+        super().__init__()
+        self._error_output = _error_output(error_handling, "ImproveInstructions")
+        self._model = _model(model, model_options)
+        self._args = (temperature, max_output_tokens, seed)
+
+    def expand(self, inputs: dict[str, Any]):
+        from codeclm_beam.transforms.improve import ImproveInstructions as Improve
+        if set(inputs) != {"candidates", "rubrics"}:
+            raise ValueError("ImproveInstructions takes input: {candidates: ..., "
+                             f"rubrics: ...}}, not {sorted(inputs)}")
+        rubrics = inputs["rubrics"] | "RubricsAsRecords" >> _AsRecords(records.RubricSet)
+        return inputs["candidates"] | "Improve" >> _Stage(
+            Improve(self._model, rubrics, *self._args), records.Candidate,
+            {"good": ("output", records.Candidate)}, self._error_output)
+
+
+def CodecLM(error_handling: dict, strong_model: Optional[str] = None,
+            target_model: Optional[str] = None, judge_model: Optional[str] = None,
+            model_options: Optional[dict] = None, from_metadata: bool = False,
+            **method: Any):
+    """The whole method: seed rows (or metadata rows with from_metadata) -> outputs
+    `examples`, `rejected`, `metadata_pool`, `rubrics` and `seed_metadata`.
+
+    Args:
+      method: CodecLMConfig's fields: num_examples, num_metadata, max_iterations,
+        threshold, keep_unresolved, ...
+    """
+    from codeclm_beam.transforms.codeclm import CodecLM as Method
+    from codeclm_beam.transforms.codeclm import CodecLMConfig
+    strong = _model(strong_model, model_options)
+    config = CodecLMConfig(strong=strong, target=_model(target_model, model_options),
+                           judge=_model(judge_model, model_options) if judge_model
+                           else strong, **method)
+    return _Stage(Method(config, from_metadata),
+                  records.Metadata if from_metadata else records.Seed,
+                  {"examples": ("examples", records.Example),
+                   "rejected": ("rejected", records.Rejection),
+                   "metadata_pool": ("metadata_pool", records.Metadata),
+                   "rubrics": ("rubrics", records.RubricSet),
+                   "seed_metadata": ("seed_metadata", records.Metadata)},
+                  _error_output(error_handling, "CodecLM"))

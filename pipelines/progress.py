@@ -1,0 +1,196 @@
+"""Live progress of a local run: what the pipeline counts, shown while it runs.
+
+It reads the process-local mirror of the run's counters (`codeclm_beam.metrics.LIVE`):
+the same increments as the Beam counters the manifest reads, visible before the run
+ends. It makes no model call and changes no output. On a terminal it is one tqdm status
+bar, with a line written above it at each stage change; elsewhere (CI, logs) it is
+plain lines every `interval` seconds and at each stage change. A runner whose workers
+are other processes (Dataflow, a multi-process DirectRunner) leaves the mirror empty:
+`jobs status --watch` shows a Dataflow job's figures.
+"""
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from typing import Callable, Optional, TextIO
+
+from codeclm_beam import metrics
+from codeclm_beam.metrics import RunCounters
+
+# Stages in the order a generate or evaluate run reaches them.
+STAGE_ORDER = ("encode", "rubrics", "decode", "answer_strong", "answer_target", "judge",
+               "improve", "eval_answer_reference", "eval_answer_candidate", "eval_judge")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    minutes, seconds = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+class Snapshot:
+    """The figures of one moment of a run."""
+
+    def __init__(self, counters: RunCounters, in_flight: dict[str, int], elapsed: float):
+        self.counters = counters
+        self.in_flight = in_flight
+        self.elapsed = elapsed
+        self.by_stage = {stage: _stage_totals(entry)
+                         for stage, entry in counters.model_calls()["by_stage"].items()}
+        self.totals = counters.summary()
+
+    @property
+    def calls_done(self) -> int:
+        """Elements answered, from the model or the cache."""
+        return sum(s["elements"] for s in self.by_stage.values())
+
+    @property
+    def round(self) -> int:
+        rounds = [n for n in self.counters.rounds()
+                  if self.counters.in_round(n, "candidates")]
+        return max(rounds) if rounds else 0
+
+    def stage(self) -> Optional[str]:
+        """The stage at work: the one with calls in flight, else the latest reached."""
+        if self.in_flight:
+            return max(self.in_flight, key=_stage_position)
+        reached = [s for s in self.by_stage if self.by_stage[s]["elements"]]
+        return max(reached, key=_stage_position) if reached else None
+
+
+def _stage_position(stage: str) -> int:
+    return STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER)
+
+
+def _stage_totals(entry: dict) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    for numbers in entry["models"].values():
+        for name, value in numbers.items():
+            totals[name] = totals.get(name, 0) + value
+    return totals
+
+
+def describe(snapshot: Snapshot, wanted: Optional[int],
+             projected_calls: Optional[int]) -> str:
+    """One line: the stage at work and its figures, the kept pairs and an ETA."""
+    stage = snapshot.stage()
+    parts = [f"[{_duration(snapshot.elapsed)}]"]
+    if stage is None:
+        parts.append("reading inputs")
+    else:
+        s = snapshot.by_stage.get(stage, {})
+        label = f"round {snapshot.round} " if stage in (
+            "answer_strong", "answer_target", "judge", "improve") else ""
+        tokens = sum(s.get(kind, 0) for kind in metrics.TOKEN_KINDS
+                     if kind != "cached_prompt_tokens")
+        parts.append(
+            f"{label}{stage}: {s.get('elements', 0)} done, "
+            f"{snapshot.in_flight.get(stage, 0)} in flight, "
+            f"{s.get('cache_hits', 0)} cache hits, {tokens} tokens, "
+            f"{snapshot.counters.dead_letter(stage)} dead letters")
+    totals = snapshot.totals
+    kept = int(totals["kept_pairs"])
+    parts.append(f"kept {kept}/{wanted}" if wanted else f"kept {kept}")
+    parts.append(f"dead letters {int(totals['dead_letters'])}")
+    done = snapshot.calls_done
+    if projected_calls:
+        eta = ""
+        if done and projected_calls > done:
+            eta = f", ETA ~{_duration(snapshot.elapsed / done * (projected_calls - done))}"
+        parts.append(f"calls {done} of ~{max(projected_calls, done)}{eta}")
+    else:
+        parts.append(f"calls {done}")
+    return " | ".join(parts)
+
+
+class LiveProgress:
+    """`with LiveProgress(...): pipeline.run()`: progress while the block runs."""
+
+    def __init__(self, wanted: Optional[int] = None,
+                 projected_calls: Optional[Callable[[RunCounters], Optional[int]]] = None,
+                 stream: Optional[TextIO] = None, interval: float = 10.0,
+                 tick: float = 1.0):
+        self._wanted = wanted
+        self._projected = projected_calls or (lambda counters: None)
+        self._stream = stream or sys.stderr
+        self._interval = interval
+        self._tick = tick
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._started = 0.0
+        self._bar = None
+
+    def __enter__(self) -> "LiveProgress":
+        metrics.LIVE.reset()
+        self._started = time.monotonic()
+        if self._stream.isatty():
+            from tqdm import tqdm
+            self._bar = tqdm(total=self._wanted, unit="pair", file=self._stream,
+                             dynamic_ncols=True, leave=False,
+                             bar_format="{desc}")
+        self._thread = threading.Thread(target=self._run, name="codeclm-progress",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+        self._emit(self.snapshot(), final=True)
+        if self._bar is not None:
+            self._bar.close()
+
+    def snapshot(self) -> Snapshot:
+        values, in_flight = metrics.LIVE.snapshot()
+        return Snapshot(RunCounters.from_pairs(values.items()), in_flight,
+                        time.monotonic() - self._started)
+
+    def line(self, snapshot: Snapshot) -> str:
+        return describe(snapshot, self._wanted, self._projected(snapshot.counters))
+
+    def _run(self) -> None:
+        last_stage, last_line = None, 0.0
+        while not self._stop.wait(self._tick):
+            snapshot = self.snapshot()
+            stage = (snapshot.stage(), snapshot.round)
+            changed = stage != last_stage
+            if self._bar is not None:
+                if changed and last_stage is not None:
+                    self._bar.write(self.line(snapshot), file=self._stream)
+                self._bar.set_description_str(self.line(snapshot))
+            elif changed or snapshot.elapsed - last_line >= self._interval:
+                self._emit(snapshot)
+                last_line = snapshot.elapsed
+            last_stage = stage
+
+    def _emit(self, snapshot: Snapshot, final: bool = False) -> None:
+        text = ("done " if final else "") + self.line(snapshot)
+        if self._bar is not None:
+            self._bar.write(text, file=self._stream)
+        else:
+            print(text, file=self._stream, flush=True)
+
+
+LOCAL_RUNNERS = ("directrunner", "direct", "prismrunner", "prism", "fnapirunner",
+                 "bundlebasedirectrunner", "switchingdirectrunner")
+
+
+def progress_for(options, wanted: Optional[int] = None,
+                 projected_calls: Optional[Callable[[RunCounters], Optional[int]]] = None):
+    """LiveProgress for a local run, a no-op context otherwise (--quiet, a dry run,
+    or a runner whose workers the mirror cannot see)."""
+    import contextlib
+
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    from codeclm_beam.options import RunOptions
+    from codeclm_beam.options import is_dry_run
+    runner = options.view_as(StandardOptions).runner or "DirectRunner"
+    runner = runner if isinstance(runner, str) else type(runner).__name__
+    if options.view_as(RunOptions).quiet or is_dry_run(options) or \
+            runner.lower() not in LOCAL_RUNNERS:
+        return contextlib.nullcontext()
+    return LiveProgress(wanted, projected_calls)
