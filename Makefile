@@ -29,7 +29,8 @@ venv: $(VENV)/.installed-dev
 # minutes on two cores; answers get 192 tokens, and one that runs
 # past them is a dead letter, never a cut answer. With one model on both sides the judge
 # sees no gap, so --keep_unresolved keeps the better answer of what is still undecided
-# after the last round (real runs leave it off).
+# after the last round (real runs leave it off). It ends by tracing one pair through the
+# method (`codeclm-beam show`).
 demo: $(VENV)/.installed-local
 	$(VENV)/bin/codeclm-beam generate \
 	  --seeds examples/demo_seeds.jsonl --output_dir $(OUT)/demo \

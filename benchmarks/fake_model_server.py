@@ -46,8 +46,11 @@ from http.server import ThreadingHTTPServer
 from typing import Any, Optional
 
 FAULTS = ("status_500", "status_503", "hang", "drop", "malformed", "truncated", "schema")
-_VERTEX_PATH = re.compile(r"/projects/[^/]+/locations/[^/]+/publishers/google/models/"
+_VERTEX_PATH = re.compile(r"/projects/[^/]+/locations/([^/]+)/publishers/google/models/"
                           r"([^/:]+):generateContent$")
+# Flex PayGo: a generateContent request with this header is served from shared
+# capacity at half price, on the global endpoint only.
+FLEX_HEADER = "X-Vertex-AI-LLM-Shared-Request-Type"
 _WORDS = ("model data answer quality pipeline beam token judge instruction response "
           "metadata rubric action skill use case strong target improve filter").split()
 
@@ -296,7 +299,14 @@ class FakeModelServer:
         if handler.path.split("?")[0].endswith("/chat/completions"):
             request = self._parse_openai(body)
         elif vertex:
-            request = self._parse_vertex(body, vertex.group(1))
+            request = self._parse_vertex(body, vertex.group(2))
+            request["location"] = vertex.group(1)
+            request["request_type"] = handler.headers.get(FLEX_HEADER)
+            if request["request_type"] == "flex" and request["location"] != "global":
+                return self._send(handler, 400, {"error": {
+                    "code": 400, "status": "INVALID_ARGUMENT", "message":
+                    "Flex PayGo is served on the global endpoint only"}},
+                    "invalid_argument")
         else:
             return self._send(handler, 404, {"error": {"message": "no such path"}},
                               "not_found")
@@ -359,7 +369,9 @@ class FakeModelServer:
                          latency=time.monotonic() - started, key=request_key,
                          model=request["model"], max_tokens=request.get("max_tokens"),
                          thinking=request.get("thinking",
-                                              request.get("reasoning_effort")))
+                                              request.get("reasoning_effort")),
+                         location=request.get("location"),
+                         request_type=request.get("request_type"))
 
     def _parse_openai(self, body: dict) -> dict:
         schema = None

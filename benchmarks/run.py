@@ -27,6 +27,7 @@ from codeclm_beam.model import ModelClient  # noqa: E402
 from codeclm_beam.model import ModelConfig  # noqa: E402
 from codeclm_beam.model import ModelRequest  # noqa: E402
 from codeclm_beam.model import QuotaConfig  # noqa: E402
+from codeclm_beam.transforms.judge import judge_answer  # noqa: E402
 
 SCALE = float(os.environ.get("BENCH_SCALE", "1.0"))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -63,10 +64,7 @@ def codeclm_shaped() -> dict[str, Any]:
     """An answer, a second answer, two judge calls per item: this project's model layer
     (concurrent, quota-aware) against a plain sequential loop, same server and quota."""
     quota_rpm, latency, items = 1200, 0.3, int(60 * SCALE)
-    judge_schema = {"type": "object", "properties": {
-        "assistant_1_score": {"type": "integer", "enum": list(range(1, 11))},
-        "assistant_2_score": {"type": "integer", "enum": list(range(1, 11))}},
-        "required": ["assistant_1_score", "assistant_2_score"]}
+    judge_schema = judge_answer(10).request_schema()  # the filter's judgement
     out = {}
     for name in ("codeclm_beam", "sequential_loop"):
         with FakeModelServer(ServerConfig(rpm=quota_rpm, latency_mean=latency)) as server:

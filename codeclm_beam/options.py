@@ -12,6 +12,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.options.pipeline_options import WorkerOptions
 
+from codeclm_beam.model.config import VERTEX_MODES
 from codeclm_beam.model.config import ModelConfig
 from codeclm_beam.model.ratelimit import QuotaConfig
 from codeclm_beam.model.uri import DEFAULT_MODEL_URI
@@ -43,6 +44,11 @@ class ModelOptions(PipelineOptions):
         group.add_argument("--vertex_location", default=None,
                            help="Vertex AI location (default: GOOGLE_CLOUD_LOCATION, "
                                 "then us-central1).")
+        group.add_argument("--vertex_mode", default="online", choices=VERTEX_MODES,
+                           help="How vertex: models are served and billed: online "
+                                "(standard pay-as-you-go) or flex (Flex PayGo: the same "
+                                "requests on the global endpoint at half price, slower, "
+                                "for the models that offer it). Other models ignore it.")
         group.add_argument("--model_base_url", default=None,
                            help="Endpoint override for vertex:/gemini: models (proxies).")
         group.add_argument("--max_concurrency", type=int, default=8,
@@ -152,6 +158,7 @@ def model_configs(options: PipelineOptions, default_cache_dir: Optional[str] = N
         max_parse_retries=opts.max_parse_retries,
         quota=quota,
         cache_dir=cache_dir,
+        vertex_mode=opts.vertex_mode,
         n_ctx=opts.n_ctx)
     return {
         "strong": ModelConfig(uri=opts.strong_model, thinking=opts.strong_thinking, **base),

@@ -26,6 +26,17 @@ DEFAULT_PRICES = {
 }
 
 
+# What each way of serving a model costs against its online price: Flex PayGo and
+# Vertex AI batch prediction bill the same tokens at half.
+PRICE_FACTOR = {"online": 1.0, "flex": 0.5, "batch": 0.5}
+# The modes that apply to a model: only Vertex AI's Gemini has flex and batch.
+PAID_MODES_PREFIX = "vertex:"
+
+
+def mode_factor(model: str, mode: str) -> float:
+    return PRICE_FACTOR[mode] if model.startswith(PAID_MODES_PREFIX) else 1.0
+
+
 def merged_prices(overrides: Optional[Mapping] = None) -> dict:
     return {**DEFAULT_PRICES, **(overrides or {})}
 
@@ -37,14 +48,42 @@ def price_of(uri: str, prices: Mapping) -> Optional[dict]:
     return prices[max(matches, key=len)] if matches else None
 
 
-def cost_usd(tokens: Mapping[str, float], price: Optional[Mapping]) -> Optional[float]:
+def cost_usd(tokens: Mapping[str, float], price: Optional[Mapping],
+             factor: float = 1.0) -> Optional[float]:
     """What `tokens` ({prompt_tokens, cached_prompt_tokens, completion_tokens,
-    thoughts_tokens}) cost at `price`; None when the price is unknown."""
+    thoughts_tokens}) cost at `price` times `factor` (`mode_factor`); None when the
+    price is unknown."""
     if price is None:
         return None
     prompt = tokens.get("prompt_tokens", 0)
     cached = min(tokens.get("cached_prompt_tokens", 0), prompt)
     output = tokens.get("completion_tokens", 0) + tokens.get("thoughts_tokens", 0)
-    return ((prompt - cached) * price["input"]
-            + cached * price.get("cached_input", price["input"])
-            + output * price["output"]) / 1e6
+    return factor * ((prompt - cached) * price["input"]
+                     + cached * price.get("cached_input", price["input"])
+                     + output * price["output"]) / 1e6
+
+
+def run_cost(by_stage: Mapping, modes: Mapping[str, str],
+             prices: Optional[Mapping] = None) -> dict:
+    """A run's estimated cost from its calls per stage and model
+    (manifest["model_calls"]["by_stage"]): as run (each model at its billing mode,
+    `modes`: model id -> mode) and, for comparison, with every vertex: model in each
+    mode. Rows per stage and model for the report. None where a price is unknown."""
+    prices = merged_prices(prices)
+    rows, as_run, by_mode = [], 0.0, dict.fromkeys(PRICE_FACTOR, 0.0)
+    for stage, entry in by_stage.items():
+        for model, tokens in entry["models"].items():
+            price, mode = price_of(model, prices), modes.get(model, "online")
+            cost = cost_usd(tokens, price, mode_factor(model, mode))
+            rows.append({"stage": stage, "model": model, "mode": mode, "usd": cost})
+            as_run = None if cost is None or as_run is None else as_run + cost
+            for each in by_mode:
+                each_cost = cost_usd(tokens, price, mode_factor(model, each))
+                by_mode[each] = (None if each_cost is None or by_mode[each] is None
+                                 else by_mode[each] + each_cost)
+    return {"usd": _round(as_run), "by_mode": {m: _round(c) for m, c in by_mode.items()},
+            "rows": rows}
+
+
+def _round(cost: Optional[float]) -> Optional[float]:
+    return None if cost is None else round(cost, 4)

@@ -8,6 +8,7 @@ through to `PipelineOptions` untouched.
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import importlib
 import logging
@@ -59,6 +60,10 @@ def refuse_unknown_options(parser: argparse.ArgumentParser, argv: list[str]) -> 
         parser.error(unknown_message(unknown, every))
 
 
+def _usd(value) -> str:
+    return "unknown" if value is None else f"${value:,.4f}"
+
+
 def _summary(manifest: dict) -> str:
     acc = manifest["accounting"]
     cand = acc["candidates"]
@@ -104,6 +109,11 @@ def _summary(manifest: dict) -> str:
                  f"{calls.get('prompt_tokens', 0)} prompt + "
                  f"{calls.get('completion_tokens', 0)} visible output + "
                  f"{calls.get('thoughts_tokens', 0)} thoughts")
+    cost = manifest.get("cost")
+    if cost:
+        lines.append(f"  estimated cost: {_usd(cost['usd'])} as run (vertex: models "
+                     + ", ".join(f"{mode} {_usd(v)}" for mode, v in cost["by_mode"].items())
+                     + ")")
     lines.append(f"  accounting balanced: {acc['balanced']}")
     if "tailoring" in manifest:
         t = manifest["tailoring"]
@@ -121,8 +131,25 @@ def _summary(manifest: dict) -> str:
 
 def _launch_summary(launch: dict) -> str:
     if not launch["submitted"]:
-        return (f"{launch['tool']}: job built and validated, not submitted (dry run); "
-                f"run id {launch['run_id']}")
+        built = launch.get("built", {})
+        lines = [f"{launch['tool']}: job built and validated, not submitted (dry run); "
+                 f"run id {launch['run_id']}", "  stages:"]
+        for stage, steps in built.get("stages", {}).items():
+            lines.append(f"    {stage}" + (f": {', '.join(steps)}" if steps else ""))
+        side_inputs = built.get("side_inputs", [])
+        where = collections.Counter("/".join(name.split("/")[:2]) for name in side_inputs)
+        lines.append(f"  side inputs read by {len(side_inputs)} steps"
+                     + (": " + ", ".join(f"{k} {v}" for k, v in sorted(where.items()))
+                        if where else ""))
+        quota = built.get("quota", {})
+        shares = [f"{name.replace('_', ' ')}: {q['job']:g} for the job, {q['per_vm']:g} "
+                  "per VM" for name, q in quota.items() if isinstance(q, dict)]
+        lines.append(f"  quota over {quota.get('vms', 1)} VM(s): "
+                     + ("; ".join(shares) or "none set (--max_requests_per_minute)"))
+        workers = {k: v for k, v in built.get("workers", {}).items() if v}
+        lines.append("  workers: " + (", ".join(f"{k} {v}" for k, v in workers.items())
+                                      or "Dataflow's defaults"))
+        return "\n".join(lines)
     return (f"{launch['tool']}: job submitted ({launch['job']}); its outputs will stay "
             f"under {launch['outputs']} (a launch that does not wait does not move them "
             "into place)")
@@ -145,7 +172,7 @@ def generate(argv: list[str]) -> int:
 def evaluate(argv: list[str]) -> int:
     from codeclm_beam.pipelines.evaluate import EvaluateOptions
     from codeclm_beam.pipelines.evaluate import failed_shares
-    from codeclm_beam.pipelines.evaluate import markdown_table
+    from codeclm_beam.pipelines.report import markdown_table
     from codeclm_beam.pipelines.evaluate import run
     parse_pipeline_flags(
         "codeclm-beam evaluate", "Capacity Recovery Ratio of candidate models against a "

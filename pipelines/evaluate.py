@@ -16,6 +16,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from codeclm_beam import metrics
 from codeclm_beam.metrics import RunCounters
+from codeclm_beam.pipelines.manifest import billing_modes
 from codeclm_beam.pipelines.progress import progress_for
 from codeclm_beam.model.config import ModelConfig
 from codeclm_beam.options import ModelOptions
@@ -27,6 +28,7 @@ from codeclm_beam.pipelines.outputs import OutputDirectory
 from codeclm_beam.pipelines.outputs import WriteDeadLetters
 from codeclm_beam.pipelines.outputs import WriteJsonl
 from codeclm_beam.pipelines.outputs import read_jsonl_dir
+from codeclm_beam.pipelines.report import markdown_table
 from codeclm_beam.pipelines.report import write_report
 from codeclm_beam.model.errors import ConfigurationError
 from codeclm_beam.options import AnswerOptions
@@ -130,33 +132,6 @@ def _round(value):
     return None if value is None else round(value, 2)
 
 
-def markdown_table(summary: dict) -> str:
-    """Rows = candidates, columns = benchmarks: CRR % with W/T/L/F, as in the paper
-    (plus F), headed by who judged and which part of each benchmark was used."""
-    benches = summary["benchmarks"]
-    lines = [f"Judge: {summary['models']['judge']} ({summary['judge_independence']})", ""]
-    lines += [f"- {bench}: {summary['splits'].get(bench, 'unknown')}" for bench in benches]
-    lines += ["", "| candidate | " + " | ".join(benches) + " | overall |",
-              "| --- |" + " --- |" * (len(benches) + 1)]
-    for row in summary["candidates"]:
-        cells = [row["benchmarks"][b] for b in benches] + [row["overall"]]
-        lines.append(f"| {row['candidate_model']} | " + " | ".join(
-            (f"{c['crr']:.2f}" if c["crr"] is not None else "n/a")
-            + f" ({c['win']}/{c['tie']}/{c['loss']}/{c[FAILED]})" for c in cells) + " |")
-    if summary["differences"]:
-        lines += ["", "| benchmark | from | to | ΔCRR | 95% CI |", "| --- | --- | --- | --- | --- |"]
-        for d in summary["differences"]:
-            lines.append(f"| {d['benchmark']} | {d['from']} | {d['to']} | "
-                         f"{d['difference']:+.2f} | [{d['ci95_low']:+.2f}, "
-                         f"{d['ci95_high']:+.2f}] |")
-    lines += ["", "Cells: CRR % (wins/ties/losses/failed of the candidate against the "
-              "reference; a win or loss needs the same verdict in both answer orders). "
-              "CRR = (W + T) / (W + T + L): the denominator is the judged items; failed "
-              "items (no answer or judgement could be had, see dead_letter/) are counted "
-              "in F and left out of it."]
-    return "\n".join(lines) + "\n"
-
-
 def judge_independence(judge: ModelConfig, reference: ModelConfig,
                        candidates: list[ModelConfig]) -> str:
     """How the judge stands to the contestants; "self-judged" wherever a CRR is shown
@@ -184,6 +159,7 @@ class EvaluatePlan:
     judge_independence: str
     settings: dict[str, Any]
     answering: list[ModelConfig]  # the reference and the candidates
+    billing: dict[str, str]  # model id -> how its calls are billed
 
 
 def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
@@ -234,7 +210,8 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
     return EvaluatePlan(read, [c.spec.uri for c in candidates], reference.spec.uri,
                         judge.spec.uri, run_id,
                         judge_independence(judge, reference, candidates), settings,
-                        [reference, *candidates])
+                        [reference, *candidates],
+                        billing_modes(reference, judge, *candidates))
 
 
 def preflight(options: PipelineOptions, plan: EvaluatePlan) -> None:
@@ -299,8 +276,10 @@ def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = N
         "judge_independence": plan.judge_independence,
         "settings": plan.settings,
         "model_calls": counters.model_calls(),
+        "billing": plan.billing,
         "dead_letters_by_stage": counters.dead_letters(),
     })
+    summary["cost"] = manifest_lib.estimated_cost(summary)
     outputs.write_text("crr.md", markdown_table(summary), "text/markdown")
     if not run_opts.no_report:
         summary["report"] = write_report(outputs, summary)

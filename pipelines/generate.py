@@ -15,6 +15,7 @@ from apache_beam.options.pipeline_options import StandardOptions
 
 from codeclm_beam import metrics
 from codeclm_beam.metrics import RunCounters
+from codeclm_beam.pipelines.manifest import billing_modes
 from codeclm_beam.pipelines.progress import progress_for
 from codeclm_beam.options import AnswerOptions
 from codeclm_beam.options import is_dry_run
@@ -269,9 +270,11 @@ def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = N
             counters, config.max_iterations, bool(opts.metadata), config.keep_unresolved,
             config.num_metadata),
         "model_calls": counters.model_calls(),
+        "billing": billing_modes(config.strong, config.target, config.judge),
         "outputs": {name: FileSystems.join(output_dir, name) for name in OUTPUT_FOLDERS},
         "tailoring": run_tailoring(output_dir),
     }
+    manifest["cost"] = manifest_lib.estimated_cost(manifest)
     manifest["delivery"] = manifest_lib.delivery(
         manifest["accounting"], config.num_examples, config.basic_instructions,
         rerun_command(options))

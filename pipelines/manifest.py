@@ -44,14 +44,74 @@ def run_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
             # nothing. A launch that does not wait leaves its outputs where the job
             # writes them: nobody is there to move them into place.
             job_id = getattr(result, "job_id", None)
-            return result, {"tool": tool, "run_id": run_id, "submitted": not dry_run,
-                            "job": str((job_id() if callable(job_id) else None) or result),
-                            "outputs": None if dry_run else outputs.staging}
+            launch = {"tool": tool, "run_id": run_id, "submitted": not dry_run,
+                      "job": str((job_id() if callable(job_id) else None) or result),
+                      "outputs": None if dry_run else outputs.staging}
+            if dry_run:
+                launch["built"] = built_job(result, options)
+            return result, launch
     except BaseException:
         if not dry_run:
             outputs.abandon()
         raise
     return result, None
+
+
+def built_job(result, options: PipelineOptions) -> dict[str, Any]:
+    """What a Dataflow dry run built: the top-level stages (and the composites' steps
+    under them), the steps that read side inputs, how a job-wide quota is shared, and
+    how workers are set up."""
+    from apache_beam.options.pipeline_options import SetupOptions
+    from apache_beam.options.pipeline_options import WorkerOptions
+    from apache_beam.portability.api import beam_runner_api_pb2
+
+    from codeclm_beam.options import ModelOptions
+    from codeclm_beam.options import num_vms
+    job = getattr(result, "job", None)
+    proto = getattr(job, "proto_pipeline", None)
+    stages: dict[str, list[str]] = {}
+    side_inputs: list[str] = []
+    if proto is not None:
+        transforms = proto.components.transforms
+        for root in proto.root_transform_ids:
+            for top in transforms[root].subtransforms or [root]:
+                stages[transforms[top].unique_name] = [
+                    transforms[sub].unique_name.rsplit("/", 1)[-1]
+                    for sub in transforms[top].subtransforms]
+        for transform in transforms.values():
+            if transform.spec.urn == "beam:transform:pardo:v1" and \
+                    beam_runner_api_pb2.ParDoPayload.FromString(
+                        transform.spec.payload).side_inputs:
+                side_inputs.append(transform.unique_name)
+    models, workers = options.view_as(ModelOptions), options.view_as(WorkerOptions)
+    setup, vms = options.view_as(SetupOptions), num_vms(options)
+    quota = {"vms": vms}
+    for name, value in (("requests_per_minute", models.max_requests_per_minute),
+                        ("tokens_per_minute", models.max_tokens_per_minute)):
+        if value:
+            quota[name] = {"job": value, "per_vm": round(value / vms, 2)}
+    return {"stages": stages, "side_inputs": sorted(side_inputs), "quota": quota,
+            "workers": {"machine_type": workers.machine_type,
+                        "max_num_workers": workers.max_num_workers,
+                        "sdk_container_image": workers.sdk_container_image,
+                        "setup_file": setup.setup_file,
+                        "requirements_file": setup.requirements_file,
+                        "extra_packages": setup.extra_packages,
+                        "sdk_location": setup.sdk_location}}
+
+
+def billing_modes(*models) -> dict[str, str]:
+    """How each model's calls are billed, by the model id its counters carry."""
+    return {model.identity: model.billing_mode for model in models}
+
+
+def estimated_cost(record: dict) -> dict[str, Any]:
+    """A run's estimated cost at the default prices (`codeclm-beam report --prices`
+    re-prices it): as run, and with every vertex: model in each mode."""
+    from codeclm_beam.pricing import run_cost
+    cost = run_cost(record["model_calls"]["by_stage"], record.get("billing", {}))
+    return {"usd": cost["usd"], "by_mode": cost["by_mode"],
+            "note": "estimates at published list prices; flex and batch bill half"}
 
 
 def run_header(tool: str, run_id: str, started: float) -> dict[str, Any]:

@@ -17,8 +17,10 @@ from typing import Optional
 from apache_beam.io.filesystems import FileSystems
 
 from codeclm_beam.pipelines.outputs import read_json
+from codeclm_beam.pricing import PRICE_FACTOR
 from codeclm_beam.pricing import cost_usd
 from codeclm_beam.pricing import merged_prices
+from codeclm_beam.pricing import mode_factor
 from codeclm_beam.pricing import price_of
 from codeclm_beam.metrics import TOKEN_KINDS
 from codeclm_beam.transforms.codeclm import round_slots
@@ -125,6 +127,10 @@ def basic_instructions_needed(accept: tuple[float, ...], wanted: int, margin: in
     return low
 
 
+def _rounded(cost: Optional[float]) -> Optional[float]:
+    return None if cost is None else round(cost, 2)
+
+
 def project_stages(by_stage: dict, elements: dict[str, float],
                    completion_scale: dict[str, float], prices: dict
                    ) -> tuple[list[dict], dict[str, dict]]:
@@ -141,10 +147,13 @@ def project_stages(by_stage: dict, elements: dict[str, float],
             tokens = {kind: requests * measured.get(kind, 0) / per_request
                       * (scale if kind in ("completion_tokens", "thoughts_tokens") else 1)
                       for kind in TOKEN_KINDS}
-            cost = cost_usd(tokens, price_of(model, prices))
+            by_mode = {mode: cost_usd(tokens, price_of(model, prices),
+                                      mode_factor(model, mode)) for mode in PRICE_FACTOR}
             stages.append({"stage": stage, "model": model, "requests": round(requests),
                            **{kind: round(value) for kind, value in tokens.items()},
-                           "cost_usd": None if cost is None else round(cost, 2)})
+                           "cost_usd": _rounded(by_mode["online"]),
+                           "cost_usd_by_mode": {mode: _rounded(cost)
+                                                for mode, cost in by_mode.items()}})
             total = per_model.setdefault(model, {"requests": 0.0, "tokens": 0.0})
             total["requests"] += requests
             # Quotas count thoughts as output tokens, as the bill does.
@@ -220,10 +229,17 @@ def plan(pilot: Pilot, num_examples: int, num_instructions: Optional[int] = None
                             + s["thoughts_tokens"] for s in stages),
         "total_thoughts_tokens": sum(s["thoughts_tokens"] for s in stages),
         "cost_usd": None if None in costs else round(sum(costs), 2),
+        # vertex: models served online, with Flex PayGo, or by batch prediction jobs.
+        "cost_usd_by_mode": {mode: _total([s["cost_usd_by_mode"][mode] for s in stages])
+                             for mode in PRICE_FACTOR},
         "quota_bound_hours": (round(max(minutes) / 60, 2)
                               if requests_per_minute or tokens_per_minute else None),
         "warnings": warnings,
     }
+
+
+def _total(costs: list[Optional[float]]) -> Optional[float]:
+    return None if None in costs else round(sum(costs), 2)
 
 
 def render(result: dict) -> str:
@@ -253,6 +269,12 @@ def render(result: dict) -> str:
         f"round 1) to {bounds['all_rounds_for_every_candidate']:,} (every candidate "
         "through every round)",
     ]
+    by_mode = result["cost_usd_by_mode"]
+    lines.append("  vertex: models served " + " | ".join(
+        f"{mode} {'unknown' if cost is None else f'${cost:,.2f}'}"
+        for mode, cost in by_mode.items())
+        + " (flex: Flex PayGo on the global endpoint, for the models that offer it;"
+          " batch: batch prediction, not yet a --vertex_mode)")
     if result["quota_bound_hours"] is not None:
         lines.append(f"  quota-bound wall time: {result['quota_bound_hours']:,} h")
     lines += [f"  warning: {warning}" for warning in result["warnings"]]

@@ -13,14 +13,14 @@ from typing import Any, Optional
 
 from apache_beam.io.filesystems import FileSystems
 
-from codeclm_beam.pricing import cost_usd
+from codeclm_beam.pricing import run_cost
 from codeclm_beam.pricing import merged_prices
-from codeclm_beam.pricing import price_of
 from codeclm_beam.model.errors import ConfigurationError
 from codeclm_beam.pipelines.outputs import OutputDirectory
 from codeclm_beam.pipelines.outputs import read_json
 from codeclm_beam.pipelines.outputs import read_jsonl_dir
 from codeclm_beam.pipelines.args import SuggestingParser
+from codeclm_beam.transforms.evaluate import FAILED
 
 CITATION = """@inproceedings{wang2024codeclm,
   title={CodecLM: Aligning Language Models with Tailored Synthetic Data},
@@ -219,21 +219,19 @@ def _img(src: str, alt: str) -> str:
     return f"<img class='plot' alt='{html.escape(alt)}' src='{src}'>"
 
 
-def estimated_cost(by_stage: dict, prices: dict) -> tuple[list[list[Any]], Optional[float]]:
-    rows, total, unknown = [], 0.0, False
-    for stage, entry in by_stage.items():
-        for model, m in entry["models"].items():
-            cost = cost_usd(m, price_of(model, prices))
-            if cost is None:
-                unknown = True
-            else:
-                total += cost
-            rows.append([stage, model, m["requests"], m["cache_hits"], m["retries"],
-                         m["failures"], m.get("truncated", 0), m["prompt_tokens"],
-                         m.get("cached_prompt_tokens", 0), m["completion_tokens"],
-                         m.get("thoughts_tokens", 0),
-                         "unknown" if cost is None else f"${cost:,.4f}"])
-    return rows, None if unknown else total
+def estimated_cost(by_stage: dict, prices: dict, modes: dict
+                   ) -> tuple[list[list[Any]], dict]:
+    """The cost table's rows, and the run's cost (`pricing.run_cost`)."""
+    cost = run_cost(by_stage, modes, prices)
+    rows = []
+    for row in cost["rows"]:
+        m = by_stage[row["stage"]]["models"][row["model"]]
+        rows.append([row["stage"], row["model"], row["mode"], m["requests"],
+                     m["cache_hits"], m["retries"], m["failures"], m.get("truncated", 0),
+                     m["prompt_tokens"], m.get("cached_prompt_tokens", 0),
+                     m["completion_tokens"], m.get("thoughts_tokens", 0),
+                     "unknown" if row["usd"] is None else f"${row['usd']:,.4f}"])
+    return rows, cost
 
 
 def _pairs(rows: list[dict], fields: list[str], limit: int = 5) -> str:
@@ -311,7 +309,8 @@ def generate_report(run_dir: str, manifest: dict, prices: dict) -> dict[str, str
     tailor = manifest["tailoring"]
 
     by_stage = manifest["model_calls"]["by_stage"]
-    cost_rows, cost = estimated_cost(by_stage, prices)
+    cost_rows, run_costs = estimated_cost(by_stage, prices, manifest.get("billing", {}))
+    cost = run_costs["usd"]
     acc = manifest["accounting"]
     gaps = [r["gap"] for r in examples + rejected if r.get("gap") is not None]
     dead_letters = read_jsonl_dir(FileSystems.join(run_dir, "dead_letter"))
@@ -346,13 +345,17 @@ def generate_report(run_dir: str, manifest: dict, prices: dict) -> dict[str, str
                 "within threshold", "not needed"]),
         "<h2>Calls, tokens and cost</h2>",
         _img(calls_per_stage(by_stage), "calls and tokens per stage"),
-        _table(cost_rows, ["stage", "model", "requests", "cache hits", "retries",
+        _table(cost_rows, ["stage", "model", "billed as", "requests", "cache hits", "retries",
                            "failures", "truncated", "prompt tokens", "of which cached",
                            "visible output tokens", "thought tokens", "est. cost"]),
         "<p class='muted'>Thought tokens are billed as output; cached prompt tokens at "
         "the cached-input rate.</p>",
         f"<p>Estimated cost: <b>{'unknown (no price for a model)' if cost is None else f'${cost:,.2f}'}"
-        "</b> (prices are estimates; override with <code>--prices</code>).</p>",
+        "</b> (prices are estimates; override with <code>--prices</code>). The same "
+        "calls with every vertex: model served "
+        + ", ".join(f"{mode}: {'unknown' if usd is None else f'${usd:,.2f}'}"
+                    for mode, usd in run_costs["by_mode"].items())
+        + " (flex and batch prediction bill at half the online price).</p>",
         "<h2>Sample of kept pairs</h2>",
         _pairs(examples, ["instruction", "response", "response_source", "iteration",
                           "use_case", "skills", "gap"]),
@@ -364,8 +367,34 @@ def generate_report(run_dir: str, manifest: dict, prices: dict) -> dict[str, str
             "README.md": dataset_card(manifest, len(examples))}
 
 
+def markdown_table(summary: dict) -> str:
+    """Rows = candidates, columns = benchmarks: CRR % with W/T/L/F, as in the paper
+    (plus F), headed by who judged and which part of each benchmark was used."""
+    benches = summary["benchmarks"]
+    lines = [f"Judge: {summary['models']['judge']} ({summary['judge_independence']})", ""]
+    lines += [f"- {bench}: {summary['splits'].get(bench, 'unknown')}" for bench in benches]
+    lines += ["", "| candidate | " + " | ".join(benches) + " | overall |",
+              "| --- |" + " --- |" * (len(benches) + 1)]
+    for row in summary["candidates"]:
+        cells = [row["benchmarks"][b] for b in benches] + [row["overall"]]
+        lines.append(f"| {row['candidate_model']} | " + " | ".join(
+            (f"{c['crr']:.2f}" if c["crr"] is not None else "n/a")
+            + f" ({c['win']}/{c['tie']}/{c['loss']}/{c[FAILED]})" for c in cells) + " |")
+    if summary["differences"]:
+        lines += ["", "| benchmark | from | to | ΔCRR | 95% CI |", "| --- | --- | --- | --- | --- |"]
+        for d in summary["differences"]:
+            lines.append(f"| {d['benchmark']} | {d['from']} | {d['to']} | "
+                         f"{d['difference']:+.2f} | [{d['ci95_low']:+.2f}, "
+                         f"{d['ci95_high']:+.2f}] |")
+    lines += ["", "Cells: CRR % (wins/ties/losses/failed of the candidate against the "
+              "reference; a win or loss needs the same verdict in both answer orders). "
+              "CRR = (W + T) / (W + T + L): the denominator is the judged items; failed "
+              "items (no answer or judgement could be had, see dead_letter/) are counted "
+              "in F and left out of it."]
+    return "\n".join(lines) + "\n"
+
+
 def evaluate_report(summary: dict) -> dict[str, str]:
-    from codeclm_beam.pipelines.evaluate import markdown_table
     rows = []
     for row in summary["candidates"]:
         for bench in summary["benchmarks"]:

@@ -2,6 +2,8 @@
 (every DoFn, side input and coder pickled) and validated, and nothing is submitted.
 The built job is then inspected: the method's stages are there by name, and the rubric
 state and the kept count reach their consumers as side inputs."""
+import re
+
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.portability.api import beam_runner_api_pb2
@@ -30,7 +32,16 @@ def test_generate_cli_path_passes_a_dataflow_dry_run():
 def test_the_dry_run_from_the_command_line_ends_with_status_0(capsys):
     from codeclm_beam.pipelines.cli import main
     assert main(["generate", *GENERATE, *DRY_RUN]) == 0
-    assert "job built and validated, not submitted" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "job built and validated, not submitted" in out
+    # The summary: the method's stages, the side inputs, the quota's share per VM and
+    # the worker setup.
+    assert "CodecLM: SeedMetadata, BuildMetadataPool, CountPool, GenerateRubrics" in out
+    assert "Rounds" in out and "WriteExamples" in out
+    side_inputs = int(re.search(r"side inputs read by (\d+) steps", out).group(1))
+    assert side_inputs >= 7  # pool size, three improve steps, three selections...
+    assert "requests per minute: 600 for the job, 150 per VM" in out
+    assert "quota over 4 VM(s)" in out and "max_num_workers 4" in out
 
 
 def test_the_built_dataflow_job_has_the_method_stages_and_side_inputs():

@@ -10,6 +10,8 @@ from codeclm_beam.transforms.contrastive_filter import FilterOutput
 from codeclm_beam.transforms.decode import DecodeInstructions
 from codeclm_beam.transforms.encode import EncodeMetadata
 from codeclm_beam.transforms.improve import ImproveInstructions
+from codeclm_beam.transforms.judge import Contest
+from codeclm_beam.transforms.judge import JudgeBothOrders
 from codeclm_beam.transforms.metadata_pool import BuildMetadataPool
 from codeclm_beam.transforms.read_seeds import ReadMetadata
 from codeclm_beam.transforms.read_seeds import ReadSeeds
@@ -18,5 +20,5 @@ from codeclm_beam.transforms.rubrics import GenerateRubrics
 __all__ = [
     "BuildMetadataPool", "CodecLM", "CodecLMConfig", "CodecLMOutput", "ContrastiveFilter",
     "DecodeInstructions", "EncodeMetadata", "FilterOutput", "GenerateRubrics",
-    "ImproveInstructions", "ReadMetadata", "ReadSeeds",
+    "ImproveInstructions", "Contest", "JudgeBothOrders", "ReadMetadata", "ReadSeeds",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
+from codeclm_beam.model.errors import ConfigurationError
 from codeclm_beam.model.ratelimit import QuotaConfig
 from codeclm_beam.model.thinking import DEFAULT
 from codeclm_beam.model.thinking import LEAST
@@ -18,6 +19,12 @@ from codeclm_beam.model.thinking import resolve_thinking
 from codeclm_beam.model.uri import DEFAULT_MODEL_URI
 from codeclm_beam.model.uri import ModelSpec
 from codeclm_beam.redact import public_url
+
+
+ONLINE, FLEX = "online", "flex"
+VERTEX_MODES = (ONLINE, FLEX)
+# Flex PayGo requests may queue: Vertex AI allows them up to 30 minutes.
+FLEX_TIMEOUT_S = 1800.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +55,11 @@ class ModelConfig:
     quota: QuotaConfig = QuotaConfig()
     # None turns the response cache off.
     cache_dir: Optional[str] = None
+    # How a vertex: model is served and billed (`pricing.PRICE_FACTOR`): "online"
+    # (standard pay-as-you-go) or "flex" (Flex PayGo: the same requests on the global
+    # endpoint at half price, slower and with longer timeouts, for the models that
+    # offer it). Other backends ignore it.
+    vertex_mode: str = "online"
     # Embedded llama.cpp only.
     n_ctx: int = 4096
     n_threads: Optional[int] = None
@@ -58,6 +70,14 @@ class ModelConfig:
             raise ValueError("max_concurrency must be at least 1")
         if min(self.max_retries, self.max_parse_retries, self.max_truncation_retries) < 0:
             raise ValueError("retry counts cannot be negative")
+        if self.vertex_mode not in VERTEX_MODES:
+            raise ConfigurationError(f"vertex_mode {self.vertex_mode!r}: one of "
+                                     f"{', '.join(VERTEX_MODES)}")
+        # Other backends ignore the mode (`billing_mode`).
+        if self.vertex_mode == FLEX and self.spec.backend == "vertex":
+            if self.location not in (None, "global"):
+                raise ConfigurationError(f"{self.uri}: Flex PayGo is served on the global "
+                                         f"endpoint, not in {self.location}")
         object.__setattr__(self, "thinking", parse_thinking(self.thinking))
         # A setting this model cannot take is refused here, before any call.
         for stage_default in (LEAST, DEFAULT):
@@ -67,6 +87,12 @@ class ModelConfig:
         """What a stage whose own default is `stage_default` sends to this model."""
         spec = self.spec
         return resolve_thinking(spec.backend, spec.model, self.thinking, stage_default)
+
+    @property
+    def billing_mode(self) -> str:
+        """How this model's calls are billed: its vertex_mode on Vertex AI, else
+        online."""
+        return self.vertex_mode if self.spec.backend == "vertex" else ONLINE
 
     @property
     def spec(self) -> ModelSpec:

@@ -324,7 +324,7 @@ class CodecLMModelHandler(RemoteModelHandler[ModelRequest, PredictionResult, Mod
     def __init__(self, config: ModelConfig, stage: str):
         # Batch-level retries and throttling stay off: the client retries per element
         # and never raises, and quota waits are signalled by StageMetrics.
-        super().__init__(namespace=f"codeclm/{stage}", num_retries=0)
+        super().__init__(namespace=metrics.PREFIX + stage, num_retries=0)
         self._config = config
         self._stage = stage
         # A batch is what runs concurrently; a few rounds of the pool per batch keep
@@ -354,7 +354,7 @@ class CodecLMModelHandler(RemoteModelHandler[ModelRequest, PredictionResult, Mod
                 for req, res in zip(batch, results)]
 
     def get_metrics_namespace(self) -> str:
-        return f"codeclm/{self._stage}"
+        return metrics.PREFIX + self._stage
 
     def __getstate__(self):
         state = self.__dict__.copy()

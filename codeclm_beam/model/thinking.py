@@ -29,7 +29,7 @@ How a role's setting is written (`--strong_thinking`, `--target_thinking`,
 level (`minimal`, `low`, `medium`, `high`), `least` (the least the model allows) or
 `default` (send nothing: the model's own default). Left unset, each stage picks: the
 structured codec stages and the judge think as little as the model allows, the answers
-of the strong and target models keep the model's default (`StageSpec.thinking`).
+of the strong and target models keep the model's default (`Stage.thinking`).
 OpenAI-compatible servers take a level as `reasoning_effort`; embedded llama.cpp models
 do not think, and refuse an explicit setting.
 """

@@ -12,6 +12,8 @@ from typing import Any, Optional
 
 from codeclm_beam.model.backends import Backend
 from codeclm_beam.model.backends import RawAnswer
+from codeclm_beam.model.config import FLEX
+from codeclm_beam.model.config import FLEX_TIMEOUT_S
 from codeclm_beam.model.config import ModelConfig
 from codeclm_beam.model.errors import PermanentModelError
 from codeclm_beam.model.errors import TransientModelError
@@ -19,6 +21,9 @@ from codeclm_beam.model.errors import classify_http_status
 from codeclm_beam.model.errors import parse_retry_after
 from codeclm_beam.model.thinking import output_token_limit
 from codeclm_beam.model.types import ModelRequest
+
+
+FLEX_HEADER = "X-Vertex-AI-LLM-Shared-Request-Type"
 
 
 class GoogleGenAIBackend(Backend):
@@ -29,13 +34,17 @@ class GoogleGenAIBackend(Backend):
         self._types = types
         self._backend = config.spec.backend
         self._model = config.spec.model
+        flex = config.billing_mode == FLEX
         http_options = types.HttpOptions(
-            timeout=int(config.request_timeout_s * 1000),
-            base_url=config.base_url or None)
+            timeout=int((max(config.request_timeout_s, FLEX_TIMEOUT_S) if flex
+                         else config.request_timeout_s) * 1000),
+            base_url=config.base_url or None,
+            # Flex PayGo: the same request, served from shared capacity at half price.
+            headers={FLEX_HEADER: "flex"} if flex else None)
         if config.spec.backend == "vertex":
             project = config.project or os.environ.get("GOOGLE_CLOUD_PROJECT")
-            location = (config.location or os.environ.get("GOOGLE_CLOUD_LOCATION")
-                        or "us-central1")
+            location = ("global" if flex else config.location
+                        or os.environ.get("GOOGLE_CLOUD_LOCATION") or "us-central1")
             if not project:
                 raise PermanentModelError(
                     f"{config.uri}: set --vertex_project or GOOGLE_CLOUD_PROJECT")
