@@ -219,15 +219,16 @@ def projected_calls(config: CodecLMConfig, from_metadata: bool,
     calls = seeds + 2 * pool
     kept = judged = undecided = drawn = 0.0  # drawn: basic instructions judged
     for number in range(1, cfg.max_iterations + 1):
-        candidates = counters.in_round(number, "candidates")
-        if candidates:
-            improved = candidates - counters.in_round(number, "fresh") if number > 1 else 0
+        counted = counters.in_round(number, "candidates")
+        slots = (cfg.num_examples + cfg.overgenerate_margin if number == 1 else
+                 round_slots(kept, judged, cfg.num_examples, cfg.overgenerate_margin))
+        # A round under way has counted only the candidates that reached it so far.
+        candidates = max(counted, min(slots, max(0, basic - drawn) + undecided))
+        if counted:
+            improved = counted - counters.in_round(number, "fresh") if number > 1 else 0
             kept += counters.in_round(number, "kept")
             undecided = counters.in_round(number, "undecided")
         else:
-            slots = (cfg.num_examples + cfg.overgenerate_margin if number == 1 else
-                     round_slots(kept, judged, cfg.num_examples, cfg.overgenerate_margin))
-            candidates = min(slots, max(0, basic - drawn) + undecided)
             improved = min(candidates, undecided) if number > 1 else 0
             share = kept / judged if judged else 0.0
             kept += candidates * share
