@@ -147,13 +147,6 @@ class RunCounters:
             ((c.key.metric.namespace, c.key.metric.name),
              c.committed if c.committed is not None else c.attempted) for c in counters)
 
-    @classmethod
-    def live(cls) -> "RunCounters":
-        return cls.from_pairs(LIVE.snapshot()[0].items())
-
-    def as_dict(self) -> dict[str, dict[str, float]]:
-        return {ns: dict(values) for ns, values in self._values.items()}
-
     def flow(self, name: str) -> int:
         return int(self._values.get(FLOW, {}).get(name, 0))
 
@@ -184,11 +177,13 @@ class RunCounters:
                        if name != "throttled_ms"}
             numbers["throttled_seconds"] = values.get("throttled_ms", 0) / 1000
             stages.setdefault(stage, {"models": {}})["models"][model] = numbers
-        totals: collections.Counter = collections.Counter()
-        for entry in stages.values():
-            for numbers in entry["models"].values():
-                totals.update(numbers)
-        return {"by_stage": stages, "totals": dict(totals)}
+        return {"by_stage": stages, "totals": _summed(
+            numbers for entry in stages.values() for numbers in entry["models"].values())}
+
+    def stage_totals(self) -> dict[str, dict[str, float]]:
+        """Per stage, its model counters summed over its models."""
+        return {stage: _summed(entry["models"].values())
+                for stage, entry in self.model_calls()["by_stage"].items()}
 
     def summary(self) -> dict[str, float]:
         """The figures `jobs status` and the progress display show."""
@@ -201,3 +196,9 @@ class RunCounters:
                       dead_letters=sum(self.dead_letters().values()))
         return result
 
+
+def _summed(counts: Iterable[dict]) -> dict:
+    totals: collections.Counter = collections.Counter()
+    for numbers in counts:
+        totals.update(numbers)
+    return dict(totals)

@@ -16,6 +16,7 @@ from apache_beam.options.pipeline_options import StandardOptions
 from codeclm_beam import metrics
 from codeclm_beam.metrics import RunCounters
 from codeclm_beam.pipelines.manifest import billing_modes
+from codeclm_beam.pipelines.plan import simulate_rounds
 from codeclm_beam.pipelines.progress import progress_for
 from codeclm_beam.options import AnswerOptions
 from codeclm_beam.options import is_dry_run
@@ -31,7 +32,6 @@ from codeclm_beam.transforms import CodecLM
 from codeclm_beam.transforms import CodecLMConfig
 from codeclm_beam.transforms import ReadMetadata
 from codeclm_beam.transforms import ReadSeeds
-from codeclm_beam.transforms.codeclm import round_slots
 from codeclm_beam.transforms.read_seeds import DEFAULT_MAX_CHARS
 from codeclm_beam.pipelines import manifest as manifest_lib
 from codeclm_beam.pipelines.outputs import EXPORT_FORMATS
@@ -210,33 +210,22 @@ def preflight(options: PipelineOptions, config: CodecLMConfig) -> None:
 def projected_calls(config: CodecLMConfig, from_metadata: bool,
                     counters: RunCounters) -> int:
     """The calls (model or cache) this run will make, for the progress display's ETA:
-    what is counted so far, and the rest projected by the rule the rounds follow
-    (`round_slots`) at the share kept so far."""
+    the rounds as `plan` projects them (`simulate_rounds`, the rule `generate`
+    follows), at the share each round has kept of what it judged so far; a round not
+    reached yet takes the last measured share (none measured: nothing kept)."""
     cfg = config
     seeds = 0 if from_metadata else counters.flow(metrics.SEEDS)
     pool = counters.flow(metrics.METADATA_POOL) or min(cfg.num_metadata, max(seeds, 1))
     basic = counters.flow(metrics.BASIC_INSTRUCTIONS) or cfg.basic_instructions
-    calls = seeds + 2 * pool
-    kept = judged = undecided = drawn = 0.0  # drawn: basic instructions judged
+    accept, share = [], 0.0
     for number in range(1, cfg.max_iterations + 1):
-        counted = counters.in_round(number, "candidates")
-        slots = (cfg.num_examples + cfg.overgenerate_margin if number == 1 else
-                 round_slots(kept, judged, cfg.num_examples, cfg.overgenerate_margin))
-        # A round under way has counted only the candidates that reached it so far.
-        candidates = max(counted, min(slots, max(0, basic - drawn) + undecided))
-        if counted:
-            improved = counted - counters.in_round(number, "fresh") if number > 1 else 0
-            kept += counters.in_round(number, "kept")
-            undecided = counters.in_round(number, "undecided")
-        else:
-            improved = min(candidates, undecided) if number > 1 else 0
-            share = kept / judged if judged else 0.0
-            kept += candidates * share
-            undecided = candidates * (1 - share)
-        calls += 4 * candidates + improved
-        judged += candidates
-        drawn += candidates - improved
-    return int(calls)
+        kept = counters.in_round(number, "kept")
+        decided = kept + counters.in_round(number, "undecided")
+        share = kept / decided if decided else share
+        accept.append(share)
+    rounds = simulate_rounds(tuple(accept), basic, cfg.num_examples,
+                             cfg.overgenerate_margin, cfg.keep_unresolved)
+    return round(seeds + 2 * pool + 4 * sum(rounds.judged) + sum(rounds.improved))
 
 
 def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = None,

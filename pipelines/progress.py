@@ -10,13 +10,18 @@ are other processes (Dataflow, a multi-process DirectRunner) leaves the mirror e
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import time
 from typing import Callable, Optional, TextIO
 
+from apache_beam.options.pipeline_options import StandardOptions
+
 from codeclm_beam import metrics
 from codeclm_beam.metrics import RunCounters
+from codeclm_beam.options import RunOptions
+from codeclm_beam.options import is_dry_run
 
 # Stages in the order a generate or evaluate run reaches them.
 STAGE_ORDER = ("encode", "rubrics", "decode", "answer_strong", "answer_target", "judge",
@@ -37,8 +42,7 @@ class Snapshot:
         self.counters = counters
         self.in_flight = in_flight
         self.elapsed = elapsed
-        self.by_stage = {stage: _stage_totals(entry)
-                         for stage, entry in counters.model_calls()["by_stage"].items()}
+        self.by_stage = counters.stage_totals()
         self.totals = counters.summary()
 
     @property
@@ -62,14 +66,6 @@ class Snapshot:
 
 def _stage_position(stage: str) -> int:
     return STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER)
-
-
-def _stage_totals(entry: dict) -> dict[str, int]:
-    totals: dict[str, int] = {}
-    for numbers in entry["models"].values():
-        for name, value in numbers.items():
-            totals[name] = totals.get(name, 0) + value
-    return totals
 
 
 def describe(snapshot: Snapshot, wanted: Optional[int],
@@ -182,12 +178,6 @@ def progress_for(options, wanted: Optional[int] = None,
                  projected_calls: Optional[Callable[[RunCounters], Optional[int]]] = None):
     """LiveProgress for a local run, a no-op context otherwise (--quiet, a dry run,
     or a runner whose workers the mirror cannot see)."""
-    import contextlib
-
-    from apache_beam.options.pipeline_options import StandardOptions
-
-    from codeclm_beam.options import RunOptions
-    from codeclm_beam.options import is_dry_run
     runner = options.view_as(StandardOptions).runner or "DirectRunner"
     runner = runner if isinstance(runner, str) else type(runner).__name__
     if options.view_as(RunOptions).quiet or is_dry_run(options) or \

@@ -19,9 +19,10 @@ from codeclm_beam.pipelines.args import SuggestingParser
 from codeclm_beam.pipelines.outputs import read_json
 from codeclm_beam.pipelines.outputs import read_jsonl_dir
 from codeclm_beam.rows import RowError
-from codeclm_beam.rows import find_instruction
 from codeclm_beam.rows import iter_rows
 from codeclm_beam.records import Seed
+from codeclm_beam.transforms.read_seeds import DEFAULT_MAX_CHARS
+from codeclm_beam.transforms.read_seeds import make_seed
 
 
 class Run:
@@ -97,8 +98,9 @@ class Run:
                     try:
                         if isinstance(row, RowError):
                             continue
-                        text = find_instruction(row, options.get("instruction_field"))
-                        seed = Seed.of(str(text).strip(), source)
+                        # The seed exactly as the run read it (same id).
+                        seed = make_seed(source, row, options.get("instruction_field"),
+                                         options.get("max_seed_chars", DEFAULT_MAX_CHARS))
                     except RowError:
                         continue
                     if seed.seed_id in wanted:
