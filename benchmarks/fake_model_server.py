@@ -21,6 +21,15 @@ It speaks the OpenAI-compatible chat API (`POST /v1/chat/completions`) and Verte
   `candidatesTokenCount`; and OpenAI-style reasoning (`reasoning_effort`) whose tokens
   count inside `completion_tokens` and `completion_tokens_details.reasoning_tokens`,
   with `finish_reason: length` at the limit;
+- Vertex AI batch prediction (`batchPredictionJobs`: create, get, cancel) over Cloud
+  Storage (a real emulator, through google-cloud-storage and STORAGE_EMULATOR_HOST):
+  a job reads its JSONL input, stays JOB_STATE_PENDING, then RUNNING, answers each
+  line exactly as generateContent would (the same answers) and writes
+  `predictions.jsonl` (`status`, `processed_time`, `request`, `response` per line,
+  in no particular order) under `outputInfo.gcsOutputDirectory`; it ends SUCCEEDED,
+  PARTIALLY_SUCCEEDED (some lines carry an error `status`) or FAILED (`error`), and a
+  cancelled job exports the lines it finished. Faults on demand (`batch_fault`): fail,
+  partial, stuck (pending until cancelled), malformed (one output line cut);
 - totals of the tokens it reported (`usage`), to check a client's accounting against;
 - a log of every request with its outcome; and it stops by itself after a request count
   or a time limit.
@@ -46,6 +55,9 @@ from http.server import ThreadingHTTPServer
 from typing import Any, Optional
 
 FAULTS = ("status_500", "status_503", "hang", "drop", "malformed", "truncated", "schema")
+BATCH_FAULTS = ("fail", "partial", "stuck", "malformed")
+_BATCH_PATH = re.compile(r"/projects/([^/]+)/locations/([^/]+)/batchPredictionJobs"
+                         r"(?:/([^/:]+))?(:cancel)?$")
 _VERTEX_PATH = re.compile(r"/projects/[^/]+/locations/([^/]+)/publishers/google/models/"
                           r"([^/:]+):generateContent$")
 # Flex PayGo: a generateContent request with this header is served from shared
@@ -158,6 +170,11 @@ class ServerConfig:
     echo_headers_in_errors: bool = False  # a careless server: errors repeat the request
     # With N > 0, JSON strings are drawn from N words (see instance_for).
     vocabulary: int = 0
+    # Batch prediction jobs: seconds pending, then running, before the answers are out.
+    batch_pending_seconds: float = 0.3
+    batch_running_seconds: float = 0.3
+    batch_fault: Optional[str] = None  # one of BATCH_FAULTS, for every job
+    batch_line_error_rate: float = 0.3  # share of lines with an error in "partial"
 
 
 def _camel_keys(fields: dict) -> dict:
@@ -215,6 +232,9 @@ class FakeModelServer:
         self._stopped = threading.Event()
         # Tokens reported in 200 answers: prompt, candidates (visible), thoughts.
         self.usage: collections.Counter = collections.Counter()
+        # Batch prediction jobs by id, as the REST resource; and every call to the API.
+        self.batch_jobs: dict[str, dict] = {}
+        self.batch_calls: list[tuple[str, str]] = []
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -224,7 +244,15 @@ class FakeModelServer:
             disable_nagle_algorithm = True
 
             def do_POST(self):
+                if _BATCH_PATH.search(self.path.split("?")[0]):
+                    return server._batch_api(self, "POST")
                 server._handle(self)
+
+            def do_GET(self):
+                if _BATCH_PATH.search(self.path.split("?")[0]):
+                    return server._batch_api(self, "GET")
+                server._send(self, 404, {"error": {"message": "no such path"}},
+                             "not_found")
 
             def log_message(self, *args):
                 pass
@@ -507,6 +535,160 @@ class FakeModelServer:
             handler.wfile.write(data)
         except OSError:
             pass  # the client went away (its timeout): logged already
+
+
+    # -- batch prediction ---------------------------------------------------------
+    def _batch_api(self, handler: BaseHTTPRequestHandler, method: str) -> None:
+        path = handler.path.split("?")[0]
+        project, location, job_id, cancel = _BATCH_PATH.search(path).groups()
+        length = int(handler.headers.get("content-length") or 0)
+        body = json.loads(handler.rfile.read(length) or b"{}")
+        with self._lock:
+            self.batch_calls.append((method + (":cancel" if cancel else ""), job_id or ""))
+        if method == "POST" and job_id is None:
+            return self._send(handler, 200, self._create_job(body, location), "batch_create")
+        with self._lock:
+            job = self.batch_jobs.get(job_id)
+            if job is not None and cancel and job["state"] not in _BATCH_FINAL:
+                job["state"] = "JOB_STATE_CANCELLING"
+                job["cancel"] = True
+            snapshot = json.loads(json.dumps(job)) if job else None
+        if snapshot is None:
+            return self._send(handler, 404, {"error": {
+                "code": 404, "status": "NOT_FOUND",
+                "message": f"BatchPredictionJob {job_id} not found"}}, "not_found")
+        if cancel:
+            return self._send(handler, 200, {}, "batch_cancel")
+        snapshot.pop("cancel", None)
+        return self._send(handler, 200, snapshot, "batch_get")
+
+    def _create_job(self, body: dict, location: str) -> dict:
+        with self._lock:
+            job_id = str(1000 + len(self.batch_jobs))
+            now = _rfc3339()
+            job = {"name": f"projects/123456789/locations/{location}/"
+                           f"batchPredictionJobs/{job_id}",
+                   "displayName": body.get("displayName", ""),
+                   "model": body.get("model", ""),
+                   "inputConfig": body.get("inputConfig", {}),
+                   "outputConfig": body.get("outputConfig", {}),
+                   "state": "JOB_STATE_PENDING", "createTime": now, "updateTime": now}
+            self.batch_jobs[job_id] = job
+            created = json.loads(json.dumps(job))
+        threading.Thread(target=self._run_job, args=(job_id,), daemon=True).start()
+        return created
+
+    def _set_job(self, job_id: str, **fields) -> dict:
+        with self._lock:
+            job = self.batch_jobs[job_id]
+            job.update(fields, updateTime=_rfc3339())
+            return dict(job)
+
+    def _cancelled(self, job_id: str) -> bool:
+        with self._lock:
+            return bool(self.batch_jobs[job_id].get("cancel"))
+
+    def _run_job(self, job_id: str) -> None:
+        config = self.config
+        deadline = time.monotonic() + config.batch_pending_seconds
+        while config.batch_fault == "stuck" or time.monotonic() < deadline:
+            if self._cancelled(job_id):
+                return self._finish_job(job_id, [], cancelled=True)
+            time.sleep(0.02)
+        job = self._set_job(job_id, state="JOB_STATE_RUNNING", startTime=_rfc3339())
+        if config.batch_fault == "fail":
+            return self._set_job(job_id, state="JOB_STATE_FAILED", endTime=_rfc3339(),
+                                 error={"code": 13, "message": "Internal error "
+                                        "encountered while processing the batch job."})
+        model = job["model"].rsplit("/", 1)[-1]
+        lines = _gcs_read(job["inputConfig"]["gcsSource"]["uris"][0]).splitlines()
+        outputs = []
+        seconds_per_line = config.batch_running_seconds / max(1, len(lines))
+        for index, line in enumerate(l for l in lines if l.strip()):
+            if self._cancelled(job_id):
+                return self._finish_job(job_id, outputs, cancelled=True)
+            time.sleep(seconds_per_line)
+            outputs.append(self._batch_line(json.loads(line)["request"], model, job_id))
+        return self._finish_job(job_id, outputs, cancelled=False)
+
+    def _batch_line(self, request_body: dict, model: str, job_id: str) -> str:
+        request = self._parse_vertex(request_body, model)
+        prompt_tokens = max(1, sum(len(m) for m in request["texts"]) // 4)
+        key = _digest(request["model"], request["texts"], request["seed"],
+                      request["schema"])
+        entry = {"status": "", "processed_time": _rfc3339(), "request": request_body}
+        error = None
+        if self.config.batch_fault == "partial" and \
+                (key % 1000) / 1000 < self.config.batch_line_error_rate:
+            error = ('Bad Request: {"error": {"code": 400, "message": "Request contains '
+                     'an invalid argument.", "status": "INVALID_ARGUMENT"}}')
+        else:
+            try:
+                payload, usage = self._vertex_body(
+                    request, self._answer(request, violate_schema=False),
+                    prompt_tokens, key)
+            except InvalidArgument as e:
+                error = ('Bad Request: {"error": {"code": 400, "message": '
+                         + json.dumps(str(e)) + ', "status": "INVALID_ARGUMENT"}}')
+        if error:
+            entry["status"] = error
+            self._record(outcome="batch_error", status=400, key=key, job=job_id,
+                         model=request["model"], api="batch")
+        else:
+            entry["response"] = payload
+            with self._lock:
+                self.usage.update(usage)
+            self._record(outcome="batch_ok", status=200, key=key, job=job_id,
+                         model=request["model"], api="batch",
+                         max_tokens=request.get("max_tokens"))
+        return json.dumps(entry)
+
+    def _finish_job(self, job_id: str, outputs: list[str], cancelled: bool) -> None:
+        with self._lock:
+            job = dict(self.batch_jobs[job_id])
+        total = len(_gcs_read(job["inputConfig"]["gcsSource"]["uris"][0]).splitlines())
+        failed = sum(bool(json.loads(line)["status"]) for line in outputs)
+        if outputs and self.config.batch_fault == "malformed":
+            outputs[0] = outputs[0][:len(outputs[0]) // 2]
+        prefix = job["outputConfig"]["gcsDestination"]["outputUriPrefix"].rstrip("/")
+        directory = f"{prefix}/prediction-model-{job['createTime'][:19]}"
+        # Lines come out in no particular order, as Vertex AI documents.
+        _gcs_write(f"{directory}/predictions.jsonl",
+                   "".join(line + "\n" for line in sorted(outputs, key=_digest)))
+        state = ("JOB_STATE_CANCELLED" if cancelled else
+                 "JOB_STATE_PARTIALLY_SUCCEEDED" if failed else "JOB_STATE_SUCCEEDED")
+        self._set_job(job_id, state=state, endTime=_rfc3339(),
+                      outputInfo={"gcsOutputDirectory": directory},
+                      completionStats={"successfulCount": str(len(outputs) - failed),
+                                       "failedCount": str(failed),
+                                       "incompleteCount": str(total - len(outputs))})
+
+
+_BATCH_FINAL = {"JOB_STATE_SUCCEEDED", "JOB_STATE_PARTIALLY_SUCCEEDED",
+                "JOB_STATE_FAILED", "JOB_STATE_CANCELLED", "JOB_STATE_EXPIRED"}
+
+
+def _rfc3339() -> str:
+    import datetime
+    return datetime.datetime.now(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _gcs_blob(uri: str):
+    # google-cloud-storage honours STORAGE_EMULATOR_HOST (a loopback emulator).
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+    bucket, _, name = uri[len("gs://"):].partition("/")
+    client = storage.Client(project="fake", credentials=AnonymousCredentials())
+    return client.bucket(bucket).blob(name)
+
+
+def _gcs_read(uri: str) -> str:
+    return _gcs_blob(uri).download_as_bytes().decode("utf-8")
+
+
+def _gcs_write(uri: str, text: str) -> None:
+    _gcs_blob(uri).upload_from_string(text.encode("utf-8"),
+                                      content_type="application/jsonl")
 
 
 def main(argv=None) -> None:

@@ -33,7 +33,11 @@ TOKEN_KINDS = ("prompt_tokens", "cached_prompt_tokens", "completion_tokens",
                "thoughts_tokens")
 MODEL_COUNTERS = ("requests", "cache_hits", "retries", "parse_retries",
                   "truncation_retries", "truncated", "failures", "throttled_ms",
-                  *TOKEN_KINDS, "elements")
+                  *TOKEN_KINDS, "elements",
+                  # --vertex_mode batch: jobs submitted or resumed, time spent waiting.
+                  "batch_jobs", "batch_wait_ms")
+# Counters kept in milliseconds, read as seconds.
+_MILLISECONDS = {"throttled_ms": "throttled_seconds", "batch_wait_ms": "batch_wait_seconds"}
 
 # Flow counters of the generate pipeline.
 SEEDS = "seeds"
@@ -78,6 +82,8 @@ class _Live:
         self._lock = threading.Lock()
         self._values: dict[tuple[str, str], int] = collections.Counter()
         self._in_flight: dict[str, int] = collections.Counter()
+        # stage -> {batch job name: its last seen state}
+        self._jobs: dict[str, dict[str, str]] = collections.defaultdict(dict)
 
     def inc(self, namespace: str, name: str, value: int) -> None:
         with self._lock:
@@ -87,14 +93,23 @@ class _Live:
         with self._lock:
             self._in_flight[stage] += delta
 
+    def job(self, stage: str, name: str, state: str) -> None:
+        with self._lock:
+            self._jobs[stage][name] = state
+
     def snapshot(self) -> tuple[dict[tuple[str, str], int], dict[str, int]]:
         with self._lock:
             return dict(self._values), {k: v for k, v in self._in_flight.items() if v}
+
+    def jobs(self) -> dict[str, dict[str, str]]:
+        with self._lock:
+            return {stage: dict(jobs) for stage, jobs in self._jobs.items()}
 
     def reset(self) -> None:
         with self._lock:
             self._values.clear()
             self._in_flight.clear()
+            self._jobs.clear()
 
 
 LIVE = _Live()
@@ -174,8 +189,9 @@ class RunCounters:
                 continue
             _, stage, model = namespace.split("/", 2)
             numbers = {name: int(values.get(name, 0)) for name in MODEL_COUNTERS
-                       if name != "throttled_ms"}
-            numbers["throttled_seconds"] = values.get("throttled_ms", 0) / 1000
+                       if name not in _MILLISECONDS}
+            for name, seconds in _MILLISECONDS.items():
+                numbers[seconds] = values.get(name, 0) / 1000
             stages.setdefault(stage, {"models": {}})["models"][model] = numbers
         return {"by_stage": stages, "totals": _summed(
             numbers for entry in stages.values() for numbers in entry["models"].values())}
@@ -191,7 +207,8 @@ class RunCounters:
         kept = sum(self.in_round(n, "kept") for n in self.rounds())
         result = {name: totals.get(name, 0) for name in
                   ("requests", "cache_hits", "retries", "failures", "truncated",
-                   *TOKEN_KINDS, "throttled_seconds")}
+                   *TOKEN_KINDS, "throttled_seconds", "batch_jobs",
+                   "batch_wait_seconds")}
         result.update(kept_pairs=kept, examples_written=self.flow(EXAMPLES),
                       dead_letters=sum(self.dead_letters().values()))
         return result

@@ -12,6 +12,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.options.pipeline_options import WorkerOptions
 
+from codeclm_beam.model.config import BatchConfig
 from codeclm_beam.model.config import VERTEX_MODES
 from codeclm_beam.model.config import ModelConfig
 from codeclm_beam.model.ratelimit import QuotaConfig
@@ -46,9 +47,30 @@ class ModelOptions(PipelineOptions):
                                 "then us-central1).")
         group.add_argument("--vertex_mode", default="online", choices=VERTEX_MODES,
                            help="How vertex: models are served and billed: online "
-                                "(standard pay-as-you-go) or flex (Flex PayGo: the same "
+                                "(standard pay-as-you-go), flex (Flex PayGo: the same "
                                 "requests on the global endpoint at half price, slower, "
-                                "for the models that offer it). Other models ignore it.")
+                                "for the models that offer it) or batch (each stage's "
+                                "requests as Vertex AI batch prediction jobs at half "
+                                "price; needs --batch_dir). Other models ignore it.")
+        group.add_argument("--batch_dir", default=None,
+                           help="gs:// folder for --vertex_mode batch: request shards, "
+                                "the record of every submitted job (a re-run resumes "
+                                "them instead of paying twice) and the jobs' answers.")
+        group.add_argument("--batch_timeout", type=float, default=48 * 3600.0,
+                           help="Seconds after its creation a batch job that has not "
+                                "finished is cancelled (default 48 h; Vertex AI itself "
+                                "stops a job's work 24 h after it starts). Its finished "
+                                "requests are kept; see --batch_fallback for the rest.")
+        group.add_argument("--batch_fallback", default="none", choices=("none", "online"),
+                           help="What becomes of requests a timed-out batch job did not "
+                                "answer: none (dead letters, reason timeout) or online "
+                                "(sent online, billed at the online price).")
+        group.add_argument("--batch_max_requests", type=int, default=200_000,
+                           help="Requests per batch job (Vertex AI takes up to 200,000 "
+                                "and 1 GB a job).")
+        group.add_argument("--batch_poll_seconds", type=float, default=300.0,
+                           help="Longest wait between two looks at a running batch job "
+                                "(the waits grow from a tenth of it).")
         group.add_argument("--model_base_url", default=None,
                            help="Endpoint override for vertex:/gemini: models (proxies).")
         group.add_argument("--max_concurrency", type=int, default=8,
@@ -159,6 +181,12 @@ def model_configs(options: PipelineOptions, default_cache_dir: Optional[str] = N
         quota=quota,
         cache_dir=cache_dir,
         vertex_mode=opts.vertex_mode,
+        batch=BatchConfig(
+            batch_dir=opts.batch_dir, timeout_s=opts.batch_timeout,
+            fallback=None if opts.batch_fallback == "none" else opts.batch_fallback,
+            max_requests_per_job=opts.batch_max_requests,
+            poll_initial_s=opts.batch_poll_seconds / 10,
+            poll_max_s=opts.batch_poll_seconds),
         n_ctx=opts.n_ctx)
     return {
         "strong": ModelConfig(uri=opts.strong_model, thinking=opts.strong_thinking, **base),

@@ -5,10 +5,11 @@ typed answer (whose JSON schema the model is asked for), and how to turn the ans
 into the next records. Transport,
 batching, retries, quotas and caching are the model layer's. `CallModel` joins them:
 
-    records ──Prompt──> (record, request) ──RunInference──> (record, result) ──Parse──> output
+    records ──Prompt──> (record, request) ──Call──> (record, result) ──Parse──> output
        └── bad record ─────────────┐      └── ModelFailure ──┐   └── bad answer ──┐
                                    └──────────────────────────┴────────────────────┴─> dead_letter
 
+Call is RunInference, or `BatchInference` for a model in --vertex_mode batch.
 Every record that enters leaves as output or as a dead letter with the reason.
 """
 from __future__ import annotations
@@ -23,6 +24,8 @@ from apache_beam.ml.inference.base import KeyedModelHandler
 from apache_beam.ml.inference.base import RunInference
 
 from codeclm_beam import metrics
+from codeclm_beam.model.batch import BatchInference
+from codeclm_beam.model.config import BATCH
 from codeclm_beam.model.config import ModelConfig
 from codeclm_beam.model.handler import CodecLMModelHandler
 from codeclm_beam.model.thinking import LEAST
@@ -199,17 +202,25 @@ class CallModel(beam.PTransform):
         self._thinking = model.thinking_for(spec.thinking)
 
     def expand(self, records) -> StageOutput:
-        handler = KeyedModelHandler(CodecLMModelHandler(self._model, self._spec.name))
         prompted = records | "Prompt" >> beam.ParDo(
             _BuildRequest(self._spec, self._run_seed, self._thinking)).with_outputs(
                 DEAD_LETTER, main="main")
         parsed = (prompted.main
-                  | "Call" >> RunInference(handler)
+                  | "Call" >> self._call()
                   | "Parse" >> beam.ParDo(_ParseAnswer(self._spec)).with_outputs(
                       DEAD_LETTER, main="main"))
         dead = ((prompted[DEAD_LETTER], parsed[DEAD_LETTER])
                 | "DeadLetters" >> beam.Flatten())
         return StageOutput(parsed.main, dead)
+
+
+    def _call(self) -> beam.PTransform:
+        """(record, request) -> (record, PredictionResult): online through
+        RunInference, or as batch prediction jobs (--vertex_mode batch)."""
+        if self._model.billing_mode == BATCH:
+            return BatchInference(self._model, self._spec.name)
+        return RunInference(KeyedModelHandler(
+            CodecLMModelHandler(self._model, self._spec.name)))
 
 
 class _Tally(beam.DoFn):

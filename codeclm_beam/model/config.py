@@ -21,10 +21,39 @@ from codeclm_beam.model.uri import ModelSpec
 from codeclm_beam.redact import public_url
 
 
-ONLINE, FLEX = "online", "flex"
-VERTEX_MODES = (ONLINE, FLEX)
+ONLINE, FLEX, BATCH = "online", "flex", "batch"
+VERTEX_MODES = (ONLINE, FLEX, BATCH)
 # Flex PayGo requests may queue: Vertex AI allows them up to 30 minutes.
 FLEX_TIMEOUT_S = 1800.0
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchConfig:
+    """How a `vertex_mode="batch"` model's requests go out as Vertex AI batch
+    prediction jobs (`codeclm_beam.model.batch`)."""
+
+    # Where request shards, job records and (by default) results live: gs:// on
+    # Dataflow and wherever Vertex AI must read them (google-genai takes gs:// or bq://
+    # sources only).
+    batch_dir: Optional[str] = None
+    # Vertex AI takes up to 200,000 requests and 1 GB of input a job.
+    max_requests_per_job: int = 200_000
+    max_bytes_per_job: int = 1_000_000_000
+    # A job not finished this long after it was created is cancelled: its completed
+    # lines are kept (they are billed), the rest is dead-lettered or, with
+    # fallback="online", sent online at the online price. Vertex AI itself cancels
+    # work not done within 24 h of a job starting, and a job may queue before that.
+    timeout_s: float = 48 * 3600.0
+    fallback: Optional[str] = None
+    # Polling a job: exponential backoff from the first to the longest wait.
+    poll_initial_s: float = 10.0
+    poll_max_s: float = 300.0
+
+    def __post_init__(self):
+        if self.fallback not in (None, ONLINE):
+            raise ConfigurationError(f"batch fallback {self.fallback!r}: none or online")
+        if self.max_requests_per_job < 1 or self.max_bytes_per_job < 1:
+            raise ConfigurationError("batch job limits must be positive")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,10 +85,13 @@ class ModelConfig:
     # None turns the response cache off.
     cache_dir: Optional[str] = None
     # How a vertex: model is served and billed (`pricing.PRICE_FACTOR`): "online"
-    # (standard pay-as-you-go) or "flex" (Flex PayGo: the same requests on the global
+    # (standard pay-as-you-go), "flex" (Flex PayGo: the same requests on the global
     # endpoint at half price, slower and with longer timeouts, for the models that
-    # offer it). Other backends ignore it.
+    # offer it) or "batch" (batch prediction jobs at half price, `batch`). Other
+    # backends ignore it.
     vertex_mode: str = "online"
+    # For vertex_mode="batch".
+    batch: BatchConfig = BatchConfig()
     # Embedded llama.cpp only.
     n_ctx: int = 4096
     n_threads: Optional[int] = None
@@ -78,6 +110,12 @@ class ModelConfig:
             if self.location not in (None, "global"):
                 raise ConfigurationError(f"{self.uri}: Flex PayGo is served on the global "
                                          f"endpoint, not in {self.location}")
+        if self.billing_mode == BATCH and not str(self.batch.batch_dir or "").startswith(
+                "gs://"):
+            raise ConfigurationError(
+                f"{self.uri}: --vertex_mode batch needs --batch_dir gs://BUCKET/PATH: "
+                "Vertex AI batch prediction reads its requests from and writes its "
+                "answers to Cloud Storage")
         object.__setattr__(self, "thinking", parse_thinking(self.thinking))
         # A setting this model cannot take is refused here, before any call.
         for stage_default in (LEAST, DEFAULT):
@@ -93,6 +131,13 @@ class ModelConfig:
         """How this model's calls are billed: its vertex_mode on Vertex AI, else
         online."""
         return self.vertex_mode if self.spec.backend == "vertex" else ONLINE
+
+    def metered_id(self, mode: Optional[str] = None) -> str:
+        """The model id a call's counters carry: the identity for calls in the
+        model's billing mode; marked with the mode for the others (a batch model's
+        calls sent online by --batch_fallback), so each is priced at its own rate."""
+        mode = mode or self.billing_mode
+        return self.identity if mode == self.billing_mode else f"{self.identity}~{mode}"
 
     @property
     def spec(self) -> ModelSpec:

@@ -119,53 +119,27 @@ class ModelClient:
             hit = self.cache.get(key)
             if hit is not None:
                 return _with_stats(hit, CallStats(cache_hit=True))
-        counters = _new_counters()
-        raw = None
+        asking = Asking(self, request)
         try:
-            for parse_attempt in range(self.config.max_parse_retries + 1):
-                asked = request
-                if parse_attempt:
-                    counters["parse_retries"] += 1
-                    seed = request.settings.seed
-                    asked = request.with_seed(
-                        None if seed is None else seed + _REASK_SEED_STRIDE * parse_attempt)
-                raw = self._send_complete(asked, counters)
-                try:
-                    if raw.truncated:
-                        # Cut even with more room (a model looping on itself): ask
-                        # again with another seed, as for a broken answer.
-                        raise self._truncated(request, raw)
-                    data = self._parse(request, raw)
-                except (SchemaMismatch, TruncatedAnswer) as unusable:
-                    last_error = unusable
-                    continue
-                response = ModelResponse(
-                    text=raw.text, data=data, prompt_tokens=raw.prompt_tokens,
-                    completion_tokens=raw.completion_tokens,
-                    finish_reason=raw.finish_reason,
-                    cached_prompt_tokens=raw.cached_prompt_tokens,
-                    thoughts_tokens=raw.thoughts_tokens)
-                if key:
-                    self.cache.put(key, response)
-                return _with_stats(response, _stats(counters))
-            raise last_error
-        except ModelError as error:
-            return self._failure(request, error, counters, raw)
-        except Exception as error:  # a bug or an unexpected library error: dead-letter it
-            _LOG.exception("unexpected error calling %s", self.spec.uri)
-            return self._failure(request, error, counters, raw)
+            while asking.next_request is not None:
+                asking.take(self._send_with_retries(asking.next_request, asking.counters))
+        except Exception as error:  # a transport error, after its retries
+            asking.fail(error)
+        return self.finish(asking)
 
-    def _send_complete(self, request: ModelRequest, counters: dict) -> RawAnswer:
-        """The answer, re-sent once per call with the whole first limit added as room
-        when it stopped at the limit (counted). The caller never keeps an answer that
-        is still cut: it is a TruncatedAnswer."""
-        raw = self._send_with_retries(request, counters)
-        if raw.truncated and \
-                counters["truncation_retries"] < self.config.max_truncation_retries:
-            counters["truncation_retries"] += 1
-            raw = self._send_with_retries(request.with_max_output_tokens(
-                request.settings.max_output_tokens + self._wire_limit(request)), counters)
-        return raw
+    def finish(self, asking: "Asking") -> ModelResult:
+        """The result of a finished `Asking`: its response (then cached), or its
+        failure."""
+        assert asking.next_request is None
+        if asking.response is not None:
+            if self.cache:
+                self.cache.put(asking.request.cache_key(self.identity), asking.response)
+            return _with_stats(asking.response, _stats(asking.counters))
+        error = asking.error
+        if not isinstance(error, ModelError):  # a bug or an unexpected library error
+            _LOG.error("unexpected error calling %s: %r", self.spec.uri, error,
+                       exc_info=error)
+        return self._failure(asking.request, error, asking.counters, asking.last_answer)
 
     def _truncated(self, request: ModelRequest, raw: RawAnswer) -> TruncatedAnswer:
         return TruncatedAnswer(
@@ -203,10 +177,7 @@ class ModelClient:
             counters["throttled"] += time.monotonic() - started
         counters["attempts"] += 1
         raw = self.backend.generate(request)
-        counters["prompt_tokens"] += raw.prompt_tokens
-        counters["cached_prompt_tokens"] += raw.cached_prompt_tokens
-        counters["completion_tokens"] += raw.completion_tokens
-        counters["thoughts_tokens"] += raw.thoughts_tokens
+        _add_tokens(counters, raw)
         if isinstance(self.limiter, TokenBucketRateLimiter):
             # Thoughts are output tokens to a quota, as they are to the bill.
             self.limiter.charge_tokens(raw.prompt_tokens - estimate + raw.completion_tokens
@@ -264,6 +235,11 @@ _COUNTED = ("attempts", "retries", "parse_retries", "truncation_retries", "promp
             "cached_prompt_tokens", "completion_tokens", "thoughts_tokens")
 
 
+def _add_tokens(counters: dict, raw: RawAnswer) -> None:
+    for kind in metrics.TOKEN_KINDS:
+        counters[kind] += getattr(raw, kind)
+
+
 def _new_counters() -> dict:
     return {**dict.fromkeys(_COUNTED, 0), "throttled": 0.0}
 
@@ -278,6 +254,67 @@ def _with_stats(response: ModelResponse, stats: CallStats) -> ModelResponse:
     return dataclasses.replace(response, stats=stats)
 
 
+class Asking:
+    """One element's way to a usable answer, whatever carries its requests (online
+    calls, or the lines of batch prediction jobs): the request; once per element, a
+    re-send with the whole first limit added as room when an answer stopped at the
+    limit; and up to `max_parse_retries` re-asks with another seed when an answer is
+    unusable (cut, off-schema, empty). The caller sends `next_request` and hands the
+    answer to `take` until `next_request` is None; `ModelClient.finish` then makes
+    the result."""
+
+    def __init__(self, client: ModelClient, request: ModelRequest):
+        self.request = request
+        self.counters = _new_counters()
+        self.next_request: Optional[ModelRequest] = request
+        self.response: Optional[ModelResponse] = None
+        self.error: Optional[BaseException] = None
+        self.last_answer: Optional[RawAnswer] = None
+        self._client = client
+        self._reasks = 0
+
+    def take(self, raw: RawAnswer) -> None:
+        client, asked = self._client, self.next_request
+        self.last_answer = raw
+        if raw.truncated and (self.counters["truncation_retries"]
+                              < client.config.max_truncation_retries):
+            # Cut even with more room is a model looping on itself: then re-ask.
+            self.counters["truncation_retries"] += 1
+            self.next_request = asked.with_max_output_tokens(
+                asked.settings.max_output_tokens + client._wire_limit(asked))
+            return
+        try:
+            if raw.truncated:
+                raise client._truncated(self.request, raw)
+            data = client._parse(self.request, raw)
+        except (SchemaMismatch, TruncatedAnswer) as unusable:
+            if self._reasks >= client.config.max_parse_retries:
+                self.fail(unusable)
+                return
+            self._reasks += 1
+            self.counters["parse_retries"] += 1
+            seed = self.request.settings.seed
+            self.next_request = self.request.with_seed(
+                None if seed is None else seed + _REASK_SEED_STRIDE * self._reasks)
+            return
+        self.next_request = None
+        self.response = ModelResponse(
+            text=raw.text, data=data, prompt_tokens=raw.prompt_tokens,
+            completion_tokens=raw.completion_tokens, finish_reason=raw.finish_reason,
+            cached_prompt_tokens=raw.cached_prompt_tokens,
+            thoughts_tokens=raw.thoughts_tokens)
+
+    def charge(self, raw: RawAnswer) -> None:
+        """Counts an answer that came by another way than `_send_once` (a batch
+        job's line): one billed attempt and its tokens."""
+        self.counters["attempts"] += 1
+        _add_tokens(self.counters, raw)
+
+    def fail(self, error: BaseException) -> None:
+        self.next_request = None
+        self.error = error
+
+
 class StageMetrics:
     """Beam counters for one stage and model. Updated only from the bundle thread:
     Beam drops metric updates made from helper threads."""
@@ -289,19 +326,21 @@ class StageMetrics:
         self._signaler = ThrottlingSignaler(namespace)
         self._throttled_carry = 0.0
 
-    def record(self, results: Iterable[ModelResult]) -> None:
+    def record(self, results: Iterable[ModelResult], final: bool = True) -> None:
+        """Counts results; `final=False` counts their requests and tokens only (an
+        element whose answer is counted elsewhere)."""
         totals = dict.fromkeys(metrics.MODEL_COUNTERS, 0)
         throttled = 0.0
         for result in results:
             stats = result.stats
-            totals["elements"] += 1
+            totals["elements"] += int(final)
             totals["requests"] += stats.attempts
             totals["cache_hits"] += int(stats.cache_hit)
             totals["retries"] += stats.retries
             totals["parse_retries"] += stats.parse_retries
             totals["truncation_retries"] += stats.truncation_retries
-            totals["truncated"] += int(stats.truncated)
-            totals["failures"] += int(isinstance(result, ModelFailure))
+            totals["truncated"] += int(final and stats.truncated)
+            totals["failures"] += int(final and isinstance(result, ModelFailure))
             for tokens in metrics.TOKEN_KINDS:
                 totals[tokens] += getattr(stats, tokens)
             throttled += stats.throttled_seconds
@@ -309,8 +348,22 @@ class StageMetrics:
         for name, value in totals.items():
             if value:
                 self._counters[name].inc(value)
+        self._signal_throttled(throttled)
+
+    def job_ran(self) -> None:
+        """A batch prediction job was submitted, or a previous one resumed."""
+        self._counters["batch_jobs"].inc()
+
+    def waited(self, seconds: float) -> None:
+        """Time spent waiting for a batch job: throttled time to Dataflow's
+        autoscaler (waiting is no reason to add workers)."""
+        if seconds:
+            self._counters["batch_wait_ms"].inc(int(seconds * 1000))
+            self._signal_throttled(seconds)
+
+    def _signal_throttled(self, seconds: float) -> None:
         # Dataflow's autoscaler reads whole seconds; carry the fraction forward.
-        self._throttled_carry += throttled
+        self._throttled_carry += seconds
         whole = math.floor(self._throttled_carry)
         if whole:
             self._signaler.signal_throttled(whole)

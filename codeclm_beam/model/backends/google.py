@@ -84,34 +84,65 @@ class GoogleGenAIBackend(Backend):
             candidate_count=1,
         )
 
-    def generate(self, request: ModelRequest) -> RawAnswer:
+    def _contents(self, request: ModelRequest) -> list:
         types = self._types
-        contents = [
-            types.Content(role="model" if m.role == "assistant" else "user",
-                          parts=[types.Part(text=m.content)])
-            for m in request.messages if m.role != "system"
-        ]
+        return [types.Content(role="model" if m.role == "assistant" else "user",
+                              parts=[types.Part(text=m.content)])
+                for m in request.messages if m.role != "system"]
+
+    def generate(self, request: ModelRequest) -> RawAnswer:
         try:
             response = self._client.models.generate_content(
-                model=self._model, contents=contents, config=self._config(request))
+                model=self._model, contents=self._contents(request),
+                config=self._config(request))
         except Exception as e:
             raise _translate(e) from e
-        if not response.candidates:
-            feedback = getattr(response, "prompt_feedback", None)
-            raise PermanentModelError(f"no candidates returned (prompt feedback: {feedback})")
-        candidate = response.candidates[0]
-        finish = candidate.finish_reason
-        finish_name = getattr(finish, "name", None) or str(finish or "STOP")
-        text = "".join(part.text or "" for part in (candidate.content.parts or [])
-                       if not getattr(part, "thought", False)) if candidate.content else ""
-        usage = response.usage_metadata
-        return RawAnswer(
-            text=text,
-            prompt_tokens=(usage.prompt_token_count or 0) if usage else 0,
-            completion_tokens=(usage.candidates_token_count or 0) if usage else 0,
-            finish_reason=finish_name,
-            thoughts_tokens=(usage.thoughts_token_count or 0) if usage else 0,
-            cached_prompt_tokens=(usage.cached_content_token_count or 0) if usage else 0)
+        return _raw_answer(response)
+
+    # -- batch prediction: the same request as a JSONL line, its answer read back --
+    @property
+    def batches(self):
+        """google-genai's batch jobs of this client (Vertex AI `batchPredictionJobs`)."""
+        return self._client.batches
+
+    def rest_request(self, request: ModelRequest, labels: dict[str, str]) -> dict:
+        """The request as Vertex AI's REST `GenerateContentRequest`, the form a batch
+        prediction input line takes: what `generate` would send, built from the same
+        `GenerateContentConfig`. `labels` come back with the answer line."""
+        generation = self._config(request).model_dump(
+            mode="json", by_alias=True, exclude_none=True)
+        system = generation.pop("systemInstruction", None)
+        body = {"contents": [content.model_dump(mode="json", by_alias=True,
+                                                exclude_none=True)
+                             for content in self._contents(request)],
+                "generationConfig": generation, "labels": labels}
+        if system:
+            body["systemInstruction"] = {"parts": [{"text": system}]}
+        return body
+
+    def answer_from(self, response: dict) -> RawAnswer:
+        """A batch output line's `response` (a REST `GenerateContentResponse`) read
+        exactly as an online answer."""
+        return _raw_answer(self._types.GenerateContentResponse.model_validate(response))
+
+
+def _raw_answer(response) -> RawAnswer:
+    if not response.candidates:
+        feedback = getattr(response, "prompt_feedback", None)
+        raise PermanentModelError(f"no candidates returned (prompt feedback: {feedback})")
+    candidate = response.candidates[0]
+    finish = candidate.finish_reason
+    finish_name = getattr(finish, "name", None) or str(finish or "STOP")
+    text = "".join(part.text or "" for part in (candidate.content.parts or [])
+                   if not getattr(part, "thought", False)) if candidate.content else ""
+    usage = response.usage_metadata
+    return RawAnswer(
+        text=text,
+        prompt_tokens=(usage.prompt_token_count or 0) if usage else 0,
+        completion_tokens=(usage.candidates_token_count or 0) if usage else 0,
+        finish_reason=finish_name,
+        thoughts_tokens=(usage.thoughts_token_count or 0) if usage else 0,
+        cached_prompt_tokens=(usage.cached_content_token_count or 0) if usage else 0)
 
 
 def _token_credentials():
