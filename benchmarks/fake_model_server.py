@@ -590,8 +590,10 @@ class FakeModelServer:
 
     def _run_job(self, job_id: str) -> None:
         config = self.config
-        deadline = time.monotonic() + config.batch_pending_seconds
-        while config.batch_fault == "stuck" or time.monotonic() < deadline:
+        created = time.monotonic()
+        # Re-read each time: a test may shorten the queue of a job already pending.
+        while config.batch_fault == "stuck" or \
+                time.monotonic() - created < config.batch_pending_seconds:
             if self._cancelled(job_id):
                 return self._finish_job(job_id, [], cancelled=True)
             time.sleep(0.02)

@@ -34,8 +34,9 @@ TOKEN_KINDS = ("prompt_tokens", "cached_prompt_tokens", "completion_tokens",
 MODEL_COUNTERS = ("requests", "cache_hits", "retries", "parse_retries",
                   "truncation_retries", "truncated", "failures", "throttled_ms",
                   *TOKEN_KINDS, "elements",
-                  # --vertex_mode batch: jobs submitted or resumed, time spent waiting.
-                  "batch_jobs", "batch_wait_ms")
+                  # --vertex_mode batch: jobs submitted or resumed, of which ended,
+                  # of which ended failed, cancelled or expired; time spent waiting.
+                  "batch_jobs", "batch_jobs_ended", "batch_jobs_failed", "batch_wait_ms")
 # Counters kept in milliseconds, read as seconds.
 _MILLISECONDS = {"throttled_ms": "throttled_seconds", "batch_wait_ms": "batch_wait_seconds"}
 
@@ -208,7 +209,7 @@ class RunCounters:
         result = {name: totals.get(name, 0) for name in
                   ("requests", "cache_hits", "retries", "failures", "truncated",
                    *TOKEN_KINDS, "throttled_seconds", "batch_jobs",
-                   "batch_wait_seconds")}
+                   "batch_jobs_ended", "batch_jobs_failed", "batch_wait_seconds")}
         result.update(kept_pairs=kept, examples_written=self.flow(EXAMPLES),
                       dead_letters=sum(self.dead_letters().values()))
         return result

@@ -100,6 +100,13 @@ def render_status(job, counters: dict[str, float],
                  f"{int(counters.get('completion_tokens', 0))} visible output + "
                  f"{int(counters.get('thoughts_tokens', 0))} thoughts (billed as output)")
     lines.append(f"  truncated answers dead-lettered: {int(counters.get('truncated', 0))}")
+    jobs = int(counters.get("batch_jobs", 0))
+    if jobs:
+        ended = int(counters.get("batch_jobs_ended", 0))
+        failed = int(counters.get("batch_jobs_failed", 0))
+        lines.append(f"  batch prediction jobs: {jobs} ({jobs - ended} pending or "
+                     f"running, {ended - failed} finished, {failed} failed, cancelled "
+                     f"or expired); waited {counters.get('batch_wait_seconds', 0):.0f} s")
     lines.append(f"  throttled: {counters.get('throttled_seconds', 0):.1f} s; "
                  f"dead letters: {int(counters.get('dead_letters', 0))}")
     return "\n".join(lines)

@@ -17,6 +17,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from codeclm_beam import metrics as m
 from codeclm_beam.metrics import RunCounters
+from codeclm_beam.model.config import BATCH
+from codeclm_beam.model.config import ONLINE
 from codeclm_beam.options import is_dry_run
 from codeclm_beam.pipelines.outputs import OutputDirectory
 from codeclm_beam.version import __version__
@@ -101,8 +103,13 @@ def built_job(result, options: PipelineOptions) -> dict[str, Any]:
 
 
 def billing_modes(*models) -> dict[str, str]:
-    """How each model's calls are billed, by the model id its counters carry."""
-    return {model.identity: model.billing_mode for model in models}
+    """How each model's calls are billed, by the model id its counters carry (a batch
+    model's calls sent online by --batch_fallback carry their own, `metered_id`)."""
+    modes = {model.identity: model.billing_mode for model in models}
+    for model in models:
+        if model.billing_mode == BATCH and model.batch.fallback == ONLINE:
+            modes[model.metered_id(ONLINE)] = ONLINE
+    return modes
 
 
 def estimated_cost(record: dict) -> dict[str, Any]:

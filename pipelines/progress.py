@@ -10,6 +10,7 @@ are other processes (Dataflow, a multi-process DirectRunner) leaves the mirror e
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import sys
 import threading
@@ -19,6 +20,7 @@ from typing import Callable, Optional, TextIO
 from apache_beam.options.pipeline_options import StandardOptions
 
 from codeclm_beam import metrics
+from codeclm_beam.model import batch
 from codeclm_beam.metrics import RunCounters
 from codeclm_beam.options import RunOptions
 from codeclm_beam.options import is_dry_run
@@ -38,9 +40,14 @@ def _duration(seconds: float) -> str:
 class Snapshot:
     """The figures of one moment of a run."""
 
-    def __init__(self, counters: RunCounters, in_flight: dict[str, int], elapsed: float):
+    def __init__(self, counters: RunCounters, in_flight: dict[str, int], elapsed: float,
+                 batch_jobs: Optional[dict[str, dict[str, str]]] = None):
         self.counters = counters
-        self.in_flight = in_flight
+        # A stage waiting for a batch prediction job has its elements in flight.
+        self.batch_jobs = batch_jobs or {}
+        self.in_flight = {**in_flight, **{
+            stage: 1 for stage, jobs in self.batch_jobs.items()
+            if stage not in in_flight and set(jobs.values()) - batch.FINISHED}}
         self.elapsed = elapsed
         self.by_stage = counters.stage_totals()
         self.totals = counters.summary()
@@ -86,6 +93,14 @@ def describe(snapshot: Snapshot, wanted: Optional[int],
             f"{snapshot.in_flight.get(stage, 0)} in flight, "
             f"{s.get('cache_hits', 0)} cache hits, {tokens} tokens, "
             f"{snapshot.counters.dead_letter(stage)} dead letters")
+        jobs = snapshot.batch_jobs.get(stage)
+        if jobs:
+            states = collections.Counter(
+                state.replace("JOB_STATE_", "").lower() for state in jobs.values())
+            waited = s.get("batch_wait_seconds", 0)
+            parts.append("batch jobs " + ", ".join(
+                f"{n} {state}" for state, n in sorted(states.items()))
+                + f" (waited {_duration(waited)})")
     totals = snapshot.totals
     kept = int(totals["kept_pairs"])
     parts.append(f"kept {kept}/{wanted}" if wanted else f"kept {kept}")
@@ -142,7 +157,7 @@ class LiveProgress:
     def snapshot(self) -> Snapshot:
         values, in_flight = metrics.LIVE.snapshot()
         return Snapshot(RunCounters.from_pairs(values.items()), in_flight,
-                        time.monotonic() - self._started)
+                        time.monotonic() - self._started, metrics.LIVE.jobs())
 
     def line(self, snapshot: Snapshot) -> str:
         return describe(snapshot, self._wanted, self._projected(snapshot.counters))

@@ -47,6 +47,7 @@ from codeclm_beam.model.backends import RawAnswer
 from codeclm_beam.model.cache import ResponseCache
 from codeclm_beam.model.config import ONLINE
 from codeclm_beam.model.config import ModelConfig
+from codeclm_beam.model.errors import BatchTimeout
 from codeclm_beam.model.errors import ModelError
 from codeclm_beam.model.errors import PermanentModelError
 from codeclm_beam.model.errors import TransientModelError
@@ -71,10 +72,6 @@ FINISHED = frozenset({SUCCEEDED, PARTIALLY_SUCCEEDED, FAILED, CANCELLED, EXPIRED
 ENDED_WITHOUT_ANSWERS = frozenset({FAILED, CANCELLED, EXPIRED})
 # After a cancel, how long to wait for the job to settle before reading what it wrote.
 _CANCEL_SETTLE_S = 600.0
-
-
-class BatchTimeout(ModelError):
-    """The request's job was cancelled at --batch_timeout before answering it."""
 
 
 def _label(key: str) -> str:
@@ -309,9 +306,10 @@ class _RunJobs(beam.DoFn):
                        for key, a in asking.items() if a.next_request is not None}
             if not pending:
                 break
+            self._metrics.job_started()
             outcome = wave.run({sent: asking[key].next_request
                                 for sent, key in pending.items()})
-            self._metrics.job_ran()
+            self._metrics.job_ended(failed=outcome.state in ENDED_WITHOUT_ANSWERS)
             for sent, key in pending.items():
                 answer = outcome.answers.get(_label(sent), outcome.missing)
                 if isinstance(answer, RawAnswer):

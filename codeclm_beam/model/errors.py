@@ -52,6 +52,11 @@ class TruncatedAnswer(ModelError):
         self.finish_reason = finish_reason
 
 
+class BatchTimeout(ModelError):
+    """The request's batch prediction job was cancelled at --batch_timeout before it
+    answered the request."""
+
+
 def failure_reason(error: BaseException) -> str:
     """The one-word reason a dead letter carries, so they can be counted and filtered."""
     if isinstance(error, TruncatedAnswer):
@@ -60,6 +65,8 @@ def failure_reason(error: BaseException) -> str:
         return "schema"
     if isinstance(error, TransientModelError):
         return "transient"
+    if isinstance(error, BatchTimeout):
+        return "timeout"
     if isinstance(error, PermanentModelError):
         return "refused"
     return "error"

@@ -350,9 +350,14 @@ class StageMetrics:
                 self._counters[name].inc(value)
         self._signal_throttled(throttled)
 
-    def job_ran(self) -> None:
-        """A batch prediction job was submitted, or a previous one resumed."""
+    def job_started(self) -> None:
+        """A batch prediction job is being submitted, or a previous one resumed."""
         self._counters["batch_jobs"].inc()
+
+    def job_ended(self, failed: bool) -> None:
+        self._counters["batch_jobs_ended"].inc()
+        if failed:
+            self._counters["batch_jobs_failed"].inc()
 
     def waited(self, seconds: float) -> None:
         """Time spent waiting for a batch job: throttled time to Dataflow's

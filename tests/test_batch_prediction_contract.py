@@ -1,0 +1,225 @@
+"""Contract tests: --vertex_mode batch through the real google-genai client
+(`client.batches.create/get/cancel`) against the loopback Vertex AI server, which speaks
+`batchPredictionJobs` REST as Vertex AI documents it (JSONL input and output on Cloud
+Storage; states pending -> running -> succeeded / partially succeeded / failed;
+per-line error `status`; cancel keeps the finished lines), with Cloud Storage served
+by a real emulator (gcp-storage-emulator) on loopback.
+
+The fault tests drive the stage's job runner (`_RunJobs`, the DoFn a pipeline runs)
+on a few requests; the end-to-end tests run `generate`."""
+import collections
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from apache_beam.io.filesystems import FileSystems
+
+from benchmarks.fake_model_server import FakeModelServer
+from benchmarks.fake_model_server import ServerConfig
+from codeclm_beam.model import ChatMessage
+from codeclm_beam.model import ModelConfig
+from codeclm_beam.model import ModelRequest
+from codeclm_beam.model.batch import _RunJobs
+from codeclm_beam.model.config import BatchConfig
+from codeclm_beam.model.errors import ConfigurationError
+from codeclm_beam.model.types import GenerationSettings
+from codeclm_beam.model.types import ModelFailure
+from codeclm_beam.model.types import ModelResponse
+from codeclm_beam.pipelines.manifest import billing_modes
+from tests.helpers import read_jsonl
+from tests.helpers import run_generate
+from tests.helpers import write_seeds
+
+SCHEMA = {"type": "object", "properties": {"answer": {"type": "string"}},
+          "required": ["answer"]}
+
+
+# Beam looks for Application Default Credentials before it talks to Cloud Storage,
+# retrying for about 30 s when there are none; the emulator takes anonymous calls, so
+# the tests (and the pipeline they start) go straight to anonymous, as Beam would end.
+_ANONYMOUS_GCS = ("from apache_beam.internal.gcp.auth import _Credentials; "
+                  "_Credentials._credentials_init = True; import sys; "
+                  "from codeclm_beam.pipelines.cli import main; sys.exit(main())")
+
+
+@pytest.fixture
+def cloud(monkeypatch, gcs_emulator):
+    from apache_beam.internal.gcp.auth import _Credentials
+    monkeypatch.setattr(_Credentials, "_credentials_init", True)
+    monkeypatch.setattr(_Credentials, "_credentials", None)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator)
+    monkeypatch.setenv("CODECLM_VERTEX_ACCESS_TOKEN", "fake-token-for-loopback")
+    monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "test-proj")
+    monkeypatch.setenv("GOOGLE_CLOUD_LOCATION", "us-central1")
+
+
+def _config(server, batch_dir, **batch) -> ModelConfig:
+    return ModelConfig(uri="vertex:gemini-2.5-flash-lite", base_url=server.base_url,
+                       vertex_mode="batch", max_retries=1, initial_backoff_s=0.05,
+                       batch=BatchConfig(batch_dir=batch_dir, poll_initial_s=0.05,
+                                         poll_max_s=0.2, **batch))
+
+
+def _ask(config, n=6):
+    """Runs n requests through the batch job runner; results by request id."""
+    requests = [ModelRequest.create(
+        f"r{i}", [ChatMessage("user", f"Question {i}: name a colour.")],
+        GenerationSettings(max_output_tokens=200, seed=i), SCHEMA) for i in range(n)]
+    runner = _RunJobs(config, "answer_target")
+    runner.setup()
+    return {prediction.example.request_id: prediction.inference
+            for _, prediction in runner.process((0, [(r.request_id, r) for r in requests]))}
+
+
+def _failures(results):
+    return {rid: r for rid, r in results.items() if isinstance(r, ModelFailure)}
+
+
+def test_a_job_that_fails_outright_dead_letters_each_element_with_the_jobs_error(cloud):
+    with FakeModelServer(ServerConfig(batch_fault="fail")) as server:
+        results = _ask(_config(server, "gs://codeclm-test/fail"))
+    assert len(results) == 6 and set(_failures(results)) == set(results)
+    failure = results["r0"]
+    assert "JOB_STATE_FAILED" in failure.message and "Internal error" in failure.message
+    assert failure.reason == "refused" and failure.attempts == 0
+    assert server.usage == {}  # nothing answered, nothing billed
+
+
+def test_a_partly_successful_job_keeps_its_answers_and_dead_letters_its_error_lines(cloud):
+    with FakeModelServer(ServerConfig(batch_fault="partial",
+                                      batch_line_error_rate=0.5)) as server:
+        results = _ask(_config(server, "gs://codeclm-test/partial"))
+    failed = _failures(results)
+    answered = {rid: r for rid, r in results.items() if isinstance(r, ModelResponse)}
+    assert failed and answered and len(failed) + len(answered) == 6
+    assert all("INVALID_ARGUMENT" in f.message and "JOB_STATE_PARTIALLY_SUCCEEDED"
+               in f.message for f in failed.values())
+    assert all(r.data["answer"] for r in answered.values())
+    # One job: the error lines are not asked again (the job said why they failed).
+    assert [call for call, _ in server.batch_calls].count("POST") == 1
+
+
+def test_a_malformed_output_line_dead_letters_only_its_element(cloud):
+    with FakeModelServer(ServerConfig(batch_fault="malformed")) as server:
+        results = _ask(_config(server, "gs://codeclm-test/malformed"))
+    failed = _failures(results)
+    assert len(failed) == 1 and len(results) == 6
+    assert "1 output lines were unreadable" in next(iter(failed.values())).message
+
+
+def test_a_job_pending_past_the_timeout_is_cancelled_and_its_elements_dead_lettered(
+        cloud):
+    with FakeModelServer(ServerConfig(batch_fault="stuck")) as server:
+        results = _ask(_config(server, "gs://codeclm-test/stuck", timeout_s=0.5))
+    assert ("POST:cancel", "1000") in server.batch_calls
+    assert set(_failures(results)) == set(results)
+    assert {f.reason for f in results.values()} == {"timeout"}
+    assert "JOB_STATE_CANCELLED" in results["r0"].message
+
+
+def test_with_online_fallback_a_timed_out_jobs_elements_are_sent_online(cloud):
+    with FakeModelServer(ServerConfig(batch_fault="stuck")) as server:
+        config = _config(server, "gs://codeclm-test/fallback", timeout_s=0.5,
+                         fallback="online")
+        results = _ask(config, n=3)
+    assert not _failures(results) and len(results) == 3
+    online = [e for e in server.log if e["outcome"] == "ok"]
+    assert len(online) == 3 and {e["request_type"] for e in online} == {None}
+    # Priced apart: the online calls carry their own model id, billed online.
+    assert billing_modes(config) == {config.identity: "batch",
+                                     config.identity + "~online": "online"}
+
+
+def test_batch_mode_needs_a_cloud_storage_batch_dir():
+    with pytest.raises(ConfigurationError, match="gs://"):
+        ModelConfig(uri="vertex:gemini-2.5-flash", vertex_mode="batch",
+                    batch=BatchConfig(batch_dir="/tmp/batch"))
+
+
+def _generate_args(server, seeds, out, batch_dir, mode="batch"):
+    return ["--seeds", seeds, "--output_dir", str(out), "--vertex_mode", mode,
+            "--batch_dir", batch_dir, "--batch_poll_seconds", "0.5",
+            "--strong_model", "vertex:gemini-2.5-flash",
+            "--target_model", "vertex:gemini-2.5-flash-lite",
+            "--model_base_url", server.base_url, "--num_examples", "4",
+            "--num_metadata", "2", "--max_iterations", "2", "--no_report"]
+
+
+def test_a_batch_run_gives_the_online_runs_pairs_at_half_the_price(tmp_path, cloud):
+    seeds = write_seeds(tmp_path / "seeds.jsonl", 4)
+    with FakeModelServer(ServerConfig(accept_rate=0.5, strong_model="gemini-2.5-flash",
+                                      max_seconds=300)) as server:
+        online = run_generate(_generate_args(server, seeds, tmp_path / "online",
+                                             "gs://codeclm-test/unused", mode="online"))
+        online_requests = len(server.log)
+        batch = run_generate(_generate_args(server, seeds, tmp_path / "batch",
+                                            "gs://codeclm-test/e2e"))
+        jobs = list(server.batch_jobs.values())
+        after = server.log[online_requests:]
+    # Every request of the batch run went in a job, none online, none twice.
+    lines = [e for e in after if e.get("api") == "batch"]
+    assert {e["outcome"] for e in lines} == {"batch_ok"}
+    assert not [e for e in after if e["outcome"] == "ok"]
+    assert len(lines) == online_requests == batch["model_calls"]["totals"]["requests"]
+    assert max(collections.Counter(e["key"] for e in lines).values()) == 1
+    assert all(job["state"] == "JOB_STATE_SUCCEEDED" for job in jobs)
+    assert batch["model_calls"]["totals"]["batch_jobs"] == len(jobs)
+    # Each job as google-genai created it: JSONL in, JSONL out, on Cloud Storage.
+    job = jobs[0]
+    assert job["inputConfig"]["instancesFormat"] == "jsonl"
+    source = job["inputConfig"]["gcsSource"]["uris"][0]
+    assert source.startswith("gs://codeclm-test/e2e/") and source.endswith(".jsonl")
+    assert job["model"] == "publishers/google/models/" + job["model"].rsplit("/", 1)[1]
+    assert FileSystems.exists(source[:-len(".jsonl")] + ".job.json")
+    # The same pairs, the same tokens, half the price.
+    assert sorted(map(str, read_jsonl(tmp_path / "batch", "examples"))) == \
+        sorted(map(str, read_jsonl(tmp_path / "online", "examples")))
+    assert batch["accounting"]["balanced"] and read_jsonl(tmp_path / "batch",
+                                                           "dead_letter") == []
+    for kind in ("prompt_tokens", "completion_tokens", "thoughts_tokens"):
+        assert batch["model_calls"]["totals"][kind] == online["model_calls"]["totals"][kind]
+    assert set(batch["billing"].values()) == {"batch"}
+    assert batch["cost"]["usd"] == pytest.approx(online["cost"]["usd"] / 2, abs=2e-4)
+
+
+def test_a_run_killed_while_its_job_runs_resumes_it_and_pays_for_no_request_twice(
+        tmp_path, cloud):
+    seeds = write_seeds(tmp_path / "seeds.jsonl", 3)
+    out, batch_dir = tmp_path / "out", "gs://codeclm-test/killed"
+    config = ServerConfig(accept_rate=0.5, strong_model="gemini-2.5-flash",
+                          batch_pending_seconds=120, max_seconds=300)
+    with FakeModelServer(config) as server:
+        args = _generate_args(server, seeds, out, batch_dir)
+        first = subprocess.Popen(
+            [sys.executable, "-c", _ANONYMOUS_GCS, "generate", *args],
+            env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)
+        try:
+            deadline = time.time() + 120
+            while not server.batch_jobs:
+                assert time.time() < deadline and first.poll() is None
+                time.sleep(0.2)
+            while not FileSystems.match([batch_dir + "/**.job.json"])[0].metadata_list:
+                assert time.time() < deadline
+                time.sleep(0.2)
+        finally:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+        assert [job["state"] for job in server.batch_jobs.values()] == ["JOB_STATE_PENDING"]
+        server.config.batch_pending_seconds = 0.2
+        manifest = run_generate(args)
+        creates = [call for call, _ in server.batch_calls].count("POST")
+        answered = collections.Counter(e["key"] for e in server.log
+                                       if e["outcome"] == "batch_ok")
+        # A third run finds every answer in the cache: no job at all.
+        run_generate(args)
+        assert [call for call, _ in server.batch_calls].count("POST") == creates
+    assert manifest["accounting"]["balanced"] and read_jsonl(out, "examples")
+    # The killed run's job was resumed, not submitted again; no request paid twice.
+    assert creates == len(server.batch_jobs) == manifest["model_calls"]["totals"][
+        "batch_jobs"]
+    assert len({job["displayName"] for job in server.batch_jobs.values()}) == creates
+    assert answered and max(answered.values()) == 1
