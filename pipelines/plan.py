@@ -30,6 +30,14 @@ from codeclm_beam.pipelines.args import SuggestingParser
 # Calls each candidate costs in a round: strong answer, target answer, two judge calls;
 # rounds after the first add the improve call that made the candidate.
 ROUND_CALLS = {"answer_strong": 1, "answer_target": 1, "judge": 2}
+# Stages that wait for the one before (each is a wave of batch jobs in batch mode):
+# encode, rubrics, decode; then per round the answers (strong and target side by
+# side) and the judge, after an improve from the second round on.
+FIXED_WAVES, FIRST_ROUND_WAVES, LATER_ROUND_WAVES = 3, 2, 3
+# Hours one wave of batch prediction jobs takes: Vertex AI documents no lower bound
+# (half an hour is our assumption for queueing and start-up of a job) and cancels work
+# not done 24 h after a job starts.
+BATCH_WAVE_HOURS = (0.5, 24.0)
 # One decode call writes all of an entry's instructions; past this many, long JSON
 # answers start to fail or repeat themselves, so the plan says to grow the pool instead.
 MAX_SENSIBLE_PER_ENTRY = 20
@@ -209,6 +217,8 @@ def plan(pilot: Pilot, num_examples: int, num_instructions: Optional[int] = None
         if tokens_per_minute:
             minutes.append(total["tokens"] / tokens_per_minute)
     fixed = seeds + 2 * entries
+    quota_hours = (round(max(minutes) / 60, 2)
+                   if requests_per_minute or tokens_per_minute else None)
     return {
         "num_examples": num_examples,
         "num_instructions": num_instructions,
@@ -232,10 +242,29 @@ def plan(pilot: Pilot, num_examples: int, num_instructions: Optional[int] = None
         # vertex: models served online, with Flex PayGo, or by batch prediction jobs.
         "cost_usd_by_mode": {mode: _total([s["cost_usd_by_mode"][mode] for s in stages])
                              for mode in PRICE_FACTOR},
-        "quota_bound_hours": (round(max(minutes) / 60, 2)
-                              if requests_per_minute or tokens_per_minute else None),
+        "quota_bound_hours": quota_hours,
+        "wall_hours_by_mode": wall_hours_by_mode(quota_hours, rounds.judged),
         "warnings": warnings,
     }
+
+
+def batch_waves(judged_by_round) -> int:
+    """Waves of batch jobs one after the other: the fixed stages, then each round
+    that has candidates."""
+    rounds = [n for n in judged_by_round if n >= 0.5]
+    return FIXED_WAVES + sum(FIRST_ROUND_WAVES if i == 0 else LATER_ROUND_WAVES
+                             for i, _ in enumerate(rounds))
+
+
+def wall_hours_by_mode(quota_hours: Optional[float], judged_by_round) -> dict:
+    """The wall time to expect in each mode, as [least, most] hours (None: unknown).
+    Online and flex are bound by the quota (flex may be slower: its requests wait for
+    shared capacity, up to 30 minutes each); batch by its waves of jobs."""
+    waves = batch_waves(judged_by_round)
+    low, high = BATCH_WAVE_HOURS
+    return {"online": [quota_hours, quota_hours], "flex": [quota_hours, None],
+            "batch": [round(waves * low, 1), round(waves * high, 1)],
+            "batch_waves": waves}
 
 
 def _total(costs: list[Optional[float]]) -> Optional[float]:
@@ -274,9 +303,16 @@ def render(result: dict) -> str:
         f"{mode} {'unknown' if cost is None else f'${cost:,.2f}'}"
         for mode, cost in by_mode.items())
         + " (flex: Flex PayGo on the global endpoint, for the models that offer it;"
-          " batch: batch prediction, not yet a --vertex_mode)")
-    if result["quota_bound_hours"] is not None:
-        lines.append(f"  quota-bound wall time: {result['quota_bound_hours']:,} h")
+          " batch: batch prediction jobs)")
+    wall = result["wall_hours_by_mode"]
+    online = (f"{result['quota_bound_hours']:,} h (quota-bound)"
+              if result["quota_bound_hours"] is not None
+              else "bound by your quota (pass --max_requests_per_minute)")
+    low, high = wall["batch"]
+    lines.append(f"  wall time: online {online} | flex at least as long, slower when "
+                 f"shared capacity is busy | batch {low:,}-{high:,} h ({wall['batch_waves']}"
+                 f" waves of jobs, one after the other, each {BATCH_WAVE_HOURS[0]}-"
+                 f"{BATCH_WAVE_HOURS[1]:.0f} h: queueing varies)")
     lines += [f"  warning: {warning}" for warning in result["warnings"]]
     return "\n".join(lines)
 

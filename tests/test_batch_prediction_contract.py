@@ -29,6 +29,9 @@ from codeclm_beam.model.types import GenerationSettings
 from codeclm_beam.model.types import ModelFailure
 from codeclm_beam.model.types import ModelResponse
 from codeclm_beam.pipelines.manifest import billing_modes
+from codeclm_beam.pipelines.plan import Pilot
+from codeclm_beam.pipelines.plan import plan
+from codeclm_beam.pipelines.plan import render
 from tests.helpers import read_jsonl
 from tests.helpers import run_generate
 from tests.helpers import write_seeds
@@ -183,6 +186,14 @@ def test_a_batch_run_gives_the_online_runs_pairs_at_half_the_price(tmp_path, clo
         assert batch["model_calls"]["totals"][kind] == online["model_calls"]["totals"][kind]
     assert set(batch["billing"].values()) == {"batch"}
     assert batch["cost"]["usd"] == pytest.approx(online["cost"]["usd"] / 2, abs=2e-4)
+    # `plan` from this pilot: batch wall time is its waves of jobs, one after the
+    # other (encode, rubrics, decode; answers and judge; improve, answers, judge).
+    projected = plan(Pilot.from_manifest(batch), num_examples=1000)
+    rounds = sum(1 for r in batch["accounting"]["candidates"]["rounds"]
+                 if r["candidates"])
+    waves = 3 + 2 + 3 * (rounds - 1)
+    assert projected["wall_hours_by_mode"]["batch"] == [0.5 * waves, 24.0 * waves]
+    assert f"batch {0.5 * waves:,}-{24.0 * waves:,} h" in render(projected)
 
 
 def test_a_run_killed_while_its_job_runs_resumes_it_and_pays_for_no_request_twice(
