@@ -29,7 +29,8 @@ It speaks the OpenAI-compatible chat API (`POST /v1/chat/completions`) and Verte
   in no particular order) under `outputInfo.gcsOutputDirectory`; it ends SUCCEEDED,
   PARTIALLY_SUCCEEDED (some lines carry an error `status`) or FAILED (`error`), and a
   cancelled job exports the lines it finished. Faults on demand (`batch_fault`): fail,
-  partial, stuck (pending until cancelled), malformed (one output line cut);
+  partial, stuck (pending until cancelled), malformed (one output line cut), schema
+  (some answers ignore their JSON schema, as users report of batch mode);
 - totals of the tokens it reported (`usage`), to check a client's accounting against;
 - a log of every request with its outcome; and it stops by itself after a request count
   or a time limit.
@@ -55,7 +56,7 @@ from http.server import ThreadingHTTPServer
 from typing import Any, Optional
 
 FAULTS = ("status_500", "status_503", "hang", "drop", "malformed", "truncated", "schema")
-BATCH_FAULTS = ("fail", "partial", "stuck", "malformed")
+BATCH_FAULTS = ("fail", "partial", "stuck", "malformed", "schema")
 _BATCH_PATH = re.compile(r"/projects/([^/]+)/locations/([^/]+)/batchPredictionJobs"
                          r"(?:/([^/:]+))?(:cancel)?$")
 _VERTEX_PATH = re.compile(r"/projects/[^/]+/locations/([^/]+)/publishers/google/models/"
@@ -174,7 +175,8 @@ class ServerConfig:
     batch_pending_seconds: float = 0.3
     batch_running_seconds: float = 0.3
     batch_fault: Optional[str] = None  # one of BATCH_FAULTS, for every job
-    batch_line_error_rate: float = 0.3  # share of lines with an error in "partial"
+    # Share of lines with an error ("partial") or off their schema ("schema").
+    batch_line_error_rate: float = 0.3
 
 
 def _camel_keys(fields: dict) -> dict:
@@ -625,9 +627,11 @@ class FakeModelServer:
             error = ('Bad Request: {"error": {"code": 400, "message": "Request contains '
                      'an invalid argument.", "status": "INVALID_ARGUMENT"}}')
         else:
+            off_schema = self.config.batch_fault == "schema" and \
+                (key % 1000) / 1000 < self.config.batch_line_error_rate
             try:
                 payload, usage = self._vertex_body(
-                    request, self._answer(request, violate_schema=False),
+                    request, self._answer(request, violate_schema=off_schema),
                     prompt_tokens, key)
             except InvalidArgument as e:
                 error = ('Bad Request: {"error": {"code": 400, "message": '

@@ -272,6 +272,87 @@ def calls_against_budget() -> dict[str, Any]:
             "calls_on_cached_rerun": second}
 
 
+def online_vs_batch() -> dict[str, Any]:
+    """The same CodecLM workload with vertex: models online and in batch mode (the
+    loopback Vertex AI server's batchPredictionJobs, Cloud Storage on the emulator):
+    calls, answers and cost side by side, and what the pipeline adds per batched
+    request beyond the time its jobs spent at the server."""
+    import glob
+
+    from apache_beam.internal.gcp.auth import _Credentials
+    from gcp_storage_emulator.server import create_server
+
+    from codeclm_beam.pipelines.generate import run
+    from tests.conftest import _free_port
+
+    port = _free_port()
+    storage = create_server("127.0.0.1", port, in_memory=True, default_bucket="bench")
+    storage.start()
+    # The emulator takes anonymous calls: skip Beam's ~30 s search for credentials.
+    _Credentials._credentials_init, _Credentials._credentials = True, None
+    os.environ.update(STORAGE_EMULATOR_HOST=f"http://127.0.0.1:{port}",
+                      CODECLM_VERTEX_ACCESS_TOKEN="fake-token-for-loopback",
+                      GOOGLE_CLOUD_PROJECT="bench", GOOGLE_CLOUD_LOCATION="us-central1")
+    out: dict[str, Any] = {}
+    try:
+        with tempfile.TemporaryDirectory() as tmp, FakeModelServer(ServerConfig(
+                accept_rate=0.6, strong_model="gemini-2.5-flash")) as server:
+            seeds = os.path.join(tmp, "seeds.jsonl")
+            with open(seeds, "w") as f:
+                for i in range(max(4, int(20 * SCALE))):
+                    f.write(json.dumps({"instruction": f"Seed instruction {i}"}) + "\n")
+            for mode in ("online", "batch"):
+                before = len(server.log)
+                started = time.monotonic()
+                manifest = run([
+                    "--seeds", seeds, "--output_dir", os.path.join(tmp, mode),
+                    "--vertex_mode", mode, "--batch_dir", "gs://bench/batch",
+                    "--batch_poll_seconds", "1", "--quiet", "--no_report",
+                    "--strong_model", "vertex:gemini-2.5-flash",
+                    "--target_model", "vertex:gemini-2.5-flash-lite",
+                    "--model_base_url", server.base_url, "--num_metadata", "10",
+                    "--num_instructions", str(max(8, int(50 * SCALE))),
+                    "--num_examples", "1000"])
+                wall = time.monotonic() - started
+                answered = [e for e in server.log[before:]
+                            if e["outcome"] in ("ok", "batch_ok")]
+                examples = sorted(
+                    line for path in glob.glob(os.path.join(tmp, mode, "examples", "*.jsonl"))
+                    for line in open(path))
+                out[mode] = {"wall_s": round(wall, 2), "requests": len(answered),
+                             "cost_usd": manifest["cost"]["usd"], "examples": examples,
+                             "jobs": manifest["model_calls"]["totals"]["batch_jobs"]}
+            at_server = _busy_seconds(server.batch_jobs.values())
+    finally:
+        storage.stop()
+    online, batch = out["online"], out["batch"]
+    return {"online": {k: v for k, v in online.items() if k != "examples"},
+            "batch": {k: v for k, v in batch.items() if k != "examples"},
+            "calls_equal": online["requests"] == batch["requests"],
+            "answers_equal": online["examples"] == batch["examples"],
+            "kept_pairs": len(batch["examples"]),
+            "cost_ratio_batch_over_online": round(batch["cost_usd"] / online["cost_usd"], 4),
+            "jobs_at_server_s": round(at_server, 2),
+            "pipeline_overhead_per_batched_request_ms": round(
+                1000 * (batch["wall_s"] - at_server) / batch["requests"], 2),
+            "pipeline_overhead_per_job_s": round(
+                (batch["wall_s"] - at_server) / batch["jobs"], 3)}
+
+
+def _busy_seconds(jobs) -> float:
+    """Seconds in which at least one job existed at the server (create to end)."""
+    import datetime
+
+    def seconds(stamp: str) -> float:
+        return datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+    spans = sorted((seconds(j["createTime"]), seconds(j["endTime"])) for j in jobs)
+    busy, end = 0.0, float("-inf")
+    for start, stop in spans:
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    return busy
+
+
 def markdown(results: dict) -> str:
     q, s, o = results["quota_use"], results["codeclm_shaped"], results["overhead"]
     lines = ["| benchmark | figure | value |", "| --- | --- | --- |",
@@ -299,6 +380,11 @@ def markdown(results: dict) -> str:
     lines += [f"| calls | calls / budget formula | {c['calls_over_formula']} |",
               f"| calls | calls per kept pair | {c['calls_per_kept_pair']} |",
               f"| calls | calls on a cached re-run | {c['calls_on_cached_rerun']} |"]
+    if "online_vs_batch" in results:
+        b = results["online_vs_batch"]
+        lines += [f"| online vs batch | calls equal / answers equal | {b['calls_equal']} / {b['answers_equal']} |",
+                  f"| online vs batch | cost batch / online | {b['cost_ratio_batch_over_online']} |",
+                  f"| online vs batch | pipeline overhead per batched request (ms) | {b['pipeline_overhead_per_batched_request_ms']} |"]
     return "\n".join(lines) + "\n"
 
 
@@ -314,7 +400,8 @@ def main() -> None:
                     "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     steps = [("quota_use", quota_use), ("codeclm_shaped", codeclm_shaped),
              ("overhead", overhead), ("calls", calls_against_budget),
-             ("memory", memory), ("embedded", embedded)]
+             ("online_vs_batch", online_vs_batch), ("memory", memory),
+             ("embedded", embedded)]
     for name, step in steps:
         if only and name not in only:
             continue

@@ -105,6 +105,22 @@ def test_a_partly_successful_job_keeps_its_answers_and_dead_letters_its_error_li
     assert [call for call, _ in server.batch_calls].count("POST") == 1
 
 
+def test_answers_off_their_schema_are_re_asked_in_the_next_job_as_online(cloud):
+    with FakeModelServer(ServerConfig(batch_fault="schema",
+                                      batch_line_error_rate=0.5)) as server:
+        results = _ask(_config(server, "gs://codeclm-test/schema"))
+    jobs = list(server.batch_jobs.values())
+    lines = [e for e in server.log if e["outcome"] == "batch_ok"]
+    # A first job with every request, then one per round of re-asks (other seeds).
+    assert len(jobs) >= 2 and int(jobs[1]["completionStats"]["successfulCount"]) < 6
+    assert len(lines) == sum(r.stats.attempts for r in results.values())
+    assert sum(r.stats.parse_retries for r in results.values()) == len(lines) - 6
+    for result in results.values():
+        assert (isinstance(result, ModelResponse) and result.data["answer"]) or \
+            result.reason == "schema"
+    assert not [e for e in server.log if e["outcome"] == "ok"]  # nothing online
+
+
 def test_a_malformed_output_line_dead_letters_only_its_element(cloud):
     with FakeModelServer(ServerConfig(batch_fault="malformed")) as server:
         results = _ask(_config(server, "gs://codeclm-test/malformed"))
