@@ -548,6 +548,12 @@ class FakeModelServer:
         with self._lock:
             self.batch_calls.append((method + (":cancel" if cancel else ""), job_id or ""))
         if method == "POST" and job_id is None:
+            model = str(body.get("model", "")).rsplit("/", 1)[-1]
+            if vertex_model(model) is None:  # only Gemini models take batch jobs here
+                return self._send(handler, 404, {"error": {
+                    "code": 404, "status": "NOT_FOUND", "message":
+                    f"Publisher Model `{body.get('model')}` was not found or your "
+                    "project does not have access to it."}}, "not_found")
             return self._send(handler, 200, self._create_job(body, location), "batch_create")
         with self._lock:
             job = self.batch_jobs.get(job_id)

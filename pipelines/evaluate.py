@@ -247,7 +247,8 @@ def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = N
     offline = is_dry_run(options)  # a dry run reads no gs:// input, writes nothing
     if not offline:
         preflight_lib.check_gcs_credentials(
-            [*opts.benchmark, output_dir, options.view_as(ModelOptions).cache_dir])
+            [*opts.benchmark, output_dir, options.view_as(ModelOptions).cache_dir,
+             options.view_as(ModelOptions).batch_dir])
     run_id = uuid.uuid4().hex[:12]
     outputs = OutputDirectory(output_dir, run_id, "summary.json", run_opts.force)
     started = time.time()

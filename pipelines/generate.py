@@ -189,7 +189,8 @@ def preflight(options: PipelineOptions, config: CodecLMConfig) -> None:
         raise ConfigurationError("give exactly one of --seeds and --metadata")
     if not offline:
         preflight_lib.check_gcs_credentials(
-            [opts.seeds, opts.metadata, run_opts.output_dir, config.strong.cache_dir])
+            [opts.seeds, opts.metadata, run_opts.output_dir, config.strong.cache_dir,
+             config.strong.batch.batch_dir])
     preflight_lib.check_output_budget("--max_output_tokens", config.max_output_tokens,
                                       [config.strong, config.target])
     preflight_lib.check_output_budget("--codec_max_output_tokens",

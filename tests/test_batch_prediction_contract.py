@@ -152,6 +152,16 @@ def test_with_online_fallback_a_timed_out_jobs_elements_are_sent_online(cloud):
                                      config.identity + "~online": "online"}
 
 
+def test_a_job_vertex_ai_refuses_to_create_dead_letters_each_element_with_why(cloud):
+    with FakeModelServer(ServerConfig()) as server:
+        config = _config(server, "gs://codeclm-test/refused").replace(
+            uri="vertex:text-bison-001")
+        results = _ask(config, n=2)
+    assert set(_failures(results)) == {"r0", "r1"}
+    assert {r.reason for r in results.values()} == {"refused"}
+    assert "was not found" in results["r0"].message and not server.batch_jobs
+
+
 def test_batch_mode_needs_a_cloud_storage_batch_dir():
     with pytest.raises(ConfigurationError, match="gs://"):
         ModelConfig(uri="vertex:gemini-2.5-flash", vertex_mode="batch",

@@ -137,8 +137,13 @@ class JobWave:
         record = _read_json(base + ".job.json")
         job = None
         if record is not None:
-            job = self._api("get", name=record["job"])
-            if _state(job) in ENDED_WITHOUT_ANSWERS:
+            try:
+                job = self._api("get", name=record["job"])
+            except PermanentModelError as gone:
+                if gone.status != 404:
+                    raise
+                _LOG.warning("batch job %s is gone: submitting anew", record["job"])
+            if job is not None and _state(job) in ENDED_WITHOUT_ANSWERS:
                 _LOG.info("batch job %s of a previous run ended %s: submitting anew",
                           job.name, _state(job))
                 job = None
@@ -153,10 +158,11 @@ class JobWave:
     def _submit(self, base: str, content_id: str, requests: dict[str, ModelRequest]):
         from google.genai import types
 
-        lines = (json.dumps({"request": self._backend.rest_request(
-                     request, {KEY_LABEL: _label(key)})}, ensure_ascii=False)
-                 for key, request in sorted(requests.items()))
-        _write(base + ".jsonl", ("\n".join(lines) + "\n").encode("utf-8"))
+        with FileSystems.create(base + ".jsonl") as f:  # streamed: up to 1 GB
+            for key, request in sorted(requests.items()):
+                line = {"request": self._backend.rest_request(
+                    request, {KEY_LABEL: _label(key)})}
+                f.write((json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8"))
         job = self._api("create", model=self._config.spec.model, src=base + ".jsonl",
                         config=types.CreateBatchJobConfig(
                             dest=base + ".out",
@@ -307,8 +313,13 @@ class _RunJobs(beam.DoFn):
             if not pending:
                 break
             self._metrics.job_started()
-            outcome = wave.run({sent: asking[key].next_request
-                                for sent, key in pending.items()})
+            try:
+                outcome = wave.run({sent: asking[key].next_request
+                                    for sent, key in pending.items()})
+            except ModelError as refused:
+                # The job could not be submitted or followed (a model without batch
+                # prediction, missing permissions): each element says so, as online.
+                outcome = JobOutcome("(not submitted)", FAILED, {}, refused)
             self._metrics.job_ended(failed=outcome.state in ENDED_WITHOUT_ANSWERS)
             for sent, key in pending.items():
                 answer = outcome.answers.get(_label(sent), outcome.missing)
