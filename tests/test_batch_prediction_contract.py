@@ -162,6 +162,29 @@ def test_a_job_vertex_ai_refuses_to_create_dead_letters_each_element_with_why(cl
     assert "was not found" in results["r0"].message and not server.batch_jobs
 
 
+def test_a_stage_larger_than_a_job_is_split_into_jobs_within_the_limit(cloud, tmp_path):
+    import apache_beam as beam
+    from apache_beam.testing.util import assert_that
+    from apache_beam.testing.util import equal_to
+
+    from codeclm_beam.model.batch import BatchInference
+
+    requests = [ModelRequest.create(f"r{i}", [ChatMessage("user", f"Colour {i}?")],
+                                    GenerationSettings(max_output_tokens=100, seed=i),
+                                    SCHEMA) for i in range(5)]
+    with FakeModelServer(ServerConfig()) as server:
+        config = _config(server, "gs://codeclm-test/shards", max_requests_per_job=2)
+        with beam.Pipeline() as pipeline:
+            answered = (pipeline | beam.Create([(r.request_id, r) for r in requests])
+                        | BatchInference(config, "answer_target")
+                        | beam.MapTuple(lambda rid, prediction: (
+                            rid, isinstance(prediction.inference, ModelResponse))))
+            assert_that(answered, equal_to([(f"r{i}", True) for i in range(5)]))
+        sizes = sorted(int(job["completionStats"]["successfulCount"])
+                       for job in server.batch_jobs.values())
+    assert sum(sizes) == 5 and max(sizes) <= 2 and len(sizes) >= 3
+
+
 def test_batch_mode_needs_a_cloud_storage_batch_dir():
     with pytest.raises(ConfigurationError, match="gs://"):
         ModelConfig(uri="vertex:gemini-2.5-flash", vertex_mode="batch",

@@ -70,6 +70,9 @@ FINISHED = frozenset({SUCCEEDED, PARTIALLY_SUCCEEDED, FAILED, CANCELLED, EXPIRED
 # A previous run's job that ended so is submitted again (its billed lines, if any,
 # were answered and cached then, so they are not in the new job).
 ENDED_WITHOUT_ANSWERS = frozenset({FAILED, CANCELLED, EXPIRED})
+# Shards by hash hold their mean +- a few hundred requests at 200,000: aiming at 90%
+# of a job keeps them within it.
+_SHARD_FILL = 0.9
 # After a cancel, how long to wait for the job to settle before reading what it wrote.
 _CANCEL_SETTLE_S = 600.0
 
@@ -121,13 +124,13 @@ class JobWave:
             retry=tenacity.retry_if_exception_type(TransientModelError), reraise=True)
 
     def _api(self, method: str, **kwargs):
-        from codeclm_beam.model.backends.google import _translate
+        from codeclm_beam.model.backends.google import translate_error
 
         def call():
             try:
                 return getattr(self._backend.batches, method)(**kwargs)
             except Exception as e:
-                raise _translate(e) from e
+                raise translate_error(e) from e
         return self._retrying(call)
 
     def run(self, requests: dict[str, ModelRequest]) -> JobOutcome:
@@ -147,7 +150,7 @@ class JobWave:
                 _LOG.info("batch job %s of a previous run ended %s: submitting anew",
                           job.name, _state(job))
                 job = None
-            else:
+            elif job is not None:
                 _LOG.info("resuming batch job %s (%s) for %d requests", job.name,
                           _state(job), len(requests))
         if job is None:
@@ -305,13 +308,33 @@ class _RunJobs(beam.DoFn):
             by_key[request.cache_key(self._client.identity)].append((record, request))
         # One Asking per distinct request: identical requests are asked once.
         asking = {key: Asking(self._client, items[0][1]) for key, items in by_key.items()}
-        wave = JobWave(self._config, self._stage, self._client, self._on_wait)
         timed_out: list[str] = []
+        # A shard is filled to 90% of a job on average; the rare one over the limit
+        # is asked in more jobs, one after the other.
+        for chunk in _chunks(sorted(asking), lambda key: _request_bytes(by_key[key][0]),
+                             self._config.batch):
+            timed_out += self._ask_in_jobs({key: asking[key] for key in chunk})
+        results = {key: self._client.finish(a) for key, a in asking.items()}
+        fallback = timed_out if self._config.batch.fallback == ONLINE else []
+        # What went online is counted there as the element; its billed lines here.
+        self._metrics.record([results[key] for key in fallback], final=False)
+        self._metrics.record([results[key] for key in results if key not in fallback])
+        if fallback:
+            results.update(self._ask_online(fallback, asking))
+        for key, items in by_key.items():
+            for record, request in items:
+                yield record, _prediction(request, results[key], self._config)
+
+    def _ask_in_jobs(self, asking: dict[str, Asking]) -> list[str]:
+        """Waves of jobs until every element has a usable answer or has failed; the
+        keys of those a timed-out job left unanswered."""
+        wave = JobWave(self._config, self._stage, self._client, self._on_wait)
+        timed_out = []
         while True:
             pending = {a.next_request.cache_key(self._client.identity): key
                        for key, a in asking.items() if a.next_request is not None}
             if not pending:
-                break
+                return timed_out
             self._metrics.job_started()
             try:
                 outcome = wave.run({sent: asking[key].next_request
@@ -330,16 +353,6 @@ class _RunJobs(beam.DoFn):
                     asking[key].fail(answer)
                     if isinstance(answer, BatchTimeout):
                         timed_out.append(key)
-        results = {key: self._client.finish(a) for key, a in asking.items()}
-        fallback = timed_out if self._config.batch.fallback == ONLINE else []
-        # What went online is counted there as the element; its billed lines here.
-        self._metrics.record([results[key] for key in fallback], final=False)
-        self._metrics.record([results[key] for key in results if key not in fallback])
-        if fallback:
-            results.update(self._ask_online(fallback, asking))
-        for key, items in by_key.items():
-            for record, request in items:
-                yield record, _prediction(request, results[key], self._config)
 
     def _ask_online(self, keys: list[str], asking: dict) -> dict[str, ModelResult]:
         """--batch_fallback online: what a timed-out job left unanswered, sent online
@@ -370,6 +383,21 @@ class _ShardCount(beam.CombineFn):
         return accumulator
 
 
+def _chunks(keys: list[str], weigh: Callable[[str], int], batch) -> Iterable[list[str]]:
+    """`keys` in order, cut into runs within one job's limits."""
+    chunk, size = [], 0
+    for key in keys:
+        weight = weigh(key)
+        if chunk and (len(chunk) >= batch.max_requests_per_job
+                      or size + weight > batch.max_bytes_per_job):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(key)
+        size += weight
+    if chunk:
+        yield chunk
+
+
 def _request_bytes(keyed) -> int:
     # What a line weighs, near enough to keep a job under 1 GB: the prompt, the schema
     # and room for the JSON around them.
@@ -378,10 +406,10 @@ def _request_bytes(keyed) -> int:
 
 
 def _shard_of(keyed, totals, config: ModelConfig, identity: str):
+    """The shard of a request, by its content, so that a re-run puts it where it was."""
     count, size = totals
-    shards = max(1, math.ceil(count / config.batch.max_requests_per_job),
-                 math.ceil(size / config.batch.max_bytes_per_job))
-    # By content, so a re-run puts every request in the same shard as before.
+    shards = max(1, math.ceil(count / (_SHARD_FILL * config.batch.max_requests_per_job)),
+                 math.ceil(size / (_SHARD_FILL * config.batch.max_bytes_per_job)))
     key = keyed[1].cache_key(identity)
     return int(key[:8], 16) % shards, keyed
 
@@ -400,10 +428,11 @@ class BatchInference(beam.PTransform):
         config, identity = self._config, self._config.identity
         looked_up = pairs | "LookUpCache" >> beam.ParDo(
             _LookUpCache(config, self._stage)).with_outputs(TO_ASK, main="answered")
-        to_ask = looked_up[TO_ASK]
-        totals = (to_ask | "Weigh" >> beam.Map(_request_bytes)
+        # Shards are counted over every request of the stage, cached or not: a re-run
+        # then splits what is left as before, and finds the jobs it already submitted.
+        totals = (pairs | "Weigh" >> beam.Map(_request_bytes)
                   | "Total" >> beam.CombineGlobally(_ShardCount()))
-        answered = (to_ask
+        answered = (looked_up[TO_ASK]
                     | "Shard" >> beam.Map(_shard_of, beam.pvalue.AsSingleton(totals),
                                           config, identity)
                     | "Gather" >> beam.GroupByKey()

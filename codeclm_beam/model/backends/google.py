@@ -96,7 +96,7 @@ class GoogleGenAIBackend(Backend):
                 model=self._model, contents=self._contents(request),
                 config=self._config(request))
         except Exception as e:
-            raise _translate(e) from e
+            raise translate_error(e) from e
         return _raw_answer(response)
 
     # -- batch prediction: the same request as a JSONL line, its answer read back --
@@ -157,7 +157,7 @@ def _token_credentials():
     return Credentials(token=token)
 
 
-def _translate(error: Exception) -> Exception:
+def translate_error(error: Exception) -> Exception:
     from google.genai import errors as genai_errors
 
     if isinstance(error, genai_errors.APIError):
