@@ -177,6 +177,8 @@ class ServerConfig:
     batch_fault: Optional[str] = None  # one of BATCH_FAULTS, for every job
     # Share of lines with an error ("partial") or off their schema ("schema").
     batch_line_error_rate: float = 0.3
+    # Whether an output line's echoed request keeps its `labels`.
+    batch_echo_labels: bool = True
 
 
 def _camel_keys(fields: dict) -> dict:
@@ -626,7 +628,10 @@ class FakeModelServer:
         prompt_tokens = max(1, sum(len(m) for m in request["texts"]) // 4)
         key = _digest(request["model"], request["texts"], request["seed"],
                       request["schema"])
-        entry = {"status": "", "processed_time": _rfc3339(), "request": request_body}
+        echoed = dict(request_body)
+        if not self.config.batch_echo_labels:
+            echoed.pop("labels", None)
+        entry = {"status": "", "processed_time": _rfc3339(), "request": echoed}
         error = None
         if self.config.batch_fault == "partial" and \
                 (key % 1000) / 1000 < self.config.batch_line_error_rate:

@@ -121,6 +121,13 @@ def test_answers_off_their_schema_are_re_asked_in_the_next_job_as_online(cloud):
     assert not [e for e in server.log if e["outcome"] == "ok"]  # nothing online
 
 
+def test_answers_are_joined_to_their_requests_even_without_the_echoed_labels(cloud):
+    with FakeModelServer(ServerConfig(batch_echo_labels=False)) as server:
+        results = _ask(_config(server, "gs://codeclm-test/nolabels"), n=3)
+    assert not _failures(results) and len(results) == 3
+    assert [r.data["answer"] for r in results.values()]
+
+
 def test_a_malformed_output_line_dead_letters_only_its_element(cloud):
     with FakeModelServer(ServerConfig(batch_fault="malformed")) as server:
         results = _ask(_config(server, "gs://codeclm-test/malformed"))

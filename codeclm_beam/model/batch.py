@@ -57,6 +57,7 @@ from codeclm_beam.model.handler import StageMetrics
 from codeclm_beam.model.types import CallStats
 from codeclm_beam.model.types import ModelRequest
 from codeclm_beam.model.types import ModelResult
+from codeclm_beam.model.types import canonical_json
 
 _LOG = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ class JobWave:
         if job is None:
             job = self._submit(base, content_id, requests)
         job, timed_out = self._wait(job)
-        return self._read(job, timed_out)
+        return self._read(job, timed_out, requests)
 
     def _submit(self, base: str, content_id: str, requests: dict[str, ModelRequest]):
         from google.genai import types
@@ -197,7 +198,12 @@ class JobWave:
         self._on_wait(0.0, job.name, _state(job))
         return job, timed_out
 
-    def _read(self, job, timed_out: bool) -> JobOutcome:
+    def _read(self, job, timed_out: bool, requests: dict[str, ModelRequest]
+              ) -> JobOutcome:
+        # A line is joined to its request by the label it carries; should the echoed
+        # request come back without its labels, by the request itself.
+        by_body = {_body_key(self._backend.rest_request(request, {})): _label(key)
+                   for key, request in requests.items()}
         state = _state(job)
         error = getattr(job, "error", None)
         why = f"batch job {job.name} ended {state}" + (
@@ -207,8 +213,10 @@ class JobWave:
         for line in _output_lines(job):
             try:
                 entry = json.loads(line)
-                label = entry["request"]["labels"][KEY_LABEL]
-            except (ValueError, KeyError, TypeError):
+                request = entry["request"]
+                label = (request.get("labels") or {}).get(KEY_LABEL) or \
+                    by_body[_body_key(request)]
+            except (ValueError, KeyError, TypeError, AttributeError):
                 unreadable += 1
                 continue
             status = entry.get("status")
@@ -228,6 +236,10 @@ class JobWave:
         missing = (BatchTimeout(f"cancelled at --batch_timeout; {missing_why}")
                    if timed_out else PermanentModelError(missing_why))
         return JobOutcome(job.name, state, answers, missing, timed_out)
+
+
+def _body_key(body: dict) -> str:
+    return canonical_json({k: v for k, v in body.items() if k != "labels"})
 
 
 def _state(job) -> str:
