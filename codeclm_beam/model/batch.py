@@ -5,8 +5,9 @@ place of `RunInference` when its model's --vertex_mode is batch.
             └─ not cached ─Shard─GroupByKey─> RunJobs ─> answered ──────────┴─> (record,
                                                                            PredictionResult)
 
-A shard holds at most one job's worth of requests (Vertex AI takes 200,000 requests
-and 1 GB a job). RunJobs sends a shard as waves of jobs: the first asks every request,
+Shards are cut by content to about 90% of a job (Vertex AI takes 200,000 requests and
+1 GB a job); the rare one that still holds more is asked in two jobs or more, one after
+the other. RunJobs sends a shard as waves of jobs: the first asks every request,
 the next ones carry the re-asks (`handler.Asking`: a re-send with more room for a cut
 answer, another seed for an unusable one). Re-asks go into the next job rather than
 online: they are few, and the whole stage stays at the batch price. Every answer is
