@@ -21,7 +21,7 @@ It speaks the OpenAI-compatible chat API (`POST /v1/chat/completions`) and Verte
   `candidatesTokenCount`; and OpenAI-style reasoning (`reasoning_effort`) whose tokens
   count inside `completion_tokens` and `completion_tokens_details.reasoning_tokens`,
   with `finish_reason: length` at the limit;
-- Vertex AI batch prediction (`batchPredictionJobs`: create, get, cancel) over Cloud
+- Vertex AI batch prediction (`batchPredictionJobs`: create, get, list, cancel) over Cloud
   Storage (a real emulator, through google-cloud-storage and STORAGE_EMULATOR_HOST):
   a job reads its JSONL input, stays JOB_STATE_PENDING, then RUNNING, answers each
   line exactly as generateContent would (the same answers) and writes
@@ -549,6 +549,8 @@ class FakeModelServer:
         body = json.loads(handler.rfile.read(length) or b"{}")
         with self._lock:
             self.batch_calls.append((method + (":cancel" if cancel else ""), job_id or ""))
+        if method == "GET" and job_id is None:
+            return self._send(handler, 200, self._list_jobs(handler.path), "batch_list")
         if method == "POST" and job_id is None:
             model = str(body.get("model", "")).rsplit("/", 1)[-1]
             if vertex_model(model) is None:  # only Gemini models take batch jobs here
@@ -571,6 +573,18 @@ class FakeModelServer:
             return self._send(handler, 200, {}, "batch_cancel")
         snapshot.pop("cancel", None)
         return self._send(handler, 200, snapshot, "batch_get")
+
+    def _list_jobs(self, path: str) -> dict:
+        """`batchPredictionJobs.list`, with the `display_name="..."` filter (AIP-160)
+        the client uses; one page."""
+        import urllib.parse
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(path).query)
+        wanted = re.search(r'display_name\s*=\s*"([^"]*)"', query.get("filter", [""])[0])
+        with self._lock:
+            jobs = [json.loads(json.dumps({k: v for k, v in job.items() if k != "cancel"}))
+                    for job in self.batch_jobs.values()
+                    if wanted is None or job["displayName"] == wanted.group(1)]
+        return {"batchPredictionJobs": jobs} if jobs else {}
 
     def _create_job(self, body: dict, location: str) -> dict:
         with self._lock:

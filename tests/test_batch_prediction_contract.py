@@ -159,6 +159,19 @@ def test_with_online_fallback_a_timed_out_jobs_elements_are_sent_online(cloud):
                                      config.identity + "~online": "online"}
 
 
+def test_a_job_created_but_never_recorded_is_found_by_its_name_not_paid_again(cloud):
+    # As if a run had been killed between creating its job and writing the record.
+    with FakeModelServer(ServerConfig()) as server:
+        config = _config(server, "gs://codeclm-test/unrecorded")
+        first = _ask(config, n=3)
+        records = FileSystems.match(["gs://codeclm-test/unrecorded/**.job.json"])
+        FileSystems.delete([m.path for m in records[0].metadata_list])
+        again = _ask(config, n=3)
+    assert [call for call, _ in server.batch_calls].count("POST") == 1
+    assert ("GET", "") in server.batch_calls  # the list, filtered by display name
+    assert {r: a.data for r, a in again.items()} == {r: a.data for r, a in first.items()}
+
+
 def test_a_job_vertex_ai_refuses_to_create_dead_letters_each_element_with_why(cloud):
     with FakeModelServer(ServerConfig()) as server:
         config = _config(server, "gs://codeclm-test/refused").replace(

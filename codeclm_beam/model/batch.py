@@ -14,8 +14,9 @@ online: they are few, and the whole stage stays at the batch price. Every answer
 validated exactly as an online one, and written to the response cache.
 
 A job is named by its content: under `{batch_dir}/{stage}/`, `{id}.jsonl` holds its
-requests, `{id}.job.json` the job Vertex AI created (written as soon as it exists), and
-the job writes its answers under `{id}.out/`. Requests are deterministic (seeded per
+requests, `{id}.job.json` the job Vertex AI created (written as soon as it exists; a
+job created by a run killed before it could record it is found by its display name),
+and the job writes its answers under `{id}.out/`. Requests are deterministic (seeded per
 element), so a killed or re-run pipeline builds the same waves, finds their records and
 waits for or reads those jobs instead of paying for them again; answers already in the
 response cache never enter a job. A job that ended failed, cancelled or expired is
@@ -126,20 +127,28 @@ class JobWave:
             retry=tenacity.retry_if_exception_type(TransientModelError), reraise=True)
 
     def _api(self, method: str, **kwargs):
+        return self._api_call(lambda: getattr(self._backend.batches, method)(**kwargs))
+
+    def _api_call(self, call: Callable[[], Any]):
+        """A call to the batch jobs API, retried on transient errors like a request."""
         from codeclm_beam.model.backends.google import translate_error
 
-        def call():
+        def translated():
             try:
-                return getattr(self._backend.batches, method)(**kwargs)
+                return call()
             except Exception as e:
                 raise translate_error(e) from e
-        return self._retrying(call)
+        return self._retrying(translated)
 
     def run(self, requests: dict[str, ModelRequest]) -> JobOutcome:
         content_id = hashlib.sha256("\n".join(sorted(requests)).encode()).hexdigest()[:32]
         base = FileSystems.join(self._config.batch.batch_dir, _path_part(self._stage),
                                 content_id)
+        display_name = f"codeclm-{_path_part(self._stage)}-{content_id}"
         record = _read_json(base + ".job.json")
+        if record is None:
+            # A run killed between creating the job and recording it: find it by name.
+            record = self._find(display_name, base)
         job = None
         if record is not None:
             try:
@@ -156,11 +165,27 @@ class JobWave:
                 _LOG.info("resuming batch job %s (%s) for %d requests", job.name,
                           _state(job), len(requests))
         if job is None:
-            job = self._submit(base, content_id, requests)
+            job = self._submit(base, display_name, requests)
         job, timed_out = self._wait(job)
         return self._read(job, timed_out, requests)
 
-    def _submit(self, base: str, content_id: str, requests: dict[str, ModelRequest]):
+    def _find(self, display_name: str, base: str) -> Optional[dict]:
+        def newest():
+            jobs = self._backend.batches.list(
+                config={"filter": f'display_name="{display_name}"', "page_size": 100})
+            usable = [job for job in jobs if _state(job) not in ENDED_WITHOUT_ANSWERS]
+            return max(usable, key=lambda job: job.create_time or 0, default=None)
+        job = self._api_call(newest)
+        if job is None:
+            return None
+        _LOG.info("found unrecorded batch job %s (%s): recording it", job.name,
+                  _state(job))
+        record = {"job": job.name, "model": self._config.uri, "stage": self._stage,
+                  "input": base + ".jsonl"}
+        _write(base + ".job.json", json.dumps(record).encode())
+        return record
+
+    def _submit(self, base: str, display_name: str, requests: dict[str, ModelRequest]):
         from google.genai import types
 
         with FileSystems.create(base + ".jsonl") as f:  # streamed: up to 1 GB
@@ -170,8 +195,7 @@ class JobWave:
                 f.write((json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8"))
         job = self._api("create", model=self._config.spec.model, src=base + ".jsonl",
                         config=types.CreateBatchJobConfig(
-                            dest=base + ".out",
-                            display_name=f"codeclm-{_path_part(self._stage)}-{content_id}"))
+                            dest=base + ".out", display_name=display_name))
         # Recorded at once: from here a re-run must find this job, not pay again.
         _write(base + ".job.json", json.dumps({
             "job": job.name, "model": self._config.uri, "stage": self._stage,
