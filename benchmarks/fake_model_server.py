@@ -191,6 +191,16 @@ def _digest(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
 
 
+def _prompt_tokens(request: dict) -> int:
+    return max(1, sum(len(m) for m in request["texts"]) // 4)
+
+
+def _request_key(request: dict) -> int:
+    """What an answer is drawn from: the same request gets the same answer, online
+    or in a batch job."""
+    return _digest(request["model"], request["texts"], request["seed"], request["schema"])
+
+
 def instance_for(schema: dict, rng: random.Random, vocabulary: int = 0) -> Any:
     """A value satisfying `schema` (object, array, string, integer, number, boolean,
     enum, min/max items and lengths). With `vocabulary`, every string is one of that
@@ -342,7 +352,7 @@ class FakeModelServer:
         else:
             return self._send(handler, 404, {"error": {"message": "no such path"}},
                               "not_found")
-        prompt_tokens = max(1, sum(len(m) for m in request["texts"]) // 4)
+        prompt_tokens = _prompt_tokens(request)
         wait = self._over_quota(prompt_tokens)
         if wait is not None:
             return self._send(handler, 429, {"error": {
@@ -378,8 +388,7 @@ class FakeModelServer:
             except OSError:
                 pass
             return None
-        request_key = _digest(request["model"], request["texts"], request["seed"],
-                              request["schema"])
+        request_key = _request_key(request)
         text = self._answer(request, violate_schema=fault == "schema")
         try:
             payload, usage = (self._openai_body(request, text, prompt_tokens, request_key)
@@ -639,9 +648,7 @@ class FakeModelServer:
 
     def _batch_line(self, request_body: dict, model: str, job_id: str) -> str:
         request = self._parse_vertex(request_body, model)
-        prompt_tokens = max(1, sum(len(m) for m in request["texts"]) // 4)
-        key = _digest(request["model"], request["texts"], request["seed"],
-                      request["schema"])
+        prompt_tokens, key = _prompt_tokens(request), _request_key(request)
         echoed = dict(request_body)
         if not self.config.batch_echo_labels:
             echoed.pop("labels", None)

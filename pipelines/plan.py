@@ -251,9 +251,9 @@ def plan(pilot: Pilot, num_examples: int, num_instructions: Optional[int] = None
 def batch_waves(judged_by_round) -> int:
     """Waves of batch jobs one after the other: the fixed stages, then each round
     that has candidates."""
-    rounds = [n for n in judged_by_round if n >= 0.5]
-    return FIXED_WAVES + sum(FIRST_ROUND_WAVES if i == 0 else LATER_ROUND_WAVES
-                             for i, _ in enumerate(rounds))
+    rounds = sum(1 for n in judged_by_round if n >= 0.5)
+    return FIXED_WAVES + (FIRST_ROUND_WAVES + LATER_ROUND_WAVES * (rounds - 1)
+                          if rounds else 0)
 
 
 def wall_hours_by_mode(quota_hours: Optional[float], judged_by_round) -> dict:

@@ -74,7 +74,8 @@ def _ask(config, n=6):
     runner = _RunJobs(config, "answer_target")
     runner.setup()
     return {prediction.example.request_id: prediction.inference
-            for _, prediction in runner.process((0, [(r.request_id, r) for r in requests]))}
+            for _, prediction in runner.process((0, [
+                (r.cache_key(config.identity), (r.request_id, r)) for r in requests]))}
 
 
 def _failures(results):

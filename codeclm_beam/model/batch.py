@@ -40,7 +40,6 @@ import time
 from typing import Any, Callable, Iterable, Optional
 
 import apache_beam as beam
-import tenacity
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import PredictionResult
 
@@ -52,11 +51,11 @@ from codeclm_beam.model.config import ModelConfig
 from codeclm_beam.model.errors import BatchTimeout
 from codeclm_beam.model.errors import ModelError
 from codeclm_beam.model.errors import PermanentModelError
-from codeclm_beam.model.errors import TransientModelError
 from codeclm_beam.model.handler import Asking
 from codeclm_beam.model.handler import ModelClient
 from codeclm_beam.model.handler import StageMetrics
-from codeclm_beam.model.types import CallStats
+from codeclm_beam.model.handler import cached_answer
+from codeclm_beam.model.handler import transport_retrying
 from codeclm_beam.model.types import ModelRequest
 from codeclm_beam.model.types import ModelResult
 from codeclm_beam.model.types import canonical_json
@@ -103,11 +102,9 @@ def _write(path: str, data: bytes) -> None:
 @dataclasses.dataclass
 class JobOutcome:
     """What one job answered: per request label, its answer or why there is none."""
-    job: str
     state: str
     answers: dict[str, Any]  # label -> RawAnswer | ModelError
     missing: ModelError  # for a request with no line in the output
-    timed_out: bool = False
 
 
 class JobWave:
@@ -120,11 +117,7 @@ class JobWave:
         self._stage = stage
         self._backend = client.backend  # the google-genai backend
         self._on_wait = on_wait
-        self._retrying = tenacity.Retrying(
-            stop=tenacity.stop_after_attempt(config.max_retries + 1),
-            wait=tenacity.wait_random_exponential(multiplier=config.initial_backoff_s,
-                                                  max=config.max_backoff_s),
-            retry=tenacity.retry_if_exception_type(TransientModelError), reraise=True)
+        self._retrying = transport_retrying(config)
 
     def _api(self, method: str, **kwargs):
         return self._api_call(lambda: getattr(self._backend.batches, method)(**kwargs))
@@ -226,9 +219,19 @@ class JobWave:
     def _read(self, job, timed_out: bool, requests: dict[str, ModelRequest]
               ) -> JobOutcome:
         # A line is joined to its request by the label it carries; should the echoed
-        # request come back without its labels, by the request itself.
-        by_body = {_body_key(self._backend.rest_request(request, {})): _label(key)
-                   for key, request in requests.items()}
+        # request come back without its labels, by the request itself (the requests
+        # are rebuilt only then).
+        by_body: dict[str, str] = {}
+
+        def label_of(echoed: dict) -> str:
+            label = (echoed.get("labels") or {}).get(KEY_LABEL)
+            if label:
+                return label
+            if not by_body:
+                by_body.update({_body_key(self._backend.rest_request(request, {})):
+                                _label(key) for key, request in requests.items()})
+            return by_body[_body_key(echoed)]
+
         state = _state(job)
         error = getattr(job, "error", None)
         why = f"batch job {job.name} ended {state}" + (
@@ -238,9 +241,7 @@ class JobWave:
         for line in _output_lines(job):
             try:
                 entry = json.loads(line)
-                request = entry["request"]
-                label = (request.get("labels") or {}).get(KEY_LABEL) or \
-                    by_body[_body_key(request)]
+                label = label_of(entry["request"])
             except (ValueError, KeyError, TypeError, AttributeError):
                 unreadable += 1
                 continue
@@ -260,7 +261,7 @@ class JobWave:
                           if unreadable else ""))
         missing = (BatchTimeout(f"cancelled at --batch_timeout; {missing_why}")
                    if timed_out else PermanentModelError(missing_why))
-        return JobOutcome(job.name, state, answers, missing, timed_out)
+        return JobOutcome(state, answers, missing)
 
 
 def _body_key(body: dict) -> str:
@@ -295,7 +296,8 @@ def _output_lines(job) -> Iterable[str]:
 
 
 class _LookUpCache(beam.DoFn):
-    """Answers from the response cache go straight out; the rest are to ask."""
+    """Answers from the response cache go straight out; the rest are to ask, as
+    (cache key, (record, request))."""
 
     def __init__(self, config: ModelConfig, stage: str):
         self._config = config
@@ -308,14 +310,13 @@ class _LookUpCache(beam.DoFn):
 
     def process(self, keyed):
         record, request = keyed
-        hit = (self._cache.get(request.cache_key(self._config.identity))
-               if self._cache else None)
+        key = request.cache_key(self._config.identity)
+        hit = cached_answer(self._cache, key) if self._cache else None
         if hit is None:
-            yield beam.pvalue.TaggedOutput(TO_ASK, keyed)
+            yield beam.pvalue.TaggedOutput(TO_ASK, (key, keyed))
             return
-        result = dataclasses.replace(hit, stats=CallStats(cache_hit=True))
-        self._metrics.record([result])
-        yield record, _prediction(request, result, self._config)
+        self._metrics.record([hit])
+        yield record, _prediction(request, hit, self._config)
 
 
 def _prediction(request: ModelRequest, result: ModelResult, config: ModelConfig):
@@ -341,8 +342,8 @@ class _RunJobs(beam.DoFn):
     def process(self, shard):
         _, keyed = shard
         by_key: dict[str, list] = collections.defaultdict(list)
-        for record, request in keyed:
-            by_key[request.cache_key(self._client.identity)].append((record, request))
+        for key, record_and_request in keyed:
+            by_key[key].append(record_and_request)
         # One Asking per distinct request: identical requests are asked once.
         asking = {key: Asking(self._client, items[0][1]) for key, items in by_key.items()}
         timed_out: list[str] = []
@@ -379,7 +380,7 @@ class _RunJobs(beam.DoFn):
             except ModelError as refused:
                 # The job could not be submitted or followed (a model without batch
                 # prediction, missing permissions): each element says so, as online.
-                outcome = JobOutcome("(not submitted)", FAILED, {}, refused)
+                outcome = JobOutcome(FAILED, {}, refused)
             self._metrics.job_ended(failed=outcome.state in ENDED_WITHOUT_ANSWERS)
             for sent, key in pending.items():
                 answer = outcome.answers.get(_label(sent), outcome.missing)
@@ -401,23 +402,6 @@ class _RunJobs(beam.DoFn):
         results = dict(zip(keys, client.call_all([asking[key].request for key in keys])))
         online_metrics.record(results.values())
         return results
-
-
-class _ShardCount(beam.CombineFn):
-    """(requests, bytes) of what is to ask: how many jobs a stage needs."""
-
-    def create_accumulator(self):
-        return 0, 0
-
-    def add_input(self, accumulator, size):
-        return accumulator[0] + 1, accumulator[1] + size
-
-    def merge_accumulators(self, accumulators):
-        counts = list(accumulators)
-        return sum(c for c, _ in counts), sum(b for _, b in counts)
-
-    def extract_output(self, accumulator):
-        return accumulator
 
 
 def _chunks(keys: list[str], weigh: Callable[[str], int], batch) -> Iterable[list[str]]:
@@ -442,13 +426,13 @@ def _request_bytes(keyed) -> int:
     return 2 * request.prompt_chars() + len(request.json_schema_text or "") + 512
 
 
-def _shard_of(keyed, totals, config: ModelConfig, identity: str):
-    """The shard of a request, by its content, so that a re-run puts it where it was."""
+def _shard_of(to_ask, totals, config: ModelConfig):
+    """The shard of a request, by its cache key, so that a re-run puts it where it
+    was."""
     count, size = totals
     shards = max(1, math.ceil(count / (_SHARD_FILL * config.batch.max_requests_per_job)),
                  math.ceil(size / (_SHARD_FILL * config.batch.max_bytes_per_job)))
-    key = keyed[1].cache_key(identity)
-    return int(key[:8], 16) % shards, keyed
+    return int(to_ask[0][:8], 16) % shards, to_ask
 
 
 class BatchInference(beam.PTransform):
@@ -462,16 +446,17 @@ class BatchInference(beam.PTransform):
         self._stage = stage
 
     def expand(self, pairs):
-        config, identity = self._config, self._config.identity
+        config = self._config
         looked_up = pairs | "LookUpCache" >> beam.ParDo(
             _LookUpCache(config, self._stage)).with_outputs(TO_ASK, main="answered")
-        # Shards are counted over every request of the stage, cached or not: a re-run
-        # then splits what is left as before, and finds the jobs it already submitted.
-        totals = (pairs | "Weigh" >> beam.Map(_request_bytes)
-                  | "Total" >> beam.CombineGlobally(_ShardCount()))
+        # (requests, bytes) of the stage, cached or not: a re-run then splits what is
+        # left as before, and finds the jobs it already submitted.
+        totals = (pairs | "Weigh" >> beam.Map(lambda keyed: (1, _request_bytes(keyed)))
+                  | "Total" >> beam.CombineGlobally(
+                      beam.combiners.TupleCombineFn(sum, sum)))
         answered = (looked_up[TO_ASK]
                     | "Shard" >> beam.Map(_shard_of, beam.pvalue.AsSingleton(totals),
-                                          config, identity)
+                                          config)
                     | "Gather" >> beam.GroupByKey()
                     | "RunJobs" >> beam.ParDo(_RunJobs(config, self._stage)))
         return (looked_up.answered, answered) | "Answers" >> beam.Flatten()

@@ -94,6 +94,22 @@ class _WaitForServerOrBackoff(tenacity.wait.wait_base):
         return self._backoff(retry_state)
 
 
+def transport_retrying(config: ModelConfig, **hooks) -> tenacity.Retrying:
+    """How a call to a model's service is retried: transient errors only, at most
+    `max_retries` times, waiting as the server asks or with jittered backoff."""
+    return tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(config.max_retries + 1),
+        wait=_WaitForServerOrBackoff(config.initial_backoff_s, config.max_backoff_s),
+        retry=tenacity.retry_if_exception_type(TransientModelError), reraise=True,
+        **hooks)
+
+
+def cached_answer(cache: ResponseCache, key: str) -> Optional[ModelResponse]:
+    """The cached answer to a request (by its cache key), as a cache hit."""
+    hit = cache.get(key)
+    return None if hit is None else _with_stats(hit, CallStats(cache_hit=True))
+
+
 class ModelClient:
     """Everything one worker process needs to call one model."""
 
@@ -114,11 +130,10 @@ class ModelClient:
         return list(self.pool.map(self.call, requests))
 
     def call(self, request: ModelRequest) -> ModelResult:
-        key = request.cache_key(self.identity) if self.cache else None
-        if key:
-            hit = self.cache.get(key)
-            if hit is not None:
-                return _with_stats(hit, CallStats(cache_hit=True))
+        hit = cached_answer(self.cache, request.cache_key(self.identity)) \
+            if self.cache else None
+        if hit is not None:
+            return hit
         asking = Asking(self, request)
         try:
             while asking.next_request is not None:
@@ -156,14 +171,8 @@ class ModelClient:
                                   request.settings.thinking)
 
     def _send_with_retries(self, request: ModelRequest, counters: dict) -> RawAnswer:
-        config = self.config
-        retrying = tenacity.Retrying(
-            stop=tenacity.stop_after_attempt(config.max_retries + 1),
-            wait=_WaitForServerOrBackoff(config.initial_backoff_s, config.max_backoff_s),
-            retry=tenacity.retry_if_exception_type(TransientModelError),
-            before_sleep=lambda state: counters.__setitem__(
-                "retries", counters["retries"] + 1),
-            reraise=True)
+        retrying = transport_retrying(self.config, before_sleep=lambda state: (
+            counters.__setitem__("retries", counters["retries"] + 1)))
         return retrying(self._send_once, request, counters)
 
     def _send_once(self, request: ModelRequest, counters: dict) -> RawAnswer:
