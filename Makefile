@@ -40,8 +40,12 @@ demo: $(VENV)/.installed-local
 	  --export_format openai --export_format alpaca
 	$(VENV)/bin/codeclm-beam show $(OUT)/demo
 
+# A native crash (a signal) kills pytest mid-suite: name the test it died in.
 test: $(VENV)/.installed-dev
-	$(PY) -m pytest
+	@$(PY) -m pytest; rc=$$?; if [ $$rc -gt 128 ]; then \
+	  echo "make test: pytest was killed by signal $$((rc - 128)) in" \
+	    "$$(cat .pytest_cache/running-test 2>/dev/null || echo 'an unknown test')" >&2; \
+	fi; exit $$rc
 
 # Side-by-side measurements -> benchmarks/results/latest.{json,md}. BENCH_SCALE=0.3
 # for a quick run.

@@ -4,7 +4,7 @@ Every error message that leaves the model layer passes through `redact`, because
 servers echo requests back in errors and client libraries put headers in messages.
 It takes out: the values of the key variables below and of every credential a model
 URI carried (`register_url_secrets`: a password, its Basic-auth encoding, a `?key=`
-value), the credentials of any URL in the text (`public_url`), the credentials of an
+value, or any query value but a few known to be public), the credentials of any URL in the text (`public_url`), the credentials of an
 `Authorization` header of any scheme and of `x-goog-api-key`, and tokens of the
 shapes the providers use.
 """
@@ -62,7 +62,7 @@ def register_url_secrets(url: Optional[str]) -> None:
         found += [userinfo, password, urllib.parse.unquote(password),
                   base64.b64encode(urllib.parse.unquote(userinfo).encode()).decode()]
     query = url.partition("?")[2].partition("#")[0]
-    found += [v for k, v in urllib.parse.parse_qsl(query) if _CREDENTIAL_PARAM.match(k)]
+    found += [v for k, v in urllib.parse.parse_qsl(query) if _is_credential_param(k)]
     with _URL_SECRETS_LOCK:
         _URL_SECRETS.update(s for s in found if s and len(s) >= 4)
 
@@ -86,15 +86,22 @@ def redact(text: str, extra_secrets: tuple[str, ...] = ()) -> str:
     return text
 
 
-# Query parameters that carry credentials (`?key=`, `?api_key=`, `?token=`, ...).
-_CREDENTIAL_PARAM = re.compile(
-    r"(?i)^(key|api[_-]?key|apikey|token|access[_-]?token|auth|password|passwd|pwd|"
-    r"secret|signature|sig|x-goog-api-key|client[_-]?secret)$")
+# Query parameters known to carry no credential. Every other parameter's value is
+# treated as a credential: services name theirs freely (`?key=`, `?code=` of Azure
+# Functions, `?subscription-key=`, `?X-Amz-Signature=`, ...), so a list of the secret
+# names is always one short, and a redacted harmless value costs nothing.
+_PUBLIC_PARAMS = frozenset({"api-version", "api_version", "alt", "version", "format",
+                            "region", "location", "deployment", "model"})
+
+
+def _is_credential_param(name: str) -> bool:
+    return name.lower() not in _PUBLIC_PARAMS
 
 
 def public_url(url: Optional[str]) -> Optional[str]:
     """A URL as it may be recorded, printed or logged: no userinfo (`user:pw@`, also
-    when the password holds an '@'), credential-like query parameters redacted."""
+    when the password holds an '@'), every query value redacted but those of the
+    parameters known to be public (`_PUBLIC_PARAMS`)."""
     if not url:
         return url
     scheme, sep, rest = url.partition("://")
@@ -114,6 +121,6 @@ def public_url(url: Optional[str]) -> Optional[str]:
         pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
         query = "&".join(
             f"{urllib.parse.quote(k, safe='')}="
-            f"{REDACTED if _CREDENTIAL_PARAM.match(k) else urllib.parse.quote(v, safe='')}"
+            f"{REDACTED if _is_credential_param(k) else urllib.parse.quote(v, safe='')}"
             for k, v in pairs) + (hash_sign + fragment)
     return f"{scheme}://{authority}{path}{qmark}{query}"

@@ -108,6 +108,13 @@ class Stage:
         or the text)."""
         raise NotImplementedError
 
+    def answer_problem(self, answer) -> Optional[str]:
+        """Why an answer (its JSON data, or the text) cannot make a record whatever
+        the record, or None. The model layer asks again (another seed, up to
+        --max_parse_retries) rather than cache or pass on such an answer, and applies
+        the same test to cache hits."""
+        return None
+
     def settings_for(self, record) -> GenerationSettings:
         return self.settings
 
@@ -218,9 +225,10 @@ class CallModel(beam.PTransform):
         """(record, request) -> (record, PredictionResult): online through
         RunInference, or as batch prediction jobs (--vertex_mode batch)."""
         if self._model.billing_mode == BATCH:
-            return BatchInference(self._model, self._spec.name)
+            return BatchInference(self._model, self._spec.name,
+                                  self._spec.answer_problem)
         return RunInference(KeyedModelHandler(
-            CodecLMModelHandler(self._model, self._spec.name)))
+            CodecLMModelHandler(self._model, self._spec.name, self._spec.answer_problem)))
 
 
 class _Tally(beam.DoFn):

@@ -246,12 +246,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     for handler in logging.getLogger().handlers:
         handler.addFilter(_BeamResourceNoise())
     from codeclm_beam.model.errors import ConfigurationError
+    from codeclm_beam.pipelines.outputs import PromotionRefused
     try:
         return COMMANDS[command](rest)
     except ConfigurationError as error:
         # Refused before any model call: the message says what to change.
         print(f"codeclm-beam {command}: error: {error}", file=sys.stderr)
         return 2
+    except PromotionRefused as refused:
+        print(f"codeclm-beam {command}: not written: {refused}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -251,38 +251,43 @@ def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = N
              options.view_as(ModelOptions).batch_dir])
     run_id = uuid.uuid4().hex[:12]
     outputs = OutputDirectory(output_dir, run_id, "summary.json", run_opts.force)
-    started = time.time()
-    pipeline = beam.Pipeline(options=options)
-    plan = build_pipeline(pipeline, options, outputs.staging, run_id)
-    preflight(options, plan)
     if not offline:
-        outputs.check()
-    result, not_finished = manifest_lib.run_pipeline(
-        pipeline, options, outputs, "codeclm-beam evaluate", plan.run_id, wait,
-        progress_for(options, None, functools.partial(projected_calls,
-                                                      len(plan.candidates))))
-    if not_finished:
-        return not_finished
-    outputs.promote()
-    judgements = read_jsonl_dir(FileSystems.join(output_dir, "judgements"))
-    summary = summarize(judgements, plan.candidates, opts.bootstrap_samples,
-                        options.view_as(ModelOptions).seed)
-    counters = RunCounters.from_result(result)
-    summary.update({
-        **manifest_lib.run_header("codeclm-beam evaluate", plan.run_id, started),
-        "layouts": plan.read.layouts,
-        "splits": plan.read.splits,
-        "models": {"candidates": plan.candidates, "reference": plan.reference,
-                   "judge": plan.judge},
-        "judge_independence": plan.judge_independence,
-        "settings": plan.settings,
-        "model_calls": counters.model_calls(),
-        "billing": plan.billing,
-        "dead_letters_by_stage": counters.dead_letters(),
-    })
-    summary["cost"] = manifest_lib.estimated_cost(summary)
-    outputs.write_text("crr.md", markdown_table(summary), "text/markdown")
-    if not run_opts.no_report:
-        summary["report"] = write_report(outputs, summary)
-    outputs.commit(summary)
-    return summary
+        outputs.claim()
+    try:
+        started = time.time()
+        pipeline = beam.Pipeline(options=options)
+        plan = build_pipeline(pipeline, options, outputs.staging, run_id)
+        preflight(options, plan)
+        if not offline:
+            outputs.check()
+        result, not_finished = manifest_lib.run_pipeline(
+            pipeline, options, outputs, "codeclm-beam evaluate", plan.run_id, wait,
+            progress_for(options, None, functools.partial(projected_calls,
+                                                          len(plan.candidates))))
+        if not_finished:
+            return not_finished
+        outputs.promote()
+        judgements = read_jsonl_dir(FileSystems.join(output_dir, "judgements"))
+        summary = summarize(judgements, plan.candidates, opts.bootstrap_samples,
+                            options.view_as(ModelOptions).seed)
+        counters = RunCounters.from_result(result)
+        summary.update({
+            **manifest_lib.run_header("codeclm-beam evaluate", plan.run_id, started),
+            "layouts": plan.read.layouts,
+            "splits": plan.read.splits,
+            "models": {"candidates": plan.candidates, "reference": plan.reference,
+                       "judge": plan.judge},
+            "judge_independence": plan.judge_independence,
+            "settings": plan.settings,
+            "model_calls": counters.model_calls(),
+            "billing": plan.billing,
+            "dead_letters_by_stage": counters.dead_letters(),
+        })
+        summary["cost"] = manifest_lib.estimated_cost(summary)
+        outputs.write_text("crr.md", markdown_table(summary), "text/markdown")
+        if not run_opts.no_report:
+            summary["report"] = write_report(outputs, summary)
+        outputs.commit(summary)
+        return summary
+    finally:
+        outputs.release()

@@ -40,6 +40,7 @@ from codeclm_beam.pipelines.outputs import WriteDeadLetters
 from codeclm_beam.pipelines.outputs import WriteExports
 from codeclm_beam.pipelines.outputs import WriteJsonl
 from codeclm_beam.pipelines.outputs import OutputDirectory
+from codeclm_beam.pipelines.outputs import PromotionRefused
 from codeclm_beam.pipelines.report import run_tailoring
 from codeclm_beam.pipelines.report import write_report
 from codeclm_beam.pipelines import preflight as preflight_lib
@@ -91,6 +92,10 @@ class GenerateOptions(PipelineOptions):
         group.add_argument("--codec_max_output_tokens", type=int, default=1024,
                            help="Longest structured answer of encode, rubrics, decode "
                                 "and improve.")
+        group.add_argument("--replace_with_fewer", action="store_true", default=False,
+                           help="Replace the dataset already in --output_dir even when "
+                                "this run delivers less than half its pairs (default: "
+                                "such a run keeps the previous dataset and exits 3).")
         group.add_argument("--export_format", action="append", default=[],
                            choices=EXPORT_FORMATS,
                            help="Also write fine-tuning files (repeatable).")
@@ -229,17 +234,55 @@ def projected_calls(config: CodecLMConfig, from_metadata: bool,
     return round(seeds + 2 * pool + 4 * sum(rounds.judged) + sum(rounds.improved))
 
 
+def shrink_refusal(delivered: int, asked: int, previous: Optional[dict],
+                   replace_anyway: bool) -> Optional[str]:
+    """Why a finished run must not replace the dataset in its folder, or None.
+
+    A run that delivered nothing (every model unreachable, every element a dead
+    letter) never replaces anything: there is nothing to promote and a good dataset to
+    lose. One that delivered less than half of what the previous run in the folder did
+    is held back too unless --replace_with_fewer, since that is what an outage midway
+    looks like; a smaller pilot into the same folder is the reason to pass it."""
+    if delivered == 0 and asked > 0:
+        kept = (f"; the previous run's {_previous_pairs(previous)} pairs are kept"
+                if previous else "")
+        return f"the run delivered 0 of {asked} pairs (see dead_letter/){kept}"
+    before = _previous_pairs(previous)
+    if not replace_anyway and before and delivered < before / 2:
+        return (f"the run delivered {delivered} pairs where the dataset in the folder "
+                f"has {before}; it is kept. Pass --replace_with_fewer to replace it")
+    return None
+
+
+def _previous_pairs(previous: Optional[dict]) -> int:
+    try:
+        return int((previous or {}).get("delivery", {}).get("delivered") or 0)
+    except (TypeError, ValueError, AttributeError):
+        return 0
+
+
 def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = None,
         wait: bool = True) -> dict[str, Any]:
     """Runs `generate` and returns its manifest (also written to OUTPUT_DIR)."""
     options = options or PipelineOptions(argv)
     run_id = uuid.uuid4().hex[:12]
     config = codeclm_config(options, run_id)
+    run_opts = options.view_as(RunOptions)
+    preflight(options, config)
+    outputs = OutputDirectory(run_opts.output_dir, run_id, "manifest.json", run_opts.force)
+    if not is_dry_run(options):
+        outputs.claim()
+    try:
+        return _run_claimed(options, config, outputs, run_id, wait)
+    finally:
+        outputs.release()
+
+
+def _run_claimed(options: PipelineOptions, config: CodecLMConfig,
+                 outputs: OutputDirectory, run_id: str, wait: bool) -> dict[str, Any]:
     opts = options.view_as(GenerateOptions)
     run_opts = options.view_as(RunOptions)
     output_dir = run_opts.output_dir
-    preflight(options, config)
-    outputs = OutputDirectory(output_dir, run_id, "manifest.json", run_opts.force)
     if not is_dry_run(options):
         outputs.check()
     started = time.time()
@@ -252,6 +295,12 @@ def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = N
     if not_finished:
         return not_finished
     counters = RunCounters.from_result(result)
+    refusal = shrink_refusal(counters.flow(metrics.EXAMPLES), config.num_examples,
+                             outputs.previous_record(), opts.replace_with_fewer)
+    if refusal:
+        raise PromotionRefused(f"{refusal}; this run's outputs, its dead letters "
+                               f"among them, are in {outputs.staging} until the next run "
+                               "into this folder")
     outputs.promote()
     manifest = {
         **manifest_lib.run_header("codeclm-beam generate", run_id, started),

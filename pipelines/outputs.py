@@ -16,6 +16,8 @@ import json
 import logging
 import os
 import shutil
+import socket
+import time
 from typing import Any, Iterable, Optional
 
 import apache_beam as beam
@@ -168,6 +170,24 @@ def read_jsonl_dir(directory: str) -> list[dict]:
 CACHE_FOLDER = "cache"
 STAGING_FOLDER = ".staging"
 _PROMOTING = "PROMOTING.json"
+_LOCK = "LOCK"
+
+
+def _stale_here(holder: Optional[dict]) -> bool:
+    """A claim by a process of this host that no longer exists."""
+    if not holder or holder.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (KeyError, TypeError, ValueError, PermissionError):
+        return False
+    return False
+
+
+class PromotionRefused(Exception):
+    """A finished run whose outputs are not moved into place (the CLI exits 3)."""
 
 
 class OutputDirectory:
@@ -189,6 +209,7 @@ class OutputDirectory:
         self.force = force
         self._previous: Optional[set[str]] = None
         self._foreign: set[str] = set()
+        self._claimed = False
         self.written: list[str] = []
 
     @property
@@ -196,7 +217,20 @@ class OutputDirectory:
         return FileSystems.join(self.root, STAGING_FOLDER, self.run_id)
 
     def path(self, relative: str) -> str:
-        return FileSystems.join(self.root, *relative.split("/"))
+        """A file of this folder by its relative name. Every name that reaches a
+        write, a rename or a delete passes here, including the names read back from
+        a record or a promotion list, which anyone can edit: one that would leave the
+        folder is refused."""
+        parts = relative.split("/")
+        if (not relative or relative.startswith(("/", "\\")) or "\\" in relative
+                or "://" in relative or any(p in ("", ".", "..") for p in parts)
+                or ":" in parts[0]):
+            raise ConfigurationError(
+                f"--output_dir {self.root}: a record names {relative!r}, which is not "
+                "a file inside the folder; nothing was written or deleted. Remove "
+                f"{self.record} (and .staging/) if you did not edit them, or choose "
+                "another folder")
+        return FileSystems.join(self.root, *parts)
 
     def _relative_files(self, under: str) -> set[str]:
         prefix = under.rstrip("/") + "/"
@@ -221,13 +255,118 @@ class OutputDirectory:
                     f"--output_dir {self.root}: {self.record} cannot be read ({e}); "
                     "choose another folder, or remove it") from None
             owned.add(self.record)
-            owned.update(previous.get("written_files") or [])
+            owned.update(_names(previous, "written_files", record))
         for relative in self._relative_files(FileSystems.join(self.root, STAGING_FOLDER)):
             if relative.endswith("/" + _PROMOTING):
-                owned.update(read_json(FileSystems.join(
-                    self.root, STAGING_FOLDER, relative)).get("files", []))
+                listing = FileSystems.join(self.root, STAGING_FOLDER, relative)
+                try:
+                    owned.update(_names(read_json(listing), "files", listing))
+                except ConfigurationError:
+                    raise
+                except Exception as e:  # a promotion list cut short by a kill
+                    raise ConfigurationError(
+                        f"--output_dir {self.root}: {listing} cannot be read ({e}); "
+                        "remove it and re-run") from None
+        for relative in owned:
+            self.path(relative)  # refuses a name outside the folder, before any delete
         self._previous = owned
         return owned
+
+    def previous_record(self) -> Optional[dict]:
+        """The record (manifest.json or summary.json) of the run whose outputs are in
+        place, or None."""
+        record = self.path(self.record)
+        if not FileSystems.exists(record):
+            return None
+        previous = read_json(record)
+        return previous if isinstance(previous, dict) else None
+
+    @property
+    def _lock_path(self) -> str:
+        return FileSystems.join(self.root, STAGING_FOLDER, _LOCK)
+
+    def claim(self) -> None:
+        """Makes this run the folder's one writer until `release`, or refuses.
+
+        The claim is `.staging/LOCK`, naming the run, host and process. On a local
+        folder it is created exclusively (O_EXCL), so two runs cannot both hold it; one
+        left by a killed run on this host (its process gone) is taken over. On gs://
+        it is written, then read back after a pause, and the run goes on only if it
+        still names this run: two runs starting within the same second are not ruled
+        out there, and a claim left by a killed run must be deleted by hand (the
+        message names it)."""
+        claim = {"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(),
+                 "started": time.time()}
+        body = json.dumps(claim)
+        if "://" not in self.root:
+            os.makedirs(os.path.dirname(self._lock_path), exist_ok=True)
+            for _ in range(2):
+                try:
+                    fd = os.open(self._lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                except FileExistsError:
+                    holder = self._holder()
+                    if _stale_here(holder):
+                        with contextlib.suppress(OSError):
+                            os.remove(self._lock_path)
+                        continue
+                    raise self._busy(holder) from None
+                with os.fdopen(fd, "w") as f:
+                    f.write(body)
+                self._claimed = True
+                return
+            raise self._busy(self._holder())
+        holder = self._holder()
+        if holder is not None:
+            raise self._busy(holder)
+        write_text(self._lock_path, body, "application/json")
+        time.sleep(1.0)
+        holder = self._holder()
+        if (holder or {}).get("run_id") != self.run_id:
+            raise self._busy(holder)
+        self._claimed = True
+
+    def _holder(self) -> Optional[dict]:
+        try:
+            holder = read_json(self._lock_path)
+        except Exception:
+            return None if not FileSystems.exists(self._lock_path) else {}
+        return holder if isinstance(holder, dict) else {}
+
+    def _busy(self, holder: Optional[dict]) -> ConfigurationError:
+        holder = holder or {}
+        return ConfigurationError(
+            f"--output_dir {self.root} is being written by another run (run "
+            f"{holder.get('run_id', '?')}, process {holder.get('pid', '?')} on "
+            f"{holder.get('host', '?')}); wait for it, choose another folder, or, if "
+            f"that run is dead, delete {self._lock_path}")
+
+    def release(self) -> None:
+        if self._claimed:
+            self._claimed = False
+            with contextlib.suppress(Exception):
+                if (self._holder() or {}).get("run_id") == self.run_id:
+                    FileSystems.delete([self._lock_path])
+            if "://" not in self.root:
+                with contextlib.suppress(OSError):
+                    os.rmdir(os.path.dirname(self._lock_path))  # .staging/, when empty
+
+    def _clean_other_staging(self) -> None:
+        """Staging areas of earlier runs (killed, or refused): once this run's record
+        lists every file it owns, nothing in them is needed. Only the folder's claimed
+        writer does this."""
+        if not self._claimed:
+            return
+        others = [r for r in self._relative_files(FileSystems.join(self.root,
+                                                                   STAGING_FOLDER))
+                  if r != _LOCK and not r.startswith(self.run_id + "/")]
+        if others:
+            FileSystems.delete([FileSystems.join(self.root, STAGING_FOLDER, *r.split("/"))
+                                for r in others])
+        if "://" not in self.root:
+            staging = os.path.join(self.root, STAGING_FOLDER)
+            for name in os.listdir(staging) if os.path.isdir(staging) else []:
+                if name not in (_LOCK, self.run_id):
+                    shutil.rmtree(os.path.join(staging, name), ignore_errors=True)
 
     def check(self) -> None:
         """Refuses a folder that holds files no run wrote (unless force): before any
@@ -285,6 +424,7 @@ class OutputDirectory:
         record["written_files"] = sorted(set(self.written) | {self.record})
         write_json(self.path(self.record), record)
         self._delete_stale()
+        self._clean_other_staging()
         self.abandon()
 
     def abandon(self) -> None:
@@ -297,6 +437,15 @@ class OutputDirectory:
             shutil.rmtree(self.staging, ignore_errors=True)
             with contextlib.suppress(OSError):
                 os.rmdir(os.path.dirname(self.staging))  # .staging/, when empty
+
+
+def _names(record: Any, field: str, where: str) -> list[str]:
+    names = record.get(field) if isinstance(record, dict) else None
+    if names is None:
+        return []
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ConfigurationError(f"{where}: {field} is not a list of file names")
+    return names
 
 
 def _make_parent(path: str) -> None:

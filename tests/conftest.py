@@ -17,6 +17,22 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
     p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
 
 
+# The test under way, for `make test` to name should a native library kill the process
+# (pytest's faulthandler prints the stack; this names the test in one line).
+RUNNING_TEST = os.path.join(ROOT, ".pytest_cache", "running-test")
+
+
+def pytest_runtest_logstart(nodeid, location):
+    os.makedirs(os.path.dirname(RUNNING_TEST), exist_ok=True)
+    with open(RUNNING_TEST, "w") as f:
+        f.write(nodeid)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    with contextlib.suppress(OSError):
+        os.remove(RUNNING_TEST)
+
+
 @pytest.fixture(scope="session")
 def smollm2_path():
     return ModelSpec.parse("llamacpp:smollm2-135m").gguf_path()

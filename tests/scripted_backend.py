@@ -90,6 +90,11 @@ class ScriptedBackend(Backend):
                          completion_tokens=len(text) // 4 + 1, finish_reason="STOP")
 
     def _encode(self, request, user, schema):
+        with self._lock:
+            unusable = self.scenario.get("unusable_encode_first", 0)
+            self.scenario["unusable_encode_first"] = max(0, unusable - 1)
+        if unusable:  # schema-valid, but no skill survives the stage's rules
+            return {"use_case": "writing", "skills": ["knowledge", "skills"]}
         instruction = user.split("Instruction:\n", 1)[1].split("\n\nGive exactly")[0]
         words = re.findall(r"[a-z]+", instruction.lower())
         topic = words[0] if words else "general"

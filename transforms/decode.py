@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Annotated
+from typing import Annotated, Optional
 
 import apache_beam as beam
 from pydantic import Field
@@ -81,6 +81,10 @@ class Decode(Stage):
 
     def answer_type(self, task: DecodeTask) -> type[Answer]:
         return decode_answer(task.count)
+
+    def answer_problem(self, answer: dict) -> Optional[str]:
+        blank = [i for i, text in enumerate(answer["instructions"]) if not str(text).strip()]
+        return f"instruction {blank[0]} is blank" if blank else None
 
     def parse(self, task: DecodeTask, answer: DecodeAnswer) -> list[Candidate]:
         entry = task.metadata

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from typing import Annotated
+from typing import Annotated, Optional
 
 from pydantic import Field
 from pydantic import StringConstraints
@@ -70,6 +70,13 @@ class Encode(Stage):
 
     def answer_type(self, seed: Seed) -> type[Answer]:
         return encode_answer(self.max_skills)
+
+    def answer_problem(self, answer: dict) -> Optional[str]:
+        try:
+            make_metadata(answer["use_case"], answer["skills"], "seed", self.max_skills)
+        except ValueError as unusable:
+            return str(unusable)
+        return None
 
     def parse(self, seed: Seed, answer: EncodeAnswer) -> list[Metadata]:
         return [make_metadata(answer.use_case, answer.skills, "seed", self.max_skills,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from typing import Annotated
+from typing import Annotated, Optional
 
 import apache_beam as beam
 from pydantic import StringConstraints
@@ -51,6 +51,10 @@ class Improve(Stage):
 
     def answer_type(self, candidate: Candidate) -> type[Answer]:
         return ImproveAnswer
+
+    def answer_problem(self, answer: dict) -> Optional[str]:
+        return None if str(answer["instruction"]).strip() else \
+            "the rewritten instruction is blank"
 
     def parse(self, candidate: Candidate, answer: ImproveAnswer) -> list[Candidate]:
         rewritten = answer.instruction.strip()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Annotated
+from typing import Annotated, Optional
 
 from pydantic import Field
 from pydantic import StringConstraints
@@ -62,6 +62,11 @@ class Rubrics(Stage):
 
     def answer_type(self, entry: Metadata) -> type[Answer]:
         return rubrics_answer(self.num_rubrics)
+
+    def answer_problem(self, answer: dict) -> Optional[str]:
+        if not all(str(item["action"]).strip() for item in answer["rubrics"]):
+            return "an action is blank"
+        return None
 
     def parse(self, entry: Metadata, answer: RubricsAnswer) -> list[RubricSet]:
         rubrics = tuple(" ".join(item.rubric.split()) for item in answer.rubrics)

@@ -3,7 +3,7 @@ from codeclm_beam.model.config import ModelConfig
 from codeclm_beam.model.handler import CodecLMModelHandler
 from codeclm_beam.model.handler import ModelClient
 from codeclm_beam.model.ratelimit import QuotaConfig
-from codeclm_beam.model.ratelimit import TokenBucket
+from codeclm_beam.model.ratelimit import MinuteQuota
 from codeclm_beam.model.ratelimit import TokenBucketRateLimiter
 from codeclm_beam.model.types import CallStats
 from codeclm_beam.model.types import ChatMessage
@@ -17,5 +17,5 @@ from codeclm_beam.model.uri import ModelSpec
 __all__ = [
     "CallStats", "ChatMessage", "CodecLMModelHandler", "DEFAULT_MODEL_URI",
     "GenerationSettings", "ModelClient", "ModelConfig", "ModelFailure", "ModelRequest",
-    "ModelResponse", "ModelSpec", "QuotaConfig", "TokenBucket", "TokenBucketRateLimiter",
+    "ModelResponse", "ModelSpec", "QuotaConfig", "MinuteQuota", "TokenBucketRateLimiter",
 ]

@@ -54,7 +54,8 @@ from codeclm_beam.model.errors import PermanentModelError
 from codeclm_beam.model.handler import Asking
 from codeclm_beam.model.handler import ModelClient
 from codeclm_beam.model.handler import StageMetrics
-from codeclm_beam.model.handler import cached_answer
+from codeclm_beam.model.handler import AnswerCheck
+from codeclm_beam.model.handler import AnswerValidator
 from codeclm_beam.model.handler import transport_retrying
 from codeclm_beam.model.types import ModelRequest
 from codeclm_beam.model.types import ModelResult
@@ -299,19 +300,21 @@ class _LookUpCache(beam.DoFn):
     """Answers from the response cache go straight out; the rest are to ask, as
     (cache key, (record, request))."""
 
-    def __init__(self, config: ModelConfig, stage: str):
+    def __init__(self, config: ModelConfig, stage: str, check: Optional[AnswerCheck]):
         self._config = config
         self._stage = stage
+        self._check = check
 
     def setup(self):
         config = self._config
         self._cache = ResponseCache(config.cache_dir) if config.cache_dir else None
+        self._validator = AnswerValidator(self._check)
         self._metrics = StageMetrics(self._stage, config.metered_id())
 
     def process(self, keyed):
         record, request = keyed
         key = request.cache_key(self._config.identity)
-        hit = cached_answer(self._cache, key) if self._cache else None
+        hit = self._validator.cached(self._cache, request, self._config.identity)
         if hit is None:
             yield beam.pvalue.TaggedOutput(TO_ASK, (key, keyed))
             return
@@ -326,12 +329,13 @@ def _prediction(request: ModelRequest, result: ModelResult, config: ModelConfig)
 class _RunJobs(beam.DoFn):
     """A shard's requests, answered by waves of batch jobs."""
 
-    def __init__(self, config: ModelConfig, stage: str):
+    def __init__(self, config: ModelConfig, stage: str, check: Optional[AnswerCheck]):
         self._config = config
         self._stage = stage
+        self._check = check
 
     def setup(self):
-        self._client = ModelClient(self._config)
+        self._client = ModelClient(self._config, check=self._check)
         self._online = None
         self._metrics = StageMetrics(self._stage, self._config.metered_id())
 
@@ -396,7 +400,8 @@ class _RunJobs(beam.DoFn):
         """--batch_fallback online: what a timed-out job left unanswered, sent online
         and metered apart, at the online price."""
         if self._online is None:
-            self._online = (ModelClient(self._config.replace(vertex_mode=ONLINE)),
+            self._online = (ModelClient(self._config.replace(vertex_mode=ONLINE),
+                                        check=self._check),
                             StageMetrics(self._stage, self._config.metered_id(ONLINE)))
         client, online_metrics = self._online
         results = dict(zip(keys, client.call_all([asking[key].request for key in keys])))
@@ -440,15 +445,17 @@ class BatchInference(beam.PTransform):
     `RunInference(KeyedModelHandler(CodecLMModelHandler(...)))` gives: the same
     results, the requests sent as Vertex AI batch prediction jobs."""
 
-    def __init__(self, config: ModelConfig, stage: str):
+    def __init__(self, config: ModelConfig, stage: str,
+                 check: Optional[AnswerCheck] = None):
         super().__init__()
         self._config = config
         self._stage = stage
+        self._check = check
 
     def expand(self, pairs):
         config = self._config
         looked_up = pairs | "LookUpCache" >> beam.ParDo(
-            _LookUpCache(config, self._stage)).with_outputs(TO_ASK, main="answered")
+            _LookUpCache(config, self._stage, self._check)).with_outputs(TO_ASK, main="answered")
         # (requests, bytes) of the stage, cached or not: a re-run then splits what is
         # left as before, and finds the jobs it already submitted.
         totals = (pairs | "Weigh" >> beam.Map(lambda keyed: (1, _request_bytes(keyed)))
@@ -458,5 +465,5 @@ class BatchInference(beam.PTransform):
                     | "Shard" >> beam.Map(_shard_of, beam.pvalue.AsSingleton(totals),
                                           config)
                     | "Gather" >> beam.GroupByKey()
-                    | "RunJobs" >> beam.ParDo(_RunJobs(config, self._stage)))
+                    | "RunJobs" >> beam.ParDo(_RunJobs(config, self._stage, self._check)))
         return (looked_up.answered, answered) | "Answers" >> beam.Flatten()

@@ -33,21 +33,21 @@ class ResponseCache:
         return FileSystems.join(self._root, key[:2], key[2:4], key + ".json")
 
     def get(self, key: str) -> Optional[ModelResponse]:
+        """The stored answer, or None: missing, half-written by a killed run, or not an
+        entry this version wrote (each such entry is named in a warning and asked
+        again, never a crash of the run)."""
         path = self._path(key)
         try:
             with FileSystems.open(path) as f:
-                entry = json.loads(f.read().decode("utf-8"))
-        except Exception:  # missing, or half-written by a killed run: a miss
+                body = f.read()
+        except Exception:  # missing
             return None
-        if entry.get("version") != _FORMAT_VERSION or entry.get("key") != key:
+        try:
+            return _response_from(json.loads(body.decode("utf-8")), key)
+        except Exception as unusable:  # half-written, or written by hand or elsewhere
+            _LOG.warning("response cache entry %s is unusable (asked again): %s",
+                         path, unusable)
             return None
-        return ModelResponse(
-            text=entry["text"], data=entry["data"],
-            prompt_tokens=entry["prompt_tokens"],
-            completion_tokens=entry["completion_tokens"],
-            finish_reason=entry["finish_reason"],
-            cached_prompt_tokens=entry["cached_prompt_tokens"],
-            thoughts_tokens=entry["thoughts_tokens"])
 
     def put(self, key: str, response: ModelResponse) -> None:
         entry = {
@@ -67,3 +67,25 @@ class ResponseCache:
                 f.write(body)
         except Exception as e:  # a cache that cannot be written costs money, not data
             _LOG.warning("could not write response cache entry %s: %s", key, e)
+
+
+_ENTRY_FIELDS = {"text": str, "finish_reason": str, "prompt_tokens": int,
+                 "completion_tokens": int, "cached_prompt_tokens": int,
+                 "thoughts_tokens": int}
+
+
+def _response_from(entry, key: str) -> Optional[ModelResponse]:
+    """An entry checked field by field: the one test every read goes through."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"not a JSON object but {type(entry).__name__}")
+    if entry.get("version") != _FORMAT_VERSION:
+        return None  # another format version: a plain miss
+    if entry.get("key") != key:
+        raise ValueError("it holds another request's key")
+    for name, kind in _ENTRY_FIELDS.items():
+        value = entry.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool) or (
+                kind is int and value < 0):
+            raise ValueError(f"field {name!r} is {value!r}")
+    return ModelResponse(data=entry.get("data"),
+                         **{name: entry[name] for name in _ENTRY_FIELDS})

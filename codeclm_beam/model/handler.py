@@ -23,7 +23,7 @@ import logging
 import math
 import threading
 import time
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import jsonschema
 import tenacity
@@ -104,17 +104,85 @@ def transport_retrying(config: ModelConfig, **hooks) -> tenacity.Retrying:
         **hooks)
 
 
-def cached_answer(cache: ResponseCache, key: str) -> Optional[ModelResponse]:
-    """The cached answer to a request (by its cache key), as a cache hit."""
-    hit = cache.get(key)
-    return None if hit is None else _with_stats(hit, CallStats(cache_hit=True))
+AnswerCheck = Callable[[Any], Optional[str]]
+
+
+class AnswerValidator:
+    """Whether an answer is usable: not cut, not empty, text that can be written, JSON
+    of its schema, and (`check`, the stage's own rule, e.g. "a usable skill") fit for
+    the stage. Fresh answers and cache hits pass the same test, so a cache entry
+    written by another version, by hand or under another rule never serves an answer
+    the stage would refuse; an unusable answer is re-asked, never cached."""
+
+    def __init__(self, check: Optional[AnswerCheck] = None):
+        self._check = check
+        self._schemas: dict[str, Any] = {}
+
+    def validate(self, request: ModelRequest, text: str, finish_reason: str) -> Any:
+        """The answer's data (None for free text); raises SchemaMismatch."""
+        invalid = invalid_text_reason(text)
+        if invalid:
+            # It could be neither cached nor written: ask again, as for a broken answer.
+            raise SchemaMismatch(f"answer is {invalid}", text)
+        limit = request.settings.max_output_tokens * _MAX_CHARS_PER_TOKEN
+        if len(text) > limit:
+            raise SchemaMismatch(
+                f"answer of {len(text)} characters exceeds {limit} "
+                f"({request.settings.max_output_tokens} tokens)", text[:2000])
+        if request.json_schema_text is None:
+            if not text.strip():
+                raise SchemaMismatch("empty answer", text)
+            data = None
+        else:
+            data = self._schema_data(request, text, finish_reason)
+        if self._check is not None:
+            problem = self._check(text if data is None else data)
+            if problem:
+                raise SchemaMismatch(f"answer unusable: {problem}", text)
+        return data
+
+    def _schema_data(self, request: ModelRequest, text: str, finish_reason: str) -> Any:
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise SchemaMismatch(f"answer is not JSON ({e}; finish reason "
+                                 f"{finish_reason})", text) from None
+        validator = self._schemas.get(request.json_schema_text)
+        if validator is None:
+            schema = request.json_schema
+            validator = jsonschema.validators.validator_for(schema)(schema)
+            self._schemas[request.json_schema_text] = validator
+        error = jsonschema.exceptions.best_match(validator.iter_errors(data))
+        if error is not None:
+            path = "/".join(str(p) for p in error.absolute_path) or "(root)"
+            raise SchemaMismatch(f"answer fails its schema at {path}: {error.message}",
+                                 text)
+        return data
+
+    def cached(self, cache: Optional[ResponseCache], request: ModelRequest,
+               identity: str) -> Optional[ModelResponse]:
+        """The cached answer to a request, as a cache hit, if it is usable."""
+        if cache is None:
+            return None
+        key = request.cache_key(identity)
+        hit = cache.get(key)
+        if hit is None:
+            return None
+        try:
+            self.validate(request, hit.text, hit.finish_reason)
+        except SchemaMismatch as unusable:
+            _LOG.warning("cached answer %s is not used (asked again): %s", key, unusable)
+            return None
+        return _with_stats(hit, CallStats(cache_hit=True))
 
 
 class ModelClient:
     """Everything one worker process needs to call one model."""
 
-    def __init__(self, config: ModelConfig, backend: Optional[Backend] = None):
+    def __init__(self, config: ModelConfig, backend: Optional[Backend] = None,
+                 check: Optional[AnswerCheck] = None):
         self.config = config
+        self.validator = AnswerValidator(check)
         self.spec = config.spec
         self.backend = backend or create_backend(config)
         self.cache = ResponseCache(config.cache_dir) if config.cache_dir else None
@@ -122,7 +190,6 @@ class ModelClient:
         self.limiter = make_rate_limiter(config.quota, tag=self.identity)
         workers = config.max_concurrency if self.backend.concurrent else 1
         self.pool = _shared_pool(self.identity, workers)
-        self._validators: dict[str, Any] = {}
 
     def call_all(self, requests: Sequence[ModelRequest]) -> list[ModelResult]:
         if len(requests) == 1:
@@ -130,8 +197,7 @@ class ModelClient:
         return list(self.pool.map(self.call, requests))
 
     def call(self, request: ModelRequest) -> ModelResult:
-        hit = cached_answer(self.cache, request.cache_key(self.identity)) \
-            if self.cache else None
+        hit = self.validator.cached(self.cache, request, self.identity)
         if hit is not None:
             return hit
         asking = Asking(self, request)
@@ -192,38 +258,6 @@ class ModelClient:
             self.limiter.charge_tokens(raw.prompt_tokens - estimate + raw.completion_tokens
                                        + raw.thoughts_tokens)
         return raw
-
-    def _parse(self, request: ModelRequest, raw: RawAnswer) -> Any:
-        invalid = invalid_text_reason(raw.text)
-        if invalid:
-            # It could be neither cached nor written: ask again, as for a broken answer.
-            raise SchemaMismatch(f"answer is {invalid}", raw.text)
-        limit = request.settings.max_output_tokens * _MAX_CHARS_PER_TOKEN
-        if len(raw.text) > limit:
-            raise SchemaMismatch(
-                f"answer of {len(raw.text)} characters exceeds {limit} "
-                f"({request.settings.max_output_tokens} tokens)", raw.text[:2000])
-        if request.json_schema_text is None:
-            if not raw.text.strip():
-                raise SchemaMismatch("empty answer", raw.text)
-            return None
-        try:
-            data = json.loads(raw.text)
-        except ValueError as e:
-            raise SchemaMismatch(f"answer is not JSON ({e}; finish reason "
-                                 f"{raw.finish_reason})", raw.text) from None
-        validator = self._validators.get(request.json_schema_text)
-        if validator is None:
-            schema = request.json_schema
-            validator_class = jsonschema.validators.validator_for(schema)
-            validator = validator_class(schema)
-            self._validators[request.json_schema_text] = validator
-        error = jsonschema.exceptions.best_match(validator.iter_errors(data))
-        if error is not None:
-            path = "/".join(str(p) for p in error.absolute_path) or "(root)"
-            raise SchemaMismatch(f"answer fails its schema at {path}: {error.message}",
-                                 raw.text)
-        return data
 
     def _failure(self, request, error, counters, last: Optional[RawAnswer]
                  ) -> ModelFailure:
@@ -295,7 +329,7 @@ class Asking:
         try:
             if raw.truncated:
                 raise client._truncated(self.request, raw)
-            data = client._parse(self.request, raw)
+            data = client.validator.validate(self.request, raw.text, raw.finish_reason)
         except (SchemaMismatch, TruncatedAnswer) as unusable:
             if self._reasks >= client.config.max_parse_retries:
                 self.fail(unusable)
@@ -388,12 +422,14 @@ class CodecLMModelHandler(RemoteModelHandler[ModelRequest, PredictionResult, Mod
     """One model, as called by one stage. Use it with `RunInference`, usually keyed:
     `RunInference(KeyedModelHandler(CodecLMModelHandler(config, "encode")))`."""
 
-    def __init__(self, config: ModelConfig, stage: str):
+    def __init__(self, config: ModelConfig, stage: str,
+                 check: Optional[AnswerCheck] = None):
         # Batch-level retries and throttling stay off: the client retries per element
         # and never raises, and quota waits are signalled by StageMetrics.
         super().__init__(namespace=metrics.PREFIX + stage, num_retries=0)
         self._config = config
         self._stage = stage
+        self._check = check
         # A batch is what runs concurrently; a few rounds of the pool per batch keep
         # it busy without holding many elements in memory.
         self._batching_kwargs = {"min_batch_size": 1,
@@ -405,7 +441,7 @@ class CodecLMModelHandler(RemoteModelHandler[ModelRequest, PredictionResult, Mod
         return self._config
 
     def create_client(self) -> ModelClient:
-        return ModelClient(self._config)
+        return ModelClient(self._config, check=self._check)
 
     def request(self, batch: Sequence[ModelRequest], model: ModelClient,
                 inference_args: Optional[dict[str, Any]] = None) -> list[PredictionResult]:

@@ -2,7 +2,7 @@
 
 Beam ships one limiter (`EnvoyRateLimiter`, a global limit through an Envoy rate-limit
 service) and counts elements, not tokens. Model quotas are requests *and* tokens per
-minute, so this module adds a token bucket over both.
+minute, so this module adds a sliding-window quota over both (`MinuteQuota`).
 
 How a job-wide limit is split (the rule the CLI documents):
 
@@ -10,20 +10,25 @@ How a job-wide limit is split (the rule the CLI documents):
 
 where the number of VMs is `--max_num_workers` (else `--num_workers`, else 1; the
 DirectRunner is one VM however many worker processes it runs). All SDK processes of a
-VM share one bucket through `MultiProcessShared`, so the split does not depend on how
+VM share one quota through `MultiProcessShared`, so the split does not depend on how
 many processes or threads Dataflow starts per VM. An autoscaled job that runs with fewer
 VMs than `--max_num_workers` stays under quota but uses less of it; for a limit that
 holds exactly whatever the worker count, use the Envoy option.
 
-Why not `pyrate-limiter` or `aiolimiter`: the bucket has to live in one process per VM
+Why not `pyrate-limiter` or `aiolimiter`: the quota has to live in one process per VM
 behind a `MultiProcessShared` proxy, so every call is a cross-process RPC. A reservation
-bucket (one call returns how long to wait; the caller sleeps locally) keeps that to one
-RPC per request and never blocks the proxy server; neither library has that shape.
+(one call returns how long to wait; the caller sleeps locally) keeps that to one RPC per
+request and never blocks the proxy server; neither library has that shape.
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
+import functools
 import hashlib
+import logging
+import queue
 import re
 import threading
 import time
@@ -33,67 +38,101 @@ from apache_beam.io.components.rate_limiter import EnvoyRateLimiter
 from apache_beam.io.components.rate_limiter import RateLimiter
 from apache_beam.utils.multi_process_shared import MultiProcessShared
 
+from codeclm_beam.model.errors import TransientModelError
 
-class TokenBucket:
-    """A bucket over requests and tokens per minute that hands out reservations.
+_LOG = logging.getLogger(__name__)
 
-    `reserve` takes what a request needs now (the level may go negative: that debt is
-    the queue) and returns how many seconds the caller must wait before sending, so
-    concurrent callers are served in arrival order.
 
-    Quotas are checked over any 60-second window, and a bucket lets through at most
-    `capacity + 60 * rate` in one: so the refill rate is `(limit - capacity) / 60`,
-    which keeps every window within the limit while a cold start still goes out at once.
+class MinuteQuota:
+    """Requests and tokens per minute, as reservations against a sliding 60-second
+    window.
+
+    `reserve` books what a request needs at the earliest moment at which no 60-second
+    window holds more than the limit, and returns how many seconds the caller must wait
+    before sending: concurrent callers are served in arrival order (every booking goes
+    after the last one), and the wait is slept by the caller, never here.
+
+    Why a window and not a token bucket: a bucket of capacity C that keeps every
+    window within the limit L must refill at (L - C) / 60, so a large burst (a cold
+    start not throttled) costs the same share of steady-state throughput, and a small
+    one (the old 1 s of quota) spaces a cold start's first requests. A window gives
+    both: a cold start goes out at once up to the minute's quota, and a long run
+    sends L in every minute, which is the quota a provider counts.
     """
 
     def __init__(self, requests_per_minute: Optional[float],
-                 tokens_per_minute: Optional[float], burst_seconds: float = 1.0,
+                 tokens_per_minute: Optional[float], window_s: float = 60.0,
                  clock=time.monotonic):
         self._clock = clock
+        # Providers count a minute; a shorter window (same rate) is for tests.
+        self._window_s = float(window_s)
         self._lock = threading.Lock()
-        self._rates = {}  # kind -> per second
-        self._capacity = {}
-        self._level = {}
+        self._limits: dict[str, float] = {}
+        self._booked: dict[str, collections.deque] = {}  # kind -> (time, amount)
+        self._in_window: dict[str, float] = {}
         for kind, per_minute in (("requests", requests_per_minute),
                                  ("tokens", tokens_per_minute)):
+            if per_minute is not None and per_minute <= 0:
+                raise ValueError(f"{kind} per minute must be positive")
             if per_minute:
-                if per_minute <= 0:
-                    raise ValueError(f"{kind} per minute must be positive")
-                # A bucket of `burst_seconds` of quota (at least one unit) lets a cold
-                # start go out at once.
-                capacity = min(per_minute / 2, max(1.0, per_minute / 60 * burst_seconds))
-                self._capacity[kind] = capacity
-                self._rates[kind] = (per_minute - capacity) / 60.0
-                self._level[kind] = capacity
-        self._updated = clock()
+                self._limits[kind] = float(per_minute) * self._window_s / 60.0
+                self._booked[kind] = collections.deque()
+                self._in_window[kind] = 0.0
+        self._last = float("-inf")  # the latest booking, so bookings stay in order
 
-    def _refill(self, now: float) -> None:
-        elapsed = now - self._updated
-        self._updated = now
-        for kind, rate in self._rates.items():
-            self._level[kind] = min(self._capacity[kind],
-                                    self._level[kind] + elapsed * rate)
+    def _forget_before(self, kind: str, start: float) -> None:
+        booked = self._booked[kind]
+        while booked and booked[0][0] <= start:
+            self._in_window[kind] -= booked.popleft()[1]
+
+    def _earliest(self, kind: str, at: float, amount: float) -> float:
+        """The earliest time from `at` at which `amount` more fits the window."""
+        limit, booked = self._limits[kind], self._booked[kind]
+        amount = min(amount, limit)  # larger than a whole minute: alone in its window
+        self._forget_before(kind, at - self._window_s)
+        while booked and self._in_window[kind] + amount > limit:
+            # Wait until the oldest booking leaves the window (popped by hand: its
+            # time plus and minus the window need not round back to itself).
+            oldest, oldest_amount = booked.popleft()
+            self._in_window[kind] -= oldest_amount
+            at = max(at, oldest + self._window_s)
+            self._forget_before(kind, at - self._window_s)
+        return at
 
     def reserve(self, requests: float = 1.0, tokens: float = 0.0) -> float:
-        """Takes `requests` and `tokens` from the bucket; returns seconds to wait."""
+        """Books `requests` and `tokens`; returns seconds to wait before sending."""
         with self._lock:
             now = self._clock()
-            self._refill(now)
-            wait = 0.0
-            for kind, amount in (("requests", requests), ("tokens", tokens)):
-                if kind in self._rates and amount:
-                    self._level[kind] -= amount
-                    if self._level[kind] < 0:
-                        wait = max(wait, -self._level[kind] / self._rates[kind])
-            return wait
+            at = max(now, self._last)
+            wanted = {"requests": requests, "tokens": tokens}
+            # A later time only lets more out of the window, so the kind checked
+            # first still fits at the time the second one needs.
+            for kind in self._limits:
+                if wanted[kind]:
+                    at = self._earliest(kind, at, wanted[kind])
+            for kind in self._limits:
+                if wanted[kind]:
+                    self._booked[kind].append((at, wanted[kind]))
+                    self._in_window[kind] += wanted[kind]
+            self._last = at
+            return at - now
 
     def charge_tokens(self, tokens: float) -> None:
-        """Adds tokens learnt after the call (the completion) as debt, so later
-        requests wait for them."""
-        if "tokens" in self._rates and tokens:
-            with self._lock:
-                self._refill(self._clock())
-                self._level["tokens"] -= tokens
+        """Corrects the last booking by tokens learnt after the call (the completion,
+        and the real prompt count against its estimate), so later requests wait for
+        them."""
+        if "tokens" not in self._limits or not tokens:
+            return
+        with self._lock:
+            booked = self._booked["tokens"]
+            if tokens > 0 or not booked:
+                booked.append((max(self._clock(), self._last), max(tokens, 0.0)))
+                self._in_window["tokens"] += max(tokens, 0.0)
+            else:  # fewer than estimated: give the difference back
+                at, amount = booked[-1]
+                returned = min(amount, -tokens)
+                booked[-1] = (at, amount - returned)
+                self._in_window["tokens"] -= returned
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,9 +142,10 @@ class QuotaConfig:
     requests_per_minute: Optional[float] = None
     tokens_per_minute: Optional[float] = None
     num_vms: int = 1
-    # Identifies the job, so buckets of different runs on one machine never mix.
+    # Identifies the job, so quotas of different runs on one machine never mix.
     run_id: str = "local"
-    burst_seconds: float = 1.0
+    # The window the quota is counted over: a minute, as providers count it.
+    window_s: float = 60.0
     envoy_address: Optional[str] = None
     envoy_domain: str = "codeclm"
 
@@ -118,8 +158,82 @@ class QuotaConfig:
         return per_minute / max(1, self.num_vms) if per_minute else None
 
 
+class _QuotaChannel:
+    """This process's one line to a VM's shared `MinuteQuota`.
+
+    `MultiProcessShared` proxies open one connection per calling thread, and its server
+    accepts with a backlog of 16 and authenticates each connection in its one accept
+    thread. Sixty-four pool threads connecting at once overflowed that backlog: Linux
+    drops the handshake's last ACK, the client believes it is connected and waits for
+    the challenge forever (seen as threads stuck in `answer_challenge`, and runs that
+    never ended). Every call of this process therefore goes through one thread, so one
+    connection; and a call not answered in `RPC_TIMEOUT_S` abandons that thread (its
+    connection may never answer) and is tried again on a new one.
+    """
+
+    RPC_TIMEOUT_S = 20.0
+    ATTEMPTS = 3
+
+    def __init__(self, quota: "QuotaConfig", tag: str):
+        self._shared = MultiProcessShared(
+            functools.partial(MinuteQuota, quota.per_vm(quota.requests_per_minute),
+                              quota.per_vm(quota.tokens_per_minute), quota.window_s),
+            tag=tag, always_proxy=True)
+        self._lock = threading.Lock()
+        self._calls: Optional[queue.SimpleQueue] = None
+
+    def _serve(self, calls: queue.SimpleQueue) -> None:
+        shared_quota = None
+        while True:
+            future, method, args = calls.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                if shared_quota is None:
+                    shared_quota = self._shared.acquire()
+                future.set_result(getattr(shared_quota, method)(*args))
+            except BaseException as e:  # handed to the caller
+                future.set_exception(e)
+
+    def call(self, method: str, *args):
+        for _ in range(self.ATTEMPTS):
+            with self._lock:
+                if self._calls is None:
+                    self._calls = queue.SimpleQueue()
+                    # A daemon thread: one stuck on a dead connection must not hold
+                    # up the interpreter's exit.
+                    threading.Thread(target=self._serve, args=(self._calls,),
+                                     name="codeclm-quota", daemon=True).start()
+                calls = self._calls
+            future: concurrent.futures.Future = concurrent.futures.Future()
+            calls.put((future, method, args))
+            try:
+                return future.result(timeout=self.RPC_TIMEOUT_S)
+            except concurrent.futures.TimeoutError:
+                with self._lock:
+                    if self._calls is calls:
+                        self._calls = None
+                _LOG.warning("the shared quota did not answer in %.0f s; reconnecting",
+                             self.RPC_TIMEOUT_S)
+        raise TransientModelError(
+            f"the shared quota of this VM did not answer {self.ATTEMPTS} times in "
+            f"{self.RPC_TIMEOUT_S:.0f} s")
+
+
+_CHANNELS: dict[str, _QuotaChannel] = {}
+_CHANNELS_LOCK = threading.Lock()
+
+
+def _channel(quota: "QuotaConfig", tag: str) -> _QuotaChannel:
+    """One channel per model identity and process, whichever stage asks."""
+    with _CHANNELS_LOCK:
+        if tag not in _CHANNELS:
+            _CHANNELS[tag] = _QuotaChannel(quota, tag)
+        return _CHANNELS[tag]
+
+
 class TokenBucketRateLimiter(RateLimiter):
-    """A Beam `RateLimiter` over a per-VM `TokenBucket`.
+    """A Beam `RateLimiter` over a per-VM `MinuteQuota`.
 
     `allow` blocks until the reservation is due and always returns True. The wait is
     measured by the caller, which signals it to Dataflow from the bundle thread (Beam
@@ -134,44 +248,20 @@ class TokenBucketRateLimiter(RateLimiter):
         model_hash = hashlib.sha256(tag.encode("utf-8")).hexdigest()[:16]
         self._tag = re.sub(r"[^A-Za-z0-9_.-]", "_",
                            f"codeclm-quota-{quota.run_id}-{model_hash}")
-        self._bucket = None
-        self._lock = threading.Lock()
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_bucket"] = None
-        state["_lock"] = None
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
-
-    def _shared_bucket(self):
-        if self._bucket is None:
-            with self._lock:
-                if self._bucket is None:
-                    quota = self._quota
-                    self._bucket = MultiProcessShared(
-                        lambda: TokenBucket(quota.per_vm(quota.requests_per_minute),
-                                            quota.per_vm(quota.tokens_per_minute),
-                                            quota.burst_seconds),
-                        tag=self._tag, always_proxy=True).acquire()
-        return self._bucket
 
     def allow(self, hits_added: int = 1, tokens: int = 0) -> bool:
-        wait = self._shared_bucket().reserve(hits_added, tokens)
+        wait = _channel(self._quota, self._tag).call("reserve", hits_added, tokens)
         if wait > 0:
             time.sleep(wait)
         return True
 
     def charge_tokens(self, tokens: int) -> None:
-        self._shared_bucket().charge_tokens(tokens)
+        _channel(self._quota, self._tag).call("charge_tokens", tokens)
 
 
 def make_rate_limiter(quota: QuotaConfig, tag: str) -> Optional[RateLimiter]:
     """The limiter a quota asks for: Envoy for a truly global limit, else the per-VM
-    token bucket, else none."""
+    sliding-window quota, else none."""
     if quota.envoy_address:
         return EnvoyRateLimiter(
             service_address=quota.envoy_address,

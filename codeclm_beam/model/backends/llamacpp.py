@@ -3,11 +3,16 @@
 One model per process, shared by every stage and thread that names the same file
 (each Beam stage gets its own handler, so without this registry a pipeline with a
 dozen model stages would load a dozen copies). llama.cpp runs one generation at a
-time per model, hence the lock and `concurrent = False`.
+time per model, hence `concurrent = False`, and every generation of a model runs on
+that model's one thread (`_EmbeddedModel`).
 """
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
+import contextlib
+import functools
+import json
 import os
 import threading
 
@@ -17,7 +22,7 @@ from codeclm_beam.model.config import ModelConfig
 from codeclm_beam.model.errors import PermanentModelError
 from codeclm_beam.model.types import ModelRequest
 
-_MODELS: dict[tuple, tuple[object, threading.Lock]] = {}
+_MODELS: dict[tuple, "_EmbeddedModel"] = {}
 _MODELS_LOCK = threading.Lock()
 
 # llama.cpp expands a string's length bounds into one grammar rule per character: a
@@ -37,19 +42,95 @@ def grammar_schema(schema):
     return schema
 
 
-def _load(path: str, n_ctx: int, n_threads: int):
+@functools.lru_cache(maxsize=64)
+def _grammar(schema_text: str):
+    """The compiled grammar of a schema, once per schema rather than once per request
+    (llama-cpp-python converts a `response_format` schema on every call)."""
+    from llama_cpp.llama_grammar import JSON_GBNF
+    from llama_cpp.llama_grammar import LlamaGrammar
+    try:
+        return LlamaGrammar.from_json_schema(
+            json.dumps(grammar_schema(json.loads(schema_text))), verbose=False)
+    except Exception:  # a schema the converter cannot take: any JSON, validated after
+        return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+
+
+@contextlib.contextmanager
+def _weights_in_plain_cpu_buffers():
+    """Loads weights without llama.cpp's "extra buffer types".
+
+    On a CPU with AMX (Sapphire Rapids and later Xeons, most of today's cloud VMs and
+    Dataflow's newer workers), a llama.cpp built with -march=native (as pip builds it)
+    repacks Q4_0/Q4_1 weights into its AMX buffer type, and the first decode of the
+    shipped SmolLM2 Q4_1 model dies with a segmentation fault in
+    ggml_backend_amx_mul_mat (upstream llama.cpp #20824; PR #16315 on wrong results
+    from the same path). The same extra buffer types hold the CPU "repack" layouts,
+    which have no Q4_1 kernel on x86: for this model, keeping weights in plain CPU
+    buffers costs nothing on AVX2 or AVX-512 CPUs, and it makes every x86-64 CPU run
+    the same kernels. It is done at load time, in our code, so it holds for any
+    llama-cpp-python a user installs with `pip install 'codeclm-beam[local]'`,
+    whatever CPU built it.
+
+    `Llama.__init__` takes no such argument; it reads
+    `llama_cpp.llama_model_default_params()`, so that one call is wrapped while the
+    model loads (under `_MODELS_LOCK`: loads in this process are one at a time).
+    """
+    import llama_cpp
+    low_level = llama_cpp.llama_cpp
+    default_params = low_level.llama_model_default_params
+
+    def plain_cpu_params():
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
+    low_level.llama_model_default_params = plain_cpu_params
+    try:
+        yield
+    finally:
+        low_level.llama_model_default_params = default_params
+
+
+class _EmbeddedModel:
+    """A loaded model and the one thread that runs it.
+
+    llama.cpp's CPU backend runs each computation on an OpenMP thread team that belongs
+    to the calling thread. Generations coming from several threads (Beam's bundle
+    threads and the model layer's pool) make several teams that spin against each
+    other on a small machine: measured about 3x fewer tokens per second on 2 cores.
+    One thread per model keeps one team, and replaces a lock.
+    """
+
+    def __init__(self, path: str, n_ctx: int, n_threads: int):
+        from llama_cpp import Llama
+        self._thread = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="codeclm-llamacpp")
+        with _weights_in_plain_cpu_buffers():
+            # Loaded on the model's own thread, so its first computation is there too.
+            self.llama = self._thread.submit(
+                Llama, model_path=path, n_ctx=n_ctx, n_threads=n_threads,
+                verbose=False).result()
+
+    def run(self, fn, *args, **kwargs):
+        return self._thread.submit(fn, *args, **kwargs).result()
+
+    def close(self) -> None:
+        # At exit the pool has already been shut down (concurrent.futures stops its
+        # threads before atexit handlers run): free the model from here.
+        self._thread.shutdown(wait=True)
+        self.llama.close()
+
+
+def _load(path: str, n_ctx: int, n_threads: int) -> _EmbeddedModel:
     key = (path, n_ctx, n_threads)
     with _MODELS_LOCK:
         if key not in _MODELS:
             try:
-                from llama_cpp import Llama
+                import llama_cpp  # noqa: F401
             except ImportError:
                 raise PermanentModelError(
                     "llamacpp: models need llama-cpp-python: "
                     "pip install 'codeclm-beam[local]'") from None
-            model = Llama(model_path=path, n_ctx=n_ctx, n_threads=n_threads,
-                          verbose=False)
-            _MODELS[key] = (model, threading.Lock())
+            _MODELS[key] = _EmbeddedModel(path, n_ctx, n_threads)
         return _MODELS[key]
 
 
@@ -58,7 +139,7 @@ def _close_all():
     # Free models before interpreter teardown, when llama.cpp's finalisers can no
     # longer run cleanly.
     with _MODELS_LOCK:
-        for model, _ in _MODELS.values():
+        for model in _MODELS.values():
             model.close()
         _MODELS.clear()
 
@@ -69,28 +150,26 @@ class LlamaCppBackend(Backend):
     def __init__(self, config: ModelConfig):
         path = config.spec.gguf_path()
         n_threads = config.n_threads or max(1, os.cpu_count() or 1)
-        self._model, self._lock = _load(path, config.n_ctx, n_threads)
+        self._model = _load(path, config.n_ctx, n_threads)
 
     def generate(self, request: ModelRequest) -> RawAnswer:
         kwargs = {}
-        schema = request.json_schema
-        if schema is not None:
-            # llama.cpp compiles the schema to a grammar: the answer is valid JSON of
-            # that shape by construction (unless cut off by max_tokens).
-            kwargs["response_format"] = {"type": "json_object",
-                                         "schema": grammar_schema(schema)}
+        if request.json_schema_text is not None:
+            # llama.cpp constrains sampling by the schema's grammar: the answer is
+            # valid JSON of that shape by construction (unless cut off by max_tokens).
+            kwargs["grammar"] = _grammar(request.json_schema_text)
         if request.settings.seed is not None:
             kwargs["seed"] = request.settings.seed
-        with self._lock:
-            try:
-                out = self._model.create_chat_completion(
-                    messages=[{"role": m.role, "content": m.content}
-                              for m in request.messages],
-                    temperature=request.settings.temperature,
-                    max_tokens=request.settings.max_output_tokens,
-                    **kwargs)
-            except ValueError as e:  # e.g. the prompt exceeds the context window
-                raise PermanentModelError(f"llama.cpp: {e}") from e
+        try:
+            out = self._model.run(
+                self._model.llama.create_chat_completion,
+                messages=[{"role": m.role, "content": m.content}
+                          for m in request.messages],
+                temperature=request.settings.temperature,
+                max_tokens=request.settings.max_output_tokens,
+                **kwargs)
+        except ValueError as e:  # e.g. the prompt exceeds the context window
+            raise PermanentModelError(f"llama.cpp: {e}") from e
         choice = out["choices"][0]
         usage = out.get("usage") or {}
         return RawAnswer(

@@ -1,0 +1,178 @@
+"""Nothing lost, nothing leaked, round two (issue 23): each defect the hostile probe
+found, reproduced as it found it, with the behaviour the README now promises."""
+import json
+import os
+import threading
+
+import pytest
+
+from codeclm_beam.model import ModelClient
+from codeclm_beam.model import ModelConfig
+from codeclm_beam.model import ModelFailure
+from codeclm_beam.model import ModelResponse
+from codeclm_beam.model.cache import ResponseCache
+from codeclm_beam.model.errors import ConfigurationError
+from codeclm_beam.pipelines.cli import main as cli_main
+from codeclm_beam.pipelines.outputs import OutputDirectory
+from codeclm_beam.redact import public_url
+from codeclm_beam.redact import redact
+from codeclm_beam.redact import register_url_secrets
+from codeclm_beam.transforms.encode import Encode
+from codeclm_beam.records import Seed
+from tests.helpers import calls_by_kind
+from tests.helpers import generate_args
+from tests.helpers import read_jsonl
+from tests.helpers import scripted_models
+from tests.helpers import write_seeds
+from tests.scripted_backend import read_calls
+from tests.scripted_backend import write_scenario
+
+
+def encode_request(stage: Encode, text: str):
+    from codeclm_beam.model import ModelRequest
+    seed = Seed(seed_id="s1", instruction=text, source="test")
+    return ModelRequest.create("s1", stage.prompt(seed), stage.settings,
+                               stage.schema_for(seed))
+
+
+# ---- 1. recorded names never leave the output folder ---------------------------------
+
+@pytest.mark.parametrize("name", ["../victim.txt", "/tmp/victim.txt", "a/../../victim.txt",
+                                  "C:\\victim.txt"])
+def test_a_record_naming_a_file_outside_the_folder_is_refused(tmp_path, name):
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (out / "manifest.json").write_text(json.dumps({"written_files": [name]}))
+    outputs = OutputDirectory(str(out), "r1", "manifest.json")
+    with pytest.raises(ConfigurationError, match="not a file inside the folder"):
+        outputs.check()
+    assert victim.read_text() == "keep me"
+
+
+def test_generate_refuses_a_folder_whose_promotion_list_escapes_it(tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / ".staging" / "old").mkdir(parents=True)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (out / ".staging" / "old" / "PROMOTING.json").write_text(
+        json.dumps({"files": ["../victim.txt"]}))
+    models = scripted_models(tmp_path, "strong_wins")
+    status = cli_main(["generate", *generate_args(
+        tmp_path, models, write_seeds(tmp_path / "s.jsonl", 2), out,
+        "--num_examples", "2", "--num_metadata", "2")])
+    assert status == 2
+    assert "not a file inside the folder" in capsys.readouterr().err
+    assert victim.read_text() == "keep me"
+    assert not calls_by_kind(tmp_path)  # refused before any model call
+
+
+# ---- 2. a run that delivered nothing keeps the previous dataset ----------------------
+
+def test_a_run_that_reached_no_model_keeps_the_dataset_and_exits_3(tmp_path, capsys):
+    seeds = write_seeds(tmp_path / "s.jsonl", 3)
+    models = scripted_models(tmp_path, "strong_wins")
+    out = tmp_path / "out"
+    args = ["--num_examples", "3", "--num_metadata", "3", "--max_retries", "0"]
+    assert cli_main(["generate", *generate_args(tmp_path, models, seeds, out, *args)]) == 0
+    before = read_jsonl(out, "examples")
+    assert len(before) == 3
+    dead = dict(models, strong="openai:m@http://127.0.0.1:9/v1")  # nothing listens
+    status = cli_main(["generate", *generate_args(
+        tmp_path, dead, seeds, out, *args, "--no_cache")])
+    err = capsys.readouterr().err
+    assert status == 3
+    assert "delivered 0 of 3 pairs" in err and "previous run's 3 pairs are kept" in err
+    assert read_jsonl(out, "examples") == before
+    assert not (out / ".staging" / "LOCK").exists()
+
+
+# ---- 3. one writer per folder --------------------------------------------------------
+
+def test_a_second_writer_is_refused_while_the_first_holds_the_folder(tmp_path):
+    first = OutputDirectory(str(tmp_path / "out"), "run-a", "manifest.json")
+    first.claim()
+    second = OutputDirectory(str(tmp_path / "out"), "run-b", "manifest.json")
+    with pytest.raises(ConfigurationError, match="being written by another run.*run-a"):
+        second.claim()
+    first.release()
+    second.claim()  # free again
+    second.release()
+
+
+def test_a_claim_left_by_a_killed_run_is_taken_over(tmp_path):
+    lock = tmp_path / "out" / ".staging" / "LOCK"
+    lock.parent.mkdir(parents=True)
+    import socket
+    lock.write_text(json.dumps({"run_id": "dead", "host": socket.gethostname(),
+                                "pid": 2 ** 22 + 12345}))  # no such process
+    outputs = OutputDirectory(str(tmp_path / "out"), "run-c", "manifest.json")
+    outputs.claim()
+    assert json.loads(lock.read_text())["run_id"] == "run-c"
+    outputs.release()
+    assert not lock.exists()
+
+
+# ---- 4 and 5. the cache: malformed entries and unusable answers are asked again ------
+
+@pytest.mark.parametrize("entry", [[], {"version": 2, "key": "K"}, "not json{"])
+def test_a_malformed_cache_entry_is_a_named_miss_never_a_crash(tmp_path, entry, caplog):
+    uri = write_scenario(tmp_path / "s.json", role="strong", log_dir=str(tmp_path / "log"))
+    stage = Encode()
+    client = ModelClient(ModelConfig(uri=uri, cache_dir=str(tmp_path / "cache")),
+                         check=stage.answer_problem)
+    request = encode_request(stage, "write a poem about rivers")
+    key = request.cache_key(client.identity)
+    path = ResponseCache(str(tmp_path / "cache"))._path(key)
+    os.makedirs(os.path.dirname(path))
+    body = entry if isinstance(entry, str) else json.dumps(entry).replace('"K"', f'"{key}"')
+    with open(path, "w") as f:
+        f.write(body)
+    result = client.call(request)
+    assert isinstance(result, ModelResponse) and result.stats.attempts == 1
+    assert path in caplog.text and "unusable" in caplog.text
+    assert client.call(request).stats.cache_hit  # the fresh answer replaced it
+
+
+def test_an_answer_the_stage_cannot_use_is_re_asked_and_never_cached(tmp_path):
+    uri = write_scenario(tmp_path / "s.json", role="strong", log_dir=str(tmp_path / "log"),
+                         unusable_encode_first=1)
+    stage = Encode()
+    config = ModelConfig(uri=uri, cache_dir=str(tmp_path / "cache"))
+    client = ModelClient(config, check=stage.answer_problem)
+    request = encode_request(stage, "write a poem about rivers")
+    result = client.call(request)
+    assert isinstance(result, ModelResponse), result
+    assert result.stats.attempts == 2 and result.stats.parse_retries == 1
+    assert "knowledge" not in result.data["skills"]
+    # A cached answer the stage cannot use (written by an older version, or by hand)
+    # is not served: it is asked again.
+    cache = ResponseCache(str(tmp_path / "cache"))
+    cache.put(request.cache_key(client.identity), ModelResponse(
+        text=json.dumps({"use_case": "x", "skills": ["knowledge"]}),
+        data={"use_case": "x", "skills": ["knowledge"]}, prompt_tokens=1,
+        completion_tokens=1, finish_reason="stop"))
+    again = client.call(request)
+    assert not again.stats.cache_hit and again.stats.attempts == 1
+    assert len(read_calls(tmp_path / "log")) == 3
+    # Without the stage's rule every re-ask is spent, then a dead letter with why.
+    stubborn = write_scenario(tmp_path / "t.json", role="strong",
+                              log_dir=str(tmp_path / "log2"), unusable_encode_first=9)
+    failure = ModelClient(ModelConfig(uri=stubborn), check=stage.answer_problem).call(
+        request)
+    assert isinstance(failure, ModelFailure) and failure.attempts == 3
+    assert "no usable skill" in failure.message
+
+
+# ---- 6. credentials in any query parameter -------------------------------------------
+
+def test_every_query_value_but_known_public_ones_is_redacted():
+    url = ("https://h.example/v1?api-version=2024-06-01&subscription-key=SUBKEY123"
+           "&code=FUNCCODE99&X-Amz-Signature=abcdef123456&region=eu")
+    shown = public_url(url)
+    for secret in ("SUBKEY123", "FUNCCODE99", "abcdef123456"):
+        assert secret not in shown
+    assert "api-version=2024-06-01" in shown and "region=eu" in shown
+    register_url_secrets(url)
+    assert "FUNCCODE99" not in redact("the server said: bad code FUNCCODE99")
