@@ -652,6 +652,12 @@ class FakeModelServer:
         echoed = dict(request_body)
         if not self.config.batch_echo_labels:
             echoed.pop("labels", None)
+            # As Google's documented output sample echoes a request: each text part
+            # with the part's other fields null, in the service's own key order.
+            echoed["contents"] = [
+                {**content, "parts": [{"file_data": None, **part}
+                                      for part in content.get("parts", [])]}
+                for content in echoed.get("contents", [])]
         entry = {"status": "", "processed_time": _rfc3339(), "request": echoed}
         error = None
         if self.config.batch_fault == "partial" and \

@@ -90,7 +90,9 @@ def jsonl_rows(path: str, handle) -> Iterator[tuple[str, Any]]:
         if not raw.strip():
             continue
         try:
-            yield source, json.loads(raw.decode("utf-8"))
+            # utf-8-sig: a byte-order mark before the first row (Windows editors
+            # write one) is not part of it, as for CSV and JSON.
+            yield source, json.loads(raw.decode("utf-8-sig" if number == 1 else "utf-8"))
         except UnicodeDecodeError as e:
             yield source, RowError(f"line is not valid UTF-8: {e}")
         except RecursionError:

@@ -12,6 +12,7 @@ import collections
 import functools
 import importlib
 import logging
+import shlex
 import sys
 from typing import Optional
 
@@ -125,7 +126,7 @@ def _summary(manifest: dict) -> str:
                  "dead_letter/, seed_metadata/, metadata_pool/, rubrics/, manifest.json "
                  "beside it)")
     lines.append(f"  to cost a larger run from this one: codeclm-beam plan "
-                 f"{manifest['options']['output_dir']} --num_examples N")
+                 f"{shlex.quote(manifest['options']['output_dir'])} --num_examples N")
     return "\n".join(lines)
 
 
@@ -166,6 +167,12 @@ def generate(argv: list[str]) -> int:
         print(_launch_summary(manifest))
         return 0
     print(_summary(manifest))
+    delivery = manifest["delivery"]
+    if not delivery["delivered"] and delivery["asked"] and sum(
+            manifest["accounting"]["dead_letters_by_stage"].values()):
+        print("codeclm-beam generate: delivered nothing; every element that failed is "
+              f"in {manifest['outputs']['dead_letter']} with its reason", file=sys.stderr)
+        return 3
     return 0 if manifest["accounting"]["balanced"] else 3
 
 

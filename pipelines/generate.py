@@ -41,6 +41,7 @@ from codeclm_beam.pipelines.outputs import WriteExports
 from codeclm_beam.pipelines.outputs import WriteJsonl
 from codeclm_beam.pipelines.outputs import OutputDirectory
 from codeclm_beam.pipelines.outputs import PromotionRefused
+from codeclm_beam.pipelines.outputs import write_json
 from codeclm_beam.pipelines.report import run_tailoring
 from codeclm_beam.pipelines.report import write_report
 from codeclm_beam.pipelines import preflight as preflight_lib
@@ -221,7 +222,9 @@ def projected_calls(config: CodecLMConfig, from_metadata: bool,
     reached yet takes the last measured share (none measured: nothing kept)."""
     cfg = config
     seeds = 0 if from_metadata else counters.flow(metrics.SEEDS)
-    pool = counters.flow(metrics.METADATA_POOL) or min(cfg.num_metadata, max(seeds, 1))
+    # Mix-and-match fills the pool to --num_metadata, and every distinct metadata of
+    # the seeds stays in it: until it is built, at most one entry a seed beyond that.
+    pool = counters.flow(metrics.METADATA_POOL) or max(cfg.num_metadata, seeds, 1)
     basic = counters.flow(metrics.BASIC_INSTRUCTIONS) or cfg.basic_instructions
     accept, share = [], 0.0
     for number in range(1, cfg.max_iterations + 1):
@@ -238,19 +241,17 @@ def shrink_refusal(delivered: int, asked: int, previous: Optional[dict],
                    replace_anyway: bool) -> Optional[str]:
     """Why a finished run must not replace the dataset in its folder, or None.
 
-    A run that delivered nothing (every model unreachable, every element a dead
-    letter) never replaces anything: there is nothing to promote and a good dataset to
-    lose. One that delivered less than half of what the previous run in the folder did
-    is held back too unless --replace_with_fewer, since that is what an outage midway
-    looks like; a smaller pilot into the same folder is the reason to pass it."""
-    if delivered == 0 and asked > 0:
-        kept = (f"; the previous run's {_previous_pairs(previous)} pairs are kept"
-                if previous else "")
-        return f"the run delivered 0 of {asked} pairs (see dead_letter/){kept}"
+    A run that delivered less than half the pairs of the dataset already in the folder
+    (nothing at all, when every model was unreachable) does not replace it unless
+    --replace_with_fewer: that is what an outage midway looks like, and a smaller pilot
+    into the same folder is the reason to pass the flag. Into a folder with no dataset
+    a run is always promoted, so its dead letters can be read where they belong (the
+    CLI exits 3 when it delivered nothing)."""
     before = _previous_pairs(previous)
     if not replace_anyway and before and delivered < before / 2:
-        return (f"the run delivered {delivered} pairs where the dataset in the folder "
-                f"has {before}; it is kept. Pass --replace_with_fewer to replace it")
+        return (f"the run delivered {delivered} of {asked} pairs; the previous run's "
+                f"{before} pairs in the folder are kept (pass --replace_with_fewer to "
+                "replace them anyway)")
     return None
 
 
@@ -295,13 +296,6 @@ def _run_claimed(options: PipelineOptions, config: CodecLMConfig,
     if not_finished:
         return not_finished
     counters = RunCounters.from_result(result)
-    refusal = shrink_refusal(counters.flow(metrics.EXAMPLES), config.num_examples,
-                             outputs.previous_record(), opts.replace_with_fewer)
-    if refusal:
-        raise PromotionRefused(f"{refusal}; this run's outputs, its dead letters "
-                               f"among them, are in {outputs.staging} until the next run "
-                               "into this folder")
-    outputs.promote()
     manifest = {
         **manifest_lib.run_header("codeclm-beam generate", run_id, started),
         "models": config.models,
@@ -310,10 +304,22 @@ def _run_claimed(options: PipelineOptions, config: CodecLMConfig,
             counters, config.max_iterations, bool(opts.metadata), config.keep_unresolved,
             config.num_metadata),
         "model_calls": counters.model_calls(),
+    }
+    refusal = shrink_refusal(counters.flow(metrics.EXAMPLES), config.num_examples,
+                             outputs.previous_record(), opts.replace_with_fewer)
+    if refusal:
+        # Its record goes beside its outputs in the staging area, for inspection.
+        write_json(FileSystems.join(outputs.staging, "manifest.json"),
+                   {**manifest, "not_promoted": refusal})
+        raise PromotionRefused(f"{refusal}; this run's outputs, its dead letters and "
+                               f"manifest.json among them, are in {outputs.staging} "
+                               "until the next run into this folder")
+    outputs.promote()
+    manifest.update({
         "billing": billing_modes(config.strong, config.target, config.judge),
         "outputs": {name: FileSystems.join(output_dir, name) for name in OUTPUT_FOLDERS},
         "tailoring": run_tailoring(output_dir),
-    }
+    })
     manifest["cost"] = manifest_lib.estimated_cost(manifest)
     manifest["delivery"] = manifest_lib.delivery(
         manifest["accounting"], config.num_examples, config.basic_instructions,

@@ -299,6 +299,9 @@ class OutputDirectory:
                  "started": time.time()}
         body = json.dumps(claim)
         if "://" not in self.root:
+            if os.path.exists(self.root) and not os.path.isdir(self.root):
+                raise ConfigurationError(f"--output_dir {self.root} is a file; name a "
+                                         "folder (new or one a run wrote)")
             os.makedirs(os.path.dirname(self._lock_path), exist_ok=True)
             for _ in range(2):
                 try:
@@ -437,6 +440,41 @@ class OutputDirectory:
             shutil.rmtree(self.staging, ignore_errors=True)
             with contextlib.suppress(OSError):
                 os.rmdir(os.path.dirname(self.staging))  # .staging/, when empty
+
+
+def read_run_record(run_dir: str, names: tuple[str, ...] = ("manifest.json",),
+                    command: str = "codeclm-beam") -> tuple[str, dict]:
+    """(name, record) of the run in `run_dir`: the first of `names` there, read and
+    checked to be a JSON object; a clear ConfigurationError otherwise. Warns when a
+    promotion was cut short (a run killed while moving its outputs into place: the
+    record may not describe every file beside it)."""
+    if FileSystems.exists(run_dir) and "://" not in run_dir and not os.path.isdir(run_dir):
+        raise ConfigurationError(f"{run_dir} is a file, not a run's folder")
+    for name in names:
+        path = FileSystems.join(run_dir, name)
+        if FileSystems.exists(path):
+            break
+    else:
+        raise ConfigurationError(
+            f"{run_dir} holds no {' or '.join(names)}: not a finished codeclm-beam run "
+            "(a run that failed, was refused or is under way writes none)")
+    try:
+        record = read_json(path)
+    except Exception as e:
+        raise ConfigurationError(f"{path} cannot be read ({e})") from None
+    if not isinstance(record, dict):
+        raise ConfigurationError(f"{path} is not a run record (not a JSON object)")
+    staging = FileSystems.join(run_dir, STAGING_FOLDER)
+    try:
+        cut = [m.path for m in FileSystems.match([staging + "/*/" + _PROMOTING])[0]
+               .metadata_list]
+    except Exception:
+        cut = []
+    if cut:
+        _LOG.warning("%s: a run was killed while moving its outputs into place (%s); "
+                     "%s may not describe every file beside it: re-run into this folder "
+                     "to make it whole", run_dir, cut[0], name)
+    return name, record
 
 
 def _names(record: Any, field: str, where: str) -> list[str]:

@@ -16,7 +16,9 @@ from typing import Optional
 
 from apache_beam.io.filesystems import FileSystems
 
+from codeclm_beam.model.errors import ConfigurationError
 from codeclm_beam.pipelines.outputs import read_json
+from codeclm_beam.pipelines.outputs import read_run_record
 from codeclm_beam.pricing import PRICE_FACTOR
 from codeclm_beam.pricing import cost_usd
 from codeclm_beam.pricing import merged_prices
@@ -340,7 +342,15 @@ def plan_command(argv: list[str]) -> int:
                              'tokens, "cached_input": ..., "output": ...}}')
     parser.add_argument("--json", action="store_true", help="Print the plan as JSON.")
     args = parser.parse_args(argv)
-    pilot = Pilot.from_manifest(read_json(FileSystems.join(args.pilot_run, "manifest.json")))
+    try:
+        pilot = Pilot.from_manifest(read_run_record(args.pilot_run)[1])
+    except (KeyError, TypeError) as missing:
+        raise ConfigurationError(f"{args.pilot_run}/manifest.json lacks {missing}: not "
+                                 "a manifest this version can plan from") from None
+    except ConfigurationError:
+        raise
+    except ValueError as unusable:
+        raise ConfigurationError(f"{args.pilot_run}: {unusable}") from None
     result = plan(pilot, args.num_examples, args.num_instructions, args.num_seeds,
                   args.num_metadata, read_json(args.prices) if args.prices else None,
                   args.max_requests_per_minute, args.max_tokens_per_minute,

@@ -103,7 +103,8 @@ def describe(snapshot: Snapshot, wanted: Optional[int],
                 + f" (waited {_duration(waited)})")
     totals = snapshot.totals
     kept = int(totals["kept_pairs"])
-    parts.append(f"kept {kept}/{wanted}" if wanted else f"kept {kept}")
+    if wanted:  # what is kept beyond the pairs asked for is surplus, cut at the end
+        parts.append(f"kept {min(kept, wanted)}/{wanted}")
     parts.append(f"dead letters {int(totals['dead_letters'])}")
     done = snapshot.calls_done
     if projected_calls:

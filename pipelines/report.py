@@ -19,6 +19,7 @@ from codeclm_beam.model.errors import ConfigurationError
 from codeclm_beam.pipelines.outputs import OutputDirectory
 from codeclm_beam.pipelines.outputs import read_json
 from codeclm_beam.pipelines.outputs import read_jsonl_dir
+from codeclm_beam.pipelines.outputs import read_run_record
 from codeclm_beam.pipelines.args import SuggestingParser
 from codeclm_beam.transforms.evaluate import FAILED
 
@@ -520,19 +521,21 @@ def report_command(argv: list[str]) -> int:
                              'tokens, "cached_input": ..., "output": ...}}')
     args = parser.parse_args(argv)
     prices = read_json(args.prices) if args.prices else None
-    for name in ("manifest.json", "summary.json"):
-        if FileSystems.exists(FileSystems.join(args.run_dir, name)):
-            break
-    else:
-        raise ConfigurationError(f"{args.run_dir} holds neither a generate run "
-                                 "(manifest.json) nor an evaluate run (summary.json)")
-    record = read_json(FileSystems.join(args.run_dir, name))
+    name, record = read_run_record(args.run_dir, ("manifest.json", "summary.json"))
     outputs = OutputDirectory(args.run_dir, "report", name, force=True)
-    outputs.check()  # names the user's own files, which are not overwritten
-    outputs.written = list(record.get("written_files") or [])
-    report = write_report(outputs, record, prices)
-    if "tailoring" in record:
-        record["tailoring"] = run_tailoring(args.run_dir)
-    outputs.commit(record)
+    outputs.claim()  # no run writes into the folder meanwhile
+    try:
+        outputs.check()  # names the user's own files, which are not overwritten
+        outputs.written = list(record.get("written_files") or [])
+        try:
+            report = write_report(outputs, record, prices)
+        except (KeyError, TypeError) as missing:
+            raise ConfigurationError(f"{args.run_dir}/{name} lacks {missing}: not a "
+                                     "record this version can report on") from None
+        if "tailoring" in record:
+            record["tailoring"] = run_tailoring(args.run_dir)
+        outputs.commit(record)
+    finally:
+        outputs.release()
     print(json.dumps({"report": report}, indent=2))
     return 0

@@ -17,6 +17,7 @@ from apache_beam.io.filesystems import FileSystems
 from codeclm_beam.model.errors import ConfigurationError
 from codeclm_beam.pipelines.args import SuggestingParser
 from codeclm_beam.pipelines.outputs import read_json
+from codeclm_beam.pipelines.outputs import read_run_record
 from codeclm_beam.pipelines.outputs import read_jsonl_dir
 from codeclm_beam.rows import RowError
 from codeclm_beam.rows import iter_rows
@@ -30,11 +31,7 @@ class Run:
 
     def __init__(self, run_dir: str):
         self.run_dir = run_dir
-        try:
-            self.manifest = read_json(FileSystems.join(run_dir, "manifest.json"))
-        except Exception as e:
-            raise ConfigurationError(f"{run_dir} holds no finished generate run "
-                                     f"(manifest.json: {e})") from None
+        self.manifest = read_run_record(run_dir)[1]
         self.examples = self._read("examples")
         self.rejected = self._read("rejected")
         self.pool = {m["metadata_id"]: m for m in self._read("metadata_pool")}

@@ -20,16 +20,26 @@ from codeclm_beam.pipelines.args import SuggestingParser
 
 
 def split_rows(rows: list[dict], category_field: Optional[str], seed_fraction: float,
-               seed: int) -> tuple[list[dict], list[dict]]:
-    by_category: dict[str, list[int]] = collections.defaultdict(list)
-    for index, row in enumerate(rows):
-        by_category[str(row.get(category_field)) if category_field else ""].append(index)
+               seed: int, same: Optional[list[str]] = None
+               ) -> tuple[list[dict], list[dict]]:
+    """Seed and held-out rows. Rows with the same `same` key (the normalised
+    instruction) go to one side together: the same question under two ids on both
+    sides would be seeded and then evaluated on."""
+    same = same or [str(i) for i in range(len(rows))]
+    groups: dict[str, list[int]] = collections.defaultdict(list)
+    for index, key in enumerate(same):
+        groups[key].append(index)
+    by_category: dict[str, list[str]] = collections.defaultdict(list)
+    for key, indexes in groups.items():
+        row = rows[indexes[0]]
+        by_category[str(row.get(category_field)) if category_field else ""].append(key)
     rng = random.Random(seed)
     seed_indexes = set()
     for category in sorted(by_category):
-        indexes = by_category[category]
-        rng.shuffle(indexes)
-        seed_indexes.update(indexes[:round(seed_fraction * len(indexes))])
+        keys = by_category[category]
+        rng.shuffle(keys)
+        for key in keys[:round(seed_fraction * len(keys))]:
+            seed_indexes.update(groups[key])
     seeds = [dict(rows[i], **{SPLIT_MARKER: "seeds"}) for i in sorted(seed_indexes)]
     held_out = [dict(rows[i], **{SPLIT_MARKER: "eval"}) for i in range(len(rows))
                 if i not in seed_indexes]
@@ -45,7 +55,8 @@ def split_file(path: str, output_dir: str, seed_fraction: float = 0.2, seed: int
             if isinstance(row, RowError) or not isinstance(row, dict):
                 raise ValueError(f"{source}: {row if isinstance(row, RowError) else 'not an object'}")
             rows.append(row)
-    seeds, held_out = split_rows(rows, layout.category_field, seed_fraction, seed)
+    same = [" ".join(str(layout.instruction(r) or "").split()).casefold() for r in rows]
+    seeds, held_out = split_rows(rows, layout.category_field, seed_fraction, seed, same)
     name = benchmark_name(path)
     outputs = {"seeds": FileSystems.join(output_dir, f"{name}.seeds.jsonl"),
                "eval": FileSystems.join(output_dir, f"{name}.eval.jsonl")}

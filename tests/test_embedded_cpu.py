@@ -37,7 +37,9 @@ else:
     result = client.call(ModelRequest.create(
         "cpu", [ChatMessage("user", "Name a colour.")],
         GenerationSettings(temperature=0.7, max_output_tokens=32, seed=3),
-        {"type": "object", "properties": {"colour": {"type": "string"}},
+        # As long a string bound as the embedded backend keeps in a grammar.
+        {"type": "object", "properties": {"colour": {"type": "string", "minLength": 1,
+                                                     "maxLength": 300}},
          "required": ["colour"]}))
     assert isinstance(result, ModelResponse), result
     answer = result.data

@@ -83,7 +83,8 @@ def test_a_run_that_reached_no_model_keeps_the_dataset_and_exits_3(tmp_path, cap
         tmp_path, dead, seeds, out, *args, "--no_cache")])
     err = capsys.readouterr().err
     assert status == 3
-    assert "delivered 0 of 3 pairs" in err and "previous run's 3 pairs are kept" in err
+    assert "delivered 0 of 3 pairs" in err and "previous run's 3 pairs" in err
+    assert "--replace_with_fewer" in err
     assert read_jsonl(out, "examples") == before
     assert not (out / ".staging" / "LOCK").exists()
 
@@ -176,3 +177,106 @@ def test_every_query_value_but_known_public_ones_is_redacted():
     assert "api-version=2024-06-01" in shown and "region=eu" in shown
     register_url_secrets(url)
     assert "FUNCCODE99" not in redact("the server said: bad code FUNCCODE99")
+
+
+# ---- 7. evaluate keeps items whose ids or file names collide -------------------------
+
+def test_repeated_ids_and_same_named_files_are_all_evaluated(tmp_path):
+    rows = {"a": [(1, "[WIN] one"), (1, "[WIN] one again"), (2, "[LOSS] two")],
+            "b": [(1, "[WIN] other one"), (2, "[EQUAL] other two")]}
+    files = []
+    for folder, items in rows.items():
+        (tmp_path / folder).mkdir()
+        path = tmp_path / folder / "bench.jsonl"
+        path.write_text("".join(json.dumps({"question_id": i, "category": "c",
+                                            "turns": [text]}) + "\n"
+                                for i, text in items))
+        files += ["--benchmark", str(path)]
+    scenario = dict(judge="by_instruction", log_dir=str(tmp_path / "calls"))
+    status = cli_main(["evaluate", "--output_dir", str(tmp_path / "out"),
+                       "--strong_model", write_scenario(tmp_path / "s.json", role="strong",
+                                                        **scenario),
+                       "--candidate_model", write_scenario(tmp_path / "t.json",
+                                                           role="target", **scenario),
+                       *files])
+    assert status == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    row = summary["candidates"][0]
+    assert row["overall"]["total"] == 5
+    assert sorted(row["benchmarks"]) == ["a/bench", "b/bench"]
+    assert (row["benchmarks"]["a/bench"]["win"], row["benchmarks"]["a/bench"]["loss"]) \
+        == (2, 1)
+    judged = read_jsonl(tmp_path / "out", "judgements")
+    assert sorted(j["item_id"] for j in judged if j["benchmark"] == "a/bench") == \
+        ["1", "1@line2", "2"]
+
+
+# ---- 8. candidates whose two judge calls both failed are in the accounting ------------
+
+def test_candidates_whose_judgements_all_failed_are_counted_lost(tmp_path, capsys):
+    models = scripted_models(tmp_path, "strong_wins",
+                             {"judge": {"fail_when": "[The Start of Assistant 1"}})
+    status = cli_main(["generate", *generate_args(
+        tmp_path, models, write_seeds(tmp_path / "s.jsonl", 3), tmp_path / "out",
+        "--num_examples", "3", "--num_metadata", "3", "--max_iterations", "1")])
+    assert status == 3  # nothing delivered
+    assert "delivered nothing" in capsys.readouterr().err
+    accounting = json.loads((tmp_path / "out" / "manifest.json").read_text())["accounting"]
+    candidates = accounting["candidates"]
+    judged = candidates["rounds"][0]["candidates"]
+    assert judged == 3 and candidates["lost_to_dead_letters"] == 3
+    assert accounting["balanced"], accounting["checks"]
+    assert accounting["dead_letters_by_stage"]["judge"] == 6  # both orders of each
+
+
+# ---- 9. batch answers echoed as Google's sample line: see test_batch_prediction_contract
+# (test_answers_are_joined_to_their_requests_even_without_the_echoed_labels: the
+# loopback server now echoes `"file_data": null` beside each text part).
+
+# ---- 10. the smaller ones ------------------------------------------------------------
+
+def test_a_byte_order_mark_does_not_cost_the_first_seed(tmp_path):
+    from codeclm_beam.rows import jsonl_rows
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"instruction": "first"}\n{"instruction": "second"}\n')
+    with open(path, "rb") as handle:
+        rows = [row for _, row in jsonl_rows(str(path), handle)]
+    assert rows == [{"instruction": "first"}, {"instruction": "second"}]
+
+
+def test_split_keeps_one_question_under_two_ids_on_one_side(tmp_path):
+    from codeclm_beam.pipelines.split import split_file
+    path = tmp_path / "v.jsonl"
+    path.write_text("".join(json.dumps({"question_id": i, "category": "c", "turns": [
+        f"Question {i % 10}?" if i < 20 else f"Other {i}?"]}) + "\n" for i in range(40)))
+    result = split_file(str(path), str(tmp_path / "split"), 0.25, seed=1)
+    sides = {}
+    for part in ("seeds", "eval"):
+        for line in open(result["files"][part]):
+            sides.setdefault(json.loads(line)["turns"][0], set()).add(part)
+    assert all(len(parts) == 1 for parts in sides.values()), sides
+    assert result["seeds"] + result["eval"] == 40
+
+
+@pytest.mark.parametrize("command", [["plan", "{d}", "--num_examples", "10"],
+                                     ["report", "{d}"], ["show", "{d}"]])
+def test_commands_on_a_folder_without_a_run_say_so(tmp_path, capsys, command):
+    (tmp_path / "empty").mkdir()
+    assert cli_main([c.format(d=tmp_path / "empty") for c in command]) == 2
+    assert "not a finished codeclm-beam run" in capsys.readouterr().err
+
+
+def test_commands_on_a_manifest_missing_keys_say_so(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "manifest.json").write_text(json.dumps({"accounting": {}}))
+    assert cli_main(["plan", str(tmp_path / "run"), "--num_examples", "10"]) == 2
+    assert "lacks" in capsys.readouterr().err
+
+
+def test_an_output_dir_that_is_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "out").write_text("a file")
+    models = scripted_models(tmp_path, "strong_wins")
+    status = cli_main(["generate", *generate_args(
+        tmp_path, models, write_seeds(tmp_path / "s.jsonl", 2), tmp_path / "out",
+        "--num_examples", "2", "--num_metadata", "2")])
+    assert status == 2 and "is a file" in capsys.readouterr().err

@@ -86,8 +86,25 @@ def detect_file_layout(path: str, instruction_field: Optional[str] = None,
     return layout
 
 
+def benchmark_names(paths: list[str]) -> dict[str, str]:
+    """Each benchmark file's name in results: its file name without extension, or,
+    where two files share one (two `test.jsonl` in other folders), as many of its last
+    folders as tell them apart. Items are keyed by (benchmark, id): a shared name
+    would join one file's answers to the other's."""
+    names = {path: benchmark_name(path) for path in paths}
+    depth = 1
+    while len(set(names.values())) < len(names) and depth < 32:
+        depth += 1
+        clashing = {n for n in names.values() if list(names.values()).count(n) > 1}
+        for path in paths:
+            if names[path] in clashing:
+                parts = path.replace("\\", "/").rstrip("/").split("/")
+                names[path] = "/".join(parts[-depth:-1] + [benchmark_name(path)])
+    return names
+
+
 def make_item(path: str, number: int, row: Any, layout: Layout,
-              allow_seed_items: bool = False) -> EvalItem:
+              allow_seed_items: bool = False, name: Optional[str] = None) -> EvalItem:
     if not isinstance(row, dict):
         raise RowError("row is not a JSON object")
     if row.get(SPLIT_MARKER) == "seeds" and not allow_seed_items:
@@ -101,14 +118,17 @@ def make_item(path: str, number: int, row: Any, layout: Layout,
         raise RowError(f"instruction is {invalid}")
     item_id = row.get(layout.id_field) if layout.id_field else None
     category = row.get(layout.category_field) if layout.category_field else None
-    return EvalItem(benchmark_name(path), str(item_id if item_id is not None else number),
+    return EvalItem(name or benchmark_name(path),
+                    str(item_id if item_id is not None else number),
                     instruction.strip(), str(category) if category is not None else None)
 
 
 class _ParseBenchmark(beam.DoFn):
-    def __init__(self, layouts: dict[str, Layout], allow_seed_items: bool):
+    def __init__(self, layouts: dict[str, Layout], allow_seed_items: bool,
+                 names: dict[str, str]):
         self._layouts = layouts
         self._allow_seed_items = allow_seed_items
+        self._names = names
 
     def setup(self):
         self._rows = metrics.flow_counter(metrics.rows_read(READ_STAGE))
@@ -116,6 +136,7 @@ class _ParseBenchmark(beam.DoFn):
     def process(self, readable):
         path = readable.metadata.path
         layout = self._layouts[path]
+        seen: set[str] = set()  # a file is read whole in one call
         with readable.open() as handle:
             for source, row in jsonl_rows(path, handle):
                 self._rows.inc()
@@ -123,7 +144,15 @@ class _ParseBenchmark(beam.DoFn):
                 try:
                     if isinstance(row, RowError):
                         raise row
-                    yield make_item(path, number, row, layout, self._allow_seed_items)
+                    item = make_item(path, number, row, layout, self._allow_seed_items,
+                                     self._names.get(path))
+                    if item.item_id in seen:
+                        # A repeated id (question_id 1, 1, 2, ...) would merge two
+                        # items' answers: the later one is told apart by its line.
+                        item = dataclasses.replace(
+                            item, item_id=f"{item.item_id}@line{number}")
+                    seen.add(item.item_id)
+                    yield item
                 except RowError as e:
                     yield beam.pvalue.TaggedOutput(DEAD_LETTER, DeadLetter.of(
                         READ_STAGE, source, e, payload=row if isinstance(
@@ -153,6 +182,9 @@ class ReadBenchmarks(beam.PTransform):
                         "eval part, or pass --allow_seed_items.")
         if not self._layouts:
             raise ConfigurationError(f"no benchmark files match {paths}")
+        self._names = benchmark_names(sorted(self._layouts))
+        self._splits = {self._names[path]: self._splits[benchmark_name(path)]
+                        for path in self._layouts}
         self._allow = allow_seed_items
 
     @property
@@ -174,7 +206,7 @@ class ReadBenchmarks(beam.PTransform):
                   | "Match" >> fileio.MatchAll()
                   | "Open" >> fileio.ReadMatches()
                   | "Parse" >> beam.ParDo(_ParseBenchmark(
-                      self._layouts, self._allow)).with_outputs(
+                      self._layouts, self._allow, self._names)).with_outputs(
                           DEAD_LETTER, main="main"))
         return StageOutput(parsed.main, parsed[DEAD_LETTER])
 

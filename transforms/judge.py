@@ -188,8 +188,8 @@ class _Verdict(beam.DoFn):
         self._incomplete = metrics.flow_counter(metrics.incomplete(self._judge_stage))
 
     def process(self, keyed):
-        _, orders = keyed
-        by_order = {o.task.first_first: o for o in orders}
+        _, grouped = keyed
+        by_order = {o.task.first_first: o for o in grouped["orders"]}
         if len(by_order) != 2:
             # A judge call failed for good; its dead letter holds the reason.
             self._incomplete.inc()
@@ -219,9 +219,12 @@ class JudgeBothOrders(beam.PTransform):
                   | "BothOrders" >> beam.FlatMap(
                       lambda c: [JudgeTask(c, True), JudgeTask(c, False)])
                   | "Judge" >> CallModel(self._stage, self._judge, self._run_seed))
-        verdicts = (judged.output
-                    | "ByContest" >> beam.Map(lambda o: (o.task.contest.key, o))
-                    | "GroupOrders" >> beam.GroupByKey()
+        # Every contest is grouped with its orders, so one whose two judge calls
+        # both failed still reaches the verdict, and is counted as incomplete there.
+        verdicts = ({"contest": contests | "KeyContests" >> beam.Map(lambda c: (c.key, 1)),
+                     "orders": judged.output
+                     | "ByContest" >> beam.Map(lambda o: (o.task.contest.key, o))}
+                    | "GroupOrders" >> beam.CoGroupByKey()
                     | "Verdict" >> beam.ParDo(_Verdict(self._stage.name)))
         return StageOutput(verdicts, judged.dead_letter)
 

@@ -266,7 +266,18 @@ class JobWave:
 
 
 def _body_key(body: dict) -> str:
-    return canonical_json({k: v for k, v in body.items() if k != "labels"})
+    """A request body as the service may echo it: without its labels, and without the
+    fields it echoes as null (`"file_data": null` beside a text part); key order
+    never counts (canonical JSON)."""
+    return canonical_json(_without_nulls({k: v for k, v in body.items() if k != "labels"}))
+
+
+def _without_nulls(value):
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
 
 
 def _state(job) -> str:
@@ -300,7 +311,8 @@ class _LookUpCache(beam.DoFn):
     """Answers from the response cache go straight out; the rest are to ask, as
     (cache key, (record, request))."""
 
-    def __init__(self, config: ModelConfig, stage: str, check: Optional[AnswerCheck]):
+    def __init__(self, config: ModelConfig, stage: str,
+                 check: Optional[AnswerCheck] = None):
         self._config = config
         self._stage = stage
         self._check = check
@@ -329,7 +341,8 @@ def _prediction(request: ModelRequest, result: ModelResult, config: ModelConfig)
 class _RunJobs(beam.DoFn):
     """A shard's requests, answered by waves of batch jobs."""
 
-    def __init__(self, config: ModelConfig, stage: str, check: Optional[AnswerCheck]):
+    def __init__(self, config: ModelConfig, stage: str,
+                 check: Optional[AnswerCheck] = None):
         self._config = config
         self._stage = stage
         self._check = check

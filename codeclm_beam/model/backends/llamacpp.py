@@ -25,18 +25,25 @@ from codeclm_beam.model.types import ModelRequest
 _MODELS: dict[tuple, "_EmbeddedModel"] = {}
 _MODELS_LOCK = threading.Lock()
 
-# llama.cpp expands a string's length bounds into one grammar rule per character: a
-# maxLength of a few hundred makes a grammar it cannot parse, and the process dies with
-# a segmentation fault. Bounds are left out of the grammar; the handler still validates
-# every answer against the full schema, and re-asks when one breaks them.
-_UNSAFE_GRAMMAR_KEYS = frozenset({"minLength", "maxLength", "pattern", "format"})
+# llama.cpp expands a string's length bounds into nested grammar rules, one a
+# character: bounds of a few thousand make a grammar its parser cannot take, and the
+# process dies with a segmentation fault. Bounds up to `_GRAMMAR_MAX_LENGTH` stay (the
+# child-process CPU test loads one that long): without them a small model fills a
+# short field (a use case, a skill) with run-on text until the token limit, and is cut
+# and asked again. Longer bounds, patterns and formats are left out of the grammar; the
+# handler still validates every answer against the full schema and re-asks when one
+# breaks them.
+_GRAMMAR_MAX_LENGTH = 300
+_UNSAFE_GRAMMAR_KEYS = frozenset({"pattern", "format"})
 
 
 def grammar_schema(schema):
     """The schema without the keywords llama.cpp's grammar compiler cannot take."""
     if isinstance(schema, dict):
         return {k: grammar_schema(v) for k, v in schema.items()
-                if k not in _UNSAFE_GRAMMAR_KEYS}
+                if k not in _UNSAFE_GRAMMAR_KEYS and not (
+                    k in ("minLength", "maxLength") and isinstance(v, int)
+                    and schema.get("maxLength", 0) > _GRAMMAR_MAX_LENGTH)}
     if isinstance(schema, list):
         return [grammar_schema(v) for v in schema]
     return schema
