@@ -22,11 +22,13 @@ $(VENV)/.installed-dev: setup.py | $(PY)
 
 venv: $(VENV)/.installed-dev
 
-# The main job on the embedded SmolLM2-135M model, for both roles: 4 pairs from the 6
+# The main job on the embedded SmolLM2-135M model, for both roles: 4 pairs from the 5
 # seeds of examples/demo_seeds.jsonl (a sample of examples/seeds.jsonl: every distinct
 # use case and skills of the seeds becomes a pool entry, with a rubrics and a decode call
-# each), outputs under out/. Two rounds (the method's default is four) keep it to a few
-# minutes on two cores; answers get 192 tokens, and one that runs
+# each), outputs under out/. Two rounds (the method's default is four) and 5 basic
+# instructions (one in reserve: the default is twice the pairs asked) keep it within
+# three minutes on two cores; answers get 192 tokens (a cut one is asked again with another
+# seed, not re-sent with more room: this model rambles), and one that runs
 # past them is a dead letter, never a cut answer. With one model on both sides the judge
 # sees no gap, so --keep_unresolved keeps the better answer of what is still undecided
 # after the last round (real runs leave it off). It ends by tracing one pair through the
@@ -35,7 +37,8 @@ demo: $(VENV)/.installed-local
 	$(VENV)/bin/codeclm-beam generate \
 	  --seeds examples/demo_seeds.jsonl --output_dir $(OUT)/demo \
 	  --strong_model llamacpp:smollm2-135m --target_model llamacpp:smollm2-135m \
-	  --num_examples 4 --num_metadata 4 --max_iterations 2 --max_output_tokens 192 \
+	  --num_examples 4 --num_instructions 5 --num_metadata 4 --max_iterations 2 \
+	  --max_output_tokens 192 --max_truncation_retries 0 \
 	  --codec_max_output_tokens 384 --keep_unresolved \
 	  --export_format openai --export_format alpaca
 	$(VENV)/bin/codeclm-beam show $(OUT)/demo

@@ -78,7 +78,12 @@ class ModelOptions(PipelineOptions):
         group.add_argument("--max_retries", type=int, default=6,
                            help="Retries of a request on 408/429/5xx/timeouts.")
         group.add_argument("--max_parse_retries", type=int, default=2,
-                           help="Re-asks of an answer that fails its JSON schema.")
+                           help="Re-asks (with another seed) of an answer that is "
+                                "cut, off its JSON schema, empty or unusable.")
+        group.add_argument("--max_truncation_retries", type=int, default=1,
+                           help="Re-sends of an answer cut at its output limit with "
+                                "the limit's room added (0: a cut answer is only "
+                                "re-asked; right for a small model that rambles).")
         group.add_argument("--request_timeout", type=float, default=300.0,
                            help="Seconds before a request counts as timed out.")
         group.add_argument("--max_requests_per_minute", type=float, default=None,
@@ -178,6 +183,7 @@ def model_configs(options: PipelineOptions, default_cache_dir: Optional[str] = N
         max_concurrency=opts.max_concurrency,
         max_retries=opts.max_retries,
         max_parse_retries=opts.max_parse_retries,
+        max_truncation_retries=opts.max_truncation_retries,
         quota=quota,
         cache_dir=cache_dir,
         vertex_mode=opts.vertex_mode,

@@ -6,13 +6,30 @@ import argparse
 import difflib
 
 
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """`--help` shows each flag's default (those that have one worth showing)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("%(default)" not in text and action.default not in (None, False, [], "")
+                and action.default is not argparse.SUPPRESS and action.option_strings):
+            text += " (default: %(default)s)"
+        return text
+
+
 class SuggestingParser(argparse.ArgumentParser):
     """argparse, with prefixes of flags not taken for the flag (`--num_ex` is not
-    `--num_examples`), and unknown flags refused with the nearest known one."""
+    `--num_examples`), unknown flags refused with the nearest known one, defaults in
+    `--help`, and an error as one line (the usage of a command with fifty flags buries
+    the line that matters)."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", _HelpWithDefaults)
         super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
     def parse_args(self, args=None, namespace=None):
         known, unknown = self.parse_known_args(args, namespace)

@@ -219,6 +219,10 @@ def preflight(options: PipelineOptions, plan: EvaluatePlan) -> None:
     (layouts and model identities were checked when the pipeline was built)."""
     opts = options.view_as(EvaluateOptions)
     offline = is_dry_run(options)
+    if not offline:
+        reference, *candidates = plan.answering
+        preflight_lib.check_models_reachable(
+            [("strong", reference)] + [("candidate", c) for c in candidates])
     preflight_lib.check_output_budget("--max_output_tokens",
                                       options.view_as(AnswerOptions).max_output_tokens,
                                       plan.answering)

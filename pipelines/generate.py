@@ -197,6 +197,9 @@ def preflight(options: PipelineOptions, config: CodecLMConfig) -> None:
         preflight_lib.check_gcs_credentials(
             [opts.seeds, opts.metadata, run_opts.output_dir, config.strong.cache_dir,
              config.strong.batch.batch_dir])
+        preflight_lib.check_models_reachable(
+            [("strong", config.strong), ("target", config.target),
+             ("judge", config.judge)])
     preflight_lib.check_output_budget("--max_output_tokens", config.max_output_tokens,
                                       [config.strong, config.target])
     preflight_lib.check_output_budget("--codec_max_output_tokens",
@@ -215,13 +218,15 @@ def preflight(options: PipelineOptions, config: CodecLMConfig) -> None:
 
 
 def projected_calls(config: CodecLMConfig, from_metadata: bool,
-                    counters: RunCounters) -> int:
+                    counters: RunCounters) -> Optional[int]:
     """The calls (model or cache) this run will make, for the progress display's ETA:
     the rounds as `plan` projects them (`simulate_rounds`, the rule `generate`
     follows), at the share each round has kept of what it judged so far; a round not
     reached yet takes the last measured share (none measured: nothing kept)."""
     cfg = config
     seeds = 0 if from_metadata else counters.flow(metrics.SEEDS)
+    if not from_metadata and not seeds:
+        return None  # no estimate until the seeds are read: the pool depends on them
     # Mix-and-match fills the pool to --num_metadata, and every distinct metadata of
     # the seeds stays in it: until it is built, at most one entry a seed beyond that.
     pool = counters.flow(metrics.METADATA_POOL) or max(cfg.num_metadata, seeds, 1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import urllib.parse
 from typing import Any, Callable, Iterable, Optional
 
 from apache_beam.io.filesystems import FileSystems
@@ -18,6 +19,52 @@ from codeclm_beam.model.errors import ConfigurationError
 MAX_INSTRUCTIONS_PER_DECODE_CALL = 64
 # The longest output any supported model returns (Gemini 2.5 and 3).
 MAX_OUTPUT_TOKENS = 65536
+
+
+# How long the reachability probe waits for a server before calling it unreachable.
+PROBE_TIMEOUT_S = 5.0
+
+
+def check_models_reachable(models: Iterable[tuple[str, ModelConfig]]) -> None:
+    """Each OpenAI-compatible server answers at all before any stage runs: asked once
+    for its model list, an unreachable one (refused, unknown host, no answer in
+    PROBE_TIMEOUT_S) or one that refuses the credentials stops the command with one
+    line naming the model and what to check, instead of a run whose every call is
+    retried for minutes and dead-lettered. Any other answer (404 included: not every
+    server lists its models) counts as reachable. Other backends are checked where
+    they start: a missing model file or credentials fail at once there."""
+    import urllib.error
+    import urllib.request
+
+    from codeclm_beam.model.backends.openai_compat import client_url
+    from codeclm_beam.redact import redact
+    probed: set[str] = set()
+    for role, model in models:
+        spec = model.spec
+        if spec.backend != "openai" or spec.base_url in probed:
+            continue
+        probed.add(spec.base_url)
+        base, query = client_url(spec.base_url)
+        url = base.rstrip("/") + "/models" + (
+            "?" + urllib.parse.urlencode(query) if query else "")
+        headers = {}
+        if os.environ.get("OPENAI_API_KEY"):
+            headers["Authorization"] = f"Bearer {os.environ['OPENAI_API_KEY']}"
+        shown = f"--{role}_model {redact(spec.uri)}"
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+                                        timeout=PROBE_TIMEOUT_S):
+                pass
+        except urllib.error.HTTPError as e:
+            if e.code in (401, 403):
+                raise ConfigurationError(
+                    f"{shown}: the server refused the credentials (HTTP {e.code}); "
+                    "check OPENAI_API_KEY, or the key in the URL") from None
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise ConfigurationError(
+                f"{shown}: cannot be reached ({reason}); check that the server is "
+                "running and the host, port and path (…/v1) are right") from None
 
 
 def check_gcs_credentials(paths: Iterable[Optional[str]]) -> None:

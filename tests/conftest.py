@@ -46,15 +46,16 @@ def _free_port():
 
 @pytest.fixture(scope="session")
 def llama_server(smollm2_path, tmp_path_factory):
-    """The real llama_cpp.server serving SmolLM2 on 127.0.0.1, for the session."""
+    """The real llama_cpp.server serving SmolLM2 on 127.0.0.1, for the session (its
+    weights in plain CPU buffers: `tests/llama_server.py`)."""
     port = _free_port()
     log = tmp_path_factory.mktemp("llama-server") / "server.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", smollm2_path,
+            [sys.executable, "-m", "tests.llama_server", "--model", smollm2_path,
              "--model_alias", "smollm2", "--host", "127.0.0.1", "--port", str(port),
              "--n_ctx", "4096", "--n_threads", "2"],
-            stdout=out, stderr=subprocess.STDOUT)
+            stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120

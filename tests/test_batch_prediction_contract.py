@@ -88,7 +88,8 @@ def test_a_job_that_fails_outright_dead_letters_each_element_with_the_jobs_error
     assert len(results) == 6 and set(_failures(results)) == set(results)
     failure = results["r0"]
     assert "JOB_STATE_FAILED" in failure.message and "Internal error" in failure.message
-    assert failure.reason == "refused" and failure.attempts == 0
+    # Its own reason: not a refusal of the request (a 4xx), which "refused" is.
+    assert failure.reason == "batch_failed" and failure.attempts == 0
     assert server.usage == {}  # nothing answered, nothing billed
 
 

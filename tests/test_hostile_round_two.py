@@ -70,7 +70,7 @@ def test_generate_refuses_a_folder_whose_promotion_list_escapes_it(tmp_path, cap
 
 # ---- 2. a run that delivered nothing keeps the previous dataset ----------------------
 
-def test_a_run_that_reached_no_model_keeps_the_dataset_and_exits_3(tmp_path, capsys):
+def test_a_run_whose_every_call_failed_keeps_the_dataset_and_exits_3(tmp_path, capsys):
     seeds = write_seeds(tmp_path / "s.jsonl", 3)
     models = scripted_models(tmp_path, "strong_wins")
     out = tmp_path / "out"
@@ -78,15 +78,23 @@ def test_a_run_that_reached_no_model_keeps_the_dataset_and_exits_3(tmp_path, cap
     assert cli_main(["generate", *generate_args(tmp_path, models, seeds, out, *args)]) == 0
     before = read_jsonl(out, "examples")
     assert len(before) == 3
-    dead = dict(models, strong="openai:m@http://127.0.0.1:9/v1")  # nothing listens
+    # The strong model refuses every encode request (a 400 each): nothing delivered.
+    refusing = scripted_models(tmp_path, "strong_wins",
+                               {"strong": {"fail_when": "Instruction:"}})
     status = cli_main(["generate", *generate_args(
-        tmp_path, dead, seeds, out, *args, "--no_cache")])
+        tmp_path, refusing, seeds, out, *args, "--no_cache")])
     err = capsys.readouterr().err
     assert status == 3
     assert "delivered 0 of 3 pairs" in err and "previous run's 3 pairs" in err
     assert "--replace_with_fewer" in err
     assert read_jsonl(out, "examples") == before
     assert not (out / ".staging" / "LOCK").exists()
+    refused, = (out / ".staging").iterdir()  # kept for reading, with its record
+    assert json.loads((refused / "manifest.json").read_text())["not_promoted"]
+    # The next run that finishes removes it.
+    models = scripted_models(tmp_path, "strong_wins")  # the scenario files, as first
+    assert cli_main(["generate", *generate_args(tmp_path, models, seeds, out, *args)]) == 0
+    assert not (out / ".staging").exists()
 
 
 # ---- 3. one writer per folder --------------------------------------------------------
@@ -280,3 +288,33 @@ def test_an_output_dir_that_is_a_file_is_refused(tmp_path, capsys):
         tmp_path, models, write_seeds(tmp_path / "s.jsonl", 2), tmp_path / "out",
         "--num_examples", "2", "--num_metadata", "2")])
     assert status == 2 and "is a file" in capsys.readouterr().err
+
+
+# ---- fail fast: an unreachable server stops the run before any stage ------------------
+
+def test_an_unreachable_server_stops_generate_at_once_naming_it(tmp_path, capsys):
+    import socket
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    models = scripted_models(tmp_path, "strong_wins")
+    models["strong"] = f"openai:m@http://127.0.0.1:{port}/v1"
+    status = cli_main(["generate", *generate_args(
+        tmp_path, models, write_seeds(tmp_path / "s.jsonl", 2), tmp_path / "out",
+        "--num_examples", "2", "--num_metadata", "2")])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert f"--strong_model openai:m@http://127.0.0.1:{port}/v1: cannot be reached" in err
+    assert "refused" in err.lower()
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_a_promotion_cut_short_is_reported_by_show_plan_and_report(tmp_path, caplog):
+    from codeclm_beam.pipelines.outputs import read_run_record
+    (tmp_path / "run" / ".staging" / "r9").mkdir(parents=True)
+    (tmp_path / "run" / "manifest.json").write_text(json.dumps({"written_files": []}))
+    (tmp_path / "run" / ".staging" / "r9" / "PROMOTING.json").write_text(
+        json.dumps({"files": ["examples/examples-00000-of-00001.jsonl"]}))
+    name, record = read_run_record(str(tmp_path / "run"))
+    assert name == "manifest.json" and record == {"written_files": []}
+    assert "killed while moving its outputs into place" in caplog.text

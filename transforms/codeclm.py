@@ -28,6 +28,7 @@ from typing import NamedTuple, Optional
 import apache_beam as beam
 
 from codeclm_beam import metrics
+from codeclm_beam.model.errors import ConfigurationError
 from codeclm_beam.model import ModelConfig
 from codeclm_beam.records import Candidate
 from codeclm_beam.records import Example
@@ -91,14 +92,18 @@ class CodecLMConfig:
     seed: int = 0
 
     def __post_init__(self):
+        # ConfigurationError: the CLI prints the message and exits 2.
         if self.num_examples < 1:
-            raise ValueError("num_examples must be at least 1")
+            raise ConfigurationError(f"--num_examples must be at least 1, not "
+                                     f"{self.num_examples}")
         if self.max_iterations < 1:
-            raise ValueError("max_iterations must be at least 1 (basic generation)")
+            raise ConfigurationError("--max_iterations must be at least 1 (basic "
+                                     "generation counts as the first)")
         if not 0 <= self.threshold < self.score_scale:
-            raise ValueError("threshold must lie in [0, score_scale)")
+            raise ConfigurationError("--threshold must lie in [0, --score_scale)")
         if self.max_skills < 1 or self.num_rubrics < 1 or self.num_metadata < 1:
-            raise ValueError("max_skills, num_rubrics and num_metadata must be >= 1")
+            raise ConfigurationError("--max_skills, --num_rubrics and --num_metadata "
+                                     "must be at least 1")
 
     @property
     def basic_instructions(self) -> int:

@@ -50,7 +50,9 @@ from codeclm_beam.model.config import ONLINE
 from codeclm_beam.model.config import ModelConfig
 from codeclm_beam.model.errors import BatchTimeout
 from codeclm_beam.model.errors import ModelError
+from codeclm_beam.model.errors import BatchJobFailed
 from codeclm_beam.model.errors import PermanentModelError
+from codeclm_beam.model.errors import classify_http_status
 from codeclm_beam.model.handler import Asking
 from codeclm_beam.model.handler import ModelClient
 from codeclm_beam.model.handler import StageMetrics
@@ -248,12 +250,17 @@ class JobWave:
                 continue
             status = entry.get("status")
             if status:
-                answers[label] = PermanentModelError(f"{why}; this request: {status}")
+                # The request's own error, by its code: a 429 or 5xx line is the
+                # service's state, not a refusal of the request.
+                code = re.search(r'"code"\s*:\s*(\d{3})', str(status))
+                answers[label] = classify_http_status(
+                    int(code.group(1)) if code else 400,
+                    f"{why}; this request: {status}")
                 continue
             try:
                 answers[label] = self._backend.answer_from(entry["response"])
             except Exception as e:  # an answer that is not a GenerateContentResponse
-                answers[label] = PermanentModelError(
+                answers[label] = BatchJobFailed(
                     f"{why}; unreadable answer line: {type(e).__name__}: {e}")
         if unreadable:
             _LOG.warning("%s: %d output lines unreadable", job.name, unreadable)
@@ -261,7 +268,7 @@ class JobWave:
                        + (f" ({unreadable} output lines were unreadable)"
                           if unreadable else ""))
         missing = (BatchTimeout(f"cancelled at --batch_timeout; {missing_why}")
-                   if timed_out else PermanentModelError(missing_why))
+                   if timed_out else BatchJobFailed(missing_why))
         return JobOutcome(state, answers, missing)
 
 

@@ -57,6 +57,11 @@ class BatchTimeout(ModelError):
     answered the request."""
 
 
+class BatchJobFailed(PermanentModelError):
+    """The request's batch prediction job failed, or left no readable answer for it:
+    apart from a refusal of the request itself, since a new job may well answer it."""
+
+
 def failure_reason(error: BaseException) -> str:
     """The one-word reason a dead letter carries, so they can be counted and filtered."""
     if isinstance(error, TruncatedAnswer):
@@ -67,6 +72,8 @@ def failure_reason(error: BaseException) -> str:
         return "transient"
     if isinstance(error, BatchTimeout):
         return "timeout"
+    if isinstance(error, BatchJobFailed):
+        return "batch_failed"
     if isinstance(error, PermanentModelError):
         return "refused"
     return "error"

@@ -95,7 +95,9 @@ class MinuteQuota:
             # time plus and minus the window need not round back to itself).
             oldest, oldest_amount = booked.popleft()
             self._in_window[kind] -= oldest_amount
-            at = max(at, oldest + self._window_s)
+            # 1% past the window: a request is counted when it reaches the server,
+            # which may be later for the old booking than for the new one.
+            at = max(at, oldest + self._window_s * 1.01)
             self._forget_before(kind, at - self._window_s)
         return at
 
