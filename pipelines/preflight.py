@@ -26,45 +26,40 @@ PROBE_TIMEOUT_S = 5.0
 
 
 def check_models_reachable(models: Iterable[tuple[str, ModelConfig]]) -> None:
-    """Each OpenAI-compatible server answers at all before any stage runs: asked once
-    for its model list, an unreachable one (refused, unknown host, no answer in
-    PROBE_TIMEOUT_S) or one that refuses the credentials stops the command with one
-    line naming the model and what to check, instead of a run whose every call is
-    retried for minutes and dead-lettered. Any other answer (404 included: not every
-    server lists its models) counts as reachable. Other backends are checked where
-    they start: a missing model file or credentials fail at once there."""
-    import urllib.error
-    import urllib.request
+    """Each OpenAI-compatible server accepts a connection before any stage runs: an
+    unreachable one (refused, unknown host, no answer in PROBE_TIMEOUT_S) stops the
+    command with one line naming the model and what to check, instead of a run whose
+    every call is retried for minutes and dead-lettered. Only a TCP connection is
+    made (no request: nothing is billed or logged at the server); credentials and the
+    model name are checked by the first call. Other backends are checked where they
+    start: a missing model file or missing credentials fail at once there."""
+    import socket
 
-    from codeclm_beam.model.backends.openai_compat import client_url
     from codeclm_beam.redact import redact
-    probed: set[str] = set()
+    probed: set[tuple[str, int]] = set()
     for role, model in models:
         spec = model.spec
-        if spec.backend != "openai" or spec.base_url in probed:
+        if spec.backend != "openai":
             continue
-        probed.add(spec.base_url)
-        base, query = client_url(spec.base_url)
-        url = base.rstrip("/") + "/models" + (
-            "?" + urllib.parse.urlencode(query) if query else "")
-        headers = {}
-        if os.environ.get("OPENAI_API_KEY"):
-            headers["Authorization"] = f"Bearer {os.environ['OPENAI_API_KEY']}"
-        shown = f"--{role}_model {redact(spec.uri)}"
+        parsed = urllib.parse.urlsplit(spec.base_url)
         try:
-            with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
-                                        timeout=PROBE_TIMEOUT_S):
-                pass
-        except urllib.error.HTTPError as e:
-            if e.code in (401, 403):
-                raise ConfigurationError(
-                    f"{shown}: the server refused the credentials (HTTP {e.code}); "
-                    "check OPENAI_API_KEY, or the key in the URL") from None
-        except (urllib.error.URLError, OSError) as e:
-            reason = getattr(e, "reason", e)
+            address = (parsed.hostname or "",
+                       parsed.port or (443 if parsed.scheme == "https" else 80))
+        except ValueError as e:  # a port that is not a number
+            raise ConfigurationError(f"--{role}_model {redact(spec.uri)}: {e}") from None
+        if address in probed:
+            continue
+        probed.add(address)
+        try:
+            socket.create_connection(address, timeout=PROBE_TIMEOUT_S).close()
+        except OSError as e:
+            reason = e.strerror or type(e).__name__
+            if isinstance(e, socket.timeout):
+                reason = f"no answer in {PROBE_TIMEOUT_S:g} s"
             raise ConfigurationError(
-                f"{shown}: cannot be reached ({reason}); check that the server is "
-                "running and the host, port and path (…/v1) are right") from None
+                f"--{role}_model {redact(spec.uri)}: cannot be reached ({reason}); "
+                "check that the server is running and the host and port are "
+                "right") from None
 
 
 def check_gcs_credentials(paths: Iterable[Optional[str]]) -> None:
