@@ -209,6 +209,7 @@ class OutputDirectory:
         self.force = force
         self._previous: Optional[set[str]] = None
         self._foreign: set[str] = set()
+        self._previous_record: Optional[dict] = None
         self._claimed = False
         self.written: list[str] = []
 
@@ -256,6 +257,7 @@ class OutputDirectory:
                     "choose another folder, or remove it") from None
             owned.add(self.record)
             owned.update(_names(previous, "written_files", record))
+            self._previous_record = previous if isinstance(previous, dict) else None
         for relative in self._relative_files(FileSystems.join(self.root, STAGING_FOLDER)):
             if relative.endswith("/" + _PROMOTING):
                 listing = FileSystems.join(self.root, STAGING_FOLDER, relative)
@@ -275,6 +277,8 @@ class OutputDirectory:
     def previous_record(self) -> Optional[dict]:
         """The record (manifest.json or summary.json) of the run whose outputs are in
         place, or None."""
+        if self._previous is not None:  # read by previous_files already
+            return self._previous_record
         record = self.path(self.record)
         if not FileSystems.exists(record):
             return None

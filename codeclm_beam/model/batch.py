@@ -333,7 +333,7 @@ class _LookUpCache(beam.DoFn):
     def process(self, keyed):
         record, request = keyed
         key = request.cache_key(self._config.identity)
-        hit = self._validator.cached(self._cache, request, self._config.identity)
+        hit = self._validator.cached(self._cache, request, key)
         if hit is None:
             yield beam.pvalue.TaggedOutput(TO_ASK, (key, keyed))
             return

@@ -160,11 +160,11 @@ class AnswerValidator:
         return data
 
     def cached(self, cache: Optional[ResponseCache], request: ModelRequest,
-               identity: str) -> Optional[ModelResponse]:
-        """The cached answer to a request, as a cache hit, if it is usable."""
+               key: str) -> Optional[ModelResponse]:
+        """The cached answer to a request (by its cache key), as a cache hit, if it is
+        usable."""
         if cache is None:
             return None
-        key = request.cache_key(identity)
         hit = cache.get(key)
         if hit is None:
             return None
@@ -197,7 +197,8 @@ class ModelClient:
         return list(self.pool.map(self.call, requests))
 
     def call(self, request: ModelRequest) -> ModelResult:
-        hit = self.validator.cached(self.cache, request, self.identity)
+        hit = self.validator.cached(self.cache, request,
+                                    request.cache_key(self.identity))
         if hit is not None:
             return hit
         asking = Asking(self, request)
