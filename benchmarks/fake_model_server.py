@@ -164,6 +164,8 @@ class ServerConfig:
     hang_seconds: float = 30.0
     accept_rate: float = 0.5  # share of instructions the judge separates clearly
     strong_model: str = "strong"
+    # What GET /v1/models lists (chat requests are answered under any name).
+    served_models: tuple[str, ...] = ("strong", "target", "judge", "m")
     answer_words: int = 40
     max_requests: Optional[int] = None
     max_seconds: Optional[float] = None
@@ -265,6 +267,8 @@ class FakeModelServer:
             def do_GET(self):
                 if _BATCH_PATH.search(self.path.split("?")[0]):
                     return server._batch_api(self, "GET")
+                if self.path.split("?")[0].endswith("/v1/models"):
+                    return server._list_models(self)
                 server._send(self, 404, {"error": {"message": "no such path"}},
                              "not_found")
 
@@ -529,6 +533,18 @@ class FakeModelServer:
                                  "finishReason": finish}],
                  "usageMetadata": usage, "modelVersion": request["model"]},
                 {"prompt": prompt_tokens, "candidates": visible, "thoughts": thoughts})
+
+    def _list_models(self, handler) -> None:
+        """OpenAI's GET /v1/models: the models served. A listing is no model call, so
+        it is neither logged nor subject to faults."""
+        data = json.dumps({"object": "list", "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "fake"}
+            for name in self.config.served_models]}).encode()
+        handler.send_response(200)
+        handler.send_header("content-type", "application/json")
+        handler.send_header("content-length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data)
 
     def _send(self, handler, status, payload, outcome, headers=None):
         self._send_bytes(handler, status, json.dumps(payload).encode(), outcome,

@@ -106,8 +106,15 @@ def _error_output(error_handling: Optional[dict], stage: str) -> str:
     return error_handling["output"]
 
 
+# Where YAML stages keep answers unless model_options says otherwise (cache_dir: null
+# turns the cache off): a killed run resumes from it, as the CLI's runs do from
+# OUTPUT_DIR/cache. On Dataflow give a gs:// cache_dir that every worker sees.
+DEFAULT_CACHE_DIR = "codeclm_cache"
+
+
 def _model(uri: Optional[str], model_options: Optional[dict]) -> ModelConfig:
-    return ModelConfig(uri=uri or DEFAULT_MODEL_URI, **(model_options or {}))
+    return ModelConfig(uri=uri or DEFAULT_MODEL_URI,
+                       **{"cache_dir": DEFAULT_CACHE_DIR, **(model_options or {})})
 
 
 class _Stage(beam.PTransform):
@@ -278,3 +285,25 @@ def CodecLM(error_handling: dict, strong_model: Optional[str] = None,
                    "rubrics": ("rubrics", records.RubricSet),
                    "seed_metadata": ("seed_metadata", records.Metadata)},
                   _error_output(error_handling, "CodecLM"))
+
+
+class WriteJsonLines(beam.PTransform):
+    """Rows -> one JSON object a line, in PATH-SSSSS-of-NNNNN files. Unlike YAML's
+    WriteToJson (a pandas write), an empty input still writes one empty file: a run
+    that kept nothing says so with a file, not with a missing one."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self._path = path
+
+    def expand(self, rows):
+        return (rows
+                | "ToJson" >> beam.Map(_json_line)
+                | "Write" >> beam.io.WriteToText(self._path, shard_name_template="-SSSSS-of-NNNNN"))
+
+
+def _json_line(row) -> str:
+    import json
+    values = row._asdict() if hasattr(row, "_asdict") else dict(row)
+    return json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in values.items()},
+                      ensure_ascii=False, default=list)

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import collections
 import threading
-from typing import Any, Iterable
+import time
+from typing import Any, Iterable, Optional
 
 from apache_beam.metrics import Metrics
 
@@ -31,9 +32,13 @@ DEAD_LETTERS = "codeclm/dead_letter"
 # output, and thoughts (billed as output).
 TOKEN_KINDS = ("prompt_tokens", "cached_prompt_tokens", "completion_tokens",
                "thoughts_tokens")
+# What an answer was paid with; a cache hit carries it as stored by the run that paid.
+PAID = ("requests", *TOKEN_KINDS)
+# Counted for cache hits: what earlier runs paid for the answers this run read.
+PAID_BEFORE = {name: f"paid_before_{name}" for name in PAID}
 MODEL_COUNTERS = ("requests", "cache_hits", "retries", "parse_retries",
                   "truncation_retries", "truncated", "failures", "throttled_ms",
-                  *TOKEN_KINDS, "elements",
+                  *TOKEN_KINDS, *PAID_BEFORE.values(), "elements",
                   # --vertex_mode batch: jobs submitted or resumed, of which ended,
                   # of which ended failed, cancelled or expired; time spent waiting.
                   "batch_jobs", "batch_jobs_ended", "batch_jobs_failed", "batch_wait_ms")
@@ -49,9 +54,28 @@ RUBRIC_SETS = "rubric_sets"
 BASIC_INSTRUCTIONS = "basic_instructions"
 RESERVE_UNUSED = "reserve_unused"
 SURPLUS = "surplus"
+# Seeds (or metadata rows) a --preview run left out.
+NOT_PREVIEWED = "not_previewed"
 EXAMPLES = "examples"
 # What a round counts, as round{n}.{what}.
 ROUND_COUNTS = ("candidates", "fresh", "kept", "undecided", "not_needed")
+
+
+def paid_usage(stats) -> dict[str, int]:
+    """A `CallStats`' requests and tokens as paid, keyed by `PAID`."""
+    return {"requests": stats.attempts, **{kind: getattr(stats, kind) for kind in TOKEN_KINDS}}
+
+
+def paid_before(numbers: dict) -> dict[str, float]:
+    """Of a stage's counters: what earlier runs paid for the cached answers, keyed by
+    `PAID`."""
+    return {name: numbers.get(before, 0) for name, before in PAID_BEFORE.items()}
+
+
+def paid_in_all(numbers: dict) -> dict[str, float]:
+    """Of a stage's counters: what its answers cost, whichever run paid for them."""
+    return {name: numbers.get(name, 0) + numbers.get(before, 0)
+            for name, before in PAID_BEFORE.items()}
 
 
 def rows_read(stage: str) -> str:
@@ -85,6 +109,10 @@ class _Live:
         self._in_flight: dict[str, int] = collections.Counter()
         # stage -> {batch job name: its last seen state}
         self._jobs: dict[str, dict[str, str]] = collections.defaultdict(dict)
+        # Transport retries as they happen (the counters see them when a call ends),
+        # and the last error retried, with its time.
+        self._retries = 0
+        self._last_error: Optional[tuple[float, str]] = None
 
     def inc(self, namespace: str, name: str, value: int) -> None:
         with self._lock:
@@ -97,6 +125,18 @@ class _Live:
     def job(self, stage: str, name: str, state: str) -> None:
         with self._lock:
             self._jobs[stage][name] = state
+
+    def retried(self, error: str) -> None:
+        with self._lock:
+            self._retries += 1
+            self._last_error = (time.monotonic(), error)
+
+    def retries(self) -> tuple[int, Optional[tuple[float, str]]]:
+        """Retries so far, and (seconds ago, message) of the last retried error."""
+        with self._lock:
+            last = self._last_error
+            return self._retries, (None if last is None
+                                   else (time.monotonic() - last[0], last[1]))
 
     def snapshot(self) -> tuple[dict[tuple[str, str], int], dict[str, int]]:
         with self._lock:
@@ -111,6 +151,7 @@ class _Live:
             self._values.clear()
             self._in_flight.clear()
             self._jobs.clear()
+            self._retries, self._last_error = 0, None
 
 
 LIVE = _Live()

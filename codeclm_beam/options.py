@@ -84,6 +84,11 @@ class ModelOptions(PipelineOptions):
                            help="Re-sends of an answer cut at its output limit with "
                                 "the limit's room added (0: a cut answer is only "
                                 "re-asked; right for a small model that rambles).")
+        group.add_argument("--max_error_share", type=float, default=0.5,
+                           help="Stop the run when more than this share of the last "
+                                "20 calls to a model failed at the service (after all "
+                                "retries; answers off their schema do not count), "
+                                "leaving its cache to resume from; 1 never stops.")
         group.add_argument("--request_timeout", type=float, default=300.0,
                            help="Seconds before a request counts as timed out.")
         group.add_argument("--max_requests_per_minute", type=float, default=None,
@@ -184,6 +189,7 @@ def model_configs(options: PipelineOptions, default_cache_dir: Optional[str] = N
         max_retries=opts.max_retries,
         max_parse_retries=opts.max_parse_retries,
         max_truncation_retries=opts.max_truncation_retries,
+        max_error_share=opts.max_error_share,
         quota=quota,
         cache_dir=cache_dir,
         vertex_mode=opts.vertex_mode,

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Mapping, Optional
 
+from codeclm_beam.metrics import paid_before
+
 # USD per million tokens: input, cached input, output (Vertex AI standard online
 # prices for prompts up to 200k tokens, as published when this was written).
 # Estimates to replace with your contract's: pass --prices FILE with
@@ -68,20 +70,27 @@ def run_cost(by_stage: Mapping, modes: Mapping[str, str],
     """A run's estimated cost from its calls per stage and model
     (manifest["model_calls"]["by_stage"]): as run (each model at its billing mode,
     `modes`: model id -> mode) and, for comparison, with every vertex: model in each
-    mode. Rows per stage and model for the report. None where a price is unknown."""
+    mode. "usd" is what this run paid; "usd_before" what earlier runs paid for the
+    answers this one read from the cache. Rows per stage and model for the report.
+    None where a price is unknown."""
     prices = merged_prices(prices)
-    rows, as_run, by_mode = [], 0.0, dict.fromkeys(PRICE_FACTOR, 0.0)
+    rows, as_run, before = [], 0.0, 0.0
+    by_mode = dict.fromkeys(PRICE_FACTOR, 0.0)
     for stage, entry in by_stage.items():
         for model, tokens in entry["models"].items():
             price, mode = price_of(model, prices), modes.get(model, "online")
             cost = cost_usd(tokens, price, mode_factor(model, mode))
-            rows.append({"stage": stage, "model": model, "mode": mode, "usd": cost})
+            # Cached answers: what the runs that asked paid for them, at this run's mode.
+            cost_before = cost_usd(paid_before(tokens), price, mode_factor(model, mode))
+            rows.append({"stage": stage, "model": model, "mode": mode, "usd": cost,
+                         "usd_before": cost_before})
             as_run = None if cost is None or as_run is None else as_run + cost
+            before = None if cost_before is None or before is None else before + cost_before
             for each in by_mode:
                 each_cost = cost_usd(tokens, price, mode_factor(model, each))
                 by_mode[each] = (None if each_cost is None or by_mode[each] is None
                                  else by_mode[each] + each_cost)
-    return {"usd": _round(as_run), "by_mode": {m: _round(c) for m, c in by_mode.items()},
+    return {"usd": _round(as_run), "usd_before": _round(before), "by_mode": {m: _round(c) for m, c in by_mode.items()},
             "rows": rows}
 
 

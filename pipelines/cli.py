@@ -66,6 +66,7 @@ def _usd(value) -> str:
 
 
 def _summary(manifest: dict) -> str:
+    from codeclm_beam.pipelines.manifest import judge_note
     acc = manifest["accounting"]
     cand = acc["candidates"]
     calls = manifest["model_calls"]["totals"]
@@ -101,6 +102,9 @@ def _summary(manifest: dict) -> str:
                  f"dead letters: {sum(acc['dead_letters_by_stage'].values())}")
     delivery = manifest["delivery"]
     lines.append(f"  asked {delivery['asked']}, delivered {delivery['delivered']}")
+    note = judge_note(acc, float(manifest["options"].get("threshold") or 3))
+    if note:
+        lines.append(f"    note: {note}")
     if "gap" in delivery:
         lines.append(f"    short by {delivery['gap']}: {delivery['reason']}")
         lines.append(f"    to close the gap: {delivery['to_close_the_gap']}")
@@ -112,9 +116,13 @@ def _summary(manifest: dict) -> str:
                  f"{calls.get('thoughts_tokens', 0)} thoughts")
     cost = manifest.get("cost")
     if cost:
-        lines.append(f"  estimated cost: {_usd(cost['usd'])} as run (vertex: models "
+        lines.append(f"  estimated cost: {_usd(cost['usd'])} paid now (vertex: models "
                      + ", ".join(f"{mode} {_usd(v)}" for mode, v in cost["by_mode"].items())
                      + ")")
+        if calls.get("cache_hits"):
+            lines.append(f"    and {_usd(cost.get('usd_paid_before'))} paid before: "
+                         f"{calls['cache_hits']} answers read from the cache, paid for "
+                         "by the run that asked")
     lines.append(f"  accounting balanced: {acc['balanced']}")
     if "tailoring" in manifest:
         t = manifest["tailoring"]
@@ -127,6 +135,38 @@ def _summary(manifest: dict) -> str:
                  "beside it)")
     lines.append(f"  to cost a larger run from this one: codeclm-beam plan "
                  f"{shlex.quote(manifest['options']['output_dir'])} --num_examples N")
+    return "\n".join(lines)
+
+
+def _shortened(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _preview_summary(manifest: dict) -> str:
+    preview, calls = manifest["preview"], manifest["model_calls"]["totals"]
+    acc, output_dir = manifest["accounting"], manifest["options"]["output_dir"]
+    seeds = acc["seeds"]
+    taken = seeds.get("encoded", seeds.get("metadata", 0))
+    lines = [f"codeclm-beam generate --preview: {len(preview['pairs'])} of "
+             f"{manifest['options']['preview']} pairs in {manifest['wall_time_seconds']} s "
+             f"from {taken} seeds (of {taken + seeds.get('not_previewed', 0)}), a pool of "
+             f"{acc['metadata_pool']['entries']} entries; {calls.get('requests', 0)} model "
+             f"requests, {calls.get('cache_hits', 0)} cache hits, cost "
+             f"{_usd(manifest['cost']['usd'])}"]
+    for number, pair in enumerate(preview["pairs"], start=1):
+        gap = pair.get("gap")
+        lines += [f"  [{number}] {_shortened(pair.get('instruction', ''))}",
+                  f"      answer ({pair.get('response_source', '?')}"
+                  + (f", judged {pair.get('strong_score')} vs {pair.get('target_score')}"
+                     if gap is not None else "") + f"): "
+                  f"{_shortened(pair.get('response', ''))}"]
+    dead = collections.Counter(f"{d.get('stage', '?')}: {d.get('reason', 'error')}"
+                               for d in preview["dead_letters"])
+    lines.append(f"  rejected candidates: {preview['rejected']}; dead letters: "
+                 + (", ".join(f"{n} at {k}" for k, n in sorted(dead.items())) or "none"))
+    lines.append(f"  nothing was written to {output_dir} but its cache (the full run "
+                 "reuses these answers); run the same command without --preview")
     return "\n".join(lines)
 
 
@@ -166,6 +206,9 @@ def generate(argv: list[str]) -> int:
     if "accounting" not in manifest:  # a dry run, or a launch that does not wait
         print(_launch_summary(manifest))
         return 0
+    if "preview" in manifest:
+        print(_preview_summary(manifest))
+        return 0 if manifest["preview"]["pairs"] else 3
     print(_summary(manifest))
     delivery = manifest["delivery"]
     if not delivery["delivered"] and delivery["asked"] and sum(
@@ -205,22 +248,14 @@ def evaluate(argv: list[str]) -> int:
 # imports Beam's inference module.
 SUBCOMMANDS = {"split": "split:split_command", "report": "report:report_command",
                "plan": "plan:plan_command", "prompts": "prompts:prompts_command",
-               "show": "show:show_command", "jobs": "jobs:jobs_command"}
+               "show": "show:show_command", "jobs": "jobs:jobs_command",
+               "yaml": "yaml_run:yaml_command"}
 
 
 def _subcommand(name: str, argv: list[str]) -> int:
     module, function = SUBCOMMANDS[name].split(":")
     return getattr(importlib.import_module(f"codeclm_beam.pipelines.{module}"),
                    function)(argv)
-
-
-class _BeamResourceNoise(logging.Filter):
-    """Beam 2.77's inference module imports `resource` in one try-block with its
-    ModelManager, which needs torch; without torch it decides `resource` is missing and
-    warns at every model load, even on Linux. The warning says nothing about the run."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Resource module is not available")
 
 
 COMMANDS = {"generate": generate, "evaluate": evaluate,
@@ -242,7 +277,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                              "pilot; "
                              "jobs: list, status or cancel Dataflow jobs; "
                              "prompts: what each stage sends a model; "
-                             "show: one pair of a run, traced through the method")
+                             "show: one pair of a run, traced through the method; "
+                             "yaml: a Beam YAML pipeline of codeclm stages, with "
+                             "progress")
     if not argv or argv[0] in ("-h", "--help", "--version"):
         parser.parse_args(argv or ["--help"])
         return 0
@@ -250,9 +287,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if command not in COMMANDS:
         parser.error(f"unknown command {command!r}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_BeamResourceNoise())
     from codeclm_beam.model.errors import ConfigurationError
+    from codeclm_beam.pipelines.manifest import RunStopped
     from codeclm_beam.pipelines.outputs import PromotionRefused
     try:
         return COMMANDS[command](rest)
@@ -263,6 +299,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except PromotionRefused as refused:
         print(f"codeclm-beam {command}: not written: {refused}", file=sys.stderr)
         return 3
+    except RunStopped as stopped:
+        print(f"codeclm-beam {command}: stopped: {stopped}", file=sys.stderr)
+        return 4
 
 
 if __name__ == "__main__":

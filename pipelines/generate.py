@@ -1,6 +1,7 @@
 """`codeclm-beam generate`: seeds (or metadata) in, tailored instruction data out."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shlex
 import functools
@@ -11,6 +12,7 @@ from typing import Any, Optional
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import GoogleCloudOptions
 from apache_beam.options.pipeline_options import StandardOptions
 
 from codeclm_beam import metrics
@@ -33,6 +35,8 @@ from codeclm_beam.transforms import CodecLMConfig
 from codeclm_beam.transforms import ReadMetadata
 from codeclm_beam.transforms import ReadSeeds
 from codeclm_beam.transforms.read_seeds import DEFAULT_MAX_CHARS
+from codeclm_beam.transforms.selection import TakeLowestRanked
+from codeclm_beam.transforms.selection import stable_rank
 from codeclm_beam.pipelines import manifest as manifest_lib
 from codeclm_beam.pipelines.outputs import EXPORT_FORMATS
 from codeclm_beam.pipelines.outputs import WriteAvro
@@ -41,6 +45,7 @@ from codeclm_beam.pipelines.outputs import WriteExports
 from codeclm_beam.pipelines.outputs import WriteJsonl
 from codeclm_beam.pipelines.outputs import OutputDirectory
 from codeclm_beam.pipelines.outputs import PromotionRefused
+from codeclm_beam.pipelines.outputs import read_jsonl_dir
 from codeclm_beam.pipelines.outputs import write_json
 from codeclm_beam.pipelines.report import run_tailoring
 from codeclm_beam.pipelines.report import write_report
@@ -76,8 +81,16 @@ class GenerateOptions(PipelineOptions):
                                 "fewer pairs are kept than needed.")
         group.add_argument("--overgenerate_margin", type=int, default=0,
                            help="Candidates improved beyond those still needed.")
-        group.add_argument("--num_metadata", type=int, default=200,
-                           help="Metadata pool size (mix-and-match fills it).")
+        group.add_argument("--num_metadata", type=int, default=None,
+                           help="Metadata pool size (mix-and-match fills it). Default: "
+                                "one entry per 10 basic instructions, at most the "
+                                "paper's 200 (more only when a decode call would "
+                                "have to write over 64).")
+        group.add_argument("--preview", type=int, default=None, metavar="N",
+                           help="Run N pairs through every stage from N of the seeds, "
+                                "with the pool sized to them, print them, and leave "
+                                "the output folder as it was (answers are cached for "
+                                "the real run).")
         group.add_argument("--max_skills", type=int, default=3)
         group.add_argument("--num_rubrics", type=int, default=4)
         group.add_argument("--max_iterations", type=int, default=4,
@@ -111,6 +124,17 @@ def codeclm_config(options: PipelineOptions, run_id: str) -> CodecLMConfig:
     answers = options.view_as(AnswerOptions)
     output_dir = options.view_as(RunOptions).output_dir
     models = model_configs(options, FileSystems.join(output_dir, "cache"), run_id)
+    if opts.preview is not None:
+        if opts.preview < 1:
+            raise ConfigurationError(f"--preview must be at least 1, not {opts.preview}")
+        # A preview is a run of N pairs, sized as a run of N pairs would be.
+        return dataclasses.replace(_codeclm_config(opts, answers, models, options),
+                                   num_examples=opts.preview, num_instructions=None,
+                                   num_metadata=None)
+    return _codeclm_config(opts, answers, models, options)
+
+
+def _codeclm_config(opts, answers, models, options) -> CodecLMConfig:
     return CodecLMConfig(
         strong=models["strong"], target=models["target"], judge=models["judge"],
         num_examples=opts.num_examples, num_instructions=opts.num_instructions,
@@ -138,6 +162,10 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
     else:
         read = pipeline | "ReadMetadata" >> ReadMetadata(opts.metadata, opts.max_skills)
         inputs = read.output | "CountUserMetadata" >> Tally(metrics.USER_METADATA)
+    if opts.preview is not None:
+        sample = inputs | "PreviewSample" >> TakeLowestRanked(preview_rank, opts.preview)
+        sample.rest | "CountNotPreviewed" >> Tally(metrics.NOT_PREVIEWED)
+        inputs = sample.taken
     result = inputs | "CodecLM" >> CodecLM(config, from_metadata=bool(opts.metadata))
 
     result.examples | "WriteExamples" >> WriteJsonl(out, "examples")
@@ -150,6 +178,12 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
     (read.dead_letter, result.dead_letter) | "WriteDeadLetters" >> WriteDeadLetters(out)
     if opts.export_format:
         result.examples | "Export" >> WriteExports(out, opts.export_format)
+
+
+def preview_rank(element) -> int:
+    """The order a preview takes seeds (or metadata rows) in: reproducible, and spread
+    over the file rather than its first rows."""
+    return stable_rank(repr(element))
 
 
 def public_options(options: PipelineOptions) -> dict[str, Any]:
@@ -193,6 +227,7 @@ def preflight(options: PipelineOptions, config: CodecLMConfig) -> None:
     offline = is_dry_run(options)
     if bool(opts.seeds) == bool(opts.metadata):
         raise ConfigurationError("give exactly one of --seeds and --metadata")
+    preflight_lib.check_gcs_names(storage_paths(options, config))
     if not offline:
         preflight_lib.check_gcs_credentials(
             [opts.seeds, opts.metadata, run_opts.output_dir, config.strong.cache_dir,
@@ -215,6 +250,18 @@ def preflight(options: PipelineOptions, config: CodecLMConfig) -> None:
         preflight_lib.check_rows(opts.metadata, "--metadata",
                                  lambda source, row: make_user_metadata(
                                      source, row, config.max_skills))
+
+
+def storage_paths(options: PipelineOptions, config) -> list[tuple[str, Optional[str]]]:
+    """Every path a run reads or writes, with the flag that names it."""
+    cloud = options.view_as(GoogleCloudOptions)
+    opts = options.get_all_options()
+    return list({"--seeds": opts.get("seeds"), "--metadata": opts.get("metadata"),
+            "--output_dir": options.view_as(RunOptions).output_dir,
+            "--cache_dir": config.strong.cache_dir,
+            "--batch_dir": config.strong.batch.batch_dir,
+            "--temp_location": cloud.temp_location,
+            "--staging_location": cloud.staging_location}.items())
 
 
 def projected_calls(config: CodecLMConfig, from_metadata: bool,
@@ -240,6 +287,20 @@ def projected_calls(config: CodecLMConfig, from_metadata: bool,
     rounds = simulate_rounds(tuple(accept), basic, cfg.num_examples,
                              cfg.overgenerate_margin, cfg.keep_unresolved)
     return round(seeds + 2 * pool + 4 * sum(rounds.judged) + sum(rounds.improved))
+
+
+def _preview(manifest: dict, config: CodecLMConfig, outputs: OutputDirectory) -> dict:
+    """A --preview run's record and pairs. Its outputs are read and dropped, so the
+    folder holds what it held (and its cache the preview's answers)."""
+    manifest["billing"] = billing_modes(config.strong, config.target, config.judge)
+    manifest["cost"] = manifest_lib.estimated_cost(manifest)
+    manifest["preview"] = {
+        "pairs": sorted(read_jsonl_dir(FileSystems.join(outputs.staging, "examples")),
+                        key=lambda pair: pair.get("example_id", "")),
+        "rejected": len(read_jsonl_dir(FileSystems.join(outputs.staging, "rejected"))),
+        "dead_letters": read_jsonl_dir(FileSystems.join(outputs.staging, "dead_letter"))}
+    outputs.abandon()
+    return manifest
 
 
 def shrink_refusal(delivered: int, asked: int, previous: Optional[dict],
@@ -310,6 +371,8 @@ def _run_claimed(options: PipelineOptions, config: CodecLMConfig,
             config.num_metadata),
         "model_calls": counters.model_calls(),
     }
+    if opts.preview is not None:
+        return _preview(manifest, config, outputs)
     refusal = shrink_refusal(counters.flow(metrics.EXAMPLES), config.num_examples,
                              outputs.previous_record(), opts.replace_with_fewer)
     if refusal:

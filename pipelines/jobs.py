@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 
 from google.cloud import dataflow_v1beta3 as dataflow
 from codeclm_beam.metrics import RunCounters
+from codeclm_beam.model.errors import ConfigurationError
 from codeclm_beam.pipelines.args import SuggestingParser
 
 TERMINAL_STATES = {"JOB_STATE_DONE", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED",
@@ -28,13 +29,22 @@ def make_clients(endpoint: Optional[str] = None) -> tuple[Any, Any]:
     Credentials and the public endpoint."""
     from google.api_core.client_options import ClientOptions
 
+    from google.auth import exceptions
+
     kwargs: dict[str, Any] = {"transport": "rest"}
     if endpoint:
         kwargs["client_options"] = ClientOptions(api_endpoint=endpoint)
         if endpoint.startswith("http://"):
             from google.auth.credentials import AnonymousCredentials
             kwargs["credentials"] = AnonymousCredentials()
-    return dataflow.JobsV1Beta3Client(**kwargs), dataflow.MetricsV1Beta3Client(**kwargs)
+    try:
+        return (dataflow.JobsV1Beta3Client(**kwargs),
+                dataflow.MetricsV1Beta3Client(**kwargs))
+    except exceptions.DefaultCredentialsError:
+        raise ConfigurationError(
+            "the Dataflow API needs Google Cloud credentials, and none were found: run "
+            "`gcloud auth application-default login`, or set "
+            "GOOGLE_APPLICATION_CREDENTIALS to a service-account key file") from None
 
 
 def _state(job) -> str:

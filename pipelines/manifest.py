@@ -35,7 +35,9 @@ def run_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
     wait), (the result, what to return instead). A run that fails leaves the previous
     run's outputs as they were, and its own staging area is removed. `progress` is a
     context (pipelines.progress.progress_for) the run happens in."""
+    from codeclm_beam.model.handler import ERROR_SHARE
     dry_run = is_dry_run(options)
+    ERROR_SHARE.reset()
     try:
         with progress or contextlib.nullcontext():
             result = pipeline.run()
@@ -52,11 +54,19 @@ def run_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
             if dry_run:
                 launch["built"] = built_job(result, options)
             return result, launch
-    except BaseException:
+    except BaseException as error:
         if not dry_run:
             outputs.abandon()
+        if ERROR_SHARE.stopped and isinstance(error, Exception):
+            # The runner wraps the worker's exception in its own; say it plainly.
+            raise RunStopped(ERROR_SHARE.stopped) from None
         raise
     return result, None
+
+
+class RunStopped(Exception):
+    """A local run stopped itself (`handler.ErrorShareGuard`): the CLI prints why
+    and exits 4. On Dataflow the job fails with the same message in its log."""
 
 
 def built_job(result, options: PipelineOptions) -> dict[str, Any]:
@@ -117,8 +127,11 @@ def estimated_cost(record: dict) -> dict[str, Any]:
     re-prices it): as run, and with every vertex: model in each mode."""
     from codeclm_beam.pricing import run_cost
     cost = run_cost(record["model_calls"]["by_stage"], record.get("billing", {}))
-    return {"usd": cost["usd"], "by_mode": cost["by_mode"],
-            "note": "estimates at published list prices; flex and batch bill half"}
+    return {"usd": cost["usd"], "usd_paid_before": cost["usd_before"],
+            "by_mode": cost["by_mode"],
+            "note": "estimates at published list prices; flex and batch bill half; "
+                    "usd is what this run paid, usd_paid_before what the runs that "
+                    "asked paid for the answers this one read from the cache"}
 
 
 def run_header(tool: str, run_id: str, started: float) -> dict[str, Any]:
@@ -139,16 +152,21 @@ def accounting(counters: RunCounters, max_iterations: int, from_metadata: bool,
                  "duplicates_dropped": flow(m.duplicates("read_seeds")),
                  "dead_letter": dead("read_seeds"),
                  "encoded": flow(m.METADATA), "encode_dead_letter": dead("encode")}
+        if flow(m.NOT_PREVIEWED):
+            seeds["not_previewed"] = flow(m.NOT_PREVIEWED)
         checks["rows = seeds + duplicates + dead letters"] = (
             seeds["rows_read"] == seeds["seeds"] + seeds["duplicates_dropped"]
             + seeds["dead_letter"])
-        checks["seeds = metadata + encode dead letters"] = (
-            seeds["seeds"] == seeds["encoded"] + seeds["encode_dead_letter"])
+        checks["seeds = metadata + encode dead letters (+ not previewed)"] = (
+            seeds["seeds"] == seeds["encoded"] + seeds["encode_dead_letter"]
+            + flow(m.NOT_PREVIEWED))
     else:
         seeds = {"rows_read": flow(m.rows_read("read_metadata")),
                  "metadata": flow(m.USER_METADATA),
                  "duplicates_dropped": flow(m.duplicates("read_metadata")),
                  "dead_letter": dead("read_metadata")}
+        if flow(m.NOT_PREVIEWED):
+            seeds["not_previewed"] = flow(m.NOT_PREVIEWED)
         checks["rows = metadata + duplicates + dead letters"] = (
             seeds["rows_read"] == seeds["metadata"] + seeds["duplicates_dropped"]
             + seeds["dead_letter"])
@@ -185,6 +203,21 @@ def accounting(counters: RunCounters, max_iterations: int, from_metadata: bool,
     return {"seeds": seeds, "metadata_pool": pool, "candidates": candidates,
             "dead_letters_by_stage": counters.dead_letters(), "checks": checks,
             "balanced": all(checks.values())}
+
+
+def judge_note(accounting_: dict, threshold: float) -> Optional[str]:
+    """A warning when no judged candidate was kept by the gap rule: the pairs, if
+    any, are unresolved ones kept anyway, and the run says so before its totals."""
+    cand = accounting_["candidates"]
+    judged = sum(r["candidates"] for r in cand["rounds"])
+    if not judged or cand["kept"]:
+        return None
+    kept = (f"the {cand['examples_written']} pairs are unresolved candidates kept by "
+            "--keep_unresolved, not chosen by contrastive filtering"
+            if cand["examples_written"] else "nothing was kept")
+    return (f"the judge separated none of the {judged} judged candidates (every score "
+            f"gap within the threshold {threshold:g}): {kept}; a judge this weak or "
+            "this unsure cannot filter, see the score gaps in the report")
 
 
 def delivery(accounting_: dict, num_examples: int, num_instructions: int,

@@ -25,6 +25,8 @@ from codeclm_beam.pricing import merged_prices
 from codeclm_beam.pricing import mode_factor
 from codeclm_beam.pricing import price_of
 from codeclm_beam.metrics import TOKEN_KINDS
+from codeclm_beam.metrics import paid_in_all
+from codeclm_beam.transforms.codeclm import default_pool_size
 from codeclm_beam.transforms.codeclm import round_slots
 from codeclm_beam.transforms.decode import instructions_per_entry
 from codeclm_beam.pipelines.args import SuggestingParser
@@ -57,6 +59,9 @@ class Pilot:
     max_iterations: int
     keep_unresolved: bool
     by_stage: dict  # manifest["model_calls"]["by_stage"]
+    # The pilot left --num_metadata to generate's rule (default_pool_size): a planned
+    # run does too, at its own size.
+    pool_by_rule: bool = False
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> "Pilot":
@@ -75,7 +80,8 @@ class Pilot:
                    int(manifest["accounting"]["metadata_pool"]["entries"]),
                    int(cand["basic_instructions"]), int(options["max_iterations"]),
                    bool(options.get("keep_unresolved")),
-                   manifest["model_calls"]["by_stage"])
+                   manifest["model_calls"]["by_stage"],
+                   "num_metadata" in options and options["num_metadata"] is None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,8 +154,11 @@ def project_stages(by_stage: dict, elements: dict[str, float],
     at the pilot's requests per element and tokens per request."""
     stages, per_model = [], {}
     for stage, n in elements.items():
-        for model, measured in by_stage.get(stage, {}).get("models", {}).items():
-            done = measured["elements"] or 1
+        for model, counted in by_stage.get(stage, {}).get("models", {}).items():
+            # What the pilot's answers cost, including those a re-run read from the
+            # cache (paid for by the run that asked): a cached re-run projects the same.
+            measured = paid_in_all(counted)
+            done = counted["elements"] or 1
             requests = n * measured["requests"] / done  # re-asks and retries included
             per_request = max(measured["requests"], 1)
             # Output (visible and thought tokens) grows with what a call must write.
@@ -185,7 +194,9 @@ def plan(pilot: Pilot, num_examples: int, num_instructions: Optional[int] = None
     if num_instructions is None:
         num_instructions = num_examples if needed is None else needed
     seeds = pilot.seeds if num_seeds is None else num_seeds
-    entries = pilot.num_metadata if num_metadata is None else num_metadata
+    # The pool keeps every seed's own metadata: at most one entry a seed beyond the rule.
+    entries = num_metadata or (max(default_pool_size(num_instructions), seeds)
+                               if pilot.pool_by_rule else pilot.num_metadata)
     rounds = simulate_rounds(accept, num_instructions, num_examples, margin,
                              pilot.keep_unresolved)
     expected_pairs = rounds.pairs

@@ -6,60 +6,62 @@ from __future__ import annotations
 
 import math
 import os
-import urllib.parse
+import re
 from typing import Any, Callable, Iterable, Optional
 
 from apache_beam.io.filesystems import FileSystems
 
 from codeclm_beam.model.config import ModelConfig
 from codeclm_beam.model.errors import ConfigurationError
+from codeclm_beam.transforms.decode import MAX_INSTRUCTIONS_PER_DECODE_CALL
 
-# Instructions one decode call may be asked to write (each up to ~256 tokens): past
-# this, a JSON answer of that length is often cut off or repeats itself.
-MAX_INSTRUCTIONS_PER_DECODE_CALL = 64
 # The longest output any supported model returns (Gemini 2.5 and 3).
 MAX_OUTPUT_TOKENS = 65536
 
 
-# How long the reachability probe waits for a server before calling it unreachable.
+# How long the model check waits for a server before calling it unreachable.
 PROBE_TIMEOUT_S = 5.0
 
 
 def check_models_reachable(models: Iterable[tuple[str, ModelConfig]]) -> None:
-    """Each OpenAI-compatible server accepts a connection before any stage runs: an
-    unreachable one (refused, unknown host, no answer in PROBE_TIMEOUT_S) stops the
-    command with one line naming the model and what to check, instead of a run whose
-    every call is retried for minutes and dead-lettered. Only a TCP connection is
-    made (no request: nothing is billed or logged at the server); credentials and the
-    model name are checked by the first call. Other backends are checked where they
-    start: a missing model file or missing credentials fail at once there."""
-    import socket
-
+    """Each model a run calls over HTTP is asked once before any stage runs
+    (`Backend.check_model`): an unreachable server, refused credentials or a model the
+    server does not serve stops the command with one line naming the model and what
+    to check, instead of a run whose every call is retried for minutes and
+    dead-lettered. The embedded model fails at once where it loads."""
+    from codeclm_beam.model.backends import ModelUnusable
+    from codeclm_beam.model.backends import create_backend
     from codeclm_beam.redact import redact
-    probed: set[tuple[str, int]] = set()
+    checked: set[tuple[str, str]] = set()
     for role, model in models:
         spec = model.spec
-        if spec.backend != "openai":
+        if spec.backend != "openai" or (spec.base_url, spec.model) in checked:
             continue
-        parsed = urllib.parse.urlsplit(spec.base_url)
+        checked.add((spec.base_url, spec.model))
         try:
-            address = (parsed.hostname or "",
-                       parsed.port or (443 if parsed.scheme == "https" else 80))
-        except ValueError as e:  # a port that is not a number
-            raise ConfigurationError(f"--{role}_model {redact(spec.uri)}: {e}") from None
-        if address in probed:
-            continue
-        probed.add(address)
-        try:
-            socket.create_connection(address, timeout=PROBE_TIMEOUT_S).close()
-        except OSError as e:
-            reason = e.strerror or type(e).__name__
-            if isinstance(e, socket.timeout):
-                reason = f"no answer in {PROBE_TIMEOUT_S:g} s"
+            create_backend(model).check_model(PROBE_TIMEOUT_S)
+        except ModelUnusable as unusable:
             raise ConfigurationError(
-                f"--{role}_model {redact(spec.uri)}: cannot be reached ({reason}); "
-                "check that the server is running and the host and port are "
-                "right") from None
+                f"--{role}_model {redact(spec.uri)}: {redact(str(unusable))}") from None
+
+
+# Cloud Storage bucket names: 3-63 lower-case letters, digits, '-', '_' and '.',
+# starting and ending with a letter or digit (dotted names up to 222).
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]")
+
+
+def check_gcs_names(paths: Iterable[tuple[str, Optional[str]]]) -> None:
+    """A gs:// path whose bucket cannot exist ("gs://MY_BUCKET") is refused here: the
+    storage client otherwise retries it for minutes, even in a dry run."""
+    for flag, path in paths:
+        if not path or not path.startswith("gs://"):
+            continue
+        bucket = path[len("gs://"):].split("/", 1)[0]
+        if not _BUCKET.fullmatch(bucket) or (len(bucket) > 63 and "." not in bucket):
+            raise ConfigurationError(
+                f"{flag} {path}: {bucket!r} is not a Cloud Storage bucket name (3-63 "
+                "lower-case letters, digits, '-', '_' and '.'); replace the "
+                "placeholder with your bucket")
 
 
 def check_gcs_credentials(paths: Iterable[Optional[str]]) -> None:

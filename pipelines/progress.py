@@ -41,8 +41,11 @@ class Snapshot:
     """The figures of one moment of a run."""
 
     def __init__(self, counters: RunCounters, in_flight: dict[str, int], elapsed: float,
-                 batch_jobs: Optional[dict[str, dict[str, str]]] = None):
+                 batch_jobs: Optional[dict[str, dict[str, str]]] = None,
+                 retries: tuple[int, Optional[tuple[float, str]]] = (0, None)):
         self.counters = counters
+        # Transport retries so far, and (seconds ago, message) of the last one.
+        self.retries, self.last_error = retries
         # A stage waiting for a batch prediction job has its elements in flight.
         self.batch_jobs = batch_jobs or {}
         self.in_flight = {**in_flight, **{
@@ -84,7 +87,7 @@ def describe(snapshot: Snapshot, wanted: Optional[int],
         parts.append("reading inputs")
     else:
         s = snapshot.by_stage.get(stage, {})
-        label = f"round {snapshot.round} " if stage in (
+        label = f"round {snapshot.round} " if snapshot.round and stage in (
             "answer_strong", "answer_target", "judge", "improve") else ""
         tokens = sum(s.get(kind, 0) for kind in metrics.TOKEN_KINDS
                      if kind != "cached_prompt_tokens")
@@ -102,10 +105,15 @@ def describe(snapshot: Snapshot, wanted: Optional[int],
                 f"{n} {state}" for state, n in sorted(states.items()))
                 + f" (waited {_duration(waited)})")
     totals = snapshot.totals
-    kept = int(totals["kept_pairs"])
+    # Unresolved candidates kept anyway (--keep_unresolved) are only counted as
+    # examples when written, at the end.
+    kept = max(int(totals["kept_pairs"]), int(totals["examples_written"]))
     if wanted:  # what is kept beyond the pairs asked for is surplus, cut at the end
         parts.append(f"kept {min(kept, wanted)}/{wanted}")
     parts.append(f"dead letters {int(totals['dead_letters'])}")
+    if snapshot.retries:
+        ago, message = snapshot.last_error or (0.0, "")
+        parts.append(f"retries {snapshot.retries} (last {_duration(ago)} ago: {message})")
     done = snapshot.calls_done
     if projected_calls:
         eta = ""
@@ -158,7 +166,8 @@ class LiveProgress:
     def snapshot(self) -> Snapshot:
         values, in_flight = metrics.LIVE.snapshot()
         return Snapshot(RunCounters.from_pairs(values.items()), in_flight,
-                        time.monotonic() - self._started, metrics.LIVE.jobs())
+                        time.monotonic() - self._started, metrics.LIVE.jobs(),
+                        metrics.LIVE.retries())
 
     def line(self, snapshot: Snapshot) -> str:
         return describe(snapshot, self._wanted, self._projected(snapshot.counters))

@@ -13,6 +13,8 @@ from typing import Any, Optional
 
 from apache_beam.io.filesystems import FileSystems
 
+from codeclm_beam.metrics import paid_before
+from codeclm_beam.pipelines.manifest import judge_note
 from codeclm_beam.pricing import run_cost
 from codeclm_beam.pricing import merged_prices
 from codeclm_beam.model.errors import ConfigurationError
@@ -138,20 +140,30 @@ def gap_histogram(gaps: list[float], threshold: float, scale: int) -> str:
     return _png(fig)
 
 
+def _billed_tokens(numbers: dict) -> int:
+    return sum(numbers.get(k, 0) for k in ("prompt_tokens", "completion_tokens",
+                                           "thoughts_tokens"))
+
+
 def calls_per_stage(by_stage: dict) -> str:
     plt = _figure()
     stages = list(by_stage)
     requests = [sum(m["requests"] for m in by_stage[s]["models"].values()) for s in stages]
     hits = [sum(m["cache_hits"] for m in by_stage[s]["models"].values()) for s in stages]
-    tokens = [sum(m["prompt_tokens"] + m["completion_tokens"] + m.get("thoughts_tokens", 0)
-                  for m in by_stage[s]["models"].values()) for s in stages]
+    tokens = [sum(_billed_tokens(m) for m in by_stage[s]["models"].values())
+              for s in stages]
+    tokens_before = [sum(_billed_tokens(paid_before(m)) for m in by_stage[s]["models"].values())
+                     for s in stages]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.4))
     left.bar(stages, requests, label="requests sent")
     left.bar(stages, hits, bottom=requests, label="cache hits")
     left.set_title("Model calls per stage")
     left.legend()
-    right.bar(stages, tokens, color="#55a868")
+    right.bar(stages, tokens, color="#55a868", label="paid now")
+    right.bar(stages, tokens_before, bottom=tokens, color="#b3d9bd",
+              label="paid before (cached answers)")
     right.set_title("Tokens per stage (prompt + visible output + thoughts)")
+    right.legend()
     for ax in (left, right):
         ax.tick_params(axis="x", rotation=45)
     return _png(fig)
@@ -184,7 +196,8 @@ def wtl_bars(summary: dict) -> str:
 
 _STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 table{border-collapse:collapse;margin:.5em 0;font-size:.9em}td,th{border:1px solid #ccc;
-padding:.25em .6em;text-align:left;vertical-align:top;overflow-wrap:anywhere}img{max-width:100%;display:block;margin:1em 0}
+padding:.25em .6em;text-align:left;vertical-align:top;overflow-wrap:anywhere}
+th{overflow-wrap:normal}td.n{text-align:right;white-space:nowrap;overflow-wrap:normal}img{max-width:100%;display:block;margin:1em 0}
 pre{white-space:pre-wrap;background:#f6f6f6;padding:.5em}.muted{color:#666}
 .cards{display:flex;gap:1em;flex-wrap:wrap;margin:1em 0}.card{flex:1 1 300px;border:1px solid #ccc;
 border-radius:6px;padding:.6em 1em}.card h2{margin:.2em 0 .4em;font-size:1.1em}.card .big{font-size:1.6em;
@@ -205,9 +218,17 @@ window.addEventListener('load', () => {
 
 def _table(rows: list[list[Any]], header: list[str]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row)
-                   + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(_cell(c) for c in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _cell(value: Any) -> str:
+    # Figures never break mid-number ("$0.00 00"); text (model URIs) may break anywhere.
+    figure = isinstance(value, (int, float)) or str(value).startswith("$")
+    text = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) \
+        else str(value)
+    return f"<td class='n'>{html.escape(text)}</td>" if figure \
+        else f"<td>{html.escape(text)}</td>"
 
 
 def _page(title: str, sections: list[str]) -> str:
@@ -227,12 +248,26 @@ def estimated_cost(by_stage: dict, prices: dict, modes: dict
     rows = []
     for row in cost["rows"]:
         m = by_stage[row["stage"]]["models"][row["model"]]
+        before = paid_before(m)
         rows.append([row["stage"], row["model"], row["mode"], m["requests"],
                      m["cache_hits"], m["retries"], m["failures"], m.get("truncated", 0),
                      m["prompt_tokens"], m.get("cached_prompt_tokens", 0),
                      m["completion_tokens"], m.get("thoughts_tokens", 0),
-                     "unknown" if row["usd"] is None else f"${row['usd']:,.4f}"])
+                     _dollars(row["usd"], 4),
+                     before["prompt_tokens"] + before["completion_tokens"]
+                     + before["thoughts_tokens"],
+                     _dollars(row["usd_before"], 4)])
     return rows, cost
+
+
+COST_COLUMNS = ["stage", "model", "billed as", "requests", "cache hits", "retries",
+                "failures", "truncated", "prompt tokens", "of which cached",
+                "visible output tokens", "thought tokens", "cost paid now",
+                "tokens paid before (cached)", "cost paid before"]
+
+
+def _dollars(usd: Optional[float], places: int = 2) -> str:
+    return "unknown" if usd is None else f"${usd:,.{places}f}"
 
 
 def _pairs(rows: list[dict], fields: list[str], limit: int = 5) -> str:
@@ -257,7 +292,7 @@ def _cards(cards: list[tuple[str, str, list[str]]]) -> str:
 
 
 def generate_summary(manifest: dict, rejected: int, dead_letters: list[dict],
-                     cost: Optional[float]) -> str:
+                     costs: dict) -> str:
     """What did I get, what did it cost, what failed: before any detail."""
     acc, delivery = manifest["accounting"], manifest["delivery"]
     cand = acc["candidates"]
@@ -272,16 +307,23 @@ def generate_summary(manifest: dict, rejected: int, dead_letters: list[dict],
     if "gap" in delivery:
         got.append(f"<span class='bad'>{delivery['gap']:,} short: "
                    f"{html.escape(delivery['reason'])}</span>")
-    tokens = sum(totals.get(k, 0) for k in ("prompt_tokens", "completion_tokens",
-                                            "thoughts_tokens"))
-    cost_text = "unknown" if cost is None else f"${cost:,.2f}"
+    note = judge_note(acc, float(manifest["options"].get("threshold") or 3))
+    if note:
+        got.insert(0, f"<span class='bad'>{html.escape(note[:1].upper() + note[1:])}</span>")
+    cost, before = costs["usd"], paid_before(totals)
     paid = [f"{totals.get('requests', 0):,} model requests, "
-            f"{totals.get('cache_hits', 0):,} answered from the cache",
-            f"{tokens:,} tokens ({totals.get('thoughts_tokens', 0):,} of them thoughts)",
-            f"wall time {manifest['wall_time_seconds']:,} s",
-            "<span class='muted'>" + ("no per-token price for these models"
-                                      if cost == 0 else "prices are estimates; see the "
-                                      "table below") + "</span>"]
+            f"{_billed_tokens(totals):,} tokens "
+            f"({totals.get('thoughts_tokens', 0):,} of them thoughts)"]
+    if totals.get("cache_hits"):
+        paid.append(f"paid before: {_dollars(costs['usd_before'])} for "
+                    f"{totals['cache_hits']:,} answers read from the cache "
+                    f"({before['requests']:,} requests, {_billed_tokens(before):,} "
+                    "tokens, paid by the run that asked)")
+    paid += [f"wall time {manifest['wall_time_seconds']:,} s",
+             "<span class='muted'>" + ("no per-token price for these models"
+                                       if cost == 0 and not costs["usd_before"]
+                                       else "prices are estimates; see the table below")
+             + "</span>"]
     by_reason: dict[tuple[str, str], int] = {}
     for letter in dead_letters:
         key = (letter.get("stage", "?"), letter.get("reason", "error"))
@@ -296,7 +338,7 @@ def generate_summary(manifest: dict, rejected: int, dead_letters: list[dict],
                        "manifest.json checks</span>")
     return _cards([
         ("What you got", f"{delivery['delivered']:,} of {delivery['asked']:,} pairs", got),
-        ("What it cost", cost_text, paid),
+        ("What it cost", f"{_dollars(cost)} paid now", paid),
         ("What failed", f"{len(dead_letters):,} dead letters", failed)])
 
 
@@ -316,7 +358,7 @@ def generate_report(run_dir: str, manifest: dict, prices: dict) -> dict[str, str
     gaps = [r["gap"] for r in examples + rejected if r.get("gap") is not None]
     dead_letters = read_jsonl_dir(FileSystems.join(run_dir, "dead_letter"))
     sections = [
-        generate_summary(manifest, len(rejected), dead_letters, cost),
+        generate_summary(manifest, len(rejected), dead_letters, run_costs),
         f"<p>Models: strong <b>{html.escape(manifest['models']['strong'])}</b>, target "
         f"<b>{html.escape(manifest['models']['target'])}</b>, judge "
         f"<b>{html.escape(manifest['models']['judge'])}</b>. Wall time "
@@ -346,13 +388,13 @@ def generate_report(run_dir: str, manifest: dict, prices: dict) -> dict[str, str
                 "within threshold", "not needed"]),
         "<h2>Calls, tokens and cost</h2>",
         _img(calls_per_stage(by_stage), "calls and tokens per stage"),
-        _table(cost_rows, ["stage", "model", "billed as", "requests", "cache hits", "retries",
-                           "failures", "truncated", "prompt tokens", "of which cached",
-                           "visible output tokens", "thought tokens", "est. cost"]),
+        _table(cost_rows, COST_COLUMNS),
         "<p class='muted'>Thought tokens are billed as output; cached prompt tokens at "
         "the cached-input rate.</p>",
-        f"<p>Estimated cost: <b>{'unknown (no price for a model)' if cost is None else f'${cost:,.2f}'}"
-        "</b> (prices are estimates; override with <code>--prices</code>). The same "
+        f"<p>Estimated cost paid now: <b>{'unknown (no price for a model)' if cost is None else f'${cost:,.2f}'}"
+        f"</b>; paid before, for the answers read from the cache: "
+        f"<b>{_dollars(run_costs['usd_before'])}</b> "
+        "(prices are estimates; override with <code>--prices</code>). The same "
         "calls with every vertex: model served "
         + ", ".join(f"{mode}: {'unknown' if usd is None else f'${usd:,.2f}'}"
                     for mode, usd in run_costs["by_mode"].items())

@@ -45,16 +45,16 @@ class Run:
         """(the record, whether it was kept) for an example or candidate id (a unique
         prefix will do); without one, the kept pair with the longest history."""
         if wanted is None:
-            # The method at work: the most improved kept pair, else the most improved
-            # rejection (a short run may keep only first-round pairs).
-            ranked = sorted([(len(e["history"]), True, e["example_id"], e)
+            # The method at work on what the run delivered: the most improved kept
+            # pair; a rejection only when nothing was kept.
+            ranked = sorted([(True, len(e["history"]), e["example_id"], e)
                              for e in self.examples]
-                            + [(len(r["history"]), False, r["candidate_id"], r)
+                            + [(False, len(r["history"]), r["candidate_id"], r)
                                for r in self.rejected], key=lambda t: t[:3])
             if not ranked:
                 raise ConfigurationError(f"{self.run_dir}: the run kept and rejected "
                                          "nothing")
-            history, kept, _, record = ranked[-1]
+            kept, _, _, record = ranked[-1]
             return record, kept
         found = [(e, True) for e in self.examples if e["example_id"].startswith(wanted)]
         found += [(r, False) for r in self.rejected

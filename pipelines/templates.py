@@ -57,5 +57,27 @@ def launcher_argv(argv: list[str]) -> list[str]:
     return out
 
 
+def template_argv(argv: list[str]) -> list[str]:
+    """The launcher's arguments as `generate` takes them, refused when a model needs
+    what the template's image does not install: the image holds the core package
+    only, without llama.cpp, and the target's default is the embedded model."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from codeclm_beam.model.errors import ConfigurationError
+    from codeclm_beam.model.uri import ModelSpec
+    from codeclm_beam.options import ModelOptions
+
+    argv = launcher_argv(argv)
+    models = PipelineOptions(argv).view_as(ModelOptions)
+    for role in ("strong", "target", "judge"):
+        uri = getattr(models, f"{role}_model")
+        if uri and ModelSpec.parse(uri).backend == "llamacpp":
+            raise ConfigurationError(
+                f"{role}_model={uri}: the Flex Template's image has no llama.cpp (its "
+                "workers call remote models); give the parameter an openai: or vertex: "
+                f"model{' (the target defaults to the embedded model)' if role == 'target' else ''}")
+    return argv
+
+
 if __name__ == "__main__":
     print(json.dumps(flex_template_metadata(), indent=2))

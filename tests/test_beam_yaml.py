@@ -64,4 +64,26 @@ def test_the_shipped_provider_file_provides_every_stage():
         provided.update(provider.provided_transforms())
     assert provided == {"ReadSeeds", "EncodeMetadata", "BuildMetadataPool",
                         "GenerateRubrics", "DecodeInstructions", "ContrastiveFilter",
-                        "ImproveInstructions", "CodecLM"}
+                        "ImproveInstructions", "CodecLM", "WriteJsonLines"}
+
+
+def test_the_example_through_codeclm_beam_yaml_writes_every_output_and_caches(
+        tmp_path, capsys):
+    from codeclm_beam.pipelines.cli import main as cli_main
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text("".join(json.dumps({"instruction": text}) + "\n" for text in
+                             ["Write a haiku about rivers.", "Plan a week of travel."]))
+    # A judge that separates nothing: no pair is kept, and the file says so.
+    models = scripted_models(tmp_path, judge="tie")
+    out = tmp_path / "out"
+    assert cli_main(["yaml", EXAMPLE, "--jinja_variables=" + json.dumps({
+        "seeds": str(seeds), "out": str(out), "strong_model": models["strong"],
+        "target_model": models["target"], "judge_model": models["judge"]})]) == 0
+    printed = capsys.readouterr()
+    assert "codeclm-beam yaml finished:" in printed.out
+    assert "Could not load ML transform module" not in printed.err
+    written = sorted(os.listdir(out))
+    assert "kept.jsonl-00000-of-00001" in written and _rows(out, "kept") == []
+    assert "dead_letters.jsonl-00000-of-00001" in written and _rows(out, "dead_letters") == []
+    assert len(_rows(out, "improved")) == 4
+    assert any((out / "cache").rglob("*.json"))  # a killed run resumes from it

@@ -24,6 +24,9 @@ EVOL = os.path.join(os.path.dirname(__file__), "fixtures", "benchmarks",
 def chat_server(marker: str) -> RecordingServer:
     """An OpenAI-compatible server for model "llama" whose answers say `marker`."""
     def respond(method, path, body, headers):
+        if method == "GET" and path.endswith("/v1/models"):
+            return 200, {"object": "list", "data": [
+                {"id": "llama", "object": "model", "created": 0, "owned_by": "me"}]}, {}
         question = body["messages"][-1]["content"]
         return 200, {
             "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
@@ -31,6 +34,11 @@ def chat_server(marker: str) -> RecordingServer:
                 "role": "assistant", "content": f"{marker} answer to: {question}"}}],
             "usage": {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}}, {}
     return RecordingServer(respond)
+
+
+def chat_requests(server: RecordingServer) -> list[dict]:
+    """The chat calls a server answered (the model check's listing aside)."""
+    return [r for r in server.requests if r["path"].endswith("/chat/completions")]
 
 
 def scripted(tmp_path, role, judge="by_marker", **scenario):
@@ -56,7 +64,7 @@ def test_two_hosts_serving_one_model_name_are_each_asked(tmp_path, capsys):
                                "--judge_model", scripted(tmp_path, "judge"))
     assert status == 0
     # Five items: each server answered each item once.
-    assert len(base.requests) == 5 and len(tuned.requests) == 5
+    assert len(chat_requests(base)) == 5 and len(chat_requests(tuned)) == 5
     judgements = read_jsonl(out, "judgements")
     by_model = {uri: [j for j in judgements if j["candidate_model"] == uri]
                 for uri in (base_uri, tuned_uri)}

@@ -37,6 +37,7 @@ from codeclm_beam.stage import StageOutput
 from codeclm_beam.stage import Tally
 from codeclm_beam.transforms.contrastive_filter import ContrastiveFilter
 from codeclm_beam.transforms.decode import DecodeInstructions
+from codeclm_beam.transforms.decode import MAX_INSTRUCTIONS_PER_DECODE_CALL
 from codeclm_beam.transforms.encode import EncodeMetadata
 from codeclm_beam.transforms.improve import ImproveInstructions
 from codeclm_beam.transforms.metadata_pool import BuildMetadataPool
@@ -65,6 +66,21 @@ def round_slots(kept_so_far: float, judged_so_far: float, num_examples: int,
     return math.ceil(round(needed / max(MIN_YIELD, share), 6)) + margin
 
 
+# The paper's pool holds 200 entries for runs of 1,000-2,000 pairs (2,000-4,000 basic
+# instructions): about ten instructions per decode call.
+PAPER_POOL_SIZE = 200
+INSTRUCTIONS_PER_ENTRY = 10
+
+
+def default_pool_size(basic_instructions: int) -> int:
+    """The pool a run gets when --num_metadata is not given: one entry per ten basic
+    instructions, at most the paper's 200, so a 20-pair pilot pays 8 rubric and decode
+    calls instead of 400; and past that, as many entries as keep each decode call
+    within MAX_INSTRUCTIONS_PER_DECODE_CALL."""
+    return max(1, min(PAPER_POOL_SIZE, math.ceil(basic_instructions / INSTRUCTIONS_PER_ENTRY)),
+               math.ceil(basic_instructions / MAX_INSTRUCTIONS_PER_DECODE_CALL))
+
+
 @dataclasses.dataclass(frozen=True)
 class CodecLMConfig:
     strong: ModelConfig
@@ -75,7 +91,8 @@ class CodecLMConfig:
     # round 1 does not judge are the reserve later rounds draw from.
     num_instructions: Optional[int] = None
     overgenerate_margin: int = 0
-    num_metadata: int = 200
+    # The metadata pool's size; None means `default_pool_size(basic_instructions)`.
+    num_metadata: Optional[int] = None
     max_skills: int = 3
     num_rubrics: int = 4
     max_iterations: int = 4
@@ -92,6 +109,9 @@ class CodecLMConfig:
     seed: int = 0
 
     def __post_init__(self):
+        if self.num_metadata is None:
+            object.__setattr__(self, "num_metadata",
+                               default_pool_size(self.basic_instructions))
         # ConfigurationError: the CLI prints the message and exits 2.
         if self.num_examples < 1:
             raise ConfigurationError(f"--num_examples must be at least 1, not "

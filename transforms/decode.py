@@ -60,6 +60,11 @@ def candidate_id(metadata_id: str, index: int) -> str:
 TOKENS_PER_INSTRUCTION = 256
 
 
+# Instructions one decode call may be asked to write (each up to ~256 tokens): past
+# this, a JSON answer of that length is often cut off or repeats itself.
+MAX_INSTRUCTIONS_PER_DECODE_CALL = 64
+
+
 def instructions_per_entry(num_instructions: int, pool_size: int) -> int:
     return math.ceil(num_instructions / pool_size) if pool_size else 0
 

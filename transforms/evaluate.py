@@ -256,7 +256,9 @@ def contests(answers) -> Iterator[Contest]:
     """A candidate's and the reference's answers to one item, as a contest."""
     _, grouped = answers
     if len(grouped["candidate"]) != 1 or len(grouped["reference"]) != 1:
-        return  # an answer failed: its dead letter holds the reason
+        # An answer failed: its dead letter holds the reason. (A bare `return` with
+        # no comment on its line: Beam's yield-and-return check reads the source.)
+        return
     candidate, reference = grouped["candidate"][0], grouped["reference"][0]
     yield Contest(f"{candidate.model}/{candidate.answer_key}", candidate.instruction,
                    candidate.answer, reference.answer, ("candidate", "reference"),

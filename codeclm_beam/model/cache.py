@@ -18,7 +18,8 @@ from typing import Optional
 
 from apache_beam.io.filesystems import FileSystems
 
-from codeclm_beam.model.types import ModelResponse
+from codeclm_beam import metrics
+from codeclm_beam.model.types import CallStats, ModelResponse
 
 _LOG = logging.getLogger(__name__)
 _FORMAT_VERSION = 2
@@ -50,6 +51,9 @@ class ResponseCache:
             return None
 
     def put(self, key: str, response: ModelResponse) -> None:
+        """Stores an answer with what it was paid with (`response.stats`: every
+        attempt's requests and tokens), so a later run that reads it can still say
+        what the answer cost."""
         entry = {
             "version": _FORMAT_VERSION,
             "key": key,
@@ -60,6 +64,7 @@ class ResponseCache:
             "finish_reason": response.finish_reason,
             "cached_prompt_tokens": response.cached_prompt_tokens,
             "thoughts_tokens": response.thoughts_tokens,
+            "paid": metrics.paid_usage(response.stats),
         }
         body = json.dumps(entry, ensure_ascii=False).encode("utf-8")
         try:
@@ -88,4 +93,20 @@ def _response_from(entry, key: str) -> Optional[ModelResponse]:
                 kind is int and value < 0):
             raise ValueError(f"field {name!r} is {value!r}")
     return ModelResponse(data=entry.get("data"),
+                         stats=CallStats(cache_hit=True, paid_before=_paid(entry)),
                          **{name: entry[name] for name in _ENTRY_FIELDS})
+
+
+def _paid(entry: dict) -> dict[str, int]:
+    """What the stored answer was paid with. Entries written before this was stored
+    count one request at the answer's own tokens: the least it can have cost."""
+    paid = entry.get("paid")
+    if paid is None:
+        return {"requests": 1, **{kind: entry[kind] for kind in metrics.TOKEN_KINDS}}
+    if not isinstance(paid, dict):
+        raise ValueError(f"field 'paid' is {paid!r}")
+    for name in metrics.PAID:
+        value = paid.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"field 'paid.{name}' is {value!r}")
+    return {name: paid[name] for name in metrics.PAID}

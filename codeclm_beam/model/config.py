@@ -79,6 +79,9 @@ class ModelConfig:
     # None lets each stage choose (least for structured stages and the judge, the
     # model's default for answers).
     thinking: Optional[str] = None
+    # Stop the run when more than this share of a window of calls to the model
+    # failed at the service (`handler.ErrorShareGuard`); 1 never stops.
+    max_error_share: float = 0.5
     initial_backoff_s: float = 1.0
     max_backoff_s: float = 60.0
     quota: QuotaConfig = QuotaConfig()

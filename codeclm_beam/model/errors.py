@@ -99,3 +99,13 @@ def parse_retry_after(value: Optional[str]) -> Optional[float]:
     except ValueError:
         return None  # HTTP-date form: fall back to our own backoff
     return max(0.0, seconds)
+
+
+class ErrorShareExceeded(Exception):
+    """Most recent calls to one model failed: the run stops instead of paying for
+    retries and dead letters (`handler.ErrorShareGuard`)."""
+
+
+# Failure reasons of an online call that say the service could not answer (not what a
+# model answered, nor a batch job's fate, which is one event for many requests).
+SERVICE_FAILURES = frozenset({"transient", "refused", "error"})

@@ -17,6 +17,7 @@ worker process and a batch of 32 costs about one round-trip, not 32.
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import json
 import logging
@@ -37,7 +38,9 @@ from codeclm_beam.model.backends import RawAnswer
 from codeclm_beam.model.backends import create_backend
 from codeclm_beam.model.cache import ResponseCache
 from codeclm_beam.model.config import ModelConfig
+from codeclm_beam.model.errors import ErrorShareExceeded
 from codeclm_beam.model.errors import ModelError
+from codeclm_beam.model.errors import SERVICE_FAILURES
 from codeclm_beam.model.errors import SchemaMismatch
 from codeclm_beam.model.errors import TransientModelError
 from codeclm_beam.model.errors import TruncatedAnswer
@@ -173,7 +176,54 @@ class AnswerValidator:
         except SchemaMismatch as unusable:
             _LOG.warning("cached answer %s is not used (asked again): %s", key, unusable)
             return None
-        return _with_stats(hit, CallStats(cache_hit=True))
+        return hit
+
+
+class ErrorShareGuard:
+    """Per worker process and model: the outcomes of its last WINDOW calls. When more
+    than the model's `max_error_share` of them failed at the service (after their
+    retries), the next one raises ErrorShareExceeded, which fails the bundle and so
+    the run (NeMo Data Designer's early shutdown, with a sliding window so an outage
+    late in a long run stops it as fast as one at its start). Every answer so far is
+    in the cache: the same command resumes once the cause is fixed."""
+
+    # Online calls only: a batch job's outcome is one event for many requests.
+    WINDOW = 20
+    # Outcomes seen before any stop: a few failures of a small stage are dead letters.
+    MINIMUM = 10
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._outcomes: dict[str, collections.deque] = {}
+        self.stopped: Optional[str] = None  # why this process stopped a run
+
+    def record(self, config: ModelConfig, result: ModelResult) -> None:
+        failed = isinstance(result, ModelFailure) and result.reason in SERVICE_FAILURES
+        with self._lock:
+            outcomes = self._outcomes.setdefault(
+                config.identity, collections.deque(maxlen=self.WINDOW))
+            outcomes.append(result if failed else None)
+            failures = [r for r in outcomes if r is not None]
+            if (config.max_error_share >= 1 or len(outcomes) < self.MINIMUM
+                    or len(failures) <= config.max_error_share * len(outcomes)):
+                return
+            last = failures[-1]
+            self.stopped = (
+                f"{len(failures)} of the last {len(outcomes)} calls to "
+                f"{redact(config.uri)} failed after their retries (last: {last.reason}, "
+                f"{last.message[:200]}), over --max_error_share "
+                f"{config.max_error_share:g}; every answer so far is cached: fix the "
+                "cause and run the same command to resume")
+            outcomes.clear()
+        raise ErrorShareExceeded(self.stopped)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._outcomes.clear()
+            self.stopped = None
+
+
+ERROR_SHARE = ErrorShareGuard()
 
 
 class ModelClient:
@@ -207,16 +257,19 @@ class ModelClient:
                 asking.take(self._send_with_retries(asking.next_request, asking.counters))
         except Exception as error:  # a transport error, after its retries
             asking.fail(error)
-        return self.finish(asking)
+        result = self.finish(asking)
+        ERROR_SHARE.record(self.config, result)  # online calls only: see its docstring
+        return result
 
     def finish(self, asking: "Asking") -> ModelResult:
         """The result of a finished `Asking`: its response (then cached), or its
         failure."""
         assert asking.next_request is None
         if asking.response is not None:
+            response = _with_stats(asking.response, _stats(asking.counters))
             if self.cache:
-                self.cache.put(asking.request.cache_key(self.identity), asking.response)
-            return _with_stats(asking.response, _stats(asking.counters))
+                self.cache.put(asking.request.cache_key(self.identity), response)
+            return response
         error = asking.error
         if not isinstance(error, ModelError):  # a bug or an unexpected library error
             _LOG.error("unexpected error calling %s: %r", self.spec.uri, error,
@@ -238,8 +291,11 @@ class ModelClient:
                                   request.settings.thinking)
 
     def _send_with_retries(self, request: ModelRequest, counters: dict) -> RawAnswer:
-        retrying = transport_retrying(self.config, before_sleep=lambda state: (
-            counters.__setitem__("retries", counters["retries"] + 1)))
+        def before_sleep(state: tenacity.RetryCallState) -> None:
+            counters["retries"] += 1
+            error = state.outcome.exception() if state.outcome else None
+            metrics.LIVE.retried(redact(f"{self.spec.uri}: {error}")[:160])
+        retrying = transport_retrying(self.config, before_sleep=before_sleep)
         return retrying(self._send_once, request, counters)
 
     def _send_once(self, request: ModelRequest, counters: dict) -> RawAnswer:
@@ -387,6 +443,8 @@ class StageMetrics:
             totals["failures"] += int(final and isinstance(result, ModelFailure))
             for tokens in metrics.TOKEN_KINDS:
                 totals[tokens] += getattr(stats, tokens)
+            for name, value in (stats.paid_before or {}).items():
+                totals[metrics.PAID_BEFORE[name]] += value
             throttled += stats.throttled_seconds
         totals["throttled_ms"] = int(throttled * 1000)
         for name, value in totals.items():

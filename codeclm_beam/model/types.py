@@ -106,6 +106,9 @@ class CallStats:
     cached_prompt_tokens: int = 0
     completion_tokens: int = 0
     thoughts_tokens: int = 0
+    # A cache hit: the requests and tokens the run that asked paid for this answer
+    # ({"requests", *TOKEN_KINDS}); counted apart, as "paid before".
+    paid_before: Optional[dict] = dataclasses.field(default=None, hash=False)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,9 +6,14 @@ manifest is written by `codeclm-beam generate`, which waits, not by template lau
 import logging
 import sys
 
+from codeclm_beam.model.errors import ConfigurationError
 from codeclm_beam.pipelines.generate import run
-from codeclm_beam.pipelines.templates import launcher_argv
+from codeclm_beam.pipelines.templates import template_argv
 
 if __name__ == "__main__":
     logging.getLogger().setLevel(logging.INFO)
-    run(argv=launcher_argv(sys.argv[1:]), wait=False)
+    try:
+        run(argv=template_argv(sys.argv[1:]), wait=False)
+    except ConfigurationError as error:
+        print(f"codeclm-beam flex template: error: {error}", file=sys.stderr)
+        sys.exit(2)

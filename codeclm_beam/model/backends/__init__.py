@@ -7,12 +7,17 @@ validation and concurrency are the handler's, once for every backend.
 from __future__ import annotations
 
 import abc
+import logging
 import threading
 import dataclasses
 
 from codeclm_beam.model.config import ModelConfig
 from codeclm_beam.model.types import ModelRequest
 
+
+# httpx logs every request at INFO ("HTTP Request: POST ... 200 OK"): under a runner
+# that logs at INFO (Beam YAML's entry point does) that is one line per model call.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 # Finish reasons that mean "stopped at the output limit" (Gemini; OpenAI and llama.cpp).
 TRUNCATED_FINISH_REASONS = frozenset({"MAX_TOKENS", "LENGTH"})
@@ -44,8 +49,17 @@ class Backend(abc.ABC):
     def generate(self, request: ModelRequest) -> RawAnswer:
         ...
 
+    def check_model(self, timeout_s: float) -> None:
+        """Asks the service once, before any stage runs, whether this model can be
+        called: raises `ModelUnusable` saying why (unreachable, unauthorised,
+        unknown model). Backends that fail at once where they start need none."""
+
     def close(self) -> None:
         pass
+
+
+class ModelUnusable(Exception):
+    """What `Backend.check_model` found, in words for the user."""
 
 
 _SHARED: dict[tuple, Backend] = {}

@@ -14,6 +14,7 @@ import os
 import urllib.parse
 
 from codeclm_beam.model.backends import Backend
+from codeclm_beam.model.backends import ModelUnusable
 from codeclm_beam.model.backends import RawAnswer
 from codeclm_beam.model.config import ModelConfig
 from codeclm_beam.model.errors import TransientModelError
@@ -97,6 +98,49 @@ class OpenAICompatibleBackend(Backend):
             finish_reason=choice.finish_reason or "stop",
             thoughts_tokens=reasoning,
             cached_prompt_tokens=getattr(prompt_details, "cached_tokens", None) or 0)
+
+    def check_model(self, timeout_s: float) -> None:
+        """The server's model list (nothing billed), and when the model is not in it,
+        one chat request of one token: llama.cpp's servers answer under any model
+        name, vLLM and OpenAI refuse a name they do not serve."""
+        openai, client = self._openai, self._client.with_options(timeout=timeout_s)
+        try:
+            try:
+                listed = [m.id for m in client.models.list().data]
+            except openai.NotFoundError:
+                listed = None  # a server without a model list
+            names = {self._model, f"{self._model}:latest"}  # Ollama's default tag
+            if listed is not None and names & set(listed):
+                return
+            client.chat.completions.create(
+                model=self._model, messages=[{"role": "user", "content": "ping"}],
+                max_tokens=1)
+        except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
+            raise ModelUnusable(
+                f"the server refused the credentials ({e.status_code}); check "
+                "OPENAI_API_KEY (or the key in the URL)") from None
+        except (openai.NotFoundError, openai.BadRequestError,
+                openai.UnprocessableEntityError) as e:
+            served = (f"; the server serves {', '.join(sorted(listed)[:5])}"
+                      if listed else "")
+            raise ModelUnusable(f"the server does not know model {self._model!r} "
+                                f"({e.status_code}){served}") from None
+        except openai.APITimeoutError:
+            raise ModelUnusable(f"no answer in {timeout_s:g} s; check that the server "
+                                "is running and the host and port are right") from None
+        except openai.APIConnectionError as e:
+            cause = e.__cause__
+            while cause is not None and cause.__cause__ is not None:
+                cause = cause.__cause__
+            reason = (getattr(cause, "strerror", None) or str(cause or e)).strip()
+            raise ModelUnusable(f"cannot be reached ({reason}); check that the server "
+                                "is running and the host and port are right") from None
+        except openai.APIStatusError as e:
+            if e.status_code >= 500:
+                raise ModelUnusable(f"the server answered {e.status_code} to a one-token "
+                                    "request; check its log") from None
+            raise ModelUnusable(f"the server refused a one-token request "
+                                f"({e.status_code})") from None
 
     def _rejects_schema_dialect(self, error, schema) -> bool:
         return (schema is not None and self._schema_dialect == "json_schema"
