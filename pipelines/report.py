@@ -90,6 +90,24 @@ def _png(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+def _legend_outside(ax, below: bool = False) -> None:
+    # Beside (or under) the plot, never over a bar or a label; bbox_inches="tight"
+    # keeps it in the picture.
+    if below:
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.42), frameon=False, ncol=2)
+    else:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+
+
+def _short(name: str, limit: int = 44) -> str:
+    """A long model URI with its start (the backend, the model) and its end (a tag
+    such as #rev=...) kept, which is what tells two candidates apart."""
+    if len(name) <= limit:
+        return name
+    head = limit * 2 // 5
+    return name[:head] + "…" + name[-(limit - head - 1):]
+
+
 def compare_distributions(title: str, series: dict[str, list[str]], top: int) -> str:
     plt = _figure()
     totals = collections.Counter(v for values in series.values() for v in values)
@@ -105,7 +123,7 @@ def compare_distributions(title: str, series: dict[str, list[str]], top: int) ->
     ax.invert_yaxis()
     ax.set_xlabel("share (%)")
     ax.set_title(title)
-    ax.legend()
+    _legend_outside(ax)
     return _png(fig)
 
 
@@ -123,7 +141,7 @@ def kept_by_iteration(examples: list[dict], iterations: int) -> str:
     ax.set_ylabel("kept pairs")
     ax.set_xticks(rounds)
     ax.set_title("Kept pairs per iteration and answer source")
-    ax.legend()
+    _legend_outside(ax)
     return _png(fig)
 
 
@@ -158,12 +176,12 @@ def calls_per_stage(by_stage: dict) -> str:
     left.bar(stages, requests, label="requests sent")
     left.bar(stages, hits, bottom=requests, label="cache hits")
     left.set_title("Model calls per stage")
-    left.legend()
+    _legend_outside(left, below=True)
     right.bar(stages, tokens, color="#55a868", label="paid now")
     right.bar(stages, tokens_before, bottom=tokens, color="#b3d9bd",
               label="paid before (cached answers)")
     right.set_title("Tokens per stage (prompt + visible output + thoughts)")
-    right.legend()
+    _legend_outside(right, below=True)
     for ax in (left, right):
         ax.tick_params(axis="x", rotation=45)
     return _png(fig)
@@ -174,7 +192,7 @@ def wtl_bars(summary: dict) -> str:
     rows = [(row["candidate_model"], bench, row["benchmarks"][bench])
             for row in summary["candidates"] for bench in summary["benchmarks"]]
     fig, ax = plt.subplots(figsize=(10, 0.45 * max(3, len(rows)) + 1))
-    labels = [f"{bench} · {model[-40:]}" for model, bench, _ in rows]
+    labels = [f"{bench} · {_short(model)}" for model, bench, _ in rows]
     left = [0.0] * len(rows)
     for outcome, color in (("win", "#55a868"), ("tie", "#ccb974"), ("loss", "#c44e52"),
                            ("failed", "#8c8c8c")):
@@ -188,7 +206,7 @@ def wtl_bars(summary: dict) -> str:
     ax.invert_yaxis()
     ax.set_xlabel("% of items (candidate vs reference)")
     ax.set_title("Wins / ties / losses and CRR")
-    ax.legend(loc="lower right")
+    _legend_outside(ax)
     return _png(fig)
 
 
@@ -197,7 +215,8 @@ def wtl_bars(summary: dict) -> str:
 _STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 table{border-collapse:collapse;margin:.5em 0;font-size:.9em}td,th{border:1px solid #ccc;
 padding:.25em .6em;text-align:left;vertical-align:top;overflow-wrap:anywhere}
-th{overflow-wrap:normal}td.n{text-align:right;white-space:nowrap;overflow-wrap:normal}img{max-width:100%;display:block;margin:1em 0}
+th{overflow-wrap:normal}td.n{text-align:right;white-space:nowrap;overflow-wrap:normal}
+td.w{overflow-wrap:normal;white-space:nowrap}img{max-width:100%;display:block;margin:1em 0}
 pre{white-space:pre-wrap;background:#f6f6f6;padding:.5em}.muted{color:#666}
 .cards{display:flex;gap:1em;flex-wrap:wrap;margin:1em 0}.card{flex:1 1 300px;border:1px solid #ccc;
 border-radius:6px;padding:.6em 1em}.card h2{margin:.2em 0 .4em;font-size:1.1em}.card .big{font-size:1.6em;
@@ -227,8 +246,11 @@ def _cell(value: Any) -> str:
     figure = isinstance(value, (int, float)) or str(value).startswith("$")
     text = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) \
         else str(value)
-    return f"<td class='n'>{html.escape(text)}</td>" if figure \
-        else f"<td>{html.escape(text)}</td>"
+    if figure:
+        return f"<td class='n'>{html.escape(text)}</td>"
+    # A short name (a stage, a benchmark) stays whole; a long one (a URI) may break.
+    whole = len(text) <= 24 and " " not in text
+    return f"<td class='w'>{html.escape(text)}</td>" if whole else f"<td>{html.escape(text)}</td>"
 
 
 def _page(title: str, sections: list[str]) -> str:
@@ -242,28 +264,29 @@ def _img(src: str, alt: str) -> str:
 
 
 def estimated_cost(by_stage: dict, prices: dict, modes: dict
-                   ) -> tuple[list[list[Any]], dict]:
-    """The cost table's rows, and the run's cost (`pricing.run_cost`)."""
+                   ) -> tuple[list[list[Any]], list[list[Any]], dict]:
+    """The calls table's rows, the tokens-and-cost table's rows, and the run's cost
+    (`pricing.run_cost`). Two tables of eight columns each stay readable at 1280 px,
+    where one of fifteen broke headers and figures mid-word."""
     cost = run_cost(by_stage, modes, prices)
-    rows = []
+    calls, tokens = [], []
     for row in cost["rows"]:
         m = by_stage[row["stage"]]["models"][row["model"]]
         before = paid_before(m)
-        rows.append([row["stage"], row["model"], row["mode"], m["requests"],
-                     m["cache_hits"], m["retries"], m["failures"], m.get("truncated", 0),
-                     m["prompt_tokens"], m.get("cached_prompt_tokens", 0),
-                     m["completion_tokens"], m.get("thoughts_tokens", 0),
-                     _dollars(row["usd"], 4),
-                     before["prompt_tokens"] + before["completion_tokens"]
-                     + before["thoughts_tokens"],
-                     _dollars(row["usd_before"], 4)])
-    return rows, cost
+        calls.append([row["stage"], row["model"], row["mode"], m["requests"],
+                      m["cache_hits"], m["retries"], m["failures"], m.get("truncated", 0)])
+        tokens.append([row["stage"], m["prompt_tokens"], m.get("cached_prompt_tokens", 0),
+                       m["completion_tokens"], m.get("thoughts_tokens", 0),
+                       _dollars(row["usd"], 4), _billed_tokens(before),
+                       _dollars(row["usd_before"], 4)])
+    return calls, tokens, cost
 
 
-COST_COLUMNS = ["stage", "model", "billed as", "requests", "cache hits", "retries",
-                "failures", "truncated", "prompt tokens", "of which cached",
-                "visible output tokens", "thought tokens", "cost paid now",
-                "tokens paid before (cached)", "cost paid before"]
+CALL_COLUMNS = ["stage", "model", "billed as", "requests sent", "cache hits", "retries",
+                "failures", "truncated"]
+TOKEN_COLUMNS = ["stage", "prompt tokens", "of which cached", "visible output tokens",
+                 "thought tokens", "cost paid now", "tokens paid before (cached)",
+                 "cost paid before"]
 
 
 def _dollars(usd: Optional[float], places: int = 2) -> str:
@@ -352,7 +375,8 @@ def generate_report(run_dir: str, manifest: dict, prices: dict) -> dict[str, str
     tailor = manifest["tailoring"]
 
     by_stage = manifest["model_calls"]["by_stage"]
-    cost_rows, run_costs = estimated_cost(by_stage, prices, manifest.get("billing", {}))
+    call_rows, token_rows, run_costs = estimated_cost(by_stage, prices,
+                                                      manifest.get("billing", {}))
     cost = run_costs["usd"]
     acc = manifest["accounting"]
     gaps = [r["gap"] for r in examples + rejected if r.get("gap") is not None]
@@ -388,7 +412,8 @@ def generate_report(run_dir: str, manifest: dict, prices: dict) -> dict[str, str
                 "within threshold", "not needed"]),
         "<h2>Calls, tokens and cost</h2>",
         _img(calls_per_stage(by_stage), "calls and tokens per stage"),
-        _table(cost_rows, COST_COLUMNS),
+        _table(call_rows, CALL_COLUMNS),
+        _table(token_rows, TOKEN_COLUMNS),
         "<p class='muted'>Thought tokens are billed as output; cached prompt tokens at "
         "the cached-input rate.</p>",
         f"<p>Estimated cost paid now: <b>{'unknown (no price for a model)' if cost is None else f'${cost:,.2f}'}"

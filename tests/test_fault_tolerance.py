@@ -117,8 +117,11 @@ def test_keys_never_reach_logs_outputs_or_dead_letters(tmp_path, monkeypatch, ca
     seeds = write_seeds(tmp_path / "seeds.jsonl", 4)
     with FakeModelServer(ServerConfig(fault_rate=0.5, faults=("status_500",),
                                       echo_headers_in_errors=True)) as server:
+        # Half the calls fail for good: more dead letters to leak into, and a run the
+        # error-share stop would end (--max_error_share 1 lets it finish).
         manifest = run_generate(generate_argv(server, seeds, tmp_path / "out",
-                                              "--max_retries", "0"))
+                                              "--max_retries", "0",
+                                              "--max_error_share", "1"))
     dead = read_jsonl(tmp_path / "out", "dead_letter")
     assert dead and any("[REDACTED]" in d["message"] for d in dead)
     secrets = (secret, "AIzaSECRETSECRETSECRETSECRET0000", "ya29.SECRET-vertex-token-000000")
