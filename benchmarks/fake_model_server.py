@@ -59,6 +59,7 @@ FAULTS = ("status_500", "status_503", "hang", "drop", "malformed", "truncated", 
 BATCH_FAULTS = ("fail", "partial", "stuck", "malformed", "schema")
 _BATCH_PATH = re.compile(r"/projects/([^/]+)/locations/([^/]+)/batchPredictionJobs"
                          r"(?:/([^/:]+))?(:cancel)?$")
+_VERTEX_MODEL_PATH = re.compile(r"/publishers/google/models/([^/:]+)$")
 _VERTEX_PATH = re.compile(r"/projects/[^/]+/locations/([^/]+)/publishers/google/models/"
                           r"([^/:]+):generateContent$")
 # Flex PayGo: a generateContent request with this header is served from shared
@@ -269,6 +270,9 @@ class FakeModelServer:
                     return server._batch_api(self, "GET")
                 if self.path.split("?")[0].endswith("/v1/models"):
                     return server._list_models(self)
+                found = _VERTEX_MODEL_PATH.search(self.path.split("?")[0])
+                if found:
+                    return server._model_metadata(self, found.group(1))
                 server._send(self, 404, {"error": {"message": "no such path"}},
                              "not_found")
 
@@ -534,12 +538,23 @@ class FakeModelServer:
                  "usageMetadata": usage, "modelVersion": request["model"]},
                 {"prompt": prompt_tokens, "candidates": visible, "thoughts": thoughts})
 
+    def _model_metadata(self, handler, model: str) -> None:
+        """Vertex AI's publishers.models.get: a PublisherModel (any name is served,
+        as generateContent is). Not logged: a metadata read is no model call."""
+        self._reply(handler, {"name": f"publishers/google/models/{model}",
+                              "versionId": "001", "launchStage": "GA",
+                              "openSourceCategory": "PROPRIETARY"})
+
     def _list_models(self, handler) -> None:
         """OpenAI's GET /v1/models: the models served. A listing is no model call, so
         it is neither logged nor subject to faults."""
-        data = json.dumps({"object": "list", "data": [
+        self._reply(handler, {"object": "list", "data": [
             {"id": name, "object": "model", "created": 0, "owned_by": "fake"}
-            for name in self.config.served_models]}).encode()
+            for name in self.config.served_models]})
+
+    @staticmethod
+    def _reply(handler, payload: dict) -> None:
+        data = json.dumps(payload).encode()
         handler.send_response(200)
         handler.send_header("content-type", "application/json")
         handler.send_header("content-length", str(len(data)))

@@ -161,6 +161,7 @@ class EvaluatePlan:
     settings: dict[str, Any]
     answering: list[ModelConfig]  # the reference and the candidates
     billing: dict[str, str]  # model id -> how its calls are billed
+    judging: ModelConfig
 
 
 def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
@@ -212,7 +213,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
                         judge.spec.uri, run_id,
                         judge_independence(judge, reference, candidates), settings,
                         [reference, *candidates],
-                        billing_modes(reference, judge, *candidates))
+                        billing_modes(reference, judge, *candidates), judge)
 
 
 def preflight(options: PipelineOptions, plan: EvaluatePlan) -> None:
@@ -223,7 +224,8 @@ def preflight(options: PipelineOptions, plan: EvaluatePlan) -> None:
     if not offline:
         reference, *candidates = plan.answering
         preflight_lib.check_models_reachable(
-            [("strong", reference)] + [("candidate", c) for c in candidates])
+            [("strong", reference)] + [("candidate", c) for c in candidates]
+            + [("judge", plan.judging)])
     preflight_lib.check_output_budget("--max_output_tokens",
                                       options.view_as(AnswerOptions).max_output_tokens,
                                       plan.answering)

@@ -25,22 +25,24 @@ PROBE_TIMEOUT_S = 5.0
 
 def check_models_reachable(models: Iterable[tuple[str, ModelConfig]]) -> None:
     """Each model a run calls over HTTP is asked once before any stage runs
-    (`Backend.check_model`): an unreachable server, refused credentials or a model the
-    server does not serve stops the command with one line naming the model and what
-    to check, instead of a run whose every call is retried for minutes and
-    dead-lettered. The embedded model fails at once where it loads."""
+    (`Backend.check_model`: an OpenAI-compatible server's model list, Gemini's
+    `models.get`): an unreachable server, refused credentials or a model the service
+    does not know stops the command with one line naming the model and what to check,
+    instead of a run whose every call is retried for minutes and dead-lettered. The
+    embedded model fails at once where it loads."""
     from codeclm_beam.model.backends import ModelUnusable
     from codeclm_beam.model.backends import create_backend
     from codeclm_beam.redact import redact
-    checked: set[tuple[str, str]] = set()
+    from codeclm_beam.model.errors import ModelError
+    checked: set[str] = set()
     for role, model in models:
         spec = model.spec
-        if spec.backend != "openai" or (spec.base_url, spec.model) in checked:
+        if spec.backend not in ("openai", "vertex", "gemini") or model.identity in checked:
             continue
-        checked.add((spec.base_url, spec.model))
+        checked.add(model.identity)
         try:
             create_backend(model).check_model(PROBE_TIMEOUT_S)
-        except ModelUnusable as unusable:
+        except (ModelUnusable, ModelError) as unusable:  # ModelError: no project, no key
             raise ConfigurationError(
                 f"--{role}_model {redact(spec.uri)}: {redact(str(unusable))}") from None
 

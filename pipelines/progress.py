@@ -115,13 +115,17 @@ def describe(snapshot: Snapshot, wanted: Optional[int],
         ago, message = snapshot.last_error or (0.0, "")
         parts.append(f"retries {snapshot.retries} (last {_duration(ago)} ago: {message})")
     done = snapshot.calls_done
+    # Calls are elements answered (from the model or the cache); requests sent count
+    # every re-ask and retry too, as the summary does.
+    sent = int(totals["requests"])
+    sent_text = f" ({sent} requests sent)" if sent != done else ""
     if projected_calls:
         eta = ""
         if done and projected_calls > done:
             eta = f", ETA ~{_duration(snapshot.elapsed / done * (projected_calls - done))}"
-        parts.append(f"calls {done} of ~{max(projected_calls, done)}{eta}")
+        parts.append(f"calls {done} of ~{max(projected_calls, done)}{sent_text}{eta}")
     else:
-        parts.append(f"calls {done}")
+        parts.append(f"calls {done}{sent_text}")
     return " | ".join(parts)
 
 

@@ -79,6 +79,41 @@ def test_an_unauthorised_or_unknown_model_stops_generate_before_any_stage(
     assert len(chats) <= 1 and all(c["body"]["max_tokens"] == 1 for c in chats)
 
 
+def vertex_server(status: int, reason: str) -> RecordingServer:
+    """Vertex AI's publishers.models.get as Google documents its errors: a google.rpc
+    Status with the HTTP code, a message and the canonical status name."""
+    def respond(method, path, body, headers):
+        return status, {"error": {"code": status, "message": f"{reason} ({path})",
+                                  "status": {403: "PERMISSION_DENIED",
+                                             404: "NOT_FOUND"}[status]}}, {}
+    return RecordingServer(respond)
+
+
+@pytest.mark.parametrize("status, said", [
+    (403, "refused the credentials (403 PERMISSION_DENIED); the account needs Vertex AI "
+          "User"),
+    (404, "does not know model 'gemini-9-flash' (404 NOT_FOUND)"),
+])
+def test_vertex_contract_the_model_check_names_refused_credentials_and_unknown_models(
+        tmp_path, capsys, monkeypatch, status, said):
+    monkeypatch.setenv("CODECLM_VERTEX_ACCESS_TOKEN", "fake-token-for-loopback")
+    monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "test-proj")
+    models = scripted_models(tmp_path, "strong_wins")
+    with vertex_server(status, "Permission denied" if status == 403 else
+                       "Publisher Model was not found").running() as fake:
+        models["judge"] = "vertex:gemini-9-flash"
+        status_code = cli_main(["generate", *generate_args(
+            tmp_path, models, write_seeds(tmp_path / "s.jsonl", 2), tmp_path / "out",
+            "--num_examples", "2", "--model_base_url", fake.base_url)])
+    err = capsys.readouterr().err
+    assert status_code == 2
+    line, = [l for l in err.splitlines() if "--judge_model" in l]
+    assert said in line
+    asked, = fake.requests  # one metadata read, no generateContent
+    assert asked["method"] == "GET"
+    assert asked["path"].endswith("/publishers/google/models/gemini-9-flash")
+
+
 def test_a_run_whose_calls_mostly_fail_stops_with_the_reason_and_resumes(tmp_path, capsys):
     seeds = write_seeds(tmp_path / "s.jsonl", 14)
     out = tmp_path / "out"
@@ -242,3 +277,43 @@ def test_evaluate_builds_without_beams_yield_and_return_warning():
 
     from codeclm_beam.transforms.evaluate import contests
     assert not _check_fn_use_yield_and_return(contests)
+
+
+def readme_commands() -> list[str]:
+    """Every `codeclm-beam ...` line of the README's bash blocks, continuations joined,
+    comments and [optional] parts dropped."""
+    text = open(README).read()
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"\s+#.*$", "", re.sub(r"\[[^\]]*\]", "", line)).strip()
+            if line.startswith("codeclm-beam "):
+                lines.append(line)
+    return lines
+
+
+def test_the_readme_commands_that_need_no_cloud_run_as_written(tmp_path, capsys,
+                                                               monkeypatch):
+    """split, plan and show as the README writes them, in a folder laid out as the
+    README assumes (a benchmark file, a pilot run, the demo's output)."""
+    import shutil
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(os.path.join(ROOT, "tests", "fixtures", "benchmarks", "vicuna.jsonl"),
+                "vicuna.jsonl")
+    seeds = write_seeds(tmp_path / "pilot_seeds.jsonl", 6)
+    models = scripted_models(tmp_path, "half")
+    for run in ("out/pilot", "out/demo"):
+        assert cli_main(["generate", *generate_args(tmp_path, models, seeds, run,
+                                                    "--num_examples", "6")]) == 0
+    capsys.readouterr()
+    ran = []
+    for line in readme_commands():
+        words = shlex.split(line)[1:]
+        if words[0] in ("split", "plan", "show"):
+            # `show out/demo c9c4efbf` names one record of the README's own run.
+            if words[0] == "show" and len(words) > 2:
+                words[2] = read_jsonl("out/demo", "examples")[0]["example_id"][:8]
+            assert cli_main(words) == 0, line
+            ran.append(words[0])
+    assert sorted(ran) == ["plan", "show", "show", "split"]
+    assert os.path.exists("data/vicuna/vicuna.seeds.jsonl")

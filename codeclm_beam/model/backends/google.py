@@ -11,6 +11,7 @@ import os
 from typing import Any, Optional
 
 from codeclm_beam.model.backends import Backend
+from codeclm_beam.model.backends import ModelUnusable
 from codeclm_beam.model.backends import RawAnswer
 from codeclm_beam.model.config import FLEX
 from codeclm_beam.model.config import FLEX_TIMEOUT_S
@@ -58,6 +59,36 @@ class GoogleGenAIBackend(Backend):
                 raise PermanentModelError(
                     f"{config.uri}: set GEMINI_API_KEY (or GOOGLE_API_KEY)")
             self._client = genai.Client(api_key=api_key, http_options=http_options)
+
+    def check_model(self, timeout_s: float) -> None:
+        """`models.get`: the model's metadata, a read that is not billed. Refused
+        credentials or a model the service does not know stop the run before any
+        stage; 429 and 5xx say the service is there (the run's retries deal with
+        them)."""
+        from google.auth import exceptions as auth_errors
+        from google.genai import errors as genai_errors
+        try:
+            self._client.models.get(model=self._model, config={
+                "http_options": {"timeout": int(timeout_s * 1000)}})
+        except auth_errors.GoogleAuthError as e:
+            raise ModelUnusable(f"no usable Google Cloud credentials ({type(e).__name__}): "
+                                "run `gcloud auth application-default login`, or set "
+                                "GOOGLE_APPLICATION_CREDENTIALS") from None
+        except genai_errors.APIError as e:
+            if e.code in (401, 403):
+                raise ModelUnusable(
+                    f"the service refused the credentials ({e.code} {e.status}); the "
+                    "account needs Vertex AI User (roles/aiplatform.user) on the "
+                    "project" if self._backend == "vertex" else
+                    f"the service refused the key ({e.code} {e.status}); check "
+                    "GEMINI_API_KEY") from None
+            if e.code == 404:
+                raise ModelUnusable(f"the service does not know model {self._model!r} "
+                                    f"(404 {e.status}); check its name and "
+                                    "--vertex_location") from None
+        except Exception as e:  # httpx: refused, unknown host, no answer in time
+            raise ModelUnusable(f"cannot be reached ({type(e).__name__}: {e}); check "
+                                "--model_base_url and the network") from None
 
     def _config(self, request: ModelRequest):
         types = self._types
