@@ -161,9 +161,18 @@ def _preview_summary(manifest: dict) -> str:
                   + (f", judged {pair.get('strong_score')} vs {pair.get('target_score')}"
                      if gap is not None else "") + f"): "
                   f"{_shortened(pair.get('response', ''))}"]
+    missing = manifest["options"]["preview"] - len(preview["pairs"])
+    if missing > 0 and preview["rejected"]:
+        lines.append(f"  not kept ({missing} short), the first rejected candidates:")
+        for candidate in preview["rejected"][:missing]:
+            lines.append(f"    {candidate.get('reason', '?')}: "
+                         f"{_shortened(candidate.get('instruction', ''))}"
+                         + (f" (judged {candidate.get('strong_score')} vs "
+                            f"{candidate.get('target_score')})"
+                            if candidate.get("strong_score") is not None else ""))
     dead = collections.Counter(f"{d.get('stage', '?')}: {d.get('reason', 'error')}"
                                for d in preview["dead_letters"])
-    lines.append(f"  rejected candidates: {preview['rejected']}; dead letters: "
+    lines.append(f"  rejected candidates: {len(preview['rejected'])}; dead letters: "
                  + (", ".join(f"{n} at {k}" for k, n in sorted(dead.items())) or "none"))
     lines.append(f"  nothing was written to {output_dir} but its cache (the full run "
                  "reuses these answers); run the same command without --preview")

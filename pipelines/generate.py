@@ -127,10 +127,13 @@ def codeclm_config(options: PipelineOptions, run_id: str) -> CodecLMConfig:
     if opts.preview is not None:
         if opts.preview < 1:
             raise ConfigurationError(f"--preview must be at least 1, not {opts.preview}")
-        # A preview is a run of N pairs, sized as a run of N pairs would be.
-        return dataclasses.replace(_codeclm_config(opts, answers, models, options),
-                                   num_examples=opts.preview, num_instructions=None,
-                                   num_metadata=None)
+        # A preview is a run of N pairs, sized as a run of N pairs would be, with two
+        # rounds at most: the second is the first with an improve step before it, so
+        # every stage has run.
+        config = _codeclm_config(opts, answers, models, options)
+        return dataclasses.replace(config, num_examples=opts.preview,
+                                   num_instructions=None, num_metadata=None,
+                                   max_iterations=min(config.max_iterations, 2))
     return _codeclm_config(opts, answers, models, options)
 
 
@@ -297,7 +300,8 @@ def _preview(manifest: dict, config: CodecLMConfig, outputs: OutputDirectory) ->
     manifest["preview"] = {
         "pairs": sorted(read_jsonl_dir(FileSystems.join(outputs.staging, "examples")),
                         key=lambda pair: pair.get("example_id", "")),
-        "rejected": len(read_jsonl_dir(FileSystems.join(outputs.staging, "rejected"))),
+        "rejected": sorted(read_jsonl_dir(FileSystems.join(outputs.staging, "rejected")),
+                           key=lambda candidate: candidate.get("candidate_id", "")),
         "dead_letters": read_jsonl_dir(FileSystems.join(outputs.staging, "dead_letter"))}
     outputs.abandon()
     return manifest

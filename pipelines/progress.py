@@ -192,7 +192,10 @@ class LiveProgress:
             last_stage = stage
 
     def _emit(self, snapshot: Snapshot, final: bool = False) -> None:
-        text = ("done " if final else "") + self.line(snapshot)
+        # Once the run is over, what was done is the projection (and no ETA): the
+        # projection counts a candidate lost to a dead letter as if it went on.
+        text = ("done " + describe(snapshot, self._wanted, snapshot.calls_done) if final
+                else self.line(snapshot))
         if self._bar is not None:
             self._bar.write(text, file=self._stream)
         else:
