@@ -278,7 +278,7 @@ def _embedded_pipeline(work, config) -> tuple[int, float, float]:
              | "Entered" >> beam.Map(lambda r: (time.monotonic(), r))
              | RunInference(KeyedModelHandler(CodecLMModelHandler(config, "bench")))
              | beam.MapTuple(lambda entered, pr: json.dumps(
-                 [entered, time.monotonic(), pr.inference.stats.completion_tokens]))
+                 [entered, time.monotonic(), pr.inference.stats.usage.completion_tokens]))
              | beam.io.WriteToText(answers_file, num_shards=1, shard_name_template=""))
         wall = time.monotonic() - started
         answers = [json.loads(line) for line in open(answers_file)]

@@ -24,14 +24,14 @@ from typing import Any, Iterable, Optional
 
 from apache_beam.metrics import Metrics
 
+from codeclm_beam.model import types
+
 PREFIX = "codeclm/"
 FLOW = "codeclm/flow"
 DEAD_LETTERS = "codeclm/dead_letter"
 
-# Tokens as billed: prompt (of which cached, billed at the cached-input rate), visible
-# output, and thoughts (billed as output).
-TOKEN_KINDS = ("prompt_tokens", "cached_prompt_tokens", "completion_tokens",
-               "thoughts_tokens")
+# Tokens as billed, named where `Usage` is.
+TOKEN_KINDS = types.TOKEN_KINDS
 # What an answer was paid with; a cache hit carries it as stored by the run that paid.
 PAID = ("requests", *TOKEN_KINDS)
 # Counted for cache hits: what earlier runs paid for the answers this run read.
@@ -59,11 +59,6 @@ NOT_PREVIEWED = "not_previewed"
 EXAMPLES = "examples"
 # What a round counts, as round{n}.{what}.
 ROUND_COUNTS = ("candidates", "fresh", "kept", "undecided", "not_needed")
-
-
-def paid_usage(stats) -> dict[str, int]:
-    """A `CallStats`' requests and tokens as paid, keyed by `PAID`."""
-    return {"requests": stats.attempts, **{kind: getattr(stats, kind) for kind in TOKEN_KINDS}}
 
 
 def paid_before(numbers: dict) -> dict[str, float]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Mapping, Optional
 
 from codeclm_beam.metrics import paid_before
+from codeclm_beam.model.types import Usage
 
 # USD per million tokens: input, cached input, output (Vertex AI standard online
 # prices for prompts up to 200k tokens, as published when this was written).
@@ -52,14 +53,14 @@ def price_of(uri: str, prices: Mapping) -> Optional[dict]:
 
 def cost_usd(tokens: Mapping[str, float], price: Optional[Mapping],
              factor: float = 1.0) -> Optional[float]:
-    """What `tokens` ({prompt_tokens, cached_prompt_tokens, completion_tokens,
-    thoughts_tokens}) cost at `price` times `factor` (`mode_factor`); None when the
-    price is unknown."""
+    """What `tokens` (a mapping with the `Usage` kinds, such as a stage's counters)
+    cost at `price` times `factor` (`mode_factor`); None when the price is unknown."""
     if price is None:
         return None
-    prompt = tokens.get("prompt_tokens", 0)
-    cached = min(tokens.get("cached_prompt_tokens", 0), prompt)
-    output = tokens.get("completion_tokens", 0) + tokens.get("thoughts_tokens", 0)
+    usage = Usage.from_dict(tokens)
+    prompt = usage.prompt_tokens
+    cached = min(usage.cached_prompt_tokens, prompt)
+    output = usage.completion_tokens + usage.thoughts_tokens
     return factor * ((prompt - cached) * price["input"]
                      + cached * price.get("cached_input", price["input"])
                      + output * price["output"]) / 1e6

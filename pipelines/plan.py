@@ -26,6 +26,7 @@ from codeclm_beam.pricing import mode_factor
 from codeclm_beam.pricing import price_of
 from codeclm_beam.metrics import TOKEN_KINDS
 from codeclm_beam.metrics import paid_in_all
+from codeclm_beam.model.types import Usage
 from codeclm_beam.transforms.codeclm import default_pool_size
 from codeclm_beam.transforms.codeclm import round_slots
 from codeclm_beam.transforms.decode import instructions_per_entry
@@ -176,8 +177,7 @@ def project_stages(by_stage: dict, elements: dict[str, float],
             total = per_model.setdefault(model, {"requests": 0.0, "tokens": 0.0})
             total["requests"] += requests
             # Quotas count thoughts as output tokens, as the bill does.
-            total["tokens"] += (tokens["prompt_tokens"] + tokens["completion_tokens"]
-                                + tokens["thoughts_tokens"])
+            total["tokens"] += Usage.from_dict(tokens).billed
     return stages, per_model
 
 
@@ -248,8 +248,7 @@ def plan(pilot: Pilot, num_examples: int, num_instructions: Optional[int] = None
         },
         "stages": stages,
         "total_requests": sum(s["requests"] for s in stages),
-        "total_tokens": sum(s["prompt_tokens"] + s["completion_tokens"]
-                            + s["thoughts_tokens"] for s in stages),
+        "total_tokens": sum(Usage.from_dict(s).billed for s in stages),
         "total_thoughts_tokens": sum(s["thoughts_tokens"] for s in stages),
         "cost_usd": None if None in costs else round(sum(costs), 2),
         # vertex: models served online, with Flex PayGo, or by batch prediction jobs.

@@ -22,6 +22,7 @@ from apache_beam.options.pipeline_options import StandardOptions
 from codeclm_beam import metrics
 from codeclm_beam.model import batch
 from codeclm_beam.metrics import RunCounters
+from codeclm_beam.model.types import Usage
 from codeclm_beam.options import RunOptions
 from codeclm_beam.options import is_dry_run
 
@@ -89,8 +90,7 @@ def describe(snapshot: Snapshot, wanted: Optional[int],
         s = snapshot.by_stage.get(stage, {})
         label = f"round {snapshot.round} " if snapshot.round and stage in (
             "answer_strong", "answer_target", "judge", "improve") else ""
-        tokens = sum(s.get(kind, 0) for kind in metrics.TOKEN_KINDS
-                     if kind != "cached_prompt_tokens")
+        tokens = Usage.from_dict(s).billed
         parts.append(
             f"{label}{stage}: {s.get('elements', 0)} done, "
             f"{snapshot.in_flight.get(stage, 0)} in flight, "

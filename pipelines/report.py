@@ -14,6 +14,7 @@ from typing import Any, Optional
 from apache_beam.io.filesystems import FileSystems
 
 from codeclm_beam.metrics import paid_before
+from codeclm_beam.model.types import Usage
 from codeclm_beam.pipelines.manifest import judge_note
 from codeclm_beam.pricing import run_cost
 from codeclm_beam.pricing import merged_prices
@@ -159,8 +160,7 @@ def gap_histogram(gaps: list[float], threshold: float, scale: int) -> str:
 
 
 def _billed_tokens(numbers: dict) -> int:
-    return sum(numbers.get(k, 0) for k in ("prompt_tokens", "completion_tokens",
-                                           "thoughts_tokens"))
+    return Usage.from_dict(numbers).billed
 
 
 def calls_per_stage(by_stage: dict) -> str:

@@ -19,6 +19,7 @@ from codeclm_beam.model.backends import Backend
 from codeclm_beam.model.backends import RawAnswer
 from codeclm_beam.model.errors import PermanentModelError
 from codeclm_beam.model.errors import TransientModelError
+from codeclm_beam.model.types import Usage
 
 STRONG_PREFIX = "STRONG ANSWER:"
 TARGET_PREFIX = "TARGET ANSWER:"
@@ -86,8 +87,8 @@ class ScriptedBackend(Backend):
         text = data if isinstance(data, str) else json.dumps(data)
         if self.scenario.get("surrogate_when") and self.scenario["surrogate_when"] in user:
             text = text + " \ud800"  # a lone surrogate, as a broken server may send
-        return RawAnswer(text, prompt_tokens=len(user) // 4 + 1,
-                         completion_tokens=len(text) // 4 + 1, finish_reason="STOP")
+        return RawAnswer(text, "STOP", Usage(prompt_tokens=len(user) // 4 + 1,
+                                             completion_tokens=len(text) // 4 + 1))
 
     def _encode(self, request, user, schema):
         with self._lock:

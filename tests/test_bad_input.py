@@ -17,6 +17,7 @@ from codeclm_beam.model import ModelConfig
 from codeclm_beam.model import ModelFailure
 from codeclm_beam.model import ModelRequest
 from codeclm_beam.model import ModelResponse
+from codeclm_beam.model import Usage
 from codeclm_beam.model.backends import Backend
 from codeclm_beam.model.backends import RawAnswer
 from codeclm_beam.pipelines.outputs import to_ascii_json_line
@@ -121,7 +122,7 @@ class _Answers(Backend):
         self._texts = list(texts)
 
     def generate(self, request):
-        return RawAnswer(self._texts.pop(0), 1, 1, "stop")
+        return RawAnswer(self._texts.pop(0), "stop", Usage(1, 0, 1))
 
 
 @settings(max_examples=150, deadline=None)

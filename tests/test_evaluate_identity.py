@@ -11,6 +11,7 @@ from codeclm_beam.model import ModelConfig
 from codeclm_beam.model import ModelRequest
 from codeclm_beam.model.cache import ResponseCache
 from codeclm_beam.model.types import ModelResponse
+from codeclm_beam.model.types import Usage
 from codeclm_beam.model.uri import ModelSpec
 from codeclm_beam.pipelines.cli import main as cli_main
 from tests.helpers import read_jsonl
@@ -132,7 +133,7 @@ def test_a_gguf_replaced_in_place_is_another_model(tmp_path):
     # The cache is keyed by identity: the old answer is a miss for the new file.
     request = ModelRequest.create("r", [ChatMessage("user", "hi")])
     cache = ResponseCache(str(tmp_path / "cache"))
-    cache.put(request.cache_key(first), ModelResponse("old", None, 1, 1, "stop"))
+    cache.put(request.cache_key(first), ModelResponse("old", None, "stop", Usage(1, 0, 1)))
     assert cache.get(request.cache_key(first)).text == "old"
     assert cache.get(request.cache_key(replaced)) is None
 

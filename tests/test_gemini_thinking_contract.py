@@ -182,8 +182,8 @@ def test_an_answer_still_cut_after_the_re_send_is_a_truncated_failure():
         assert [e["max_tokens"] for e in server.log] == [129, 258, 129, 129]
         assert all(e["thinking"] == {"thinkingBudget": 128} for e in server.log)
         # Every token the server reported is accounted for, thoughts apart.
-        assert result.stats.thoughts_tokens == server.usage["thoughts"] > 0
-        assert result.stats.completion_tokens == server.usage["candidates"]
+        assert result.stats.usage.thoughts_tokens == server.usage["thoughts"] > 0
+        assert result.stats.usage.completion_tokens == server.usage["candidates"]
 
 
 def test_openai_reasoning_effort_passes_through_and_its_tokens_are_split():
@@ -194,8 +194,8 @@ def test_openai_reasoning_effort_passes_through_and_its_tokens_are_split():
         assert isinstance(result, ModelResponse), result
         assert server.log[0]["thinking"] == "medium"
         assert server.log[0]["max_tokens"] == 200 + 16384
-        assert result.thoughts_tokens == server.usage["thoughts"] > 0
-        assert result.completion_tokens == server.usage["candidates"] > 0
+        assert result.usage.thoughts_tokens == server.usage["thoughts"] > 0
+        assert result.usage.completion_tokens == server.usage["candidates"] > 0
 
 
 # ---- whole runs ---------------------------------------------------------------------
@@ -291,7 +291,7 @@ def test_the_token_quota_is_charged_for_thoughts(monkeypatch):
                                                run_id=uuid.uuid4().hex))
         result = ModelClient(config).call(free_text_request(200, config.thinking_for(
             DEFAULT)))
-    assert isinstance(result, ModelResponse) and result.thoughts_tokens > 0
+    assert isinstance(result, ModelResponse) and result.usage.thoughts_tokens > 0
     # The estimate paid before the call plus the correction after it: every token the
     # server reported, thoughts included.
     assert sum(charged) == sum(server.usage.values())

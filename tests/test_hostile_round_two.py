@@ -10,6 +10,7 @@ from codeclm_beam.model import ModelClient
 from codeclm_beam.model import ModelConfig
 from codeclm_beam.model import ModelFailure
 from codeclm_beam.model import ModelResponse
+from codeclm_beam.model import Usage
 from codeclm_beam.model.cache import ResponseCache
 from codeclm_beam.model.errors import ConfigurationError
 from codeclm_beam.pipelines.cli import main as cli_main
@@ -160,8 +161,8 @@ def test_an_answer_the_stage_cannot_use_is_re_asked_and_never_cached(tmp_path):
     cache = ResponseCache(str(tmp_path / "cache"))
     cache.put(request.cache_key(client.identity), ModelResponse(
         text=json.dumps({"use_case": "x", "skills": ["knowledge"]}),
-        data={"use_case": "x", "skills": ["knowledge"]}, prompt_tokens=1,
-        completion_tokens=1, finish_reason="stop"))
+        data={"use_case": "x", "skills": ["knowledge"]}, finish_reason="stop",
+        usage=Usage(prompt_tokens=1, completion_tokens=1)))
     again = client.call(request)
     assert not again.stats.cache_hit and again.stats.attempts == 1
     assert len(read_calls(tmp_path / "log")) == 3

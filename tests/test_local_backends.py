@@ -44,7 +44,7 @@ def test_embedded_model_answers_schema_valid_json():
     for result in results:
         assert isinstance(result, ModelResponse), result
         jsonschema.validate(result.data, SCHEMA)
-        assert result.prompt_tokens > 0 and result.completion_tokens > 0
+        assert result.usage.prompt_tokens > 0 and result.usage.completion_tokens > 0
         assert result.stats.attempts == 1
 
 
@@ -68,7 +68,7 @@ def test_openai_compatible_backend_against_llama_cpp_server(llama_server):
                 result = prediction.inference
                 assert isinstance(result, ModelResponse), result
                 jsonschema.validate(result.data, SCHEMA)
-                assert result.completion_tokens > 0
+                assert result.usage.completion_tokens > 0
         assert_that(results, check)
 
 

@@ -100,7 +100,7 @@ def test_vertex_generate_content_contract():
                     n = int(rid[1:])
                     assert isinstance(res, ModelResponse)
                     assert res.data == {"n": 2 * n}
-                    assert res.prompt_tokens == 10 + n and res.completion_tokens == 3
+                    assert res.usage.prompt_tokens == 10 + n and res.usage.completion_tokens == 3
                     assert res.finish_reason == "STOP"
                 assert by_id["r11"].stats.retries == 1
                 assert by_id["r11"].stats.attempts == 2

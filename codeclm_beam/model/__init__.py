@@ -11,11 +11,12 @@ from codeclm_beam.model.types import GenerationSettings
 from codeclm_beam.model.types import ModelFailure
 from codeclm_beam.model.types import ModelRequest
 from codeclm_beam.model.types import ModelResponse
+from codeclm_beam.model.types import Usage
 from codeclm_beam.model.uri import DEFAULT_MODEL_URI
 from codeclm_beam.model.uri import ModelSpec
 
 __all__ = [
     "CallStats", "ChatMessage", "CodecLMModelHandler", "DEFAULT_MODEL_URI",
     "GenerationSettings", "ModelClient", "ModelConfig", "ModelFailure", "ModelRequest",
-    "ModelResponse", "ModelSpec", "QuotaConfig", "MinuteQuota", "TokenBucketRateLimiter",
+    "ModelResponse", "ModelSpec", "QuotaConfig", "MinuteQuota", "TokenBucketRateLimiter", "Usage",
 ]

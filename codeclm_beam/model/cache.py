@@ -18,8 +18,11 @@ from typing import Optional
 
 from apache_beam.io.filesystems import FileSystems
 
-from codeclm_beam import metrics
-from codeclm_beam.model.types import CallStats, ModelResponse
+from codeclm_beam.model.types import TOKEN_KINDS
+from codeclm_beam.model.types import CallStats
+from codeclm_beam.model.types import ModelResponse
+from codeclm_beam.model.types import Paid
+from codeclm_beam.model.types import Usage
 
 _LOG = logging.getLogger(__name__)
 _FORMAT_VERSION = 2
@@ -59,12 +62,9 @@ class ResponseCache:
             "key": key,
             "text": response.text,
             "data": response.data,
-            "prompt_tokens": response.prompt_tokens,
-            "completion_tokens": response.completion_tokens,
             "finish_reason": response.finish_reason,
-            "cached_prompt_tokens": response.cached_prompt_tokens,
-            "thoughts_tokens": response.thoughts_tokens,
-            "paid": metrics.paid_usage(response.stats),
+            **response.usage.as_dict(),
+            "paid": Paid(response.stats.attempts, response.stats.usage).as_dict(),
         }
         body = json.dumps(entry, ensure_ascii=False).encode("utf-8")
         try:
@@ -74,9 +74,8 @@ class ResponseCache:
             _LOG.warning("could not write response cache entry %s: %s", key, e)
 
 
-_ENTRY_FIELDS = {"text": str, "finish_reason": str, "prompt_tokens": int,
-                 "completion_tokens": int, "cached_prompt_tokens": int,
-                 "thoughts_tokens": int}
+_ENTRY_FIELDS = {"text": str, "finish_reason": str,
+                 **{kind: int for kind in TOKEN_KINDS}}
 
 
 def _response_from(entry, key: str) -> Optional[ModelResponse]:
@@ -88,25 +87,27 @@ def _response_from(entry, key: str) -> Optional[ModelResponse]:
     if entry.get("key") != key:
         raise ValueError("it holds another request's key")
     for name, kind in _ENTRY_FIELDS.items():
-        value = entry.get(name)
-        if not isinstance(value, kind) or isinstance(value, bool) or (
-                kind is int and value < 0):
-            raise ValueError(f"field {name!r} is {value!r}")
-    return ModelResponse(data=entry.get("data"),
-                         stats=CallStats(cache_hit=True, paid_before=_paid(entry)),
-                         **{name: entry[name] for name in _ENTRY_FIELDS})
+        _check(entry.get(name), kind, name)
+    usage = Usage.from_dict(entry)
+    return ModelResponse(text=entry["text"], data=entry.get("data"),
+                         finish_reason=entry["finish_reason"], usage=usage,
+                         stats=CallStats(cache_hit=True, paid_before=_paid(entry, usage)))
 
 
-def _paid(entry: dict) -> dict[str, int]:
+def _check(value, kind: type, name: str) -> None:
+    if not isinstance(value, kind) or isinstance(value, bool) or (
+            kind is int and value < 0):
+        raise ValueError(f"field {name!r} is {value!r}")
+
+
+def _paid(entry: dict, usage: Usage) -> Paid:
     """What the stored answer was paid with. Entries written before this was stored
     count one request at the answer's own tokens: the least it can have cost."""
     paid = entry.get("paid")
     if paid is None:
-        return {"requests": 1, **{kind: entry[kind] for kind in metrics.TOKEN_KINDS}}
+        return Paid(1, usage)
     if not isinstance(paid, dict):
         raise ValueError(f"field 'paid' is {paid!r}")
-    for name in metrics.PAID:
-        value = paid.get(name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ValueError(f"field 'paid.{name}' is {value!r}")
-    return {name: paid[name] for name in metrics.PAID}
+    for name in ("requests", *TOKEN_KINDS):
+        _check(paid.get(name), int, f"paid.{name}")
+    return Paid.from_dict(paid)

@@ -53,6 +53,7 @@ from codeclm_beam.model.types import ModelFailure
 from codeclm_beam.model.types import ModelRequest
 from codeclm_beam.model.types import ModelResponse
 from codeclm_beam.model.types import ModelResult
+from codeclm_beam.model.types import Usage
 from codeclm_beam.records import invalid_text_reason
 from codeclm_beam.redact import redact
 
@@ -281,7 +282,8 @@ class ModelClient:
             f"answer stopped at the output limit (finish reason {raw.finish_reason}; "
             f"limit {self._wire_limit(request)} tokens for a visible budget of "
             f"{request.settings.max_output_tokens}, and one re-send with more room; "
-            f"last answer: {raw.completion_tokens} visible + {raw.thoughts_tokens} "
+            f"last answer: {raw.usage.completion_tokens} visible + "
+            f"{raw.usage.thoughts_tokens} "
             "thought tokens): raise the stage's output budget or lower its thinking",
             raw.text, raw.finish_reason)
 
@@ -309,11 +311,10 @@ class ModelClient:
             counters["throttled"] += time.monotonic() - started
         counters["attempts"] += 1
         raw = self.backend.generate(request)
-        _add_tokens(counters, raw)
+        counters["usage"] += raw.usage
         if isinstance(self.limiter, TokenBucketRateLimiter):
             # Thoughts are output tokens to a quota, as they are to the bill.
-            self.limiter.charge_tokens(raw.prompt_tokens - estimate + raw.completion_tokens
-                                       + raw.thoughts_tokens)
+            self.limiter.charge_tokens(raw.usage.billed - estimate)
         return raw
 
     def _failure(self, request, error, counters, last: Optional[RawAnswer]
@@ -331,22 +332,16 @@ class ModelClient:
                 last.finish_reason if last else None))
 
 
-_COUNTED = ("attempts", "retries", "parse_retries", "truncation_retries", "prompt_tokens",
-            "cached_prompt_tokens", "completion_tokens", "thoughts_tokens")
-
-
-def _add_tokens(counters: dict, raw: RawAnswer) -> None:
-    for kind in metrics.TOKEN_KINDS:
-        counters[kind] += getattr(raw, kind)
+_COUNTED = ("attempts", "retries", "parse_retries", "truncation_retries")
 
 
 def _new_counters() -> dict:
-    return {**dict.fromkeys(_COUNTED, 0), "throttled": 0.0}
+    return {**dict.fromkeys(_COUNTED, 0), "throttled": 0.0, "usage": Usage()}
 
 
 def _stats(counters: dict, truncated: bool = False) -> CallStats:
     return CallStats(throttled_seconds=counters["throttled"], truncated=truncated,
-                     **{name: counters[name] for name in _COUNTED})
+                     usage=counters["usage"], **{name: counters[name] for name in _COUNTED})
 
 
 def _with_stats(response: ModelResponse, stats: CallStats) -> ModelResponse:
@@ -398,17 +393,14 @@ class Asking:
                 None if seed is None else seed + _REASK_SEED_STRIDE * self._reasks)
             return
         self.next_request = None
-        self.response = ModelResponse(
-            text=raw.text, data=data, prompt_tokens=raw.prompt_tokens,
-            completion_tokens=raw.completion_tokens, finish_reason=raw.finish_reason,
-            cached_prompt_tokens=raw.cached_prompt_tokens,
-            thoughts_tokens=raw.thoughts_tokens)
+        self.response = ModelResponse(text=raw.text, data=data,
+                                      finish_reason=raw.finish_reason, usage=raw.usage)
 
     def charge(self, raw: RawAnswer) -> None:
         """Counts an answer that came by another way than `_send_once` (a batch
         job's line): one billed attempt and its tokens."""
         self.counters["attempts"] += 1
-        _add_tokens(self.counters, raw)
+        self.counters["usage"] += raw.usage
 
     def fail(self, error: BaseException) -> None:
         self.next_request = None
@@ -441,10 +433,11 @@ class StageMetrics:
             totals["truncation_retries"] += stats.truncation_retries
             totals["truncated"] += int(final and stats.truncated)
             totals["failures"] += int(final and isinstance(result, ModelFailure))
-            for tokens in metrics.TOKEN_KINDS:
-                totals[tokens] += getattr(stats, tokens)
-            for name, value in (stats.paid_before or {}).items():
-                totals[metrics.PAID_BEFORE[name]] += value
+            for kind, tokens in stats.usage.as_dict().items():
+                totals[kind] += tokens
+            if stats.paid_before is not None:
+                for name, value in stats.paid_before.as_dict().items():
+                    totals[metrics.PAID_BEFORE[name]] += value
             throttled += stats.throttled_seconds
         totals["throttled_ms"] = int(throttled * 1000)
         for name, value in totals.items():

@@ -88,6 +88,52 @@ class ModelRequest:
 
 
 @dataclasses.dataclass(frozen=True)
+class Usage:
+    """Tokens as billed, the one place their kinds are named: prompt (of which cached,
+    billed at the cached-input rate), visible output, and thoughts (billed as output,
+    not part of completion_tokens, as Gemini counts them)."""
+
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    completion_tokens: int = 0
+    thoughts_tokens: int = 0
+
+    def __add__(self, other: "Usage") -> "Usage":
+        return Usage(*(a + b for a, b in zip(dataclasses.astuple(self),
+                                             dataclasses.astuple(other))))
+
+    @property
+    def billed(self) -> int:
+        """What a quota and the "tokens" figures count: prompt, output and thoughts."""
+        return self.prompt_tokens + self.completion_tokens + self.thoughts_tokens
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Usage":
+        return cls(**{kind: values.get(kind, 0) for kind in TOKEN_KINDS})
+
+
+TOKEN_KINDS = tuple(field.name for field in dataclasses.fields(Usage))
+
+
+@dataclasses.dataclass(frozen=True)
+class Paid:
+    """What an answer cost: the requests sent for it (every attempt) and their usage."""
+
+    requests: int = 0
+    usage: Usage = Usage()
+
+    def as_dict(self) -> dict[str, int]:
+        return {"requests": self.requests, **self.usage.as_dict()}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Paid":
+        return cls(values.get("requests", 0), Usage.from_dict(values))
+
+
+@dataclasses.dataclass(frozen=True)
 class CallStats:
     """What it took to answer one request; summed into Beam metrics per stage."""
 
@@ -100,15 +146,11 @@ class CallStats:
     truncated: bool = False
     cache_hit: bool = False
     throttled_seconds: float = 0.0
-    # Tokens as billed, over every attempt: prompt (of which cached), visible output,
-    # and thoughts (billed as output; not part of completion_tokens).
-    prompt_tokens: int = 0
-    cached_prompt_tokens: int = 0
-    completion_tokens: int = 0
-    thoughts_tokens: int = 0
-    # A cache hit: the requests and tokens the run that asked paid for this answer
-    # ({"requests", *TOKEN_KINDS}); counted apart, as "paid before".
-    paid_before: Optional[dict] = dataclasses.field(default=None, hash=False)
+    # Tokens as billed, over every attempt.
+    usage: Usage = Usage()
+    # A cache hit: what the run that asked paid for this answer; counted apart, as
+    # "paid before".
+    paid_before: Optional[Paid] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,11 +159,9 @@ class ModelResponse:
     # The parsed JSON answer, validated against the request's schema; None for a
     # free-text request.
     data: Any
-    prompt_tokens: int
-    completion_tokens: int
     finish_reason: str
-    cached_prompt_tokens: int = 0
-    thoughts_tokens: int = 0
+    # This answer's own tokens (the last attempt); `stats.usage` counts every attempt.
+    usage: Usage = Usage()
     stats: CallStats = CallStats()
 
 

@@ -13,6 +13,7 @@ import dataclasses
 
 from codeclm_beam.model.config import ModelConfig
 from codeclm_beam.model.types import ModelRequest
+from codeclm_beam.model.types import Usage
 
 
 # httpx logs every request at INFO ("HTTP Request: POST ... 200 OK"): under a runner
@@ -26,15 +27,11 @@ TRUNCATED_FINISH_REASONS = frozenset({"MAX_TOKENS", "LENGTH"})
 @dataclasses.dataclass(frozen=True)
 class RawAnswer:
     text: str
-    prompt_tokens: int
-    # Visible output only; thought (reasoning) tokens are counted apart, as Gemini's
-    # `candidatesTokenCount` does (OpenAI's completion_tokens includes them: the
-    # backend subtracts).
-    completion_tokens: int
     finish_reason: str
-    thoughts_tokens: int = 0
-    # Of prompt_tokens, those served from (implicit or explicit) context cache.
-    cached_prompt_tokens: int = 0
+    # Visible output apart from thought (reasoning) tokens, as Gemini's
+    # `candidatesTokenCount` counts it (OpenAI's completion_tokens includes them: the
+    # backend subtracts); cached prompt tokens are those served from context cache.
+    usage: Usage = Usage()
 
     @property
     def truncated(self) -> bool:

@@ -22,6 +22,7 @@ from codeclm_beam.model.errors import classify_http_status
 from codeclm_beam.model.errors import parse_retry_after
 from codeclm_beam.model.thinking import output_token_limit
 from codeclm_beam.model.types import ModelRequest
+from codeclm_beam.model.types import Usage
 
 
 FLEX_HEADER = "X-Vertex-AI-LLM-Shared-Request-Type"
@@ -167,13 +168,11 @@ def _raw_answer(response) -> RawAnswer:
     text = "".join(part.text or "" for part in (candidate.content.parts or [])
                    if not getattr(part, "thought", False)) if candidate.content else ""
     usage = response.usage_metadata
-    return RawAnswer(
-        text=text,
+    return RawAnswer(text=text, finish_reason=finish_name, usage=Usage(
         prompt_tokens=(usage.prompt_token_count or 0) if usage else 0,
+        cached_prompt_tokens=(usage.cached_content_token_count or 0) if usage else 0,
         completion_tokens=(usage.candidates_token_count or 0) if usage else 0,
-        finish_reason=finish_name,
-        thoughts_tokens=(usage.thoughts_token_count or 0) if usage else 0,
-        cached_prompt_tokens=(usage.cached_content_token_count or 0) if usage else 0)
+        thoughts_tokens=(usage.thoughts_token_count or 0) if usage else 0))
 
 
 def _token_credentials():

@@ -21,6 +21,7 @@ from codeclm_beam.model.backends import RawAnswer
 from codeclm_beam.model.config import ModelConfig
 from codeclm_beam.model.errors import PermanentModelError
 from codeclm_beam.model.types import ModelRequest
+from codeclm_beam.model.types import Usage
 
 _MODELS: dict[tuple, "_EmbeddedModel"] = {}
 _MODELS_LOCK = threading.Lock()
@@ -181,6 +182,6 @@ class LlamaCppBackend(Backend):
         usage = out.get("usage") or {}
         return RawAnswer(
             text=choice["message"].get("content") or "",
-            prompt_tokens=usage.get("prompt_tokens", 0),
-            completion_tokens=usage.get("completion_tokens", 0),
-            finish_reason=choice.get("finish_reason") or "stop")
+            finish_reason=choice.get("finish_reason") or "stop",
+            usage=Usage(prompt_tokens=usage.get("prompt_tokens", 0),
+                        completion_tokens=usage.get("completion_tokens", 0)))

@@ -22,6 +22,7 @@ from codeclm_beam.model.errors import classify_http_status
 from codeclm_beam.model.errors import parse_retry_after
 from codeclm_beam.model.thinking import output_token_limit
 from codeclm_beam.model.types import ModelRequest
+from codeclm_beam.model.types import Usage
 
 
 def client_url(base_url: str) -> tuple[str, dict[str, str]]:
@@ -93,11 +94,12 @@ class OpenAICompatibleBackend(Backend):
         completion = (usage.completion_tokens or 0) if usage else 0
         return RawAnswer(
             text=choice.message.content or "",
-            prompt_tokens=(usage.prompt_tokens or 0) if usage else 0,
-            completion_tokens=max(0, completion - reasoning),
             finish_reason=choice.finish_reason or "stop",
-            thoughts_tokens=reasoning,
-            cached_prompt_tokens=getattr(prompt_details, "cached_tokens", None) or 0)
+            usage=Usage(
+                prompt_tokens=(usage.prompt_tokens or 0) if usage else 0,
+                cached_prompt_tokens=getattr(prompt_details, "cached_tokens", None) or 0,
+                completion_tokens=max(0, completion - reasoning),
+                thoughts_tokens=reasoning))
 
     def check_model(self, timeout_s: float) -> None:
         """The server's model list (nothing billed), and when the model is not in it,
