@@ -87,3 +87,13 @@ def test_the_example_through_codeclm_beam_yaml_writes_every_output_and_caches(
     assert "dead_letters.jsonl-00000-of-00001" in written and _rows(out, "dead_letters") == []
     assert len(_rows(out, "improved")) == 4
     assert any((out / "cache").rglob("*.json"))  # a killed run resumes from it
+
+
+def test_the_example_names_an_in_process_runner_that_downloads_nothing():
+    from apache_beam.options.pipeline_options import StandardOptions
+    from apache_beam.yaml.main import build_pipeline_components_from_argv
+    options, _, _ = build_pipeline_components_from_argv(
+        [f"--yaml_pipeline_file={EXAMPLE}"])
+    # DirectRunner would try Prism first (a download from GitHub); FnApiRunner is
+    # the in-process runner it falls back to.
+    assert options.view_as(StandardOptions).runner == "FnApiRunner"
