@@ -33,7 +33,7 @@ DEAD_LETTERS = "codeclm/dead_letter"
 # Tokens as billed, named where `Usage` is.
 TOKEN_KINDS = types.TOKEN_KINDS
 # What an answer was paid with; a cache hit carries it as stored by the run that paid.
-PAID = ("requests", *TOKEN_KINDS)
+PAID = types.PAID_FIELDS
 # Counted for cache hits: what earlier runs paid for the answers this run read.
 PAID_BEFORE = {name: f"paid_before_{name}" for name in PAID}
 MODEL_COUNTERS = ("requests", "cache_hits", "retries", "parse_retries",

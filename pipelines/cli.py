@@ -143,6 +143,13 @@ def _shortened(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
+def _judged(record: dict) -> str:
+    """"judged S vs T" for a pair or candidate the judge scored, else ""."""
+    if record.get("strong_score") is None or record.get("target_score") is None:
+        return ""
+    return f"judged {record['strong_score']} vs {record['target_score']}"
+
+
 def _preview_summary(manifest: dict) -> str:
     preview, calls = manifest["preview"], manifest["model_calls"]["totals"]
     acc, output_dir = manifest["accounting"], manifest["options"]["output_dir"]
@@ -155,21 +162,19 @@ def _preview_summary(manifest: dict) -> str:
              f"requests, {calls.get('cache_hits', 0)} cache hits, cost "
              f"{_usd(manifest['cost']['usd'])}"]
     for number, pair in enumerate(preview["pairs"], start=1):
-        gap = pair.get("gap")
+        judged = _judged(pair)
         lines += [f"  [{number}] {_shortened(pair.get('instruction', ''))}",
                   f"      answer ({pair.get('response_source', '?')}"
-                  + (f", judged {pair.get('strong_score')} vs {pair.get('target_score')}"
-                     if gap is not None else "") + f"): "
+                  + (f", {judged}" if judged else "") + f"): "
                   f"{_shortened(pair.get('response', ''))}"]
     missing = manifest["options"]["preview"] - len(preview["pairs"])
     if missing > 0 and preview["rejected"]:
         lines.append(f"  not kept ({missing} short), the first rejected candidates:")
         for candidate in preview["rejected"][:missing]:
+            judged = _judged(candidate)
             lines.append(f"    {candidate.get('reason', '?')}: "
                          f"{_shortened(candidate.get('instruction', ''))}"
-                         + (f" (judged {candidate.get('strong_score')} vs "
-                            f"{candidate.get('target_score')})"
-                            if candidate.get("strong_score") is not None else ""))
+                         + (f" ({judged})" if judged else ""))
     dead = collections.Counter(f"{d.get('stage', '?')}: {d.get('reason', 'error')}"
                                for d in preview["dead_letters"])
     lines.append(f"  rejected candidates: {len(preview['rejected'])}; dead letters: "

@@ -12,7 +12,6 @@ from typing import Any, Optional
 import apache_beam as beam
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import GoogleCloudOptions
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from codeclm_beam import metrics
@@ -252,17 +251,10 @@ def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = N
     run_opts = options.view_as(RunOptions)
     output_dir = run_opts.output_dir
     offline = is_dry_run(options)  # a dry run reads no gs:// input, writes nothing
-    cloud = options.view_as(GoogleCloudOptions)
-    preflight_lib.check_gcs_names(
+    preflight_lib.check_gcs_paths(
         [*(("--benchmark", path) for path in opts.benchmark), ("--output_dir", output_dir),
          ("--cache_dir", options.view_as(ModelOptions).cache_dir),
-         ("--batch_dir", options.view_as(ModelOptions).batch_dir),
-         ("--temp_location", cloud.temp_location),
-         ("--staging_location", cloud.staging_location)])
-    if not offline:
-        preflight_lib.check_gcs_credentials(
-            [*opts.benchmark, output_dir, options.view_as(ModelOptions).cache_dir,
-             options.view_as(ModelOptions).batch_dir])
+         ("--batch_dir", options.view_as(ModelOptions).batch_dir)], options, offline)
     run_id = uuid.uuid4().hex[:12]
     outputs = OutputDirectory(output_dir, run_id, "summary.json", run_opts.force)
     if not offline:

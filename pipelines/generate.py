@@ -12,7 +12,6 @@ from typing import Any, Optional
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
-from apache_beam.options.pipeline_options import GoogleCloudOptions
 from apache_beam.options.pipeline_options import StandardOptions
 
 from codeclm_beam import metrics
@@ -230,11 +229,11 @@ def preflight(options: PipelineOptions, config: CodecLMConfig) -> None:
     offline = is_dry_run(options)
     if bool(opts.seeds) == bool(opts.metadata):
         raise ConfigurationError("give exactly one of --seeds and --metadata")
-    preflight_lib.check_gcs_names(storage_paths(options, config))
+    preflight_lib.check_gcs_paths(
+        [("--seeds", opts.seeds), ("--metadata", opts.metadata),
+         ("--output_dir", run_opts.output_dir), ("--cache_dir", config.strong.cache_dir),
+         ("--batch_dir", config.strong.batch.batch_dir)], options, offline)
     if not offline:
-        preflight_lib.check_gcs_credentials(
-            [opts.seeds, opts.metadata, run_opts.output_dir, config.strong.cache_dir,
-             config.strong.batch.batch_dir])
         preflight_lib.check_models_reachable(
             [("strong", config.strong), ("target", config.target),
              ("judge", config.judge)])
@@ -253,18 +252,6 @@ def preflight(options: PipelineOptions, config: CodecLMConfig) -> None:
         preflight_lib.check_rows(opts.metadata, "--metadata",
                                  lambda source, row: make_user_metadata(
                                      source, row, config.max_skills))
-
-
-def storage_paths(options: PipelineOptions, config) -> list[tuple[str, Optional[str]]]:
-    """Every path a run reads or writes, with the flag that names it."""
-    cloud = options.view_as(GoogleCloudOptions)
-    opts = options.get_all_options()
-    return list({"--seeds": opts.get("seeds"), "--metadata": opts.get("metadata"),
-            "--output_dir": options.view_as(RunOptions).output_dir,
-            "--cache_dir": config.strong.cache_dir,
-            "--batch_dir": config.strong.batch.batch_dir,
-            "--temp_location": cloud.temp_location,
-            "--staging_location": cloud.staging_location}.items())
 
 
 def projected_calls(config: CodecLMConfig, from_metadata: bool,

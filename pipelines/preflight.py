@@ -52,6 +52,19 @@ def check_models_reachable(models: Iterable[tuple[str, ModelConfig]]) -> None:
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]")
 
 
+def check_gcs_paths(paths: list[tuple[str, Optional[str]]], options,
+                    offline: bool) -> None:
+    """The run's own paths (flag, path) and Beam's temp and staging locations name
+    buckets that can exist; and, unless the run is a dry run, the run's gs:// paths
+    have credentials."""
+    from apache_beam.options.pipeline_options import GoogleCloudOptions
+    cloud = options.view_as(GoogleCloudOptions)
+    check_gcs_names([*paths, ("--temp_location", cloud.temp_location),
+                     ("--staging_location", cloud.staging_location)])
+    if not offline:
+        check_gcs_credentials([path for _, path in paths])
+
+
 def check_gcs_names(paths: Iterable[tuple[str, Optional[str]]]) -> None:
     """A gs:// path whose bucket cannot exist ("gs://MY_BUCKET") is refused here: the
     storage client otherwise retries it for minutes, even in a dry run."""

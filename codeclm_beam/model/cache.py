@@ -18,6 +18,7 @@ from typing import Optional
 
 from apache_beam.io.filesystems import FileSystems
 
+from codeclm_beam.model.types import PAID_FIELDS
 from codeclm_beam.model.types import TOKEN_KINDS
 from codeclm_beam.model.types import CallStats
 from codeclm_beam.model.types import ModelResponse
@@ -108,6 +109,6 @@ def _paid(entry: dict, usage: Usage) -> Paid:
         return Paid(1, usage)
     if not isinstance(paid, dict):
         raise ValueError(f"field 'paid' is {paid!r}")
-    for name in ("requests", *TOKEN_KINDS):
+    for name in PAID_FIELDS:
         _check(paid.get(name), int, f"paid.{name}")
     return Paid.from_dict(paid)

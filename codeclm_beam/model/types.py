@@ -116,6 +116,8 @@ class Usage:
 
 
 TOKEN_KINDS = tuple(field.name for field in dataclasses.fields(Usage))
+# `Paid` as a flat record (the cache entry's "paid", the counters' paid_before_*).
+PAID_FIELDS = ("requests", *TOKEN_KINDS)
 
 
 @dataclasses.dataclass(frozen=True)
