@@ -102,8 +102,8 @@ class _Live:
         self._lock = threading.Lock()
         self._values: dict[tuple[str, str], int] = collections.Counter()
         self._in_flight: dict[str, int] = collections.Counter()
-        # stage -> {batch job name: its last seen state}
-        self._jobs: dict[str, dict[str, str]] = collections.defaultdict(dict)
+        # stage -> {batch job name: (its last seen phase, whether it has finished)}
+        self._jobs: dict[str, dict[str, tuple[str, bool]]] = collections.defaultdict(dict)
         # Transport retries as they happen (the counters see them when a call ends),
         # and the last error retried, with its time.
         self._retries = 0
@@ -117,9 +117,9 @@ class _Live:
         with self._lock:
             self._in_flight[stage] += delta
 
-    def job(self, stage: str, name: str, state: str) -> None:
+    def job(self, stage: str, name: str, phase: str, finished: bool) -> None:
         with self._lock:
-            self._jobs[stage][name] = state
+            self._jobs[stage][name] = (phase, finished)
 
     def retried(self, error: str) -> None:
         with self._lock:
@@ -137,7 +137,7 @@ class _Live:
         with self._lock:
             return dict(self._values), {k: v for k, v in self._in_flight.items() if v}
 
-    def jobs(self) -> dict[str, dict[str, str]]:
+    def jobs(self) -> dict[str, dict[str, tuple[str, bool]]]:
         with self._lock:
             return {stage: dict(jobs) for stage, jobs in self._jobs.items()}
 

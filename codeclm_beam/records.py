@@ -221,13 +221,23 @@ class DeadLetter:
            attempts: int = 0, raw_answer: Optional[str] = None,
            reason: Optional[str] = None) -> "DeadLetter":
         from codeclm_beam.model.errors import failure_reason
-        from codeclm_beam.redact import redact
+        from codeclm_beam.redact import excerpt
         return cls(stage=stage, element_id=writable(element_id),
                    error_class=type(error).__name__,
-                   message=writable(redact(str(error))[:4000]), attempts=attempts,
-                   raw_answer=writable(redact(raw_answer)[:4000]) if raw_answer else None,
+                   message=writable(excerpt(str(error))), attempts=attempts,
+                   raw_answer=writable(excerpt(raw_answer)) if raw_answer else None,
                    payload=cls.payload_json(payload),
                    reason=reason or failure_reason(error))
+
+    @classmethod
+    def of_failure(cls, stage: str, failure: Any, *, payload: Any = None
+                   ) -> "DeadLetter":
+        """A model call's `ModelFailure` (already redacted and cut where it was made)."""
+        return cls(stage=stage, element_id=failure.request_id,
+                   error_class=failure.error_class, message=writable(failure.message),
+                   attempts=failure.attempts, raw_answer=writable(failure.raw_answer),
+                   payload=cls.payload_json(payload), reason=failure.reason,
+                   finish_reason=failure.finish_reason)
 
     @staticmethod
     def payload_json(record: Any) -> Optional[str]:

@@ -86,6 +86,16 @@ def redact(text: str, extra_secrets: tuple[str, ...] = ()) -> str:
     return text
 
 
+# How much of an error message or a failed answer a dead letter keeps: enough to see
+# what went wrong, not a whole runaway answer per element.
+EXCERPT_CHARS = 4000
+
+
+def excerpt(text: str) -> str:
+    """`text` redacted and cut to EXCERPT_CHARS, as every failure record holds it."""
+    return redact(text)[:EXCERPT_CHARS]
+
+
 # Query parameters known to carry no credential. Every other parameter's value is
 # treated as a credential: services name theirs freely (`?key=`, `?code=` of Azure
 # Functions, `?subscription-key=`, `?X-Amz-Signature=`, ...), so a list of the secret

@@ -9,7 +9,8 @@ batching, retries, quotas and caching are the model layer's. `CallModel` joins t
        └── bad record ─────────────┐      └── ModelFailure ──┐   └── bad answer ──┐
                                    └──────────────────────────┴────────────────────┴─> dead_letter
 
-Call is RunInference, or `BatchInference` for a model in --vertex_mode batch.
+Call is the model layer's `ModelCall`: the response cache around RunInference, or
+around batch jobs for a model in --vertex_mode batch.
 Every record that enters leaves as output or as a dead letter with the reason.
 """
 from __future__ import annotations
@@ -21,14 +22,10 @@ from typing import Any, ClassVar, Iterable, NamedTuple, Optional
 
 import apache_beam as beam
 import pydantic
-from apache_beam.ml.inference.base import KeyedModelHandler
-from apache_beam.ml.inference.base import RunInference
 
 from codeclm_beam import metrics
-from codeclm_beam.model.batch import BatchInference
-from codeclm_beam.model.config import BATCH
+from codeclm_beam.model.calls import ModelCall
 from codeclm_beam.model.config import ModelConfig
-from codeclm_beam.model.handler import CodecLMModelHandler
 from codeclm_beam.model.thinking import LEAST
 from codeclm_beam.model.thinking import Thinking
 from codeclm_beam.model.types import ChatMessage
@@ -37,7 +34,6 @@ from codeclm_beam.model.types import ModelFailure
 from codeclm_beam.model.types import ModelRequest
 from codeclm_beam.model.types import ModelResponse
 from codeclm_beam.records import DeadLetter
-from codeclm_beam.records import writable
 
 DEAD_LETTER = "dead_letter"
 
@@ -189,12 +185,8 @@ class _ParseAnswer(beam.DoFn):
         result = prediction.inference
         spec = self._spec
         if isinstance(result, ModelFailure):
-            yield beam.pvalue.TaggedOutput(DEAD_LETTER, DeadLetter(
-                stage=spec.name, element_id=result.request_id,
-                error_class=result.error_class, message=writable(result.message),
-                attempts=result.attempts, raw_answer=writable(result.raw_answer),
-                payload=DeadLetter.payload_json(record), reason=result.reason,
-                finish_reason=result.finish_reason))
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER, DeadLetter.of_failure(
+                spec.name, result, payload=record))
             return
         assert isinstance(result, ModelResponse)
         try:
@@ -230,22 +222,13 @@ class CallModel(beam.PTransform):
             _BuildRequest(self._spec, self._run_seed, self._thinking)).with_outputs(
                 DEAD_LETTER, main="main")
         parsed = (prompted.main
-                  | "Call" >> self._call()
+                  | "Call" >> ModelCall(self._model, self._spec.name,
+                                        self._spec.answer_problem)
                   | "Parse" >> beam.ParDo(_ParseAnswer(self._spec)).with_outputs(
                       DEAD_LETTER, main="main"))
         dead = ((prompted[DEAD_LETTER], parsed[DEAD_LETTER])
                 | "DeadLetters" >> beam.Flatten())
         return StageOutput(parsed.main, dead)
-
-
-    def _call(self) -> beam.PTransform:
-        """(record, request) -> (record, PredictionResult): online through
-        RunInference, or as batch prediction jobs (--vertex_mode batch)."""
-        if self._model.billing_mode == BATCH:
-            return BatchInference(self._model, self._spec.name,
-                                  self._spec.answer_problem)
-        return RunInference(KeyedModelHandler(
-            CodecLMModelHandler(self._model, self._spec.name, self._spec.answer_problem)))
 
 
 class _Tally(beam.DoFn):

@@ -35,7 +35,7 @@ def run_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
     wait), (the result, what to return instead). A run that fails leaves the previous
     run's outputs as they were, and its own staging area is removed. `progress` is a
     context (pipelines.progress.progress_for) the run happens in."""
-    from codeclm_beam.model.handler import ERROR_SHARE
+    from codeclm_beam.model.guard import ERROR_SHARE
     dry_run = is_dry_run(options)
     ERROR_SHARE.reset()
     try:

@@ -20,7 +20,6 @@ from typing import Callable, Optional, TextIO
 from apache_beam.options.pipeline_options import StandardOptions
 
 from codeclm_beam import metrics
-from codeclm_beam.model import batch
 from codeclm_beam.metrics import RunCounters
 from codeclm_beam.model.types import Usage
 from codeclm_beam.options import RunOptions
@@ -42,7 +41,7 @@ class Snapshot:
     """The figures of one moment of a run."""
 
     def __init__(self, counters: RunCounters, in_flight: dict[str, int], elapsed: float,
-                 batch_jobs: Optional[dict[str, dict[str, str]]] = None,
+                 batch_jobs: Optional[dict[str, dict[str, tuple[str, bool]]]] = None,
                  retries: tuple[int, Optional[tuple[float, str]]] = (0, None)):
         self.counters = counters
         # Transport retries so far, and (seconds ago, message) of the last one.
@@ -51,7 +50,8 @@ class Snapshot:
         self.batch_jobs = batch_jobs or {}
         self.in_flight = {**in_flight, **{
             stage: 1 for stage, jobs in self.batch_jobs.items()
-            if stage not in in_flight and set(jobs.values()) - batch.FINISHED}}
+            if stage not in in_flight
+            and not all(finished for _, finished in jobs.values())}}
         self.elapsed = elapsed
         self.by_stage = counters.stage_totals()
         self.totals = counters.summary()
@@ -98,8 +98,7 @@ def describe(snapshot: Snapshot, wanted: Optional[int],
             f"{snapshot.counters.dead_letter(stage)} dead letters")
         jobs = snapshot.batch_jobs.get(stage)
         if jobs:
-            states = collections.Counter(
-                state.replace("JOB_STATE_", "").lower() for state in jobs.values())
+            states = collections.Counter(phase for phase, _ in jobs.values())
             waited = s.get("batch_wait_seconds", 0)
             parts.append("batch jobs " + ", ".join(
                 f"{n} {state}" for state, n in sorted(states.items()))

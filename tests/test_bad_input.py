@@ -137,9 +137,9 @@ def test_any_model_answer_is_a_response_or_a_failure_and_can_be_written(tmp_path
         "r", [ChatMessage("user", "hi")], GenerationSettings(0.0, 64), schema))
     if isinstance(result, ModelResponse):
         result.text.encode("utf-8")  # cacheable and writable
-        assert client.cache.get(ModelRequest.create(
+        assert client.cache.lookup(ModelRequest.create(
             "r", [ChatMessage("user", "hi")], GenerationSettings(0.0, 64), schema
-        ).cache_key(client.identity)) is not None
+        )) is not None
     else:
         assert isinstance(result, ModelFailure) and result.reason in ("schema",)
         to_ascii_json_line(DeadLetter.of("s", "r", ValueError(result.message),

@@ -1,7 +1,7 @@
 """The model layer: one request type, one response type, many backends."""
 from codeclm_beam.model.config import ModelConfig
 from codeclm_beam.model.handler import CodecLMModelHandler
-from codeclm_beam.model.handler import ModelClient
+from codeclm_beam.model.client import ModelClient
 from codeclm_beam.model.ratelimit import QuotaConfig
 from codeclm_beam.model.ratelimit import MinuteQuota
 from codeclm_beam.model.ratelimit import TokenBucketRateLimiter

@@ -18,10 +18,13 @@ from typing import Optional
 
 from apache_beam.io.filesystems import FileSystems
 
+from codeclm_beam.model.asking import AnswerValidator
 from codeclm_beam.model.types import PAID_FIELDS
 from codeclm_beam.model.types import TOKEN_KINDS
 from codeclm_beam.model.types import CallStats
+from codeclm_beam.model.types import ModelRequest
 from codeclm_beam.model.types import ModelResponse
+from codeclm_beam.model.types import ModelResult
 from codeclm_beam.model.types import Paid
 from codeclm_beam.model.types import Usage
 
@@ -73,6 +76,30 @@ class ResponseCache:
                 f.write(body)
         except Exception as e:  # a cache that cannot be written costs money, not data
             _LOG.warning("could not write response cache entry %s: %s", key, e)
+
+
+class AnswerCache:
+    """The response cache of one model, as every transport reads and fills it: a hit
+    is served only if it passes the stage's validator, and only fresh usable answers
+    are stored (by `ModelRequest.cache_key` under the model's identity)."""
+
+    def __init__(self, root: str, identity: str, validator: AnswerValidator):
+        self._entries = ResponseCache(root)
+        self._identity = identity
+        self._validator = validator
+
+    def key(self, request: ModelRequest) -> str:
+        return request.cache_key(self._identity)
+
+    def lookup(self, request: ModelRequest) -> Optional[ModelResponse]:
+        hit = self._entries.get(self.key(request))
+        if hit is None or not self._validator.usable(request, hit):
+            return None
+        return hit
+
+    def store(self, request: ModelRequest, result: ModelResult) -> None:
+        if isinstance(result, ModelResponse) and not result.stats.cache_hit:
+            self._entries.put(self.key(request), result)
 
 
 _ENTRY_FIELDS = {"text": str, "finish_reason": str,

@@ -1,17 +1,21 @@
 """Backends: the only code that knows a wire protocol.
 
 A backend sends one `ModelRequest` and returns a `RawAnswer`, or raises a
-`TransientModelError` / `PermanentModelError`. Retries, quotas, caching, schema
-validation and concurrency are the handler's, once for every backend.
+`TransientModelError` / `PermanentModelError`; one with a batch API also offers it as
+`BatchJobs` (submit, follow, cancel, retrieve). Retries, quotas, caching, schema
+validation, concurrency and the waves of batch jobs are the model layer's, once for
+every backend.
 """
 from __future__ import annotations
 
 import abc
+import dataclasses
 import logging
 import threading
-import dataclasses
+from typing import Optional, Union
 
 from codeclm_beam.model.config import ModelConfig
+from codeclm_beam.model.errors import ModelError
 from codeclm_beam.model.types import ModelRequest
 from codeclm_beam.model.types import Usage
 
@@ -51,8 +55,71 @@ class Backend(abc.ABC):
         called: raises `ModelUnusable` saying why (unreachable, unauthorised,
         unknown model). Backends that fail at once where they start need none."""
 
+    def batch_jobs(self) -> Optional["BatchJobs"]:
+        """This service's batch API, or None where it has none."""
+        return None
+
     def close(self) -> None:
         pass
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchJob:
+    """A batch job as the model layer follows it, whatever the provider."""
+    name: str
+    state: str  # the provider's own word, as its console and logs show it
+    # Lowercase and provider-neutral: pending, running, succeeded, failed, ...
+    phase: str
+    finished: bool
+    # False for a job that ended without answers to read (failed, cancelled, expired):
+    # a re-run submits its requests anew.
+    answered: bool
+    age_s: float
+    error: Optional[str] = None
+    output: Optional[str] = None  # where a finished job wrote its answers
+
+    def ended(self) -> str:
+        """How it ended, for every failure it causes."""
+        return f"batch job {self.name} ended {self.state}" + (
+            f": {self.error}" if self.error else "")
+
+
+@dataclasses.dataclass
+class BatchAnswers:
+    """What a finished job answered, per request label: the answer, or the request's
+    own error; lines that could not be read at all are only counted."""
+    answers: dict[str, Union[RawAnswer, ModelError]]
+    unreadable: int = 0
+
+
+class BatchJobs(abc.ABC):
+    """A provider's batch API, in the shape of curator's `submit_batch` /
+    `retrieve_batch`. Requests go in and come back under labels the caller chooses;
+    every method raises `ModelError`s as `generate` does. Waves, re-asks, records,
+    polling and time-outs are `model.batch`'s."""
+
+    @abc.abstractmethod
+    def submit(self, requests: dict[str, ModelRequest], base: str,
+               display_name: str) -> BatchJob:
+        """Creates one job asking `requests` (label -> request); its files live at
+        `base` (a path prefix the caller owns)."""
+
+    @abc.abstractmethod
+    def get(self, name: str) -> BatchJob:
+        ...
+
+    @abc.abstractmethod
+    def find(self, display_name: str) -> Optional[BatchJob]:
+        """The newest job of that display name that did not end without answers: the
+        one a run killed before it could record its job created."""
+
+    @abc.abstractmethod
+    def cancel(self, name: str) -> None:
+        ...
+
+    @abc.abstractmethod
+    def retrieve(self, job: BatchJob, requests: dict[str, ModelRequest]) -> BatchAnswers:
+        """The answers a finished job wrote, by the labels of `requests`."""
 
 
 class ModelUnusable(Exception):

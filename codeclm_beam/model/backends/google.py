@@ -133,9 +133,20 @@ class GoogleGenAIBackend(Backend):
 
     # -- batch prediction: the same request as a JSONL line, its answer read back --
     @property
-    def batches(self):
-        """google-genai's batch jobs of this client (Vertex AI `batchPredictionJobs`)."""
-        return self._client.batches
+    def client(self):
+        return self._client
+
+    @property
+    def model(self) -> str:
+        return self._model
+
+    def batch_jobs(self):
+        """Vertex AI's `batchPredictionJobs` (the Gemini API's batch mode is not
+        offered: --vertex_mode is Vertex AI's)."""
+        if self._backend != "vertex":
+            return None
+        from codeclm_beam.model.backends.vertex_batch import VertexBatchJobs
+        return VertexBatchJobs(self)
 
     def rest_request(self, request: ModelRequest, labels: dict[str, str]) -> dict:
         """The request as Vertex AI's REST `GenerateContentRequest`, the form a batch
