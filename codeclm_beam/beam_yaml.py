@@ -31,6 +31,7 @@ import typing
 from typing import Any, Optional
 
 import apache_beam as beam
+from apache_beam.transforms.error_handling import CollectingErrorHandler
 from apache_beam.typehints.row_type import RowTypeConstraint
 
 from codeclm_beam import records
@@ -119,7 +120,9 @@ def _model(uri: Optional[str], model_options: Optional[dict]) -> ModelConfig:
 
 class _Stage(beam.PTransform):
     """A codeclm stage between rows: input rows as `input_record`, each output of the
-    stage (a StageOutput-like NamedTuple) as rows of its record class."""
+    stage (the PCollection it returns when the field is None, else a field of the
+    NamedTuple it returns) as rows of its record class, and its dead letters, collected
+    by an ErrorHandler, as the YAML error output."""
 
     def __init__(self, stage: beam.PTransform, input_record: Optional[type],
                  outputs: dict[str, tuple[str, type]], error_output: str):
@@ -132,10 +135,12 @@ class _Stage(beam.PTransform):
     def expand(self, pcoll):
         if self._input_record is not None:
             pcoll = pcoll | "AsRecords" >> _AsRecords(self._input_record)
-        result = pcoll | "Stage" >> self._stage
-        outputs = {name: getattr(result, field) | f"{name}AsRows" >> _AsRows(record)
+        with CollectingErrorHandler() as dead_letters:
+            result = pcoll | "Stage" >> self._stage.with_error_handler(dead_letters)
+        outputs = {name: (result if field is None else getattr(result, field))
+                   | f"{name}AsRows" >> _AsRows(record)
                    for name, (field, record) in self._outputs.items()}
-        outputs[self._error_output] = (result.dead_letter
+        outputs[self._error_output] = (dead_letters.output()
                                        | "DeadLettersAsRows" >> _AsRows(records.DeadLetter))
         return outputs
 
@@ -152,7 +157,7 @@ def ReadSeeds(path: str, error_handling: dict, instruction_field: Optional[str] 
     """
     from codeclm_beam.transforms.read_seeds import ReadSeeds as Read
     return _Stage(Read(path, instruction_field, max_chars), None,
-                  {"good": ("output", records.Seed)},
+                  {"good": (None, records.Seed)},
                   _error_output(error_handling, "ReadSeeds"))
 
 
@@ -172,7 +177,7 @@ def EncodeMetadata(error_handling: dict, model: Optional[str] = None,
     from codeclm_beam.transforms.encode import EncodeMetadata as Encode
     return _Stage(Encode(_model(model, model_options), max_skills, temperature,
                          max_output_tokens, seed), records.Seed,
-                  {"good": ("output", records.Metadata)},
+                  {"good": (None, records.Metadata)},
                   _error_output(error_handling, "EncodeMetadata"))
 
 
@@ -199,7 +204,7 @@ def GenerateRubrics(error_handling: dict, model: Optional[str] = None,
     from codeclm_beam.transforms.rubrics import GenerateRubrics as Rubrics
     return _Stage(Rubrics(_model(model, model_options), num_rubrics, temperature,
                           max_output_tokens, seed), records.Metadata,
-                  {"good": ("output", records.RubricSet)},
+                  {"good": (None, records.RubricSet)},
                   _error_output(error_handling, "GenerateRubrics"))
 
 
@@ -211,7 +216,7 @@ def DecodeInstructions(num_instructions: int, error_handling: dict,
     from codeclm_beam.transforms.decode import DecodeInstructions as Decode
     return _Stage(Decode(_model(model, model_options), num_instructions, temperature,
                          max_output_tokens, seed), records.Metadata,
-                  {"good": ("output", records.Candidate)},
+                  {"good": (None, records.Candidate)},
                   _error_output(error_handling, "DecodeInstructions"))
 
 
@@ -257,7 +262,7 @@ class ImproveInstructions(beam.PTransform):
         rubrics = inputs["rubrics"] | "RubricsAsRecords" >> _AsRecords(records.RubricSet)
         return inputs["candidates"] | "Improve" >> _Stage(
             Improve(self._model, rubrics, *self._args), records.Candidate,
-            {"good": ("output", records.Candidate)}, self._error_output)
+            {"good": (None, records.Candidate)}, self._error_output)
 
 
 def CodecLM(error_handling: dict, strong_model: Optional[str] = None,

@@ -7,18 +7,20 @@ batching, retries, quotas and caching are the model layer's. `CallModel` joins t
 
     records ──Prompt──> (record, request) ──Call──> (record, result) ──Parse──> output
        └── bad record ─────────────┐      └── ModelFailure ──┐   └── bad answer ──┐
-                                   └──────────────────────────┴────────────────────┴─> dead_letter
+                                   └──────────────────────────┴────────────────────┴─> errors
 
 Call is the model layer's `ModelCall`: the response cache around RunInference, or
 around batch jobs for a model in --vertex_mode batch.
-Every record that enters leaves as output or as a dead letter with the reason.
+Every record that enters leaves as output or as a dead letter with the reason. Dead
+letters go to Beam's `ErrorHandler` (`with_error_handler`, as Beam's own IOs take one):
+one per pipeline, opened by the pipeline that writes them, given to every composite.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import logging
-from typing import Any, ClassVar, Iterable, NamedTuple, Optional
+from typing import Any, ClassVar, Iterable, Optional
 
 import apache_beam as beam
 import pydantic
@@ -141,9 +143,35 @@ class Stage:
                 else response.text)
 
 
-class StageOutput(NamedTuple):
-    output: beam.PCollection
-    dead_letter: beam.PCollection
+class DeadLettering(beam.PTransform):
+    """A composite whose bad elements leave as `DeadLetter`s through a Beam
+    `ErrorHandler` (`with_error_handler`), and that hands the same handler to the
+    composites it applies. Without a handler the first dead letter fails the
+    pipeline, with its reason, as Beam's transforms do without error handling:
+    nothing is dropped silently."""
+
+    _error_handler = None
+
+    def with_error_handler(self, error_handler):
+        self._error_handler = error_handler
+        return self
+
+    def handled(self, transform: "DeadLettering") -> "DeadLettering":
+        """`transform`, with this composite's error handler."""
+        return transform.with_error_handler(self._error_handler)
+
+    def dead_letters(self, dead: beam.PCollection) -> None:
+        if self._error_handler is not None:
+            self._error_handler.add_error_pcollection(dead)
+        else:
+            dead | "FailOnDeadLetter" >> beam.Map(_fail_on)
+
+
+def _fail_on(dead_letter: DeadLetter) -> None:
+    raise RuntimeError(
+        f"{dead_letter.stage}: element {dead_letter.element_id} failed "
+        f"({dead_letter.reason}: {dead_letter.message[:500]}); give the transform an "
+        "ErrorHandler (with_error_handler) to keep such elements as dead letters")
 
 
 def derive_seed(run_seed: int, *parts: str) -> int:
@@ -206,8 +234,8 @@ def _safe_id(spec: Stage, record) -> str:
         return "?"
 
 
-class CallModel(beam.PTransform):
-    """Runs one model stage over a PCollection of records."""
+class CallModel(DeadLettering):
+    """Runs one model stage over a PCollection of records: its outputs."""
 
     def __init__(self, spec: Stage, model: ModelConfig, run_seed: int = 0):
         super().__init__(label=None)
@@ -217,7 +245,7 @@ class CallModel(beam.PTransform):
         # Resolved now, so a setting the model cannot take fails before any call.
         self._thinking = model.thinking_for(spec.thinking)
 
-    def expand(self, records) -> StageOutput:
+    def expand(self, records) -> beam.PCollection:
         prompted = records | "Prompt" >> beam.ParDo(
             _BuildRequest(self._spec, self._run_seed, self._thinking)).with_outputs(
                 DEAD_LETTER, main="main")
@@ -226,9 +254,9 @@ class CallModel(beam.PTransform):
                                         self._spec.answer_problem)
                   | "Parse" >> beam.ParDo(_ParseAnswer(self._spec)).with_outputs(
                       DEAD_LETTER, main="main"))
-        dead = ((prompted[DEAD_LETTER], parsed[DEAD_LETTER])
-                | "DeadLetters" >> beam.Flatten())
-        return StageOutput(parsed.main, dead)
+        self.dead_letters((prompted[DEAD_LETTER], parsed[DEAD_LETTER])
+                          | "DeadLetters" >> beam.Flatten())
+        return parsed.main
 
 
 class _Tally(beam.DoFn):

@@ -6,6 +6,7 @@
 import argparse
 
 import apache_beam as beam
+from apache_beam.transforms.error_handling import ErrorHandler
 
 from codeclm_beam.model import ModelConfig
 from codeclm_beam.pipelines.outputs import WriteJsonl
@@ -27,21 +28,22 @@ def main(argv=None):
     strong = ModelConfig(args.strong_uri, cache_dir=f"{args.output_dir}/cache")
     target = ModelConfig(args.target_uri, cache_dir=f"{args.output_dir}/cache")
 
-    with beam.Pipeline(argv=beam_args) as p:
+    with beam.Pipeline(argv=beam_args) as p, ErrorHandler(
+            WriteJsonl(args.output_dir, "dead_letter")) as failures:
         prompts = p | "MyPrompts" >> beam.Create(MY_PROMPTS)  # your PCollection[str]
 
         # What kind of task is each prompt, and what skills does it need?
-        metadata = prompts | "ToSeeds" >> beam.Map(Seed.of) | EncodeMetadata(strong)
-        metadata.output | "SaveMetadata" >> WriteJsonl(args.output_dir, "metadata")
+        metadata = (prompts | "ToSeeds" >> beam.Map(Seed.of)
+                    | EncodeMetadata(strong).with_error_handler(failures))
+        metadata | "SaveMetadata" >> WriteJsonl(args.output_dir, "metadata")
 
         # Which prompts does the target model clearly answer worse than the strong one?
         filtered = (prompts
                     | "ToCandidates" >> beam.Map(Candidate.of)
-                    | ContrastiveFilter(strong, target, judge=strong, threshold=3))
+                    | ContrastiveFilter(strong, target, judge=strong, threshold=3
+                                        ).with_error_handler(failures))
         filtered.kept | "SavePairs" >> WriteJsonl(args.output_dir, "pairs")
         filtered.undecided | "SaveUndecided" >> WriteJsonl(args.output_dir, "undecided")
-        ((metadata.dead_letter, filtered.dead_letter)
-         | beam.Flatten() | "SaveFailures" >> WriteJsonl(args.output_dir, "dead_letter"))
 
 
 if __name__ == "__main__":

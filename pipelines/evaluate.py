@@ -10,6 +10,7 @@ import uuid
 from typing import Any, Optional
 
 import apache_beam as beam
+from apache_beam.transforms.error_handling import ErrorHandler
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -192,14 +193,15 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
 
     read = ReadBenchmarks(opts.benchmark, opts.evaluate_instruction_field,
                           opts.allow_seed_items)
-    items = pipeline | "ReadBenchmarks" >> read
-    judged = items.output | "JudgeAgainstReference" >> JudgeAgainstReference(
-        candidates, reference, judge, answer_temperature=answers.answer_temperature,
-        max_output_tokens=answers.max_output_tokens, run_seed=model_opts.seed,
-        judge_temperature=answers.judge_temperature)
-    judged.output | "WriteJudgements" >> WriteJsonl(out, "judgements")
-    ((items.dead_letter, judged.dead_letter)
-     | "WriteDeadLetters" >> WriteDeadLetters(out))
+    with ErrorHandler(WriteDeadLetters(out)) as dead_letters:
+        (pipeline
+         | "ReadBenchmarks" >> read.with_error_handler(dead_letters)
+         | "JudgeAgainstReference" >> JudgeAgainstReference(
+             candidates, reference, judge, answer_temperature=answers.answer_temperature,
+             max_output_tokens=answers.max_output_tokens, run_seed=model_opts.seed,
+             judge_temperature=answers.judge_temperature
+         ).with_error_handler(dead_letters)
+         | "WriteJudgements" >> WriteJsonl(out, "judgements"))
     settings = {
         "answer_temperature": answers.answer_temperature,
         "max_output_tokens": answers.max_output_tokens,

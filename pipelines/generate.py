@@ -10,6 +10,7 @@ import uuid
 from typing import Any, Optional
 
 import apache_beam as beam
+from apache_beam.transforms.error_handling import ErrorHandler
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.options.pipeline_options import StandardOptions
@@ -157,18 +158,29 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
     opts = options.view_as(GenerateOptions)
     if bool(opts.seeds) == bool(opts.metadata):
         raise ConfigurationError("give exactly one of --seeds and --metadata")
+    with ErrorHandler(WriteDeadLetters(out)) as dead_letters:
+        _build(pipeline, opts, config, out, dead_letters)
+
+
+def _build(pipeline, opts: "GenerateOptions", config: CodecLMConfig, out: str,
+           dead_letters: ErrorHandler) -> None:
     if opts.seeds:
-        read = pipeline | "ReadSeeds" >> ReadSeeds(
-            opts.seeds, opts.instruction_field, opts.max_seed_chars)
-        inputs = read.output | "CountSeeds" >> Tally(metrics.SEEDS)
+        inputs = (pipeline
+                  | "ReadSeeds" >> ReadSeeds(
+                      opts.seeds, opts.instruction_field, opts.max_seed_chars
+                  ).with_error_handler(dead_letters)
+                  | "CountSeeds" >> Tally(metrics.SEEDS))
     else:
-        read = pipeline | "ReadMetadata" >> ReadMetadata(opts.metadata, opts.max_skills)
-        inputs = read.output | "CountUserMetadata" >> Tally(metrics.USER_METADATA)
+        inputs = (pipeline
+                  | "ReadMetadata" >> ReadMetadata(
+                      opts.metadata, opts.max_skills).with_error_handler(dead_letters)
+                  | "CountUserMetadata" >> Tally(metrics.USER_METADATA))
     if opts.preview is not None:
         sample = inputs | "PreviewSample" >> TakeLowestRanked(preview_rank, opts.preview)
         sample.rest | "CountNotPreviewed" >> Tally(metrics.NOT_PREVIEWED)
         inputs = sample.taken
-    result = inputs | "CodecLM" >> CodecLM(config, from_metadata=bool(opts.metadata))
+    result = inputs | "CodecLM" >> CodecLM(
+        config, from_metadata=bool(opts.metadata)).with_error_handler(dead_letters)
 
     result.examples | "WriteExamples" >> WriteJsonl(out, "examples")
     result.examples | "WriteExamplesAvro" >> WriteAvro(out, "examples", Example)
@@ -177,7 +189,6 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
     result.seed_metadata | "WriteSeedMetadata" >> WriteJsonl(out, "seed_metadata")
     result.metadata_pool | "WriteMetadataPool" >> WriteJsonl(out, "metadata_pool")
     result.rubrics | "WriteRubrics" >> WriteJsonl(out, "rubrics")
-    (read.dead_letter, result.dead_letter) | "WriteDeadLetters" >> WriteDeadLetters(out)
     if opts.export_format:
         result.examples | "Export" >> WriteExports(out, opts.export_format)
 

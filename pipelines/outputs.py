@@ -122,8 +122,8 @@ class _CountDeadLetters(beam.DoFn):
 
 
 class WriteDeadLetters(beam.PTransform):
-    """Every stage's dead letters, as a tuple of PCollections, into one folder, counted
-    by stage for the manifest's accounting."""
+    """Every stage's dead letters into one folder, counted by stage for the manifest's
+    accounting: the consumer of the pipeline's ErrorHandler."""
 
     def __init__(self, output_dir: str):
         super().__init__()
@@ -131,7 +131,6 @@ class WriteDeadLetters(beam.PTransform):
 
     def expand(self, dead_letters):
         return (dead_letters
-                | "All" >> beam.Flatten()
                 | "CountByStage" >> beam.ParDo(_CountDeadLetters())
                 | "Write" >> WriteJsonl(self._output_dir, "dead_letter",
                                         to_ascii_json_line))

@@ -3,6 +3,7 @@ import csv
 import json
 
 import apache_beam as beam
+from apache_beam.transforms.error_handling import CollectingErrorHandler
 import fastavro
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -35,10 +36,11 @@ def read(pattern, expected_seeds, check_dead, **kwargs):
     """Runs ReadSeeds; the seeds must equal `expected_seeds`, and `check_dead` gets a
     dict {element_id: message} of the dead letters (it runs inside the pipeline)."""
     with TestPipeline() as p:
-        out = p | ReadSeeds(pattern, **kwargs)
-        assert_that(out.output | beam.Map(lambda s: s.instruction),
+        with CollectingErrorHandler() as dead_letters:
+            out = p | ReadSeeds(pattern, **kwargs).with_error_handler(dead_letters)
+        assert_that(out | beam.Map(lambda s: s.instruction),
                     equal_to(expected_seeds), label="seeds")
-        assert_that(out.dead_letter | beam.Map(lambda d: (d.element_id, d.message)),
+        assert_that(dead_letters.output() | beam.Map(lambda d: (d.element_id, d.message)),
                     lambda got: check_dead(dict(got)), label="dead")
 
 
@@ -115,10 +117,11 @@ def test_read_metadata_for_scenario_two(tmp_path):
         {"skills": ["x"]},
     ]) + "\n")
     with TestPipeline() as p:
-        out = p | ReadMetadata(str(path))
-        assert_that(out.output | beam.Map(lambda m: (m.use_case, m.skills, m.origin)),
+        with CollectingErrorHandler() as dead_letters:
+            out = p | ReadMetadata(str(path)).with_error_handler(dead_letters)
+        assert_that(out | beam.Map(lambda m: (m.use_case, m.skills, m.origin)),
                     equal_to([("code generation", ("python",), "user"),
                               ("creative writing", ("poetry", "imagery"), "user")]),
                     label="metadata")
-        assert_that(out.dead_letter | beam.combiners.Count.Globally(), equal_to([2]),
+        assert_that(dead_letters.output() | beam.combiners.Count.Globally(), equal_to([2]),
                     label="dead")

@@ -1,5 +1,6 @@
 """Each CodecLM stage alone on TestPipeline, driven by the scripted backend."""
 import apache_beam as beam
+from apache_beam.transforms.error_handling import CollectingErrorHandler
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that
@@ -39,15 +40,17 @@ def test_encode_normalises_metadata(models):
     seeds = [Seed("s1", "Python sorting Lists quickly", "f:1"),
              Seed("s2", "poem", "f:2")]
     with TestPipeline() as p:
-        out = p | beam.Create(seeds) | EncodeMetadata(models["strong"], max_skills=2)
-        assert_that(out.output | beam.Map(lambda m: (m.seed_id, m.use_case, m.skills,
+        with CollectingErrorHandler() as dead_letters:
+            out = (p | beam.Create(seeds) | EncodeMetadata(
+                models["strong"], max_skills=2).with_error_handler(dead_letters))
+        assert_that(out | beam.Map(lambda m: (m.seed_id, m.use_case, m.skills,
                                                       m.origin)),
                     equal_to([("s1", "python tasks", ("sorting", "lists"), "seed"),
                               ("s2", "poem tasks", ("writing",), "seed")]),
                     label="metadata")
         # "poem" alone: the scripted model answers skills ["knowledge", "writing"];
         # "knowledge" may never stand as a skill, "writing" remains.
-        assert_that(out.dead_letter, equal_to([]), label="no dead letters")
+        assert_that(dead_letters.output(), equal_to([]), label="no dead letters")
 
 
 def test_skill_normalisation_rules():
@@ -91,7 +94,7 @@ def test_rubrics_once_per_entry(models):
     pool = [Metadata(f"m{i}", "code generation", ("python",), "seed") for i in range(3)]
     with TestPipeline() as p:
         out = p | beam.Create(pool) | GenerateRubrics(models["strong"], num_rubrics=4)
-        assert_that(out.output | beam.Map(lambda r: (r.metadata_id, len(r.rubrics),
+        assert_that(out | beam.Map(lambda r: (r.metadata_id, len(r.rubrics),
                                                       len(r.actions))),
                     equal_to([(f"m{i}", 4, 4) for i in range(3)]))
 
@@ -101,7 +104,7 @@ def test_decode_splits_instructions_equally(models):
     with TestPipeline() as p:
         out = p | beam.Create(pool) | DecodeInstructions(models["strong"], 7)
         # ceil(7 / 3) = 3 per entry
-        assert_that(out.output | beam.Map(lambda c: (c.metadata_id, c.iteration))
+        assert_that(out | beam.Map(lambda c: (c.metadata_id, c.iteration))
                     | beam.combiners.Count.PerElement(),
                     equal_to([((f"m{i}", 1), 3) for i in range(3)]))
 
@@ -113,7 +116,7 @@ def test_decode_output_limit_grows_with_the_count(tmp_path, models):
     with TestPipeline() as p:
         out = (p | beam.Create(pool)
                | DecodeInstructions(models["strong"], 12, max_output_tokens=1024))
-        assert_that(out.output | beam.combiners.Count.Globally(), equal_to([12]))
+        assert_that(out | beam.combiners.Count.Globally(), equal_to([12]))
     limits = [c["max_output_tokens"] for c in read_calls(tmp_path / "calls")
               if c["kind"] == "decode"]
     assert limits == [12 * TOKENS_PER_INSTRUCTION]
@@ -156,12 +159,14 @@ def test_improve_applies_a_fresh_action_and_records_the_chain(models):
     orphan = Candidate("c9", "Orphan.", "m-missing", "x", ("y",))
     with TestPipeline() as p:
         state = p | "Rubrics" >> beam.Create([rubric])
-        out = (p | beam.Create([start, orphan])
-               | ImproveInstructions(models["strong"], state))
-        assert_that(out.output | beam.Map(lambda c: (
+        with CollectingErrorHandler() as dead_letters:
+            out = (p | beam.Create([start, orphan])
+                   | ImproveInstructions(models["strong"], state).with_error_handler(
+                       dead_letters))
+        assert_that(out | beam.Map(lambda c: (
             c.candidate_id, c.iteration, c.actions_applied, c.history, c.instruction)),
             equal_to([("c0", 3, ("add tests", "add types"), ("Do task.", "Do task 0."),
                        "Do task 0. Also: add types.")]), label="improved")
-        assert_that(out.dead_letter | beam.Map(lambda d: (d.stage, d.element_id,
+        assert_that(dead_letters.output() | beam.Map(lambda d: (d.stage, d.element_id,
                                                            d.error_class)),
                     equal_to([("improve", "c9", "LookupError")]), label="dead")

@@ -33,7 +33,7 @@ from codeclm_beam.model import ModelConfig
 from codeclm_beam.records import Candidate
 from codeclm_beam.records import Example
 from codeclm_beam.records import Rejection
-from codeclm_beam.stage import StageOutput
+from codeclm_beam.stage import DeadLettering
 from codeclm_beam.stage import Tally
 from codeclm_beam.transforms.contrastive_filter import ContrastiveFilter
 from codeclm_beam.transforms.decode import DecodeInstructions
@@ -139,7 +139,6 @@ class CodecLMOutput(NamedTuple):
     seed_metadata: beam.PCollection  # Metadata of the seeds (or the user's metadata)
     examples: beam.PCollection  # Example
     rejected: beam.PCollection  # Rejection
-    dead_letter: beam.PCollection  # DeadLetter
     metadata_pool: beam.PCollection  # Metadata
     rubrics: beam.PCollection  # RubricSet
 
@@ -166,13 +165,14 @@ def _count(pcolls: list, label: str, pipeline) -> beam.PCollection:
 
 class RoundOutput(NamedTuple):
     kept: beam.PCollection  # Example
-    next_candidates: beam.PCollection  # Candidate: improved and fresh, for round t+1
-    reserve: beam.PCollection  # Candidate: basic instructions not judged yet
     rejected: beam.PCollection  # Rejection
-    dead_letter: beam.PCollection  # DeadLetter
+    # None after the last round: Candidates improved and fresh, for round t+1, and the
+    # basic instructions not judged yet.
+    next_candidates: Optional[beam.PCollection] = None
+    reserve: Optional[beam.PCollection] = None
 
 
-class Round(beam.PTransform):
+class Round(DeadLettering):
     """Round t of the method (the method's iteration t for the candidates that began in
     round 1), counting what it keeps, leaves undecided and rejects:
 
@@ -198,16 +198,16 @@ class Round(beam.PTransform):
         cfg, t = self._cfg, self._number
         filtered = (candidates
                     | "CountCandidates" >> Tally(metrics.in_round(t, "candidates"))
-                    | "ContrastiveFilter" >> ContrastiveFilter(
+                    | "ContrastiveFilter" >> self.handled(ContrastiveFilter(
                         cfg.strong, cfg.target, cfg.judge, threshold=cfg.threshold,
                         score_scale=cfg.score_scale,
                         answer_temperature=cfg.answer_temperature,
                         judge_temperature=cfg.judge_temperature,
-                        max_output_tokens=cfg.max_output_tokens, run_seed=cfg.seed))
+                        max_output_tokens=cfg.max_output_tokens, run_seed=cfg.seed)))
         kept = filtered.kept | "CountKept" >> Tally(metrics.in_round(t, "kept"))
         undecided = filtered.undecided | "CountUndecided" >> Tally(metrics.in_round(t, "undecided"))
         if t == cfg.max_iterations:
-            return self._last(candidates.pipeline, kept, undecided, filtered.dead_letter)
+            return self._last(kept, undecided)
 
         slots = self._slots(candidates, kept)
         rank = candidate_rank(cfg.seed)
@@ -219,20 +219,18 @@ class Round(beam.PTransform):
                                            candidates.pipeline)))
         fresh = self._reserve | "DrawFromReserve" >> TakeLowestRanked(
             rank, max_limit=cfg.basic_instructions, limit=fresh_slots)
-        improved = selected.taken | "ImproveInstructions" >> ImproveInstructions(
-            cfg.strong, self._rubric_state, cfg.temperature, cfg.codec_max_output_tokens,
-            cfg.seed)
+        improved = selected.taken | "ImproveInstructions" >> self.handled(
+            ImproveInstructions(cfg.strong, self._rubric_state, cfg.temperature,
+                                cfg.codec_max_output_tokens, cfg.seed))
         return RoundOutput(
             kept=kept,
-            next_candidates=(improved.output,
+            next_candidates=(improved,
                              fresh.taken | "CountFresh" >> Tally(metrics.in_round(t + 1, "fresh")))
             | "Next" >> beam.Flatten(),
             reserve=fresh.rest,
             rejected=(selected.rest
                       | "CountNotNeeded" >> Tally(metrics.in_round(t, "not_needed"))
-                      | "RejectNotNeeded" >> beam.Map(rejection, "not_needed")),
-            dead_letter=(filtered.dead_letter, improved.dead_letter)
-            | "DeadLetters" >> beam.Flatten())
+                      | "RejectNotNeeded" >> beam.Map(rejection, "not_needed")))
 
     def _slots(self, candidates, kept):
         """round_slots, from everything kept and judged up to this round."""
@@ -245,7 +243,7 @@ class Round(beam.PTransform):
                         cfg.overgenerate_margin),
                     beam.pvalue.AsSingleton(judged)))
 
-    def _last(self, pipeline, kept, undecided, dead_letter) -> RoundOutput:
+    def _last(self, kept, undecided) -> RoundOutput:
         cfg = self._cfg
         unused = (self._reserve
                   | "CountReserveUnused" >> Tally(metrics.RESERVE_UNUSED)
@@ -257,29 +255,27 @@ class Round(beam.PTransform):
         else:
             rejected = (undecided | "RejectUnresolved" >> beam.Map(
                 rejection, "within_threshold"), unused) | "Rejected" >> beam.Flatten()
-        nothing = pipeline | "Nothing" >> beam.Create([])
-        return RoundOutput(kept, nothing, nothing, rejected, dead_letter)
+        return RoundOutput(kept, rejected)
 
 
 def candidate_rank(seed: int):
     return lambda candidate: stable_rank(str(seed), candidate.candidate_id)
 
 
-class Counted(beam.PTransform):
-    """A stage (PCollection -> StageOutput) whose outputs are counted as the flow
-    counter `name`."""
+class Counted(DeadLettering):
+    """A stage whose outputs are counted as the flow counter `name`."""
 
     def __init__(self, stage: beam.PTransform, name: str):
         super().__init__()
         self._stage = stage
         self._name = name
 
-    def expand(self, pcoll) -> StageOutput:
-        result = pcoll | "Stage" >> self._stage
-        return StageOutput(result.output | "Count" >> Tally(self._name), result.dead_letter)
+    def expand(self, pcoll) -> beam.PCollection:
+        return (pcoll | "Stage" >> self.handled(self._stage)
+                | "Count" >> Tally(self._name))
 
 
-class SeedMetadata(beam.PTransform):
+class SeedMetadata(DeadLettering):
     """Seeds -> their encoded metadata; or the user's metadata, as it is."""
 
     def __init__(self, config: CodecLMConfig, from_metadata: bool):
@@ -287,22 +283,21 @@ class SeedMetadata(beam.PTransform):
         self._cfg = config
         self._from_metadata = from_metadata
 
-    def expand(self, inputs) -> StageOutput:
+    def expand(self, inputs) -> beam.PCollection:
         cfg = self._cfg
         if self._from_metadata:
-            return StageOutput(inputs, inputs.pipeline | "NoDeadLetters" >> beam.Create([]))
-        return inputs | "Encode" >> Counted(EncodeMetadata(
+            return inputs
+        return inputs | "Encode" >> self.handled(Counted(EncodeMetadata(
             cfg.strong, cfg.max_skills, cfg.temperature, cfg.codec_max_output_tokens,
-            cfg.seed), metrics.METADATA)
+            cfg.seed), metrics.METADATA))
 
 
 class RoundsOutput(NamedTuple):
     kept: beam.PCollection  # Example, from every round
     rejected: beam.PCollection  # Rejection
-    dead_letter: beam.PCollection
 
 
-class Rounds(beam.PTransform):
+class Rounds(DeadLettering):
     """Round 1 .. max_iterations, unrolled (Beam has no data-dependent loops): each
     round's next candidates are the following round's input."""
 
@@ -313,18 +308,16 @@ class Rounds(beam.PTransform):
         self._reserve = reserve
 
     def expand(self, candidates) -> RoundsOutput:
-        reserve, kept, judged, rejected, dead = self._reserve, [], [], [], []
+        reserve, kept, judged, rejected = self._reserve, [], [], []
         for number in range(1, self._cfg.max_iterations + 1):
-            result = candidates | f"Round{number}" >> Round(
-                self._cfg, number, self._rubric_state, reserve, kept, judged)
+            result = candidates | f"Round{number}" >> self.handled(Round(
+                self._cfg, number, self._rubric_state, reserve, kept, judged))
             judged.append(candidates)
             kept.append(result.kept)
             rejected.append(result.rejected)
-            dead.append(result.dead_letter)
             candidates, reserve = result.next_candidates, result.reserve
         return RoundsOutput(tuple(kept) | "AllKept" >> beam.Flatten(),
-                            tuple(rejected) | "AllRejected" >> beam.Flatten(),
-                            tuple(dead) | "AllDeadLetters" >> beam.Flatten())
+                            tuple(rejected) | "AllRejected" >> beam.Flatten())
 
 
 class CutToNumExamples(beam.PTransform):
@@ -343,9 +336,9 @@ class CutToNumExamples(beam.PTransform):
                      | "RejectSurplus" >> beam.Map(Rejection.of_example, "surplus"))
 
 
-class CodecLM(beam.PTransform):
+class CodecLM(DeadLettering):
     """PCollection[Seed] (or PCollection[Metadata] with from_metadata=True) ->
-    CodecLMOutput."""
+    CodecLMOutput; what failed goes to the error handler (`with_error_handler`)."""
 
     def __init__(self, config: CodecLMConfig, from_metadata: bool = False):
         super().__init__()
@@ -354,24 +347,23 @@ class CodecLM(beam.PTransform):
 
     def expand(self, inputs) -> CodecLMOutput:
         cfg = self._config
-        metadata = inputs | "SeedMetadata" >> SeedMetadata(cfg, self._from_metadata)
-        pool = (metadata.output
+        metadata = inputs | "SeedMetadata" >> self.handled(
+            SeedMetadata(cfg, self._from_metadata))
+        pool = (metadata
                 | "BuildMetadataPool" >> BuildMetadataPool(
                     cfg.num_metadata, cfg.max_skills, cfg.seed)
                 | "CountPool" >> Tally(metrics.METADATA_POOL))
-        rubrics = pool | "GenerateRubrics" >> Counted(GenerateRubrics(
+        rubrics = pool | "GenerateRubrics" >> self.handled(Counted(GenerateRubrics(
             cfg.strong, cfg.num_rubrics, cfg.temperature, cfg.codec_max_output_tokens,
-            cfg.seed), metrics.RUBRIC_SETS)
-        basic = pool | "DecodeInstructions" >> Counted(DecodeInstructions(
+            cfg.seed), metrics.RUBRIC_SETS))
+        basic = pool | "DecodeInstructions" >> self.handled(Counted(DecodeInstructions(
             cfg.strong, cfg.basic_instructions, cfg.temperature,
-            cfg.codec_max_output_tokens, cfg.seed), metrics.BASIC_INSTRUCTIONS)
-        first = basic.output | "TakeFirstRound" >> TakeLowestRanked(
+            cfg.codec_max_output_tokens, cfg.seed), metrics.BASIC_INSTRUCTIONS))
+        first = basic | "TakeFirstRound" >> TakeLowestRanked(
             candidate_rank(cfg.seed), cfg.num_examples + cfg.overgenerate_margin)
-        rounds = first.taken | "Rounds" >> Rounds(cfg, rubrics.output, first.rest)
+        rounds = first.taken | "Rounds" >> self.handled(Rounds(cfg, rubrics, first.rest))
         examples = rounds.kept | "CutToNumExamples" >> CutToNumExamples(cfg.num_examples)
         return CodecLMOutput(
-            seed_metadata=metadata.output, examples=examples.taken,
+            seed_metadata=metadata, examples=examples.taken,
             rejected=(rounds.rejected, examples.rest) | "Rejected" >> beam.Flatten(),
-            dead_letter=(metadata.dead_letter, rubrics.dead_letter, basic.dead_letter,
-                         rounds.dead_letter) | "DeadLetters" >> beam.Flatten(),
-            metadata_pool=pool, rubrics=rubrics.output)
+            metadata_pool=pool, rubrics=rubrics)

@@ -24,6 +24,7 @@ from codeclm_beam.model import ModelConfig
 from codeclm_beam.records import Candidate
 from codeclm_beam.records import Example
 from codeclm_beam.stage import CallModel
+from codeclm_beam.stage import DeadLettering
 from codeclm_beam.transforms.judge import AnswerInstruction
 from codeclm_beam.transforms.judge import Contest
 from codeclm_beam.transforms.judge import Judge
@@ -40,7 +41,6 @@ JUDGE_VISIBLE_TOKENS = 64
 class FilterOutput(NamedTuple):
     kept: beam.PCollection  # Example
     undecided: beam.PCollection  # Candidate, scored
-    dead_letter: beam.PCollection
 
 
 def contest(candidate: Candidate) -> Contest:
@@ -67,8 +67,8 @@ class _Decide(beam.DoFn):
         yield Example.of(scored, "strong" if verdict.gap > 0 else "target", self._models)
 
 
-class ContrastiveFilter(beam.PTransform):
-    """PCollection[Candidate] -> FilterOutput(kept, undecided, dead_letter)."""
+class ContrastiveFilter(DeadLettering):
+    """PCollection[Candidate] -> FilterOutput(kept, undecided)."""
 
     def __init__(self, strong: ModelConfig, target: ModelConfig, judge: ModelConfig, *,
                  threshold: float = 3.0, score_scale: int = 10,
@@ -86,16 +86,15 @@ class ContrastiveFilter(beam.PTransform):
 
     def expand(self, candidates) -> FilterOutput:
         models, seed = self._models, self._run_seed
-        strong = candidates | "AnswerStrong" >> CallModel(
-            self._answer_strong, models["strong"], seed)
-        answered = strong.output | "AnswerTarget" >> CallModel(
-            self._answer_target, models["target"], seed)
-        judged = (answered.output
-                  | "Contest" >> beam.Map(contest)
-                  | "JudgeBothOrders" >> JudgeBothOrders(models["judge"], self._judge, seed))
-        decided = judged.output | "Decide" >> beam.ParDo(_Decide(
+        decided = (candidates
+                   | "AnswerStrong" >> self.handled(CallModel(
+                       self._answer_strong, models["strong"], seed))
+                   | "AnswerTarget" >> self.handled(CallModel(
+                       self._answer_target, models["target"], seed))
+                   | "Contest" >> beam.Map(contest)
+                   | "JudgeBothOrders" >> self.handled(JudgeBothOrders(
+                       models["judge"], self._judge, seed))
+                   | "Decide" >> beam.ParDo(_Decide(
             self._threshold, {k: m.spec.uri for k, m in models.items()})
-        ).with_outputs(UNDECIDED, main="kept")
-        dead = ((strong.dead_letter, answered.dead_letter, judged.dead_letter)
-                | "DeadLetters" >> beam.Flatten())
-        return FilterOutput(decided.kept, decided[UNDECIDED], dead)
+        ).with_outputs(UNDECIDED, main="kept"))
+        return FilterOutput(decided.kept, decided[UNDECIDED])

@@ -24,7 +24,7 @@ from codeclm_beam.records import Candidate
 from codeclm_beam.records import Metadata
 from codeclm_beam.records import content_id
 from codeclm_beam.stage import CallModel
-from codeclm_beam.stage import StageOutput
+from codeclm_beam.stage import DeadLettering
 from codeclm_beam.stage import Answer
 from codeclm_beam.stage import Stage
 
@@ -108,8 +108,8 @@ class Decode(Stage):
             self.settings.max_output_tokens, TOKENS_PER_INSTRUCTION * task.count))
 
 
-class DecodeInstructions(beam.PTransform):
-    """PCollection[Metadata] -> StageOutput(PCollection[Candidate], dead letters).
+class DecodeInstructions(DeadLettering):
+    """PCollection[Metadata] -> PCollection[Candidate].
 
     The count per entry depends on the pool's size, known only at run time, so it is
     read as a side input."""
@@ -123,10 +123,11 @@ class DecodeInstructions(beam.PTransform):
         self._model = model
         self._run_seed = run_seed
 
-    def expand(self, pool) -> StageOutput:
+    def expand(self, pool) -> beam.PCollection:
         pool_size = pool | "PoolSize" >> beam.combiners.Count.Globally()
         tasks = pool | "Count" >> beam.Map(
             lambda entry, size: DecodeTask(
                 entry, instructions_per_entry(self._num_instructions, size)),
             beam.pvalue.AsSingleton(pool_size))
-        return tasks | "Decode" >> CallModel(self._stage, self._model, self._run_seed)
+        return tasks | "Decode" >> self.handled(CallModel(
+            self._stage, self._model, self._run_seed))

@@ -84,7 +84,7 @@ class Encode(Stage):
 
 
 class EncodeMetadata(CallModel):
-    """PCollection[Seed] -> StageOutput(PCollection[Metadata], dead letters)."""
+    """PCollection[Seed] -> PCollection[Metadata]."""
 
     def __init__(self, model: ModelConfig, max_skills: int = 3, temperature: float = 0.7,
                  max_output_tokens: int = 256, run_seed: int = 0):

@@ -25,7 +25,7 @@ from codeclm_beam.records import DeadLetter
 from codeclm_beam.records import invalid_text_reason
 from codeclm_beam.stage import DEAD_LETTER
 from codeclm_beam.stage import CallModel
-from codeclm_beam.stage import StageOutput
+from codeclm_beam.stage import DeadLettering
 from codeclm_beam.transforms.judge import AnswerInstruction
 from codeclm_beam.transforms.judge import Contest
 from codeclm_beam.transforms.judge import Judge
@@ -159,8 +159,8 @@ class _ParseBenchmark(beam.DoFn):
                             row, dict) else None, reason="bad_input"))
 
 
-class ReadBenchmarks(beam.PTransform):
-    """Benchmark files -> StageOutput-like (items, dead letters). Layouts are detected
+class ReadBenchmarks(DeadLettering):
+    """Benchmark files -> PCollection[EvalItem]; unreadable rows are dead letters. Layouts are detected
     when the pipeline is built, so a file that cannot be read fails before any call."""
 
     def __init__(self, paths: list[str], instruction_field: Optional[str] = None,
@@ -208,7 +208,8 @@ class ReadBenchmarks(beam.PTransform):
                   | "Parse" >> beam.ParDo(_ParseBenchmark(
                       self._layouts, self._allow, self._names)).with_outputs(
                           DEAD_LETTER, main="main"))
-        return StageOutput(parsed.main, parsed[DEAD_LETTER])
+        self.dead_letters(parsed[DEAD_LETTER])
+        return parsed.main
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,9 +300,9 @@ class _JudgedOrFailed(beam.DoFn):
                 reference_first_scores=(), outcome=FAILED)
 
 
-class JudgeAgainstReference(beam.PTransform):
-    """PCollection[EvalItem] -> (PCollection[Judgement], dead letters), one judgement
-    per item and candidate model; the reference answers each item once.
+class JudgeAgainstReference(DeadLettering):
+    """PCollection[EvalItem] -> PCollection[Judgement], one judgement per item and
+    candidate model; the reference answers each item once.
 
         items ─AnswerReference──────────────────┐
           └─Candidate[c]/Answer ─JoinAnswers────┴─Contest─JudgeBothOrders─Judgement
@@ -329,34 +330,31 @@ class JudgeAgainstReference(beam.PTransform):
         ref_uri, judge_uri = self._reference.spec.uri, self._judge.spec.uri
         reference = (items
                      | "ForReference" >> beam.Map(lambda i: AnsweredItem(i, ref_uri))
-                     | "AnswerReference" >> CallModel(
-                         self._answer_reference, self._reference, seed))
-        reference_by_item = reference.output | "ReferenceByItem" >> beam.Map(_by_item)
+                     | "AnswerReference" >> self.handled(CallModel(
+                         self._answer_reference, self._reference, seed)))
+        reference_by_item = reference | "ReferenceByItem" >> beam.Map(_by_item)
         items_by_key = items | "ItemsByKey" >> beam.Map(lambda i: ((i.benchmark, i.item_id), i))
-        dead, judged = [reference.dead_letter], []
+        judged = []
         for index, candidate in enumerate(self._candidates):
             uri, name = candidate.spec.uri, f"Candidate{index}"
             answered = (items
                         | f"{name}/Items" >> beam.Map(lambda i, u=uri: AnsweredItem(i, u))
-                        | f"{name}/Answer" >> CallModel(
-                            self._answer_candidate, candidate, seed))
-            verdicts = ({"candidate": answered.output | f"{name}/ByItem" >> beam.Map(_by_item),
+                        | f"{name}/Answer" >> self.handled(CallModel(
+                            self._answer_candidate, candidate, seed)))
+            verdicts = ({"candidate": answered | f"{name}/ByItem" >> beam.Map(_by_item),
                          "reference": reference_by_item}
                         | f"{name}/JoinAnswers" >> beam.CoGroupByKey()
                         | f"{name}/Contest" >> beam.FlatMap(contests)
-                        | f"{name}/JudgeBothOrders" >> JudgeBothOrders(
-                            self._judge, self._judge_stage, seed))
-            dead += [answered.dead_letter, verdicts.dead_letter]
+                        | f"{name}/JudgeBothOrders" >> self.handled(JudgeBothOrders(
+                            self._judge, self._judge_stage, seed)))
             judged.append(
                 {"item": items_by_key,
-                 "judgement": verdicts.output | f"{name}/Judgement" >> beam.Map(
+                 "judgement": verdicts | f"{name}/Judgement" >> beam.Map(
                      lambda v, u=uri: _by_item_key(judgement(v, u, ref_uri, judge_uri)))}
                 | f"{name}/JoinItems" >> beam.CoGroupByKey()
                 | f"{name}/JudgedOrFailed" >> beam.ParDo(
                     _JudgedOrFailed(uri, ref_uri, judge_uri)))
-        return StageOutput(
-            tuple(judged) | "AllJudgements" >> beam.Flatten(),
-            tuple(dead) | "AllDeadLetters" >> beam.Flatten())
+        return tuple(judged) | "AllJudgements" >> beam.Flatten()
 
 
 def _by_item(answered: AnsweredItem):

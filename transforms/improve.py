@@ -22,7 +22,7 @@ from codeclm_beam.records import Candidate
 from codeclm_beam.records import DeadLetter
 from codeclm_beam.stage import DEAD_LETTER
 from codeclm_beam.stage import CallModel
-from codeclm_beam.stage import StageOutput
+from codeclm_beam.stage import DeadLettering
 from codeclm_beam.stage import Answer
 from codeclm_beam.stage import Stage
 from codeclm_beam.stage import derive_seed
@@ -92,8 +92,8 @@ class _ChooseAction(beam.DoFn):
         yield dataclasses.replace(candidate, pending_action=action)
 
 
-class ImproveInstructions(beam.PTransform):
-    """PCollection[Candidate] -> StageOutput(PCollection[Candidate], dead letters).
+class ImproveInstructions(DeadLettering):
+    """PCollection[Candidate] -> PCollection[Candidate], improved.
 
     `rubric_state` is the PCollection[RubricSet] from GenerateRubrics, read as a side
     input keyed by metadata id."""
@@ -106,14 +106,12 @@ class ImproveInstructions(beam.PTransform):
         self._model = model
         self._run_seed = run_seed
 
-    def expand(self, candidates) -> StageOutput:
+    def expand(self, candidates) -> beam.PCollection:
         rubrics_by_id = self._rubric_state | "KeyByMetadata" >> beam.Map(
             lambda r: (r.metadata_id, r))
         chosen = candidates | "ChooseAction" >> beam.ParDo(
             _ChooseAction(self._run_seed), beam.pvalue.AsDict(rubrics_by_id)
         ).with_outputs(DEAD_LETTER, main="main")
-        rewritten = chosen.main | "Rewrite" >> CallModel(
-            self._stage, self._model, self._run_seed)
-        dead = ((chosen[DEAD_LETTER], rewritten.dead_letter)
-                | "DeadLetters" >> beam.Flatten())
-        return StageOutput(rewritten.output, dead)
+        self.dead_letters(chosen[DEAD_LETTER])
+        return chosen.main | "Rewrite" >> self.handled(CallModel(
+            self._stage, self._model, self._run_seed))

@@ -30,7 +30,7 @@ from codeclm_beam.prompts import PromptTemplate
 from codeclm_beam.stage import Answer
 from codeclm_beam.stage import CallModel
 from codeclm_beam.stage import Stage
-from codeclm_beam.stage import StageOutput
+from codeclm_beam.stage import DeadLettering
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,8 +202,8 @@ class _Verdict(beam.DoFn):
             explanations=(first_first.explanation, second_first.explanation))
 
 
-class JudgeBothOrders(beam.PTransform):
-    """PCollection[Contest] -> StageOutput(PCollection[Verdict], dead letters).
+class JudgeBothOrders(DeadLettering):
+    """PCollection[Contest] -> PCollection[Verdict].
 
     A contest of which a judge call failed for good has no verdict: its dead letter
     says why, and the flow counter `{stage}_incomplete` counts it."""
@@ -214,17 +214,18 @@ class JudgeBothOrders(beam.PTransform):
         self._stage = judge_stage
         self._run_seed = run_seed
 
-    def expand(self, contests) -> StageOutput:
+    def expand(self, contests) -> beam.PCollection:
         judged = (contests
                   | "BothOrders" >> beam.FlatMap(
                       lambda c: [JudgeTask(c, True), JudgeTask(c, False)])
-                  | "Judge" >> CallModel(self._stage, self._judge, self._run_seed))
+                  | "Judge" >> self.handled(CallModel(
+                      self._stage, self._judge, self._run_seed)))
         # Every contest is grouped with its orders, so one whose two judge calls
         # both failed still reaches the verdict, and is counted as incomplete there.
         verdicts = ({"contest": contests | "KeyContests" >> beam.Map(lambda c: (c.key, 1)),
-                     "orders": judged.output
+                     "orders": judged
                      | "ByContest" >> beam.Map(lambda o: (o.task.contest.key, o))}
                     | "GroupOrders" >> beam.CoGroupByKey()
                     | "Verdict" >> beam.ParDo(_Verdict(self._stage.name)))
-        return StageOutput(verdicts, judged.dead_letter)
+        return verdicts
 

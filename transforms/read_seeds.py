@@ -24,7 +24,7 @@ from codeclm_beam.rows import find_instruction
 from codeclm_beam.rows import iter_rows
 from codeclm_beam.records import invalid_text_reason
 from codeclm_beam.stage import DEAD_LETTER
-from codeclm_beam.stage import StageOutput
+from codeclm_beam.stage import DeadLettering
 
 STAGE = "read_seeds"
 METADATA_STAGE = "read_metadata"
@@ -109,7 +109,8 @@ class _KeepFirstCountRest(beam.DoFn):
         yield records[0]
 
 
-def _read(pcoll, file_pattern: str, stage: str, make, key) -> StageOutput:
+def _read(reader: DeadLettering, pcoll, file_pattern: str, stage: str, make, key
+          ) -> beam.PCollection:
     parsed = (pcoll
               | "Match" >> fileio.MatchFiles(file_pattern)
               | "Open" >> fileio.ReadMatches()
@@ -119,11 +120,12 @@ def _read(pcoll, file_pattern: str, stage: str, make, key) -> StageOutput:
               | "KeyByContent" >> beam.Map(lambda r: (key(r), r))
               | "GroupDuplicates" >> beam.GroupByKey()
               | "DropDuplicates" >> beam.ParDo(_KeepFirstCountRest(stage)))
-    return StageOutput(unique, parsed[DEAD_LETTER])
+    reader.dead_letters(parsed[DEAD_LETTER])
+    return unique
 
 
-class ReadSeeds(beam.PTransform):
-    """file pattern -> StageOutput(PCollection[Seed], dead letters)."""
+class ReadSeeds(DeadLettering):
+    """file pattern -> PCollection[Seed]; unreadable rows are dead letters."""
 
     def __init__(self, file_pattern: str, instruction_field: Optional[str] = None,
                  max_chars: int = DEFAULT_MAX_CHARS):
@@ -132,9 +134,9 @@ class ReadSeeds(beam.PTransform):
         self._field = instruction_field
         self._max_chars = max_chars
 
-    def expand(self, pbegin) -> StageOutput:
+    def expand(self, pbegin) -> beam.PCollection:
         field, max_chars = self._field, self._max_chars
-        return _read(pbegin, self._pattern, STAGE,
+        return _read(self, pbegin, self._pattern, STAGE,
                      lambda source, row: make_seed(source, row, field, max_chars),
                      key=lambda seed: seed.seed_id)
 
@@ -161,17 +163,17 @@ def make_user_metadata(source: str, row: Any, max_skills: int):
         raise RowError(str(e)) from None
 
 
-class ReadMetadata(beam.PTransform):
-    """file pattern of (use_case, skills) rows -> StageOutput(PCollection[Metadata],
-    dead letters): the method's scenario 2, metadata without seeds."""
+class ReadMetadata(DeadLettering):
+    """file pattern of (use_case, skills) rows -> PCollection[Metadata]: the method's
+    scenario 2, metadata without seeds."""
 
     def __init__(self, file_pattern: str, max_skills: int = 3):
         super().__init__()
         self._pattern = file_pattern
         self._max_skills = max_skills
 
-    def expand(self, pbegin) -> StageOutput:
+    def expand(self, pbegin) -> beam.PCollection:
         max_skills = self._max_skills
-        return _read(pbegin, self._pattern, METADATA_STAGE,
+        return _read(self, pbegin, self._pattern, METADATA_STAGE,
                      lambda source, row: make_user_metadata(source, row, max_skills),
                      key=lambda m: m.metadata_id)

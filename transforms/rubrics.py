@@ -78,7 +78,7 @@ class Rubrics(Stage):
 
 
 class GenerateRubrics(CallModel):
-    """PCollection[Metadata] -> StageOutput(PCollection[RubricSet], dead letters)."""
+    """PCollection[Metadata] -> PCollection[RubricSet]."""
 
     def __init__(self, model: ModelConfig, num_rubrics: int = 4, temperature: float = 0.7,
                  max_output_tokens: int = 1024, run_seed: int = 0):
