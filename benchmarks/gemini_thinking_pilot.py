@@ -24,7 +24,7 @@ sys.path.insert(0, ROOT)
 from benchmarks.fake_model_server import FakeModelServer  # noqa: E402
 from benchmarks.fake_model_server import ServerConfig  # noqa: E402
 from codeclm_beam.pipelines.generate import run  # noqa: E402
-from codeclm_beam.pipelines.report import estimated_cost  # noqa: E402
+from codeclm_beam.pipelines.report.figures import estimated_cost  # noqa: E402
 from codeclm_beam.pricing import merged_prices  # noqa: E402
 
 SETTINGS = {

@@ -19,8 +19,8 @@ from typing import Optional
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from codeclm_beam.options import AnswerOptions
-from codeclm_beam.pipelines.args import SuggestingParser
-from codeclm_beam.pipelines.args import unknown_message
+from codeclm_beam.pipelines.run.args import SuggestingParser
+from codeclm_beam.pipelines.run.args import unknown_message
 from codeclm_beam.options import ModelOptions
 from codeclm_beam.options import RunOptions
 from codeclm_beam.version import __version__
@@ -66,7 +66,7 @@ def _usd(value) -> str:
 
 
 def _summary(manifest: dict) -> str:
-    from codeclm_beam.pipelines.manifest import judge_note
+    from codeclm_beam.pipelines.run.manifest import judge_note
     acc = manifest["accounting"]
     cand = acc["candidates"]
     calls = manifest["model_calls"]["totals"]
@@ -236,7 +236,7 @@ def generate(argv: list[str]) -> int:
 def evaluate(argv: list[str]) -> int:
     from codeclm_beam.pipelines.evaluate import EvaluateOptions
     from codeclm_beam.pipelines.evaluate import failed_shares
-    from codeclm_beam.pipelines.report import markdown_table
+    from codeclm_beam.pipelines.report.render import markdown_table
     from codeclm_beam.pipelines.evaluate import run
     parse_pipeline_flags(
         "codeclm-beam evaluate", "Capacity Recovery Ratio of candidate models against a "
@@ -268,7 +268,7 @@ SUBCOMMANDS = {"split": "split:split_command", "report": "report:report_command"
 
 def _subcommand(name: str, argv: list[str]) -> int:
     module, function = SUBCOMMANDS[name].split(":")
-    return getattr(importlib.import_module(f"codeclm_beam.pipelines.{module}"),
+    return getattr(importlib.import_module(f"codeclm_beam.pipelines.commands.{module}"),
                    function)(argv)
 
 
@@ -302,8 +302,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"unknown command {command!r}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from codeclm_beam.model.errors import ConfigurationError
-    from codeclm_beam.pipelines.manifest import RunStopped
-    from codeclm_beam.pipelines.outputs import PromotionRefused
+    from codeclm_beam.pipelines.run.manifest import RunStopped
+    from codeclm_beam.pipelines.run.outputs import PromotionRefused
     try:
         return COMMANDS[command](rest)
     except ConfigurationError as error:

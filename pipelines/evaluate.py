@@ -17,25 +17,26 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from codeclm_beam import metrics
 from codeclm_beam.metrics import RunCounters
-from codeclm_beam.pipelines.manifest import billing_modes
-from codeclm_beam.pipelines.progress import progress_for
+from codeclm_beam.pipelines.run.manifest import billing_modes
+from codeclm_beam.pipelines.run.progress import progress_for
 from codeclm_beam.model.config import ModelConfig
 from codeclm_beam.options import ModelOptions
 from codeclm_beam.options import RunOptions
 from codeclm_beam.options import model_configs
-from codeclm_beam.pipelines import manifest as manifest_lib
-from codeclm_beam.pipelines import preflight as preflight_lib
-from codeclm_beam.pipelines.outputs import OutputDirectory
-from codeclm_beam.pipelines.outputs import WriteDeadLetters
-from codeclm_beam.pipelines.outputs import WriteJsonl
-from codeclm_beam.pipelines.outputs import read_jsonl_dir
-from codeclm_beam.pipelines.report import markdown_table
-from codeclm_beam.pipelines.report import write_report
+from codeclm_beam.pipelines.run import manifest as manifest_lib
+from codeclm_beam.pipelines.run import preflight as preflight_lib
+from codeclm_beam.pipelines.run.outputs import OutputDirectory
+from codeclm_beam.pipelines.run.outputs import WriteDeadLetters
+from codeclm_beam.pipelines.run.outputs import WriteJsonl
+from codeclm_beam.pipelines.run.outputs import read_jsonl_dir
+from codeclm_beam.pipelines.report.render import markdown_table
+from codeclm_beam.pipelines.report.render import write_report
 from codeclm_beam.model.errors import ConfigurationError
 from codeclm_beam.options import AnswerOptions
 from codeclm_beam.options import is_dry_run
 from codeclm_beam.transforms.evaluate import FAILED
 from codeclm_beam.transforms.evaluate import JudgeAgainstReference
+from codeclm_beam.transforms.evaluate import BenchmarkFiles
 from codeclm_beam.transforms.evaluate import ReadBenchmarks
 from codeclm_beam.transforms.evaluate import READ_STAGE
 from codeclm_beam.transforms.evaluate import make_item
@@ -152,7 +153,7 @@ def failed_shares(summary: dict) -> dict[str, float]:
 
 @dataclasses.dataclass
 class EvaluatePlan:
-    read: ReadBenchmarks
+    benchmarks: BenchmarkFiles
     candidates: list[str]
     reference: str
     judge: str
@@ -191,11 +192,12 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
                 "apart with a tag: URI#rev=NAME")
         seen[candidate.identity] = candidate.spec.uri
 
-    read = ReadBenchmarks(opts.benchmark, opts.evaluate_instruction_field,
-                          opts.allow_seed_items)
+    benchmarks = BenchmarkFiles.detect(opts.benchmark, opts.evaluate_instruction_field,
+                                       opts.allow_seed_items)
     with ErrorHandler(WriteDeadLetters(out)) as dead_letters:
         (pipeline
-         | "ReadBenchmarks" >> read.with_error_handler(dead_letters)
+         | "ReadBenchmarks" >> ReadBenchmarks(
+             benchmarks, opts.allow_seed_items).with_error_handler(dead_letters)
          | "JudgeAgainstReference" >> JudgeAgainstReference(
              candidates, reference, judge, answer_temperature=answers.answer_temperature,
              max_output_tokens=answers.max_output_tokens, run_seed=model_opts.seed,
@@ -210,7 +212,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
                      "judge": judge.thinking},
         "max_failed_share": opts.max_failed_share,
     }
-    return EvaluatePlan(read, [c.spec.uri for c in candidates], reference.spec.uri,
+    return EvaluatePlan(benchmarks, [c.spec.uri for c in candidates], reference.spec.uri,
                         judge.spec.uri, run_id,
                         judge_independence(judge, reference, candidates), settings,
                         [reference, *candidates],
@@ -230,11 +232,11 @@ def preflight(options: PipelineOptions, plan: EvaluatePlan) -> None:
     preflight_lib.check_output_budget("--max_output_tokens",
                                       options.view_as(AnswerOptions).max_output_tokens,
                                       plan.answering)
-    for path in plan.read.layouts:
+    for path in plan.benchmarks.layouts:
         if path.startswith("gs://") and offline:
             continue
         preflight_lib.check_rows(path, "--benchmark", lambda source, row, p=path: make_item(
-            p, int(source.rpartition(":")[2]), row, plan.read.layout_of(p),
+            p, int(source.rpartition(":")[2]), row, plan.benchmarks.layouts[p],
             opts.allow_seed_items))
 
 
@@ -281,8 +283,8 @@ def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = N
         counters = RunCounters.from_result(result)
         summary.update({
             **manifest_lib.run_header("codeclm-beam evaluate", plan.run_id, started),
-            "layouts": plan.read.layouts,
-            "splits": plan.read.splits,
+            "layouts": plan.benchmarks.layout_names,
+            "splits": dict(plan.benchmarks.splits),
             "models": {"candidates": plan.candidates, "reference": plan.reference,
                        "judge": plan.judge},
             "judge_independence": plan.judge_independence,

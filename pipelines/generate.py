@@ -17,9 +17,9 @@ from apache_beam.options.pipeline_options import StandardOptions
 
 from codeclm_beam import metrics
 from codeclm_beam.metrics import RunCounters
-from codeclm_beam.pipelines.manifest import billing_modes
-from codeclm_beam.pipelines.plan import simulate_rounds
-from codeclm_beam.pipelines.progress import progress_for
+from codeclm_beam.pipelines.run.manifest import billing_modes
+from codeclm_beam.pipelines.commands.plan import simulate_rounds
+from codeclm_beam.pipelines.run.progress import progress_for
 from codeclm_beam.options import AnswerOptions
 from codeclm_beam.options import is_dry_run
 from codeclm_beam.options import ModelOptions
@@ -37,19 +37,19 @@ from codeclm_beam.transforms import ReadSeeds
 from codeclm_beam.transforms.read_seeds import DEFAULT_MAX_CHARS
 from codeclm_beam.transforms.selection import TakeLowestRanked
 from codeclm_beam.transforms.selection import stable_rank
-from codeclm_beam.pipelines import manifest as manifest_lib
-from codeclm_beam.pipelines.outputs import EXPORT_FORMATS
-from codeclm_beam.pipelines.outputs import WriteAvro
-from codeclm_beam.pipelines.outputs import WriteDeadLetters
-from codeclm_beam.pipelines.outputs import WriteExports
-from codeclm_beam.pipelines.outputs import WriteJsonl
-from codeclm_beam.pipelines.outputs import OutputDirectory
-from codeclm_beam.pipelines.outputs import PromotionRefused
-from codeclm_beam.pipelines.outputs import read_jsonl_dir
-from codeclm_beam.pipelines.outputs import write_json
-from codeclm_beam.pipelines.report import run_tailoring
-from codeclm_beam.pipelines.report import write_report
-from codeclm_beam.pipelines import preflight as preflight_lib
+from codeclm_beam.pipelines.run import manifest as manifest_lib
+from codeclm_beam.pipelines.run.outputs import EXPORT_FORMATS
+from codeclm_beam.pipelines.run.outputs import WriteAvro
+from codeclm_beam.pipelines.run.outputs import WriteDeadLetters
+from codeclm_beam.pipelines.run.outputs import WriteExports
+from codeclm_beam.pipelines.run.outputs import WriteJsonl
+from codeclm_beam.pipelines.run.outputs import OutputDirectory
+from codeclm_beam.pipelines.run.outputs import PromotionRefused
+from codeclm_beam.pipelines.run.outputs import read_jsonl_dir
+from codeclm_beam.pipelines.run.outputs import write_json
+from codeclm_beam.pipelines.report.figures import run_tailoring
+from codeclm_beam.pipelines.report.render import write_report
+from codeclm_beam.pipelines.run import preflight as preflight_lib
 from codeclm_beam.model.errors import ConfigurationError
 from codeclm_beam.transforms.read_seeds import make_seed
 from codeclm_beam.transforms.read_seeds import make_user_metadata

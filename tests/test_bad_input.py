@@ -20,12 +20,12 @@ from codeclm_beam.model import ModelResponse
 from codeclm_beam.model import Usage
 from codeclm_beam.model.backends import Backend
 from codeclm_beam.model.backends import RawAnswer
-from codeclm_beam.pipelines.outputs import to_ascii_json_line
-from codeclm_beam.pipelines.outputs import to_json_line
+from codeclm_beam.pipelines.run.outputs import to_ascii_json_line
+from codeclm_beam.pipelines.run.outputs import to_json_line
 from codeclm_beam.records import DeadLetter
 from codeclm_beam.records import Seed
 from codeclm_beam.transforms.read_seeds import STAGE
-from codeclm_beam.transforms.read_seeds import _ParseFile
+from codeclm_beam.transforms.read_rows import ParseRows
 from codeclm_beam.transforms.read_seeds import make_seed
 
 MAX_CHARS = 200
@@ -43,7 +43,9 @@ class FakeReadable:
 
 
 def parse(path, data):
-    fn = _ParseFile(STAGE, lambda source, row: make_seed(source, row, None, MAX_CHARS))
+    fn = ParseRows(STAGE, lambda path: lambda source, row: make_seed(
+        source, row, None, MAX_CHARS))
+    fn.setup()
     seeds, dead = [], []
     for out in fn.process(FakeReadable(path, data)):
         if isinstance(out, beam.pvalue.TaggedOutput):

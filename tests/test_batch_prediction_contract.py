@@ -28,10 +28,10 @@ from codeclm_beam.model.errors import ConfigurationError
 from codeclm_beam.model.types import GenerationSettings
 from codeclm_beam.model.types import ModelFailure
 from codeclm_beam.model.types import ModelResponse
-from codeclm_beam.pipelines.manifest import billing_modes
-from codeclm_beam.pipelines.plan import Pilot
-from codeclm_beam.pipelines.plan import plan
-from codeclm_beam.pipelines.plan import render
+from codeclm_beam.pipelines.run.manifest import billing_modes
+from codeclm_beam.pipelines.commands.plan import Pilot
+from codeclm_beam.pipelines.commands.plan import plan
+from codeclm_beam.pipelines.commands.plan import render
 from tests.helpers import read_jsonl
 from tests.helpers import run_generate
 from tests.helpers import write_seeds

@@ -8,7 +8,7 @@ import pytest
 from apache_beam.yaml import main as yaml_main
 from apache_beam.yaml import yaml_provider
 
-from codeclm_beam.beam_yaml import PROVIDERS
+from codeclm_beam.transforms.beam_yaml import PROVIDERS
 from tests.helpers import read_jsonl
 from tests.helpers import scripted_models
 
@@ -53,7 +53,7 @@ def test_the_example_runs_through_beams_yaml_entry_point(tmp_path):
 
 
 def test_a_stage_without_error_handling_is_refused():
-    from codeclm_beam.beam_yaml import EncodeMetadata
+    from codeclm_beam.transforms.beam_yaml import EncodeMetadata
     with pytest.raises(ValueError, match="error_handling"):
         EncodeMetadata(error_handling=None)
 

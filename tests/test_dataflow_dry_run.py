@@ -113,8 +113,8 @@ def test_a_launch_that_does_not_wait_reports_the_job_as_submitted(tmp_path):
     # and the caller must not be told otherwise. Here the DirectRunner stands in. No
     # one is there to move its outputs into place: they stay in its staging folder,
     # and nothing already in --output_dir is touched.
-    from codeclm_beam.pipelines.manifest import run_pipeline
-    from codeclm_beam.pipelines.outputs import OutputDirectory
+    from codeclm_beam.pipelines.run.manifest import run_pipeline
+    from codeclm_beam.pipelines.run.outputs import OutputDirectory
     (tmp_path / "out" / "examples").mkdir(parents=True)
     (tmp_path / "out" / "examples" / "mine.jsonl").write_text("{}\n")
     outputs = OutputDirectory(str(tmp_path / "out"), "r1", "manifest.json")

@@ -10,8 +10,8 @@ import pytest
 from codeclm_beam import metrics
 from codeclm_beam.metrics import RunCounters
 from codeclm_beam.pipelines.cli import main as cli_main
-from codeclm_beam.pipelines.plan import Pilot
-from codeclm_beam.pipelines.plan import plan
+from codeclm_beam.pipelines.commands.plan import Pilot
+from codeclm_beam.pipelines.commands.plan import plan
 from codeclm_beam.pricing import run_cost
 from codeclm_beam.transforms.codeclm import default_pool_size
 from tests.helpers import generate_args
@@ -136,8 +136,8 @@ def test_a_run_whose_calls_mostly_fail_stops_with_the_reason_and_resumes(tmp_pat
 
 
 def test_progress_shows_retries_as_they_happen_and_kept_as_delivered():
-    from codeclm_beam.pipelines.progress import Snapshot
-    from codeclm_beam.pipelines.progress import describe
+    from codeclm_beam.pipelines.run.progress import Snapshot
+    from codeclm_beam.pipelines.run.progress import describe
     counters = RunCounters.from_pairs([
         ((metrics.FLOW, metrics.in_round(2, "candidates")), 4),
         ((metrics.FLOW, metrics.EXAMPLES), 4),  # all unresolved, kept anyway
@@ -227,7 +227,7 @@ def test_the_readme_dataflow_dry_run_runs_offline_as_written(capsys, monkeypatch
 
 def test_the_readme_flex_template_parameters_name_models_its_image_can_run():
     from codeclm_beam.model.errors import ConfigurationError
-    from codeclm_beam.pipelines.templates import template_argv
+    from codeclm_beam.pipelines.commands.templates import template_argv
     line = readme_block("### Flex Template")
     parameters = re.search(r"--parameters (\S+)", line).group(1).split(",")
     argv = [f"--{p}" for p in parameters]

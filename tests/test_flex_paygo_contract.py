@@ -13,8 +13,8 @@ from codeclm_beam.model import ModelConfig
 from codeclm_beam.model import ModelRequest
 from codeclm_beam.model.errors import ConfigurationError
 from codeclm_beam.pipelines.cli import main
-from codeclm_beam.pipelines.plan import Pilot
-from codeclm_beam.pipelines.plan import plan
+from codeclm_beam.pipelines.commands.plan import Pilot
+from codeclm_beam.pipelines.commands.plan import plan
 from tests.helpers import read_jsonl
 from tests.helpers import run_generate
 from tests.helpers import write_seeds

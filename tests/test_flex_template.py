@@ -3,8 +3,8 @@ template parameters into flags the pipeline accepts."""
 import json
 import os
 
-from codeclm_beam.pipelines.templates import flex_template_metadata
-from codeclm_beam.pipelines.templates import launcher_argv
+from codeclm_beam.pipelines.commands.templates import flex_template_metadata
+from codeclm_beam.pipelines.commands.templates import launcher_argv
 from codeclm_beam.pipelines.cli import _options_parser
 from codeclm_beam.options import AnswerOptions
 from codeclm_beam.options import ModelOptions
@@ -18,7 +18,7 @@ def test_committed_metadata_is_generated_from_the_cli_options():
     with open(os.path.join(TEMPLATE_DIR, "metadata.json")) as f:
         committed = json.load(f)
     assert committed == flex_template_metadata(), (
-        "regenerate: python -m codeclm_beam.pipelines.templates > "
+        "regenerate: python -m codeclm_beam.pipelines.commands.templates > "
         "pipelines/flex_template/metadata.json")
     parser = _options_parser("x", "x", GenerateOptions, AnswerOptions, RunOptions,
                              ModelOptions)

@@ -14,7 +14,7 @@ from codeclm_beam.model import Usage
 from codeclm_beam.model.cache import ResponseCache
 from codeclm_beam.model.errors import ConfigurationError
 from codeclm_beam.pipelines.cli import main as cli_main
-from codeclm_beam.pipelines.outputs import OutputDirectory
+from codeclm_beam.pipelines.run.outputs import OutputDirectory
 from codeclm_beam.redact import public_url
 from codeclm_beam.redact import redact
 from codeclm_beam.redact import register_url_secrets
@@ -254,7 +254,7 @@ def test_a_byte_order_mark_does_not_cost_the_first_seed(tmp_path):
 
 
 def test_split_keeps_one_question_under_two_ids_on_one_side(tmp_path):
-    from codeclm_beam.pipelines.split import split_file
+    from codeclm_beam.pipelines.commands.split import split_file
     path = tmp_path / "v.jsonl"
     path.write_text("".join(json.dumps({"question_id": i, "category": "c", "turns": [
         f"Question {i % 10}?" if i < 20 else f"Other {i}?"]}) + "\n" for i in range(40)))
@@ -311,7 +311,7 @@ def test_an_unreachable_server_stops_generate_at_once_naming_it(tmp_path, capsys
 
 
 def test_a_promotion_cut_short_is_reported_by_show_plan_and_report(tmp_path, caplog):
-    from codeclm_beam.pipelines.outputs import read_run_record
+    from codeclm_beam.pipelines.run.outputs import read_run_record
     (tmp_path / "run" / ".staging" / "r9").mkdir(parents=True)
     (tmp_path / "run" / "manifest.json").write_text(json.dumps({"written_files": []}))
     (tmp_path / "run" / ".staging" / "r9" / "PROMOTING.json").write_text(

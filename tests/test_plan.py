@@ -7,10 +7,10 @@ import pytest
 from benchmarks.fake_model_server import FakeModelServer
 from benchmarks.fake_model_server import ServerConfig
 from codeclm_beam.pipelines.cli import main
-from codeclm_beam.pipelines.plan import Pilot
-from codeclm_beam.pipelines.plan import basic_instructions_needed
-from codeclm_beam.pipelines.plan import plan
-from codeclm_beam.pipelines.plan import simulate_rounds
+from codeclm_beam.pipelines.commands.plan import Pilot
+from codeclm_beam.pipelines.commands.plan import basic_instructions_needed
+from codeclm_beam.pipelines.commands.plan import plan
+from codeclm_beam.pipelines.commands.plan import simulate_rounds
 from codeclm_beam.transforms.codeclm import round_slots
 from tests.helpers import generate_args
 from tests.helpers import run_generate

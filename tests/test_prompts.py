@@ -6,8 +6,8 @@ import json
 import pytest
 
 from codeclm_beam.pipelines.cli import main as cli_main
-from codeclm_beam.pipelines.prompts import STAGES
-from codeclm_beam.prompts import PromptTemplate
+from codeclm_beam.pipelines.commands.prompts import STAGES
+from codeclm_beam.transforms.prompt_templates import PromptTemplate
 from codeclm_beam.records import normalize_skill
 from codeclm_beam.records import normalize_skills
 

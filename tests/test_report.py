@@ -8,8 +8,8 @@ import subprocess
 import pytest
 
 from codeclm_beam.pipelines.evaluate import run as run_evaluate
-from codeclm_beam.pipelines.report import jensen_shannon
-from codeclm_beam.pipelines.report import tailoring
+from codeclm_beam.pipelines.report.figures import jensen_shannon
+from codeclm_beam.pipelines.report.figures import tailoring
 from tests.helpers import generate_args
 from tests.helpers import run_generate
 from tests.helpers import scripted_models

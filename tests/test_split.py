@@ -8,7 +8,7 @@ import pytest
 
 from codeclm_beam.pipelines.cli import main
 from codeclm_beam.pipelines.evaluate import run as run_evaluate
-from codeclm_beam.pipelines.split import split_file
+from codeclm_beam.pipelines.commands.split import split_file
 from tests.scripted_backend import write_scenario
 
 

@@ -19,7 +19,7 @@ from pydantic import StringConstraints
 from codeclm_beam.model import ChatMessage
 from codeclm_beam.model import GenerationSettings
 from codeclm_beam.model import ModelConfig
-from codeclm_beam.prompts import PromptTemplate
+from codeclm_beam.transforms.prompt_templates import PromptTemplate
 from codeclm_beam.records import Candidate
 from codeclm_beam.records import Metadata
 from codeclm_beam.records import content_id

@@ -17,15 +17,14 @@ import apache_beam as beam
 from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 
-from codeclm_beam import metrics
 from codeclm_beam.model import GenerationSettings
 from codeclm_beam.model import ModelConfig
 from codeclm_beam.model.errors import ConfigurationError
-from codeclm_beam.records import DeadLetter
 from codeclm_beam.records import invalid_text_reason
 from codeclm_beam.stage import DEAD_LETTER
 from codeclm_beam.stage import CallModel
 from codeclm_beam.stage import DeadLettering
+from codeclm_beam.transforms.read_rows import ParseRows
 from codeclm_beam.transforms.judge import AnswerInstruction
 from codeclm_beam.transforms.judge import Contest
 from codeclm_beam.transforms.judge import Judge
@@ -123,91 +122,81 @@ def make_item(path: str, number: int, row: Any, layout: Layout,
                     instruction.strip(), str(category) if category is not None else None)
 
 
-class _ParseBenchmark(beam.DoFn):
-    def __init__(self, layouts: dict[str, Layout], allow_seed_items: bool,
-                 names: dict[str, str]):
-        self._layouts = layouts
+class _ItemsOfFile:
+    """A benchmark file's `MakeRecord`: rows to EvalItems. A repeated id (question_id 1,
+    1, 2, ...) would merge two items' answers: the later one is told apart by its
+    line."""
+
+    def __init__(self, files: "BenchmarkFiles", allow_seed_items: bool):
+        self._files = files
         self._allow_seed_items = allow_seed_items
-        self._names = names
 
-    def setup(self):
-        self._rows = metrics.flow_counter(metrics.rows_read(READ_STAGE))
+    def __call__(self, path: str):
+        layout, name, seen = self._files.layouts[path], self._files.names.get(path), set()
 
-    def process(self, readable):
-        path = readable.metadata.path
-        layout = self._layouts[path]
-        seen: set[str] = set()  # a file is read whole in one call
-        with readable.open() as handle:
-            for source, row in jsonl_rows(path, handle):
-                self._rows.inc()
-                number = int(source.rpartition(":")[2])
-                try:
-                    if isinstance(row, RowError):
-                        raise row
-                    item = make_item(path, number, row, layout, self._allow_seed_items,
-                                     self._names.get(path))
-                    if item.item_id in seen:
-                        # A repeated id (question_id 1, 1, 2, ...) would merge two
-                        # items' answers: the later one is told apart by its line.
-                        item = dataclasses.replace(
-                            item, item_id=f"{item.item_id}@line{number}")
-                    seen.add(item.item_id)
-                    yield item
-                except RowError as e:
-                    yield beam.pvalue.TaggedOutput(DEAD_LETTER, DeadLetter.of(
-                        READ_STAGE, source, e, payload=row if isinstance(
-                            row, dict) else None, reason="bad_input"))
+        def make(source: str, row):
+            number = int(source.rpartition(":")[2])
+            item = make_item(path, number, row, layout, self._allow_seed_items, name)
+            if item.item_id in seen:
+                item = dataclasses.replace(item, item_id=f"{item.item_id}@line{number}")
+            seen.add(item.item_id)
+            return item
+        return make
 
 
-class ReadBenchmarks(DeadLettering):
-    """Benchmark files -> PCollection[EvalItem]; unreadable rows are dead letters. Layouts are detected
-    when the pipeline is built, so a file that cannot be read fails before any call."""
+@dataclasses.dataclass(frozen=True)
+class BenchmarkFiles:
+    """The benchmark files of a run, with each one's layout, its name in results and
+    whether it is the held-out part of a split. `detect` reads each file's first row
+    (before the pipeline is built, so a file that cannot be read fails before any
+    call); `ReadBenchmarks` then reads the files without opening any itself."""
+    layouts: dict[str, Layout]
+    names: dict[str, str]
+    splits: dict[str, str]  # by benchmark name: HELD_OUT or WHOLE_FILE
 
-    def __init__(self, paths: list[str], instruction_field: Optional[str] = None,
-                 allow_seed_items: bool = False):
-        super().__init__()
-        self._layouts = {}
-        self._splits = {}
+    @classmethod
+    def detect(cls, paths: list[str], instruction_field: Optional[str] = None,
+               allow_seed_items: bool = False) -> "BenchmarkFiles":
+        layouts, splits = {}, {}
         for path in paths:
             for match in FileSystems.match([path])[0].metadata_list:
                 row = first_row(match.path)
-                self._splits[benchmark_name(match.path)] = (
+                splits[benchmark_name(match.path)] = (
                     HELD_OUT if row.get(SPLIT_MARKER) == "eval" else WHOLE_FILE)
-                self._layouts[match.path] = detect_file_layout(match.path,
-                                                               instruction_field, row)
+                layouts[match.path] = detect_file_layout(match.path, instruction_field, row)
                 if not allow_seed_items and row.get(SPLIT_MARKER) == "seeds":
                     raise ConfigurationError(
                         f"{match.path} is the seed part of a `codeclm-beam split`: "
                         "evaluating on seeds measures memorisation. Evaluate on the "
                         "eval part, or pass --allow_seed_items.")
-        if not self._layouts:
+        if not layouts:
             raise ConfigurationError(f"no benchmark files match {paths}")
-        self._names = benchmark_names(sorted(self._layouts))
-        self._splits = {self._names[path]: self._splits[benchmark_name(path)]
-                        for path in self._layouts}
+        names = benchmark_names(sorted(layouts))
+        return cls(layouts, names, {names[path]: splits[benchmark_name(path)]
+                                    for path in layouts})
+
+    @property
+    def layout_names(self) -> dict[str, str]:
+        return {path: layout.name for path, layout in self.layouts.items()}
+
+
+class ReadBenchmarks(DeadLettering):
+    """Benchmark files (`BenchmarkFiles.detect`) -> PCollection[EvalItem]; rows that
+    make no item are dead letters."""
+
+    def __init__(self, files: BenchmarkFiles, allow_seed_items: bool = False):
+        super().__init__()
+        self._files = files
         self._allow = allow_seed_items
-
-    @property
-    def layouts(self) -> dict[str, str]:
-        return {path: layout.name for path, layout in self._layouts.items()}
-
-    def layout_of(self, path: str) -> Layout:
-        return self._layouts[path]
-
-    @property
-    def splits(self) -> dict[str, str]:
-        """Per benchmark: whether its file is the held-out part of a split or a whole
-        benchmark (the paper's tables are whole benchmarks)."""
-        return dict(self._splits)
 
     def expand(self, pbegin):
         parsed = (pbegin
-                  | "Files" >> beam.Create(sorted(self._layouts))
+                  | "Files" >> beam.Create(sorted(self._files.layouts))
                   | "Match" >> fileio.MatchAll()
                   | "Open" >> fileio.ReadMatches()
-                  | "Parse" >> beam.ParDo(_ParseBenchmark(
-                      self._layouts, self._allow, self._names)).with_outputs(
-                          DEAD_LETTER, main="main"))
+                  | "Parse" >> beam.ParDo(ParseRows(
+                      READ_STAGE, _ItemsOfFile(self._files, self._allow), jsonl_rows)
+                  ).with_outputs(DEAD_LETTER, main="main"))
         self.dead_letters(parsed[DEAD_LETTER])
         return parsed.main
 

@@ -26,7 +26,7 @@ from codeclm_beam.model import ChatMessage
 from codeclm_beam.model import GenerationSettings
 from codeclm_beam.model import ModelConfig
 from codeclm_beam.model.thinking import DEFAULT
-from codeclm_beam.prompts import PromptTemplate
+from codeclm_beam.transforms.prompt_templates import PromptTemplate
 from codeclm_beam.stage import Answer
 from codeclm_beam.stage import CallModel
 from codeclm_beam.stage import Stage

@@ -9,21 +9,19 @@ go to the dead letter with the reason; exact duplicates are dropped and counted.
 """
 from __future__ import annotations
 
-import json
 from typing import Any, Optional
 
 import apache_beam as beam
 from apache_beam.io import fileio
 from codeclm_beam import metrics
 
-from codeclm_beam.records import DeadLetter
 from codeclm_beam.records import Seed
 from codeclm_beam.records import make_metadata
 from codeclm_beam.rows import RowError
 from codeclm_beam.rows import find_instruction
-from codeclm_beam.rows import iter_rows
 from codeclm_beam.records import invalid_text_reason
 from codeclm_beam.stage import DEAD_LETTER
+from codeclm_beam.transforms.read_rows import ParseRows
 from codeclm_beam.stage import DeadLettering
 
 STAGE = "read_seeds"
@@ -50,47 +48,6 @@ def make_seed(source: str, row: Any, instruction_field: Optional[str],
     return Seed.of(text, source)
 
 
-class _ParseFile(beam.DoFn):
-    """One file -> its rows, each made into a record or a dead letter."""
-
-    def __init__(self, stage: str, make):
-        self._stage = stage
-        self._make = make
-        self._rows = metrics.flow_counter(metrics.rows_read(stage))
-
-    def process(self, readable: fileio.ReadableFile):
-        path = readable.metadata.path
-        try:
-            with readable.open() as handle:
-                for source, row in iter_rows(path, handle):
-                    self._rows.inc()
-                    try:
-                        if isinstance(row, RowError):
-                            raise row
-                        yield self._make(source, row)
-                    except Exception as e:
-                        yield beam.pvalue.TaggedOutput(DEAD_LETTER, DeadLetter.of(
-                            self._stage, source, e, payload=_printable(row),
-                            reason="bad_input"))
-        except Exception as e:  # the file itself is unreadable (or ends corrupt)
-            self._rows.inc()
-            yield beam.pvalue.TaggedOutput(DEAD_LETTER, DeadLetter.of(
-                self._stage, path, e, reason="bad_input"))
-
-
-def _printable(row: Any) -> Any:
-    if isinstance(row, RowError):
-        return None
-    try:
-        json.dumps(row)
-        return row
-    except (TypeError, ValueError, RecursionError):
-        try:
-            return repr(row)[:10_000]
-        except RecursionError:
-            return "(row nested too deeply to show)"
-
-
 def _row_order(record) -> tuple:
     """Rows in file order ("f.jsonl:10" after "f.jsonl:9"), so "first" is stable."""
     path, _, number = (getattr(record, "source", "") or "").rpartition(":")
@@ -114,7 +71,7 @@ def _read(reader: DeadLettering, pcoll, file_pattern: str, stage: str, make, key
     parsed = (pcoll
               | "Match" >> fileio.MatchFiles(file_pattern)
               | "Open" >> fileio.ReadMatches()
-              | "Parse" >> beam.ParDo(_ParseFile(stage, make)).with_outputs(
+              | "Parse" >> beam.ParDo(ParseRows(stage, lambda path: make)).with_outputs(
                   DEAD_LETTER, main="main"))
     unique = (parsed.main
               | "KeyByContent" >> beam.Map(lambda r: (key(r), r))

@@ -8,7 +8,7 @@ import sys
 
 from codeclm_beam.model.errors import ConfigurationError
 from codeclm_beam.pipelines.generate import run
-from codeclm_beam.pipelines.templates import template_argv
+from codeclm_beam.pipelines.commands.templates import template_argv
 
 if __name__ == "__main__":
     logging.getLogger().setLevel(logging.INFO)

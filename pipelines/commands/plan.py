@@ -14,11 +14,10 @@ import math
 from typing import Any
 from typing import Optional
 
-from apache_beam.io.filesystems import FileSystems
 
 from codeclm_beam.model.errors import ConfigurationError
-from codeclm_beam.pipelines.outputs import read_json
-from codeclm_beam.pipelines.outputs import read_run_record
+from codeclm_beam.pipelines.run.outputs import read_json
+from codeclm_beam.pipelines.run.outputs import read_run_record
 from codeclm_beam.pricing import PRICE_FACTOR
 from codeclm_beam.pricing import cost_usd
 from codeclm_beam.pricing import merged_prices
@@ -30,7 +29,7 @@ from codeclm_beam.model.types import Usage
 from codeclm_beam.transforms.codeclm import default_pool_size
 from codeclm_beam.transforms.codeclm import round_slots
 from codeclm_beam.transforms.decode import instructions_per_entry
-from codeclm_beam.pipelines.args import SuggestingParser
+from codeclm_beam.pipelines.run.args import SuggestingParser
 
 # Calls each candidate costs in a round: strong answer, target answer, two judge calls;
 # rounds after the first add the improve call that made the candidate.

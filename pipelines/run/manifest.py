@@ -20,7 +20,7 @@ from codeclm_beam.metrics import RunCounters
 from codeclm_beam.model.config import BATCH
 from codeclm_beam.model.config import ONLINE
 from codeclm_beam.options import is_dry_run
-from codeclm_beam.pipelines.outputs import OutputDirectory
+from codeclm_beam.pipelines.run.outputs import OutputDirectory
 from codeclm_beam.version import __version__
 
 MODEL_STAGES = ("encode", "rubrics", "decode", "answer_strong", "answer_target", "judge",
@@ -34,7 +34,7 @@ def run_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
     result, None), or, when nothing finishes here (a dry run, or a launch that does not
     wait), (the result, what to return instead). A run that fails leaves the previous
     run's outputs as they were, and its own staging area is removed. `progress` is a
-    context (pipelines.progress.progress_for) the run happens in."""
+    context (pipelines.run.progress.progress_for) the run happens in."""
     from codeclm_beam.model.guard import ERROR_SHARE
     dry_run = is_dry_run(options)
     ERROR_SHARE.reset()

@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 from google.cloud import dataflow_v1beta3 as dataflow
 from codeclm_beam.metrics import RunCounters
 from codeclm_beam.model.errors import ConfigurationError
-from codeclm_beam.pipelines.args import SuggestingParser
+from codeclm_beam.pipelines.run.args import SuggestingParser
 
 TERMINAL_STATES = {"JOB_STATE_DONE", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED",
                    "JOB_STATE_UPDATED", "JOB_STATE_DRAINED", "JOB_STATE_STOPPED"}

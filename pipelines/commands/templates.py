@@ -1,7 +1,7 @@
 """Dataflow Flex Template metadata, generated from the CLI's own options so the two
 cannot drift (tests compare pipelines/flex_template/metadata.json with this).
 
-    python -m codeclm_beam.pipelines.templates > pipelines/flex_template/metadata.json
+    python -m codeclm_beam.pipelines.commands.templates > pipelines/flex_template/metadata.json
 """
 from __future__ import annotations
 

@@ -10,13 +10,13 @@ from typing import Optional
 
 from apache_beam.io.filesystems import FileSystems
 
-from codeclm_beam.pipelines.outputs import write_text
+from codeclm_beam.pipelines.run.outputs import write_text
 from codeclm_beam.transforms.evaluate import SPLIT_MARKER
 from codeclm_beam.transforms.evaluate import benchmark_name
 from codeclm_beam.transforms.evaluate import detect_file_layout
 from codeclm_beam.rows import RowError
 from codeclm_beam.rows import jsonl_rows
-from codeclm_beam.pipelines.args import SuggestingParser
+from codeclm_beam.pipelines.run.args import SuggestingParser
 
 
 def split_rows(rows: list[dict], category_field: Optional[str], seed_fraction: float,

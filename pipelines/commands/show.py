@@ -15,10 +15,9 @@ from typing import Optional
 from apache_beam.io.filesystems import FileSystems
 
 from codeclm_beam.model.errors import ConfigurationError
-from codeclm_beam.pipelines.args import SuggestingParser
-from codeclm_beam.pipelines.outputs import read_json
-from codeclm_beam.pipelines.outputs import read_run_record
-from codeclm_beam.pipelines.outputs import read_jsonl_dir
+from codeclm_beam.pipelines.run.args import SuggestingParser
+from codeclm_beam.pipelines.run.outputs import read_run_record
+from codeclm_beam.pipelines.run.outputs import read_jsonl_dir
 from codeclm_beam.rows import RowError
 from codeclm_beam.rows import iter_rows
 from codeclm_beam.records import Seed

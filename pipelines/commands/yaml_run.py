@@ -10,8 +10,8 @@ import apache_beam as beam
 
 import codeclm_beam.stage  # noqa: F401  (before Beam YAML: it filters Beam's noise)
 from codeclm_beam.metrics import RunCounters
-from codeclm_beam.pipelines.args import SuggestingParser
-from codeclm_beam.pipelines.progress import progress_for
+from codeclm_beam.pipelines.run.args import SuggestingParser
+from codeclm_beam.pipelines.run.progress import progress_for
 
 
 def summary(counters: RunCounters) -> str:

@@ -19,7 +19,7 @@ from codeclm_beam.transforms.judge import Contest
 from codeclm_beam.transforms.judge import Judge
 from codeclm_beam.transforms.judge import JudgeTask
 from codeclm_beam.transforms.rubrics import Rubrics
-from codeclm_beam.pipelines.args import SuggestingParser
+from codeclm_beam.pipelines.run.args import SuggestingParser
 
 SAMPLE_SEED = Seed.of("Write a SQL query that lists the ten customers who spent the most "
                       "last month, with their total.")

@@ -1,0 +1,1 @@
+"""`report`: a run's figures (`figures.py`) and their rendering (`render.py`)."""
