@@ -109,21 +109,6 @@ class ModelOptions(PipelineOptions):
                            help="Context window for embedded llama.cpp models.")
 
 
-class AnswerOptions(PipelineOptions):
-    """How the models answer and the judge scores: the same flags in `generate`
-    (contrastive filtering) and `evaluate` (CRR)."""
-
-    @classmethod
-    def _add_argparse_args(cls, parser):
-        group = parser.add_argument_group("answers and judging")
-        group.add_argument("--answer_temperature", type=float, default=0.7,
-                           help="Temperature of the answers being compared.")
-        group.add_argument("--judge_temperature", type=float, default=0.0)
-        group.add_argument("--max_output_tokens", type=int, default=1024,
-                           help="Longest visible answer of the models being compared "
-                                "(a thinking model gets its thinking allowance on top).")
-
-
 class RunOptions(PipelineOptions):
     """Flags every codeclm-beam pipeline shares (Beam parses all option classes with one
     parser, so a flag may be defined in one class only)."""

@@ -385,3 +385,18 @@ def make_metadata(use_case: str, skills: Iterable[str], origin: str, max_skills:
         raise ValueError(f"no usable skill in {list(skills)!r}")
     return Metadata(metadata_id(use_case, normalized), use_case, normalized, origin,
                     seed_id)
+
+
+# The records `codeclm-beam prompts` renders each stage's prompt on (`Stage.samples`).
+SAMPLE_SEED = Seed.of("Write a SQL query that lists the ten customers who spent the "
+                      "most last month, with their total.")
+SAMPLE_METADATA = Metadata("m-sample", "code generation", ("sql", "data analysis"), "seed")
+SAMPLE_CANDIDATE = Candidate.of(
+    "Write a SQL query that finds customers whose spending dropped by half from one "
+    "month to the next.", SAMPLE_METADATA.use_case, SAMPLE_METADATA.skills)
+SAMPLE_ANSWERED = dataclasses.replace(
+    SAMPLE_CANDIDATE,
+    pending_action="Require the query to handle customers with no orders in a month",
+    strong_answer="SELECT ... (the strong model's answer)",
+    target_answer="SELECT ... (the target model's answer)")
+

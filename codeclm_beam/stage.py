@@ -107,6 +107,23 @@ class Stage:
     # is billed as output), `thinking.DEFAULT` (the model's own) for free answers.
     thinking: ClassVar[str] = LEAST
 
+    # Every stage class, by module and name: `codeclm-beam prompts` renders them all.
+    _registered: ClassVar[list[type["Stage"]]] = []
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        Stage._registered.append(cls)
+
+    @classmethod
+    def registered(cls) -> list[type["Stage"]]:
+        return list(Stage._registered)
+
+    @classmethod
+    def samples(cls) -> dict[str, tuple["Stage", Any]]:
+        """Prompt name -> (this stage as the method runs it, a sample record): what
+        `codeclm-beam prompts` shows (distilabel's `_Task._sample_input`)."""
+        return {}
+
     def record_id(self, record) -> str:
         """A stable id: dead letters name it, and sampling seeds derive from it."""
         raise NotImplementedError

@@ -18,7 +18,6 @@ from typing import Optional
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from codeclm_beam.options import AnswerOptions
 from codeclm_beam.pipelines.run.args import SuggestingParser
 from codeclm_beam.pipelines.run.args import unknown_message
 from codeclm_beam.options import ModelOptions
@@ -235,6 +234,7 @@ def generate(argv: list[str]) -> int:
 
 def evaluate(argv: list[str]) -> int:
     from codeclm_beam.pipelines.evaluate import EvaluateOptions
+    from codeclm_beam.pipelines.run.answer_options import AnswerOptions
     from codeclm_beam.pipelines.evaluate import failed_shares
     from codeclm_beam.pipelines.report.render import markdown_table
     from codeclm_beam.pipelines.evaluate import run

@@ -32,11 +32,13 @@ from codeclm_beam.pipelines.run.outputs import read_jsonl_dir
 from codeclm_beam.pipelines.report.render import markdown_table
 from codeclm_beam.pipelines.report.render import write_report
 from codeclm_beam.model.errors import ConfigurationError
-from codeclm_beam.options import AnswerOptions
+from codeclm_beam.pipelines.run.answer_options import AnswerOptions
 from codeclm_beam.options import is_dry_run
 from codeclm_beam.transforms.evaluate import FAILED
 from codeclm_beam.transforms.evaluate import JudgeAgainstReference
+from codeclm_beam.model.types import GenerationSettings
 from codeclm_beam.transforms.evaluate import BenchmarkFiles
+from codeclm_beam.transforms.evaluate import EVAL_JUDGE
 from codeclm_beam.transforms.evaluate import ReadBenchmarks
 from codeclm_beam.transforms.evaluate import READ_STAGE
 from codeclm_beam.transforms.evaluate import make_item
@@ -199,10 +201,12 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
          | "ReadBenchmarks" >> ReadBenchmarks(
              benchmarks, opts.allow_seed_items).with_error_handler(dead_letters)
          | "JudgeAgainstReference" >> JudgeAgainstReference(
-             candidates, reference, judge, answer_temperature=answers.answer_temperature,
-             max_output_tokens=answers.max_output_tokens, run_seed=model_opts.seed,
-             judge_temperature=answers.judge_temperature
-         ).with_error_handler(dead_letters)
+             candidates, reference, judge,
+             answers=GenerationSettings(answers.answer_temperature,
+                                        answers.max_output_tokens),
+             judging=dataclasses.replace(EVAL_JUDGE, settings=dataclasses.replace(
+                 EVAL_JUDGE.settings, temperature=answers.judge_temperature)),
+             run_seed=model_opts.seed).with_error_handler(dead_letters)
          | "WriteJudgements" >> WriteJsonl(out, "judgements"))
     settings = {
         "answer_temperature": answers.answer_temperature,

@@ -20,7 +20,7 @@ from codeclm_beam.metrics import RunCounters
 from codeclm_beam.pipelines.run.manifest import billing_modes
 from codeclm_beam.pipelines.commands.plan import simulate_rounds
 from codeclm_beam.pipelines.run.progress import progress_for
-from codeclm_beam.options import AnswerOptions
+from codeclm_beam.pipelines.run.answer_options import AnswerOptions
 from codeclm_beam.options import is_dry_run
 from codeclm_beam.options import ModelOptions
 from codeclm_beam.options import RunOptions
@@ -32,6 +32,7 @@ from codeclm_beam.records import Rejection
 from codeclm_beam.stage import Tally
 from codeclm_beam.transforms import CodecLM
 from codeclm_beam.transforms import CodecLMConfig
+from codeclm_beam.transforms.codeclm import config_default
 from codeclm_beam.transforms import ReadMetadata
 from codeclm_beam.transforms import ReadSeeds
 from codeclm_beam.transforms.read_seeds import DEFAULT_MAX_CHARS
@@ -51,6 +52,7 @@ from codeclm_beam.pipelines.report.figures import run_tailoring
 from codeclm_beam.pipelines.report.render import write_report
 from codeclm_beam.pipelines.run import preflight as preflight_lib
 from codeclm_beam.model.errors import ConfigurationError
+from codeclm_beam.model.types import GenerationSettings
 from codeclm_beam.transforms.read_seeds import make_seed
 from codeclm_beam.transforms.read_seeds import make_user_metadata
 
@@ -72,14 +74,16 @@ class GenerateOptions(PipelineOptions):
                            help="Dotted path of the instruction in a seed row.")
         group.add_argument("--max_seed_chars", type=int, default=DEFAULT_MAX_CHARS,
                            help="Longer seed instructions go to the dead letter.")
-        group.add_argument("--num_examples", type=int, default=1000,
+        group.add_argument("--num_examples", type=int,
+                           default=config_default("num_examples"),
                            help="Instruction-response pairs wanted.")
         group.add_argument("--num_instructions", type=int, default=None,
                            help="Basic instructions to decode (default: 2 x "
                                 "num_examples). Round 1 judges num_examples of them; "
                                 "the rest is a reserve later rounds draw from when "
                                 "fewer pairs are kept than needed.")
-        group.add_argument("--overgenerate_margin", type=int, default=0,
+        group.add_argument("--overgenerate_margin", type=int,
+                           default=config_default("overgenerate_margin"),
                            help="Candidates improved beyond those still needed.")
         group.add_argument("--num_metadata", type=int, default=None,
                            help="Metadata pool size (mix-and-match fills it). Default: "
@@ -91,19 +95,24 @@ class GenerateOptions(PipelineOptions):
                                 "with the pool sized to them, print them, and leave "
                                 "the output folder as it was (answers are cached for "
                                 "the real run).")
-        group.add_argument("--max_skills", type=int, default=3)
-        group.add_argument("--num_rubrics", type=int, default=4)
-        group.add_argument("--max_iterations", type=int, default=4,
+        group.add_argument("--max_skills", type=int, default=config_default("max_skills"))
+        group.add_argument("--num_rubrics", type=int,
+                           default=config_default("num_rubrics"))
+        group.add_argument("--max_iterations", type=int,
+                           default=config_default("max_iterations"),
                            help="Filter rounds, basic generation counted as the first.")
-        group.add_argument("--threshold", type=float, default=3.0,
+        group.add_argument("--threshold", type=float, default=config_default("threshold"),
                            help="Score gap θ for contrastive filtering.")
-        group.add_argument("--score_scale", type=int, default=10)
+        group.add_argument("--score_scale", type=int,
+                           default=config_default("score_scale"))
         group.add_argument("--keep_unresolved", action="store_true", default=False,
                            help="Keep the better answer of candidates still within θ "
                                 "after the last round (default: reject them).")
-        group.add_argument("--temperature", type=float, default=0.7,
+        group.add_argument("--temperature", type=float,
+                           default=config_default("codec").temperature,
                            help="Temperature of encode, rubrics, decode and improve.")
-        group.add_argument("--codec_max_output_tokens", type=int, default=1024,
+        group.add_argument("--codec_max_output_tokens", type=int,
+                           default=config_default("codec").max_output_tokens,
                            help="Longest structured answer of encode, rubrics, decode "
                                 "and improve.")
         group.add_argument("--replace_with_fewer", action="store_true", default=False,
@@ -145,10 +154,10 @@ def _codeclm_config(opts, answers, models, options) -> CodecLMConfig:
         max_skills=opts.max_skills, num_rubrics=opts.num_rubrics,
         max_iterations=opts.max_iterations, threshold=opts.threshold,
         score_scale=opts.score_scale, keep_unresolved=opts.keep_unresolved,
-        temperature=opts.temperature, answer_temperature=answers.answer_temperature,
-        judge_temperature=answers.judge_temperature,
-        max_output_tokens=answers.max_output_tokens,
-        codec_max_output_tokens=opts.codec_max_output_tokens,
+        codec=GenerationSettings(opts.temperature, opts.codec_max_output_tokens),
+        answers=GenerationSettings(answers.answer_temperature, answers.max_output_tokens),
+        judging=dataclasses.replace(config_default("judging"),
+                                    temperature=answers.judge_temperature),
         seed=options.view_as(ModelOptions).seed)
 
 
@@ -248,10 +257,11 @@ def preflight(options: PipelineOptions, config: CodecLMConfig) -> None:
         preflight_lib.check_models_reachable(
             [("strong", config.strong), ("target", config.target),
              ("judge", config.judge)])
-    preflight_lib.check_output_budget("--max_output_tokens", config.max_output_tokens,
+    preflight_lib.check_output_budget("--max_output_tokens",
+                                      config.answers.max_output_tokens,
                                       [config.strong, config.target])
     preflight_lib.check_output_budget("--codec_max_output_tokens",
-                                      config.codec_max_output_tokens, [config.strong])
+                                      config.codec.max_output_tokens, [config.strong])
     preflight_lib.check_decode_size(config.basic_instructions, config.num_metadata,
                                     config.num_examples)
     if offline and (opts.seeds or opts.metadata).startswith("gs://"):

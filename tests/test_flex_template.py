@@ -6,7 +6,7 @@ import os
 from codeclm_beam.pipelines.commands.templates import flex_template_metadata
 from codeclm_beam.pipelines.commands.templates import launcher_argv
 from codeclm_beam.pipelines.cli import _options_parser
-from codeclm_beam.options import AnswerOptions
+from codeclm_beam.pipelines.run.answer_options import AnswerOptions
 from codeclm_beam.options import ModelOptions
 from codeclm_beam.options import RunOptions
 from codeclm_beam.pipelines.generate import GenerateOptions

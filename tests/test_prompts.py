@@ -6,10 +6,14 @@ import json
 import pytest
 
 from codeclm_beam.pipelines.cli import main as cli_main
-from codeclm_beam.pipelines.commands.prompts import STAGES
+from codeclm_beam.pipelines.commands.prompts import stage_prompts
 from codeclm_beam.transforms.prompt_templates import PromptTemplate
 from codeclm_beam.records import normalize_skill
 from codeclm_beam.records import normalize_skills
+
+# Prompt name -> its messages on the stage's own sample.
+STAGES = {name: (lambda stage=stage, sample=sample: stage.prompt(sample))
+          for name, (stage, sample) in stage_prompts().items()}
 
 # Stage -> phrases its rendered prompt must contain (case-insensitive), one per element.
 ELEMENTS = {

@@ -6,6 +6,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that
 from apache_beam.testing.util import equal_to
 
+from codeclm_beam.model import GenerationSettings
 from codeclm_beam.model import ModelConfig
 from codeclm_beam.records import Candidate
 from codeclm_beam.records import Metadata
@@ -18,6 +19,9 @@ from codeclm_beam.transforms import EncodeMetadata
 from codeclm_beam.transforms import GenerateRubrics
 from codeclm_beam.transforms import ImproveInstructions
 from codeclm_beam.transforms.decode import TOKENS_PER_INSTRUCTION
+from codeclm_beam.transforms.decode import Decode
+from codeclm_beam.transforms.encode import Encode
+from codeclm_beam.transforms.rubrics import Rubrics
 from codeclm_beam.records import make_metadata
 from codeclm_beam.records import normalize_skills
 from codeclm_beam.transforms.metadata_pool import build_metadata_pool
@@ -42,7 +46,7 @@ def test_encode_normalises_metadata(models):
     with TestPipeline() as p:
         with CollectingErrorHandler() as dead_letters:
             out = (p | beam.Create(seeds) | EncodeMetadata(
-                models["strong"], max_skills=2).with_error_handler(dead_letters))
+                models["strong"], Encode(max_skills=2)).with_error_handler(dead_letters))
         assert_that(out | beam.Map(lambda m: (m.seed_id, m.use_case, m.skills,
                                                       m.origin)),
                     equal_to([("s1", "python tasks", ("sorting", "lists"), "seed"),
@@ -93,7 +97,7 @@ def test_metadata_pool_transform(models):
 def test_rubrics_once_per_entry(models):
     pool = [Metadata(f"m{i}", "code generation", ("python",), "seed") for i in range(3)]
     with TestPipeline() as p:
-        out = p | beam.Create(pool) | GenerateRubrics(models["strong"], num_rubrics=4)
+        out = p | beam.Create(pool) | GenerateRubrics(models["strong"], Rubrics(num_rubrics=4))
         assert_that(out | beam.Map(lambda r: (r.metadata_id, len(r.rubrics),
                                                       len(r.actions))),
                     equal_to([(f"m{i}", 4, 4) for i in range(3)]))
@@ -115,7 +119,8 @@ def test_decode_output_limit_grows_with_the_count(tmp_path, models):
     pool = [Metadata("m0", "use case", ("python",), "seed")]
     with TestPipeline() as p:
         out = (p | beam.Create(pool)
-               | DecodeInstructions(models["strong"], 12, max_output_tokens=1024))
+               | DecodeInstructions(models["strong"], 12, Decode(
+                   settings=GenerationSettings(max_output_tokens=1024))))
         assert_that(out | beam.combiners.Count.Globally(), equal_to([12]))
     limits = [c["max_output_tokens"] for c in read_calls(tmp_path / "calls")
               if c["kind"] == "decode"]

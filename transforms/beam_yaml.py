@@ -26,6 +26,8 @@ letters are never dropped silently.
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import inspect
 import os
 import typing
 from typing import Any, Optional
@@ -36,7 +38,12 @@ from apache_beam.typehints.row_type import RowTypeConstraint
 
 from codeclm_beam import records
 from codeclm_beam.model.config import ModelConfig
+from codeclm_beam.model.types import GenerationSettings
 from codeclm_beam.model.uri import DEFAULT_MODEL_URI
+from codeclm_beam.transforms.codeclm import config_default
+from codeclm_beam.transforms.improve import Improve
+from codeclm_beam.transforms.judge import AnswerInstruction
+from codeclm_beam.transforms.judge import Judge
 
 PROVIDERS = os.path.join(os.path.dirname(__file__), "providers.yaml")
 
@@ -164,21 +171,65 @@ def ReadSeeds(path: str, error_handling: dict, instruction_field: Optional[str] 
 ReadSeeds._yaml_requires_inputs = False
 
 
-def EncodeMetadata(error_handling: dict, model: Optional[str] = None,
-                   model_options: Optional[dict] = None, max_skills: int = 3,
-                   temperature: float = 0.7, max_output_tokens: int = 256, seed: int = 0):
-    """Seed rows (seed_id, instruction, source) -> metadata rows (use case, skills).
+def _model_stage(name: str, transform: str, stage: str, input_record: type,
+                 output_record: type, doc: str, leading: tuple[str, ...] = ()):
+    """The YAML factory of a one-model stage, derived from the stage itself: its config
+    keys are the stage's own fields, its settings' `temperature` and
+    `max_output_tokens` (defaulting to the stage's), `model`, `model_options`, `seed`
+    and `error_handling`; `leading` are the transform's own arguments before the
+    stage. A stage's field added or changed shows here with nothing else to edit."""
+    module, _, class_name = stage.rpartition(".")
+    stage_class = getattr(importlib.import_module(module), class_name)
+    hints = typing.get_type_hints(stage_class)
+    own = [f for f in dataclasses.fields(stage_class) if f.name not in ("name", "settings")]
+    defaults = stage_class.settings
+
+    def factory(error_handling: dict, model: Optional[str] = None,
+                model_options: Optional[dict] = None, seed: int = 0, **config):
+        settings = GenerationSettings(
+            config.pop("temperature", defaults.temperature),
+            config.pop("max_output_tokens", defaults.max_output_tokens))
+        arguments = [config.pop(key) for key in leading]
+        fields = {f.name: config.pop(f.name) for f in own if f.name in config}
+        if config:
+            raise TypeError(f"{name}: unknown config keys {sorted(config)}")
+        transform_module, _, transform_name = transform.rpartition(".")
+        transform_class = getattr(importlib.import_module(transform_module), transform_name)
+        return _Stage(
+            transform_class(_model(model, model_options), *arguments,
+                            stage_class(settings=settings, **fields), seed),
+            input_record, {"good": (None, output_record)},
+            _error_output(error_handling, name))
+
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    factory.__signature__ = inspect.Signature(
+        [inspect.Parameter(key, keyword, annotation=int) for key in leading]
+        + [inspect.Parameter("error_handling", keyword, annotation=dict),
+           inspect.Parameter("model", keyword, default=None, annotation=Optional[str]),
+           inspect.Parameter("model_options", keyword, default=None,
+                             annotation=Optional[dict])]
+        + [inspect.Parameter(f.name, keyword, default=f.default, annotation=hints[f.name])
+           for f in own]
+        + [inspect.Parameter("temperature", keyword, default=defaults.temperature,
+                             annotation=float),
+           inspect.Parameter("max_output_tokens", keyword,
+                             default=defaults.max_output_tokens, annotation=int),
+           inspect.Parameter("seed", keyword, default=0, annotation=int)])
+    factory.__name__ = factory.__qualname__ = name
+    factory.__doc__ = doc + """
 
     Args:
-      error_handling: {output: NAME}: seeds whose encoding failed, with the reason.
-      model: The strong model's URI (default: the embedded SmolLM2).
+      error_handling: {output: NAME}: the elements that failed, with the reason.
+      model: The model's URI (default: the embedded SmolLM2).
       model_options: Other ModelConfig fields (max_concurrency, cache_dir, ...).
     """
-    from codeclm_beam.transforms.encode import EncodeMetadata as Encode
-    return _Stage(Encode(_model(model, model_options), max_skills, temperature,
-                         max_output_tokens, seed), records.Seed,
-                  {"good": (None, records.Metadata)},
-                  _error_output(error_handling, "EncodeMetadata"))
+    return factory
+
+
+EncodeMetadata = _model_stage(
+    "EncodeMetadata", "codeclm_beam.transforms.encode.EncodeMetadata",
+    "codeclm_beam.transforms.encode.Encode", records.Seed, records.Metadata,
+    "Seed rows (seed_id, instruction, source) -> metadata rows (use case, skills).")
 
 
 class BuildMetadataPool(beam.PTransform):
@@ -196,35 +247,26 @@ class BuildMetadataPool(beam.PTransform):
                 | "AsRows" >> _AsRows(records.Metadata))
 
 
-def GenerateRubrics(error_handling: dict, model: Optional[str] = None,
-                    model_options: Optional[dict] = None, num_rubrics: int = 4,
-                    temperature: float = 0.7, max_output_tokens: int = 1024,
-                    seed: int = 0):
-    """Pool entries -> their rubrics and actions (the improve step's side input)."""
-    from codeclm_beam.transforms.rubrics import GenerateRubrics as Rubrics
-    return _Stage(Rubrics(_model(model, model_options), num_rubrics, temperature,
-                          max_output_tokens, seed), records.Metadata,
-                  {"good": (None, records.RubricSet)},
-                  _error_output(error_handling, "GenerateRubrics"))
+GenerateRubrics = _model_stage(
+    "GenerateRubrics", "codeclm_beam.transforms.rubrics.GenerateRubrics",
+    "codeclm_beam.transforms.rubrics.Rubrics", records.Metadata, records.RubricSet,
+    "Pool entries -> their rubrics and actions (the improve step's side input).")
 
-
-def DecodeInstructions(num_instructions: int, error_handling: dict,
-                       model: Optional[str] = None, model_options: Optional[dict] = None,
-                       temperature: float = 0.7, max_output_tokens: int = 2048,
-                       seed: int = 0):
-    """Pool entries -> candidate instructions (num_instructions over the pool)."""
-    from codeclm_beam.transforms.decode import DecodeInstructions as Decode
-    return _Stage(Decode(_model(model, model_options), num_instructions, temperature,
-                         max_output_tokens, seed), records.Metadata,
-                  {"good": (None, records.Candidate)},
-                  _error_output(error_handling, "DecodeInstructions"))
+DecodeInstructions = _model_stage(
+    "DecodeInstructions", "codeclm_beam.transforms.decode.DecodeInstructions",
+    "codeclm_beam.transforms.decode.Decode", records.Metadata, records.Candidate,
+    "Pool entries -> candidate instructions (num_instructions over the pool).",
+    leading=("num_instructions",))
 
 
 def ContrastiveFilter(error_handling: dict, strong_model: Optional[str] = None,
                       target_model: Optional[str] = None, judge_model: Optional[str] = None,
-                      model_options: Optional[dict] = None, threshold: float = 3.0,
-                      score_scale: int = 10, answer_temperature: float = 0.7,
-                      judge_temperature: float = 0.0, max_output_tokens: int = 1024,
+                      model_options: Optional[dict] = None,
+                      threshold: float = config_default("threshold"),
+                      score_scale: int = Judge.score_scale,
+                      answer_temperature: float = AnswerInstruction.settings.temperature,
+                      judge_temperature: float = Judge.settings.temperature,
+                      max_output_tokens: int = AnswerInstruction.settings.max_output_tokens,
                       seed: int = 0):
     """Candidates -> kept pairs (output `kept`) and candidates within the threshold
     (output `undecided`, for ImproveInstructions). The judge defaults to the strong
@@ -234,9 +276,11 @@ def ContrastiveFilter(error_handling: dict, strong_model: Optional[str] = None,
     return _Stage(
         Filter(strong, _model(target_model, model_options),
                _model(judge_model, model_options) if judge_model else strong,
-               threshold=threshold, score_scale=score_scale,
-               answer_temperature=answer_temperature, judge_temperature=judge_temperature,
-               max_output_tokens=max_output_tokens, run_seed=seed),
+               threshold=threshold,
+               answers=GenerationSettings(answer_temperature, max_output_tokens),
+               judging=Judge(settings=dataclasses.replace(
+                   Judge.settings, temperature=judge_temperature), score_scale=score_scale),
+               run_seed=seed),
         records.Candidate,
         {"kept": ("kept", records.Example), "undecided": ("undecided", records.Candidate)},
         _error_output(error_handling, "ContrastiveFilter"))
@@ -247,21 +291,24 @@ class ImproveInstructions(beam.PTransform):
     rewritten candidates, one iteration on (the input names are fixed)."""
 
     def __init__(self, error_handling: dict, model: Optional[str] = None,
-                 model_options: Optional[dict] = None, temperature: float = 0.7,
-                 max_output_tokens: int = 1024, seed: int = 0):
+                 model_options: Optional[dict] = None,
+                 temperature: float = Improve.settings.temperature,
+                 max_output_tokens: int = Improve.settings.max_output_tokens, seed: int = 0):
         super().__init__()
         self._error_output = _error_output(error_handling, "ImproveInstructions")
         self._model = _model(model, model_options)
-        self._args = (temperature, max_output_tokens, seed)
+        self._stage = Improve(settings=GenerationSettings(temperature, max_output_tokens))
+        self._seed = seed
 
     def expand(self, inputs: dict[str, Any]):
-        from codeclm_beam.transforms.improve import ImproveInstructions as Improve
+        from codeclm_beam.transforms.improve import ImproveInstructions
         if set(inputs) != {"candidates", "rubrics"}:
             raise ValueError("ImproveInstructions takes input: {candidates: ..., "
                              f"rubrics: ...}}, not {sorted(inputs)}")
         rubrics = inputs["rubrics"] | "RubricsAsRecords" >> _AsRecords(records.RubricSet)
         return inputs["candidates"] | "Improve" >> _Stage(
-            Improve(self._model, rubrics, *self._args), records.Candidate,
+            ImproveInstructions(self._model, rubrics, self._stage, self._seed),
+            records.Candidate,
             {"good": (None, records.Candidate)}, self._error_output)
 
 
@@ -274,11 +321,14 @@ def CodecLM(error_handling: dict, strong_model: Optional[str] = None,
 
     Args:
       method: CodecLMConfig's fields: num_examples, num_metadata, max_iterations,
-        threshold, keep_unresolved, ...
+        threshold, keep_unresolved, ...; codec, answers and judging as
+        {temperature: T, max_output_tokens: N}.
     """
     from codeclm_beam.transforms.codeclm import CodecLM as Method
     from codeclm_beam.transforms.codeclm import CodecLMConfig
     strong = _model(strong_model, model_options)
+    method = {key: GenerationSettings(**value) if key in ("codec", "answers", "judging")
+              and isinstance(value, dict) else value for key, value in method.items()}
     config = CodecLMConfig(strong=strong, target=_model(target_model, model_options),
                            judge=_model(judge_model, model_options) if judge_model
                            else strong, **method)

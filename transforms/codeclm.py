@@ -28,6 +28,7 @@ from typing import NamedTuple, Optional
 import apache_beam as beam
 
 from codeclm_beam import metrics
+from codeclm_beam.model.types import GenerationSettings
 from codeclm_beam.model.errors import ConfigurationError
 from codeclm_beam.model import ModelConfig
 from codeclm_beam.records import Candidate
@@ -36,12 +37,18 @@ from codeclm_beam.records import Rejection
 from codeclm_beam.stage import DeadLettering
 from codeclm_beam.stage import Tally
 from codeclm_beam.transforms.contrastive_filter import ContrastiveFilter
+from codeclm_beam.transforms.decode import Decode
 from codeclm_beam.transforms.decode import DecodeInstructions
 from codeclm_beam.transforms.decode import MAX_INSTRUCTIONS_PER_DECODE_CALL
+from codeclm_beam.transforms.encode import Encode
 from codeclm_beam.transforms.encode import EncodeMetadata
+from codeclm_beam.transforms.improve import Improve
 from codeclm_beam.transforms.improve import ImproveInstructions
+from codeclm_beam.transforms.judge import AnswerInstruction
+from codeclm_beam.transforms.judge import Judge
 from codeclm_beam.transforms.metadata_pool import BuildMetadataPool
 from codeclm_beam.transforms.rubrics import GenerateRubrics
+from codeclm_beam.transforms.rubrics import Rubrics
 from codeclm_beam.transforms.selection import Split
 from codeclm_beam.transforms.selection import TakeLowestRanked
 from codeclm_beam.transforms.selection import stable_rank
@@ -93,19 +100,19 @@ class CodecLMConfig:
     overgenerate_margin: int = 0
     # The metadata pool's size; None means `default_pool_size(basic_instructions)`.
     num_metadata: Optional[int] = None
-    max_skills: int = 3
-    num_rubrics: int = 4
+    # The stages' own parameters, defaulting to the stages' defaults.
+    max_skills: int = Encode.max_skills
+    num_rubrics: int = Rubrics.num_rubrics
+    score_scale: int = Judge.score_scale
     max_iterations: int = 4
     threshold: float = 3.0
-    score_scale: int = 10
     keep_unresolved: bool = False
-    temperature: float = 0.7
-    answer_temperature: float = 0.7
-    judge_temperature: float = 0.0
-    # Answers of the strong and target models.
-    max_output_tokens: int = 1024
     # Encode, rubrics, decode and improve: structured answers that must not be cut off.
-    codec_max_output_tokens: int = 1024
+    codec: GenerationSettings = GenerationSettings()
+    # Answers of the strong and target models.
+    answers: GenerationSettings = AnswerInstruction.settings
+    # The judge's temperature and visible output.
+    judging: GenerationSettings = Judge.settings
     seed: int = 0
 
     def __post_init__(self):
@@ -130,9 +137,18 @@ class CodecLMConfig:
         return self.num_instructions or RESERVE_FACTOR * self.num_examples
 
     @property
+    def judge_stage(self) -> Judge:
+        return Judge(settings=self.judging, score_scale=self.score_scale)
+
+    @property
     def models(self) -> dict[str, str]:
         return {"strong": self.strong.spec.uri, "target": self.target.spec.uri,
                 "judge": self.judge.spec.uri}
+
+
+def config_default(name: str):
+    """CodecLMConfig's default for a field: the command line's default too."""
+    return CodecLMConfig.__dataclass_fields__[name].default
 
 
 class CodecLMOutput(NamedTuple):
@@ -200,10 +216,7 @@ class Round(DeadLettering):
                     | "CountCandidates" >> Tally(metrics.in_round(t, "candidates"))
                     | "ContrastiveFilter" >> self.handled(ContrastiveFilter(
                         cfg.strong, cfg.target, cfg.judge, threshold=cfg.threshold,
-                        score_scale=cfg.score_scale,
-                        answer_temperature=cfg.answer_temperature,
-                        judge_temperature=cfg.judge_temperature,
-                        max_output_tokens=cfg.max_output_tokens, run_seed=cfg.seed)))
+                        answers=cfg.answers, judging=cfg.judge_stage, run_seed=cfg.seed)))
         kept = filtered.kept | "CountKept" >> Tally(metrics.in_round(t, "kept"))
         undecided = filtered.undecided | "CountUndecided" >> Tally(metrics.in_round(t, "undecided"))
         if t == cfg.max_iterations:
@@ -220,8 +233,8 @@ class Round(DeadLettering):
         fresh = self._reserve | "DrawFromReserve" >> TakeLowestRanked(
             rank, max_limit=cfg.basic_instructions, limit=fresh_slots)
         improved = selected.taken | "ImproveInstructions" >> self.handled(
-            ImproveInstructions(cfg.strong, self._rubric_state, cfg.temperature,
-                                cfg.codec_max_output_tokens, cfg.seed))
+            ImproveInstructions(cfg.strong, self._rubric_state, Improve(settings=cfg.codec),
+                                cfg.seed))
         return RoundOutput(
             kept=kept,
             next_candidates=(improved,
@@ -288,8 +301,8 @@ class SeedMetadata(DeadLettering):
         if self._from_metadata:
             return inputs
         return inputs | "Encode" >> self.handled(Counted(EncodeMetadata(
-            cfg.strong, cfg.max_skills, cfg.temperature, cfg.codec_max_output_tokens,
-            cfg.seed), metrics.METADATA))
+            cfg.strong, Encode(settings=cfg.codec, max_skills=cfg.max_skills), cfg.seed),
+            metrics.METADATA))
 
 
 class RoundsOutput(NamedTuple):
@@ -354,11 +367,11 @@ class CodecLM(DeadLettering):
                     cfg.num_metadata, cfg.max_skills, cfg.seed)
                 | "CountPool" >> Tally(metrics.METADATA_POOL))
         rubrics = pool | "GenerateRubrics" >> self.handled(Counted(GenerateRubrics(
-            cfg.strong, cfg.num_rubrics, cfg.temperature, cfg.codec_max_output_tokens,
+            cfg.strong, Rubrics(settings=cfg.codec, num_rubrics=cfg.num_rubrics),
             cfg.seed), metrics.RUBRIC_SETS))
         basic = pool | "DecodeInstructions" >> self.handled(Counted(DecodeInstructions(
-            cfg.strong, cfg.basic_instructions, cfg.temperature,
-            cfg.codec_max_output_tokens, cfg.seed), metrics.BASIC_INSTRUCTIONS))
+            cfg.strong, cfg.basic_instructions, Decode(settings=cfg.codec), cfg.seed),
+            metrics.BASIC_INSTRUCTIONS))
         first = basic | "TakeFirstRound" >> TakeLowestRanked(
             candidate_rank(cfg.seed), cfg.num_examples + cfg.overgenerate_margin)
         rounds = first.taken | "Rounds" >> self.handled(Rounds(cfg, rubrics, first.rest))

@@ -33,10 +33,6 @@ from codeclm_beam.transforms.judge import Verdict
 
 UNDECIDED = "undecided"
 
-# Visible tokens of a judgement of two scores as JSON (about 20); the limit sent adds
-# the judge's thinking allowance (`codeclm_beam.model.thinking`).
-JUDGE_VISIBLE_TOKENS = 64
-
 
 class FilterOutput(NamedTuple):
     kept: beam.PCollection  # Example
@@ -71,15 +67,12 @@ class ContrastiveFilter(DeadLettering):
     """PCollection[Candidate] -> FilterOutput(kept, undecided)."""
 
     def __init__(self, strong: ModelConfig, target: ModelConfig, judge: ModelConfig, *,
-                 threshold: float = 3.0, score_scale: int = 10,
-                 answer_temperature: float = 0.7, judge_temperature: float = 0.0,
-                 max_output_tokens: int = 1024, run_seed: int = 0):
+                 threshold: float = 3.0, answers: GenerationSettings = GenerationSettings(),
+                 judging: Judge = Judge(), run_seed: int = 0):
         super().__init__()
-        answer = GenerationSettings(answer_temperature, max_output_tokens)
-        self._answer_strong = AnswerInstruction("answer_strong", answer, "strong_answer")
-        self._answer_target = AnswerInstruction("answer_target", answer, "target_answer")
-        self._judge = Judge("judge", GenerationSettings(judge_temperature,
-                                                        JUDGE_VISIBLE_TOKENS), score_scale)
+        self._answer_strong = AnswerInstruction("answer_strong", answers, "strong_answer")
+        self._answer_target = AnswerInstruction("answer_target", answers, "target_answer")
+        self._judge = judging
         self._models = {"strong": strong, "target": target, "judge": judge}
         self._threshold = threshold
         self._run_seed = run_seed

@@ -74,7 +74,12 @@ class Decode(Stage):
     """DecodeTask (an entry and its count) -> Candidates."""
 
     name: str = STAGE
-    settings: GenerationSettings = GenerationSettings(0.7, 2048)
+    settings: GenerationSettings = GenerationSettings(max_output_tokens=2048)
+
+    @classmethod
+    def samples(cls):
+        from codeclm_beam.records import SAMPLE_METADATA
+        return {"decode": (cls(), DecodeTask(SAMPLE_METADATA, 5))}
 
     def record_id(self, task: DecodeTask) -> str:
         return task.metadata.metadata_id
@@ -115,11 +120,10 @@ class DecodeInstructions(DeadLettering):
     read as a side input."""
 
     def __init__(self, model: ModelConfig, num_instructions: int,
-                 temperature: float = 0.7, max_output_tokens: int = 2048,
-                 run_seed: int = 0):
+                 stage: Decode = Decode(), run_seed: int = 0):
         super().__init__()
         self._num_instructions = num_instructions
-        self._stage = Decode(settings=GenerationSettings(temperature, max_output_tokens))
+        self._stage = stage
         self._model = model
         self._run_seed = run_seed
 

@@ -47,8 +47,13 @@ class Encode(Stage):
     """Seed -> Metadata."""
 
     name: str = STAGE
-    settings: GenerationSettings = GenerationSettings(0.7, 256)
+    settings: GenerationSettings = GenerationSettings(max_output_tokens=256)
     max_skills: int = 3
+
+    @classmethod
+    def samples(cls):
+        from codeclm_beam.records import SAMPLE_SEED
+        return {"encode": (cls(max_skills=3), SAMPLE_SEED)}
 
     def record_id(self, seed: Seed) -> str:
         return seed.seed_id
@@ -86,7 +91,5 @@ class Encode(Stage):
 class EncodeMetadata(CallModel):
     """PCollection[Seed] -> PCollection[Metadata]."""
 
-    def __init__(self, model: ModelConfig, max_skills: int = 3, temperature: float = 0.7,
-                 max_output_tokens: int = 256, run_seed: int = 0):
-        super().__init__(Encode(settings=GenerationSettings(temperature, max_output_tokens),
-                                max_skills=max_skills), model, run_seed)
+    def __init__(self, model: ModelConfig, stage: Encode = Encode(), run_seed: int = 0):
+        super().__init__(stage, model, run_seed)

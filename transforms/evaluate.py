@@ -238,8 +238,10 @@ class Judgement:
 
 
 FAILED = "failed"
-# Visible tokens of an evaluation judgement: two scores and an explanation.
-EVAL_JUDGE_VISIBLE_TOKENS = 768
+# The evaluation's judge: greedy, with the visible tokens of two scores and an
+# explanation.
+EVAL_JUDGE = Judge("eval_judge", GenerationSettings(temperature=0.0, max_output_tokens=768),
+                   explain=True)
 
 
 def contests(answers) -> Iterator[Contest]:
@@ -299,19 +301,15 @@ class JudgeAgainstReference(DeadLettering):
     """
 
     def __init__(self, candidates: list[ModelConfig], reference: ModelConfig,
-                 judge: ModelConfig, *, score_scale: int = 10,
-                 answer_temperature: float = 0.7, max_output_tokens: int = 1024,
-                 run_seed: int = 0, judge_temperature: float = 0.0):
+                 judge: ModelConfig, *, answers: GenerationSettings = GenerationSettings(),
+                 judging: Judge = EVAL_JUDGE, run_seed: int = 0):
         super().__init__()
         self._candidates = candidates
         self._reference = reference
         self._judge = judge
-        answer = GenerationSettings(answer_temperature, max_output_tokens)
-        self._answer_reference = AnswerInstruction("eval_answer_reference", answer)
-        self._answer_candidate = AnswerInstruction("eval_answer_candidate", answer)
-        self._judge_stage = Judge(
-            "eval_judge", GenerationSettings(judge_temperature, EVAL_JUDGE_VISIBLE_TOKENS),
-            score_scale, explain=True)
+        self._answer_reference = AnswerInstruction("eval_answer_reference", answers)
+        self._answer_candidate = AnswerInstruction("eval_answer_candidate", answers)
+        self._judge_stage = judging
         self._run_seed = run_seed
 
     def expand(self, items):

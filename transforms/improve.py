@@ -39,7 +39,12 @@ class Improve(Stage):
     """Candidate with a pending action -> the candidate, rewritten, one iteration on."""
 
     name: str = STAGE
-    settings: GenerationSettings = GenerationSettings(0.7, 1024)
+    settings: GenerationSettings = GenerationSettings()
+
+    @classmethod
+    def samples(cls):
+        from codeclm_beam.records import SAMPLE_ANSWERED
+        return {"improve": (cls(), SAMPLE_ANSWERED)}
 
     def record_id(self, candidate: Candidate) -> str:
         return f"{candidate.candidate_id}/i{candidate.iteration}"
@@ -98,11 +103,11 @@ class ImproveInstructions(DeadLettering):
     `rubric_state` is the PCollection[RubricSet] from GenerateRubrics, read as a side
     input keyed by metadata id."""
 
-    def __init__(self, model: ModelConfig, rubric_state, temperature: float = 0.7,
-                 max_output_tokens: int = 1024, run_seed: int = 0):
+    def __init__(self, model: ModelConfig, rubric_state, stage: Improve = Improve(),
+                 run_seed: int = 0):
         super().__init__()
         self._rubric_state = rubric_state
-        self._stage = Improve(settings=GenerationSettings(temperature, max_output_tokens))
+        self._stage = stage
         self._model = model
         self._run_seed = run_seed
 

@@ -39,10 +39,15 @@ class AnswerInstruction(Stage):
     model's answer in its field `into`. Free text, at the model's own thinking."""
 
     name: str = "answer"
-    settings: GenerationSettings = GenerationSettings(0.7, 1024)
+    settings: GenerationSettings = GenerationSettings()
     into: str = "answer"
 
     thinking = DEFAULT
+
+    @classmethod
+    def samples(cls):
+        from codeclm_beam.records import SAMPLE_CANDIDATE
+        return {"answer": (cls(), SAMPLE_CANDIDATE)}
 
     def record_id(self, record) -> str:
         return record.answer_key
@@ -155,9 +160,25 @@ class Judge(Stage):
     """JudgeTask -> the scores of one order."""
 
     name: str = "judge"
-    settings: GenerationSettings = GenerationSettings(0.0, 64)
+    # Greedy, and the visible tokens of a judgement of two scores as JSON (about 20);
+    # the limit sent adds the judge's thinking allowance (`codeclm_beam.model.thinking`).
+    settings: GenerationSettings = GenerationSettings(temperature=0.0, max_output_tokens=64)
     score_scale: int = 10
     explain: bool = False
+
+    @classmethod
+    def samples(cls):
+        from codeclm_beam.records import SAMPLE_ANSWERED
+        from codeclm_beam.records import SAMPLE_CANDIDATE
+        filtering = Contest(SAMPLE_ANSWERED.answer_key, SAMPLE_ANSWERED.instruction,
+                            SAMPLE_ANSWERED.strong_answer, SAMPLE_ANSWERED.target_answer,
+                            ("strong", "target"))
+        evaluating = Contest("sample", SAMPLE_CANDIDATE.instruction,
+                             "(the candidate's answer)", "(the reference model's answer)",
+                             ("candidate", "reference"))
+        return {"judge_filter": (cls(score_scale=10), JudgeTask(filtering, True)),
+                "judge_eval": (cls(score_scale=10, explain=True),
+                               JudgeTask(evaluating, True))}
 
     def record_id(self, task: JudgeTask) -> str:
         contest = task.contest

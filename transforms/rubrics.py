@@ -49,8 +49,13 @@ class Rubrics(Stage):
     """Metadata -> RubricSet."""
 
     name: str = STAGE
-    settings: GenerationSettings = GenerationSettings(0.7, 1024)
+    settings: GenerationSettings = GenerationSettings()
     num_rubrics: int = 4
+
+    @classmethod
+    def samples(cls):
+        from codeclm_beam.records import SAMPLE_METADATA
+        return {"rubrics": (cls(num_rubrics=4), SAMPLE_METADATA)}
 
     def record_id(self, entry: Metadata) -> str:
         return entry.metadata_id
@@ -80,7 +85,5 @@ class Rubrics(Stage):
 class GenerateRubrics(CallModel):
     """PCollection[Metadata] -> PCollection[RubricSet]."""
 
-    def __init__(self, model: ModelConfig, num_rubrics: int = 4, temperature: float = 0.7,
-                 max_output_tokens: int = 1024, run_seed: int = 0):
-        super().__init__(Rubrics(settings=GenerationSettings(temperature, max_output_tokens),
-                                 num_rubrics=num_rubrics), model, run_seed)
+    def __init__(self, model: ModelConfig, stage: Rubrics = Rubrics(), run_seed: int = 0):
+        super().__init__(stage, model, run_seed)

@@ -80,7 +80,7 @@ class ModelConfig:
     # model's default for answers).
     thinking: Optional[str] = None
     # Stop the run when more than this share of a window of calls to the model
-    # failed at the service (`handler.ErrorShareGuard`); 1 never stops.
+    # failed at the service (`guard.ErrorShareGuard`); 1 never stops.
     max_error_share: float = 0.5
     initial_backoff_s: float = 1.0
     max_backoff_s: float = 60.0

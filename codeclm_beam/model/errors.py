@@ -103,7 +103,7 @@ def parse_retry_after(value: Optional[str]) -> Optional[float]:
 
 class ErrorShareExceeded(Exception):
     """Most recent calls to one model failed: the run stops instead of paying for
-    retries and dead letters (`handler.ErrorShareGuard`)."""
+    retries and dead letters (`guard.ErrorShareGuard`)."""
 
 
 # Failure reasons of an online call that say the service could not answer (not what a

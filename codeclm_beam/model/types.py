@@ -1,6 +1,6 @@
 """The one request and response shape every model call in codeclm-beam uses.
 
-Stages build `ModelRequest`s; backends turn them into wire calls; the handler returns a
+Stages build `ModelRequest`s; backends turn them into wire calls; the model layer returns a
 `ModelResponse` or, when the call could not be completed, a `ModelFailure`. Both are
 plain frozen dataclasses so they pickle and compare cheaply across Beam workers.
 """

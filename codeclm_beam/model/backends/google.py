@@ -3,7 +3,7 @@
 Beam's own GeminiModelHandler is not used: its stock request function sends a whole
 batch as one `contents=[...]` list, which google-genai turns into ONE request with N
 parts, and zips N inputs with one answer. Here every element is its own request.
-google-genai's own retries stay off (no `retry_options`) because the handler owns them.
+google-genai's own retries stay off (no `retry_options`) because the client owns them (`client.py`).
 """
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ _MODELS_LOCK = threading.Lock()
 # child-process CPU test loads one that long): without them a small model fills a
 # short field (a use case, a skill) with run-on text until the token limit, and is cut
 # and asked again. Longer bounds, patterns and formats are left out of the grammar; the
-# handler still validates every answer against the full schema and re-asks when one
+# model layer still validates every answer against the full schema and re-asks when one
 # breaks them.
 _GRAMMAR_MAX_LENGTH = 300
 _UNSAFE_GRAMMAR_KEYS = frozenset({"pattern", "format"})
