@@ -140,6 +140,10 @@ class GoogleGenAIBackend(Backend):
     def model(self) -> str:
         return self._model
 
+    @staticmethod
+    def translate_error(error: Exception) -> Exception:
+        return translate_error(error)
+
     def batch_jobs(self):
         """Vertex AI's `batchPredictionJobs` (the Gemini API's batch mode is not
         offered: --vertex_mode is Vertex AI's)."""

@@ -42,11 +42,10 @@ class VertexBatchJobs(BatchJobs):
         self._model = backend.model
 
     def _call(self, call):
-        from codeclm_beam.model.backends.google import translate_error
         try:
             return call()
         except Exception as e:
-            raise translate_error(e) from e
+            raise self._backend.translate_error(e) from e
 
     def submit(self, requests: dict[str, ModelRequest], base: str,
                display_name: str) -> BatchJob:
