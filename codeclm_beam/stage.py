@@ -92,6 +92,20 @@ def _inline(node, definitions: dict):
 
 
 @dataclasses.dataclass(frozen=True)
+class YamlFace:
+    """How a one-model stage shows in Beam YAML (`transforms/beam_yaml.py` derives its
+    factory from this and the stage's fields): the transform's name, the composite it
+    builds (dotted), the records it reads and writes, and the composite's own
+    arguments before the stage."""
+    name: str
+    transform: str
+    input_record: type
+    output_record: type
+    doc: str
+    leading: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
 class Stage:
     """What a model stage is, apart from how models are called (after curator's
     `LLM.prompt()`/`parse()` with a `response_format`, and distilabel's
@@ -106,6 +120,9 @@ class Stage:
     # for structured answers and judgements (a longer think buys little there and
     # is billed as output), `thinking.DEFAULT` (the model's own) for free answers.
     thinking: ClassVar[str] = LEAST
+
+    # Set by a stage offered in Beam YAML as a transform of its own.
+    yaml: ClassVar[Optional[YamlFace]] = None
 
     # Every stage class, by module and name: `codeclm-beam prompts` renders them all.
     _registered: ClassVar[list[type["Stage"]]] = []

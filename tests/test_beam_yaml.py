@@ -67,6 +67,14 @@ def test_the_shipped_provider_file_provides_every_stage():
                         "ImproveInstructions", "CodecLM", "WriteJsonLines"}
 
 
+def test_the_shipped_provider_file_is_the_one_the_stages_give():
+    # Written by `python -m codeclm_beam.transforms.beam_yaml > transforms/providers.yaml`;
+    # a stage given a YAML face (Stage.yaml) and not written there fails here.
+    from codeclm_beam.transforms.beam_yaml import providers_yaml
+    with open(PROVIDERS) as f:
+        assert f.read() == providers_yaml()
+
+
 def test_the_example_through_codeclm_beam_yaml_writes_every_output_and_caches(
         tmp_path, capsys):
     from codeclm_beam.pipelines.cli import main as cli_main

@@ -40,6 +40,7 @@ from codeclm_beam import records
 from codeclm_beam.model.config import ModelConfig
 from codeclm_beam.model.types import GenerationSettings
 from codeclm_beam.model.uri import DEFAULT_MODEL_URI
+from codeclm_beam.stage import Stage
 from codeclm_beam.transforms.codeclm import config_default
 from codeclm_beam.transforms.improve import Improve
 from codeclm_beam.transforms.judge import AnswerInstruction
@@ -171,15 +172,15 @@ def ReadSeeds(path: str, error_handling: dict, instruction_field: Optional[str] 
 ReadSeeds._yaml_requires_inputs = False
 
 
-def _model_stage(name: str, transform: str, stage: str, input_record: type,
-                 output_record: type, doc: str, leading: tuple[str, ...] = ()):
-    """The YAML factory of a one-model stage, derived from the stage itself: its config
-    keys are the stage's own fields, its settings' `temperature` and
-    `max_output_tokens` (defaulting to the stage's), `model`, `model_options`, `seed`
-    and `error_handling`; `leading` are the transform's own arguments before the
-    stage. A stage's field added or changed shows here with nothing else to edit."""
-    module, _, class_name = stage.rpartition(".")
-    stage_class = getattr(importlib.import_module(module), class_name)
+def _model_stage(stage_class: type):
+    """The YAML factory of a one-model stage, derived from the stage itself
+    (`Stage.yaml` and its fields): its config keys are the stage's own fields, its
+    settings' `temperature` and `max_output_tokens` (defaulting to the stage's),
+    `model`, `model_options`, `seed` and `error_handling`, after the composite's own
+    leading arguments. A stage's field added or changed shows here with nothing else
+    to edit."""
+    face = stage_class.yaml
+    name, leading = face.name, face.leading
     hints = typing.get_type_hints(stage_class)
     own = [f for f in dataclasses.fields(stage_class) if f.name not in ("name", "settings")]
     defaults = stage_class.settings
@@ -193,12 +194,12 @@ def _model_stage(name: str, transform: str, stage: str, input_record: type,
         fields = {f.name: config.pop(f.name) for f in own if f.name in config}
         if config:
             raise TypeError(f"{name}: unknown config keys {sorted(config)}")
-        transform_module, _, transform_name = transform.rpartition(".")
-        transform_class = getattr(importlib.import_module(transform_module), transform_name)
+        module, _, class_name = face.transform.rpartition(".")
+        transform_class = getattr(importlib.import_module(module), class_name)
         return _Stage(
             transform_class(_model(model, model_options), *arguments,
                             stage_class(settings=settings, **fields), seed),
-            input_record, {"good": (None, output_record)},
+            face.input_record, {"good": (None, face.output_record)},
             _error_output(error_handling, name))
 
     keyword = inspect.Parameter.KEYWORD_ONLY
@@ -216,7 +217,7 @@ def _model_stage(name: str, transform: str, stage: str, input_record: type,
                              default=defaults.max_output_tokens, annotation=int),
            inspect.Parameter("seed", keyword, default=0, annotation=int)])
     factory.__name__ = factory.__qualname__ = name
-    factory.__doc__ = doc + """
+    factory.__doc__ = face.doc + """
 
     Args:
       error_handling: {output: NAME}: the elements that failed, with the reason.
@@ -226,10 +227,17 @@ def _model_stage(name: str, transform: str, stage: str, input_record: type,
     return factory
 
 
-EncodeMetadata = _model_stage(
-    "EncodeMetadata", "codeclm_beam.transforms.encode.EncodeMetadata",
-    "codeclm_beam.transforms.encode.Encode", records.Seed, records.Metadata,
-    "Seed rows (seed_id, instruction, source) -> metadata rows (use case, skills).")
+def _model_stage_factories() -> dict:
+    """A factory for every registered stage that has a YAML face."""
+    importlib.import_module("codeclm_beam.transforms")  # every stage module
+    return {stage.yaml.name: _model_stage(stage) for stage in Stage.registered()
+            if stage.yaml is not None}
+
+
+# EncodeMetadata, GenerateRubrics, DecodeInstructions, ...: module attributes, as
+# providers.yaml names them.
+MODEL_STAGES = _model_stage_factories()
+globals().update(MODEL_STAGES)
 
 
 class BuildMetadataPool(beam.PTransform):
@@ -245,18 +253,6 @@ class BuildMetadataPool(beam.PTransform):
                 | "AsRecords" >> _AsRecords(records.Metadata)
                 | "Pool" >> Build(*self._args)
                 | "AsRows" >> _AsRows(records.Metadata))
-
-
-GenerateRubrics = _model_stage(
-    "GenerateRubrics", "codeclm_beam.transforms.rubrics.GenerateRubrics",
-    "codeclm_beam.transforms.rubrics.Rubrics", records.Metadata, records.RubricSet,
-    "Pool entries -> their rubrics and actions (the improve step's side input).")
-
-DecodeInstructions = _model_stage(
-    "DecodeInstructions", "codeclm_beam.transforms.decode.DecodeInstructions",
-    "codeclm_beam.transforms.decode.Decode", records.Metadata, records.Candidate,
-    "Pool entries -> candidate instructions (num_instructions over the pool).",
-    leading=("num_instructions",))
 
 
 def ContrastiveFilter(error_handling: dict, strong_model: Optional[str] = None,
@@ -362,3 +358,27 @@ def _json_line(row) -> str:
     values = row._asdict() if hasattr(row, "_asdict") else dict(row)
     return json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in values.items()},
                       ensure_ascii=False, default=list)
+
+
+# Transforms written here by hand, in the order the method runs them; the one-model
+# stages' factories (MODEL_STAGES) are derived from the stages.
+_COMPOSITES = ("ReadSeeds", "BuildMetadataPool", "ContrastiveFilter",
+               "ImproveInstructions", "CodecLM", "WriteJsonLines")
+
+
+def providers_yaml() -> str:
+    """The provider file (providers.yaml beside this module) of every transform here:
+    `python -m codeclm_beam.transforms.beam_yaml > transforms/providers.yaml`; a test
+    fails when the shipped file lags behind the stages."""
+    names = [_COMPOSITES[0], *sorted(MODEL_STAGES), *_COMPOSITES[1:]]
+    return ("# The CodecLM stages for Beam YAML (transforms/beam_yaml.py). In a pipeline:\n"
+            "#   providers:\n#     - include: <this file>\n"
+            "# or copy the block below into the pipeline's `providers:`.\n"
+            "# Written by `python -m codeclm_beam.transforms.beam_yaml`.\n"
+            "- type: python\n  config: {}\n  transforms:\n"
+            + "".join(f"    {name}: codeclm_beam.transforms.beam_yaml.{name}\n"
+                      for name in names))
+
+
+if __name__ == "__main__":
+    print(providers_yaml(), end="")

@@ -24,6 +24,7 @@ from codeclm_beam.records import Candidate
 from codeclm_beam.records import Metadata
 from codeclm_beam.records import content_id
 from codeclm_beam.stage import CallModel
+from codeclm_beam.stage import YamlFace
 from codeclm_beam.stage import DeadLettering
 from codeclm_beam.stage import Answer
 from codeclm_beam.stage import Stage
@@ -75,6 +76,11 @@ class Decode(Stage):
 
     name: str = STAGE
     settings: GenerationSettings = GenerationSettings(max_output_tokens=2048)
+
+    yaml = YamlFace("DecodeInstructions",
+                    "codeclm_beam.transforms.decode.DecodeInstructions", Metadata,
+                    Candidate, "Pool entries -> candidate instructions (num_instructions "
+                    "over the pool).", leading=("num_instructions",))
 
     @classmethod
     def samples(cls):

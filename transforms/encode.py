@@ -22,6 +22,7 @@ from codeclm_beam.records import Metadata
 from codeclm_beam.records import Seed
 from codeclm_beam.records import make_metadata
 from codeclm_beam.stage import CallModel
+from codeclm_beam.stage import YamlFace
 from codeclm_beam.stage import Answer
 from codeclm_beam.stage import Stage
 
@@ -49,6 +50,10 @@ class Encode(Stage):
     name: str = STAGE
     settings: GenerationSettings = GenerationSettings(max_output_tokens=256)
     max_skills: int = 3
+
+    yaml = YamlFace("EncodeMetadata", "codeclm_beam.transforms.encode.EncodeMetadata",
+                    Seed, Metadata, "Seed rows (seed_id, instruction, source) -> "
+                    "metadata rows (use case, skills).")
 
     @classmethod
     def samples(cls):

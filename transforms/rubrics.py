@@ -20,6 +20,7 @@ from codeclm_beam.transforms.prompt_templates import PromptTemplate
 from codeclm_beam.records import Metadata
 from codeclm_beam.records import RubricSet
 from codeclm_beam.stage import CallModel
+from codeclm_beam.stage import YamlFace
 from codeclm_beam.stage import Answer
 from codeclm_beam.stage import Stage
 
@@ -51,6 +52,10 @@ class Rubrics(Stage):
     name: str = STAGE
     settings: GenerationSettings = GenerationSettings()
     num_rubrics: int = 4
+
+    yaml = YamlFace("GenerateRubrics", "codeclm_beam.transforms.rubrics.GenerateRubrics",
+                    Metadata, RubricSet, "Pool entries -> their rubrics and actions (the "
+                    "improve step's side input).")
 
     @classmethod
     def samples(cls):
