@@ -17,8 +17,21 @@ from codeclm_beam.transforms.read_seeds import ReadMetadata
 from codeclm_beam.transforms.read_seeds import ReadSeeds
 from codeclm_beam.transforms.rubrics import GenerateRubrics
 
+
+
+def import_stage_modules() -> None:
+    """Imports every module of this package, so that every `Stage` is registered
+    (`codeclm-beam prompts`, the Beam YAML factories): a new stage module needs no
+    entry anywhere else."""
+    import importlib
+    import pkgutil
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+
+
 __all__ = [
     "BuildMetadataPool", "CodecLM", "CodecLMConfig", "CodecLMOutput", "ContrastiveFilter",
     "DecodeInstructions", "EncodeMetadata", "FilterOutput", "GenerateRubrics",
     "ImproveInstructions", "Contest", "JudgeBothOrders", "ReadMetadata", "ReadSeeds",
+    "import_stage_modules",
 ]

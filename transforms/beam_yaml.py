@@ -229,7 +229,7 @@ def _model_stage(stage_class: type):
 
 def _model_stage_factories() -> dict:
     """A factory for every registered stage that has a YAML face."""
-    importlib.import_module("codeclm_beam.transforms")  # every stage module
+    importlib.import_module("codeclm_beam.transforms").import_stage_modules()
     return {stage.yaml.name: _model_stage(stage) for stage in Stage.registered()
             if stage.yaml is not None}
 

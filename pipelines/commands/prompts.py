@@ -12,7 +12,7 @@ from codeclm_beam.stage import Stage
 
 def stage_prompts() -> dict[str, tuple[Stage, object]]:
     """Prompt name -> (stage, sample record), from every stage module."""
-    importlib.import_module("codeclm_beam.transforms")  # every stage module
+    importlib.import_module("codeclm_beam.transforms").import_stage_modules()
     found = {}
     for stage_class in Stage.registered():
         found.update(stage_class.samples())
