@@ -1,12 +1,17 @@
 """`ModelCall`: a stage's requests answered, from the response cache or a transport.
 
-    (record, request) ─LookUpCache─> answered ─────────────────────────────┐
-            └─ not cached ─> Ask (RunInference | BatchInference) ─> StoreInCache ─┴─> (record,
-                                                                  PredictionResult)
+    (record, request) ─LookUpCache─> answered ───────────────────────────┐
+            └─ not cached ─> Ask: RunInference (stores each answer) ───────┤
+                             or BatchInference ─> StoreInCache ────────────┴─> (record,
+                                                                     PredictionResult)
 
-The cache is read and filled here once for both transports, as `RequestResponseIO`
-puts its cache around its `Caller`. A hit passes the stage's own answer test first;
-only fresh usable answers are stored. Hits and misses leave in no set order.
+The cache is decided here once for both transports, as `RequestResponseIO` puts its
+cache around its `Caller`: read before either, with the same `AnswerCache`, and
+filled by each as its answers become final. An online answer is stored the moment it
+arrives, inside the transport (a run killed while a RunInference batch is in flight
+then repays at most the answer in hand, not the batch); a batch job's answers are
+stored as the shard that asked them is done. A hit passes the stage's own answer test
+first; only fresh usable answers are stored. Hits and misses leave in no set order.
 """
 from __future__ import annotations
 
@@ -87,9 +92,9 @@ class ModelCall(beam.PTransform):
             return pairs | "Ask" >> self._transport(pairs)
         looked_up = pairs | "LookUpCache" >> beam.ParDo(_LookUpCache(
             self._config, self._stage, self._check)).with_outputs(_TO_ASK, main="answered")
-        asked = (looked_up[_TO_ASK]
-                 | "Ask" >> self._transport(pairs)
-                 | "StoreInCache" >> beam.ParDo(_StoreInCache(self._config)))
+        asked = looked_up[_TO_ASK] | "Ask" >> self._transport(pairs)
+        if self._config.billing_mode == BATCH:
+            asked = asked | "StoreInCache" >> beam.ParDo(_StoreInCache(self._config))
         return (looked_up.answered, asked) | "Answers" >> beam.Flatten()
 
     def _transport(self, pairs) -> beam.PTransform:

@@ -6,8 +6,8 @@ with the element's re-asks decided by `asking.Asking`.
                      └────────────────────────── answer ─────────────────────────┘
 
 `call` is `ask` through the response cache, for code that calls a model outside a
-pipeline; in a pipeline the cache is the `calls.ModelCall` composite around the
-transport. Nothing here raises for one element: every element ends as a
+pipeline; in a pipeline `calls.ModelCall` reads the cache before the transport and
+has `ask` store each answer the moment it arrives (`store=True`). Nothing here raises for one element: every element ends as a
 `ModelResponse` or a `ModelFailure`.
 """
 from __future__ import annotations
@@ -98,13 +98,17 @@ class ModelClient:
         workers = config.max_concurrency if self.backend.concurrent else 1
         self.pool = _shared_pool(self.identity, workers)
 
-    def ask_all(self, requests: Sequence[ModelRequest]) -> list[ModelResult]:
-        """Each request asked concurrently on the model's pool (no cache)."""
+    def ask_all(self, requests: Sequence[ModelRequest], store: bool = False
+                ) -> list[ModelResult]:
+        """Each request asked concurrently on the model's pool (the cache not read)."""
         if len(requests) == 1:
-            return [self.ask(requests[0])]
-        return list(self.pool.map(self.ask, requests))
+            return [self.ask(requests[0], store)]
+        return list(self.pool.map(lambda request: self.ask(request, store), requests))
 
-    def ask(self, request: ModelRequest) -> ModelResult:
+    def ask(self, request: ModelRequest, store: bool = False) -> ModelResult:
+        """The element's result; with `store`, its answer is written to the response
+        cache as soon as it is had, so a run killed a moment later does not pay for
+        it again."""
         asking = Asking(request, self.policy, self.validator)
         try:
             while asking.next_request is not None:
@@ -112,6 +116,8 @@ class ModelClient:
         except Exception as error:  # a transport error, after its retries
             asking.fail(error)
         result = asking.result()
+        if store and self.cache:
+            self.cache.store(request, result)
         ERROR_SHARE.record(self.config, result)  # online calls only: see its docstring
         return result
 
@@ -123,12 +129,7 @@ class ModelClient:
     def call(self, request: ModelRequest) -> ModelResult:
         """`ask`, answered from the response cache when it can be, and stored there."""
         hit = self.cache.lookup(request) if self.cache else None
-        if hit is not None:
-            return hit
-        result = self.ask(request)
-        if self.cache:
-            self.cache.store(request, result)
-        return result
+        return hit if hit is not None else self.ask(request, store=True)
 
     def _send_with_retries(self, request: ModelRequest, tally: Tally) -> RawAnswer:
         def before_sleep(state: tenacity.RetryCallState) -> None:

@@ -38,8 +38,8 @@ class CodecLMModelHandler(RemoteModelHandler[ModelRequest, PredictionResult, Mod
         self._config = config
         self._stage = stage
         self._check = check
-        # Off where the cache is read and filled around this transport
-        # (`calls.ModelCall`); on for a RunInference of one's own.
+        # Off where the cache is read before this transport (`calls.ModelCall`): then
+        # answers are only stored, as they arrive; on for a RunInference of one's own.
         self._through_cache = through_cache
         # A batch is what runs concurrently; a few rounds of the pool per batch keep
         # it busy without holding many elements in memory. Batches start at the
@@ -64,7 +64,7 @@ class CodecLMModelHandler(RemoteModelHandler[ModelRequest, PredictionResult, Mod
         metrics.LIVE.flying(self._stage, len(batch))
         try:
             results = (model.call_all(batch) if self._through_cache
-                       else model.ask_all(batch))
+                       else model.ask_all(batch, store=True))
         finally:
             metrics.LIVE.flying(self._stage, -len(batch))
         if self._metrics is None:
