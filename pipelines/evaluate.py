@@ -41,7 +41,6 @@ from codeclm_beam.transforms.evaluate import BenchmarkFiles
 from codeclm_beam.transforms.evaluate import EVAL_JUDGE
 from codeclm_beam.transforms.evaluate import ReadBenchmarks
 from codeclm_beam.transforms.evaluate import READ_STAGE
-from codeclm_beam.transforms.evaluate import make_item
 
 OUTCOMES = ("win", "tie", "loss")
 # W/T/L and F (failed: no answer or judgement could be had for the item).
@@ -198,8 +197,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
                                        opts.allow_seed_items)
     with ErrorHandler(WriteDeadLetters(out)) as dead_letters:
         (pipeline
-         | "ReadBenchmarks" >> ReadBenchmarks(
-             benchmarks, opts.allow_seed_items).with_error_handler(dead_letters)
+         | "ReadBenchmarks" >> ReadBenchmarks(benchmarks).with_error_handler(dead_letters)
          | "JudgeAgainstReference" >> JudgeAgainstReference(
              candidates, reference, judge,
              answers=GenerationSettings(answers.answer_temperature,
@@ -226,7 +224,6 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
 def preflight(options: PipelineOptions, plan: EvaluatePlan) -> None:
     """Everything that can be checked before a file is written or a call is made
     (layouts and model identities were checked when the pipeline was built)."""
-    opts = options.view_as(EvaluateOptions)
     offline = is_dry_run(options)
     if not offline:
         reference, *candidates = plan.answering
@@ -239,9 +236,7 @@ def preflight(options: PipelineOptions, plan: EvaluatePlan) -> None:
     for path in plan.benchmarks.layouts:
         if path.startswith("gs://") and offline:
             continue
-        preflight_lib.check_rows(path, "--benchmark", lambda source, row, p=path: make_item(
-            p, int(source.rpartition(":")[2]), row, plan.benchmarks.layouts[p],
-            opts.allow_seed_items))
+        preflight_lib.check_rows(path, "--benchmark", plan.benchmarks.items_of(path))
 
 
 def projected_calls(candidates: int, counters: RunCounters) -> int:

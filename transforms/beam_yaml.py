@@ -184,6 +184,9 @@ def _model_stage(stage_class: type):
     hints = typing.get_type_hints(stage_class)
     own = [f for f in dataclasses.fields(stage_class) if f.name not in ("name", "settings")]
     defaults = stage_class.settings
+    module, _, class_name = face.transform.rpartition(".")
+    transform_class = getattr(importlib.import_module(module), class_name)
+    transform_hints = typing.get_type_hints(transform_class.__init__)
 
     def factory(error_handling: dict, model: Optional[str] = None,
                 model_options: Optional[dict] = None, seed: int = 0, **config):
@@ -194,8 +197,6 @@ def _model_stage(stage_class: type):
         fields = {f.name: config.pop(f.name) for f in own if f.name in config}
         if config:
             raise TypeError(f"{name}: unknown config keys {sorted(config)}")
-        module, _, class_name = face.transform.rpartition(".")
-        transform_class = getattr(importlib.import_module(module), class_name)
         return _Stage(
             transform_class(_model(model, model_options), *arguments,
                             stage_class(settings=settings, **fields), seed),
@@ -204,7 +205,7 @@ def _model_stage(stage_class: type):
 
     keyword = inspect.Parameter.KEYWORD_ONLY
     factory.__signature__ = inspect.Signature(
-        [inspect.Parameter(key, keyword, annotation=int) for key in leading]
+        [inspect.Parameter(key, keyword, annotation=transform_hints[key]) for key in leading]
         + [inspect.Parameter("error_handling", keyword, annotation=dict),
            inspect.Parameter("model", keyword, default=None, annotation=Optional[str]),
            inspect.Parameter("model_options", keyword, default=None,

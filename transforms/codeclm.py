@@ -36,6 +36,7 @@ from codeclm_beam.records import Example
 from codeclm_beam.records import Rejection
 from codeclm_beam.stage import DeadLettering
 from codeclm_beam.stage import Tally
+from codeclm_beam.transforms.contrastive_filter import THRESHOLD
 from codeclm_beam.transforms.contrastive_filter import ContrastiveFilter
 from codeclm_beam.transforms.decode import Decode
 from codeclm_beam.transforms.decode import DecodeInstructions
@@ -105,7 +106,7 @@ class CodecLMConfig:
     num_rubrics: int = Rubrics.num_rubrics
     score_scale: int = Judge.score_scale
     max_iterations: int = 4
-    threshold: float = 3.0
+    threshold: float = THRESHOLD
     keep_unresolved: bool = False
     # Encode, rubrics, decode and improve: structured answers that must not be cut off.
     codec: GenerationSettings = GenerationSettings()

@@ -32,6 +32,8 @@ from codeclm_beam.transforms.judge import JudgeBothOrders
 from codeclm_beam.transforms.judge import Verdict
 
 UNDECIDED = "undecided"
+# The score gap θ a kept pair must exceed: the paper's default on a 10-point scale.
+THRESHOLD = 3.0
 
 
 class FilterOutput(NamedTuple):
@@ -67,7 +69,8 @@ class ContrastiveFilter(DeadLettering):
     """PCollection[Candidate] -> FilterOutput(kept, undecided)."""
 
     def __init__(self, strong: ModelConfig, target: ModelConfig, judge: ModelConfig, *,
-                 threshold: float = 3.0, answers: GenerationSettings = GenerationSettings(),
+                 threshold: float = THRESHOLD,
+                 answers: GenerationSettings = AnswerInstruction.settings,
                  judging: Judge = Judge(), run_seed: int = 0):
         super().__init__()
         self._answer_strong = AnswerInstruction("answer_strong", answers, "strong_answer")

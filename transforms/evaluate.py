@@ -24,6 +24,7 @@ from codeclm_beam.records import invalid_text_reason
 from codeclm_beam.stage import DEAD_LETTER
 from codeclm_beam.stage import CallModel
 from codeclm_beam.stage import DeadLettering
+from codeclm_beam.transforms.read_rows import MakeRecord
 from codeclm_beam.transforms.read_rows import ParseRows
 from codeclm_beam.transforms.judge import AnswerInstruction
 from codeclm_beam.transforms.judge import Contest
@@ -122,28 +123,6 @@ def make_item(path: str, number: int, row: Any, layout: Layout,
                     instruction.strip(), str(category) if category is not None else None)
 
 
-class _ItemsOfFile:
-    """A benchmark file's `MakeRecord`: rows to EvalItems. A repeated id (question_id 1,
-    1, 2, ...) would merge two items' answers: the later one is told apart by its
-    line."""
-
-    def __init__(self, files: "BenchmarkFiles", allow_seed_items: bool):
-        self._files = files
-        self._allow_seed_items = allow_seed_items
-
-    def __call__(self, path: str):
-        layout, name, seen = self._files.layouts[path], self._files.names.get(path), set()
-
-        def make(source: str, row):
-            number = int(source.rpartition(":")[2])
-            item = make_item(path, number, row, layout, self._allow_seed_items, name)
-            if item.item_id in seen:
-                item = dataclasses.replace(item, item_id=f"{item.item_id}@line{number}")
-            seen.add(item.item_id)
-            return item
-        return make
-
-
 @dataclasses.dataclass(frozen=True)
 class BenchmarkFiles:
     """The benchmark files of a run, with each one's layout, its name in results and
@@ -153,6 +132,7 @@ class BenchmarkFiles:
     layouts: dict[str, Layout]
     names: dict[str, str]
     splits: dict[str, str]  # by benchmark name: HELD_OUT or WHOLE_FILE
+    allow_seed_items: bool = False
 
     @classmethod
     def detect(cls, paths: list[str], instruction_field: Optional[str] = None,
@@ -173,7 +153,22 @@ class BenchmarkFiles:
             raise ConfigurationError(f"no benchmark files match {paths}")
         names = benchmark_names(sorted(layouts))
         return cls(layouts, names, {names[path]: splits[benchmark_name(path)]
-                                    for path in layouts})
+                                    for path in layouts}, allow_seed_items)
+
+    def items_of(self, path: str) -> MakeRecord:
+        """A file's rows to EvalItems (`read_rows.MakeRecord`, one per file). A repeated
+        id (question_id 1, 1, 2, ...) would merge two items' answers: the later one
+        is told apart by its line."""
+        layout, name, seen = self.layouts[path], self.names.get(path), set()
+
+        def make(source: str, row) -> EvalItem:
+            number = int(source.rpartition(":")[2])
+            item = make_item(path, number, row, layout, self.allow_seed_items, name)
+            if item.item_id in seen:
+                item = dataclasses.replace(item, item_id=f"{item.item_id}@line{number}")
+            seen.add(item.item_id)
+            return item
+        return make
 
     @property
     def layout_names(self) -> dict[str, str]:
@@ -184,10 +179,9 @@ class ReadBenchmarks(DeadLettering):
     """Benchmark files (`BenchmarkFiles.detect`) -> PCollection[EvalItem]; rows that
     make no item are dead letters."""
 
-    def __init__(self, files: BenchmarkFiles, allow_seed_items: bool = False):
+    def __init__(self, files: BenchmarkFiles):
         super().__init__()
         self._files = files
-        self._allow = allow_seed_items
 
     def expand(self, pbegin):
         parsed = (pbegin
@@ -195,7 +189,7 @@ class ReadBenchmarks(DeadLettering):
                   | "Match" >> fileio.MatchAll()
                   | "Open" >> fileio.ReadMatches()
                   | "Parse" >> beam.ParDo(ParseRows(
-                      READ_STAGE, _ItemsOfFile(self._files, self._allow), jsonl_rows)
+                      READ_STAGE, self._files.items_of, jsonl_rows)
                   ).with_outputs(DEAD_LETTER, main="main"))
         self.dead_letters(parsed[DEAD_LETTER])
         return parsed.main
@@ -301,7 +295,8 @@ class JudgeAgainstReference(DeadLettering):
     """
 
     def __init__(self, candidates: list[ModelConfig], reference: ModelConfig,
-                 judge: ModelConfig, *, answers: GenerationSettings = GenerationSettings(),
+                 judge: ModelConfig, *,
+                 answers: GenerationSettings = AnswerInstruction.settings,
                  judging: Judge = EVAL_JUDGE, run_seed: int = 0):
         super().__init__()
         self._candidates = candidates

@@ -7,8 +7,8 @@ with the element's re-asks decided by `asking.Asking`.
 
 `call` is `ask` through the response cache, for code that calls a model outside a
 pipeline; in a pipeline `calls.ModelCall` reads the cache before the transport and
-has `ask` store each answer the moment it arrives (`store=True`). Nothing here raises for one element: every element ends as a
-`ModelResponse` or a `ModelFailure`.
+has `ask` store each answer the moment it arrives (`store=True`). Nothing here raises
+for one element: every element ends as a `ModelResponse` or a `ModelFailure`.
 """
 from __future__ import annotations
 
@@ -101,9 +101,7 @@ class ModelClient:
     def ask_all(self, requests: Sequence[ModelRequest], store: bool = False
                 ) -> list[ModelResult]:
         """Each request asked concurrently on the model's pool (the cache not read)."""
-        if len(requests) == 1:
-            return [self.ask(requests[0], store)]
-        return list(self.pool.map(lambda request: self.ask(request, store), requests))
+        return self._each(lambda request: self.ask(request, store), requests)
 
     def ask(self, request: ModelRequest, store: bool = False) -> ModelResult:
         """The element's result; with `store`, its answer is written to the response
@@ -122,9 +120,13 @@ class ModelClient:
         return result
 
     def call_all(self, requests: Sequence[ModelRequest]) -> list[ModelResult]:
+        return self._each(self.call, requests)
+
+    def _each(self, call, requests: Sequence[ModelRequest]) -> list[ModelResult]:
+        # One request runs on the caller's thread: no hop through the pool.
         if len(requests) == 1:
-            return [self.call(requests[0])]
-        return list(self.pool.map(self.call, requests))
+            return [call(requests[0])]
+        return list(self.pool.map(call, requests))
 
     def call(self, request: ModelRequest) -> ModelResult:
         """`ask`, answered from the response cache when it can be, and stored there."""

@@ -3,23 +3,21 @@
 Beam's own GeminiModelHandler is not used: its stock request function sends a whole
 batch as one `contents=[...]` list, which google-genai turns into ONE request with N
 parts, and zips N inputs with one answer. Here every element is its own request.
-google-genai's own retries stay off (no `retry_options`) because the client owns them (`client.py`).
+google-genai's own retries stay off (no `retry_options`) because the model layer's
+client owns them (`client.py`).
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
 
 from codeclm_beam.model.backends import Backend
 from codeclm_beam.model.backends import ModelUnusable
 from codeclm_beam.model.backends import RawAnswer
+from codeclm_beam.model.backends.google_errors import translate_error
 from codeclm_beam.model.config import FLEX
 from codeclm_beam.model.config import FLEX_TIMEOUT_S
 from codeclm_beam.model.config import ModelConfig
 from codeclm_beam.model.errors import PermanentModelError
-from codeclm_beam.model.errors import TransientModelError
-from codeclm_beam.model.errors import classify_http_status
-from codeclm_beam.model.errors import parse_retry_after
 from codeclm_beam.model.thinking import output_token_limit
 from codeclm_beam.model.types import ModelRequest
 from codeclm_beam.model.types import Usage
@@ -140,10 +138,6 @@ class GoogleGenAIBackend(Backend):
     def model(self) -> str:
         return self._model
 
-    @staticmethod
-    def translate_error(error: Exception) -> Exception:
-        return translate_error(error)
-
     def batch_jobs(self):
         """Vertex AI's `batchPredictionJobs` (the Gemini API's batch mode is not
         offered: --vertex_mode is Vertex AI's)."""
@@ -200,31 +194,3 @@ def _token_credentials():
         return None
     from google.oauth2.credentials import Credentials
     return Credentials(token=token)
-
-
-def translate_error(error: Exception) -> Exception:
-    from google.genai import errors as genai_errors
-
-    if isinstance(error, genai_errors.APIError):
-        retry_after = _retry_after(error)
-        return classify_http_status(
-            int(error.code or 0), f"{error.code} {error.status}: {error.message}",
-            retry_after)
-    # Timeouts, dropped connections and unreadable bodies: worth sending again.
-    return TransientModelError(f"{type(error).__name__}: {error}")
-
-
-def _retry_after(error: Any) -> Optional[float]:
-    response = getattr(error, "response", None)
-    headers = getattr(response, "headers", None)
-    if headers is not None:
-        seconds = parse_retry_after(headers.get("retry-after"))
-        if seconds is not None:
-            return seconds
-    # google.rpc.RetryInfo in the error body: {"error": {"details": [{"retryDelay": ..}]}}
-    body = getattr(error, "details", None) or {}
-    details = body.get("error", {}).get("details", []) if isinstance(body, dict) else []
-    for detail in details if isinstance(details, list) else []:
-        if isinstance(detail, dict) and "retryDelay" in detail:
-            return parse_retry_after(str(detail["retryDelay"]))
-    return None

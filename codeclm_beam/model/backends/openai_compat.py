@@ -1,6 +1,7 @@
 """Any OpenAI-compatible chat server: vLLM, Ollama, llama.cpp server, TGI.
 
-The openai client's own retries are off (`max_retries=0`): the client owns retries (`client.py`).
+The openai client's own retries are off (`max_retries=0`): the model layer's client
+owns retries (`client.py`).
 
 The schema goes as OpenAI's `response_format: {"type": "json_schema", ...}`. Servers
 that only know the older `{"type": "json_object", "schema": ...}` dialect (llama.cpp's

@@ -19,6 +19,7 @@ from apache_beam.io.filesystems import FileSystems
 from codeclm_beam.model.backends import BatchAnswers
 from codeclm_beam.model.backends import BatchJob
 from codeclm_beam.model.backends import BatchJobs
+from codeclm_beam.model.backends.google_errors import translate_error
 from codeclm_beam.model.errors import BatchJobFailed
 from codeclm_beam.model.errors import classify_http_status
 from codeclm_beam.model.types import ModelRequest
@@ -45,7 +46,7 @@ class VertexBatchJobs(BatchJobs):
         try:
             return call()
         except Exception as e:
-            raise self._backend.translate_error(e) from e
+            raise translate_error(e) from e
 
     def submit(self, requests: dict[str, ModelRequest], base: str,
                display_name: str) -> BatchJob:
