@@ -20,6 +20,7 @@ from codeclm_beam.model import ChatMessage
 from codeclm_beam.model import GenerationSettings
 from codeclm_beam.model import ModelConfig
 from codeclm_beam.transforms.prompt_templates import PromptTemplate
+from codeclm_beam.records import SAMPLE_METADATA
 from codeclm_beam.records import Candidate
 from codeclm_beam.records import Metadata
 from codeclm_beam.records import content_id
@@ -84,7 +85,6 @@ class Decode(Stage):
 
     @classmethod
     def samples(cls):
-        from codeclm_beam.records import SAMPLE_METADATA
         return {"decode": (cls(), DecodeTask(SAMPLE_METADATA, 5))}
 
     def record_id(self, task: DecodeTask) -> str:

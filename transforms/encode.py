@@ -18,6 +18,7 @@ from codeclm_beam.model import ChatMessage
 from codeclm_beam.model import GenerationSettings
 from codeclm_beam.model import ModelConfig
 from codeclm_beam.transforms.prompt_templates import PromptTemplate
+from codeclm_beam.records import SAMPLE_SEED
 from codeclm_beam.records import Metadata
 from codeclm_beam.records import Seed
 from codeclm_beam.records import make_metadata
@@ -57,7 +58,6 @@ class Encode(Stage):
 
     @classmethod
     def samples(cls):
-        from codeclm_beam.records import SAMPLE_SEED
         return {"encode": (cls(max_skills=3), SAMPLE_SEED)}
 
     def record_id(self, seed: Seed) -> str:

@@ -18,6 +18,7 @@ from codeclm_beam.model import ChatMessage
 from codeclm_beam.model import GenerationSettings
 from codeclm_beam.model import ModelConfig
 from codeclm_beam.transforms.prompt_templates import PromptTemplate
+from codeclm_beam.records import SAMPLE_ANSWERED
 from codeclm_beam.records import Candidate
 from codeclm_beam.records import DeadLetter
 from codeclm_beam.stage import DEAD_LETTER
@@ -43,7 +44,6 @@ class Improve(Stage):
 
     @classmethod
     def samples(cls):
-        from codeclm_beam.records import SAMPLE_ANSWERED
         return {"improve": (cls(), SAMPLE_ANSWERED)}
 
     def record_id(self, candidate: Candidate) -> str:

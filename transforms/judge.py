@@ -26,6 +26,8 @@ from codeclm_beam.model import ChatMessage
 from codeclm_beam.model import GenerationSettings
 from codeclm_beam.model import ModelConfig
 from codeclm_beam.model.thinking import DEFAULT
+from codeclm_beam.records import SAMPLE_ANSWERED
+from codeclm_beam.records import SAMPLE_CANDIDATE
 from codeclm_beam.transforms.prompt_templates import PromptTemplate
 from codeclm_beam.stage import Answer
 from codeclm_beam.stage import CallModel
@@ -46,7 +48,6 @@ class AnswerInstruction(Stage):
 
     @classmethod
     def samples(cls):
-        from codeclm_beam.records import SAMPLE_CANDIDATE
         return {"answer": (cls(), SAMPLE_CANDIDATE)}
 
     def record_id(self, record) -> str:
@@ -168,8 +169,6 @@ class Judge(Stage):
 
     @classmethod
     def samples(cls):
-        from codeclm_beam.records import SAMPLE_ANSWERED
-        from codeclm_beam.records import SAMPLE_CANDIDATE
         filtering = Contest(SAMPLE_ANSWERED.answer_key, SAMPLE_ANSWERED.instruction,
                             SAMPLE_ANSWERED.strong_answer, SAMPLE_ANSWERED.target_answer,
                             ("strong", "target"))

@@ -17,6 +17,7 @@ from codeclm_beam.model import ChatMessage
 from codeclm_beam.model import GenerationSettings
 from codeclm_beam.model import ModelConfig
 from codeclm_beam.transforms.prompt_templates import PromptTemplate
+from codeclm_beam.records import SAMPLE_METADATA
 from codeclm_beam.records import Metadata
 from codeclm_beam.records import RubricSet
 from codeclm_beam.stage import CallModel
@@ -59,7 +60,6 @@ class Rubrics(Stage):
 
     @classmethod
     def samples(cls):
-        from codeclm_beam.records import SAMPLE_METADATA
         return {"rubrics": (cls(num_rubrics=4), SAMPLE_METADATA)}
 
     def record_id(self, entry: Metadata) -> str:
