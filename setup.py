@@ -53,6 +53,8 @@ setuptools.setup(
         "tqdm>=4.66",
         # Run reports (plots embedded in one HTML file).
         "matplotlib>=3.8",
+        # MinHash signatures for near-duplicate removal (transforms/dedup.py).
+        "datasketch>=2.0",
     ],
     extras_require={
         # The embedded model: compiles llama.cpp, so never on Dataflow workers by default.

@@ -19,6 +19,7 @@ from typing import Any
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks.dedup import dedup  # noqa: E402
 from benchmarks.fake_model_server import FakeModelServer  # noqa: E402
 from benchmarks.fake_model_server import ServerConfig  # noqa: E402
 from codeclm_beam.model import ChatMessage  # noqa: E402
@@ -470,6 +471,18 @@ def markdown(results: dict) -> str:
         lines += [f"| online vs batch | calls equal / answers equal | {b['calls_equal']} / {b['answers_equal']} |",
                   f"| online vs batch | cost batch / online | {b['cost_ratio_batch_over_online']} |",
                   f"| online vs batch | pipeline overhead per batched request (ms) | {b['pipeline_overhead_per_batched_request_ms']} |"]
+    if "dedup" in results:
+        d = results["dedup"]
+        beam, base = d["beam"], d["baseline"]
+        lines += [f"| dedup ({beam['instructions']:,} instructions, {beam['planted']:,} planted copies) | "
+                  f"instructions per CPU-second: DeduplicateInstructions / datasketch MinHashLSH | "
+                  f"{beam['instructions_per_cpu_s']} / {base['instructions_per_cpu_s']} "
+                  f"(ratio {d['throughput_beam_over_baseline']}) |",
+                  f"| dedup | recall / precision (DeduplicateInstructions; MinHashLSH) | "
+                  f"{beam['recall']} / {beam['precision']}; {base['recall']} / {base['precision']} |",
+                  f"| dedup | peak RSS MB (DeduplicateInstructions / MinHashLSH) | "
+                  f"{beam['peak_rss_mb']} / {base['peak_rss_mb']} |",
+                  f"| dedup | same removed set | {d['same_removed_set']} |"]
     return "\n".join(lines) + "\n"
 
 
@@ -486,7 +499,8 @@ def main() -> None:
     steps = [("quota_use", quota_use), ("codeclm_shaped", codeclm_shaped),
              ("overhead", overhead), ("calls", calls_against_budget),
              ("online_vs_batch", online_vs_batch), ("memory", memory),
-             ("embedded", embedded)]
+             ("embedded", embedded),
+             ("dedup", lambda: dedup(int(100_000 * SCALE)))]
     for name, step in steps:
         if only and name not in only:
             continue

@@ -57,8 +57,15 @@ SURPLUS = "surplus"
 # Seeds (or metadata rows) a --preview run left out.
 NOT_PREVIEWED = "not_previewed"
 EXAMPLES = "examples"
-# What a round counts, as round{n}.{what}.
-ROUND_COUNTS = ("candidates", "fresh", "kept", "undecided", "not_needed")
+# What a round counts, as round{n}.{what}: "duplicate" and "contaminated" are
+# candidates removed before they were judged.
+ROUND_COUNTS = ("candidates", "fresh", "kept", "undecided", "not_needed", "duplicate",
+                "contaminated")
+# Kept pairs removed by the screen of the final pairs.
+PAIRS_DUPLICATE = "pairs.duplicate"
+PAIRS_CONTAMINATED = "pairs.contaminated"
+# Benchmark rows too short to hold a decontamination n-gram.
+BENCHMARK_SHORT_ROWS = "decontaminate.short_rows"
 
 
 def paid_before(numbers: dict) -> dict[str, float]:

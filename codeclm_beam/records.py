@@ -148,13 +148,36 @@ class Example:
             **{f"{role}_model": uri for role, uri in models.items()})
 
 
+# Reasons a screen (deduplication, decontamination) removes an element for.
+DUPLICATE = "duplicate"
+CONTAMINATED = "contaminated"
+
+
+@dataclasses.dataclass(frozen=True)
+class Removal:
+    """Why `DeduplicateInstructions` or `Decontaminate` removed an element."""
+
+    element_id: str
+    reason: str  # DUPLICATE | CONTAMINATED
+    # A duplicate: the id of the element kept in its place (or of the reference it
+    # repeats), and the Jaccard similarity of the two (1.0: the same normalised text).
+    duplicate_of: Optional[str] = None
+    similarity: Optional[float] = None
+    # Contaminated: the benchmark row ("file:line") sharing an n-gram with the text,
+    # the n-gram, and which of the element's texts holds it.
+    benchmark_row: Optional[str] = None
+    overlap: Optional[str] = None
+    field: Optional[str] = None
+
+
 @dataclasses.dataclass(frozen=True)
 class Rejection:
     """A candidate that did not become an example, and why."""
 
     candidate_id: str
     # "within_threshold" after the last round, "not_needed" once --num_examples was in
-    # reach, "surplus" beyond it.
+    # reach, "surplus" beyond it; DUPLICATE or CONTAMINATED before it was judged (or,
+    # kept, on the final pairs).
     reason: str
     instruction: str
     iteration: int
@@ -169,6 +192,22 @@ class Rejection:
     target_score: Optional[float]
     gap: Optional[float]
     judge_orders: tuple[float, ...] = ()  # as in Candidate
+    # Removed as a duplicate or as contaminated: what it matched (`Removal`).
+    duplicate_of: Optional[str] = None
+    similarity: Optional[float] = None
+    benchmark_row: Optional[str] = None
+    overlap: Optional[str] = None
+    overlap_field: Optional[str] = None
+
+    @classmethod
+    def of_removal(cls, record: Any, removal: Removal) -> "Rejection":
+        """A Candidate or an Example a screen removed, with what it matched."""
+        rejection = (cls.of(record, removal.reason) if isinstance(record, Candidate)
+                     else cls.of_example(record, removal.reason))
+        return dataclasses.replace(
+            rejection, duplicate_of=removal.duplicate_of, similarity=removal.similarity,
+            benchmark_row=removal.benchmark_row, overlap=removal.overlap,
+            overlap_field=removal.field)
 
     @classmethod
     def of(cls, candidate: "Candidate", reason: str) -> "Rejection":

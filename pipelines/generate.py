@@ -33,6 +33,9 @@ from codeclm_beam.stage import Tally
 from codeclm_beam.transforms import CodecLM
 from codeclm_beam.transforms import CodecLMConfig
 from codeclm_beam.transforms.codeclm import config_default
+from codeclm_beam.transforms.decontaminate import DecontaminationRule
+from codeclm_beam.transforms.dedup import DedupRule
+from codeclm_beam.pipelines.commands.split import held_out_of
 from codeclm_beam.transforms import ReadMetadata
 from codeclm_beam.transforms import ReadSeeds
 from codeclm_beam.transforms.read_seeds import DEFAULT_MAX_CHARS
@@ -119,6 +122,31 @@ class GenerateOptions(PipelineOptions):
                            help="Replace the dataset already in --output_dir even when "
                                 "this run delivers less than half its pairs (default: "
                                 "such a run keeps the previous dataset and exits 3).")
+        group.add_argument("--no_dedup", action="store_true", default=False,
+                           help="Judge duplicate instructions too (default: exact and "
+                                "near duplicates are removed before any answer or "
+                                "judgement is paid for, and from the final pairs).")
+        group.add_argument("--dedup_threshold", type=float, default=DedupRule.threshold,
+                           help="Jaccard similarity of word n-grams at which two "
+                                "instructions are near duplicates.")
+        group.add_argument("--dedup_ngram_size", type=int, default=DedupRule.ngram_size,
+                           help="Words per n-gram compared by deduplication.")
+        group.add_argument("--decontaminate", action="append", default=[], metavar="FILE",
+                           help="An evaluation file (any layout the seed reader knows; "
+                                "repeatable): instructions sharing a word n-gram with "
+                                "one of its rows are removed before they are judged, "
+                                "and final pairs whose instruction or answers do. "
+                                "Seeds from `codeclm-beam split` add its held-out half "
+                                "by themselves.")
+        group.add_argument("--decontaminate_ngram_size", type=int,
+                           default=DecontaminationRule.ngram_size,
+                           help="Words per n-gram (8: open-r1's and s1's rule; 13: GPT-3's).")
+        group.add_argument("--decontaminate_field", default=None,
+                           help="Dotted path of the instruction in the evaluation "
+                                "files' rows, when not detected.")
+        group.add_argument("--no_decontaminate_answers", action="store_true", default=False,
+                           help="Check only the final pairs' instructions, not their "
+                                "answers.")
         group.add_argument("--export_format", action="append", default=[],
                            choices=EXPORT_FORMATS,
                            help="Also write fine-tuning files (repeatable).")
@@ -158,7 +186,36 @@ def _codeclm_config(opts, answers, models, options) -> CodecLMConfig:
         answers=GenerationSettings(answers.answer_temperature, answers.max_output_tokens),
         judging=dataclasses.replace(config_default("judging"),
                                     temperature=answers.judge_temperature),
-        seed=options.view_as(ModelOptions).seed)
+        seed=options.view_as(ModelOptions).seed,
+        dedup=None if opts.no_dedup else DedupRule(opts.dedup_threshold,
+                                                   opts.dedup_ngram_size),
+        decontamination=_decontamination(opts),
+        decontaminate_answers=not opts.no_decontaminate_answers)
+
+
+def _decontamination(opts: "GenerateOptions") -> Optional[DecontaminationRule]:
+    """The --decontaminate files, and the held-out half of a split the seeds are the
+    other half of."""
+    benchmarks = list(opts.decontaminate)
+    held_out = held_out_of(opts.seeds) if opts.seeds else None
+    if held_out and held_out not in benchmarks:
+        _LOG.info("seeds from `codeclm-beam split`: decontaminating against its held-out "
+                  "half %s", held_out)
+        benchmarks.append(held_out)
+    if not benchmarks:
+        return None
+    return DecontaminationRule(tuple(benchmarks), opts.decontaminate_ngram_size,
+                               opts.decontaminate_field)
+
+
+def screens(config: CodecLMConfig, seeds: Optional[str]) -> dict[str, Any]:
+    """The screens' rules, as the manifest and the dataset card state them."""
+    rule = config.decontamination
+    return {"dedup": config.dedup.describe() if config.dedup else None,
+            "decontamination": None if rule is None else {
+                "rule": rule.describe(), "benchmarks": list(rule.benchmarks),
+                "answers_checked": config.decontaminate_answers,
+                "held_out_of_split": held_out_of(seeds) if seeds else None}}
 
 
 def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
@@ -264,6 +321,8 @@ def preflight(options: PipelineOptions, config: CodecLMConfig) -> None:
                                       config.codec.max_output_tokens, [config.strong])
     preflight_lib.check_decode_size(config.basic_instructions, config.num_metadata,
                                     config.num_examples)
+    if config.decontamination is not None and not offline:
+        config.decontamination.files()  # every --decontaminate file is there
     if offline and (opts.seeds or opts.metadata).startswith("gs://"):
         return
     if opts.seeds:
@@ -382,6 +441,7 @@ def _run_claimed(options: PipelineOptions, config: CodecLMConfig,
             counters, config.max_iterations, bool(opts.metadata), config.keep_unresolved,
             config.num_metadata),
         "model_calls": counters.model_calls(),
+        "screens": screens(config, opts.seeds),
     }
     if opts.preview is not None:
         return _preview(manifest, config, outputs)

@@ -68,3 +68,23 @@ def stage_requests(manifest) -> dict[str, int]:
     """Backend requests per stage, from the run's Beam metrics."""
     return {stage: sum(m["requests"] for m in entry["models"].values())
             for stage, entry in manifest["model_calls"]["by_stage"].items()}
+
+
+# Elements gathered by `collect`: a module attribute, so the runner's pickled functions
+# reach this very list (in-process runners only).
+COLLECTED: dict[str, list] = {}
+
+
+def _gather(element, name):
+    COLLECTED.setdefault(name, []).append(element)
+
+
+def collect(build, options=None) -> dict[str, list]:
+    """Runs the pipeline `build(pipeline)` makes, in process, and returns the elements of
+    each PCollection it returns by name ({name: PCollection})."""
+    import apache_beam as beam
+    COLLECTED.clear()
+    with beam.Pipeline(options=options) as pipeline:
+        for name, pcoll in build(pipeline).items():
+            pcoll | f"Collect{name}" >> beam.Map(_gather, name)
+    return {name: list(values) for name, values in COLLECTED.items()}

@@ -111,7 +111,22 @@ class ScriptedBackend(Backend):
     def _decode(self, request, user, schema):
         n = schema["properties"]["instructions"]["minItems"]
         use_case = re.search(r"(?i)use case: (.*)", user).group(1)
-        return {"instructions": [f"Do {use_case} task number {i}." for i in range(n)]}
+        # Each names its own subject: instructions that differ by a number alone are
+        # near duplicates, and deduplication would keep one of them.
+        # (of its entry: two entries of one use case differ by their skills).
+        instructions = [f"Do {use_case} task number {i} on {_subject(user, i)}."
+                        for i in range(n)]
+        # Planted duplicates: every k-th instruction repeats the one before it, in
+        # other case and punctuation, or with a word more (a near duplicate).
+        every = self.scenario.get("duplicate_every")
+        for i in range(every - 1, n, every) if every else ():
+            before = instructions[i - 1]
+            instructions[i] = (before.upper() + "!!" if (i // every) % 2 == 0
+                               else "Please " + before.lower())
+        planted = self.scenario.get("decode_plants")
+        if planted:  # a benchmark question, copied as a strong model might
+            instructions[0] = planted
+        return {"instructions": instructions}
 
     def _improve(self, request, user, schema):
         instruction = user.split("Instruction:\n", 1)[1].split("\n\nAction:")[0]
@@ -120,6 +135,10 @@ class ScriptedBackend(Backend):
 
     def _answer(self, request, user, schema):
         prefix = STRONG_PREFIX if self.role == "strong" else TARGET_PREFIX
+        quoted = self.scenario.get("answer_quotes")
+        if quoted and _first_time(os.path.join(self.log_dir, "quoted")):
+            # The first answer of the run (of any worker) quotes this, as if from memory.
+            return f"{prefix} {user[:60]} As asked elsewhere: {quoted}"
         return f"{prefix} {user[:60]}"
 
     def _judge(self, request, user, schema):
@@ -171,6 +190,27 @@ class ScriptedBackend(Backend):
 
     def _other(self, request, user, schema):
         return {k: 1 for k in schema.get("properties", {})} if schema else "ok"
+
+
+def _first_time(flag: str) -> bool:
+    """True for the first caller in any process: the one that creates `flag`."""
+    try:
+        os.close(os.open(flag, os.O_CREAT | os.O_EXCL))
+        return True
+    except FileExistsError:
+        return False
+
+
+_SUBJECT_WORDS = ("amber", "basalt", "cedar", "delta", "ember", "fjord", "garnet",
+                  "harbor", "iris", "juniper", "kestrel", "lagoon", "meadow", "nectar",
+                  "orchid", "prairie", "quartz", "raven", "sierra", "tundra", "umber",
+                  "violet", "willow", "yarrow", "zephyr", "aurora", "bramble", "cobalt")
+
+
+def _subject(prompt: str, i: int) -> str:
+    """Six words of its own for decode's i-th instruction of a prompt."""
+    digest = hashlib.sha256(f"{prompt}/{i}".encode()).digest()
+    return " ".join(f"{_SUBJECT_WORDS[b % len(_SUBJECT_WORDS)]}{b % 13}" for b in digest[:6])
 
 
 def _marker_score(answer: str) -> int:

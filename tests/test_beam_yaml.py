@@ -64,7 +64,8 @@ def test_the_shipped_provider_file_provides_every_stage():
         provided.update(provider.provided_transforms())
     assert provided == {"ReadSeeds", "EncodeMetadata", "BuildMetadataPool",
                         "GenerateRubrics", "DecodeInstructions", "ContrastiveFilter",
-                        "ImproveInstructions", "CodecLM", "WriteJsonLines"}
+                        "ImproveInstructions", "CodecLM", "DeduplicateInstructions",
+                        "Decontaminate", "WriteJsonLines"}
 
 
 def test_the_shipped_provider_file_is_the_one_the_stages_give():

@@ -81,7 +81,7 @@ def test_strong_wins_everything_is_kept_in_round_one_on_budget(tmp_path):
     assert acc["seeds"]["seeds"] == N_SEEDS and acc["metadata_pool"]["entries"] == 8
     assert acc["candidates"]["rounds"][0] == {
         "round": 1, "candidates": 16, "fresh": 0, "kept": 16, "undecided": 0,
-        "not_needed": 0}
+        "not_needed": 0, "duplicate": 0, "contaminated": 0}
     pool = read_jsonl(tmp_path / "out", "metadata_pool")
     assert collections.Counter(m["origin"] for m in pool) == {"seed": 6, "mix": 2}
     rubrics = read_jsonl(tmp_path / "out", "rubrics")

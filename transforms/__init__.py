@@ -8,6 +8,10 @@ from codeclm_beam.transforms.codeclm import CodecLMOutput
 from codeclm_beam.transforms.contrastive_filter import ContrastiveFilter
 from codeclm_beam.transforms.contrastive_filter import FilterOutput
 from codeclm_beam.transforms.decode import DecodeInstructions
+from codeclm_beam.transforms.decontaminate import Decontaminate
+from codeclm_beam.transforms.decontaminate import DecontaminationRule
+from codeclm_beam.transforms.dedup import DedupRule
+from codeclm_beam.transforms.dedup import DeduplicateInstructions
 from codeclm_beam.transforms.encode import EncodeMetadata
 from codeclm_beam.transforms.improve import ImproveInstructions
 from codeclm_beam.transforms.judge import Contest
@@ -31,7 +35,8 @@ def import_stage_modules() -> None:
 
 __all__ = [
     "BuildMetadataPool", "CodecLM", "CodecLMConfig", "CodecLMOutput", "ContrastiveFilter",
-    "DecodeInstructions", "EncodeMetadata", "FilterOutput", "GenerateRubrics",
+    "DecodeInstructions", "Decontaminate", "DecontaminationRule", "DedupRule",
+    "DeduplicateInstructions", "EncodeMetadata", "FilterOutput", "GenerateRubrics",
     "ImproveInstructions", "Contest", "JudgeBothOrders", "ReadMetadata", "ReadSeeds",
     "import_stage_modules",
 ]

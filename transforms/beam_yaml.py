@@ -42,6 +42,8 @@ from codeclm_beam.model.types import GenerationSettings
 from codeclm_beam.model.uri import DEFAULT_MODEL_URI
 from codeclm_beam.stage import Stage
 from codeclm_beam.transforms.codeclm import config_default
+from codeclm_beam.transforms.decontaminate import DecontaminationRule
+from codeclm_beam.transforms.dedup import DedupRule
 from codeclm_beam.transforms.improve import Improve
 from codeclm_beam.transforms.judge import AnswerInstruction
 from codeclm_beam.transforms.judge import Judge
@@ -319,13 +321,17 @@ def CodecLM(error_handling: dict, strong_model: Optional[str] = None,
     Args:
       method: CodecLMConfig's fields: num_examples, num_metadata, max_iterations,
         threshold, keep_unresolved, ...; codec, answers and judging as
-        {temperature: T, max_output_tokens: N}.
+        {temperature: T, max_output_tokens: N}; dedup as {threshold: J,
+        ngram_size: N} (null: off); decontamination as {benchmarks: [FILE, ...]}.
     """
     from codeclm_beam.transforms.codeclm import CodecLM as Method
     from codeclm_beam.transforms.codeclm import CodecLMConfig
     strong = _model(strong_model, model_options)
-    method = {key: GenerationSettings(**value) if key in ("codec", "answers", "judging")
-              and isinstance(value, dict) else value for key, value in method.items()}
+    rules = {"codec": GenerationSettings, "answers": GenerationSettings,
+             "judging": GenerationSettings, "dedup": DedupRule,
+             "decontamination": DecontaminationRule}
+    method = {key: rules[key](**value) if key in rules and isinstance(value, dict)
+              else value for key, value in method.items()}
     config = CodecLMConfig(strong=strong, target=_model(target_model, model_options),
                            judge=_model(judge_model, model_options) if judge_model
                            else strong, **method)
@@ -337,6 +343,79 @@ def CodecLM(error_handling: dict, strong_model: Optional[str] = None,
                    "rubrics": ("rubrics", records.RubricSet),
                    "seed_metadata": ("seed_metadata", records.Metadata)},
                   _error_output(error_handling, "CodecLM"))
+
+
+class _Screened(beam.PTransform):
+    """A screen between rows: `kept`, the input rows as they came (their schema
+    too), and the removed rows' `Removal` records under `removed_output`; a screen
+    that reads files gives its bad rows to the YAML error output."""
+
+    def __init__(self, screen: beam.PTransform, removed_output: str,
+                 error_output: Optional[str] = None):
+        super().__init__()
+        self._screen = screen
+        self._removed_output = removed_output
+        self._error_output = error_output
+
+    def expand(self, rows):
+        outputs = {}
+        if self._error_output:
+            with CollectingErrorHandler() as dead_letters:
+                result = rows | "Screen" >> self._screen.with_error_handler(dead_letters)
+            outputs[self._error_output] = (dead_letters.output()
+                                           | "DeadLettersAsRows" >> _AsRows(records.DeadLetter))
+        else:
+            result = rows | "Screen" >> self._screen
+        outputs["kept"] = result.kept | "Kept" >> beam.Map(lambda row: row).with_output_types(
+            rows.element_type)
+        outputs[self._removed_output] = (result.removed
+                                         | "Removals" >> beam.Map(lambda r: r.removal)
+                                         | "RemovalsAsRows" >> _AsRows(records.Removal))
+        return outputs
+
+
+def DeduplicateInstructions(text_field: str = "instruction", id_field: Optional[str] = None,
+                            threshold: float = DedupRule.threshold,
+                            ngram_size: int = DedupRule.ngram_size,
+                            num_perm: int = DedupRule.num_perm):
+    """Rows -> `kept` (the rows, schema unchanged) and `duplicates` (element_id,
+    duplicate_of, similarity): exact and MinHash near duplicates of `text_field`.
+
+    Args:
+      text_field: The field compared.
+      id_field: The field naming a row (default: a hash of its text).
+      threshold: Jaccard similarity of word n-grams at which rows are near duplicates.
+      ngram_size: Words per n-gram.
+      num_perm: MinHash permutations.
+    """
+    from codeclm_beam.transforms.dedup import DeduplicateInstructions as Deduplicate
+    return _Screened(Deduplicate(text=text_field, key=id_field,
+                                 rule=DedupRule(threshold, ngram_size, num_perm)),
+                     "duplicates")
+
+
+def Decontaminate(benchmarks: list, error_handling: dict, text_fields: Optional[list] = None,
+                  id_field: Optional[str] = None,
+                  ngram_size: int = DecontaminationRule.ngram_size,
+                  instruction_field: Optional[str] = None, join: str = "auto"):
+    """Rows -> `kept` (the rows, schema unchanged) and `contaminated` (element_id,
+    benchmark_row, overlap, field): rows whose texts share a word n-gram with a row
+    of the benchmark files.
+
+    Args:
+      benchmarks: Evaluation files or patterns (any layout the seed reader knows).
+      error_handling: {output: NAME}: benchmark rows that hold no instruction.
+      text_fields: The fields checked (default: [instruction]).
+      id_field: The field naming a row (default: a hash of its texts).
+      ngram_size: Words per n-gram (8: open-r1's and s1's rule).
+      instruction_field: The benchmark rows' instruction field, when not detected.
+      join: auto, side_input or keyed (how the benchmark reaches the workers).
+    """
+    from codeclm_beam.transforms.decontaminate import Decontaminate as Screen
+    return _Screened(Screen(DecontaminationRule(tuple(benchmarks), ngram_size,
+                                                instruction_field, join),
+                            tuple(text_fields or ("instruction",)), key=id_field),
+                     "contaminated", _error_output(error_handling, "Decontaminate"))
 
 
 class WriteJsonLines(beam.PTransform):
@@ -364,7 +443,8 @@ def _json_line(row) -> str:
 # Transforms written here by hand, in the order the method runs them; the one-model
 # stages' factories (MODEL_STAGES) are derived from the stages.
 _COMPOSITES = ("ReadSeeds", "BuildMetadataPool", "ContrastiveFilter",
-               "ImproveInstructions", "CodecLM", "WriteJsonLines")
+               "ImproveInstructions", "CodecLM", "DeduplicateInstructions", "Decontaminate",
+               "WriteJsonLines")
 
 
 def providers_yaml() -> str:

@@ -5,11 +5,20 @@
                                                  ├─ the first num_examples ─┐          │
                                                  └─ the rest: reserve       │          │
       Round t (t = 1..max_iterations, unrolled: Beam has no data-dependent loops)     │
-      candidates ─Filter─┬─ kept ─────────────────────────────────────────> examples   │
-                         └─ undecided ─Select(slots)─┬─ Improve ──┬─> candidates of t+1
-                                   reserve ─Select(rest of slots) ┘  │
-                                                     └─ not needed ─> rejected
+      candidates ─Screen─┬─ duplicates, contaminated ─> rejected (no call paid)       │
+                         └─Filter─┬─ kept ─Screen─────────────────────────> pairs     │
+                                  └─ undecided ─Select(slots)─┬─ Improve ──┬─> candidates of t+1
+                                        reserve ─Select(rest of slots) ┘  │
+                                                              └─ not needed ─> rejected
       after the last round: undecided ─> rejected (or kept with --keep_unresolved)
+      pairs ─> examples, cut to N
+
+The screen (`Screen`) removes duplicates (of one another and of the pairs kept in
+earlier rounds) and instructions sharing an n-gram with a benchmark before any answer
+or judgement is paid for; the round sizing counts only what was judged, so what it
+removed is made up for from the reserve. Kept pairs are screened once more (their
+answers too, for contamination) in the round that kept them, so the next round makes up
+for those too.
 
 Ask for N, get N: decode makes more basic instructions than round 1 judges (a reserve,
 `RESERVE_FACTOR` x N by default, at no extra call: one decode call per entry writes
@@ -41,6 +50,11 @@ from codeclm_beam.transforms.contrastive_filter import ContrastiveFilter
 from codeclm_beam.transforms.decode import Decode
 from codeclm_beam.transforms.decode import DecodeInstructions
 from codeclm_beam.transforms.decode import MAX_INSTRUCTIONS_PER_DECODE_CALL
+from codeclm_beam.transforms.decontaminate import BenchmarkGrams
+from codeclm_beam.transforms.decontaminate import Decontaminate
+from codeclm_beam.transforms.decontaminate import DecontaminationRule
+from codeclm_beam.transforms.dedup import DedupRule
+from codeclm_beam.transforms.dedup import DeduplicateInstructions
 from codeclm_beam.transforms.encode import Encode
 from codeclm_beam.transforms.encode import EncodeMetadata
 from codeclm_beam.transforms.improve import Improve
@@ -115,6 +129,14 @@ class CodecLMConfig:
     # The judge's temperature and visible output.
     judging: GenerationSettings = Judge.settings
     seed: int = 0
+    # Screens before any answer or judgement is paid for (at the start of every round)
+    # and on the final pairs: duplicates (None: off) and contamination (None: off).
+    dedup: Optional[DedupRule] = DedupRule()
+    decontamination: Optional[DecontaminationRule] = None
+    # The final pairs' answers are checked for contamination too (no call is saved
+    # there: they are paid for; but a pair whose answer quotes a held-out question is
+    # not one to train on).
+    decontaminate_answers: bool = True
 
     def __post_init__(self):
         if self.num_metadata is None:
@@ -180,9 +202,57 @@ def _count(pcolls: list, label: str, pipeline) -> beam.PCollection:
             | f"{label}/Count" >> beam.combiners.Count.Globally())
 
 
+def record_id(record) -> str:
+    """A Candidate's or an Example's id (an example keeps its candidate's)."""
+    return record.candidate_id if isinstance(record, Candidate) else record.example_id
+
+
+# The texts of a kept pair the final screen checks for contamination.
+PAIR_TEXTS = ("instruction", "response", "other_response")
+
+
+class Screen(DeadLettering):
+    """Candidates (or kept pairs) -> Split(taken = the rest, rest = Rejections): the
+    duplicates (of one another, and of `against`, the pairs kept already), then those
+    sharing an n-gram with a benchmark, each counted under the names given."""
+
+    def __init__(self, config: CodecLMConfig, rank, counters: tuple[str, str],
+                 benchmark=None, against: tuple = (), fields: tuple[str, ...] = ("instruction",),
+                 deduplicate: bool = True):
+        super().__init__()
+        self._cfg = config
+        self._deduplicate = deduplicate
+        self._rank = rank
+        self._counters = counters
+        self._benchmark = benchmark
+        self._against = tuple(against)
+        self._fields = fields
+
+    def expand(self, records) -> Split:
+        cfg, removed = self._cfg, []
+        duplicate_counter, contaminated_counter = self._counters
+        if cfg.dedup is not None and self._deduplicate:
+            against = (self._against | "KeptBefore" >> beam.Flatten(pipeline=records.pipeline)
+                       if self._against else None)
+            deduplicated = records | "Deduplicate" >> DeduplicateInstructions(
+                text="instruction", key=record_id, rank=self._rank, against=against,
+                rule=cfg.dedup)
+            records = deduplicated.kept
+            removed.append(deduplicated.removed | "CountDuplicates" >> Tally(duplicate_counter))
+        if cfg.decontamination is not None:
+            clean = records | "Decontaminate" >> self.handled(Decontaminate(
+                cfg.decontamination, self._fields, key=record_id, benchmark=self._benchmark))
+            records = clean.kept
+            removed.append(clean.removed | "CountContaminated" >> Tally(contaminated_counter))
+        rejected = (tuple(removed) | "Removed" >> beam.Flatten(pipeline=records.pipeline)
+                    | "Reject" >> beam.Map(lambda r: Rejection.of_removal(r.element, r.removal)))
+        return Split(records, rejected)
+
+
 class RoundOutput(NamedTuple):
     kept: beam.PCollection  # Example
     rejected: beam.PCollection  # Rejection
+    judged: beam.PCollection  # the candidates the screen let through: Candidate
     # None after the last round: Candidates improved and fresh, for round t+1, and the
     # basic instructions not judged yet.
     next_candidates: Optional[beam.PCollection] = None
@@ -202,7 +272,7 @@ class Round(DeadLettering):
     keep_unresolved), and the reserve it did not need."""
 
     def __init__(self, config: CodecLMConfig, number: int, rubric_state, reserve,
-                 kept_before: list, judged_before: list):
+                 kept_before: list, judged_before: list, benchmark=None):
         super().__init__()
         self._cfg = config
         self._number = number
@@ -210,20 +280,27 @@ class Round(DeadLettering):
         self._reserve = reserve
         self._kept_before = list(kept_before)
         self._judged_before = list(judged_before)
+        self._benchmark = benchmark
 
     def expand(self, candidates) -> RoundOutput:
         cfg, t = self._cfg, self._number
-        filtered = (candidates
+        screened = (candidates
                     | "CountCandidates" >> Tally(metrics.in_round(t, "candidates"))
-                    | "ContrastiveFilter" >> self.handled(ContrastiveFilter(
-                        cfg.strong, cfg.target, cfg.judge, threshold=cfg.threshold,
-                        answers=cfg.answers, judging=cfg.judge_stage, run_seed=cfg.seed)))
-        kept = filtered.kept | "CountKept" >> Tally(metrics.in_round(t, "kept"))
+                    | "Screen" >> self.handled(Screen(
+                        cfg, candidate_rank(cfg.seed),
+                        (metrics.in_round(t, "duplicate"), metrics.in_round(t, "contaminated")),
+                        self._benchmark, against=self._kept_before)))
+        judged = screened.taken
+        filtered = judged | "ContrastiveFilter" >> self.handled(ContrastiveFilter(
+            cfg.strong, cfg.target, cfg.judge, threshold=cfg.threshold,
+            answers=cfg.answers, judging=cfg.judge_stage, run_seed=cfg.seed))
+        kept = self._screen_pairs(
+            filtered.kept | "CountKept" >> Tally(metrics.in_round(t, "kept")), "Kept")
         undecided = filtered.undecided | "CountUndecided" >> Tally(metrics.in_round(t, "undecided"))
         if t == cfg.max_iterations:
-            return self._last(kept, undecided)
+            return self._last(kept, undecided, judged, screened.rest)
 
-        slots = self._slots(candidates, kept)
+        slots = self._slots(judged, kept.taken)
         rank = candidate_rank(cfg.seed)
         selected = undecided | "SelectForImprovement" >> TakeLowestRanked(
             rank, max_limit=cfg.basic_instructions, limit=slots)
@@ -236,20 +313,32 @@ class Round(DeadLettering):
         improved = selected.taken | "ImproveInstructions" >> self.handled(
             ImproveInstructions(cfg.strong, self._rubric_state, Improve(settings=cfg.codec),
                                 cfg.seed))
+        not_needed = (selected.rest
+                      | "CountNotNeeded" >> Tally(metrics.in_round(t, "not_needed"))
+                      | "RejectNotNeeded" >> beam.Map(rejection, "not_needed"))
         return RoundOutput(
-            kept=kept,
+            kept=kept.taken, judged=judged,
             next_candidates=(improved,
                              fresh.taken | "CountFresh" >> Tally(metrics.in_round(t + 1, "fresh")))
             | "Next" >> beam.Flatten(),
             reserve=fresh.rest,
-            rejected=(selected.rest
-                      | "CountNotNeeded" >> Tally(metrics.in_round(t, "not_needed"))
-                      | "RejectNotNeeded" >> beam.Map(rejection, "not_needed")))
+            rejected=(not_needed, screened.rest, kept.rest) | "Rejected" >> beam.Flatten())
 
-    def _slots(self, candidates, kept):
-        """round_slots, from everything kept and judged up to this round."""
-        cfg, pipeline = self._cfg, candidates.pipeline
-        judged = _count([*self._judged_before, candidates], "CountJudged", pipeline)
+    def _screen_pairs(self, pairs, label: str) -> Split:
+        """The kept pairs' screen (their answers too), round by round: the next round's
+        sizing sees what it removed and makes up for it. Only for contamination: the
+        pairs are duplicates of nothing kept, as the candidates they were were not."""
+        cfg = self._cfg
+        return pairs | f"Screen{label}Pairs" >> self.handled(Screen(
+            cfg, example_rank, (metrics.PAIRS_DUPLICATE, metrics.PAIRS_CONTAMINATED),
+            self._benchmark, fields=PAIR_TEXTS if cfg.decontaminate_answers
+            else ("instruction",), deduplicate=False))
+
+    def _slots(self, judged_now, kept):
+        """round_slots, from everything kept and judged up to this round (what the
+        screens removed was not judged: the next round makes up for it)."""
+        cfg, pipeline = self._cfg, judged_now.pipeline
+        judged = _count([*self._judged_before, judged_now], "CountJudged", pipeline)
         return (_count([*self._kept_before, kept], "CountKeptSoFar", pipeline)
                 | "Slots" >> beam.Map(
                     lambda kept_so_far, judged_so_far: round_slots(
@@ -257,19 +346,22 @@ class Round(DeadLettering):
                         cfg.overgenerate_margin),
                     beam.pvalue.AsSingleton(judged)))
 
-    def _last(self, kept, undecided) -> RoundOutput:
+    def _last(self, kept, undecided, judged, screened_out) -> RoundOutput:
         cfg = self._cfg
         unused = (self._reserve
                   | "CountReserveUnused" >> Tally(metrics.RESERVE_UNUSED)
                   | "RejectReserveUnused" >> beam.Map(rejection, "not_needed"))
+        rejected = [unused, screened_out, kept.rest]
+        kept = kept.taken
         if cfg.keep_unresolved:
-            kept = (kept, undecided | "KeepUnresolved" >> beam.Map(
-                keep_better_answer, cfg.models)) | "KeptAndUnresolved" >> beam.Flatten()
-            rejected = unused
+            unresolved = self._screen_pairs(undecided | "KeepUnresolved" >> beam.Map(
+                keep_better_answer, cfg.models), "Unresolved")
+            kept = (kept, unresolved.taken) | "KeptAndUnresolved" >> beam.Flatten()
+            rejected.append(unresolved.rest)
         else:
-            rejected = (undecided | "RejectUnresolved" >> beam.Map(
-                rejection, "within_threshold"), unused) | "Rejected" >> beam.Flatten()
-        return RoundOutput(kept, rejected)
+            rejected.append(undecided | "RejectUnresolved" >> beam.Map(
+                rejection, "within_threshold"))
+        return RoundOutput(kept, tuple(rejected) | "Rejected" >> beam.Flatten(), judged)
 
 
 def candidate_rank(seed: int):
@@ -315,18 +407,20 @@ class Rounds(DeadLettering):
     """Round 1 .. max_iterations, unrolled (Beam has no data-dependent loops): each
     round's next candidates are the following round's input."""
 
-    def __init__(self, config: CodecLMConfig, rubric_state, reserve):
+    def __init__(self, config: CodecLMConfig, rubric_state, reserve, benchmark=None):
         super().__init__()
         self._cfg = config
         self._rubric_state = rubric_state
         self._reserve = reserve
+        self._benchmark = benchmark
 
     def expand(self, candidates) -> RoundsOutput:
         reserve, kept, judged, rejected = self._reserve, [], [], []
         for number in range(1, self._cfg.max_iterations + 1):
             result = candidates | f"Round{number}" >> self.handled(Round(
-                self._cfg, number, self._rubric_state, reserve, kept, judged))
-            judged.append(candidates)
+                self._cfg, number, self._rubric_state, reserve, kept, judged,
+                self._benchmark))
+            judged.append(result.judged)
             kept.append(result.kept)
             rejected.append(result.rejected)
             candidates, reserve = result.next_candidates, result.reserve
@@ -375,7 +469,12 @@ class CodecLM(DeadLettering):
             metrics.BASIC_INSTRUCTIONS))
         first = basic | "TakeFirstRound" >> TakeLowestRanked(
             candidate_rank(cfg.seed), cfg.num_examples + cfg.overgenerate_margin)
-        rounds = first.taken | "Rounds" >> self.handled(Rounds(cfg, rubrics, first.rest))
+        benchmark = None
+        if cfg.decontamination is not None:
+            benchmark = inputs.pipeline | "BenchmarkGrams" >> self.handled(
+                BenchmarkGrams(cfg.decontamination))
+        rounds = first.taken | "Rounds" >> self.handled(
+            Rounds(cfg, rubrics, first.rest, benchmark))
         examples = rounds.kept | "CutToNumExamples" >> CutToNumExamples(cfg.num_examples)
         return CodecLMOutput(
             seed_metadata=metadata, examples=examples.taken,

@@ -15,6 +15,7 @@ from typing import Any
 from typing import Optional
 
 
+from codeclm_beam.transforms.contrastive_filter import CALLS_PER_CANDIDATE
 from codeclm_beam.model.errors import ConfigurationError
 from codeclm_beam.pipelines.run.outputs import read_json
 from codeclm_beam.pipelines.run.outputs import read_run_record
@@ -31,9 +32,8 @@ from codeclm_beam.transforms.codeclm import round_slots
 from codeclm_beam.transforms.decode import instructions_per_entry
 from codeclm_beam.pipelines.run.args import SuggestingParser
 
-# Calls each candidate costs in a round: strong answer, target answer, two judge calls;
-# rounds after the first add the improve call that made the candidate.
-ROUND_CALLS = {"answer_strong": 1, "answer_target": 1, "judge": 2}
+# Rounds after the first add, to CALLS_PER_CANDIDATE, the improve call that made the
+# candidate.
 # Stages that wait for the one before (each is a wave of batch jobs in batch mode):
 # encode, rubrics, decode; then per round the answers (strong and target side by
 # side) and the judge, after an improve from the second round on.
@@ -209,7 +209,7 @@ def plan(pilot: Pilot, num_examples: int, num_instructions: Optional[int] = None
     planned_count = instructions_per_entry(num_instructions, entries)
     elements = {"encode": seeds, "rubrics": entries, "decode": entries,
                 "improve": sum(rounds.improved),
-                **{stage: n * sum(rounds.judged) for stage, n in ROUND_CALLS.items()}}
+                **{stage: n * sum(rounds.judged) for stage, n in CALLS_PER_CANDIDATE.items()}}
     completion_scale = {"decode": planned_count / pilot_count if pilot_count else 1.0}
     if planned_count > MAX_SENSIBLE_PER_ENTRY:
         warnings.append(f"decode must write {planned_count:,} instructions per metadata "

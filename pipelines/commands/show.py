@@ -20,6 +20,8 @@ from codeclm_beam.pipelines.run.outputs import read_run_record
 from codeclm_beam.pipelines.run.outputs import read_jsonl_dir
 from codeclm_beam.rows import RowError
 from codeclm_beam.rows import iter_rows
+from codeclm_beam.records import CONTAMINATED
+from codeclm_beam.records import DUPLICATE
 from codeclm_beam.records import Seed
 from codeclm_beam.transforms.read_seeds import DEFAULT_MAX_CHARS
 from codeclm_beam.transforms.read_seeds import make_seed
@@ -66,6 +68,16 @@ class Run:
             raise ConfigurationError(f"{wanted!r} names {len(ids)} records: "
                                      f"{', '.join(sorted(ids)[:8])}")
         return found[0]
+
+    def by_id(self, record_id: str) -> Optional[tuple[dict, bool]]:
+        """(the record, whether it was kept) with exactly this id, or None."""
+        for example in self.examples:
+            if example["example_id"] == record_id:
+                return example, True
+        for rejection in self.rejected:
+            if rejection["candidate_id"] == record_id:
+                return rejection, False
+        return None
 
     def seeds_of(self, metadata_id: str) -> list[tuple[str, Optional[Seed]]]:
         """The seeds whose encoded metadata is this entry: (seed id, the seed read back
@@ -176,6 +188,9 @@ def trace(run: Run, record: dict, kept: bool) -> str:
             action = record["actions_applied"][number - 1]
             lines.append(f"      ↓ improved by the action: {action}")
 
+    screened = not kept and record["reason"] in (DUPLICATE, CONTAMINATED)
+    if screened and record.get("strong_score") is None:
+        return "\n".join(lines + [""] + _screened(run, record, 5))
     if kept:
         strong = record["response"] if record["response_source"] == "strong" \
             else record.get("other_response")
@@ -197,10 +212,43 @@ def trace(run: Run, record: dict, kept: bool) -> str:
         verdict = (f"kept unresolved (--keep_unresolved): |gap| <= threshold "
                    f"{threshold:g} after the last round; the better answer "
                    f"({record['response_source']}) is kept")
+    elif screened:
+        return "\n".join(lines + _screened(run, record, 7))
     else:
         verdict = VERDICTS.get(record["reason"], f"rejected: {record['reason']}")
     lines.append(f"7. verdict: {verdict}")
     return "\n".join(lines)
+
+
+def _screened(run: Run, record: dict, number: int) -> list[str]:
+    """Why a screen removed a candidate before it was judged (or a kept pair after),
+    and what it repeats: the original, traced to the record it became."""
+    paid = record.get("strong_score") is not None
+    when = "after it was judged and kept (the final pairs' screen)" if paid else \
+        "before any answer or judgement was paid for"
+    if record["reason"] == CONTAMINATED:
+        return [f"{number}. verdict: rejected {when}: contaminated. Its "
+                f"{record.get('overlap_field') or 'instruction'} shares the n-gram",
+                _block(record.get("overlap")),
+                f"   with the benchmark row {record.get('benchmark_row')}."]
+    lines = [f"{number}. verdict: rejected {when}: a duplicate (Jaccard similarity "
+             f"{record.get('similarity', 1.0):g}) of {record.get('duplicate_of')}:"]
+    chain, seen = record, {record.get("candidate_id")}
+    while chain.get("duplicate_of") and chain["duplicate_of"] not in seen:
+        original_id = chain["duplicate_of"]
+        seen.add(original_id)
+        original = run.by_id(original_id)
+        if original is None:
+            lines.append(f"   {original_id}: not among this run's outputs")
+            break
+        chain, kept = original
+        status = "kept pair" if kept else f"rejected ({chain['reason']})"
+        lines += [f"   {original_id} ({status}):", _block(chain["instruction"])]
+        if kept or chain["reason"] != DUPLICATE:
+            break
+    original_id = chain.get("example_id") or chain.get("candidate_id")
+    lines.append(f"   to trace it: codeclm-beam show {run.run_dir} {original_id}")
+    return lines
 
 
 def show_command(argv: list[str]) -> int:

@@ -18,6 +18,9 @@ from codeclm_beam.rows import RowError
 from codeclm_beam.rows import jsonl_rows
 from codeclm_beam.pipelines.run.args import SuggestingParser
 
+# The two parts' file names, after the benchmark's.
+SEEDS_SUFFIX, EVAL_SUFFIX = ".seeds.jsonl", ".eval.jsonl"
+
 
 def split_rows(rows: list[dict], category_field: Optional[str], seed_fraction: float,
                seed: int, same: Optional[list[str]] = None
@@ -58,8 +61,8 @@ def split_file(path: str, output_dir: str, seed_fraction: float = 0.2, seed: int
     same = [" ".join(str(layout.instruction(r) or "").split()).casefold() for r in rows]
     seeds, held_out = split_rows(rows, layout.category_field, seed_fraction, seed, same)
     name = benchmark_name(path)
-    outputs = {"seeds": FileSystems.join(output_dir, f"{name}.seeds.jsonl"),
-               "eval": FileSystems.join(output_dir, f"{name}.eval.jsonl")}
+    outputs = {"seeds": FileSystems.join(output_dir, name + SEEDS_SUFFIX),
+               "eval": FileSystems.join(output_dir, name + EVAL_SUFFIX)}
     for part, part_rows in (("seeds", seeds), ("eval", held_out)):
         write_text(outputs[part], "".join(json.dumps(r, ensure_ascii=False) + "\n"
                                           for r in part_rows), "application/jsonl")
@@ -67,6 +70,24 @@ def split_file(path: str, output_dir: str, seed_fraction: float = 0.2, seed: int
             "seeds": len(seeds), "eval": len(held_out), "stratified_by":
             layout.category_field if any(layout.category_field in r for r in rows)
             else None, "files": outputs}
+
+
+def held_out_of(seeds: str) -> Optional[str]:
+    """The held-out half `split` wrote beside a seed file it wrote, or None (the seeds
+    are not a split's, or the other half is not there)."""
+    if not seeds.endswith(SEEDS_SUFFIX) or any(c in seeds for c in "*?["):
+        return None
+    held_out = seeds[:-len(SEEDS_SUFFIX)] + EVAL_SUFFIX
+    try:
+        if not FileSystems.exists(held_out):
+            return None
+        with FileSystems.open(seeds) as handle:
+            for _, row in jsonl_rows(seeds, handle):
+                marked = isinstance(row, dict) and row.get(SPLIT_MARKER) == "seeds"
+                return held_out if marked else None
+    except Exception:  # unreadable seeds fail where they are read, with the reason
+        return None
+    return None
 
 
 def split_command(argv: list[str]) -> int:

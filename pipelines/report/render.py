@@ -107,6 +107,24 @@ def _cards(cards: list[tuple[str, str, list[str]]]) -> str:
         for title, big, lines in cards) + "</div>"
 
 
+def screening_line(acc: dict, screens: Optional[dict]) -> str:
+    """Duplicates and contaminated instructions removed, and the calls that saved."""
+    screening = acc.get("screening")
+    if not screening or not screens:
+        return "screens: not recorded by this run"
+    parts = []
+    for what, name in (("duplicates", "dedup"), ("contaminated", "decontamination")):
+        if screens.get(name) is None:
+            parts.append(f"{what}: not checked")
+            continue
+        counts = screening[what]
+        parts.append(f"{counts['before_judging'] + counts['final_pairs']:,} {what} removed"
+                     + (f" ({counts['final_pairs']:,} of them kept pairs)"
+                        if counts["final_pairs"] else ""))
+    return (", ".join(parts) + f"; {screening['calls_saved']:,} model calls saved by "
+            "removing them before they were judged")
+
+
 def generate_summary(manifest: dict, rejected: int, dead_letters: list[dict],
                      costs: dict) -> str:
     """What did I get, what did it cost, what failed: before any detail."""
@@ -120,6 +138,7 @@ def generate_summary(manifest: dict, rejected: int, dead_letters: list[dict],
            f"{rejected:,} candidates in <code>rejected/</code>, each with its reason",
            f"from {acc['metadata_pool']['entries']:,} pool entries and "
            f"{cand['basic_instructions']:,} basic instructions"]
+    got.append(screening_line(acc, manifest.get("screens")))
     if "gap" in delivery:
         got.append(f"<span class='bad'>{delivery['gap']:,} short: "
                    f"{html.escape(delivery['reason'])}</span>")
@@ -199,10 +218,12 @@ def generate_report(run_dir: str, manifest: dict, prices: dict) -> dict[str, str
              "kept pairs per iteration"),
         _img(gap_histogram(gaps, float(options.get("threshold") or 3),
                            int(options.get("score_scale") or 10)), "score gaps"),
-        _table([[r["round"], r["candidates"], r.get("fresh", 0), r["kept"], r["undecided"],
-                 r["not_needed"]] for r in acc["candidates"]["rounds"]],
-               ["round", "candidates", "of them fresh from the reserve", "kept",
-                "within threshold", "not needed"]),
+        _table([[r["round"], r["candidates"], r.get("fresh", 0), r.get("duplicate", 0),
+                 r.get("contaminated", 0), r["kept"], r["undecided"], r["not_needed"]]
+                for r in acc["candidates"]["rounds"]],
+               ["round", "candidates", "of them fresh from the reserve",
+                "duplicates removed", "contaminated removed", "kept", "within threshold",
+                "not needed"]),
         "<h2>Calls, tokens and cost</h2>",
         _img(calls_per_stage(by_stage), "calls and tokens per stage"),
         _table(call_rows, CALL_COLUMNS),
@@ -325,6 +346,7 @@ instructions.
   the last round ({'kept anyway' if options.get('keep_unresolved') else 'rejected'}),
   {acc['candidates']['lost_to_dead_letters']} lost to errors (see `dead_letter/`).
 
+{_card_screens(manifest)}
 ## Tailoring
 
 Jensen–Shannon divergence between the use cases of the seeds and of the kept examples:
@@ -352,6 +374,36 @@ produced it.
 {CITATION}
 ```
 """
+
+
+def _card_screens(manifest: dict) -> str:
+    """The dataset card's section on deduplication and decontamination."""
+    screens = manifest.get("screens") or {}
+    screening = manifest["accounting"].get("screening")
+    if not screening:
+        return ""
+    lines = ["## Deduplication and decontamination", ""]
+    dedup, decon = screens.get("dedup"), screens.get("decontamination")
+    dups, dirty = screening["duplicates"], screening["contaminated"]
+    lines.append(f"- Duplicates: {dedup}; {dups['before_judging']} candidates removed "
+                 f"before they were judged, {dups['final_pairs']} from the final pairs."
+                 if dedup else "- Duplicates: not removed (`--no_dedup`).")
+    if decon:
+        checked = "instructions and answers" if decon["answers_checked"] else "instructions"
+        lines.append(f"- Contamination: {decon['rule']}, {checked} checked against "
+                     + ", ".join(f"`{b}`" for b in decon["benchmarks"])
+                     + (f" (the held-out half of the seeds' split, `{decon['held_out_of_split']}`,"
+                        " picked up by itself)" if decon.get("held_out_of_split") else "")
+                     + f"; {dirty['before_judging']} candidates removed before they were "
+                     f"judged, {dirty['final_pairs']} from the final pairs; "
+                     f"{screening['benchmark_rows_too_short']} benchmark rows too short "
+                     "to check.")
+    else:
+        lines.append("- Contamination: not checked (no `--decontaminate` file). Check "
+                     "against the benchmarks you will evaluate on before training.")
+    lines.append(f"- Model calls saved by removing them before judging: "
+                 f"{screening['calls_saved']}.")
+    return "\n".join(lines) + "\n"
 
 
 _MIME = {"report.html": "text/html", "README.md": "text/markdown"}

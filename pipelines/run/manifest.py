@@ -188,21 +188,44 @@ def accounting(counters: RunCounters, max_iterations: int, from_metadata: bool,
     last = rounds[-1]["undecided"] if rounds else 0
     not_needed = sum(r["not_needed"] for r in rounds)
     reserve_unused = flow(m.RESERVE_UNUSED)
+    screening = screening_counts(counters, rounds)
     candidates = {"basic_instructions": flow(m.BASIC_INSTRUCTIONS),
                   "kept": kept_total, "unresolved_after_last_round": last,
                   "not_needed": not_needed, "reserve_unused": reserve_unused,
+                  "duplicates": screening["duplicates"]["before_judging"],
+                  "contaminated": screening["contaminated"]["before_judging"],
                   "lost_to_dead_letters": lost,
                   "examples_written": flow(m.EXAMPLES), "surplus": flow(m.SURPLUS),
+                  "pairs_duplicates": screening["duplicates"]["final_pairs"],
+                  "pairs_contaminated": screening["contaminated"]["final_pairs"],
                   "rounds": rounds}
-    checks["basic = kept + unresolved + not needed + unused reserve + dead letters"] = (
+    checks["basic = kept + unresolved + not needed + unused reserve + duplicates + "
+           "contaminated + dead letters"] = (
         candidates["basic_instructions"]
-        == kept_total + last + not_needed + reserve_unused + lost)
+        == kept_total + last + not_needed + reserve_unused + candidates["duplicates"]
+        + candidates["contaminated"] + lost)
     kept_all = kept_total + (last if keep_unresolved else 0)
-    checks["kept = examples + surplus"] = (
-        candidates["examples_written"] + candidates["surplus"] == kept_all)
+    checks["kept = examples + surplus + duplicate and contaminated pairs"] = (
+        candidates["examples_written"] + candidates["surplus"]
+        + candidates["pairs_duplicates"] + candidates["pairs_contaminated"] == kept_all)
     return {"seeds": seeds, "metadata_pool": pool, "candidates": candidates,
+            "screening": screening,
             "dead_letters_by_stage": counters.dead_letters(), "checks": checks,
             "balanced": all(checks.values())}
+
+
+def screening_counts(counters: RunCounters, rounds: list[dict]) -> dict[str, Any]:
+    """What the screens removed, before judging (each would have cost a round's calls
+    on it: CALLS_PER_CANDIDATE) and from the final pairs (paid already)."""
+    from codeclm_beam.transforms.contrastive_filter import CALLS_PER_CANDIDATE
+    duplicates = sum(r["duplicate"] for r in rounds)
+    contaminated = sum(r["contaminated"] for r in rounds)
+    return {"duplicates": {"before_judging": duplicates,
+                           "final_pairs": counters.flow(m.PAIRS_DUPLICATE)},
+            "contaminated": {"before_judging": contaminated,
+                             "final_pairs": counters.flow(m.PAIRS_CONTAMINATED)},
+            "benchmark_rows_too_short": counters.flow(m.BENCHMARK_SHORT_ROWS),
+            "calls_saved": (duplicates + contaminated) * sum(CALLS_PER_CANDIDATE.values())}
 
 
 def judge_note(accounting_: dict, threshold: float) -> Optional[str]:
@@ -234,6 +257,11 @@ def delivery(accounting_: dict, num_examples: int, num_instructions: int,
     if cand["unresolved_after_last_round"]:
         reasons.append(f"{cand['unresolved_after_last_round']} candidates were still "
                        "within the threshold after the last round (rejected/)")
+    screened = (cand.get("duplicates", 0) + cand.get("contaminated", 0)
+                + cand.get("pairs_duplicates", 0) + cand.get("pairs_contaminated", 0))
+    if screened and cand["reserve_unused"] == 0:
+        reasons.append(f"{screened} were removed as duplicates or contaminated "
+                       "(rejected/), more than the reserve and the rounds made up for")
     if cand["lost_to_dead_letters"]:
         reasons.append(f"{cand['lost_to_dead_letters']} candidates were lost to dead "
                        "letters (dead_letter/)")
