@@ -1,16 +1,14 @@
 """`DeduplicateInstructions`: exact and near-duplicate instructions removed, on any
 PCollection, at any scale.
 
-    elements ─Describe─> entries ─ByText─> exact groups ─┬─ the rest: duplicates ─────┐
-         (+ reference entries)                           └─ first of each ─Bands─> LSH │
-                                                              buckets ─Compare─> near  │
-                                                                       duplicates ─────┴─> duplicate_of
-    elements ──────────────────── Join(duplicate_of) ─┬─> kept
-                                                      └─> removed (element, Removal)
+    elements ─Describe─> entries ─Buckets─> (normalised text | LSH band, entry)
+         (+ reference entries)        ─GroupByBucket─Compare─> (key, what it repeats)
+    elements ──────────── Join(what it repeats) ─┬─> kept
+                                                 └─> removed (element, Removal)
 
 Two texts are the same when their normalised forms are (`textmatch.normalize`: case,
-punctuation and spacing aside), and near-duplicates when the Jaccard similarity of
-their word n-gram sets reaches `threshold`. Candidate pairs are found by MinHash
+punctuation and spacing aside; they share a bucket keyed by it), and near-duplicates
+when the Jaccard similarity of their word n-gram sets reaches `threshold`. Candidate pairs are found by MinHash
 signatures (datasketch) cut into LSH bands; each band is a Beam key, so the grouping
 is a GroupByKey that Dataflow spreads over its workers, never one in-memory index.
 Every candidate pair is then compared exactly, so a false positive of the signatures
@@ -18,7 +16,8 @@ costs a comparison, not an instruction.
 
 The rule, deterministic whatever the workers or bundles: an element is a duplicate
 when an element ranked before it (by `rank`, then key; reference elements before all)
-is the same or near the same; it names the first such element. So of a group the
+is the same or near the same; it names the first of the same text, else the first
+similar one. So of a group the
 first-ranked one is kept, and a chain a ~ b ~ c removes b and c (c repeats b, which
 was removed), as an index queried in rank order would. Default rule (word 1-grams,
 Jaccard 0.8, 128 permutations): on the 58 labelled pairs shipped with the tests
@@ -125,59 +124,57 @@ def _repeats(entry: _Entry, earlier: _Entry) -> bool:
     return not entry.reference and (earlier.reference or earlier.key != entry.key)
 
 
-def _exact_groups(group):
-    """The entries of one normalised text: the first-ranked goes on to the near
-    comparison; every other one (not a reference) is its duplicate."""
-    _, entries = group
-    first, *rest = sorted(entries)
-    yield beam.pvalue.TaggedOutput("first", first)
-    for entry in rest:
-        if _repeats(entry, first):
-            yield entry.key, (first.order, first.key, 1.0)
+class _Buckets(beam.DoFn):
+    """An entry's buckets: its normalised text's (exact duplicates meet there) and its
+    LSH bands' (near duplicates meet there, most of the time)."""
 
-
-class _Bands(beam.DoFn):
     def __init__(self, rule: DedupRule):
         self._rule = rule
 
     def process(self, entry: _Entry):
         rule = self._rule
+        yield b"=" + textmatch.text_key(entry.text).encode("ascii"), entry
         grams = textmatch.ngrams(entry.text.split(), rule.ngram_size)
-        if not grams:
-            return
-        values = textmatch.signature(grams, rule.num_perm, rule.seed)
-        for band in textmatch.band_keys(values, *rule.bands):
-            yield band, entry
+        if grams:
+            values = textmatch.signature(grams, rule.num_perm, rule.seed)
+            for band in textmatch.band_keys(values, *rule.bands):
+                yield band, entry
 
 
-def _near_duplicates(bucket, rule: DedupRule):
-    """In one LSH bucket: each element (not a reference) and the first element ranked
-    before it whose n-grams are similar enough, compared exactly."""
+def _duplicates_in(bucket, rule: DedupRule):
+    """In one bucket: each element (not a reference) and the first element ranked
+    before it that is the same text or whose n-grams are similar enough, compared
+    exactly."""
     _, entries = bucket
     entries = sorted(set(entries))
-    grams = [textmatch.shingles(entry.text, rule.ngram_size) for entry in entries]
+    grams = [None] * len(entries)
     for j, later in enumerate(entries):
         if later.reference:
             continue
         for i in range(j):
+            if not _repeats(later, entries[i]):
+                continue
+            if entries[i].text == later.text:
+                yield later.key, (0, entries[i].order, entries[i].key, 1.0)
+                break
+            for k in (i, j):
+                if grams[k] is None:
+                    grams[k] = textmatch.shingles(entries[k].text, rule.ngram_size)
             similarity = textmatch.jaccard(grams[i], grams[j])
-            if similarity >= rule.threshold and _repeats(later, entries[i]):
-                yield later.key, (entries[i].order, entries[i].key, round(similarity, 4))
+            if similarity >= rule.threshold:
+                yield later.key, (1, entries[i].order, entries[i].key, round(similarity, 4))
                 break
 
 
-def _first_match(matches):
-    return min(matches)
-
-
 def _join(joined):
-    """An element key's elements and the first element it duplicates, if any. Elements
+    """An element key's elements and every element found before it that it repeats:
+    it names the first of the same text, else the first similar one. Elements
     sharing a key are duplicates of the first of them (a key made from the text)."""
     key, grouped = joined
     elements = sorted(grouped["elements"], key=repr)
     matches = list(grouped["duplicate_of"])
     if matches:
-        _, of, similarity = matches[0]
+        _, _, of, similarity = min(matches)
         for element in elements:
             yield beam.pvalue.TaggedOutput("removed", Removed(
                 element, Removal(key, DUPLICATE, duplicate_of=of, similarity=similarity)))
@@ -222,18 +219,12 @@ class DeduplicateInstructions(beam.PTransform):
             references = self._against | "DescribeReferences" >> beam.Map(
                 _entry, key, text, rank, True)
             entries = (entries, references) | "WithReferences" >> beam.Flatten()
-        exact = (entries
-                 | "ByText" >> beam.Map(lambda entry: (textmatch.text_key(entry.text), entry))
-                 | "GroupByText" >> beam.GroupByKey()
-                 | "ExactDuplicates" >> beam.FlatMap(_exact_groups).with_outputs(
-                     "first", main="duplicates"))
-        near = (exact.first
-                | "Bands" >> beam.ParDo(_Bands(rule))
-                | "GroupByBand" >> beam.GroupByKey()
-                | "NearDuplicates" >> beam.FlatMap(_near_duplicates, rule))
-        duplicate_of = ((exact.duplicates, near)
-                        | "AllDuplicates" >> beam.Flatten()
-                        | "FirstMatch" >> beam.CombinePerKey(_first_match))
+        # Two shuffles: the buckets, and the join of each element with what it
+        # repeats (each a stage of its own on any runner).
+        duplicate_of = (entries
+                        | "Buckets" >> beam.ParDo(_Buckets(rule))
+                        | "GroupByBucket" >> beam.GroupByKey()
+                        | "Compare" >> beam.FlatMap(_duplicates_in, rule))
         joined = ({"elements": elements | "ByKey" >> beam.Map(lambda e: (str(key(e)), e)),
                    "duplicate_of": duplicate_of}
                   | "Join" >> beam.CoGroupByKey()
