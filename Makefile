@@ -43,11 +43,15 @@ demo: $(VENV)/.installed-local
 	  --export_format openai --export_format alpaca
 	$(VENV)/bin/codeclm-beam show $(OUT)/demo
 
-# A native crash (a signal) kills pytest mid-suite: name the test it died in.
+# The test files spread over up to 4 workers, one a core (TEST_WORKERS=0: one process).
+# A worker that dies of a native crash is named by pytest-xdist with its test; should a
+# signal kill pytest itself, name the tests that were under way.
+TEST_WORKERS ?= auto
 test: $(VENV)/.installed-dev
-	@$(PY) -m pytest; rc=$$?; if [ $$rc -gt 128 ]; then \
+	@$(PY) -m pytest -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile; rc=$$?; \
+	if [ $$rc -gt 128 ]; then \
 	  echo "make test: pytest was killed by signal $$((rc - 128)) in" \
-	    "$$(cat .pytest_cache/running-test 2>/dev/null || echo 'an unknown test')" >&2; \
+	    "$$(cat .pytest_cache/running-test* 2>/dev/null || echo 'an unknown test')" >&2; \
 	fi; exit $$rc
 
 # Side-by-side measurements -> benchmarks/results/latest.{json,md}. BENCH_SCALE=0.3

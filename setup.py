@@ -68,6 +68,9 @@ setuptools.setup(
             "apache-beam[gcp,yaml]==2.77.*",
             "pytest>=8",
             "pytest-timeout>=2.3",
+            # `make test` spreads the test files over the cores (the suite is CPU-bound
+            # Beam graph work, one core per pipeline).
+            "pytest-xdist>=3.5",
             "hypothesis>=6.100",
             # A real Cloud Storage server on loopback, for gs:// outputs in tests.
             "gcp-storage-emulator>=2024.0",

@@ -322,7 +322,7 @@ def preflight(options: PipelineOptions, config: CodecLMConfig) -> None:
     preflight_lib.check_decode_size(config.basic_instructions, config.num_metadata,
                                     config.num_examples)
     if config.decontamination is not None and not offline:
-        config.decontamination.files()  # every --decontaminate file is there
+        config.decontamination.files  # every --decontaminate file is there
     if offline and (opts.seeds or opts.metadata).startswith("gs://"):
         return
     if opts.seeds:

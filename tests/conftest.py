@@ -19,7 +19,9 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 
 # The test under way, for `make test` to name should a native library kill the process
 # (pytest's faulthandler prints the stack; this names the test in one line).
-RUNNING_TEST = os.path.join(ROOT, ".pytest_cache", "running-test")
+# One file a pytest-xdist worker.
+RUNNING_TEST = os.path.join(ROOT, ".pytest_cache", "running-test"
+                            + os.environ.get("PYTEST_XDIST_WORKER", ""))
 
 
 def pytest_runtest_logstart(nodeid, location):

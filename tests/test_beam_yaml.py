@@ -9,7 +9,6 @@ from apache_beam.yaml import main as yaml_main
 from apache_beam.yaml import yaml_provider
 
 from codeclm_beam.transforms.beam_yaml import PROVIDERS
-from tests.helpers import read_jsonl
 from tests.helpers import scripted_models
 
 EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples",

@@ -174,6 +174,7 @@ def test_duplicates_are_removed_before_they_are_paid_for(tmp_path):
     # Without dedup the copies became pairs; with it, each is a rejection naming the
     # kept pair it repeats, and `show` traces it there.
     assert len(read_jsonl(tmp_path / "a" / "out", "examples")) == 8
+    assert without["screens"]["dedup"] is None and without["accounting"]["balanced"]
     examples = {e["example_id"]: e for e in read_jsonl(tmp_path / "b" / "out", "examples")}
     duplicates = [r for r in read_jsonl(tmp_path / "b" / "out", "rejected")
                   if r["reason"] == "duplicate"]

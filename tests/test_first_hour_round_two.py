@@ -315,5 +315,5 @@ def test_the_readme_commands_that_need_no_cloud_run_as_written(tmp_path, capsys,
                 words[2] = read_jsonl("out/demo", "examples")[0]["example_id"][:8]
             assert cli_main(words) == 0, line
             ran.append(words[0])
-    assert sorted(ran) == ["plan", "show", "show", "split"]
+    assert sorted(ran) == ["plan", "show", "show", "split", "split"]
     assert os.path.exists("data/vicuna/vicuna.seeds.jsonl")

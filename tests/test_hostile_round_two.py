@@ -2,7 +2,6 @@
 found, reproduced as it found it, with the behaviour the README now promises."""
 import json
 import os
-import threading
 
 import pytest
 

@@ -2,7 +2,6 @@
 refuses unless told to."""
 import collections
 import json
-import os
 
 import pytest
 

@@ -6,7 +6,6 @@ import re
 import threading
 
 import apache_beam as beam
-import pytest
 from apache_beam.ml.inference.base import RunInference
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that

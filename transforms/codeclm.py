@@ -214,7 +214,8 @@ PAIR_TEXTS = ("instruction", "response", "other_response")
 class Screen(DeadLettering):
     """Candidates (or kept pairs) -> Split(taken = the rest, rest = Rejections): the
     duplicates (of one another, and of `against`, the pairs kept already), then those
-    sharing an n-gram with a benchmark, each counted under the names given."""
+    sharing an n-gram with a benchmark, each counted under the names given. With
+    neither screen on it adds no stage (rest is None)."""
 
     def __init__(self, config: CodecLMConfig, rank, counters: tuple[str, str],
                  benchmark=None, against: tuple = (), fields: tuple[str, ...] = ("instruction",),
@@ -244,6 +245,8 @@ class Screen(DeadLettering):
                 cfg.decontamination, self._fields, key=record_id, benchmark=self._benchmark))
             records = clean.kept
             removed.append(clean.removed | "CountContaminated" >> Tally(contaminated_counter))
+        if not removed:
+            return Split(records, None)
         rejected = (tuple(removed) | "Removed" >> beam.Flatten(pipeline=records.pipeline)
                     | "Reject" >> beam.Map(lambda r: Rejection.of_removal(r.element, r.removal)))
         return Split(records, rejected)
@@ -322,7 +325,8 @@ class Round(DeadLettering):
                              fresh.taken | "CountFresh" >> Tally(metrics.in_round(t + 1, "fresh")))
             | "Next" >> beam.Flatten(),
             reserve=fresh.rest,
-            rejected=(not_needed, screened.rest, kept.rest) | "Rejected" >> beam.Flatten())
+            rejected=_present(not_needed, screened.rest, kept.rest)
+            | "Rejected" >> beam.Flatten())
 
     def _screen_pairs(self, pairs, label: str) -> Split:
         """The kept pairs' screen (their answers too), round by round: the next round's
@@ -361,7 +365,11 @@ class Round(DeadLettering):
         else:
             rejected.append(undecided | "RejectUnresolved" >> beam.Map(
                 rejection, "within_threshold"))
-        return RoundOutput(kept, tuple(rejected) | "Rejected" >> beam.Flatten(), judged)
+        return RoundOutput(kept, _present(*rejected) | "Rejected" >> beam.Flatten(), judged)
+
+
+def _present(*pcolls) -> tuple:
+    return tuple(p for p in pcolls if p is not None)
 
 
 def candidate_rank(seed: int):

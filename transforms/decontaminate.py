@@ -20,6 +20,7 @@ per n-gram in a Python dict, ~150 MB at 8 MiB of text), a join by no one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Optional
 
 import apache_beam as beam
@@ -42,6 +43,7 @@ from codeclm_beam.transforms.dedup import Removed
 from codeclm_beam.transforms.dedup import Screened
 from codeclm_beam.transforms.dedup import field_name
 from codeclm_beam.transforms.dedup import getter
+from codeclm_beam.transforms.dedup import texts_key
 from codeclm_beam.transforms.read_rows import ParseRows
 
 STAGE = "decontaminate"
@@ -69,9 +71,11 @@ class DecontaminationRule:
         if self.join not in JOINS:
             raise ConfigurationError(f"join must be one of {JOINS}, not {self.join!r}")
 
+    @functools.cached_property
     def files(self) -> list[tuple[str, int]]:
         """(path, size) of every benchmark file; ConfigurationError for a pattern that
-        matches none, before anything runs."""
+        matches none, before anything runs. Matched once (preflight, the grams and
+        every screen ask)."""
         found = []
         for pattern in self.benchmarks:
             matched = FileSystems.match([pattern])[0].metadata_list
@@ -81,10 +85,11 @@ class DecontaminationRule:
             found += [(m.path, m.size_in_bytes) for m in matched]
         return sorted(set(found))
 
-    def uses_side_input(self, files: list[tuple[str, int]]) -> bool:
+    @property
+    def uses_side_input(self) -> bool:
         if self.join != "auto":
             return self.join == "side_input"
-        return sum(size for _, size in files) <= SIDE_INPUT_MAX_BYTES
+        return sum(size for _, size in self.files) <= SIDE_INPUT_MAX_BYTES
 
     def describe(self) -> str:
         return (f"word {self.ngram_size}-gram overlap with any benchmark row (open-r1/s1 "
@@ -115,11 +120,10 @@ class BenchmarkGrams(DeadLettering):
     """Benchmark files -> (n-gram hash, the first row "file:line" holding it); rows
     that hold no instruction are dead letters."""
 
-    def __init__(self, rule: DecontaminationRule,
-                 files: Optional[list[tuple[str, int]]] = None):
+    def __init__(self, rule: DecontaminationRule):
         super().__init__()
         self._rule = rule
-        self._paths = [path for path, _ in (files or rule.files())]
+        self._paths = [path for path, _ in rule.files]
 
     def expand(self, pbegin):
         parsed = (pbegin
@@ -222,24 +226,21 @@ class Decontaminate(DeadLettering):
         (read once per pipeline, not once per screen)."""
         super().__init__()
         self._rule = rule
-        self._files = rule.files()
         self._benchmark = benchmark
         self._matcher = _Matcher(tuple(fields), rule.ngram_size)
-        getters = [getter(f) for f in fields]
-        self._key = getter(key) if key is not None else (
-            lambda element: textmatch.text_key("\x1f".join(
-                str(get(element) or "") for get in getters)))
+        self._key = getter(key) if key is not None else texts_key(
+            *(getter(f) for f in fields))
 
     @property
     def side_input(self) -> bool:
-        return self._rule.uses_side_input(self._files)
+        return self._rule.uses_side_input
 
     def expand(self, elements) -> Screened:
         matcher, key = self._matcher, self._key
         benchmark = self._benchmark
         if benchmark is None:
             benchmark = elements.pipeline | "BenchmarkGrams" >> self.handled(
-                BenchmarkGrams(self._rule, self._files))
+                BenchmarkGrams(self._rule))
         if self.side_input:
             screened = elements | "MatchSideInput" >> beam.ParDo(
                 _MatchSideInput(matcher, key), beam.pvalue.AsDict(benchmark)

@@ -8,18 +8,18 @@ PCollection, at any scale.
 
 Two texts are the same when their normalised forms are (`textmatch.normalize`: case,
 punctuation and spacing aside; they share a bucket keyed by it), and near-duplicates
-when the Jaccard similarity of their word n-gram sets reaches `threshold`. Candidate pairs are found by MinHash
-signatures (datasketch) cut into LSH bands; each band is a Beam key, so the grouping
-is a GroupByKey that Dataflow spreads over its workers, never one in-memory index.
+when the Jaccard similarity of their word n-gram sets reaches `threshold`. Candidate
+pairs are found by MinHash signatures (datasketch) cut into LSH bands; each band is a
+Beam key, so the grouping is a GroupByKey that Dataflow spreads over its workers, never
+one in-memory index.
 Every candidate pair is then compared exactly, so a false positive of the signatures
 costs a comparison, not an instruction.
 
 The rule, deterministic whatever the workers or bundles: an element is a duplicate
 when an element ranked before it (by `rank`, then key; reference elements before all)
 is the same or near the same; it names the first of the same text, else the first
-similar one. So of a group the
-first-ranked one is kept, and a chain a ~ b ~ c removes b and c (c repeats b, which
-was removed), as an index queried in rank order would. Default rule (word 1-grams,
+similar one. So of a group the first-ranked one is kept, and a chain a ~ b ~ c removes
+b and c (c repeats b, which was removed), as an index queried in rank order would. Default rule (word 1-grams,
 Jaccard 0.8, 128 permutations): on the 58 labelled pairs shipped with the tests
 (tests/fixtures/near_duplicates.jsonl) precision 0.94 and recall 0.61; distilabel's
 `MinHashDedup` default (words, 0.9) catches a quarter of them.
@@ -207,7 +207,7 @@ class DeduplicateInstructions(beam.PTransform):
                  rule: DedupRule = DedupRule()):
         super().__init__()
         self._text = getter(text)
-        self._key = getter(key) if key is not None else _text_key(self._text)
+        self._key = getter(key) if key is not None else texts_key(self._text)
         self._rank = rank
         self._against = against
         self._rule = rule
@@ -232,7 +232,10 @@ class DeduplicateInstructions(beam.PTransform):
         return Screened(joined.kept, joined.removed)
 
 
-def _text_key(text: Callable) -> Callable:
+def texts_key(*texts: Callable) -> Callable:
+    """The default key of an element: a hash of its normalised texts (elements whose
+    texts are the same share it, and are told apart where they are joined)."""
     def key(element):
-        return textmatch.text_key(textmatch.normalize(text(element) or ""))
+        return textmatch.text_key("\x1f".join(
+            textmatch.normalize(str(text(element) or "")) for text in texts))
     return key

@@ -20,7 +20,8 @@ def stable_rank(*parts: str) -> int:
 
 class Split(NamedTuple):
     taken: beam.PCollection
-    rest: beam.PCollection
+    # None where nothing can be set apart (a screen with no rule on adds no stage).
+    rest: Optional[beam.PCollection]
 
 
 def _cutoff(smallest: list, limit: int) -> Optional[int]:
