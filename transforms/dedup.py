@@ -11,18 +11,17 @@ punctuation and spacing aside; they share a bucket keyed by it), and near-duplic
 when the Jaccard similarity of their word n-gram sets reaches `threshold`. Candidate
 pairs are found by MinHash signatures (datasketch) cut into LSH bands; each band is a
 Beam key, so the grouping is a GroupByKey that Dataflow spreads over its workers, never
-one in-memory index.
-Every candidate pair is then compared exactly, so a false positive of the signatures
-costs a comparison, not an instruction.
+one in-memory index. Every candidate pair is then compared exactly, so a false
+positive of the signatures costs a comparison, not an instruction.
 
 The rule, deterministic whatever the workers or bundles: an element is a duplicate
 when an element ranked before it (by `rank`, then key; reference elements before all)
 is the same or near the same; it names the first of the same text, else the first
 similar one. So of a group the first-ranked one is kept, and a chain a ~ b ~ c removes
-b and c (c repeats b, which was removed), as an index queried in rank order would. Default rule (word 1-grams,
-Jaccard 0.8, 128 permutations): on the 58 labelled pairs shipped with the tests
-(tests/fixtures/near_duplicates.jsonl) precision 0.94 and recall 0.61; distilabel's
-`MinHashDedup` default (words, 0.9) catches a quarter of them.
+b and c (c repeats b, which was removed), as an index queried in rank order would.
+Default rule (word 1-grams, Jaccard 0.8, 128 permutations): on the 58 labelled pairs
+shipped with the tests (tests/fixtures/near_duplicates.jsonl) precision 0.94 and recall
+0.61; distilabel's `MinHashDedup` default (words, 0.9) catches a quarter of them.
 """
 from __future__ import annotations
 
