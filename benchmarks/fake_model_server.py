@@ -31,6 +31,16 @@ It speaks the OpenAI-compatible chat API (`POST /v1/chat/completions`) and Verte
   cancelled job exports the lines it finished. Faults on demand (`batch_fault`): fail,
   partial, stuck (pending until cancelled), malformed (one output line cut), schema
   (some answers ignore their JSON schema, as users report of batch mode);
+- Vertex AI tuning jobs (`tuningJobs`: create, get, list with a labels filter, cancel)
+  over Cloud Storage: a job checks its request (base model and kind of tuning, gs://
+  files, adapter size, labels: 400 INVALID_ARGUMENT), stays PENDING, then RUNNING
+  while it reads and checks its JSONL line by line (a bad line, or a file over the
+  documented limits, fails the job with the line and the reason), reports its data
+  statistics and the hyperparameters it chose, and ends SUCCEEDED with the tuned model
+  deployed to an endpoint (`endpoints.get`, and generateContent there: answers under
+  the endpoint's name that the judge scores as the strong model's on
+  `tuned_recovery` of the questions it separates), FAILED (`tuning_fault="fail"`) or,
+  cancelled, CANCELLED; an ended job cannot be cancelled (400 FAILED_PRECONDITION);
 - totals of the tokens it reported (`usage`), to check a client's accounting against;
 - a log of every request with its outcome; and it stops by itself after a request count
   or a time limit.
@@ -62,6 +72,11 @@ _BATCH_PATH = re.compile(r"/projects/([^/]+)/locations/([^/]+)/batchPredictionJo
 _VERTEX_MODEL_PATH = re.compile(r"/publishers/google/models/([^/:]+)$")
 _VERTEX_PATH = re.compile(r"/projects/[^/]+/locations/([^/]+)/publishers/google/models/"
                           r"([^/:]+):generateContent$")
+_TUNING_PATH = re.compile(r"/projects/([^/]+)/locations/([^/]+)/tuningJobs"
+                          r"(?:/([^/:]+))?(:cancel)?$")
+# A tuned model's endpoint: endpoints.get, and its generateContent.
+_ENDPOINT_PATH = re.compile(r"/projects/([^/]+)/locations/([^/]+)/endpoints/([^/:]+)"
+                            r"(:generateContent)?$")
 # Flex PayGo: a generateContent request with this header is served from shared
 # capacity at half price, on the global endpoint only.
 FLEX_HEADER = "X-Vertex-AI-LLM-Shared-Request-Type"
@@ -182,6 +197,14 @@ class ServerConfig:
     batch_line_error_rate: float = 0.3
     # Whether an output line's echoed request keeps its `labels`.
     batch_echo_labels: bool = True
+    # Tuning jobs: seconds pending, then tuning, before the tuned model is deployed;
+    # tuning_fault "fail" ends every job FAILED, "stuck" keeps it pending.
+    tuning_pending_seconds: float = 0.3
+    tuning_running_seconds: float = 0.3
+    tuning_fault: Optional[str] = None
+    # Share of the questions the judge separates on which a tuned model's answer is
+    # as good as the strong model's (what tuning recovered).
+    tuned_recovery: float = 0.5
 
 
 def _camel_keys(fields: dict) -> dict:
@@ -252,6 +275,9 @@ class FakeModelServer:
         # Batch prediction jobs by id, as the REST resource; and every call to the API.
         self.batch_jobs: dict[str, dict] = {}
         self.batch_calls: list[tuple[str, str]] = []
+        # Tuning jobs by id, as the REST resource; and every call to that API.
+        self.tuning_jobs: dict[str, dict] = {}
+        self.tuning_calls: list[tuple[str, str]] = []
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -263,11 +289,18 @@ class FakeModelServer:
             def do_POST(self):
                 if _BATCH_PATH.search(self.path.split("?")[0]):
                     return server._batch_api(self, "POST")
+                if _TUNING_PATH.search(self.path.split("?")[0]):
+                    return server._tuning_api(self, "POST")
                 server._handle(self)
 
             def do_GET(self):
                 if _BATCH_PATH.search(self.path.split("?")[0]):
                     return server._batch_api(self, "GET")
+                if _TUNING_PATH.search(self.path.split("?")[0]):
+                    return server._tuning_api(self, "GET")
+                endpoint = _ENDPOINT_PATH.search(self.path.split("?")[0])
+                if endpoint:
+                    return server._endpoint_metadata(self, endpoint.group(3))
                 if self.path.split("?")[0].endswith("/v1/models"):
                     return server._list_models(self)
                 found = _VERTEX_MODEL_PATH.search(self.path.split("?")[0])
@@ -346,8 +379,19 @@ class FakeModelServer:
         except ValueError:
             return self._send(handler, 400, {"error": {"message": "bad JSON"}}, "bad_request")
         vertex = _VERTEX_PATH.search(handler.path.split("?")[0])
+        endpoint = _ENDPOINT_PATH.search(handler.path.split("?")[0])
         if handler.path.split("?")[0].endswith("/chat/completions"):
             request = self._parse_openai(body)
+        elif endpoint and endpoint.group(4):
+            base = self._deployed_base(endpoint.group(3))
+            if base is None:
+                return self._send(handler, 404, {"error": {
+                    "code": 404, "status": "NOT_FOUND", "message":
+                    f"Endpoint `{endpoint.group(3)}` not found."}}, "not_found")
+            # Answers as its base model thinks, under its own name.
+            request = self._parse_vertex(body, f"tuned/{endpoint.group(3)}")
+            request["thinking_model"] = base
+            request["location"] = endpoint.group(2)
         elif vertex:
             request = self._parse_vertex(body, vertex.group(2))
             request["location"] = vertex.group(1)
@@ -475,6 +519,10 @@ class FakeModelServer:
         if not self.judge_separates(question):
             return {"assistant_1_score": 5, "assistant_2_score": 5}
         first = prompt.split("[The Start of Assistant 1's Answer]\n", 1)[-1]
+        second = prompt.split("[The Start of Assistant 2's Answer]\n", 1)[-1]
+        if any(answer.startswith("[model=tuned/") for answer in (first, second)) and \
+                (_digest("tuned", question) % 10_000) / 10_000 < self.config.tuned_recovery:
+            return {"assistant_1_score": 9, "assistant_2_score": 9}
         strong_first = first.startswith(f"[model={self.config.strong_model}]")
         return ({"assistant_1_score": 9, "assistant_2_score": 2} if strong_first
                 else {"assistant_1_score": 2, "assistant_2_score": 9})
@@ -515,7 +563,8 @@ class FakeModelServer:
             raise InvalidArgument(f"max_output_tokens must be in [1, "
                                   f"{VERTEX_MAX_OUTPUT_TOKENS}]")
         limit = int(limit or VERTEX_MAX_OUTPUT_TOKENS)
-        depth, budget = vertex_thinking_depth(request["model"], request["thinking"])
+        depth, budget = vertex_thinking_depth(request.get("thinking_model", request["model"]),
+                                              request["thinking"])
         thoughts = thought_tokens(depth, budget, key)
         usage = {"promptTokenCount": prompt_tokens}
         if thoughts >= limit:
@@ -739,6 +788,195 @@ class FakeModelServer:
                                        "incompleteCount": str(total - len(outputs))})
 
 
+    # -- tuning jobs ----------------------------------------------------------------
+    # As Vertex AI documents `projects.locations.tuningJobs` (create, get, list, cancel)
+    # and Gemini tuning: JSONL on Cloud Storage; at most 1M examples, 131,072 tokens an
+    # example and 5,000 validation examples; adapter sizes 1-16 (2.5 Pro: up to 8);
+    # pending -> running (processing the dataset, then tuning) -> succeeded with the
+    # tuned model deployed to an endpoint, or failed with the job's `error`; a cancelled
+    # job goes through CANCELLING to CANCELLED; an ended job cannot be cancelled.
+    def _tuning_api(self, handler: BaseHTTPRequestHandler, method: str) -> None:
+        import urllib.parse
+        path = handler.path.split("?")[0]
+        _, location, job_id, cancel = _TUNING_PATH.search(path).groups()
+        length = int(handler.headers.get("content-length") or 0)
+        body = json.loads(handler.rfile.read(length) or b"{}")
+        with self._lock:
+            self.tuning_calls.append((method + (":cancel" if cancel else ""), job_id or ""))
+        if method == "GET" and job_id is None:
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(handler.path).query)
+            return self._send(handler, 200, self._list_tuning_jobs(query), "tuning_list")
+        if method == "POST" and job_id is None:
+            try:
+                job = self._create_tuning_job(body, location)
+            except InvalidArgument as e:
+                return self._send(handler, 400, {"error": {
+                    "code": 400, "status": "INVALID_ARGUMENT", "message": str(e)}},
+                    "invalid_argument")
+            return self._send(handler, 200, job, "tuning_create")
+        with self._lock:
+            job = self.tuning_jobs.get(job_id)
+            if job is not None and cancel:
+                if job["state"] in _BATCH_FINAL:
+                    job = {"refused": job["state"]}
+                else:
+                    job["state"] = "JOB_STATE_CANCELLING"
+                    job["cancel"] = True
+            snapshot = json.loads(json.dumps(job)) if job else None
+        if snapshot is None:
+            return self._send(handler, 404, {"error": {
+                "code": 404, "status": "NOT_FOUND",
+                "message": f"TuningJob {job_id} not found"}}, "not_found")
+        if "refused" in snapshot:
+            return self._send(handler, 400, {"error": {
+                "code": 400, "status": "FAILED_PRECONDITION", "message":
+                f"Cannot cancel tuning job in state {snapshot['refused']}."}},
+                "failed_precondition")
+        if cancel:
+            return self._send(handler, 200, {}, "tuning_cancel")
+        snapshot.pop("cancel", None)
+        return self._send(handler, 200, snapshot, "tuning_get")
+
+    def _list_tuning_jobs(self, query: dict) -> dict:
+        """`tuningJobs.list` with an AIP-160 `labels.KEY="VALUE"` filter, newest first,
+        in pages of `pageSize` (the page token is the offset)."""
+        wanted = re.findall(r'labels\.([a-z0-9_-]+)\s*=\s*"([^"]*)"',
+                            query.get("filter", [""])[0])
+        size = int(query.get("pageSize", ["100"])[0])
+        offset = int(query.get("pageToken", ["0"])[0] or 0)
+        with self._lock:
+            jobs = [json.loads(json.dumps({k: v for k, v in job.items() if k != "cancel"}))
+                    for job in reversed(list(self.tuning_jobs.values()))
+                    if all(job.get("labels", {}).get(k) == v for k, v in wanted)]
+        page = {"tuningJobs": jobs[offset:offset + size]} if jobs[offset:] else {}
+        if offset + size < len(jobs):
+            page["nextPageToken"] = str(offset + size)
+        return page
+
+    def _create_tuning_job(self, body: dict, location: str) -> dict:
+        specs = [k for k in ("supervisedTuningSpec", "preferenceOptimizationSpec")
+                 if k in body]
+        if len(specs) != 1:
+            raise InvalidArgument("exactly one of supervised_tuning_spec and "
+                                  "preference_optimization_spec must be set")
+        base = str(body.get("baseModel", ""))
+        tunable = TUNABLE_MODELS.get(specs[0], ())
+        if not any(base.startswith(prefix) for prefix in tunable):
+            raise InvalidArgument(f"Base model {base!r} is not supported for "
+                                  f"{specs[0]}.")
+        spec = body[specs[0]]
+        for field in ("trainingDatasetUri", "validationDatasetUri"):
+            uri = spec.get(field)
+            if (field == "trainingDatasetUri" or uri) and not str(uri).startswith("gs://"):
+                raise InvalidArgument(f"{field} must be a Cloud Storage URI (gs://...), "
+                                      f"got {uri!r}")
+        hyper = spec.setdefault("hyperParameters", {})
+        sizes = ADAPTER_SIZES_25_PRO if base.startswith("gemini-2.5-pro") else ADAPTER_SIZES
+        if "adapterSize" in hyper and hyper["adapterSize"] not in sizes:
+            raise InvalidArgument(f"adapter size {hyper['adapterSize']} is not supported "
+                                  f"for {base}")
+        if int(hyper.get("epochCount", 1)) < 1:
+            raise InvalidArgument("epoch_count must be positive")
+        for key, value in (body.get("labels") or {}).items():
+            if not re.fullmatch(r"[a-z][a-z0-9_-]{0,62}", key) or \
+                    not re.fullmatch(r"[a-z0-9_-]{0,63}", str(value)):
+                raise InvalidArgument(f"label {key}={value!r}: keys and values are at "
+                                      "most 63 lowercase letters, digits, - and _")
+        with self._lock:
+            job_id = str(7000 + len(self.tuning_jobs))
+            now = _rfc3339()
+            job = {"name": f"projects/123456789/locations/{location}/tuningJobs/{job_id}",
+                   "tunedModelDisplayName": body.get("tunedModelDisplayName", ""),
+                   "baseModel": base, specs[0]: spec, "labels": body.get("labels", {}),
+                   "state": "JOB_STATE_PENDING", "createTime": now, "updateTime": now}
+            self.tuning_jobs[job_id] = job
+            created = json.loads(json.dumps(job))
+        threading.Thread(target=self._run_tuning_job, args=(job_id,), daemon=True).start()
+        return created
+
+    def _set_tuning_job(self, job_id: str, **fields) -> dict:
+        with self._lock:
+            job = self.tuning_jobs[job_id]
+            job.update(fields, updateTime=_rfc3339())
+            return json.loads(json.dumps(job))
+
+    def _tuning_wait(self, job_id: str, seconds, stuck: bool = False) -> bool:
+        """Waits `seconds()` (forever when `stuck`); False when cancelled meanwhile.
+        Re-read each time: a test may shorten the queue of a job already pending."""
+        started = time.monotonic()
+        while stuck or time.monotonic() - started < seconds():
+            with self._lock:
+                if self.tuning_jobs[job_id].get("cancel"):
+                    return False
+            time.sleep(0.02)
+        return True
+
+    def _run_tuning_job(self, job_id: str) -> None:
+        config = self.config
+        ended = {"endTime": None}
+        if not self._tuning_wait(job_id, lambda: config.tuning_pending_seconds,
+                                 stuck=config.tuning_fault == "stuck"):
+            return self._cancel_tuning_job(job_id)
+        job = self._set_tuning_job(job_id, state="JOB_STATE_RUNNING", startTime=_rfc3339(),
+                                   tuningJobState="TUNING_JOB_STATE_PROCESSING_DATASET")
+        kind = "supervisedTuningSpec" if "supervisedTuningSpec" in job else \
+            "preferenceOptimizationSpec"
+        spec = job[kind]
+        try:
+            stats = _tuning_dataset_stats(kind, spec["trainingDatasetUri"],
+                                          spec.get("validationDatasetUri"))
+        except InvalidArgument as e:
+            ended["endTime"] = _rfc3339()
+            return self._set_tuning_job(job_id, state="JOB_STATE_FAILED",
+                                        error={"code": 3, "message": str(e)}, **ended)
+        hyper = dict(spec["hyperParameters"])
+        # The service picks what was not asked, and says what it picked.
+        hyper.setdefault("epochCount", "5")
+        hyper.setdefault("learningRateMultiplier", 1.0)
+        hyper.setdefault("adapterSize", "ADAPTER_SIZE_FOUR")
+        stat_key = ("supervisedTuningDataStats" if kind == "supervisedTuningSpec"
+                    else "preferenceOptimizationDataStats")
+        self._set_tuning_job(job_id, tuningJobState="TUNING_JOB_STATE_TUNING",
+                             tuningDataStats={stat_key: stats},
+                             **{kind: {**spec, "hyperParameters": hyper}})
+        if not self._tuning_wait(job_id, lambda: config.tuning_running_seconds):
+            return self._cancel_tuning_job(job_id)
+        if config.tuning_fault == "fail":
+            return self._set_tuning_job(job_id, state="JOB_STATE_FAILED", endTime=_rfc3339(),
+                                        error={"code": 13, "message": "Internal error "
+                                               "occurred while tuning the model."})
+        project_location = job["name"].rsplit("/tuningJobs/", 1)[0]
+        self._set_tuning_job(job_id, state="JOB_STATE_SUCCEEDED", endTime=_rfc3339(),
+                             tuningJobState="TUNING_JOB_STATE_POST_PROCESSING",
+                             tunedModel={
+                                 "model": f"{project_location}/models/{job_id}1@1",
+                                 "endpoint": f"{project_location}/endpoints/{job_id}2"})
+
+    def _cancel_tuning_job(self, job_id: str) -> None:
+        self._set_tuning_job(job_id, state="JOB_STATE_CANCELLED", endTime=_rfc3339(),
+                             error={"code": 1, "message": "CANCELED"})
+
+    def _deployed_base(self, endpoint_id: str) -> Optional[str]:
+        """The base model of the succeeded tuning job deployed at this endpoint."""
+        with self._lock:
+            for job in self.tuning_jobs.values():
+                endpoint = (job.get("tunedModel") or {}).get("endpoint", "")
+                if endpoint.rsplit("/", 1)[-1] == endpoint_id:
+                    return job["baseModel"]
+        return None
+
+    def _endpoint_metadata(self, handler, endpoint_id: str) -> None:
+        """endpoints.get: a tuned model's endpoint, once deployed. Not logged."""
+        base = self._deployed_base(endpoint_id)
+        if base is None:
+            return self._send(handler, 404, {"error": {
+                "code": 404, "status": "NOT_FOUND",
+                "message": f"Endpoint `{endpoint_id}` not found."}}, "not_found")
+        self._reply(handler, {"name": f"endpoints/{endpoint_id}",
+                              "displayName": f"tuned {base}",
+                              "deployedModels": [{"id": "1", "model": f"models/{base}"}]})
+
+
 _BATCH_FINAL = {"JOB_STATE_SUCCEEDED", "JOB_STATE_PARTIALLY_SUCCEEDED",
                 "JOB_STATE_FAILED", "JOB_STATE_CANCELLED", "JOB_STATE_EXPIRED"}
 
@@ -764,6 +1002,71 @@ def _gcs_read(uri: str) -> str:
 def _gcs_write(uri: str, text: str) -> None:
     _gcs_blob(uri).upload_from_string(text.encode("utf-8"),
                                       content_type="application/jsonl")
+
+
+# The base models each kind of tuning takes, and the adapter sizes (2.5 Pro: up to 8).
+TUNABLE_MODELS = {
+    "supervisedTuningSpec": ("gemini-2.5-pro", "gemini-2.5-flash", "gemini-2.0-flash"),
+    "preferenceOptimizationSpec": ("gemini-2.5-flash",),
+}
+ADAPTER_SIZES_25_PRO = ("ADAPTER_SIZE_ONE", "ADAPTER_SIZE_TWO", "ADAPTER_SIZE_FOUR",
+                        "ADAPTER_SIZE_EIGHT")
+ADAPTER_SIZES = (*ADAPTER_SIZES_25_PRO, "ADAPTER_SIZE_SIXTEEN")
+TUNING_MAX_EXAMPLES, TUNING_MAX_EXAMPLE_TOKENS = 1_000_000, 131_072
+TUNING_MAX_VALIDATION = 5_000
+
+
+def _tuning_dataset_stats(kind: str, training: str, validation: Optional[str]) -> dict:
+    """Reads and checks a tuning job's dataset as the service does, line by line
+    (the first bad line fails the job, saying where and why); the data statistics the
+    job reports. Tokens are this server's count: a word and its space, about 1.3 a
+    word."""
+    def lines(uri):
+        try:
+            return [line for line in _gcs_read(uri).splitlines() if line.strip()]
+        except Exception:
+            raise InvalidArgument(f"Dataset {uri} cannot be read: not found or no "
+                                  "access") from None
+    rows = lines(training)
+    if validation and len(lines(validation)) > TUNING_MAX_VALIDATION:
+        raise InvalidArgument(f"Validation dataset has more than {TUNING_MAX_VALIDATION} "
+                              "examples.")
+    if len(rows) > TUNING_MAX_EXAMPLES:
+        raise InvalidArgument(f"Training dataset has more than {TUNING_MAX_EXAMPLES} "
+                              "examples.")
+    tokens = []
+    for number, line in enumerate(rows, start=1):
+        where = f"Dataset validation failed: {training} line {number}: "
+        try:
+            row = json.loads(line)
+            contents = row["contents"]
+            texts = [part["text"] for c in contents for part in c["parts"]]
+            if not contents or any(c["role"] not in ("user", "model") for c in contents):
+                raise ValueError("roles must be user or model")
+            if kind == "supervisedTuningSpec":
+                if contents[-1]["role"] != "model":
+                    raise ValueError("the last content must be the model's turn")
+            else:
+                completions = row["completions"]
+                if contents[-1]["role"] != "user":
+                    raise ValueError("contents must end with a user turn")
+                if len(completions) != 2 or sorted(c["score"] for c in completions) != [0, 1]:
+                    raise ValueError("completions must be one preferred (score 1) and one "
+                                     "dispreferred (score 0)")
+                texts += [p["text"] for c in completions for p in c["completion"]["parts"]]
+        except (ValueError, KeyError, TypeError) as e:
+            raise InvalidArgument(where + str(e)) from None
+        if not all(isinstance(t, str) and t for t in texts):
+            raise InvalidArgument(where + "every part needs non-empty text")
+        count = math.ceil(1.3 * sum(len(t.split()) for t in texts))
+        if count > TUNING_MAX_EXAMPLE_TOKENS:
+            raise InvalidArgument(where + f"{count} tokens, over {TUNING_MAX_EXAMPLE_TOKENS}")
+        tokens.append(count)
+    if not rows:
+        raise InvalidArgument(f"Dataset validation failed: {training} holds no example.")
+    return {"tuningDatasetExampleCount": str(len(rows)),
+            "totalBillableTokenCount": str(sum(tokens)),
+            "tuningStepCount": str(max(1, len(rows) // 8))}
 
 
 def main(argv=None) -> None:

@@ -28,6 +28,28 @@ DEFAULT_PRICES = {
     "llamacpp:": {"input": 0.0, "output": 0.0},
 }
 
+# USD per million training tokens (the training file's tokens times the epochs) of
+# Vertex AI supervised and preference tuning of a base model, as published when this
+# was written; a tuned model's endpoint is then billed at its base model's online
+# price. Override with --prices FILE's "tuning" entry: {"tuning": {"vertex:MODEL": x}}.
+DEFAULT_TUNING_PRICES = {
+    "vertex:gemini-2.5-pro": 25.0,
+    "vertex:gemini-2.5-flash": 5.0,
+    "vertex:gemini-2.5-flash-lite": 1.5,
+    "vertex:gemini-2.0-flash": 3.0,
+    "vertex:gemini-2.0-flash-lite": 1.0,
+}
+
+
+def tuning_cost_usd(base_model_uri: str, tokens_per_epoch: float, epochs: Optional[int],
+                    overrides: Optional[Mapping] = None) -> Optional[float]:
+    """What a tuning job costs; None when the price or the epochs are unknown."""
+    prices = {**DEFAULT_TUNING_PRICES, **((overrides or {}).get("tuning") or {})}
+    price = price_of(base_model_uri, prices)
+    if price is None or not epochs:
+        return None
+    return round(tokens_per_epoch * epochs * price / 1e6, 4)
+
 
 # What each way of serving a model costs against its online price: Flex PayGo and
 # Vertex AI batch prediction bill the same tokens at half.

@@ -263,7 +263,8 @@ def evaluate(argv: list[str]) -> int:
 SUBCOMMANDS = {"split": "split:split_command", "report": "report:report_command",
                "plan": "plan:plan_command", "prompts": "prompts:prompts_command",
                "show": "show:show_command", "jobs": "jobs:jobs_command",
-               "yaml": "yaml_run:yaml_command"}
+               "yaml": "yaml_run:yaml_command", "tune": "tune:tune_command",
+               "experiment": "experiment:experiment_command"}
 
 
 def _subcommand(name: str, argv: list[str]) -> int:
@@ -293,7 +294,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                              "prompts: what each stage sends a model; "
                              "show: one pair of a run, traced through the method; "
                              "yaml: a Beam YAML pipeline of codeclm stages, with "
-                             "progress")
+                             "progress; "
+                             "tune: a Vertex AI tuning job on a run's kept pairs; "
+                             "experiment: split, generate, tune and evaluate, "
+                             "resumable")
     if not argv or argv[0] in ("-h", "--help", "--version"):
         parser.parse_args(argv or ["--help"])
         return 0

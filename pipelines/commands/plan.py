@@ -349,6 +349,11 @@ def plan_command(argv: list[str]) -> int:
     parser.add_argument("--prices", default=None,
                         help='JSON file: {"MODEL URI or prefix": {"input": USD per 1M '
                              'tokens, "cached_input": ..., "output": ...}}')
+    parser.add_argument("--tune_base_model", default=None,
+                        help="vertex:MODEL: add what tuning it on the pairs would cost "
+                             "(`codeclm-beam tune`), at the pilot's tokens per pair.")
+    parser.add_argument("--tune_epochs", type=int, default=3,
+                        help="Epochs of that tuning job (default 3).")
     parser.add_argument("--json", action="store_true", help="Print the plan as JSON.")
     args = parser.parse_args(argv)
     try:
@@ -364,5 +369,38 @@ def plan_command(argv: list[str]) -> int:
                   args.num_metadata, read_json(args.prices) if args.prices else None,
                   args.max_requests_per_minute, args.max_tokens_per_minute,
                   args.overgenerate_margin)
-    print(json.dumps(result, indent=2) if args.json else render(result))
+    text = render(result)
+    if args.tune_base_model:
+        result["tuning"] = tuning_projection(
+            args.pilot_run, args.num_examples, args.tune_base_model, args.tune_epochs,
+            read_json(args.prices) if args.prices else None)
+        text += "\n" + render_tuning(result["tuning"])
+    print(json.dumps(result, indent=2) if args.json else text)
     return 0
+
+
+def tuning_projection(pilot_run: str, num_examples: int, base_model: str, epochs: int,
+                      prices: Optional[dict] = None) -> dict[str, Any]:
+    """A supervised tuning job on `num_examples` pairs like the pilot's kept pairs:
+    training tokens (estimated as `tune` checks them) and cost at the tuning price."""
+    from apache_beam.io.filesystems import FileSystems
+
+    from codeclm_beam.pipelines.run.outputs import read_jsonl_dir
+    from codeclm_beam.pricing import tuning_cost_usd
+    from codeclm_beam.tuning import SUPERVISED
+    from codeclm_beam.tuning import training_data
+    pairs = read_jsonl_dir(FileSystems.join(pilot_run, "examples"))
+    per_pair = (training_data(pairs, SUPERVISED).estimated_tokens / len(pairs)
+                if pairs else 0.0)
+    tokens = round(per_pair * num_examples)
+    return {"base_model": base_model, "epochs": epochs, "pairs": num_examples,
+            "tokens_per_pair": round(per_pair, 1), "training_tokens_per_epoch": tokens,
+            "cost_usd": tuning_cost_usd(base_model, tokens, epochs, prices)}
+
+
+def render_tuning(tuning: dict[str, Any]) -> str:
+    cost = tuning["cost_usd"]
+    return (f"  tuning {tuning['base_model']} on {tuning['pairs']:,} pairs: "
+            f"{tuning['training_tokens_per_epoch']:,} training tokens an epoch "
+            f"({tuning['tokens_per_pair']:,} a pair, estimated) x {tuning['epochs']} "
+            f"epochs = {'unknown (no tuning price)' if cost is None else f'${cost:,.2f}'}")

@@ -27,6 +27,7 @@ from codeclm_beam import metrics
 from codeclm_beam.model.errors import ConfigurationError
 from codeclm_beam.records import avro_schema
 from codeclm_beam.records import to_dict
+from codeclm_beam.tuning import supervised_row
 
 EXPORT_FORMATS = ("vertex", "openai", "alpaca")
 _LOG = logging.getLogger(__name__)
@@ -67,10 +68,9 @@ class WriteAvro(beam.PTransform):
 
 
 def vertex_tuning_row(example) -> str:
-    """Vertex AI Gemini supervised-tuning JSONL."""
-    return json.dumps({"contents": [
-        {"role": "user", "parts": [{"text": example.instruction}]},
-        {"role": "model", "parts": [{"text": example.response}]}]}, ensure_ascii=False)
+    """Vertex AI Gemini supervised-tuning JSONL (`codeclm-beam tune` writes the same)."""
+    return json.dumps(supervised_row(example.instruction, example.response),
+                      ensure_ascii=False)
 
 
 def openai_chat_row(example) -> str:

@@ -33,7 +33,8 @@ class GoogleGenAIBackend(Backend):
 
         self._types = types
         self._backend = config.spec.backend
-        self._model = config.spec.model
+        # A tuned model is called at its endpoint, in the endpoint's location.
+        self._model = config.spec.endpoint or config.spec.model
         flex = config.billing_mode == FLEX
         http_options = types.HttpOptions(
             timeout=int((max(config.request_timeout_s, FLEX_TIMEOUT_S) if flex
@@ -42,9 +43,11 @@ class GoogleGenAIBackend(Backend):
             # Flex PayGo: the same request, served from shared capacity at half price.
             headers={FLEX_HEADER: "flex"} if flex else None)
         if config.spec.backend == "vertex":
-            project = config.project or os.environ.get("GOOGLE_CLOUD_PROJECT")
-            location = ("global" if flex else config.location
-                        or os.environ.get("GOOGLE_CLOUD_LOCATION") or "us-central1")
+            project = (config.project or os.environ.get("GOOGLE_CLOUD_PROJECT")
+                       or config.spec.endpoint_project)
+            location = ("global" if flex else config.spec.endpoint_location
+                        or config.location or os.environ.get("GOOGLE_CLOUD_LOCATION")
+                        or "us-central1")
             if not project:
                 raise PermanentModelError(
                     f"{config.uri}: set --vertex_project or GOOGLE_CLOUD_PROJECT")
