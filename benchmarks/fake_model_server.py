@@ -630,14 +630,20 @@ class FakeModelServer:
             pass  # the client went away (its timeout): logged already
 
 
-    # -- batch prediction ---------------------------------------------------------
-    def _batch_api(self, handler: BaseHTTPRequestHandler, method: str) -> None:
-        path = handler.path.split("?")[0]
-        project, location, job_id, cancel = _BATCH_PATH.search(path).groups()
+    def _job_call(self, handler, method: str, pattern, calls: list) -> tuple:
+        """(location, job id or None, ":cancel" or None, body) of a call to a jobs API,
+        recorded in `calls`."""
+        _, location, job_id, cancel = pattern.search(handler.path.split("?")[0]).groups()
         length = int(handler.headers.get("content-length") or 0)
         body = json.loads(handler.rfile.read(length) or b"{}")
         with self._lock:
-            self.batch_calls.append((method + (":cancel" if cancel else ""), job_id or ""))
+            calls.append((method + (":cancel" if cancel else ""), job_id or ""))
+        return location, job_id, cancel, body
+
+    # -- batch prediction ---------------------------------------------------------
+    def _batch_api(self, handler: BaseHTTPRequestHandler, method: str) -> None:
+        location, job_id, cancel, body = self._job_call(handler, method, _BATCH_PATH,
+                                                        self.batch_calls)
         if method == "GET" and job_id is None:
             return self._send(handler, 200, self._list_jobs(handler.path), "batch_list")
         if method == "POST" and job_id is None:
@@ -676,26 +682,32 @@ class FakeModelServer:
         return {"batchPredictionJobs": jobs} if jobs else {}
 
     def _create_job(self, body: dict, location: str) -> dict:
-        with self._lock:
-            job_id = str(1000 + len(self.batch_jobs))
-            now = _rfc3339()
-            job = {"name": f"projects/123456789/locations/{location}/"
-                           f"batchPredictionJobs/{job_id}",
-                   "displayName": body.get("displayName", ""),
-                   "model": body.get("model", ""),
-                   "inputConfig": body.get("inputConfig", {}),
-                   "outputConfig": body.get("outputConfig", {}),
-                   "state": "JOB_STATE_PENDING", "createTime": now, "updateTime": now}
-            self.batch_jobs[job_id] = job
-            created = json.loads(json.dumps(job))
-        threading.Thread(target=self._run_job, args=(job_id,), daemon=True).start()
-        return created
+        return self._start_job(self.batch_jobs, 1000, lambda job_id: {
+            "name": f"projects/123456789/locations/{location}/batchPredictionJobs/{job_id}",
+            "displayName": body.get("displayName", ""), "model": body.get("model", ""),
+            "inputConfig": body.get("inputConfig", {}),
+            "outputConfig": body.get("outputConfig", {})}, self._run_job)
 
     def _set_job(self, job_id: str, **fields) -> dict:
+        return self._update_job(self.batch_jobs, job_id, **fields)
+
+    # A long-running job of either API: a REST resource, and a thread living its life.
+    def _start_job(self, store: dict, first_id: int, resource, run) -> dict:
+        """Stores `resource(job_id)` as a new pending job, starts `run(job_id)`, and
+        returns the job as created."""
         with self._lock:
-            job = self.batch_jobs[job_id]
-            job.update(fields, updateTime=_rfc3339())
-            return dict(job)
+            job_id = str(first_id + len(store))
+            now = _rfc3339()
+            store[job_id] = {**resource(job_id), "state": "JOB_STATE_PENDING",
+                             "createTime": now, "updateTime": now}
+            created = json.loads(json.dumps(store[job_id]))
+        threading.Thread(target=run, args=(job_id,), daemon=True).start()
+        return created
+
+    def _update_job(self, store: dict, job_id: str, **fields) -> dict:
+        with self._lock:
+            store[job_id].update(fields, updateTime=_rfc3339())
+            return json.loads(json.dumps(store[job_id]))
 
     def _cancelled(self, job_id: str) -> bool:
         with self._lock:
@@ -797,12 +809,8 @@ class FakeModelServer:
     # job goes through CANCELLING to CANCELLED; an ended job cannot be cancelled.
     def _tuning_api(self, handler: BaseHTTPRequestHandler, method: str) -> None:
         import urllib.parse
-        path = handler.path.split("?")[0]
-        _, location, job_id, cancel = _TUNING_PATH.search(path).groups()
-        length = int(handler.headers.get("content-length") or 0)
-        body = json.loads(handler.rfile.read(length) or b"{}")
-        with self._lock:
-            self.tuning_calls.append((method + (":cancel" if cancel else ""), job_id or ""))
+        location, job_id, cancel, body = self._job_call(handler, method, _TUNING_PATH,
+                                                        self.tuning_calls)
         if method == "GET" and job_id is None:
             query = urllib.parse.parse_qs(urllib.parse.urlsplit(handler.path).query)
             return self._send(handler, 200, self._list_tuning_jobs(query), "tuning_list")
@@ -882,23 +890,14 @@ class FakeModelServer:
                     not re.fullmatch(r"[a-z0-9_-]{0,63}", str(value)):
                 raise InvalidArgument(f"label {key}={value!r}: keys and values are at "
                                       "most 63 lowercase letters, digits, - and _")
-        with self._lock:
-            job_id = str(7000 + len(self.tuning_jobs))
-            now = _rfc3339()
-            job = {"name": f"projects/123456789/locations/{location}/tuningJobs/{job_id}",
-                   "tunedModelDisplayName": body.get("tunedModelDisplayName", ""),
-                   "baseModel": base, specs[0]: spec, "labels": body.get("labels", {}),
-                   "state": "JOB_STATE_PENDING", "createTime": now, "updateTime": now}
-            self.tuning_jobs[job_id] = job
-            created = json.loads(json.dumps(job))
-        threading.Thread(target=self._run_tuning_job, args=(job_id,), daemon=True).start()
-        return created
+        return self._start_job(self.tuning_jobs, 7000, lambda job_id: {
+            "name": f"projects/123456789/locations/{location}/tuningJobs/{job_id}",
+            "tunedModelDisplayName": body.get("tunedModelDisplayName", ""),
+            "baseModel": base, specs[0]: spec, "labels": body.get("labels", {})},
+            self._run_tuning_job)
 
     def _set_tuning_job(self, job_id: str, **fields) -> dict:
-        with self._lock:
-            job = self.tuning_jobs[job_id]
-            job.update(fields, updateTime=_rfc3339())
-            return json.loads(json.dumps(job))
+        return self._update_job(self.tuning_jobs, job_id, **fields)
 
     def _tuning_wait(self, job_id: str, seconds, stuck: bool = False) -> bool:
         """Waits `seconds()` (forever when `stuck`); False when cancelled meanwhile.

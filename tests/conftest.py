@@ -94,3 +94,17 @@ def gcs_emulator():
         yield f"http://127.0.0.1:{port}"
     finally:
         server.stop()
+
+
+@pytest.fixture
+def cloud(monkeypatch, gcs_emulator):
+    """Vertex AI on a loopback server and Cloud Storage on the emulator, as the contract
+    tests reach them: anonymous Cloud Storage calls (no wait for credentials), a fake
+    access token for Vertex AI, and a project and location."""
+    from apache_beam.internal.gcp.auth import _Credentials
+    monkeypatch.setattr(_Credentials, "_credentials_init", True)
+    monkeypatch.setattr(_Credentials, "_credentials", None)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator)
+    monkeypatch.setenv("CODECLM_VERTEX_ACCESS_TOKEN", "fake-token-for-loopback")
+    monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "test-proj")
+    monkeypatch.setenv("GOOGLE_CLOUD_LOCATION", "us-central1")

@@ -88,3 +88,12 @@ def collect(build, options=None) -> dict[str, list]:
         for name, pcoll in build(pipeline).items():
             pcoll | f"Collect{name}" >> beam.Map(_gather, name)
     return {name: list(values) for name, values in COLLECTED.items()}
+
+
+# Beam looks for Application Default Credentials before it talks to Cloud Storage,
+# retrying for about 30 s when there are none; the emulator takes anonymous calls, so
+# a child run the tests start goes straight to anonymous, as Beam would end
+# (`python -c ANONYMOUS_GCS COMMAND ARGS...`; the `cloud` fixture does it in process).
+ANONYMOUS_GCS = ("from apache_beam.internal.gcp.auth import _Credentials; "
+                 "_Credentials._credentials_init = True; import sys; "
+                 "from codeclm_beam.pipelines.cli import main; sys.exit(main())")

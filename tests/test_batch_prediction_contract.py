@@ -32,31 +32,13 @@ from codeclm_beam.pipelines.run.manifest import billing_modes
 from codeclm_beam.pipelines.commands.plan import Pilot
 from codeclm_beam.pipelines.commands.plan import plan
 from codeclm_beam.pipelines.commands.plan import render
+from tests.helpers import ANONYMOUS_GCS
 from tests.helpers import read_jsonl
 from tests.helpers import run_generate
 from tests.helpers import write_seeds
 
 SCHEMA = {"type": "object", "properties": {"answer": {"type": "string"}},
           "required": ["answer"]}
-
-
-# Beam looks for Application Default Credentials before it talks to Cloud Storage,
-# retrying for about 30 s when there are none; the emulator takes anonymous calls, so
-# the tests (and the pipeline they start) go straight to anonymous, as Beam would end.
-_ANONYMOUS_GCS = ("from apache_beam.internal.gcp.auth import _Credentials; "
-                  "_Credentials._credentials_init = True; import sys; "
-                  "from codeclm_beam.pipelines.cli import main; sys.exit(main())")
-
-
-@pytest.fixture
-def cloud(monkeypatch, gcs_emulator):
-    from apache_beam.internal.gcp.auth import _Credentials
-    monkeypatch.setattr(_Credentials, "_credentials_init", True)
-    monkeypatch.setattr(_Credentials, "_credentials", None)
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator)
-    monkeypatch.setenv("CODECLM_VERTEX_ACCESS_TOKEN", "fake-token-for-loopback")
-    monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "test-proj")
-    monkeypatch.setenv("GOOGLE_CLOUD_LOCATION", "us-central1")
 
 
 def _config(server, batch_dir, **batch) -> ModelConfig:
@@ -276,7 +258,7 @@ def test_a_run_killed_while_its_job_runs_resumes_it_and_pays_for_no_request_twic
     with FakeModelServer(config) as server:
         args = _generate_args(server, seeds, out, batch_dir)
         first = subprocess.Popen(
-            [sys.executable, "-c", _ANONYMOUS_GCS, "generate", *args],
+            [sys.executable, "-c", ANONYMOUS_GCS, "generate", *args],
             env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True)
         try:

@@ -28,24 +28,7 @@ from codeclm_beam.pipelines.cli import main
 from codeclm_beam.pipelines.run.outputs import read_json
 from codeclm_beam.tuning import preference_row
 from codeclm_beam.tuning import supervised_row
-
-# As in the batch contract tests: Beam's gs:// filesystem goes straight to anonymous
-# calls against the emulator (in this process and in a child run).
-_ANONYMOUS_GCS = ("from apache_beam.internal.gcp.auth import _Credentials; "
-                  "_Credentials._credentials_init = True; import sys; "
-                  "from codeclm_beam.pipelines.cli import main; sys.exit(main())")
-
-
-@pytest.fixture
-def cloud(monkeypatch, gcs_emulator):
-    from apache_beam.internal.gcp.auth import _Credentials
-    monkeypatch.setattr(_Credentials, "_credentials_init", True)
-    monkeypatch.setattr(_Credentials, "_credentials", None)
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator)
-    monkeypatch.setenv("CODECLM_VERTEX_ACCESS_TOKEN", "fake-token-for-loopback")
-    monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "test-proj")
-    monkeypatch.setenv("GOOGLE_CLOUD_LOCATION", "us-central1")
-
+from tests.helpers import ANONYMOUS_GCS
 
 def a_run(tmp_path, pairs: int = 12, target: str = "vertex:gemini-2.5-flash-lite") -> str:
     """A generate run's folder as `tune` reads it: its manifest and kept pairs."""
@@ -227,7 +210,7 @@ def test_an_experiment_killed_while_tuning_resumes_and_pays_for_nothing_twice(
                           max_seconds=400)
     with FakeModelServer(config) as server:
         flags = experiment_flags(server, benchmark, out)
-        first = subprocess.Popen([sys.executable, "-c", _ANONYMOUS_GCS, "experiment", *flags],
+        first = subprocess.Popen([sys.executable, "-c", ANONYMOUS_GCS, "experiment", *flags],
                                  env=dict(os.environ), stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL, start_new_session=True)
         record = out / "generate" / "tuning" / "job.json"
