@@ -155,6 +155,8 @@ class Experiment:
     # -- what the user reads ------------------------------------------------------------
     def _next_steps(self) -> None:
         export = self.path("generate", "export")
+        files = "\n".join(f"   - `{m.path}`" for m in FileSystems.match(
+            [FileSystems.join(export, "openai-*.jsonl")])[0].metadata_list)
         flags = " ".join(shlex.quote(f) for f in _model_only(self.flags))
         text = f"""# Next steps: tune {self.models['target']} elsewhere
 
@@ -162,8 +164,9 @@ class Experiment:
 elsewhere, so the chain stopped after `generate`.
 
 1. Train on the kept pairs, in the OpenAI chat format most trainers take:
-   `{export}/openai-*.jsonl` (Gemini's format: `--export_format vertex`; Alpaca:
-   `--export_format alpaca`). Preference pairs (chosen = the kept answer, rejected =
+{files}
+   (Gemini's format: `--export_format vertex`; Alpaca: `--export_format alpaca`, in
+   `{export}`). Preference pairs (chosen = the kept answer, rejected =
    the other model's) are in `{self.run_dir}/examples/examples-*.jsonl`
    (`response`, `other_response`, `gap`).
 2. Serve the tuned weights behind an OpenAI-compatible server (vLLM, llama.cpp
