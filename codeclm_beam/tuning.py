@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -91,7 +92,7 @@ class Hyperparameters:
                 f"{', '.join(map(str, sizes))}")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class TrainingData:
     """The JSONL of a tuning job's training and validation files, and what was left
     out of them and why (every kept pair is counted in one of the three)."""
@@ -100,11 +101,19 @@ class TrainingData:
     skipped: dict[str, int]
 
     def text(self, part: str) -> str:
-        rows = self.training if part == "training" else self.validation
-        return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n"
-                       for r in rows)
+        """The JSONL of "training" or "validation"."""
+        return self._texts[part]
 
-    @property
+    @functools.cached_property
+    def _texts(self) -> dict[str, str]:
+        # Serialised once: the fingerprint, the size check and the upload read it
+        # (a training file may be up to 1 GB).
+        return {part: "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n"
+                              for r in rows)
+                for part, rows in (("training", self.training),
+                                   ("validation", self.validation))}
+
+    @functools.cached_property
     def fingerprint(self) -> str:
         """What the data is: a hash of both files' bytes."""
         digest = hashlib.sha256()

@@ -44,9 +44,12 @@ STEPS = ("split", "generate", "tune", "evaluate")
 
 
 class Experiment:
-    def __init__(self, args, pipeline_flags: list[str]):
+    def __init__(self, args, pipeline_flags: list[str], pipeline_options):
+        """`pipeline_flags` go to generate and evaluate as given; `pipeline_options`
+        is what generate's own parser reads in them."""
         self.args = args
         self.flags = pipeline_flags
+        self.options = pipeline_options
         self.root = args.output_dir
         self.path = lambda *parts: FileSystems.join(self.root, *parts)
         record_path = self.path(RECORD)
@@ -60,7 +63,8 @@ class Experiment:
         self.seeds = self.path("split", name + SEEDS_SUFFIX)
         self.held_out = self.path("split", name + EVAL_SUFFIX)
         self.run_dir, self.eval_dir = self.path("generate"), self.path("evaluate")
-        self.models = _model_flags(pipeline_flags)
+        self.models = {"strong": pipeline_options.strong_model,
+                       "target": pipeline_options.target_model}
 
     # -- the chain ----------------------------------------------------------------------
     def run(self) -> int:
@@ -68,11 +72,11 @@ class Experiment:
         self._step("generate", lambda: FileSystems.exists(self.path("generate",
                                                                     "manifest.json")),
                    self._generate)
-        target = ModelSpec.parse(self.models["target"])
-        if target.backend != "vertex" or target.endpoint:
+        if tune_lib.tunable_base(self.models["target"]) is None:
             self._next_steps()
             self._write_report()
-            print(f"codeclm-beam experiment: {target.uri} is not a Vertex AI Gemini model: "
+            print(f"codeclm-beam experiment: {ModelSpec.parse(self.models['target']).uri} "
+                  "is not a Vertex AI Gemini model: "
                   f"stopped after generate; what to do next is in {self.path(NEXT_STEPS)}",
                   file=sys.stderr)
             return 0
@@ -119,7 +123,7 @@ class Experiment:
     def _generate(self) -> dict:
         from codeclm_beam.pipelines.generate import run
         flags = list(self.flags)
-        if "openai" not in _values(flags, "--export_format"):
+        if "openai" not in self.options.export_format:
             flags += ["--export_format", "openai"]  # what any other trainer takes
         manifest = run(flags + ["--seeds", self.seeds, "--output_dir", self.run_dir])
         if not manifest["accounting"]["balanced"]:
@@ -265,35 +269,20 @@ def _say(line: str) -> None:
     print(f"codeclm-beam experiment: {line}", file=sys.stderr, flush=True)
 
 
-def _values(flags: list[str], name: str) -> list[str]:
-    found = []
-    for i, flag in enumerate(flags):
-        if flag == name and i + 1 < len(flags):
-            found.append(flags[i + 1])
-        elif flag.startswith(name + "="):
-            found.append(flag.split("=", 1)[1])
-    return found
-
-
-def _model_flags(flags: list[str]) -> dict[str, str]:
-    from codeclm_beam.model.uri import DEFAULT_MODEL_URI
-    strong = (_values(flags, "--strong_model") or [DEFAULT_MODEL_URI])[-1]
-    return {"strong": strong,
-            "target": (_values(flags, "--target_model") or [DEFAULT_MODEL_URI])[-1]}
-
-
 def _model_only(flags: list[str]) -> list[str]:
     """The flags of how models are called (for the evaluate command to copy)."""
     from codeclm_beam.options import ModelOptions
     from codeclm_beam.options import option_actions
-    names = {option for action in option_actions(ModelOptions)
-             for option in action.option_strings} - {"--strong_model", "--target_model"}
+    actions = {option: action for action in option_actions(ModelOptions)
+               for option in action.option_strings
+               if option not in ("--strong_model", "--target_model")}
     kept, i = [], 0
     while i < len(flags):
-        flag = flags[i].split("=", 1)[0]
-        takes_value = "=" not in flags[i] and i + 1 < len(flags) and \
-            not flags[i + 1].startswith("--")
-        if flag in names:
+        flag, inline = flags[i].split("=", 1)[0], "=" in flags[i]
+        action = actions.get(flag)
+        # A flag's value is the next word unless written --flag=VALUE or it takes none.
+        takes_value = not inline and action is not None and action.nargs != 0
+        if action is not None:
             kept += flags[i:i + 1 + takes_value]
         i += 1 + takes_value
     return kept
@@ -303,6 +292,7 @@ def experiment_command(argv: list[str]) -> int:
     from codeclm_beam.pipelines.cli import refuse_unknown_options
     from codeclm_beam.pipelines.generate import OPTION_VIEWS
     from codeclm_beam.pipelines.cli import _options_parser
+    from codeclm_beam.pipelines.evaluate import EvaluateOptions
     parser = SuggestingParser(prog="codeclm-beam experiment",
                               description=__doc__.split("\n\n")[0],
                               epilog="Every other flag is generate's (models, sizes, "
@@ -318,15 +308,16 @@ def experiment_command(argv: list[str]) -> int:
     parser.add_argument("--poll_seconds", type=float, default=60.0,
                         help="Longest wait between two looks at the tuning job.")
     args, rest = parser.parse_known_args(argv)
-    for flag in ("--seeds", "--candidate_model", "--reference_model"):
-        if _values(rest, flag):
-            parser.error(f"{flag} is the experiment's to set (from --benchmark and the "
-                         "models)")
     refuse_unknown_options(_options_parser("codeclm-beam experiment", "", *OPTION_VIEWS),
                            rest)
+    # What generate (and evaluate) will read in the other flags.
+    known, _ = _options_parser("", "", *OPTION_VIEWS, EvaluateOptions).parse_known_args(rest)
+    for flag in ("seeds", "candidate_model", "reference_model"):
+        if getattr(known, flag):
+            parser.error(f"--{flag} is the experiment's to set (from --benchmark and the "
+                         "models)")
     # The model flags tune needs, read where generate reads them.
-    known, _ = _options_parser("", "", *OPTION_VIEWS).parse_known_args(rest)
     args.vertex_project, args.vertex_location = known.vertex_project, known.vertex_location
     args.model_base_url = known.model_base_url
-    return Experiment(args, rest).run()
+    return Experiment(args, rest, known).run()
 

@@ -24,12 +24,14 @@ from typing import Any, Optional, TextIO
 
 from apache_beam.io.filesystems import FileSystems
 
+from codeclm_beam.model.backends.vertex_tuning import ENDED
 from codeclm_beam.model.backends.vertex_tuning import TuningJob
 from codeclm_beam.model.backends.vertex_tuning import VertexTuningJobs
 from codeclm_beam.model.config import ModelConfig
 from codeclm_beam.model.errors import ConfigurationError
 from codeclm_beam.model.errors import ModelError
 from codeclm_beam.model.errors import PermanentModelError
+from codeclm_beam.model.uri import ModelSpec
 from codeclm_beam.pipelines.run.args import SuggestingParser
 from codeclm_beam.pipelines.run.outputs import read_json
 from codeclm_beam.pipelines.run.outputs import read_jsonl_dir
@@ -68,12 +70,21 @@ def _label_value(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in text.lower())[:63]
 
 
+def tunable_base(uri: str) -> Optional[str]:
+    """The model a URI names as Vertex AI's tuning names it (gemini-2.5-flash-lite),
+    or None when it is no Vertex AI Gemini base model (another backend, or a tuned
+    endpoint)."""
+    if not uri:
+        return None
+    spec = ModelSpec.parse(uri if ":" in uri else f"vertex:{uri}")
+    return spec.model if spec.backend == "vertex" and not spec.endpoint else None
+
+
 def base_model_of(settings: TuneSettings, manifest: dict) -> str:
-    """The Gemini model to tune, as the service names it (gemini-2.5-flash-lite)."""
+    """The Gemini model to tune: --base_model, else the run's target."""
     uri = settings.base_model or manifest.get("models", {}).get("target", "")
-    name = uri.removeprefix("vertex:")
-    if uri.startswith(("openai:", "llamacpp:", "gemini:", "custom:")) or "@" in name \
-            or not name:
+    name = tunable_base(uri)
+    if name is None:
         raise ConfigurationError(
             f"tuning needs a Gemini base model on Vertex AI: give --base_model "
             f"vertex:MODEL (the run's target is {uri or 'unknown'}; an OpenAI-compatible "
@@ -143,7 +154,7 @@ class Tuner:
         if previous and previous.get("key") == key and not self.settings.new_job:
             return previous
         if previous and previous.get("job"):
-            if previous.get("state") not in (None, *_ENDED) and not self.settings.new_job:
+            if previous.get("state") not in (None, *ENDED) and not self.settings.new_job:
                 raise ConfigurationError(
                     f"tuning job {previous['job']} (other data or settings) is "
                     f"{previous.get('state')}: wait for it, or stop it with --cancel run "
@@ -174,11 +185,6 @@ class Tuner:
         return found
 
     def _create(self, record: dict, data) -> TuningJob:
-        if record.get("state") in _ENDED:
-            raise ConfigurationError(
-                f"tuning job {record['job']} for this data ended {record['state']}"
-                + (f" ({record['error']})" if record.get("error") else "")
-                + ": give --new_job to pay for another")
         folder = FileSystems.join(self.tuning_dir, record["key"])
         files = {"training": FileSystems.join(folder, "training.jsonl"),
                  "validation": (FileSystems.join(folder, "validation.jsonl")
@@ -252,7 +258,6 @@ class Tuner:
         write_json(self.record_path, record)
 
     def _finish(self, record: dict, job: TuningJob) -> dict[str, Any]:
-        self._save(record, job)
         tokens = job.reported.get("billable_tokens") or record.get(
             "estimated_tokens_per_epoch") or 0
         epochs = job.reported.get("epochs") or record["hyperparameters"].get("epochs")
@@ -261,12 +266,9 @@ class Tuner:
             "training_tokens_per_epoch": tokens, "epochs": epochs,
             "tokens_from": "the service" if job.reported.get("billable_tokens")
             else "an estimate (4 characters a token)"}
-        write_json(self.record_path, record)
+        self._save(record, job)
         return record
 
-
-_ENDED = ("JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED",
-          "JOB_STATE_EXPIRED")
 
 
 def summary(record: dict) -> str:
