@@ -175,6 +175,13 @@ class ServerConfig:
     latency_sigma: float = 0.5  # lognormal spread
     rpm: Optional[float] = None
     tpm: Optional[float] = None
+    # A capacity that changes while the server runs, as a dynamic shared quota does
+    # (Vertex AI's Standard PayGo): ((seconds since start, requests per minute), ...),
+    # served as a token bucket holding `capacity_burst_s` of it. A request over it is
+    # answered 429 RESOURCE_EXHAUSTED at once and with no Retry-After, as Vertex AI
+    # answers when shared capacity runs out (its docs ask for backoff instead).
+    capacity_schedule: tuple[tuple[float, float], ...] = ()
+    capacity_burst_s: float = 1.0
     fault_rate: float = 0.0
     faults: tuple[str, ...] = FAULTS
     hang_seconds: float = 30.0
@@ -267,8 +274,10 @@ class FakeModelServer:
         self.log: list[dict] = []
         self._lock = threading.Lock()
         self._window: collections.deque = collections.deque()  # (time, tokens)
+        self._capacity_tokens, self._capacity_at = 0.0, None
         self._rng = random.Random(config.seed)
         self._started = time.monotonic()
+        self.started_wall = time.time()  # the log's clock at _started
         self._stopped = threading.Event()
         # Tokens reported in 200 answers: prompt, candidates (visible), thoughts.
         self.usage: collections.Counter = collections.Counter()
@@ -355,6 +364,34 @@ class FakeModelServer:
         if self.config.max_requests and count >= self.config.max_requests:
             threading.Thread(target=self.stop, daemon=True).start()
 
+    @staticmethod
+    def capacity_rpm_of(schedule, since_start: float) -> Optional[float]:
+        """The scheduled capacity this many seconds after the server started."""
+        rpm = None
+        for at, each in schedule:
+            if since_start >= at:
+                rpm = each
+        return rpm
+
+    def _over_capacity(self) -> bool:
+        """Whether the changing capacity has no room for a request now (else the
+        request takes its room)."""
+        now = time.monotonic()
+        with self._lock:
+            rate = (self.capacity_rpm_of(self.config.capacity_schedule, now - self._started)
+                    or 0.0) / 60.0
+            if self._capacity_at is None:
+                self._capacity_tokens = rate * self.config.capacity_burst_s
+            else:
+                self._capacity_tokens = min(
+                    rate * self.config.capacity_burst_s,
+                    self._capacity_tokens + rate * (now - self._capacity_at))
+            self._capacity_at = now
+            if self._capacity_tokens < 1.0:
+                return True
+            self._capacity_tokens -= 1.0
+            return False
+
     def _over_quota(self, tokens: int) -> Optional[float]:
         """Seconds until the request would fit the per-minute quotas, or None if it
         fits now (then it is counted)."""
@@ -405,6 +442,10 @@ class FakeModelServer:
             return self._send(handler, 404, {"error": {"message": "no such path"}},
                               "not_found")
         prompt_tokens = _prompt_tokens(request)
+        if self.config.capacity_schedule and self._over_capacity():
+            return self._send(handler, 429, {"error": {
+                "code": 429, "status": "RESOURCE_EXHAUSTED", "message":
+                "Resource exhausted. Please try again later."}}, "throttled")
         wait = self._over_quota(prompt_tokens)
         if wait is not None:
             return self._send(handler, 429, {"error": {

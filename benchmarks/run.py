@@ -170,6 +170,84 @@ def overhead() -> dict[str, Any]:
             "pipeline_whole_over_bare_throughput": round(bare_wall / (finished - started), 3)}
 
 
+def adaptive() -> dict[str, Any]:
+    """Adaptive concurrency against a server whose capacity changes during the run
+    (600, then 200, then 900 requests per minute; no quota given to the client): the
+    answers per second over the capacity per second, the share of 429s, every element
+    answered; and the curve (capacity, concurrency limit, answers/s, 429s) as a plot."""
+    from codeclm_beam.model.concurrency import shared_limit
+    phase = max(30.0, 60.0 * SCALE)
+    schedule = ((0.0, 600.0), (phase, 200.0), (2 * phase, 900.0))
+    end = 3 * phase
+    # Enough work to keep the client busy to the end of the schedule, not beyond it
+    # by much: what the capacity holds, and a tenth more.
+    n = int(1.1 * sum(rpm / 60 * phase for _, rpm in schedule))
+    with FakeModelServer(ServerConfig(capacity_schedule=schedule, capacity_burst_s=2.0,
+                                      latency_mean=1.0, latency_sigma=0.3)) as server:
+        config = ModelConfig(uri=f"openai:strong@{server.base_url}/v1",
+                             max_concurrency=64, concurrency="adaptive")
+        client = ModelClient(config)
+        results = client.call_all(requests(n, "adaptive"))
+        log, started = list(server.log), server.started_wall
+        limit = shared_limit(client.identity, 64, "adaptive")
+        history = [(at - limit.history[0][0], value) for at, value in limit.history]
+    # The limit's clock is monotonic from its creation, just after the server's start.
+    seconds = int(end)
+    ok = [0] * seconds
+    throttled = [0] * seconds
+    for entry in log:
+        # Counted when the server admitted it (an answer is logged when it leaves).
+        second = int(entry["time"] - (entry["latency"] or 0.0) - started)
+        if 0 <= second < seconds:
+            (ok if entry["outcome"] == "ok" else throttled)[second] += 1
+    capacity = [FakeModelServer.capacity_rpm_of(schedule, s) / 60 for s in range(seconds)]
+    sent = len(log)
+    figures = {
+        "schedule_rpm": [list(p) for p in schedule], "requests": n,
+        "answered": sum(1 for r in results if not hasattr(r, "error_class")),
+        "lost": sum(1 for r in results if hasattr(r, "error_class")),
+        "answers_over_capacity": round(sum(ok) / sum(capacity), 3),
+        "share_429": round(sum(1 for e in log if e["outcome"] == "throttled") / sent, 4),
+        "by_phase": [round(sum(ok[int(a):int(a + phase)])
+                           / (rpm / 60 * phase), 3) for a, rpm in schedule],
+        "curve": {"second": list(range(seconds)), "capacity_per_s": capacity,
+                  "answers_per_s": ok, "throttled_per_s": throttled,
+                  "limit": [[round(t, 2), round(v, 2)] for t, v in history]}}
+    figures["plot"] = _plot_adaptive(figures["curve"])
+    return figures
+
+
+def _plot_adaptive(curve: dict) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    path = os.path.join(RESULTS, "adaptive.png")
+    fig, rate = plt.subplots(figsize=(9, 4.2), dpi=110)
+    seconds = curve["second"]
+    rate.step(seconds, curve["capacity_per_s"], where="post", color="black",
+              label="server capacity (requests/s)")
+    rate.bar(seconds, curve["answers_per_s"], width=0.9, align="edge", color="#4c8bd6",
+             alpha=0.6, label="answers/s")
+    rate.bar(seconds, curve["throttled_per_s"], width=0.9, align="edge",
+             bottom=curve["answers_per_s"], color="#d64c4c", label="429s/s")
+    rate.set_xlabel("seconds")
+    rate.set_ylabel("requests per second")
+    limit = rate.twinx()
+    limit.step([t for t, _ in curve["limit"]], [v for _, v in curve["limit"]],
+               where="post", color="#e0a020", label="concurrency limit")
+    limit.set_ylabel("requests in flight allowed")
+    limit.set_ylim(bottom=0)
+    handles = rate.get_legend_handles_labels()
+    more = limit.get_legend_handles_labels()
+    rate.legend(handles[0] + more[0], handles[1] + more[1], loc="upper left",
+                fontsize=8)
+    rate.set_title("Adaptive concurrency (AIMD) against a changing capacity")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return os.path.relpath(path, ROOT)
+
+
 EMBEDDED_SCHEMA = {"type": "object", "properties": {
     "title": {"type": "string", "minLength": 1, "maxLength": 80},
     "sentences": {"type": "array", "minItems": 2, "maxItems": 2,
@@ -497,7 +575,8 @@ def main() -> None:
     results.update({"scale": SCALE, "cpus": os.cpu_count(),
                     "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     steps = [("quota_use", quota_use), ("codeclm_shaped", codeclm_shaped),
-             ("overhead", overhead), ("calls", calls_against_budget),
+             ("overhead", overhead), ("adaptive", adaptive),
+             ("calls", calls_against_budget),
              ("online_vs_batch", online_vs_batch), ("memory", memory),
              ("embedded", embedded),
              ("dedup", lambda: dedup(int(100_000 * SCALE)))]
@@ -506,7 +585,8 @@ def main() -> None:
             continue
         print(f"bench: {name} ...", flush=True)
         results[name] = step()
-        print(json.dumps(results[name], indent=1), flush=True)
+        print(json.dumps({k: v for k, v in results[name].items() if k != "curve"}),
+              flush=True)
     with open(latest, "w") as f:
         json.dump(results, f, indent=2)
     if all(name in results for name, _ in steps):

@@ -12,11 +12,24 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.options.pipeline_options import WorkerOptions
 
+from codeclm_beam.model.concurrency import ADAPTIVE
+from codeclm_beam.model.concurrency import CONCURRENCY_MODES
 from codeclm_beam.model.config import BatchConfig
-from codeclm_beam.model.config import VERTEX_MODES
+from codeclm_beam.model.config import ONLINE
+from codeclm_beam.model.config import parse_vertex_modes
 from codeclm_beam.model.config import ModelConfig
 from codeclm_beam.model.ratelimit import QuotaConfig
 from codeclm_beam.model.uri import DEFAULT_MODEL_URI
+
+
+def _vertex_modes(text: str) -> str:
+    """Checks --vertex_mode as argparse reads it; kept as text, so the manifest and a
+    Flex Template carry the flag as the user wrote it."""
+    try:
+        parse_vertex_modes(text)
+    except ValueError as bad:
+        raise argparse.ArgumentTypeError(str(bad)) from None
+    return text
 
 
 class ModelOptions(PipelineOptions):
@@ -45,13 +58,16 @@ class ModelOptions(PipelineOptions):
         group.add_argument("--vertex_location", default=None,
                            help="Vertex AI location (default: GOOGLE_CLOUD_LOCATION, "
                                 "then us-central1).")
-        group.add_argument("--vertex_mode", default="online", choices=VERTEX_MODES,
+        group.add_argument("--vertex_mode", default=ONLINE, type=_vertex_modes,
                            help="How vertex: models are served and billed: online "
                                 "(standard pay-as-you-go), flex (Flex PayGo: the same "
                                 "requests on the global endpoint at half price, slower, "
                                 "for the models that offer it) or batch (each stage's "
                                 "requests as Vertex AI batch prediction jobs at half "
-                                "price; needs --batch_dir). Other models ignore it.")
+                                "price; needs --batch_dir). One mode for every role, or "
+                                "per role: judge=batch,strong=online (roles not named: "
+                                "online), batch,strong=online (all but strong in batch). "
+                                "Other models ignore it.")
         group.add_argument("--batch_dir", default=None,
                            help="gs:// folder for --vertex_mode batch: request shards, "
                                 "the record of every submitted job (a re-run resumes "
@@ -73,8 +89,16 @@ class ModelOptions(PipelineOptions):
                                 "(the waits grow from a tenth of it).")
         group.add_argument("--model_base_url", default=None,
                            help="Endpoint override for vertex:/gemini: models (proxies).")
-        group.add_argument("--max_concurrency", type=int, default=8,
-                           help="Requests in flight per worker process and model.")
+        group.add_argument("--max_concurrency", type=int, default=32,
+                           help="Most requests in flight per worker process and model "
+                                "(with --concurrency fixed: exactly this many).")
+        group.add_argument("--concurrency", default=ADAPTIVE, choices=CONCURRENCY_MODES,
+                           help="adaptive (default): start at 4 requests in flight, "
+                                "grow while answers come back clean, cut by 30%% on "
+                                "429s, timeouts and 5xx, never above --max_concurrency "
+                                "nor over a quota you give; for quotas you cannot type "
+                                "in (Vertex AI's dynamic shared quota, a self-hosted "
+                                "server). fixed: always --max_concurrency.")
         group.add_argument("--max_retries", type=int, default=6,
                            help="Retries of a request on 408/429/5xx/timeouts.")
         group.add_argument("--max_parse_retries", type=int, default=2,
@@ -171,13 +195,13 @@ def model_configs(options: PipelineOptions, default_cache_dir: Optional[str] = N
         base_url=opts.model_base_url,
         request_timeout_s=opts.request_timeout,
         max_concurrency=opts.max_concurrency,
+        concurrency=opts.concurrency,
         max_retries=opts.max_retries,
         max_parse_retries=opts.max_parse_retries,
         max_truncation_retries=opts.max_truncation_retries,
         max_error_share=opts.max_error_share,
         quota=quota,
         cache_dir=cache_dir,
-        vertex_mode=opts.vertex_mode,
         batch=BatchConfig(
             batch_dir=opts.batch_dir, timeout_s=opts.batch_timeout,
             fallback=None if opts.batch_fallback == "none" else opts.batch_fallback,
@@ -185,9 +209,13 @@ def model_configs(options: PipelineOptions, default_cache_dir: Optional[str] = N
             poll_initial_s=opts.batch_poll_seconds / 10,
             poll_max_s=opts.batch_poll_seconds),
         n_ctx=opts.n_ctx)
+    modes = parse_vertex_modes(opts.vertex_mode)
     return {
-        "strong": ModelConfig(uri=opts.strong_model, thinking=opts.strong_thinking, **base),
-        "target": ModelConfig(uri=opts.target_model, thinking=opts.target_thinking, **base),
+        "strong": ModelConfig(uri=opts.strong_model, thinking=opts.strong_thinking,
+                              vertex_mode=modes["strong"], **base),
+        "target": ModelConfig(uri=opts.target_model, thinking=opts.target_thinking,
+                              vertex_mode=modes["target"], **base),
         "judge": ModelConfig(uri=opts.judge_model or opts.strong_model,
-                             thinking=opts.judge_thinking, **base),
+                             thinking=opts.judge_thinking, vertex_mode=modes["judge"],
+                             **base),
     }

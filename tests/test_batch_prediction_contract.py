@@ -139,8 +139,8 @@ def test_with_online_fallback_a_timed_out_jobs_elements_are_sent_online(cloud):
     online = [e for e in server.log if e["outcome"] == "ok"]
     assert len(online) == 3 and {e["request_type"] for e in online} == {None}
     # Priced apart: the online calls carry their own model id, billed online.
-    assert billing_modes(config) == {config.identity: "batch",
-                                     config.identity + "~online": "online"}
+    assert billing_modes(config) == {config.identity + "~batch": "batch",
+                                     config.identity: "online"}
 
 
 def test_a_job_created_but_never_recorded_is_found_by_its_name_not_paid_again(cloud):
@@ -247,6 +247,45 @@ def test_a_batch_run_gives_the_online_runs_pairs_at_half_the_price(tmp_path, clo
     waves = 3 + 2 + 3 * (rounds - 1)
     assert projected["wall_hours_by_mode"]["batch"] == [0.5 * waves, 24.0 * waves]
     assert f"batch {0.5 * waves:,}-{24.0 * waves:,} h" in render(projected)
+
+
+def test_the_judge_in_batch_and_the_strong_model_online_are_each_priced_at_their_mode(
+        tmp_path, cloud):
+    # One model for two roles (the judge defaults to the strong model), two modes.
+    seeds = write_seeds(tmp_path / "seeds.jsonl", 3)
+    with FakeModelServer(ServerConfig(accept_rate=0.5, strong_model="gemini-2.5-flash",
+                                      max_seconds=300)) as server:
+        manifest = run_generate(_generate_args(server, seeds, tmp_path / "out",
+                                               "gs://codeclm-test/per-role",
+                                               mode="judge=batch"))
+        log = list(server.log)
+    by_stage = manifest["model_calls"]["by_stage"]
+    strong = "vertex:gemini-2.5-flash@" + server.base_url
+    assert set(by_stage["judge"]["models"]) == {strong + "~batch"}
+    assert set(by_stage["answer_strong"]["models"]) == {strong}
+    # The judge's requests went in jobs, every other stage's online.
+    in_jobs = [e for e in log if e.get("api") == "batch"]
+    online = [e for e in log if e["outcome"] == "ok"]
+    assert len(in_jobs) == by_stage["judge"]["models"][strong + "~batch"]["requests"] > 0
+    assert len(online) == manifest["model_calls"]["totals"]["requests"] - len(in_jobs)
+    assert manifest["billing"][strong + "~batch"] == "batch"
+    assert manifest["billing"][strong] == "online"
+    by_role = manifest["cost"]["by_role"]
+    assert by_role["judge"]["modes"] == ["batch"]
+    assert by_role["strong"]["modes"] == by_role["target"]["modes"] == ["online"]
+    # `plan` prices each role in the pilot's modes unless told otherwise.
+    as_pilot = plan(Pilot.from_manifest(manifest), num_examples=1_000_000)
+    online_plan = plan(Pilot.from_manifest(manifest), num_examples=1_000_000,
+                       vertex_mode="online")
+    assert {s["mode"] for s in as_pilot["stages"] if s["role"] == "judge"} == {"batch"}
+    assert {s["mode"] for s in as_pilot["stages"] if s["role"] != "judge"} == {"online"}
+    judge_online = online_plan["cost_usd_by_role"]["judge"]
+    assert judge_online > 1 and as_pilot["cost_usd_by_role"]["judge"] == pytest.approx(
+        judge_online / 2, abs=0.01)
+    assert as_pilot["cost_usd_by_role"]["strong"] == online_plan["cost_usd_by_role"]["strong"]
+    rows = [line.split() for line in render(as_pilot).splitlines()
+            if line.split()[:1] in (["judge"], ["answer_strong"])]
+    assert {row[0]: row[2] for row in rows} == {"judge": "batch", "answer_strong": "online"}
 
 
 def test_a_run_killed_while_its_job_runs_resumes_it_and_pays_for_no_request_twice(

@@ -29,6 +29,8 @@ from codeclm_beam.model.backends import Backend
 from codeclm_beam.model.backends import RawAnswer
 from codeclm_beam.model.backends import create_backend
 from codeclm_beam.model.cache import AnswerCache
+from codeclm_beam.model.concurrency import outcome_of
+from codeclm_beam.model.concurrency import shared_limit
 from codeclm_beam.model.config import ModelConfig
 from codeclm_beam.model.errors import TransientModelError
 from codeclm_beam.model.guard import ERROR_SHARE
@@ -97,6 +99,8 @@ class ModelClient:
         self.limiter = make_rate_limiter(config.quota, tag=self.identity)
         workers = config.max_concurrency if self.backend.concurrent else 1
         self.pool = _shared_pool(self.identity, workers)
+        # The pool is as wide as the ceiling; this decides how much of it is used.
+        self.in_flight = shared_limit(self.identity, workers, config.concurrency)
 
     def ask_all(self, requests: Sequence[ModelRequest], store: bool = False
                 ) -> list[ModelResult]:
@@ -143,15 +147,24 @@ class ModelClient:
 
     def _send_once(self, request: ModelRequest, tally: Tally) -> RawAnswer:
         estimate = _estimate_tokens(request)
-        if self.limiter is not None:
-            started = time.monotonic()
+        # Waiting for a slot or for quota is throttled time: Dataflow's autoscaler
+        # then does not add workers that would only wait too.
+        started = time.monotonic()
+        ticket = self.in_flight.acquire()
+        error: Optional[BaseException] = None
+        try:
             if isinstance(self.limiter, TokenBucketRateLimiter):
                 self.limiter.allow(hits_added=1, tokens=estimate)
-            else:
+            elif self.limiter is not None:
                 self.limiter.allow(hits_added=1)
             tally.throttled += time.monotonic() - started
-        tally.attempts += 1  # a request sent, whatever comes back
-        raw = self.backend.generate(request)
+            tally.attempts += 1  # a request sent, whatever comes back
+            raw = self.backend.generate(request)
+        except BaseException as e:
+            error = e
+            raise
+        finally:
+            self.in_flight.release(ticket, outcome_of(error))
         tally.usage += raw.usage
         if isinstance(self.limiter, TokenBucketRateLimiter):
             # Thoughts are output tokens to a quota, as they are to the bill.

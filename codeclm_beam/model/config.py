@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
+from codeclm_beam.model.concurrency import ADAPTIVE
+from codeclm_beam.model.concurrency import CONCURRENCY_MODES
 from codeclm_beam.model.errors import ConfigurationError
 from codeclm_beam.model.ratelimit import QuotaConfig
 from codeclm_beam.model.thinking import DEFAULT
@@ -23,6 +25,26 @@ from codeclm_beam.redact import public_url
 
 ONLINE, FLEX, BATCH = "online", "flex", "batch"
 VERTEX_MODES = (ONLINE, FLEX, BATCH)
+ROLES = ("strong", "target", "judge")
+
+
+def parse_vertex_modes(text: str) -> dict[str, str]:
+    """--vertex_mode: one mode for every role ("batch"), a mode per role
+    ("judge=batch,strong=online"), or both ("batch,strong=online": every role in
+    batch but the strong model). Roles not named are online."""
+    modes = dict.fromkeys(ROLES, ONLINE)
+    named = {}
+    for part in filter(None, (p.strip() for p in str(text).split(","))):
+        role, _, mode = part.rpartition("=")
+        if mode not in VERTEX_MODES or (role and role not in ROLES):
+            raise ConfigurationError(
+                f"--vertex_mode {text!r}: a mode ({', '.join(VERTEX_MODES)}) or "
+                f"ROLE=MODE pairs, ROLE one of {', '.join(ROLES)}")
+        if role:
+            named[role] = mode
+        else:
+            modes = dict.fromkeys(ROLES, mode)
+    return {**modes, **named}
 # Flex PayGo requests may queue: Vertex AI allows them up to 30 minutes.
 FLEX_TIMEOUT_S = 1800.0
 
@@ -69,8 +91,11 @@ class ModelConfig:
     # Credentials). Left out of repr and comparisons so it is never printed.
     credentials: Any = dataclasses.field(default=None, repr=False, compare=False)
     request_timeout_s: float = 300.0
-    # Requests in flight at once per worker process, across all bundles.
-    max_concurrency: int = 8
+    # Requests in flight at once per worker process and model, across all bundles:
+    # the ceiling of an adaptive limit, or the limit itself (`concurrency`).
+    max_concurrency: int = 32
+    # "adaptive" (AIMD under the ceiling, the default) or "fixed".
+    concurrency: str = ADAPTIVE
     max_retries: int = 6
     max_parse_retries: int = 2
     # Re-sends with a larger output limit after an answer stopped at the limit.
@@ -103,6 +128,9 @@ class ModelConfig:
         ModelSpec.parse(self.uri)  # fail at pipeline construction, not on a worker
         if self.max_concurrency < 1:
             raise ValueError("max_concurrency must be at least 1")
+        if self.concurrency not in CONCURRENCY_MODES:
+            raise ConfigurationError(f"concurrency {self.concurrency!r}: one of "
+                                     f"{', '.join(CONCURRENCY_MODES)}")
         if min(self.max_retries, self.max_parse_retries, self.max_truncation_retries) < 0:
             raise ValueError("retry counts cannot be negative")
         if self.vertex_mode not in VERTEX_MODES:
@@ -139,11 +167,13 @@ class ModelConfig:
             else ONLINE
 
     def metered_id(self, mode: Optional[str] = None) -> str:
-        """The model id a call's counters carry: the identity for calls in the
-        model's billing mode; marked with the mode for the others (a batch model's
-        calls sent online by --batch_fallback), so each is priced at its own rate."""
+        """The model id a call's counters carry: the identity for online calls,
+        marked with the mode for the others (flex, batch), so one model that two
+        roles call in two modes (a batch judge, an online strong model) is priced at
+        each mode's rate, and so are a batch model's calls sent online by
+        --batch_fallback."""
         mode = mode or self.billing_mode
-        return self.identity if mode == self.billing_mode else f"{self.identity}~{mode}"
+        return self.identity if mode == ONLINE else f"{self.identity}~{mode}"
 
     @property
     def spec(self) -> ModelSpec:

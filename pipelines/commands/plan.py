@@ -19,6 +19,9 @@ from codeclm_beam.transforms.contrastive_filter import CALLS_PER_CANDIDATE
 from codeclm_beam.model.errors import ConfigurationError
 from codeclm_beam.pipelines.run.outputs import read_json
 from codeclm_beam.pipelines.run.outputs import read_run_record
+from codeclm_beam.model.config import parse_vertex_modes
+from codeclm_beam.pipelines.run.manifest import STAGE_ROLES
+from codeclm_beam.pricing import PAID_MODES_PREFIX
 from codeclm_beam.pricing import PRICE_FACTOR
 from codeclm_beam.pricing import cost_usd
 from codeclm_beam.pricing import merged_prices
@@ -59,6 +62,8 @@ class Pilot:
     max_iterations: int
     keep_unresolved: bool
     by_stage: dict  # manifest["model_calls"]["by_stage"]
+    # The pilot's --vertex_mode, as written: the planned run's unless plan is told.
+    vertex_mode: str = "online"
     # The pilot left --num_metadata to generate's rule (default_pool_size): a planned
     # run does too, at its own size.
     pool_by_rule: bool = False
@@ -81,6 +86,7 @@ class Pilot:
                    int(cand["basic_instructions"]), int(options["max_iterations"]),
                    bool(options.get("keep_unresolved")),
                    manifest["model_calls"]["by_stage"],
+                   options.get("vertex_mode") or "online",
                    "num_metadata" in options and options["num_metadata"] is None)
 
 
@@ -148,13 +154,21 @@ def _rounded(cost: Optional[float]) -> Optional[float]:
 
 
 def project_stages(by_stage: dict, elements: dict[str, float],
-                   completion_scale: dict[str, float], prices: dict
+                   completion_scale: dict[str, float], prices: dict,
+                   modes: Optional[dict[str, str]] = None
                    ) -> tuple[list[dict], dict[str, dict]]:
     """Requests, tokens and cost per stage and model at the planned element counts,
-    at the pilot's requests per element and tokens per request."""
+    at the pilot's requests per element and tokens per request; each stage priced in
+    the mode of the role that calls it (`modes`: role -> vertex mode)."""
     stages, per_model = [], {}
     for stage, n in elements.items():
-        for model, counted in by_stage.get(stage, {}).get("models", {}).items():
+        role = STAGE_ROLES[stage]
+        for metered, counted in by_stage.get(stage, {}).get("models", {}).items():
+            # The pilot's counters carry its mode (`ModelConfig.metered_id`); the plan
+            # prices the model in the mode planned for the role.
+            model = metered.split("~")[0]
+            mode = ((modes or {}).get(role, "online")
+                    if model.startswith(PAID_MODES_PREFIX) else "online")
             # What the pilot's answers cost, including those a re-run read from the
             # cache (paid for by the run that asked): a cached re-run projects the same.
             measured = paid_in_all(counted)
@@ -168,9 +182,10 @@ def project_stages(by_stage: dict, elements: dict[str, float],
                       for kind in TOKEN_KINDS}
             by_mode = {mode: cost_usd(tokens, price_of(model, prices),
                                       mode_factor(model, mode)) for mode in PRICE_FACTOR}
-            stages.append({"stage": stage, "model": model, "requests": round(requests),
+            stages.append({"stage": stage, "role": role, "model": model, "mode": mode,
+                           "requests": round(requests),
                            **{kind: round(value) for kind, value in tokens.items()},
-                           "cost_usd": _rounded(by_mode["online"]),
+                           "cost_usd": _rounded(by_mode[mode]),
                            "cost_usd_by_mode": {mode: _rounded(cost)
                                                 for mode, cost in by_mode.items()}})
             total = per_model.setdefault(model, {"requests": 0.0, "tokens": 0.0})
@@ -184,8 +199,10 @@ def plan(pilot: Pilot, num_examples: int, num_instructions: Optional[int] = None
          num_seeds: Optional[int] = None, num_metadata: Optional[int] = None,
          prices: Optional[dict] = None, requests_per_minute: Optional[float] = None,
          tokens_per_minute: Optional[float] = None,
-         overgenerate_margin: Optional[int] = None) -> dict[str, Any]:
+         overgenerate_margin: Optional[int] = None,
+         vertex_mode: Optional[str] = None) -> dict[str, Any]:
     prices = merged_prices(prices)
+    modes = parse_vertex_modes(vertex_mode or pilot.vertex_mode)
     accept = pilot.accept_by_round[:pilot.max_iterations]
     warnings = []
     margin = overgenerate_margin or 0
@@ -220,7 +237,8 @@ def plan(pilot: Pilot, num_examples: int, num_instructions: Optional[int] = None
                         f"acceptance measured on fewer than {MIN_PILOT_CANDIDATES} is a "
                         "rough guess")
 
-    stages, per_model = project_stages(pilot.by_stage, elements, completion_scale, prices)
+    stages, per_model = project_stages(pilot.by_stage, elements, completion_scale, prices,
+                                       modes)
     costs = [s["cost_usd"] for s in stages]
     minutes = [0.0]
     for total in per_model.values():
@@ -249,7 +267,11 @@ def plan(pilot: Pilot, num_examples: int, num_instructions: Optional[int] = None
         "total_requests": sum(s["requests"] for s in stages),
         "total_tokens": sum(Usage.from_dict(s).billed for s in stages),
         "total_thoughts_tokens": sum(s["thoughts_tokens"] for s in stages),
+        "vertex_mode": modes,
         "cost_usd": None if None in costs else round(sum(costs), 2),
+        "cost_usd_by_role": {role: _total([s["cost_usd"] for s in stages
+                                           if s["role"] == role])
+                             for role in dict.fromkeys(s["role"] for s in stages)},
         # vertex: models served online, with Flex PayGo, or by batch prediction jobs.
         "cost_usd_by_mode": {mode: _total([s["cost_usd_by_mode"][mode] for s in stages])
                              for mode in PRICE_FACTOR},
@@ -290,12 +312,13 @@ def render(result: dict) -> str:
         f"(expected pairs {result['expected_pairs']:,})",
         f"  pilot acceptance by round: {result['pilot_accept_by_round']}",
         f"  candidates by round: {result['candidates_by_round']}",
-        f"  {'stage':<14}{'model':<34}{'requests':>14}{'prompt tok':>16}"
+        f"  {'stage':<14}{'model':<34}{'mode':<8}{'requests':>14}{'prompt tok':>16}"
         f"{'visible out':>16}{'thoughts':>16}{'USD':>12}",
     ]
     for s in result["stages"]:
         cost = "unknown" if s["cost_usd"] is None else f"{s['cost_usd']:,.2f}"
-        lines.append(f"  {s['stage']:<14}{s['model'][:33]:<34}{s['requests']:>14,}"
+        lines.append(f"  {s['stage']:<14}{s['model'][:33]:<34}{s['mode']:<8}"
+                     f"{s['requests']:>14,}"
                      f"{s['prompt_tokens']:>16,}{s['completion_tokens']:>16,}"
                      f"{s['thoughts_tokens']:>16,}{cost:>12}")
     bounds = result["calls_bounds"]
@@ -310,7 +333,7 @@ def render(result: dict) -> str:
         "through every round)",
     ]
     by_mode = result["cost_usd_by_mode"]
-    lines.append("  vertex: models served " + " | ".join(
+    lines.append("  every vertex: model served " + " | ".join(
         f"{mode} {'unknown' if cost is None else f'${cost:,.2f}'}"
         for mode, cost in by_mode.items())
         + " (flex: Flex PayGo on the global endpoint, for the models that offer it;"
@@ -346,6 +369,10 @@ def plan_command(argv: list[str]) -> int:
                         help="Of the large run (default 0, as generate's).")
     parser.add_argument("--max_requests_per_minute", type=float, default=None)
     parser.add_argument("--max_tokens_per_minute", type=float, default=None)
+    parser.add_argument("--vertex_mode", default=None,
+                        help="How each role's vertex: model is served in the large run, "
+                             "as generate takes it (batch, or judge=batch,strong=online); "
+                             "default: the pilot's.")
     parser.add_argument("--prices", default=None,
                         help='JSON file: {"MODEL URI or prefix": {"input": USD per 1M '
                              'tokens, "cached_input": ..., "output": ...}}')
@@ -368,7 +395,7 @@ def plan_command(argv: list[str]) -> int:
     result = plan(pilot, args.num_examples, args.num_instructions, args.num_seeds,
                   args.num_metadata, read_json(args.prices) if args.prices else None,
                   args.max_requests_per_minute, args.max_tokens_per_minute,
-                  args.overgenerate_margin)
+                  args.overgenerate_margin, args.vertex_mode)
     text = render(result)
     if args.tune_base_model:
         result["tuning"] = tuning_projection(

@@ -200,7 +200,7 @@ def estimated_cost(by_stage: dict, prices: dict, modes: dict
     for row in cost["rows"]:
         m = by_stage[row["stage"]]["models"][row["model"]]
         before = paid_before(m)
-        calls.append([row["stage"], row["model"], row["mode"], m["requests"],
+        calls.append([row["stage"], row["model"].split("~")[0], row["mode"], m["requests"],
                       m["cache_hits"], m["retries"], m["failures"], m.get("truncated", 0)])
         tokens.append([row["stage"], m["prompt_tokens"], m.get("cached_prompt_tokens", 0),
                        m["completion_tokens"], m.get("thoughts_tokens", 0),

@@ -25,6 +25,10 @@ from codeclm_beam.version import __version__
 
 MODEL_STAGES = ("encode", "rubrics", "decode", "answer_strong", "answer_target", "judge",
                 "improve")
+# Which model (--ROLE_model, --vertex_mode ROLE=...) each stage of generate calls.
+STAGE_ROLES = {"encode": "strong", "rubrics": "strong", "decode": "strong",
+               "improve": "strong", "answer_strong": "strong", "answer_target": "target",
+               "judge": "judge"}
 
 
 def run_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
@@ -115,7 +119,7 @@ def built_job(result, options: PipelineOptions) -> dict[str, Any]:
 def billing_modes(*models) -> dict[str, str]:
     """How each model's calls are billed, by the model id its counters carry (a batch
     model's calls sent online by --batch_fallback carry their own, `metered_id`)."""
-    modes = {model.identity: model.billing_mode for model in models}
+    modes = {model.metered_id(): model.billing_mode for model in models}
     for model in models:
         if model.billing_mode == BATCH and model.batch.fallback == ONLINE:
             modes[model.metered_id(ONLINE)] = ONLINE
@@ -127,8 +131,17 @@ def estimated_cost(record: dict) -> dict[str, Any]:
     re-prices it): as run, and with every vertex: model in each mode."""
     from codeclm_beam.pricing import run_cost
     cost = run_cost(record["model_calls"]["by_stage"], record.get("billing", {}))
+    by_role: dict[str, Any] = {}
+    for row in cost["rows"]:
+        role = STAGE_ROLES.get(row["stage"])
+        if role:  # generate's stages; evaluate's stages are its own
+            entry = by_role.setdefault(role, {"usd": 0.0, "modes": []})
+            entry["usd"] = (None if row["usd"] is None or entry["usd"] is None
+                            else round(entry["usd"] + row["usd"], 4))
+            if row["mode"] not in entry["modes"]:
+                entry["modes"].append(row["mode"])
     return {"usd": cost["usd"], "usd_paid_before": cost["usd_before"],
-            "by_mode": cost["by_mode"],
+            "by_role": by_role, "by_mode": cost["by_mode"],
             "note": "estimates at published list prices; flex and batch bill half; "
                     "usd is what this run paid, usd_paid_before what the runs that "
                     "asked paid for the answers this one read from the cache"}

@@ -1,0 +1,141 @@
+"""--concurrency adaptive: the AIMD limit on requests in flight per model and process."""
+import itertools
+
+import pytest
+
+from benchmarks.fake_model_server import FakeModelServer
+from benchmarks.fake_model_server import ServerConfig
+from codeclm_beam.model import ChatMessage
+from codeclm_beam.model import GenerationSettings
+from codeclm_beam.model import ModelClient
+from codeclm_beam.model import ModelConfig
+from codeclm_beam.model import ModelRequest
+from codeclm_beam.model.concurrency import CLEAN
+from codeclm_beam.model.concurrency import NEUTRAL
+from codeclm_beam.model.concurrency import OVERLOADED
+from codeclm_beam.model.concurrency import ConcurrencyLimit
+from codeclm_beam.model.concurrency import outcome_of
+from codeclm_beam.model.errors import PermanentModelError
+from codeclm_beam.model.errors import TransientModelError
+
+
+def _limit(ceiling=64, adaptive=True):
+    ticks = itertools.count()
+    return ConcurrencyLimit(ceiling, adaptive, clock=lambda: float(next(ticks)))
+
+
+class Sender:
+    """A sender with more requests than the limit allows: every slot freed is taken
+    again at once, as waiting pool threads take it."""
+
+    def __init__(self, limit):
+        self.limit, self.in_flight = limit, []
+        self.refill()
+
+    def refill(self):
+        while len(self.in_flight) < self.limit.limit:
+            self.in_flight.append(self.limit.acquire())
+
+    def answer(self, outcome=CLEAN):
+        self.limit.release(self.in_flight.pop(0), outcome)
+        self.refill()
+
+    def round_trip(self):
+        for _ in range(max(self.limit.limit, ConcurrencyLimit.MIN_ROUND)):
+            self.answer()
+
+
+def test_slow_start_doubles_each_round_trip_up_to_the_ceiling_only():
+    limit = _limit(ceiling=20)
+    sender = Sender(limit)
+    assert limit.limit == ConcurrencyLimit.INITIAL
+    seen = []
+    for _ in range(4):
+        for _ in range(limit.limit):  # one round trip: every request in flight answered
+            sender.answer()
+        seen.append(limit.limit)
+    assert seen == [8, 16, 20, 20]
+
+
+def test_a_sender_that_never_fills_the_limit_does_not_grow_it():
+    limit = _limit()
+    for _ in range(50):
+        limit.release(limit.acquire(), CLEAN)  # one in flight, of four allowed
+    assert limit.limit == ConcurrencyLimit.INITIAL
+
+
+def test_one_overload_cuts_once_and_what_was_sent_before_the_cut_does_not_cut_again():
+    limit = _limit()
+    sender = Sender(limit)
+    for _ in range(4):
+        sender.answer()
+    assert limit.limit == 8
+    before_the_cut = list(sender.in_flight)
+    limit.release(before_the_cut[0], OVERLOADED)  # slow start ends: half the limit
+    assert limit.limit == 4
+    for ticket in before_the_cut[1:]:  # the same overload, answered later
+        limit.release(ticket, OVERLOADED)
+    assert limit.limit == 4
+    limit.release(limit.acquire(), OVERLOADED)  # sent after the cut: a new overload
+    assert limit.limit == 3  # 4 x DECREASE, rounded
+
+
+def test_after_a_cut_the_limit_climbs_back_towards_the_last_capacity_then_probes():
+    limit = _limit()
+    sender = Sender(limit)
+    for _ in range(4):
+        sender.answer()
+    sender.answer(OVERLOADED)  # at 8: back to 4, the capacity guessed at 6
+    seen = [limit._limit]
+    for _ in range(10):
+        sender.round_trip()
+        seen.append(limit._limit)
+    steps = [b - a for a, b in zip(seen, seen[1:])]
+    assert all(step > 0 for step in steps) and seen[-1] > 6
+    assert steps[0] > steps[2]  # halfway to 6 each round trip: careful near it
+    assert steps[-1] > steps[3]  # past it, the probe grows
+
+
+def test_fixed_concurrency_never_moves():
+    limit = _limit(ceiling=5, adaptive=False)
+    sender = Sender(limit)
+    for outcome in (CLEAN, OVERLOADED) * 10:
+        sender.answer(outcome)
+    assert limit.limit == 5 and limit.history[1:] == []
+
+
+def test_against_a_server_with_little_capacity_the_limit_comes_down_and_nothing_is_lost():
+    # 300 requests a minute at 0.2 s each: one request in flight is all it takes.
+    with FakeModelServer(ServerConfig(capacity_schedule=((0.0, 300.0),),
+                                      latency_mean=0.2, latency_sigma=0.1)) as server:
+        config = ModelConfig(uri=f"openai:m@{server.base_url}/v1", max_concurrency=16,
+                             initial_backoff_s=0.2, max_backoff_s=1.0)
+        client = ModelClient(config)
+        results = client.call_all([
+            ModelRequest.create(f"r{i}", [ChatMessage("user", f"Question {i}?")],
+                                GenerationSettings(0.7, 256, seed=i)) for i in range(24)])
+        outcomes = server.outcomes()
+    assert all(hasattr(r, "text") for r in results), "every element answered"
+    assert outcomes["ok"] == 24 and outcomes["throttled"] >= 1
+    peak = max(value for _, value in client.in_flight.history)
+    assert client.in_flight.limit < peak and client.in_flight.limit <= 4
+    # Waiting for a slot is throttled time, which Dataflow's autoscaler is told of.
+    assert sum(r.stats.throttled_seconds for r in results) > 0
+
+
+@pytest.mark.parametrize("text,modes", [
+    ("batch", {"strong": "batch", "target": "batch", "judge": "batch"}),
+    ("judge=batch", {"strong": "online", "target": "online", "judge": "batch"}),
+    ("flex,judge=batch", {"strong": "flex", "target": "flex", "judge": "batch"}),
+])
+def test_vertex_mode_per_role(text, modes):
+    from codeclm_beam.model.config import parse_vertex_modes
+    assert parse_vertex_modes(text) == modes
+
+
+@pytest.mark.parametrize("text", ["fast", "critic=batch", "judge=slow"])
+def test_a_vertex_mode_that_names_no_role_or_mode_is_refused(text):
+    from codeclm_beam.model.config import parse_vertex_modes
+    from codeclm_beam.model.errors import ConfigurationError
+    with pytest.raises(ConfigurationError, match="ROLE=MODE"):
+        parse_vertex_modes(text)
