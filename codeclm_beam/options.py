@@ -89,11 +89,11 @@ class ModelOptions(PipelineOptions):
                                 "(the waits grow from a tenth of it).")
         group.add_argument("--model_base_url", default=None,
                            help="Endpoint override for vertex:/gemini: models (proxies).")
-        group.add_argument("--max_concurrency", type=int, default=32,
+        group.add_argument("--max_concurrency", type=int, default=64,
                            help="Most requests in flight per worker process and model "
                                 "(with --concurrency fixed: exactly this many).")
         group.add_argument("--concurrency", default=ADAPTIVE, choices=CONCURRENCY_MODES,
-                           help="adaptive (default): start at 4 requests in flight, "
+                           help="adaptive (default): start at 8 requests in flight, "
                                 "grow while answers come back clean, cut by 30%% on "
                                 "429s, timeouts and 5xx, never above --max_concurrency "
                                 "nor over a quota you give; for quotas you cannot type "

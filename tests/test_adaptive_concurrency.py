@@ -46,54 +46,87 @@ class Sender:
 
 
 def test_slow_start_doubles_each_round_trip_up_to_the_ceiling_only():
-    limit = _limit(ceiling=20)
+    initial = ConcurrencyLimit.INITIAL
+    limit = _limit(ceiling=4 * initial + 2)
     sender = Sender(limit)
-    assert limit.limit == ConcurrencyLimit.INITIAL
+    assert limit.limit == initial
     seen = []
     for _ in range(4):
         for _ in range(limit.limit):  # one round trip: every request in flight answered
             sender.answer()
         seen.append(limit.limit)
-    assert seen == [8, 16, 20, 20]
+    assert seen == [2 * initial, 4 * initial, 4 * initial + 2, 4 * initial + 2]
 
 
 def test_a_sender_that_never_fills_the_limit_does_not_grow_it():
     limit = _limit()
     for _ in range(50):
-        limit.release(limit.acquire(), CLEAN)  # one in flight, of four allowed
+        limit.release(limit.acquire(), CLEAN)  # one in flight of INITIAL allowed
     assert limit.limit == ConcurrencyLimit.INITIAL
+
+
+def _slow_start_then_one_overload(limit, sender):
+    """Half a round trip clean (+1 an answer), then a 429: back to half the limit."""
+    for _ in range(ConcurrencyLimit.INITIAL // 2):
+        sender.answer()
+    reached = limit.limit
+    assert reached == ConcurrencyLimit.INITIAL + ConcurrencyLimit.INITIAL // 2
+    return reached
 
 
 def test_one_overload_cuts_once_and_what_was_sent_before_the_cut_does_not_cut_again():
     limit = _limit()
     sender = Sender(limit)
-    for _ in range(4):
-        sender.answer()
-    assert limit.limit == 8
+    reached = _slow_start_then_one_overload(limit, sender)
     before_the_cut = list(sender.in_flight)
     limit.release(before_the_cut[0], OVERLOADED)  # slow start ends: half the limit
-    assert limit.limit == 4
+    assert limit.limit == reached // 2
     for ticket in before_the_cut[1:]:  # the same overload, answered later
         limit.release(ticket, OVERLOADED)
-    assert limit.limit == 4
+    assert limit.limit == reached // 2
     limit.release(limit.acquire(), OVERLOADED)  # sent after the cut: a new overload
-    assert limit.limit == 3  # 4 x DECREASE, rounded
+    assert limit.limit == round(reached / 2 * ConcurrencyLimit.DECREASE)
 
 
 def test_after_a_cut_the_limit_climbs_back_towards_the_last_capacity_then_probes():
     limit = _limit()
     sender = Sender(limit)
-    for _ in range(4):
-        sender.answer()
-    sender.answer(OVERLOADED)  # at 8: back to 4, the capacity guessed at 6
+    reached = _slow_start_then_one_overload(limit, sender)
+    sender.answer(OVERLOADED)  # back to half, the capacity guessed at 3/4 of it
+    capacity = 0.75 * reached
     seen = [limit._limit]
-    for _ in range(10):
+    for _ in range(12):
         sender.round_trip()
         seen.append(limit._limit)
     steps = [b - a for a, b in zip(seen, seen[1:])]
-    assert all(step > 0 for step in steps) and seen[-1] > 6
-    assert steps[0] > steps[2]  # halfway to 6 each round trip: careful near it
-    assert steps[-1] > steps[3]  # past it, the probe grows
+    assert steps[0] > steps[1] > steps[2] > 0  # halfway to it each round trip
+    crossed = next(i for i, value in enumerate(seen) if value >= capacity)
+    # At the last known capacity it holds one round trip (its patience), then probes
+    # in steps that grow.
+    assert steps[crossed] == 0 and all(step > 0 for step in steps[crossed + 1:])
+    assert steps[-1] > steps[crossed + 1] and seen[-1] > capacity + 4
+
+
+def test_each_failed_probe_doubles_the_wait_before_the_next():
+    limit = _limit()
+    sender = Sender(limit)
+    _slow_start_then_one_overload(limit, sender)
+    sender.answer(OVERLOADED)
+
+    def held_rounds_before_a_probe():
+        held = 0
+        while True:
+            before = limit._limit
+            sender.round_trip()
+            if limit._limit > before and before >= limit._last_capacity:
+                return held
+            held += limit._limit == before
+
+    waits = []
+    for _ in range(3):
+        waits.append(held_rounds_before_a_probe())
+        sender.answer(OVERLOADED)  # the probe fails
+    assert waits == [1, 2, 4]
 
 
 def test_fixed_concurrency_never_moves():

@@ -68,19 +68,24 @@ class ConcurrencyLimit:
     last known capacity the limit climbs half the way to it each round trip (fast
     when far below, careful near it, so a cycle sends many requests per 429); past it,
     it probes in steps that double each clean round trip, at most a quarter of the
-    limit, so a capacity that grew is found in a few round trips. Before the first
+    limit, so a capacity that grew is found in a few round trips; and since each probe
+    that fails costs a 429, after each failed probe it holds at the last capacity
+    twice as long before the next (up to MAX_PATIENCE round trips). Before the first
     overload it doubles each round trip (slow start). A round trip is `limit` clean
     answers (at least MIN_ROUND), and only answers while the limit is full count.
     """
 
-    INITIAL = 4
+    INITIAL = 8
     DECREASE = 0.7
     # The smallest step per round trip (near the last known capacity, and the first
     # probe past it), in requests.
     MIN_STEP = 0.25
-    # Clean answers in a round at least: at a limit of 3, a round trip's 3 answers are
-    # too few to tell a step was safe, and each probe past capacity costs a 429.
-    MIN_ROUND = 8
+    # Clean answers in a round at least: at a limit of 2, a round trip's 2 answers are
+    # too few to tell a step was safe.
+    MIN_ROUND = 4
+    # Round trips held at the last known capacity before probing past it: doubled by
+    # each probe that fails (each costs a 429), back to 1 when one succeeds.
+    MAX_PATIENCE = 16
 
     def __init__(self, ceiling: int, adaptive: bool = True, clock=time.monotonic):
         if ceiling < 1:
@@ -94,6 +99,7 @@ class ConcurrencyLimit:
         self._last_capacity: Optional[float] = None  # None: slow start
         self._probe = self.MIN_STEP
         self._clean_in_round = 0
+        self._patience, self._held = 1, 0
         self._last_cut = float("-inf")
         self._free = threading.Condition()
         # (time, limit) at each change, for benchmarks and the run's log.
@@ -133,16 +139,20 @@ class ConcurrencyLimit:
                 self._last_capacity = self._limit * 0.75
                 self._limit = max(1.0, self._limit / 2)
             else:
+                probing = self._limit >= self._last_capacity
+                if probing:
+                    # A probe failed: the capacity has not grown, so wait longer
+                    # before the next one (each costs a 429).
+                    self._patience = min(self.MAX_PATIENCE, 2 * self._patience)
                 # Past the last known capacity, the new one lies between it and the
                 # limit that failed; below it, the capacity itself fell, so climb
                 # back less far (BIC's fast convergence).
                 self._last_capacity = (
-                    (self._last_capacity + self._limit) / 2
-                    if self._limit >= self._last_capacity
+                    (self._last_capacity + self._limit) / 2 if probing
                     else self._limit * (1 + self.DECREASE) / 2)
                 self._limit = max(1.0, self._limit * self.DECREASE)
             self._last_cut = self._clock()
-            self._probe, self._clean_in_round = self.MIN_STEP, 0
+            self._probe, self._clean_in_round, self._held = self.MIN_STEP, 0, 0
             return
         if outcome != CLEAN or not limit_bound:
             return
@@ -155,7 +165,12 @@ class ConcurrencyLimit:
         self._clean_in_round = 0
         if self._limit < self._last_capacity:
             step = max(self.MIN_STEP, (self._last_capacity - self._limit) / 2)
+        elif self._held < self._patience:
+            self._held += 1
+            return
         else:
+            if self._limit >= self._last_capacity + 1:
+                self._patience = 1  # a whole request past it answered clean: it grew
             step = min(self._probe, self._limit / 4)
             self._probe *= 2
         self._limit = min(float(self.ceiling), self._limit + step)

@@ -93,7 +93,7 @@ class ModelConfig:
     request_timeout_s: float = 300.0
     # Requests in flight at once per worker process and model, across all bundles:
     # the ceiling of an adaptive limit, or the limit itself (`concurrency`).
-    max_concurrency: int = 32
+    max_concurrency: int = 64
     # "adaptive" (AIMD under the ceiling, the default) or "fixed".
     concurrency: str = ADAPTIVE
     max_retries: int = 6

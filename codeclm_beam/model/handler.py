@@ -68,7 +68,7 @@ class CodecLMModelHandler(RemoteModelHandler[ModelRequest, PredictionResult, Mod
         finally:
             metrics.LIVE.flying(self._stage, -len(batch))
         if self._metrics is None:
-            self._metrics = StageMetrics(self._stage, model.identity)
+            self._metrics = StageMetrics(self._stage, self._config.metered_id())
         self._metrics.record(results)
         return [PredictionResult(example=req, inference=res, model_id=model.spec.uri)
                 for req, res in zip(batch, results)]

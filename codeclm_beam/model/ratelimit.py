@@ -258,7 +258,8 @@ class TokenBucketRateLimiter(RateLimiter):
         return True
 
     def charge_tokens(self, tokens: int) -> None:
-        _channel(self._quota, self._tag).call("charge_tokens", tokens)
+        if self._quota.tokens_per_minute:  # else a round trip to the quota for nothing
+            _channel(self._quota, self._tag).call("charge_tokens", tokens)
 
 
 def make_rate_limiter(quota: QuotaConfig, tag: str) -> Optional[RateLimiter]:

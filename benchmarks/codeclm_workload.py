@@ -1,0 +1,69 @@
+"""The CodecLM-shaped workload through this project's model layer, in its own process
+as the peers' run in theirs (benchmarks/peers/workload.py), against a model server:
+an answer from each model, then two judge calls per item that read both answers.
+
+    python benchmarks/codeclm_workload.py --base_url URL --items 60 --rpm 1200 [--sequential]
+
+Prints one JSON line: wall seconds from the first request to the last answer, CPU
+milliseconds of this process per call, and the elements that failed.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from codeclm_beam.model import ChatMessage  # noqa: E402
+from codeclm_beam.model import GenerationSettings  # noqa: E402
+from codeclm_beam.model import ModelClient  # noqa: E402
+from codeclm_beam.model import ModelConfig  # noqa: E402
+from codeclm_beam.model import ModelRequest  # noqa: E402
+from codeclm_beam.model import QuotaConfig  # noqa: E402
+from codeclm_beam.transforms.judge import judge_answer  # noqa: E402
+from codeclm_beam.transforms.judge import pairwise_judge_prompt  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--base_url", required=True)
+    parser.add_argument("--items", type=int, default=60)
+    parser.add_argument("--rpm", type=float, default=1200)
+    parser.add_argument("--sequential", action="store_true",
+                        help="One request at a time, in a plain loop (the baseline).")
+    args = parser.parse_args()
+    # The product's defaults (adaptive concurrency), with the quota given.
+    config = ModelConfig(uri=f"openai:strong@{args.base_url}",
+                         quota=QuotaConfig(requests_per_minute=args.rpm,
+                                           run_id=f"shaped{os.getpid()}"))
+    if args.sequential:
+        config = config.replace(concurrency="fixed", max_concurrency=1)
+    client = ModelClient(config)
+    ask = ((lambda work: [client.call(r) for r in work]) if args.sequential
+           else client.call_all)
+    questions = [f"Question number {i}: explain topic {i}." for i in range(args.items)]
+    judge_schema = judge_answer(10).request_schema()  # the filter's judgement
+    started, cpu = time.monotonic(), time.process_time()
+    answers = ask([ModelRequest.create(f"{side}{i}", [ChatMessage("user", q)],
+                                       GenerationSettings(0.7, 256, seed=i))
+                   for side in ("a", "b") for i, q in enumerate(questions)])
+    texts = [getattr(a, "text", "") for a in answers]
+    judgements = ask([
+        ModelRequest.create(f"j{order}{i}", pairwise_judge_prompt(
+            q, *((x, y) if order == 0 else (y, x)), 10),
+            GenerationSettings(0.0, 64, seed=i), judge_schema)
+        for order in (0, 1)
+        for i, (q, x, y) in enumerate(zip(questions, texts[:args.items],
+                                          texts[args.items:]))])
+    wall, cpu = time.monotonic() - started, time.process_time() - cpu
+    results = answers + judgements
+    calls = sum(getattr(r, "stats").attempts for r in results)
+    print(json.dumps({"wall_s": round(wall, 2),
+                      "cpu_ms_per_call": round(1000 * cpu / max(calls, 1), 2),
+                      "failed": sum(1 for r in results if hasattr(r, "error_class")),
+                      "concurrency_limit": client.in_flight.limit}))
+
+
+if __name__ == "__main__":
+    main()
