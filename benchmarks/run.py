@@ -174,7 +174,9 @@ def adaptive() -> dict[str, Any]:
     answers per second over the capacity per second, the share of 429s, every element
     answered; and the curve (capacity, concurrency limit, answers/s, 429s) as a plot."""
     from codeclm_beam.model.concurrency import shared_limit
-    phase = max(30.0, 60.0 * SCALE)
+    # A minute per phase whatever BENCH_SCALE: the figure is about time constants (a
+    # probe cycle takes 5-15 s), and a shorter phase holds too few cycles to measure.
+    phase = 60.0
     schedule = ((0.0, 600.0), (phase, 200.0), (2 * phase, 900.0))
     end = 3 * phase
     # Enough work to keep the client busy to the end of the schedule, not beyond it
@@ -457,10 +459,13 @@ def online_vs_batch() -> dict[str, Any]:
     try:
         with tempfile.TemporaryDirectory() as tmp, FakeModelServer(ServerConfig(
                 accept_rate=0.6, strong_model="gemini-2.5-flash")) as server:
-            # The same run online and in batch mode; then in batch mode three times
+            # The same run online and in batch mode; then in batch mode eight times
             # as large, so what the pipeline adds per batched request is told apart
-            # from what it adds once per run (start-up, and a wave of jobs per stage).
-            small, large = max(4, int(20 * SCALE)), 3 * max(4, int(20 * SCALE))
+            # from what it adds once per run (start-up, and a wave of jobs per stage):
+            # the slope between the two is read off a second of noise in the walls,
+            # so the larger run adds a thousand requests or so.
+            small = max(4, int(20 * SCALE))
+            large = 8 * small
             for mode, size in (("online", small), ("batch", small), ("batch_large", large)):
                 seeds = os.path.join(tmp, f"seeds{size}.jsonl")
                 with open(seeds, "w") as f:

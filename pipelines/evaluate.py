@@ -264,7 +264,7 @@ def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = N
         outputs.claim()
     try:
         started = time.time()
-        pipeline = beam.Pipeline(options=options)
+        pipeline = manifest_lib.new_pipeline(options)
         plan = build_pipeline(pipeline, options, outputs.staging, run_id)
         preflight(options, plan)
         if not offline:

@@ -424,7 +424,7 @@ def _run_claimed(options: PipelineOptions, config: CodecLMConfig,
     if not is_dry_run(options):
         outputs.check()
     started = time.time()
-    pipeline = beam.Pipeline(options=options)
+    pipeline = manifest_lib.new_pipeline(options)
     build_pipeline(pipeline, options, config, outputs.staging)
     result, not_finished = manifest_lib.run_pipeline(
         pipeline, options, outputs, "codeclm-beam generate", run_id, wait,

@@ -74,9 +74,13 @@ def assert_avro_rows_equal(output_dir, name, jsonl_rows):
     assert sorted(rows, key=key) == sorted(jsonl_rows, key=key)
 
 
-def test_strong_wins_everything_is_kept_in_round_one_on_budget(tmp_path):
+def test_strong_wins_everything_is_kept_in_round_one_on_budget(tmp_path, caplog):
+    caplog.set_level("INFO", logger="apache_beam.runners.direct")
     manifest = run_generate(scenario(tmp_path, "strong_wins"))
     check_strong_wins(tmp_path, manifest)
+    # No runner given: it runs where the DirectRunner would end up, without first
+    # converting the graph for Prism and fetching Prism's binary from GitHub.
+    assert "PrismRunner" not in caplog.text
     acc = manifest["accounting"]
     assert acc["seeds"]["seeds"] == N_SEEDS and acc["metadata_pool"]["entries"] == 8
     assert acc["candidates"]["rounds"][0] == {

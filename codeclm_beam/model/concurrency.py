@@ -71,12 +71,13 @@ class ConcurrencyLimit:
     limit, so a capacity that grew is found in a few round trips; and since each probe
     that fails costs a 429, after each failed probe it holds at the last capacity
     twice as long before the next (up to MAX_PATIENCE round trips). Before the first
-    overload it doubles each round trip (slow start). A round trip is `limit` clean
+    overload, and again once past RESTART times the last capacity (it has moved
+    altogether), it doubles each round trip (slow start). A round trip is `limit` clean
     answers (at least MIN_ROUND), and only answers while the limit is full count.
     """
 
     INITIAL = 8
-    DECREASE = 0.7
+    DECREASE = 0.5
     # The smallest step per round trip (near the last known capacity, and the first
     # probe past it), in requests.
     MIN_STEP = 0.25
@@ -85,7 +86,11 @@ class ConcurrencyLimit:
     MIN_ROUND = 4
     # Round trips held at the last known capacity before probing past it: doubled by
     # each probe that fails (each costs a 429), back to 1 when one succeeds.
-    MAX_PATIENCE = 16
+    MAX_PATIENCE = 4
+    # The largest probe step, as a share of the limit.
+    MAX_PROBE = 0.25
+    # Past this many times the last known capacity, back to slow start.
+    RESTART = 2.0
 
     def __init__(self, ceiling: int, adaptive: bool = True, clock=time.monotonic):
         if ceiling < 1:
@@ -171,7 +176,12 @@ class ConcurrencyLimit:
         else:
             if self._limit >= self._last_capacity + 1:
                 self._patience = 1  # a whole request past it answered clean: it grew
-            step = min(self._probe, self._limit / 4)
+            if self._limit >= self.RESTART * self._last_capacity:
+                # Far past it: the capacity is somewhere else altogether (a quota
+                # raised, a service scaled up); find it as at the start.
+                self._last_capacity = None
+                return
+            step = min(self._probe, self._limit * self.MAX_PROBE)
             self._probe *= 2
         self._limit = min(float(self.ceiling), self._limit + step)
 
