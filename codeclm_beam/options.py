@@ -94,7 +94,7 @@ class ModelOptions(PipelineOptions):
                                 "(with --concurrency fixed: exactly this many).")
         group.add_argument("--concurrency", default=ADAPTIVE, choices=CONCURRENCY_MODES,
                            help="adaptive (default): start at 8 requests in flight, "
-                                "grow while answers come back clean, cut by 30%% on "
+                                "grow while answers come back clean, halve on "
                                 "429s, timeouts and 5xx, never above --max_concurrency "
                                 "nor over a quota you give; for quotas you cannot type "
                                 "in (Vertex AI's dynamic shared quota, a self-hosted "

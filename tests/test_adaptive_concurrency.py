@@ -129,6 +129,23 @@ def test_each_failed_probe_doubles_the_wait_before_the_next():
     assert waits == [min(wait, ConcurrencyLimit.MAX_PATIENCE) for wait in (1, 2, 4)]
 
 
+def test_far_past_the_last_capacity_it_is_back_in_slow_start():
+    limit = _limit(ceiling=1000)
+    sender = Sender(limit)
+    _slow_start_then_one_overload(limit, sender)
+    sender.answer(OVERLOADED)
+    capacity = limit._last_capacity
+    for _ in range(100):  # probing, clean: the capacity grew
+        if limit._limit >= ConcurrencyLimit.RESTART * capacity:
+            break
+        sender.round_trip()
+    sender.round_trip()  # the round trip that ends there
+    before = limit.limit
+    for _ in range(3):
+        sender.answer()
+    assert limit.limit == before + 3  # +1 an answer: doubling each round trip again
+
+
 def test_fixed_concurrency_never_moves():
     limit = _limit(ceiling=5, adaptive=False)
     sender = Sender(limit)

@@ -67,7 +67,7 @@ class ConcurrencyLimit:
     again. Additive increase, paced by that memory (BIC, Xu et al. 2004): below the
     last known capacity the limit climbs half the way to it each round trip (fast
     when far below, careful near it, so a cycle sends many requests per 429); past it,
-    it probes in steps that double each clean round trip, at most a quarter of the
+    it probes in steps that double each clean round trip, at most an eighth of the
     limit, so a capacity that grew is found in a few round trips; and since each probe
     that fails costs a 429, after each failed probe it holds at the last capacity
     twice as long before the next (up to MAX_PATIENCE round trips). Before the first
@@ -88,7 +88,7 @@ class ConcurrencyLimit:
     # each probe that fails (each costs a 429), back to 1 when one succeeds.
     MAX_PATIENCE = 4
     # The largest probe step, as a share of the limit.
-    MAX_PROBE = 0.25
+    MAX_PROBE = 0.125
     # Past this many times the last known capacity, back to slow start.
     RESTART = 2.0
 
