@@ -24,6 +24,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.fake_model_server import FakeModelServer  # noqa: E402
 from codeclm_beam.model.concurrency import CLEAN  # noqa: E402
 from codeclm_beam.model.concurrency import OVERLOADED  # noqa: E402
 from codeclm_beam.model.concurrency import ConcurrencyLimit  # noqa: E402
@@ -37,12 +38,12 @@ def simulate(seed: int, constants: dict, phase_s: float = 60.0, burst_s: float =
     rng = random.Random(seed)
     now = 0.0
     limit = type("Tuned", (ConcurrencyLimit,), constants)(64, True, clock=lambda: now)
-    schedule = [(i * phase_s, rpm / 60) for i, rpm in enumerate(SCHEDULE_RPM)]
+    schedule = tuple((i * phase_s, rpm) for i, rpm in enumerate(SCHEDULE_RPM))
     end = len(schedule) * phase_s
-    n = int(1.1 * sum(rate * phase_s for _, rate in schedule))
+    n = int(1.1 * sum(rpm / 60 * phase_s for _, rpm in schedule))
 
-    def rate_at(t):
-        return [rate for at, rate in schedule if t >= at][-1]
+    def rate_at(t):  # requests per second, as the loopback server reads its schedule
+        return FakeModelServer.capacity_rpm_of(schedule, t) / 60
     bucket = {"tokens": rate_at(0) * burst_s, "at": 0.0}
 
     def admitted(t):
@@ -105,11 +106,11 @@ def simulate(seed: int, constants: dict, phase_s: float = 60.0, burst_s: float =
                 push(now + rng.uniform(0, min(60.0, 2.0 ** (attempt - 1))), "retry",
                      attempt + 1)
         send_what_fits()
-    capacity = sum(rate * phase_s for _, rate in schedule)
+    capacity = sum(rpm / 60 * phase_s for _, rpm in schedule)
     return {"answers_over_capacity": sum(ok) / capacity,
             "share_429": sum(throttled) / (sum(throttled) + n),
-            "by_phase": [sum(ok[int(at):int(at + phase_s)]) / (rate * phase_s)
-                         for at, rate in schedule]}
+            "by_phase": [sum(ok[int(at):int(at + phase_s)]) / (rpm / 60 * phase_s)
+                         for at, rpm in schedule]}
 
 
 def main() -> None:

@@ -540,11 +540,20 @@ def _busy_seconds(jobs) -> float:
     return busy
 
 
+def side(met: bool) -> str:
+    return "met" if met else "MISSED"
+
+
 def against(value, op: str, target) -> str:
     """A figure with the side of its target it is on."""
     met = {"<=": value <= target, ">=": value >= target, "<": value < target,
            "==": value == target}[op]
-    return f"{value} (target {op} {target}: {'met' if met else 'MISSED'})"
+    return f"{value} (target {op} {target}: {side(met)})"
+
+
+def cpu_hours(ms_per_call: float) -> str:
+    """What a Dataflow job of 9 M model calls pays at this CPU per call."""
+    return f"x 9 M calls = {ms_per_call * 9e6 / 3.6e6:,.1f} CPU-hours"
 
 
 def markdown(results: dict) -> str:
@@ -560,8 +569,7 @@ def markdown(results: dict) -> str:
              f"| CodecLM workload | sequential loop wall (s) | {s['sequential_loop']['wall_s']} (reported) |",
              f"| CodecLM workload | requests per item (codeclm-beam) | {against(ours['requests_per_item'], '==', 4.0)} |",
              f"| CodecLM workload | speed-up over sequential | {s['speedup_over_sequential']} (reported) |",
-             f"| CodecLM workload | CPU ms per model call, model layer (x 9 M calls = "
-             f"{ours['cpu_ms_per_call'] * 9e6 / 3.6e6:,.1f} CPU-hours) | {ours['cpu_ms_per_call']} (reported) |"]
+             f"| CodecLM workload | CPU ms per model call, model layer ({cpu_hours(ours['cpu_ms_per_call'])}) | {ours['cpu_ms_per_call']} (reported) |"]
     for peer, op, target in (("distilabel", "<=", 0.8), ("curator", "<", 1.0)):
         if isinstance(s.get(peer), dict) and "wall_s" in s[peer]:
             lines.append(f"| CodecLM workload | {peer} wall (s) / requests per item | "
@@ -580,8 +588,8 @@ def markdown(results: dict) -> str:
         lines.append(f"| overhead | while sending / bare asyncio requests per s | "
                      f"{o['pipeline_while_sending_over_bare_throughput']} (reported) |")
     if "pipeline_cpu_ms_per_call" in o:
-        lines.append(f"| overhead | CPU ms per model call, whole pipeline (x 9 M calls = "
-                     f"{o['pipeline_cpu_ms_per_call'] * 9e6 / 3.6e6:,.1f} CPU-hours) | "
+        lines.append(f"| overhead | CPU ms per model call, whole pipeline "
+                     f"({cpu_hours(o['pipeline_cpu_ms_per_call'])}) | "
                      f"{o['pipeline_cpu_ms_per_call']} (reported; the loopback server's CPU included) |")
     if "adaptive" in results:
         a = results["adaptive"]
@@ -604,7 +612,7 @@ def markdown(results: dict) -> str:
               f"| calls | calls on a cached re-run | {against(c['calls_on_cached_rerun'], '==', 0)} |"]
     if "online_vs_batch" in results:
         b = results["online_vs_batch"]
-        lines += [f"| online vs batch | calls equal / answers equal | {b['calls_equal']} / {b['answers_equal']} (target True / True: {'met' if b['calls_equal'] and b['answers_equal'] else 'MISSED'}) |",
+        lines += [f"| online vs batch | calls equal / answers equal | {b['calls_equal']} / {b['answers_equal']} (target True / True: {side(b['calls_equal'] and b['answers_equal'])}) |",
                   f"| online vs batch | cost batch / online | {against(b['cost_ratio_batch_over_online'], '<=', 0.5)} |",
                   f"| online vs batch | pipeline overhead per batched request, whole run (ms) | {b['pipeline_overhead_per_batched_request_ms']} (reported: start-up and job waves over {b['batch']['requests']} requests) |"]
         if "pipeline_overhead_per_added_request_ms" in b:
@@ -618,10 +626,10 @@ def markdown(results: dict) -> str:
                   f"(ratio {d['throughput_beam_over_baseline']}, reported) |",
                   f"| dedup | recall / precision (DeduplicateInstructions; MinHashLSH) | "
                   f"{beam['recall']} / {beam['precision']}; {base['recall']} / {base['precision']} "
-                  f"(target 1.0 / 1.0: {'met' if beam['recall'] == beam['precision'] == 1.0 else 'MISSED'}) |",
+                  f"(target 1.0 / 1.0: {side(beam['recall'] == beam['precision'] == 1.0)}) |",
                   f"| dedup | peak RSS MB (DeduplicateInstructions / MinHashLSH) | "
                   f"{beam['peak_rss_mb']} / {base['peak_rss_mb']} (reported) |",
-                  f"| dedup | same removed set | {d['same_removed_set']} (target True: {'met' if d['same_removed_set'] else 'MISSED'}) |"]
+                  f"| dedup | same removed set | {d['same_removed_set']} (target True: {side(d['same_removed_set'])}) |"]
     return "\n".join(lines) + "\n"
 
 

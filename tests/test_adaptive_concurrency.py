@@ -66,7 +66,7 @@ def test_a_sender_that_never_fills_the_limit_does_not_grow_it():
 
 
 def _slow_start_then_one_overload(limit, sender):
-    """Half a round trip clean (+1 an answer), then a 429: back to half the limit."""
+    """Half a round trip clean in slow start (+1 an answer): the limit it reached."""
     for _ in range(ConcurrencyLimit.INITIAL // 2):
         sender.answer()
     reached = limit.limit
@@ -115,12 +115,13 @@ def test_each_failed_probe_doubles_the_wait_before_the_next():
 
     def held_rounds_before_a_probe():
         held = 0
-        while True:
+        for _ in range(100):
             before = limit._limit
             sender.round_trip()
             if limit._limit > before and before >= limit._last_capacity:
                 return held
             held += limit._limit == before
+        pytest.fail("no probe past the last capacity in 100 clean round trips")
 
     waits = []
     for _ in range(3):
@@ -144,6 +145,29 @@ def test_far_past_the_last_capacity_it_is_back_in_slow_start():
     for _ in range(3):
         sender.answer()
     assert limit.limit == before + 3  # +1 an answer: doubling each round trip again
+
+
+@pytest.mark.parametrize("error,outcome", [
+    (None, CLEAN),
+    (TransientModelError("quota exceeded", status=429), OVERLOADED),
+    (TransientModelError("request timeout", status=408), OVERLOADED),
+    (TransientModelError("unavailable", status=503), OVERLOADED),
+    (TransientModelError("ReadTimeout: timed out"), OVERLOADED),  # no status: no answer
+    (PermanentModelError("bad request", status=400), NEUTRAL),
+    (PermanentModelError("permission denied", status=403), NEUTRAL),
+])
+def test_429s_timeouts_and_5xx_are_overloads_and_a_refusal_says_nothing_of_load(
+        error, outcome):
+    assert outcome_of(error) == outcome
+
+
+def test_an_error_that_says_nothing_of_load_leaves_the_limit_where_it_is():
+    limit = _limit()
+    sender = Sender(limit)
+    reached = _slow_start_then_one_overload(limit, sender)
+    for _ in range(3 * reached):
+        sender.answer(NEUTRAL)
+    assert limit.limit == reached
 
 
 def test_fixed_concurrency_never_moves():

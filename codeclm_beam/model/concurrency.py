@@ -28,6 +28,7 @@ import threading
 import time
 from typing import Optional
 
+from codeclm_beam.model.errors import RETRYABLE_HTTP_STATUSES
 from codeclm_beam.model.errors import TransientModelError
 
 FIXED, ADAPTIVE = "fixed", "adaptive"
@@ -35,7 +36,6 @@ CONCURRENCY_MODES = (ADAPTIVE, FIXED)
 
 # What a request's outcome says about the service's capacity.
 CLEAN, OVERLOADED, NEUTRAL = "clean", "overloaded", "neutral"
-_OVERLOAD_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
 
 def outcome_of(error: Optional[BaseException]) -> str:
@@ -45,7 +45,7 @@ def outcome_of(error: Optional[BaseException]) -> str:
     if error is None:
         return CLEAN
     if isinstance(error, TransientModelError) and (
-            error.status is None or error.status in _OVERLOAD_STATUSES):
+            error.status is None or error.status in RETRYABLE_HTTP_STATUSES):
         return OVERLOADED
     return NEUTRAL
 
