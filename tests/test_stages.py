@@ -175,3 +175,34 @@ def test_improve_applies_a_fresh_action_and_records_the_chain(models):
         assert_that(dead_letters.output() | beam.Map(lambda d: (d.stage, d.element_id,
                                                            d.error_class)),
                     equal_to([("improve", "c9", "LookupError")]), label="dead")
+
+
+def test_selections_take_the_lowest_ranks_and_pass_on_the_slots_they_leave():
+    """A round fills its slots with improved candidates first, then from the reserve:
+    the second selection's limit is what the first left unfilled, known before either
+    split runs; an empty input takes nothing and leaves the whole limit."""
+    from codeclm_beam.transforms.selection import TakeLowestRanked
+    rank = lambda n: n  # noqa: E731
+    with TestPipeline() as p:
+        limit = p | "Three" >> beam.Create([3])
+        many = (p | "Many" >> beam.Create([50, 10, 40, 20, 30])
+                | "FromMany" >> TakeLowestRanked(rank, 10, limit))
+        one = (p | "One" >> beam.Create([7])
+               | "FromOne" >> TakeLowestRanked(rank, 10, limit))
+        reserve = (p | "Reserve" >> beam.Create([9, 1, 8, 2])
+                   | "FromReserve" >> TakeLowestRanked(rank, 10, one.unfilled))
+        none = (p | "None" >> beam.Create([], reshuffle=False).with_output_types(int)
+                | "FromNone" >> TakeLowestRanked(rank, 10, limit))
+        capped = (p | "Capped" >> beam.Create([5, 4, 3])
+                  | "FromCapped" >> TakeLowestRanked(rank, 1, limit))
+        assert_that(many.taken, equal_to([10, 20, 30]), label="many taken")
+        assert_that(many.rest, equal_to([40, 50]), label="many rest")
+        assert_that(many.unfilled, equal_to([0]), label="many unfilled")
+        assert_that(one.unfilled, equal_to([2]), label="one unfilled")
+        assert_that(reserve.taken, equal_to([1, 2]), label="reserve taken")
+        assert_that(reserve.rest, equal_to([8, 9]), label="reserve rest")
+        assert_that(none.taken, equal_to([]), label="none taken")
+        assert_that(none.unfilled, equal_to([3]), label="none unfilled")
+        # max_limit bounds a larger limit; what it could not take stays unfilled.
+        assert_that(capped.taken, equal_to([3]), label="capped taken")
+        assert_that(capped.unfilled, equal_to([2]), label="capped unfilled")

@@ -195,11 +195,24 @@ def example_rank(example: Example) -> int:
     return (example.iteration << 48) | stable_rank(example.example_id)
 
 
-def _count(pcolls: list, label: str, pipeline) -> beam.PCollection:
-    """How many elements a list of PCollections holds, as a singleton PCollection."""
-    return (tuple(pcolls)
-            | f"{label}/All" >> beam.Flatten(pipeline=pipeline)
-            | f"{label}/Count" >> beam.combiners.Count.Globally())
+class _KeptAndJudged(beam.CombineFn):
+    """(pairs kept, candidates judged) of a flatten of both: kept pairs are Examples,
+    judged candidates Candidates. One combine for the two counts a round's size rests
+    on, where two would each be a shuffle (a stage on Dataflow, a bundle locally)."""
+
+    def create_accumulator(self):
+        return 0, 0
+
+    def add_input(self, counts, record):
+        kept, judged = counts
+        return (kept + 1, judged) if isinstance(record, Example) else (kept, judged + 1)
+
+    def merge_accumulators(self, accumulators):
+        kept, judged = zip(*accumulators)
+        return sum(kept), sum(judged)
+
+    def extract_output(self, counts):
+        return counts
 
 
 def record_id(record) -> str:
@@ -307,12 +320,9 @@ class Round(DeadLettering):
         rank = candidate_rank(cfg.seed)
         selected = undecided | "SelectForImprovement" >> TakeLowestRanked(
             rank, max_limit=cfg.basic_instructions, limit=slots)
-        fresh_slots = slots | "FreshSlots" >> beam.Map(
-            lambda total, improving: max(0, total - improving),
-            beam.pvalue.AsSingleton(_count([selected.taken], "CountImproving",
-                                           candidates.pipeline)))
+        # The slots improvement leaves free are filled from the reserve.
         fresh = self._reserve | "DrawFromReserve" >> TakeLowestRanked(
-            rank, max_limit=cfg.basic_instructions, limit=fresh_slots)
+            rank, max_limit=cfg.basic_instructions, limit=selected.unfilled)
         improved = selected.taken | "ImproveInstructions" >> self.handled(
             ImproveInstructions(cfg.strong, self._rubric_state, Improve(settings=cfg.codec),
                                 cfg.seed))
@@ -342,13 +352,18 @@ class Round(DeadLettering):
         """round_slots, from everything kept and judged up to this round (what the
         screens removed was not judged: the next round makes up for it)."""
         cfg, pipeline = self._cfg, judged_now.pipeline
-        judged = _count([*self._judged_before, judged_now], "CountJudged", pipeline)
-        return (_count([*self._kept_before, kept], "CountKeptSoFar", pipeline)
+        # Without defaults, nothing judged or kept gives no counts and the side
+        # input's default stands in; the Impulse makes the slots a singleton always.
+        counts = ((*self._judged_before, judged_now, *self._kept_before, kept)
+                  | "SoFar" >> beam.Flatten(pipeline=pipeline)
+                  | "CountKeptAndJudged" >> beam.CombineGlobally(
+                      _KeptAndJudged()).without_defaults())
+        return (pipeline
+                | "Once" >> beam.Impulse()
                 | "Slots" >> beam.Map(
-                    lambda kept_so_far, judged_so_far: round_slots(
-                        kept_so_far, judged_so_far, cfg.num_examples,
-                        cfg.overgenerate_margin),
-                    beam.pvalue.AsSingleton(judged)))
+                    lambda _, so_far: round_slots(*so_far, cfg.num_examples,
+                                                  cfg.overgenerate_margin),
+                    beam.pvalue.AsSingleton(counts, default_value=(0, 0))))
 
     def _last(self, kept, undecided, judged, screened_out) -> RoundOutput:
         cfg = self._cfg

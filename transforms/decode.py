@@ -134,10 +134,12 @@ class DecodeInstructions(DeadLettering):
         self._run_seed = run_seed
 
     def expand(self, pool) -> beam.PCollection:
-        pool_size = pool | "PoolSize" >> beam.combiners.Count.Globally()
+        # Without defaults: an empty pool has no entry to read the size with.
+        pool_size = pool | "PoolSize" >> beam.CombineGlobally(
+            beam.combiners.CountCombineFn()).without_defaults()
         tasks = pool | "Count" >> beam.Map(
             lambda entry, size: DecodeTask(
                 entry, instructions_per_entry(self._num_instructions, size)),
-            beam.pvalue.AsSingleton(pool_size))
+            beam.pvalue.AsSingleton(pool_size, default_value=0))
         return tasks | "Decode" >> self.handled(CallModel(
             self._stage, self._model, self._run_seed))

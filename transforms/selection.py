@@ -1,7 +1,7 @@
 """Deterministic "take the first N" for PCollections too large to sort in one place.
 
-Each element gets an integer rank; the N smallest ranks are found with `Top.Smallest`
-(a combiner, so it scales), the N-th rank becomes a cutoff, and the elements split on
+Each element gets an integer rank; the N smallest ranks are found with a top-N
+combiner (so it scales), the N-th rank becomes a cutoff, and the elements split on
 it. N may be a side input (known only at run time), bounded by a static maximum.
 """
 from __future__ import annotations
@@ -10,6 +10,7 @@ import hashlib
 from typing import Callable, NamedTuple, Optional
 
 import apache_beam as beam
+from apache_beam.transforms.combiners import TopCombineFn
 
 
 def stable_rank(*parts: str) -> int:
@@ -24,6 +25,15 @@ class Split(NamedTuple):
     rest: Optional[beam.PCollection]
 
 
+class Selection(NamedTuple):
+    taken: beam.PCollection
+    rest: beam.PCollection
+    # Where the limit is a singleton (else None), what is left of it once this
+    # selection is served (a singleton int): the slots another selection may fill.
+    # Known before the split has run, so what depends on it need not wait for it.
+    unfilled: Optional[beam.PCollection]
+
+
 def _cutoff(smallest: list, limit: int) -> Optional[int]:
     if limit <= 0:
         return None  # take nothing
@@ -32,8 +42,15 @@ def _cutoff(smallest: list, limit: int) -> Optional[int]:
     return smallest[limit - 1]
 
 
+def _taken(smallest: list, limit: int) -> int:
+    """How many elements `_cutoff(smallest, limit)` takes (ranks are 48-bit hashes of
+    distinct ids: a tie at the cutoff, which would take one more, is left out)."""
+    return max(0, min(limit, len(smallest)))
+
+
 class TakeLowestRanked(beam.PTransform):
-    """PCollection -> Split(taken = the `limit` lowest-ranked elements, rest)."""
+    """PCollection -> Selection(taken = the `limit` lowest-ranked elements, rest,
+    unfilled)."""
 
     def __init__(self, rank: Callable[[object], int], max_limit: int, limit=None):
         """`limit` is an int or a singleton PCollection of int (at most max_limit)."""
@@ -42,19 +59,31 @@ class TakeLowestRanked(beam.PTransform):
         self._max_limit = max_limit
         self._limit = max_limit if limit is None else limit
 
-    def expand(self, pcoll) -> Split:
-        rank = self._rank
-        limit = self._limit
-        if not isinstance(limit, beam.PCollection):
-            limit = pcoll.pipeline | "Limit" >> beam.Create([limit])
+    def expand(self, pcoll) -> Selection:
+        rank, max_limit, limit = self._rank, self._max_limit, self._limit
         # One more than the limit, so "exactly `limit` elements" and "more than
-        # `limit`" can be told apart.
-        smallest = (pcoll | "Rank" >> beam.Map(rank)
-                    | "Smallest" >> beam.combiners.Top.Smallest(self._max_limit + 1))
-        cutoff = smallest | "Cutoff" >> beam.Map(
-            lambda ranks, n: _cutoff(ranks, min(n, self._max_limit)),
-            beam.pvalue.AsSingleton(limit))
+        # `limit`" can be told apart. Without defaults an empty input gives no list
+        # and the side input's default stands in: Top.Smallest would add a Create of
+        # an empty accumulator, and Beam pays about 9 ms a transform at start-up.
+        smallest = beam.pvalue.AsSingleton(
+            pcoll | "Rank" >> beam.Map(rank)
+            | "Smallest" >> beam.CombineGlobally(
+                TopCombineFn(max_limit + 1, reverse=True)).without_defaults(),
+            default_value=[])
+        if isinstance(limit, beam.PCollection):
+            limit_of, side = (lambda n: min(n, max_limit)), [beam.pvalue.AsSingleton(limit)]
+        else:
+            limit_of, side = (lambda _: min(limit, max_limit)), [None]
         taken, rest = pcoll | "Split" >> beam.Partition(
-            lambda element, _, cut: 0 if cut is not None and rank(element) <= cut else 1,
-            2, beam.pvalue.AsSingleton(cutoff))
-        return Split(taken, rest)
+            lambda element, _, lowest, n: 0 if _is_taken(
+                rank(element), _cutoff(lowest, limit_of(n))) else 1,
+            2, smallest, *side)
+        unfilled = None
+        if isinstance(limit, beam.PCollection):
+            unfilled = limit | "Unfilled" >> beam.Map(
+                lambda n, lowest: max(0, n - _taken(lowest, limit_of(n))), smallest)
+        return Selection(taken, rest, unfilled)
+
+
+def _is_taken(element_rank: int, cut) -> bool:
+    return cut is not None and element_rank <= cut
