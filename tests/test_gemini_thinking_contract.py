@@ -149,11 +149,11 @@ def free_text_request(visible: int, thinking: Thinking) -> ModelRequest:
                                GenerationSettings(0.7, visible, thinking, seed=1))
 
 
-def vertex_client(server, model: str) -> ModelClient:
+def vertex_client(server, model: str, **settings) -> ModelClient:
     return ModelClient(ModelConfig(
         uri=f"vertex:{model}", project="p", location="us-central1",
         base_url=server.base_url, credentials=Credentials(token="fake"),
-        initial_backoff_s=0.01))
+        initial_backoff_s=0.01, **settings))
 
 
 def test_an_answer_cut_at_the_limit_is_re_sent_once_with_more_room():
@@ -178,12 +178,23 @@ def test_an_answer_still_cut_after_the_re_send_is_a_truncated_failure():
         assert result.reason == "truncated" and result.finish_reason == "MAX_TOKENS"
         assert result.error_class == "TruncatedAnswer"
         assert result.stats.truncation_retries == 1 and result.stats.truncated
+        assert "1 re-send with more room" in result.message
         assert result.stats.parse_retries == 2
         assert [e["max_tokens"] for e in server.log] == [129, 258, 129, 129]
         assert all(e["thinking"] == {"thinkingBudget": 128} for e in server.log)
         # Every token the server reported is accounted for, thoughts apart.
         assert result.stats.usage.thoughts_tokens == server.usage["thoughts"] > 0
         assert result.stats.usage.completion_tokens == server.usage["candidates"]
+
+
+def test_with_no_re_sends_allowed_a_cut_answer_says_none_was_made():
+    with server_for("gemini-2.5-flash-lite") as server:
+        client = vertex_client(server, "gemini-2.5-flash-lite",
+                               max_truncation_retries=0, max_parse_retries=0)
+        result = client.call(free_text_request(50, Thinking()))
+        assert isinstance(result, ModelFailure) and result.reason == "truncated"
+        assert "no re-sends with more room" in result.message
+        assert [e["max_tokens"] for e in server.log] == [50]
 
 
 def test_openai_reasoning_effort_passes_through_and_its_tokens_are_split():

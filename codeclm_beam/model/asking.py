@@ -222,11 +222,15 @@ class Asking:
                 last.finish_reason if last else None))
 
     def _truncated(self, raw: RawAnswer) -> TruncatedAnswer:
+        # Says how many re-sends with more room were made: none with
+        # --max_truncation_retries 0, which the demo runs with.
+        re_sends = self.tally.truncation_retries
         return TruncatedAnswer(
             f"answer stopped at the output limit (finish reason {raw.finish_reason}; "
             f"limit {self._policy.wire_limit(self.request)} tokens for a visible budget "
-            f"of {self.request.settings.max_output_tokens}, and one re-send with more "
-            f"room; last answer: {raw.usage.completion_tokens} visible + "
+            f"of {self.request.settings.max_output_tokens}, "
+            f"{'no' if not re_sends else re_sends} re-send{'' if re_sends == 1 else 's'} "
+            f"with more room; last answer: {raw.usage.completion_tokens} visible + "
             f"{raw.usage.thoughts_tokens} "
             "thought tokens): raise the stage's output budget or lower its thinking",
             raw.text, raw.finish_reason)
