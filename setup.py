@@ -53,8 +53,6 @@ setuptools.setup(
         "tqdm>=4.66",
         # Run reports (plots embedded in one HTML file).
         "matplotlib>=3.8",
-        # MinHash signatures for near-duplicate removal (transforms/dedup.py).
-        "datasketch>=2.0",
     ],
     extras_require={
         # The embedded model: compiles llama.cpp, so never on Dataflow workers by default.
@@ -72,6 +70,9 @@ setuptools.setup(
             # Beam graph work, one core per pipeline).
             "pytest-xdist>=3.5",
             "hypothesis>=6.100",
+            # The reference that codeclm_beam/textmatch.py's MinHash and LSH bands are
+            # checked against (and the dedup bench's in-memory baseline).
+            "datasketch>=2.0",
             # A real Cloud Storage server on loopback, for gs:// outputs in tests.
             "gcp-storage-emulator>=2024.0",
         ],

@@ -194,11 +194,16 @@ class DeadLettering(beam.PTransform):
         """`transform`, with this composite's error handler."""
         return transform.with_error_handler(self._error_handler)
 
-    def dead_letters(self, dead: beam.PCollection) -> None:
+    def dead_letters(self, *dead: beam.PCollection) -> None:
         if self._error_handler is not None:
-            self._error_handler.add_error_pcollection(dead)
+            # Each to the handler as it is: flattened here first, they would be one
+            # more stage for the runner to schedule (on the FnApiRunner, a bundle of
+            # its own between two model stages) before the handler's own Flatten.
+            for pcoll in dead:
+                self._error_handler.add_error_pcollection(pcoll)
         else:
-            dead | "FailOnDeadLetter" >> beam.Map(_fail_on)
+            (dead | "DeadLetters" >> beam.Flatten()
+             | "FailOnDeadLetter" >> beam.Map(_fail_on))
 
 
 def _fail_on(dead_letter: DeadLetter) -> None:
@@ -288,8 +293,7 @@ class CallModel(DeadLettering):
                                         self._spec.answer_problem)
                   | "Parse" >> beam.ParDo(_ParseAnswer(self._spec)).with_outputs(
                       DEAD_LETTER, main="main"))
-        self.dead_letters((prompted[DEAD_LETTER], parsed[DEAD_LETTER])
-                          | "DeadLetters" >> beam.Flatten())
+        self.dead_letters(prompted[DEAD_LETTER], parsed[DEAD_LETTER])
         return parsed.main
 
 

@@ -54,40 +54,79 @@ def gram_hash(gram: str) -> int:
                           "big") >> 1
 
 
+# MinHash and the choice of LSH bands are written here rather than taken from
+# datasketch, whose scheme they follow ("affine32": SHA-1's first 32 bits, the
+# MurmurHash3 finalizer, then odd affine permutations modulo 2^32, drawn from the seed
+# the way datasketch draws them; tests/test_dedup_decontamination.py checks both against
+# datasketch value for value). Importing any of datasketch imports its LSH index and
+# with it scipy.integrate: about a second in every process that computes one signature,
+# which on a local run was the longest pause between the first round's model calls.
+# The LSH index itself is no use in Beam, where the bands are keys of a shuffle.
+_MAX_HASH32 = np.uint32(0xFFFFFFFF)
+
+
 @functools.lru_cache(maxsize=8)
-def _permutations(num_perm: int, seed: int):
-    # datasketch draws a MinHash's permutations from its seed each time one is made;
-    # drawing them once per worker and process is what makes signatures cheap.
-    from datasketch import MinHash
-    template = MinHash(num_perm=num_perm, seed=seed)
-    return template.permutations, template.scheme
+def _permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    # Drawn once per worker process: drawing them for each signature costs more than
+    # the signature.
+    draw = np.random.RandomState(seed)
+    odd = draw.randint(0, 1 << 31, num_perm, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
+    offset = draw.randint(0, 1 << 32, num_perm, dtype=np.uint32)
+    return odd, offset
+
+
+def _fmix32(hashes: np.ndarray) -> np.ndarray:
+    # A bijection on 32 bits that spreads similar inputs apart (uint32 products wrap,
+    # which is the arithmetic wanted).
+    hashes = hashes ^ (hashes >> np.uint32(16))
+    hashes = hashes * np.uint32(0x85EBCA6B)
+    hashes = hashes ^ (hashes >> np.uint32(13))
+    hashes = hashes * np.uint32(0xC2B2AE35)
+    return hashes ^ (hashes >> np.uint32(16))
 
 
 def signature(grams: Iterable[str], num_perm: int, seed: int) -> np.ndarray:
-    """The MinHash signature of a set of n-grams (datasketch's MinHash)."""
-    from datasketch import MinHash
-    permutations, scheme = _permutations(num_perm, seed)
-    minhash = MinHash(num_perm=num_perm, seed=seed, permutations=permutations,
-                      scheme=scheme)
-    minhash.update_batch([g.encode("utf-8") for g in grams])
-    return minhash.hashvalues
+    """The MinHash signature (num_perm uint32 values) of a set of n-grams."""
+    odd, offset = _permutations(num_perm, seed)
+    hashes = np.array([int.from_bytes(hashlib.sha1(g.encode("utf-8")).digest()[:4], "little")
+                       for g in grams], dtype=np.uint32)
+    if not hashes.size:
+        return np.full(num_perm, _MAX_HASH32, dtype=np.uint32)
+    return (_fmix32(hashes)[:, None] * odd + offset).min(axis=0)
 
 
-# How datasketch's MinHashLSH weighs (false positives, false negatives) when it picks
-# bands: the bands only propose pairs, and every proposed pair is compared exactly, so
-# a false positive costs one comparison and a false negative a duplicate kept. At
-# Jaccard 0.7 with 128 permutations: 20 bands of 6 rows, which propose a pair at the
-# threshold 92% of the time (the even weights' 14 x 9 propose it 44% of the time).
+# How the bands are chosen weighs (false positives, false negatives): the bands only
+# propose pairs, and every proposed pair is compared exactly, so a false positive costs
+# one comparison and a false negative a duplicate kept. At Jaccard 0.7 with 128
+# permutations: 20 bands of 6 rows, which propose a pair at the threshold 92% of the
+# time (even weights' 14 x 9 propose it 44% of the time).
 LSH_WEIGHTS = (0.1, 0.9)
 
 
 @functools.lru_cache(maxsize=32)
 def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
-    """(bands, rows per band) for a Jaccard threshold: datasketch's MinHashLSH choice
-    at LSH_WEIGHTS."""
-    from datasketch import MinHashLSH
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=LSH_WEIGHTS)
-    return lsh.b, lsh.r
+    """(bands, rows per band) for a Jaccard threshold, as datasketch's MinHashLSH picks
+    them at LSH_WEIGHTS: of all b x r <= num_perm, the least weighted sum of the chance
+    of proposing a pair below the threshold and of missing one above it, each
+    integrated over the pair's similarity."""
+    pairs = np.array([(b, r) for b in range(1, num_perm + 1)
+                      for r in range(1, num_perm // b + 1)], dtype=float)
+    bands, rows = pairs[:, :1], pairs[:, 1:]
+    # The chance a pair is proposed, 1 - (1 - s^r)^b, is a polynomial of degree at most
+    # num_perm in s, which Gauss-Legendre with num_perm // 2 + 1 nodes integrates exactly.
+    nodes, node_weights = np.polynomial.legendre.leggauss(num_perm // 2 + 1)
+
+    def integral(low: float, high: float, of_proposed) -> np.ndarray:
+        similarity = (high - low) / 2 * nodes + (high + low) / 2
+        proposed = 1 - (1 - similarity ** rows) ** bands
+        return (high - low) / 2 * (of_proposed(proposed) @ node_weights)
+
+    false_positive = integral(0.0, threshold, lambda proposed: proposed)
+    false_negative = integral(threshold, 1.0, lambda proposed: 1 - proposed)
+    error = LSH_WEIGHTS[0] * false_positive + LSH_WEIGHTS[1] * false_negative
+    # argmin keeps the first of equal errors, in the order datasketch tries them.
+    b, r = pairs[int(np.argmin(error))]
+    return int(b), int(r)
 
 
 def band_keys(hashvalues: np.ndarray, bands: int, rows: int) -> list[bytes]:

@@ -43,6 +43,31 @@ def _labelled_rows():
     return rows + exact, truth
 
 
+def test_signatures_and_bands_are_datasketchs_value_for_value():
+    # textmatch computes MinHash and the band choice itself (importing datasketch
+    # imports scipy.integrate, a second per process); they must stay datasketch's.
+    import numpy as np
+    from datasketch import MinHash, MinHashLSH
+    rows, _ = _labelled_rows()
+    gram_sets = [[], ["one"], *(textmatch.ngrams(textmatch.words(r["text"]), 3)
+                                for r in rows[:6])]
+    for num_perm, seed in ((128, 1), (64, 7)):
+        for grams in gram_sets:
+            theirs = MinHash(num_perm=num_perm, seed=seed)
+            theirs.update_batch([g.encode("utf-8") for g in grams])
+            ours = textmatch.signature(grams, num_perm, seed)
+            assert ours.dtype == theirs.hashvalues.dtype
+            assert np.array_equal(ours, theirs.hashvalues), (num_perm, grams[:2])
+    for num_perm in (16, 100, 128, 256):
+        for threshold in (0.3, 0.5, 0.65, 0.7, 0.8, 0.9, 0.95):
+            lsh = MinHashLSH(threshold=threshold, num_perm=num_perm,
+                             weights=textmatch.LSH_WEIGHTS)
+            assert textmatch.lsh_bands(threshold, num_perm) == (lsh.b, lsh.r)
+    # Where datasketch refuses (one band), the one band is the whole signature:
+    # threshold 1 proposes only pairs whose signatures are equal.
+    assert textmatch.lsh_bands(1.0, 128) == (1, 128)
+
+
 def test_near_duplicates_are_caught_and_distinct_instructions_kept():
     rows, truth = _labelled_rows()
     got = collect(lambda p: dict(zip(("kept", "removed"), p

@@ -4,10 +4,12 @@ model, and a Dataflow dry run."""
 import collections
 import json
 import os
+import pickle
 
 import fastavro
 import jsonschema
 import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
 
 from codeclm_beam.records import Example
 from codeclm_beam.records import avro_schema
@@ -90,6 +92,26 @@ def test_strong_wins_everything_is_kept_in_round_one_on_budget(tmp_path, caplog)
     assert collections.Counter(m["origin"] for m in pool) == {"seed": 6, "mix": 2}
     rubrics = read_jsonl(tmp_path / "out", "rubrics")
     assert len(rubrics) == 8 and all(len(r["actions"]) == 4 for r in rubrics)
+
+
+def test_a_pipelines_options_make_each_view_once_and_share_its_values():
+    # Beam re-parses every flag for each view and asks for thousands while it builds
+    # a graph; new_pipeline's options make each view once, and must still behave as
+    # views: one set of values, the caller's options untouched, picklable.
+    from apache_beam.options.pipeline_options import TypeOptions
+    from codeclm_beam.options import RunOptions
+    from codeclm_beam.pipelines.run.manifest import new_pipeline
+    users = PipelineOptions(["--output_dir", "first", "--quiet"])
+    options = new_pipeline(users).options
+    assert options.view_as(TypeOptions) is options.view_as(TypeOptions)
+    options.view_as(RunOptions).output_dir = "second"
+    assert options.view_as(RunOptions).output_dir == "second"
+    assert options.get_all_options()["output_dir"] == "second"
+    assert users.view_as(RunOptions).output_dir == "first"
+    restored = pickle.loads(pickle.dumps(options))
+    assert "_views" not in restored.__dict__
+    assert restored.view_as(RunOptions).output_dir == "second"
+    assert restored.view_as(RunOptions).quiet is True
 
 
 def test_strong_wins_on_the_multiprocessing_direct_runner(tmp_path):

@@ -9,7 +9,7 @@ PCollection, at any scale.
 Two texts are the same when their normalised forms are (`textmatch.normalize`: case,
 punctuation and spacing aside; they share a bucket keyed by it), and near-duplicates
 when the Jaccard similarity of their word n-gram sets reaches `threshold`. Candidate
-pairs are found by MinHash signatures (datasketch) cut into LSH bands; each band is a
+pairs are found by MinHash signatures (`textmatch.signature`) cut into LSH bands; each band is a
 Beam key, so the grouping is a GroupByKey that Dataflow spreads over its workers, never
 one in-memory index. Every candidate pair is then compared exactly, so a false
 positive of the signatures costs a comparison, not an instruction.

@@ -19,6 +19,7 @@ from codeclm_beam import metrics as m
 from codeclm_beam.metrics import RunCounters
 from codeclm_beam.model.config import BATCH
 from codeclm_beam.model.config import ONLINE
+from codeclm_beam.options import ViewedOnce
 from codeclm_beam.options import is_dry_run
 from codeclm_beam.pipelines.run.outputs import OutputDirectory
 from codeclm_beam.version import __version__
@@ -39,6 +40,7 @@ def new_pipeline(options: PipelineOptions) -> beam.Pipeline:
     run's start-up here, where the download fails; elsewhere, a run on another runner
     than the one tested)."""
     from apache_beam.options.pipeline_options import StandardOptions
+    options = options.view_as(ViewedOnce)
     runner = options.view_as(StandardOptions).runner
     if runner is not None and str(runner).lower() not in ("directrunner", "direct"):
         return beam.Pipeline(options=options)
