@@ -3,7 +3,7 @@ spread of `make bench`'s adaptive figures over many seeds in seconds, which one
 three-minute run of the real step cannot show. How ConcurrencyLimit's constants were
 chosen; the real step (benchmarks/run.py adaptive) is what the targets are read from.
 
-    python benchmarks/adaptive_sim.py            # 40 seeds, the constants as shipped
+    python benchmarks/adaptive_sim.py            # 80 seeds, the constants as shipped
     python benchmarks/adaptive_sim.py '{"DECREASE": 0.7}'   # one constant changed
 
 The simulated server is the loopback server's capacity model (a token bucket holding
@@ -115,7 +115,7 @@ def simulate(seed: int, constants: dict, phase_s: float = 60.0, burst_s: float =
 
 def main() -> None:
     constants = json.loads(sys.argv[1]) if len(sys.argv) > 1 else {}
-    runs = [simulate(seed, constants) for seed in range(40)]
+    runs = [simulate(seed, constants) for seed in range(80)]
     ratio = [r["answers_over_capacity"] for r in runs]
     share = [r["share_429"] for r in runs]
     print(json.dumps({

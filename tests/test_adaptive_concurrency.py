@@ -95,7 +95,8 @@ def test_after_a_cut_the_limit_climbs_back_towards_the_last_capacity_then_probes
     sender.answer(OVERLOADED)  # back to half, the capacity guessed at 3/4 of it
     capacity = 0.75 * reached
     seen = [limit._limit]
-    for _ in range(12):
+    # Until it is far enough past the capacity to be back in slow start.
+    while seen[-1] < ConcurrencyLimit.RESTART * capacity and len(seen) < 100:
         sender.round_trip()
         seen.append(limit._limit)
     steps = [b - a for a, b in zip(seen, seen[1:])]
@@ -105,6 +106,7 @@ def test_after_a_cut_the_limit_climbs_back_towards_the_last_capacity_then_probes
     # in steps that grow.
     assert steps[crossed] == 0 and all(step > 0 for step in steps[crossed + 1:])
     assert steps[-1] > steps[crossed + 1] and seen[-1] > capacity + 4
+    assert limit._last_capacity is not None  # still probing, not restarted yet
 
 
 def test_each_failed_probe_doubles_the_wait_before_the_next():
