@@ -67,8 +67,8 @@ class ConcurrencyLimit:
     again. Additive increase, paced by that memory (BIC, Xu et al. 2004): below the
     last known capacity the limit climbs half the way to it each round trip (fast
     when far below, careful near it, so a cycle sends many requests per 429); past it,
-    it probes in steps that double each clean round trip, at most an eighth of the
-    limit, so a capacity that grew is found in a few round trips; and since each probe
+    it probes in steps that double each clean round trip, at most a tenth of the
+    limit (or one request, if more), so a capacity that grew is found in a few round trips; and since each probe
     that fails costs a 429, after each failed probe it holds at the last capacity
     twice as long before the next (up to MAX_PATIENCE round trips). Before the first
     overload, and again once past RESTART times the last capacity (it has moved
@@ -87,13 +87,12 @@ class ConcurrencyLimit:
     # Round trips held at the last known capacity before probing past it: doubled by
     # each probe that fails (each costs a 429), back to 1 when one succeeds.
     MAX_PATIENCE = 4
-    # The largest probe step, as a share of the limit.
-    MAX_PROBE = 0.125
-    # Past this many times the last known capacity, back to slow start. At 2.0, a
-    # capacity that grew from 200 to 900 RPM was found by probes of an eighth of a
-    # small limit for 15 s of a minute (the bench's 900 RPM phase at 0.73); at 1.5, over
-    # 80 simulated runs, 1 under 0.9 of capacity instead of 10, 429s 1.72 % instead of 1.54 %.
-    RESTART = 1.5
+    # The largest probe step, as a share of the limit; but a whole request at least: at
+    # a small limit a share alone crawls (a capacity that grew from 200 to 900 RPM took
+    # 15 s of the bench's 900 RPM phase to find, 0.73 of it answered).
+    MAX_PROBE = 0.1
+    # Past this many times the last known capacity, back to slow start.
+    RESTART = 1.75
 
     def __init__(self, ceiling: int, adaptive: bool = True, clock=time.monotonic):
         if ceiling < 1:
@@ -184,7 +183,7 @@ class ConcurrencyLimit:
                 # raised, a service scaled up); find it as at the start.
                 self._last_capacity = None
                 return
-            step = min(self._probe, self._limit * self.MAX_PROBE)
+            step = min(self._probe, max(1.0, self._limit * self.MAX_PROBE))
             self._probe *= 2
         self._limit = min(float(self.ceiling), self._limit + step)
 
