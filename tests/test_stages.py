@@ -113,6 +113,18 @@ def test_decode_splits_instructions_equally(models):
                     equal_to([((f"m{i}", 1), 3) for i in range(3)]))
 
 
+def test_a_request_schema_is_made_once_per_answer_type_not_per_name():
+    # The variants of one answer share a class name: each keeps its own schema, made
+    # once and handed to every request of its stage.
+    from codeclm_beam.transforms.decode import decode_answer
+    three, four = decode_answer(3), decode_answer(4)
+    assert three.__name__ == four.__name__
+    assert three.request_schema() is three.request_schema()
+    assert [answer.request_schema()["properties"]["instructions"]["minItems"]
+            for answer in (three, four)] == [3, 4]
+    assert "$defs" not in three.request_schema() and "title" not in three.request_schema()
+
+
 def test_decode_output_limit_grows_with_the_count(tmp_path, models):
     # 12 instructions in one answer need more than the 1024-token floor; a fixed limit
     # would truncate the JSON into a parse failure on a real model.
