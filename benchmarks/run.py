@@ -119,20 +119,11 @@ def overhead() -> dict[str, Any]:
     server, versus a bare asyncio client sending as many requests. Like with like: the
     pipeline's start-up (building, the first stages' set-up, until its first request)
     is reported apart, and its rate is measured between its first and last request."""
-    from codeclm_beam.pipelines.generate import run
+    from benchmarks.overhead_run import run_generate
     with tempfile.TemporaryDirectory() as tmp, FakeModelServer(ServerConfig(
             accept_rate=0.7)) as server:
-        seeds = os.path.join(tmp, "seeds.jsonl")
-        with open(seeds, "w") as f:
-            for i in range(int(100 * SCALE)):
-                f.write(json.dumps({"instruction": f"Seed instruction {i} about topic {i % 7}"})
-                        + "\n")
         started, cpu = time.time(), time.process_time()
-        run(["--seeds", seeds, "--output_dir", os.path.join(tmp, "out"), "--no_cache",
-             "--no_report", "--quiet", "--strong_model", f"openai:strong@{server.base_url}/v1",
-             "--target_model", f"openai:target@{server.base_url}/v1",
-             "--num_metadata", "20", "--num_instructions", str(int(100 * SCALE)),
-             "--num_examples", str(int(100 * SCALE)), "--max_concurrency", "16"])
+        run_generate(server, tmp, seeds=int(100 * SCALE))
         finished, cpu = time.time(), time.process_time() - cpu
         times = sorted(entry["time"] for entry in server.log)
         sent = len(times)

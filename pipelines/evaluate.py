@@ -18,6 +18,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from codeclm_beam import metrics
 from codeclm_beam.metrics import RunCounters
 from codeclm_beam.pipelines.run.manifest import billing_modes
+from codeclm_beam.pipelines.run.introspection import collector_off_the_graph
+from codeclm_beam.pipelines.run.introspection import dofn_specs_by_class
 from codeclm_beam.pipelines.run.progress import progress_for
 from codeclm_beam.model.config import ModelConfig
 from codeclm_beam.options import ModelOptions
@@ -264,15 +266,17 @@ def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = N
         outputs.claim()
     try:
         started = time.time()
-        pipeline = manifest_lib.new_pipeline(options)
-        plan = build_pipeline(pipeline, options, outputs.staging, run_id)
-        preflight(options, plan)
-        if not offline:
-            outputs.check()
-        result, not_finished = manifest_lib.run_pipeline(
-            pipeline, options, outputs, "codeclm-beam evaluate", plan.run_id, wait,
-            progress_for(options, None, functools.partial(projected_calls,
-                                                          len(plan.candidates))))
+        with dofn_specs_by_class(), collector_off_the_graph() as built:
+            pipeline = manifest_lib.new_pipeline(options)
+            plan = build_pipeline(pipeline, options, outputs.staging, run_id)
+            built()
+            preflight(options, plan)
+            if not offline:
+                outputs.check()
+            result, not_finished = manifest_lib.run_pipeline(
+                pipeline, options, outputs, "codeclm-beam evaluate", plan.run_id, wait,
+                progress_for(options, None, functools.partial(projected_calls,
+                                                              len(plan.candidates))))
         if not_finished:
             return not_finished
         outputs.promote()

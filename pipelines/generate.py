@@ -19,6 +19,8 @@ from codeclm_beam import metrics
 from codeclm_beam.metrics import RunCounters
 from codeclm_beam.pipelines.run.manifest import billing_modes
 from codeclm_beam.pipelines.commands.plan import simulate_rounds
+from codeclm_beam.pipelines.run.introspection import collector_off_the_graph
+from codeclm_beam.pipelines.run.introspection import dofn_specs_by_class
 from codeclm_beam.pipelines.run.progress import progress_for
 from codeclm_beam.pipelines.run.answer_options import AnswerOptions
 from codeclm_beam.options import is_dry_run
@@ -424,12 +426,14 @@ def _run_claimed(options: PipelineOptions, config: CodecLMConfig,
     if not is_dry_run(options):
         outputs.check()
     started = time.time()
-    pipeline = manifest_lib.new_pipeline(options)
-    build_pipeline(pipeline, options, config, outputs.staging)
-    result, not_finished = manifest_lib.run_pipeline(
-        pipeline, options, outputs, "codeclm-beam generate", run_id, wait,
-        progress_for(options, config.num_examples,
-                     functools.partial(projected_calls, config, bool(opts.metadata))))
+    with dofn_specs_by_class(), collector_off_the_graph() as built:
+        pipeline = manifest_lib.new_pipeline(options)
+        build_pipeline(pipeline, options, config, outputs.staging)
+        built()
+        result, not_finished = manifest_lib.run_pipeline(
+            pipeline, options, outputs, "codeclm-beam generate", run_id, wait,
+            progress_for(options, config.num_examples,
+                         functools.partial(projected_calls, config, bool(opts.metadata))))
     if not_finished:
         return not_finished
     counters = RunCounters.from_result(result)

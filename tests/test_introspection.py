@@ -1,0 +1,113 @@
+"""Beam's DoFn introspection kept per class during our runs
+(`pipelines/run/introspection.py`) gives Beam's own answer for every DoFn, finds state
+where there is state, asks Beam where the class alone does not decide, and is Beam's
+own function again outside a run; the garbage collector is paused while a graph is
+built, then kept off it until the run ends, and left as it was after."""
+import gc
+
+import apache_beam as beam
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.transforms import userstate
+from apache_beam.transforms.userstate import BagStateSpec
+from apache_beam.typehints.decorators import IOTypeHints
+from apache_beam.typehints.typecheck import TypeCheckWrapperDoFn
+
+from codeclm_beam.pipelines.generate import build_pipeline
+from codeclm_beam.pipelines.generate import codeclm_config
+from codeclm_beam.pipelines.run import introspection
+from codeclm_beam.pipelines.run.introspection import collector_off_the_graph
+from codeclm_beam.pipelines.run.introspection import dofn_specs_by_class
+from tests.test_dataflow_dry_run import DRY_RUN
+from tests.test_dataflow_dry_run import GENERATE
+
+BEAMS_OWN = userstate.get_dofn_specs
+
+
+class _Counting(beam.DoFn):
+    BAG = BagStateSpec("seen", beam.coders.StrUtf8Coder())
+
+    def process(self, element, seen=beam.DoFn.StateParam(BAG)):
+        yield element
+
+
+class _Plain(beam.DoFn):
+    def process(self, element):
+        yield element
+
+
+def _dofns_of(pipeline) -> list:
+    found = []
+
+    class Visitor(beam.pipeline.PipelineVisitor):
+        def visit_transform(self, node):
+            if isinstance(node.transform, beam.ParDo):
+                found.append(node.transform.fn)
+    pipeline.visit(Visitor())
+    return found
+
+
+def test_every_dofn_of_generates_graph_gets_beams_own_answer():
+    options = PipelineOptions(DRY_RUN + GENERATE)
+    with dofn_specs_by_class():
+        pipeline = beam.Pipeline(options=options)
+        build_pipeline(pipeline, options, codeclm_config(options, "introspection"),
+                       "gs://codeclm-test-bucket/out")
+        dofns = _dofns_of(pipeline)
+        # Twice: the second answer of each class comes from what was kept.
+        kept = [userstate.get_dofn_specs(dofn) for dofn in dofns + dofns]
+    assert len(dofns) > 300
+    assert kept == [BEAMS_OWN(dofn) for dofn in dofns + dofns]
+    assert sum(introspection._key(dofn) is not None for dofn in dofns) > 0.9 * len(dofns)
+
+
+def test_state_is_found_through_what_is_kept_and_the_class_does_not_stand_for_a_wrapper():
+    with dofn_specs_by_class():
+        states = [userstate.get_dofn_specs(_Counting())[0] for _ in range(2)]
+        assert userstate.is_stateful_dofn(_Counting())
+        # Beam's runtime type-check wrapper reads the wrapped DoFn's methods: one class,
+        # two answers, each Beam's.
+        wrapped = [TypeCheckWrapperDoFn(fn, IOTypeHints.empty()) for fn in (_Plain(), _Counting())]
+        assert [introspection._key(w) for w in wrapped] == [None, None]
+        assert [bool(userstate.get_dofn_specs(w)[0]) for w in wrapped] == [False, True]
+        # A FlatMap over a bound method: the instance's own process decides.
+        assert introspection._key(beam.FlatMap(_Counting().process).fn) is None
+    assert states == [{_Counting.BAG}, {_Counting.BAG}]
+
+
+def test_outside_a_run_and_on_another_beam_it_is_beams_own(monkeypatch):
+    with dofn_specs_by_class():
+        assert userstate.get_dofn_specs is not BEAMS_OWN
+        with dofn_specs_by_class():  # nested: the outer one's stays
+            inner = userstate.get_dofn_specs
+        assert userstate.get_dofn_specs is inner
+    assert userstate.get_dofn_specs is BEAMS_OWN
+    monkeypatch.setattr(introspection, "VERIFIED_BEAM", "0.0.")
+    with dofn_specs_by_class():
+        assert userstate.get_dofn_specs is BEAMS_OWN
+
+
+def test_the_collector_is_paused_while_building_and_kept_off_the_graph_until_the_end():
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    with collector_off_the_graph() as built:
+        assert not gc.isenabled()
+        graph = [[] for _ in range(1000)]
+        built()
+        assert gc.isenabled() and gc.get_freeze_count() > len(graph)
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    # A build that fails leaves the collector on and nothing frozen.
+    with pytest.raises(ValueError):
+        with collector_off_the_graph():
+            raise ValueError("the build failed")
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
+def test_a_collector_someone_else_turned_off_is_left_alone():
+    gc.disable()
+    try:
+        with collector_off_the_graph() as built:
+            built()
+            assert not gc.isenabled() and gc.get_freeze_count() == 0
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
