@@ -19,8 +19,8 @@ from codeclm_beam import metrics
 from codeclm_beam.metrics import RunCounters
 from codeclm_beam.pipelines.run.manifest import billing_modes
 from codeclm_beam.pipelines.commands.plan import simulate_rounds
-from codeclm_beam.pipelines.run.introspection import collector_off_the_graph
-from codeclm_beam.pipelines.run.introspection import dofn_specs_by_class
+from codeclm_beam.pipelines.run.building import collector_off_the_graph
+from codeclm_beam.pipelines.run.building import dofn_specs_by_class
 from codeclm_beam.pipelines.run.progress import progress_for
 from codeclm_beam.pipelines.run.answer_options import AnswerOptions
 from codeclm_beam.options import is_dry_run

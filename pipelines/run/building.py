@@ -1,17 +1,16 @@
-"""What building and starting a pipeline costs in Python, kept down for our own runs:
-Beam's DoFn introspection answered once per DoFn class, and the cyclic garbage
-collector kept off the graph.
-
-Beam's DoFn introspection.
+"""What building a pipeline costs in Python, kept down for our own runs (`generate`,
+`evaluate`): Beam's DoFn introspection answered once per DoFn class, and the cyclic
+garbage collector kept off the graph built.
 
 Beam 2.77's `userstate.get_dofn_specs` finds a DoFn's state and timer parameters by
 calling `inspect.signature` on every method the DoFn has (about 32, most of them
 `DoFn`'s own), and Beam asks it again for the same DoFn twice per ParDo while a graph
 is built, four times while the graph is converted for a runner, and once more in every
-bundle processor the local runner builds. For generate's graph that was about 0.9 s of
-the 2.3-2.9 s before a local run's first request and 2 s of its 6 s (measured side by
-side, docs/performance.md). apache/beam#9925 proposed the same memo in Beam itself and was closed as stale;
-this keeps it for the length of our own runs only.
+bundle processor the local runner builds. For generate's graph that was about 1 s of
+the 2.2-2.9 s before a local run's first request, and about 1 s of the 4.7-5.4 s the
+whole run took (side by side, docs/performance.md). apache/beam#9925 proposed the
+same memo in Beam itself and was closed as stale; this keeps it for the length of our
+own runs only.
 
 The answer is kept only where the DoFn's class alone decides it: the instance holds no
 bound methods of its own (an instance's `process` can be one), which class attributes
@@ -19,8 +18,7 @@ the instance shadows is part of the key (a `Map`'s DoFn shadows `process` with a
 function, which Beam then does not inspect), and the class reads its methods no other
 way (an `_inspect_*` hook for a method it has, as Beam's runtime type-check wrappers
 do; its own `__getattribute__` or `__dir__`). Every other DoFn is asked of Beam each
-time.
-`tests/test_introspection.py` checks the kept answers against Beam's for every DoFn of
+time. `tests/test_building.py` checks the kept answers against Beam's for every DoFn of
 generate's graph.
 """
 from __future__ import annotations

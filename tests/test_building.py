@@ -1,5 +1,5 @@
 """Beam's DoFn introspection kept per class during our runs
-(`pipelines/run/introspection.py`) gives Beam's own answer for every DoFn, finds state
+(`pipelines/run/building.py`) gives Beam's own answer for every DoFn, finds state
 where there is state, asks Beam where the class alone does not decide, and is Beam's
 own function again outside a run; the garbage collector is paused while a graph is
 built, then kept off it until the run ends, and left as it was after."""
@@ -15,9 +15,9 @@ from apache_beam.typehints.typecheck import TypeCheckWrapperDoFn
 
 from codeclm_beam.pipelines.generate import build_pipeline
 from codeclm_beam.pipelines.generate import codeclm_config
-from codeclm_beam.pipelines.run import introspection
-from codeclm_beam.pipelines.run.introspection import collector_off_the_graph
-from codeclm_beam.pipelines.run.introspection import dofn_specs_by_class
+from codeclm_beam.pipelines.run import building
+from codeclm_beam.pipelines.run.building import collector_off_the_graph
+from codeclm_beam.pipelines.run.building import dofn_specs_by_class
 from tests.test_dataflow_dry_run import DRY_RUN
 from tests.test_dataflow_dry_run import GENERATE
 
@@ -58,7 +58,7 @@ def test_every_dofn_of_generates_graph_gets_beams_own_answer():
         kept = [userstate.get_dofn_specs(dofn) for dofn in dofns + dofns]
     assert len(dofns) > 300
     assert kept == [BEAMS_OWN(dofn) for dofn in dofns + dofns]
-    assert sum(introspection._key(dofn) is not None for dofn in dofns) > 0.9 * len(dofns)
+    assert sum(building._key(dofn) is not None for dofn in dofns) > 0.9 * len(dofns)
 
 
 def test_state_is_found_through_what_is_kept_and_the_class_does_not_stand_for_a_wrapper():
@@ -68,10 +68,10 @@ def test_state_is_found_through_what_is_kept_and_the_class_does_not_stand_for_a_
         # Beam's runtime type-check wrapper reads the wrapped DoFn's methods: one class,
         # two answers, each Beam's.
         wrapped = [TypeCheckWrapperDoFn(fn, IOTypeHints.empty()) for fn in (_Plain(), _Counting())]
-        assert [introspection._key(w) for w in wrapped] == [None, None]
+        assert [building._key(w) for w in wrapped] == [None, None]
         assert [bool(userstate.get_dofn_specs(w)[0]) for w in wrapped] == [False, True]
         # A FlatMap over a bound method: the instance's own process decides.
-        assert introspection._key(beam.FlatMap(_Counting().process).fn) is None
+        assert building._key(beam.FlatMap(_Counting().process).fn) is None
     assert states == [{_Counting.BAG}, {_Counting.BAG}]
 
 
@@ -82,7 +82,7 @@ def test_outside_a_run_and_on_another_beam_it_is_beams_own(monkeypatch):
             inner = userstate.get_dofn_specs
         assert userstate.get_dofn_specs is inner
     assert userstate.get_dofn_specs is BEAMS_OWN
-    monkeypatch.setattr(introspection, "VERIFIED_BEAM", "0.0.")
+    monkeypatch.setattr(building, "VERIFIED_BEAM", "0.0.")
     with dofn_specs_by_class():
         assert userstate.get_dofn_specs is BEAMS_OWN
 
