@@ -90,9 +90,9 @@ def dofn_specs_by_class():
 def collector_off_the_graph():
     """Within: Python's cyclic garbage collector paused until `built()` is called, and
     what is alive then (the graph, the imports) frozen out of its collections until
-    the end. Building generate's graph allocates enough to trigger two full
-    collections, 0.1-0.17 s each, that walk every object the process holds, and the
-    run a third one among its pauses; after the freeze each walks only what the run
+    the end. Building generate's graph allocates enough to trigger a full
+    collection, and running it more among its pauses, 0.1-0.17 s each: each walks
+    every object the process holds. After the freeze each walks only what the run
     made since (docs/performance.md). Left alone where the collector is already off
     or something else froze objects."""
     ours = gc.isenabled() and not gc.get_freeze_count()
