@@ -24,6 +24,7 @@ generate's graph.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import threading
 import types
@@ -37,18 +38,28 @@ _BEAMS_OWN = userstate.get_dofn_specs
 _LOCK = threading.Lock()
 
 
+@functools.lru_cache(maxsize=1024)
+def _hooked_methods(cls):
+    """The methods `cls` has `_inspect_NAME` hooks for, or None where it reads its
+    attributes its own way. Of the class alone, so made once per class: `dir` is most
+    of what a key costs."""
+    if (cls.__getattribute__ is not object.__getattribute__
+            or cls.__dir__ is not object.__dir__):
+        return None
+    return tuple(name[len("_inspect_"):] for name in dir(cls) if name.startswith("_inspect_"))
+
+
 def _key(dofn):
     """What Beam's answer depends on, or None where that is more than the class."""
     cls = type(dofn)
-    if (cls.__getattribute__ is not object.__getattribute__
-            or cls.__dir__ is not object.__dir__):
+    hooked = _hooked_methods(cls)
+    if hooked is None:
         return None
     own = getattr(dofn, "__dict__", None) or {}
     if any(isinstance(value, types.MethodType) for value in own.values()):
         return None
     # Beam reads a method through its `_inspect_NAME` hook, which may depend on the
     # instance, but only a method it inspects: one the instance has as a bound method.
-    hooked = (name[len("_inspect_"):] for name in dir(cls) if name.startswith("_inspect_"))
     if any(isinstance(getattr(dofn, name, None), types.MethodType) for name in hooked):
         return None
     return cls, tuple(sorted(name for name in own if hasattr(cls, name)))
@@ -112,3 +123,11 @@ def collector_off_the_graph():
         if ours:
             gc.enable()
             gc.unfreeze()
+
+
+@contextlib.contextmanager
+def built_lean():
+    """Both of the above, as `generate` and `evaluate` run: yields `built`, to call once
+    the graph is built and before it runs."""
+    with dofn_specs_by_class(), collector_off_the_graph() as built:
+        yield built
