@@ -9,7 +9,7 @@ in Beam's conversion of it for the runner, until the first request, and the grap
 leaf transforms.
 
 `--beams_own_introspection` runs with Beam's own `userstate.get_dofn_specs` instead of
-the answer kept per DoFn class (`pipelines/run/building.py`), for the side-by-side
+the answer kept per DoFn class (`pipelines/run/lean.py`), for the side-by-side
 figures in docs/performance.md.
 """
 import argparse
@@ -28,7 +28,7 @@ from benchmarks.fake_model_server import FakeModelServer  # noqa: E402
 from benchmarks.fake_model_server import ServerConfig  # noqa: E402
 from benchmarks.overhead_run import run_generate  # noqa: E402
 from codeclm_beam.pipelines import generate  # noqa: E402
-from codeclm_beam.pipelines.run import building  # noqa: E402
+from codeclm_beam.pipelines.run import lean  # noqa: E402
 
 
 def timed(owner, name: str, phases: dict, label: str, keep=None) -> None:
@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--beams_own_introspection", action="store_true")
     args = parser.parse_args()
     if args.beams_own_introspection:
-        building.VERIFIED_BEAM = "(none: Beam's own, for the comparison)"
+        lean.VERIFIED_BEAM = "(none: Beam's own, for the comparison)"
     phases, graphs = {}, []
     timed(generate, "preflight", phases, "preflight_s")
     timed(generate, "build_pipeline", phases, "build_s")

@@ -18,7 +18,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from codeclm_beam import metrics
 from codeclm_beam.metrics import RunCounters
 from codeclm_beam.pipelines.run.manifest import billing_modes
-from codeclm_beam.pipelines.run.building import built_lean
+from codeclm_beam.pipelines.run.lean import lean_run
 from codeclm_beam.pipelines.run.progress import progress_for
 from codeclm_beam.model.config import ModelConfig
 from codeclm_beam.options import ModelOptions
@@ -265,7 +265,7 @@ def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = N
         outputs.claim()
     try:
         started = time.time()
-        with built_lean() as built:
+        with lean_run() as built:
             pipeline = manifest_lib.new_pipeline(options)
             plan = build_pipeline(pipeline, options, outputs.staging, run_id)
             built()

@@ -19,7 +19,7 @@ from codeclm_beam import metrics
 from codeclm_beam.metrics import RunCounters
 from codeclm_beam.pipelines.run.manifest import billing_modes
 from codeclm_beam.pipelines.commands.plan import simulate_rounds
-from codeclm_beam.pipelines.run.building import built_lean
+from codeclm_beam.pipelines.run.lean import lean_run
 from codeclm_beam.pipelines.run.progress import progress_for
 from codeclm_beam.pipelines.run.answer_options import AnswerOptions
 from codeclm_beam.options import is_dry_run
@@ -425,7 +425,7 @@ def _run_claimed(options: PipelineOptions, config: CodecLMConfig,
     if not is_dry_run(options):
         outputs.check()
     started = time.time()
-    with built_lean() as built:
+    with lean_run() as built:
         pipeline = manifest_lib.new_pipeline(options)
         build_pipeline(pipeline, options, config, outputs.staging)
         built()

@@ -79,7 +79,7 @@ def test_the_built_dataflow_job_has_the_method_stages_and_side_inputs():
     # ...and each round's selection reads how many pairs are still needed.
     for round_number in (1, 2, 3):
         assert side_input_consumers(
-            f"Round{round_number}/SelectForImprovement/Split"), round_number
+            f"Round{round_number}/SelectForNextRound/Split"), round_number
     # The job-wide quota of 600 RPM is split over --max_num_workers=4 VMs.
     assert config.strong.quota.num_vms == 4
     assert config.strong.quota.per_vm(600) == 150

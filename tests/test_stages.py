@@ -189,32 +189,27 @@ def test_improve_applies_a_fresh_action_and_records_the_chain(models):
                     equal_to([("improve", "c9", "LookupError")]), label="dead")
 
 
-def test_selections_take_the_lowest_ranks_and_pass_on_the_slots_they_leave():
-    """A round fills its slots with improved candidates first, then from the reserve:
-    the second selection's limit is what the first left unfilled, known before either
-    split runs; an empty input takes nothing and leaves the whole limit."""
+def test_selections_take_the_lowest_ranks_up_to_a_limit_known_at_run_time():
+    """A round's limit is a side input worked out at run time (its default stands in
+    when there is nothing to work it out from); an empty input takes nothing, and
+    max_limit bounds a larger limit."""
     from codeclm_beam.transforms.selection import TakeLowestRanked
     rank = lambda n: n  # noqa: E731
     with TestPipeline() as p:
-        limit = p | "Three" >> beam.Create([3])
+        three = beam.pvalue.AsSingleton(p | "Three" >> beam.Create([3]))
+        nothing = (p | "Nothing" >> beam.Create([], reshuffle=False).with_output_types(int))
         many = (p | "Many" >> beam.Create([50, 10, 40, 20, 30])
-                | "FromMany" >> TakeLowestRanked(rank, 10, limit))
-        one = (p | "One" >> beam.Create([7])
-               | "FromOne" >> TakeLowestRanked(rank, 10, limit))
-        reserve = (p | "Reserve" >> beam.Create([9, 1, 8, 2])
-                   | "FromReserve" >> TakeLowestRanked(rank, 10, one.unfilled))
-        none = (p | "None" >> beam.Create([], reshuffle=False).with_output_types(int)
-                | "FromNone" >> TakeLowestRanked(rank, 10, limit))
+                | "FromMany" >> TakeLowestRanked(rank, 10, three))
+        by_default = (p | "Few" >> beam.Create([9, 1, 8, 2])
+                      | "ByDefault" >> TakeLowestRanked(
+                          rank, 10, beam.pvalue.AsSingleton(nothing, default_value=2)))
+        none = nothing | "FromNone" >> TakeLowestRanked(rank, 10, three)
         capped = (p | "Capped" >> beam.Create([5, 4, 3])
-                  | "FromCapped" >> TakeLowestRanked(rank, 1, limit))
+                  | "FromCapped" >> TakeLowestRanked(rank, 1, three))
         assert_that(many.taken, equal_to([10, 20, 30]), label="many taken")
         assert_that(many.rest, equal_to([40, 50]), label="many rest")
-        assert_that(many.unfilled, equal_to([0]), label="many unfilled")
-        assert_that(one.unfilled, equal_to([2]), label="one unfilled")
-        assert_that(reserve.taken, equal_to([1, 2]), label="reserve taken")
-        assert_that(reserve.rest, equal_to([8, 9]), label="reserve rest")
+        assert_that(by_default.taken, equal_to([1, 2]), label="default taken")
+        assert_that(by_default.rest, equal_to([8, 9]), label="default rest")
         assert_that(none.taken, equal_to([]), label="none taken")
-        assert_that(none.unfilled, equal_to([3]), label="none unfilled")
-        # max_limit bounds a larger limit; what it could not take stays unfilled.
         assert_that(capped.taken, equal_to([3]), label="capped taken")
-        assert_that(capped.unfilled, equal_to([2]), label="capped unfilled")
+        assert_that(capped.rest, equal_to([4, 5]), label="capped rest")

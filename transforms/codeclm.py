@@ -1,15 +1,16 @@
 """`CodecLM`: the whole method as one composite.
 
     seeds ─Encode─> metadata ─Pool─> pool ─┬─Rubrics─> rubric state ─────────────────┐ (side input)
-                                           └─Decode─> basic instructions              │
-                                                 ├─ the first num_examples ─┐          │
-                                                 └─ the rest: reserve       │          │
-      Round t (t = 1..max_iterations, unrolled: Beam has no data-dependent loops)     │
-      candidates ─Screen─┬─ duplicates, contaminated ─> rejected (no call paid)       │
-                         └─Filter─┬─ kept ─Screen─────────────────────────> pairs     │
-                                  └─ undecided ─Select(slots)─┬─ Improve ──┬─> candidates of t+1
-                                        reserve ─Select(rest of slots) ┘  │
-                                                              └─ not needed ─> rejected
+                                           └─Decode─> basic instructions             │
+                                                 ├─ the first num_examples ─┐        │
+                                                 └─ the rest: reserve       │        │
+      Round t (t = 1..max_iterations, unrolled: Beam has no data-dependent loops)    │
+      candidates ─Screen─┬─ duplicates, contaminated ─> rejected (no call paid)      │
+                         └─Filter─┬─ kept ─Screen─────────────────────────> pairs    │
+                                  └─ undecided ─┬─Select(slots)─┬─ Improve ─┬─> candidates of t+1
+                                      reserve ──┘ (undecided    ├─ fresh ───┘        │
+                                                  first)        ├─ reserve of t+1    │
+                                                                └─ not needed ─> rejected
       after the last round: undecided ─> rejected (or kept with --keep_unresolved)
       pairs ─> examples, cut to N
 
@@ -31,6 +32,7 @@ deterministically.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import NamedTuple, Optional
 
@@ -280,9 +282,10 @@ class Round(DeadLettering):
     round 1), counting what it keeps, leaves undecided and rejects:
 
         candidates ─Filter─┬─ kept
-                           └─ undecided ─Select(slots)─┬─ Improve ─────────┬─> next
-             reserve ─────────Select(slots − improved)─┼───────────────────┘
-                                                       └─ not needed ─> rejected
+                           └─ undecided ─┬─Select(slots)─┬─ undecided ─Improve─┬─> next
+                     reserve ────────────┘  (undecided   ├─ fresh ─────────────┘
+                                             first)      ├─ reserve of t+1
+                                                         └─ undecided, not needed ─> rejected
 
     The last round rejects what is still undecided (or keeps its better answer with
     keep_unresolved), and the reserve it did not need."""
@@ -316,26 +319,29 @@ class Round(DeadLettering):
         if t == cfg.max_iterations:
             return self._last(kept, undecided, judged, screened.rest)
 
-        slots = self._slots(judged, kept.taken)
-        rank = candidate_rank(cfg.seed)
-        selected = undecided | "SelectForImprovement" >> TakeLowestRanked(
-            rank, max_limit=cfg.basic_instructions, limit=slots)
-        # The slots improvement leaves free are filled from the reserve.
-        fresh = self._reserve | "DrawFromReserve" >> TakeLowestRanked(
-            rank, max_limit=cfg.basic_instructions, limit=selected.unfilled)
-        improved = selected.taken | "ImproveInstructions" >> self.handled(
+        # The undecided are improved (the method) and the slots they leave filled
+        # from the reserve: one selection of both, the undecided ranked first.
+        selected = ((undecided, self._reserve)
+                    | "UndecidedAndReserve" >> beam.Flatten()
+                    | "SelectForNextRound" >> TakeLowestRanked(
+                        undecided_first(cfg.seed), max_limit=cfg.basic_instructions,
+                        limit=self._slots(judged, kept.taken)))
+        improve, fresh = selected.taken | "ToImproveOrFresh" >> beam.Partition(by_judged, 2)
+        not_needed, reserve = selected.rest | "NotNeededOrReserve" >> beam.Partition(
+            by_judged, 2)
+        improved = improve | "ImproveInstructions" >> self.handled(
             ImproveInstructions(cfg.strong, self._rubric_state, Improve(settings=cfg.codec),
                                 cfg.seed))
-        not_needed = (selected.rest
-                      | "CountNotNeeded" >> Tally(metrics.in_round(t, "not_needed"))
-                      | "RejectNotNeeded" >> beam.Map(rejection, "not_needed"))
+        rejected_not_needed = (not_needed
+                               | "CountNotNeeded" >> Tally(metrics.in_round(t, "not_needed"))
+                               | "RejectNotNeeded" >> beam.Map(rejection, "not_needed"))
         return RoundOutput(
             kept=kept.taken, judged=judged,
             next_candidates=(improved,
-                             fresh.taken | "CountFresh" >> Tally(metrics.in_round(t + 1, "fresh")))
+                             fresh | "CountFresh" >> Tally(metrics.in_round(t + 1, "fresh")))
             | "Next" >> beam.Flatten(),
-            reserve=fresh.rest,
-            rejected=_present(not_needed, screened.rest, kept.rest)
+            reserve=reserve,
+            rejected=_present(rejected_not_needed, screened.rest, kept.rest)
             | "Rejected" >> beam.Flatten())
 
     def _screen_pairs(self, pairs, label: str) -> Split:
@@ -348,22 +354,20 @@ class Round(DeadLettering):
             self._benchmark, fields=PAIR_TEXTS if cfg.decontaminate_answers
             else ("instruction",), deduplicate=False))
 
-    def _slots(self, judged_now, kept):
+    def _slots(self, judged_now, kept) -> beam.pvalue.AsSingleton:
         """round_slots, from everything kept and judged up to this round (what the
         screens removed was not judged: the next round makes up for it)."""
         cfg, pipeline = self._cfg, judged_now.pipeline
-        # Without defaults, nothing judged or kept gives no counts and the side
-        # input's default stands in; the Impulse makes the slots a singleton always.
+        slots = functools.partial(round_slots, num_examples=cfg.num_examples,
+                                  margin=cfg.overgenerate_margin)
+        # Without defaults, nothing judged or kept gives no counts, and the side
+        # input's default, the slots of nothing so far, stands in.
         counts = ((*self._judged_before, judged_now, *self._kept_before, kept)
                   | "SoFar" >> beam.Flatten(pipeline=pipeline)
                   | "CountKeptAndJudged" >> beam.CombineGlobally(
                       _KeptAndJudged()).without_defaults())
-        return (pipeline
-                | "Once" >> beam.Impulse()
-                | "Slots" >> beam.Map(
-                    lambda _, so_far: round_slots(*so_far, cfg.num_examples,
-                                                  cfg.overgenerate_margin),
-                    beam.pvalue.AsSingleton(counts, default_value=(0, 0))))
+        return beam.pvalue.AsSingleton(
+            counts | "Slots" >> beam.MapTuple(slots), default_value=slots(0, 0))
 
     def _last(self, kept, undecided, judged, screened_out) -> RoundOutput:
         cfg = self._cfg
@@ -389,6 +393,22 @@ def _present(*pcolls) -> tuple:
 
 def candidate_rank(seed: int):
     return lambda candidate: stable_rank(str(seed), candidate.candidate_id)
+
+
+def judged(candidate: Candidate) -> bool:
+    """Undecided candidates were judged; the reserve's never were."""
+    return candidate.strong_score is not None
+
+
+def by_judged(candidate: Candidate, _) -> int:
+    return 0 if judged(candidate) else 1
+
+
+def undecided_first(seed: int):
+    """A round's selection order: the undecided (judged) candidates, then the
+    reserve's, each in `candidate_rank` order."""
+    rank = candidate_rank(seed)
+    return lambda candidate: (not judged(candidate)) << 48 | rank(candidate)
 
 
 class Counted(DeadLettering):

@@ -3,11 +3,13 @@
 Each element gets an integer rank; the N smallest ranks are found with a top-N
 combiner (so it scales), the N-th rank becomes a cutoff, and the elements split on
 it. N may be a side input (known only at run time), bounded by a static maximum.
+Ranks are 48-bit hashes of distinct ids: a tie at the cutoff, which would take one
+more, is left out of account.
 """
 from __future__ import annotations
 
 import hashlib
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Union
 
 import apache_beam as beam
 from apache_beam.transforms.combiners import TopCombineFn
@@ -25,15 +27,6 @@ class Split(NamedTuple):
     rest: Optional[beam.PCollection]
 
 
-class Selection(NamedTuple):
-    taken: beam.PCollection
-    rest: beam.PCollection
-    # Where the limit is a singleton (else None), what is left of it once this
-    # selection is served (a singleton int): the slots another selection may fill.
-    # Known before the split has run, so what depends on it need not wait for it.
-    unfilled: Optional[beam.PCollection]
-
-
 def _cutoff(smallest: list, limit: int) -> Optional[int]:
     if limit <= 0:
         return None  # take nothing
@@ -42,24 +35,19 @@ def _cutoff(smallest: list, limit: int) -> Optional[int]:
     return smallest[limit - 1]
 
 
-def _taken(smallest: list, limit: int) -> int:
-    """How many elements `_cutoff(smallest, limit)` takes (ranks are 48-bit hashes of
-    distinct ids: a tie at the cutoff, which would take one more, is left out)."""
-    return max(0, min(limit, len(smallest)))
-
-
 class TakeLowestRanked(beam.PTransform):
-    """PCollection -> Selection(taken = the `limit` lowest-ranked elements, rest,
-    unfilled)."""
+    """PCollection -> Split(taken = the `limit` lowest-ranked elements, rest)."""
 
-    def __init__(self, rank: Callable[[object], int], max_limit: int, limit=None):
-        """`limit` is an int or a singleton PCollection of int (at most max_limit)."""
+    def __init__(self, rank: Callable[[object], int], max_limit: int,
+                 limit: Union[int, beam.pvalue.AsSingleton, None] = None):
+        """`limit` is an int or a singleton side input of int (at most max_limit);
+        the side input's default stands in where its PCollection is empty."""
         super().__init__()
         self._rank = rank
         self._max_limit = max_limit
         self._limit = max_limit if limit is None else limit
 
-    def expand(self, pcoll) -> Selection:
+    def expand(self, pcoll) -> Split:
         rank, max_limit, limit = self._rank, self._max_limit, self._limit
         # One more than the limit, so "exactly `limit` elements" and "more than
         # `limit`" can be told apart. Without defaults an empty input gives no list
@@ -70,19 +58,15 @@ class TakeLowestRanked(beam.PTransform):
             | "Smallest" >> beam.CombineGlobally(
                 TopCombineFn(max_limit + 1, reverse=True)).without_defaults(),
             default_value=[])
-        if isinstance(limit, beam.PCollection):
-            limit_of, side = (lambda n: min(n, max_limit)), [beam.pvalue.AsSingleton(limit)]
+        if isinstance(limit, beam.pvalue.AsSingleton):
+            limit_of, side = (lambda n: min(n, max_limit)), [limit]
         else:
             limit_of, side = (lambda _: min(limit, max_limit)), [None]
         taken, rest = pcoll | "Split" >> beam.Partition(
             lambda element, _, lowest, n: 0 if _is_taken(
                 rank(element), _cutoff(lowest, limit_of(n))) else 1,
             2, smallest, *side)
-        unfilled = None
-        if isinstance(limit, beam.PCollection):
-            unfilled = limit | "Unfilled" >> beam.Map(
-                lambda n, lowest: max(0, n - _taken(lowest, limit_of(n))), smallest)
-        return Selection(taken, rest, unfilled)
+        return Split(taken, rest)
 
 
 def _is_taken(element_rank: int, cut) -> bool:

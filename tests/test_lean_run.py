@@ -1,13 +1,21 @@
 """Beam's DoFn introspection kept per class during our runs
-(`pipelines/run/building.py`) gives Beam's own answer for every DoFn, finds state
+(`pipelines/run/lean.py`) gives Beam's own answer for every DoFn, finds state
 where there is state, asks Beam where the class alone does not decide, and is Beam's
 own function again outside a run; the garbage collector is paused while a graph is
-built, then kept off it until the run ends, and left as it was after."""
+built, then kept off it until the run ends, and left as it was after; the local
+runner's bundles sample their state at a short tick and still count where time went;
+side inputs are weighed as Beam weighs them, without its scan of every module."""
 import gc
+import time
 
 import apache_beam as beam
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.runners.worker import statecache
+from apache_beam.runners.worker import statesampler
+from apache_beam.testing.util import assert_that
+from apache_beam.testing.util import equal_to
+from apache_beam.utils.counters import CounterFactory
 from apache_beam.transforms import userstate
 from apache_beam.transforms.userstate import BagStateSpec
 from apache_beam.typehints.decorators import IOTypeHints
@@ -15,9 +23,13 @@ from apache_beam.typehints.typecheck import TypeCheckWrapperDoFn
 
 from codeclm_beam.pipelines.generate import build_pipeline
 from codeclm_beam.pipelines.generate import codeclm_config
-from codeclm_beam.pipelines.run import building
-from codeclm_beam.pipelines.run.building import collector_off_the_graph
-from codeclm_beam.pipelines.run.building import dofn_specs_by_class
+from codeclm_beam.pipelines.run import lean
+from codeclm_beam.pipelines.run.lean import collector_off_the_graph
+from codeclm_beam.pipelines.run.lean import dofn_specs_by_class
+from codeclm_beam.pipelines.run.lean import sampler_ticking_briefly
+from codeclm_beam.pipelines.run.lean import side_inputs_sized_without_module_scan
+from codeclm_beam.records import SAMPLE_CANDIDATE
+from codeclm_beam.records import RubricSet
 from tests.test_dataflow_dry_run import DRY_RUN
 from tests.test_dataflow_dry_run import GENERATE
 
@@ -58,7 +70,7 @@ def test_every_dofn_of_generates_graph_gets_beams_own_answer():
         kept = [userstate.get_dofn_specs(dofn) for dofn in dofns + dofns]
     assert len(dofns) > 300
     assert kept == [BEAMS_OWN(dofn) for dofn in dofns + dofns]
-    assert sum(building._key(dofn) is not None for dofn in dofns) > 0.9 * len(dofns)
+    assert sum(lean._key(dofn) is not None for dofn in dofns) > 0.9 * len(dofns)
 
 
 def test_state_is_found_through_what_is_kept_and_the_class_does_not_stand_for_a_wrapper():
@@ -68,10 +80,10 @@ def test_state_is_found_through_what_is_kept_and_the_class_does_not_stand_for_a_
         # Beam's runtime type-check wrapper reads the wrapped DoFn's methods: one class,
         # two answers, each Beam's.
         wrapped = [TypeCheckWrapperDoFn(fn, IOTypeHints.empty()) for fn in (_Plain(), _Counting())]
-        assert [building._key(w) for w in wrapped] == [None, None]
+        assert [lean._key(w) for w in wrapped] == [None, None]
         assert [bool(userstate.get_dofn_specs(w)[0]) for w in wrapped] == [False, True]
         # A FlatMap over a bound method: the instance's own process decides.
-        assert building._key(beam.FlatMap(_Counting().process).fn) is None
+        assert lean._key(beam.FlatMap(_Counting().process).fn) is None
     assert states == [{_Counting.BAG}, {_Counting.BAG}]
 
 
@@ -82,7 +94,7 @@ def test_outside_a_run_and_on_another_beam_it_is_beams_own(monkeypatch):
             inner = userstate.get_dofn_specs
         assert userstate.get_dofn_specs is inner
     assert userstate.get_dofn_specs is BEAMS_OWN
-    monkeypatch.setattr(building, "VERIFIED_BEAM", "0.0.")
+    monkeypatch.setattr(lean, "VERIFIED_BEAM", "0.0.")
     with dofn_specs_by_class():
         assert userstate.get_dofn_specs is BEAMS_OWN
 
@@ -111,3 +123,47 @@ def test_a_collector_someone_else_turned_off_is_left_alone():
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def _local_run_ticks_at(tick_ms: int) -> None:
+    """A local run whose elements are each processed under a state sampler that ticks
+    every tick_ms."""
+    with beam.Pipeline() as pipeline:
+        ticks = (pipeline | beam.Create([1, 2])
+                 | beam.Map(lambda _: statesampler.get_current_tracker().sampling_period_ms))
+        assert_that(ticks, equal_to([tick_ms] * 2))
+
+
+def test_the_local_runners_bundles_tick_briefly_within_and_beams_way_outside(monkeypatch):
+    with sampler_ticking_briefly():
+        _local_run_ticks_at(lean.SAMPLER_TICK_MS)
+        # Time is still sampled and put where it went.
+        sampler = statesampler.StateSampler("step", CounterFactory())
+        state = sampler.scoped_state("Step", "process")
+        sampler.start()
+        with state:
+            time.sleep(0.05)
+        sampler.stop()
+    assert state.sampled_seconds() >= 0.02
+    _local_run_ticks_at(statesampler.DEFAULT_SAMPLING_PERIOD_MS)
+    monkeypatch.setattr(lean, "VERIFIED_BEAM", "0.0.")
+    with sampler_ticking_briefly():
+        assert statesampler.StateSampler is lean._BEAMS_SAMPLER
+
+
+def test_side_inputs_weigh_what_beam_weighs_them_without_the_module_scan(monkeypatch):
+    """The side inputs of generate's rounds (ranks, counts, the rubric state by
+    metadata id, candidates) and values holding a module, a function, a class and a
+    bound method, the ways to reach a module's globals."""
+    rubrics = {f"m{i}": RubricSet(f"m{i}", "code", ("sql",), ("r1", "r2"), ("a1", "a2"))
+               for i in range(50)}
+    values = [list(range(200)), (12, 40), rubrics, [SAMPLE_CANDIDATE] * 3,
+              [gc, _dofns_of, _Plain, _Plain().process, {"text": "x" * 100}]]
+    beams = [statecache.get_deep_size(value) for value in values]
+    with side_inputs_sized_without_module_scan():
+        assert statecache.get_deep_size is not lean._BEAMS_SIZING
+        assert [statecache.get_deep_size(value) for value in values] == beams
+    assert statecache.get_deep_size is lean._BEAMS_SIZING
+    monkeypatch.setattr(lean, "VERIFIED_BEAM", "0.0.")
+    with side_inputs_sized_without_module_scan():
+        assert statecache.get_deep_size is lean._BEAMS_SIZING
