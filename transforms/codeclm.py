@@ -269,7 +269,10 @@ class Screen(DeadLettering):
 
 class RoundOutput(NamedTuple):
     kept: beam.PCollection  # Example
-    rejected: beam.PCollection  # Rejection
+    # Rejections, as several PCollections: flattened once, with every round's, at the
+    # end (on the local runner a flatten of several stages' outputs is a stage of its
+    # own, and one per round would each be a bundle between two model stages).
+    rejected: tuple
     judged: beam.PCollection  # the candidates the screen let through: Candidate
     # None after the last round: Candidates improved and fresh, for round t+1, and the
     # basic instructions not judged yet.
@@ -341,8 +344,7 @@ class Round(DeadLettering):
                              fresh | "CountFresh" >> Tally(metrics.in_round(t + 1, "fresh")))
             | "Next" >> beam.Flatten(),
             reserve=reserve,
-            rejected=_present(rejected_not_needed, screened.rest, kept.rest)
-            | "Rejected" >> beam.Flatten())
+            rejected=_present(rejected_not_needed, screened.rest, kept.rest))
 
     def _screen_pairs(self, pairs, label: str) -> Split:
         """The kept pairs' screen (their answers too), round by round: the next round's
@@ -384,7 +386,7 @@ class Round(DeadLettering):
         else:
             rejected.append(undecided | "RejectUnresolved" >> beam.Map(
                 rejection, "within_threshold"))
-        return RoundOutput(kept, _present(*rejected) | "Rejected" >> beam.Flatten(), judged)
+        return RoundOutput(kept, _present(*rejected), judged)
 
 
 def _present(*pcolls) -> tuple:
@@ -443,7 +445,7 @@ class SeedMetadata(DeadLettering):
 
 class RoundsOutput(NamedTuple):
     kept: beam.PCollection  # Example, from every round
-    rejected: beam.PCollection  # Rejection
+    rejected: tuple  # of PCollections of Rejection (see RoundOutput)
 
 
 class Rounds(DeadLettering):
@@ -465,10 +467,9 @@ class Rounds(DeadLettering):
                 self._benchmark))
             judged.append(result.judged)
             kept.append(result.kept)
-            rejected.append(result.rejected)
+            rejected.extend(result.rejected)
             candidates, reserve = result.next_candidates, result.reserve
-        return RoundsOutput(tuple(kept) | "AllKept" >> beam.Flatten(),
-                            tuple(rejected) | "AllRejected" >> beam.Flatten())
+        return RoundsOutput(tuple(kept) | "AllKept" >> beam.Flatten(), tuple(rejected))
 
 
 class CutToNumExamples(beam.PTransform):
@@ -521,5 +522,5 @@ class CodecLM(DeadLettering):
         examples = rounds.kept | "CutToNumExamples" >> CutToNumExamples(cfg.num_examples)
         return CodecLMOutput(
             seed_metadata=metadata, examples=examples.taken,
-            rejected=(rounds.rejected, examples.rest) | "Rejected" >> beam.Flatten(),
+            rejected=(*rounds.rejected, examples.rest) | "Rejected" >> beam.Flatten(),
             metadata_pool=pool, rubrics=rubrics)
