@@ -1,12 +1,14 @@
 """Where the pauses of the bench's overhead run go: each stretch of 50 ms or more
 without a request (as `make bench` counts them), with what ran in it.
 
-    python benchmarks/pause_trace.py [--seeds 100]
+    python benchmarks/pause_trace.py [--seeds 100] [--beams_own]
 
 For each pause it lists the FnApiRunner bundles that overlap it (the time Beam took to
 build the bundle's processor, then to run it, and the first and last transform of the
 fused stage), the model batches that ended or began in it, and Python's full (gen-2)
-garbage collections in it. Times are seconds from the run's start.
+garbage collections in it. Times are seconds from the run's start. `--beams_own` runs
+with Beam's own DoFn introspection, state sampler and side-input sizing instead of the
+lean run's (`pipelines/run/lean.py`), for side-by-side figures.
 """
 import argparse
 import gc
@@ -25,6 +27,7 @@ from benchmarks.fake_model_server import FakeModelServer  # noqa: E402
 from benchmarks.fake_model_server import ServerConfig  # noqa: E402
 from benchmarks.overhead_run import run_generate  # noqa: E402
 from codeclm_beam.model import handler  # noqa: E402
+from codeclm_beam.pipelines.run import lean  # noqa: E402
 
 PAUSE_S = 0.05
 
@@ -50,7 +53,10 @@ def transforms_of(stage_name: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, default=100)
+    parser.add_argument("--beams_own", action="store_true")
     args = parser.parse_args()
+    if args.beams_own:
+        lean.VERIFIED_BEAM = "(none: Beam's own, for the comparison)"
     bundles, builds, batches, collections = [], [], [], []
     wrap(fn_runner.FnApiRunner, "_execute_bundle", lambda _, a, s, e: bundles.append(
         (s, e, transforms_of(a[1].stage.name))))

@@ -8,8 +8,8 @@ Prints one JSON line per run: seconds in the preflight checks, in building the g
 in Beam's conversion of it for the runner, until the first request, and the graph's
 leaf transforms.
 
-`--beams_own_introspection` runs with Beam's own `userstate.get_dofn_specs` instead of
-the answer kept per DoFn class (`pipelines/run/lean.py`), for the side-by-side
+`--beams_own` runs with Beam's own DoFn introspection, state sampler and side-input
+sizing instead of the lean run's (`pipelines/run/lean.py`), for the side-by-side
 figures in docs/performance.md.
 """
 import argparse
@@ -66,9 +66,9 @@ def one_run(phases: dict, graphs: list) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--beams_own_introspection", action="store_true")
+    parser.add_argument("--beams_own", action="store_true")
     args = parser.parse_args()
-    if args.beams_own_introspection:
+    if args.beams_own:
         lean.VERIFIED_BEAM = "(none: Beam's own, for the comparison)"
     phases, graphs = {}, []
     timed(generate, "preflight", phases, "preflight_s")
