@@ -265,6 +265,9 @@ def _build(pipeline, opts: "GenerateOptions", config: CodecLMConfig, out: str,
                                   ("MetadataPool", "metadata_pool", result.metadata_pool),
                                   ("Rubrics", "rubrics", result.rubrics)):
         (records
+         # Behind a shuffle, so that the runner cannot fuse the wait into the stage
+         # that makes the records, upstream of the examples it waits for.
+         | f"Hold{name}" >> beam.Reshuffle()
          | f"{name}AfterExamples" >> beam.Map(lambda record, _: record, examples_written)
          | f"Write{name}" >> WriteJsonl(out, folder))
     if opts.export_format:

@@ -331,7 +331,7 @@ class BatchInference(beam.PTransform):
     """(record, ModelRequest) pairs in, (record, PredictionResult) out, as
     `RunInference(KeyedModelHandler(CodecLMModelHandler(...)))` gives: the same
     results, the requests sent as batch jobs. No cache is read or written here:
-    `calls.ModelCall` does that around either transport.
+    `calls.ModelCall` does that around this transport.
 
     `sized_by` is the stage's whole input when only part of it reaches here (the
     cache answered the rest): shards are counted from the whole stage, so a re-run

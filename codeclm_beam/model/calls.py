@@ -1,17 +1,22 @@
 """`ModelCall`: a stage's requests answered, from the response cache or a transport.
 
-    (record, request) ─LookUpCache─> answered ───────────────────────────┐
-            └─ not cached ─> Ask: RunInference (stores each answer) ───────┤
-                             or BatchInference ─> StoreInCache ────────────┴─> (record,
+    online:  (record, request) ─Ask: RunInference (each element: the cache, else the
+                                 model; its answer stored as it arrives)──> (record,
+                                                                     PredictionResult)
+    batch:   (record, request) ─LookUpCache─> answered ───────────────────┐
+                    └─ not cached ─> Ask: BatchInference ─> StoreInCache ──┴─> (record,
                                                                      PredictionResult)
 
-The cache is decided here once for both transports, as `RequestResponseIO` puts its
-cache around its `Caller`: read before either, with the same `AnswerCache`, and
-filled by each as its answers become final. An online answer is stored the moment it
-arrives, inside the transport (a run killed while a RunInference batch is in flight
-then repays at most the answer in hand, not the batch); a batch job's answers are
-stored as the shard that asked them is done. A hit passes the stage's own answer test
-first; only fresh usable answers are stored. Hits and misses leave in no set order.
+Online, the cache is read where the element is asked, on the model's pool (`ModelClient
+.call`): a gs:// cache's reads run as concurrently as the calls, and the stage is one
+chain of fused steps. Read before the transport and flattened with its answers, as
+batch jobs need, each model stage ended in a flatten, which the local runner runs as
+a stage of its own: every model stage of a round then waited for the whole of the
+one before it (docs/performance.md). Either way only answers that pass the stage's
+own answer test are taken from the cache, and only fresh usable answers are stored: an
+online answer the moment it arrives (a run killed while a batch is in flight repays at
+most the answer in hand), a batch job's as the shard that asked them is done. Hits and
+misses leave in no set order.
 """
 from __future__ import annotations
 
@@ -78,7 +83,7 @@ class _StoreInCache(beam.DoFn):
 class ModelCall(beam.PTransform):
     """(record, ModelRequest) in, (record, PredictionResult) out, one per input: online
     through RunInference, or as batch jobs (--vertex_mode batch), with the response
-    cache (--cache_dir) around either."""
+    cache (--cache_dir) read and filled by either."""
 
     def __init__(self, config: ModelConfig, stage: str,
                  check: Optional[AnswerCheck] = None):
@@ -88,17 +93,17 @@ class ModelCall(beam.PTransform):
         self._check = check
 
     def expand(self, pairs):
-        if not self._config.cache_dir:
-            return pairs | "Ask" >> self._transport(pairs)
+        config = self._config
+        if config.billing_mode != BATCH:
+            return pairs | "Ask" >> RunInference(KeyedModelHandler(CodecLMModelHandler(
+                config, self._stage, self._check)))
+        if not config.cache_dir:
+            return pairs | "Ask" >> self._batch_jobs(pairs)
         looked_up = pairs | "LookUpCache" >> beam.ParDo(_LookUpCache(
-            self._config, self._stage, self._check)).with_outputs(_TO_ASK, main="answered")
-        asked = looked_up[_TO_ASK] | "Ask" >> self._transport(pairs)
-        if self._config.billing_mode == BATCH:
-            asked = asked | "StoreInCache" >> beam.ParDo(_StoreInCache(self._config))
+            config, self._stage, self._check)).with_outputs(_TO_ASK, main="answered")
+        asked = (looked_up[_TO_ASK] | "Ask" >> self._batch_jobs(pairs)
+                 | "StoreInCache" >> beam.ParDo(_StoreInCache(config)))
         return (looked_up.answered, asked) | "Answers" >> beam.Flatten()
 
-    def _transport(self, pairs) -> beam.PTransform:
-        if self._config.billing_mode == BATCH:
-            return BatchInference(self._config, self._stage, self._check, sized_by=pairs)
-        return RunInference(KeyedModelHandler(CodecLMModelHandler(
-            self._config, self._stage, self._check, through_cache=False)))
+    def _batch_jobs(self, pairs) -> BatchInference:
+        return BatchInference(self._config, self._stage, self._check, sized_by=pairs)

@@ -5,10 +5,9 @@ with the element's re-asks decided by `asking.Asking`.
                      ^                                                           │
                      └────────────────────────── answer ─────────────────────────┘
 
-`call` is `ask` through the response cache, for code that calls a model outside a
-pipeline; in a pipeline `calls.ModelCall` reads the cache before the transport and
-has `ask` store each answer the moment it arrives (`store=True`). Nothing here raises
-for one element: every element ends as a `ModelResponse` or a `ModelFailure`.
+`call` is `ask` through the response cache: what the online transport runs for each
+element, on the model's pool, each answer stored the moment it arrives. Nothing here
+raises for one element: every element ends as a `ModelResponse` or a `ModelFailure`.
 """
 from __future__ import annotations
 
@@ -102,10 +101,10 @@ class ModelClient:
         # The pool is as wide as the ceiling; this decides how much of it is used.
         self.in_flight = shared_limit(self.identity, workers, config.concurrency)
 
-    def ask_all(self, requests: Sequence[ModelRequest], store: bool = False
-                ) -> list[ModelResult]:
-        """Each request asked concurrently on the model's pool (the cache not read)."""
-        return self._each(lambda request: self.ask(request, store), requests)
+    def ask_all(self, requests: Sequence[ModelRequest]) -> list[ModelResult]:
+        """Each request asked concurrently on the model's pool (the cache neither read
+        nor filled)."""
+        return self._each(self.ask, requests)
 
     def ask(self, request: ModelRequest, store: bool = False) -> ModelResult:
         """The element's result; with `store`, its answer is written to the response

@@ -31,16 +31,13 @@ class CodecLMModelHandler(RemoteModelHandler[ModelRequest, PredictionResult, Mod
     `RunInference(KeyedModelHandler(CodecLMModelHandler(config, "encode")))`."""
 
     def __init__(self, config: ModelConfig, stage: str,
-                 check: Optional[AnswerCheck] = None, through_cache: bool = True):
+                 check: Optional[AnswerCheck] = None):
         # Batch-level retries and throttling stay off: the client retries per element
         # and never raises, and quota waits are signalled by StageMetrics.
         super().__init__(namespace=metrics.PREFIX + stage, num_retries=0)
         self._config = config
         self._stage = stage
         self._check = check
-        # Off where the cache is read before this transport (`calls.ModelCall`): then
-        # answers are only stored, as they arrive; on for a RunInference of one's own.
-        self._through_cache = through_cache
         # A batch is what runs concurrently; a few rounds of the pool per batch keep
         # it busy without holding many elements in memory. Batches start at the
         # pool's width: BatchElements otherwise starts at one element and grows with
@@ -63,8 +60,7 @@ class CodecLMModelHandler(RemoteModelHandler[ModelRequest, PredictionResult, Mod
                 inference_args: Optional[dict[str, Any]] = None) -> list[PredictionResult]:
         metrics.LIVE.flying(self._stage, len(batch))
         try:
-            results = (model.call_all(batch) if self._through_cache
-                       else model.ask_all(batch, store=True))
+            results = model.call_all(batch)
         finally:
             metrics.LIVE.flying(self._stage, -len(batch))
         if self._metrics is None:
