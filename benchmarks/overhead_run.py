@@ -10,6 +10,7 @@ from codeclm_beam.pipelines import generate
 def run_generate(server, folder: str, seeds: int) -> None:
     """One `generate` run of `seeds` seeds (and as many basic instructions and pairs
     asked) against `server`, its files under `folder`."""
+    os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "seeds.jsonl")
     with open(path, "w") as f:
         for i in range(seeds):
