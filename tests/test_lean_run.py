@@ -63,7 +63,7 @@ def test_every_dofn_of_generates_graph_gets_beams_own_answer():
     options = PipelineOptions(DRY_RUN + GENERATE)
     with dofn_specs_by_class():
         pipeline = beam.Pipeline(options=options)
-        build_pipeline(pipeline, options, codeclm_config(options, "building"),
+        build_pipeline(pipeline, options, codeclm_config(options, "lean-run"),
                        "gs://codeclm-test-bucket/out")
         dofns = _dofns_of(pipeline)
         # Twice: the second answer of each class comes from what was kept.

@@ -397,20 +397,20 @@ def candidate_rank(seed: int):
     return lambda candidate: stable_rank(str(seed), candidate.candidate_id)
 
 
-def judged(candidate: Candidate) -> bool:
+def was_judged(candidate: Candidate) -> bool:
     """Undecided candidates were judged; the reserve's never were."""
     return candidate.strong_score is not None
 
 
 def by_judged(candidate: Candidate, _) -> int:
-    return 0 if judged(candidate) else 1
+    return 0 if was_judged(candidate) else 1
 
 
 def undecided_first(seed: int):
     """A round's selection order: the undecided (judged) candidates, then the
     reserve's, each in `candidate_rank` order."""
     rank = candidate_rank(seed)
-    return lambda candidate: (not judged(candidate)) << 48 | rank(candidate)
+    return lambda candidate: (not was_judged(candidate)) << 48 | rank(candidate)
 
 
 class Counted(DeadLettering):

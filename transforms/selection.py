@@ -3,8 +3,8 @@
 Each element gets an integer rank; the N smallest ranks are found with a top-N
 combiner (so it scales), the N-th rank becomes a cutoff, and the elements split on
 it. N may be a side input (known only at run time), bounded by a static maximum.
-Ranks are 48-bit hashes of distinct ids: a tie at the cutoff, which would take one
-more, is left out of account.
+Ranks are built on 48-bit hashes of distinct ids: a tie at the cutoff, which would
+take one more, is left out of account.
 """
 from __future__ import annotations
 
