@@ -190,19 +190,22 @@ def test_improve_applies_a_fresh_action_and_records_the_chain(models):
 
 
 def test_selections_take_the_lowest_ranks_up_to_a_limit_known_at_run_time():
-    """A round's limit is a side input worked out at run time (its default stands in
-    when there is nothing to work it out from); an empty input takes nothing, and
-    max_limit bounds a larger limit."""
+    """A round's limit is worked out at run time from what is counted elsewhere (with
+    nothing counted, from the count of nothing); an empty input takes nothing, a tuple
+    of inputs is taken as their flatten, and max_limit bounds a larger limit."""
+    from codeclm_beam.transforms.selection import CountedLimit
     from codeclm_beam.transforms.selection import TakeLowestRanked
     rank = lambda n: n  # noqa: E731
     with TestPipeline() as p:
-        three = beam.pvalue.AsSingleton(p | "Three" >> beam.Create([3]))
+        counted = p | "Counted" >> beam.Create(["a", "b", "c"])
         nothing = (p | "Nothing" >> beam.Create([], reshuffle=False).with_output_types(int))
-        many = (p | "Many" >> beam.Create([50, 10, 40, 20, 30])
+        count = beam.combiners.CountCombineFn()
+        three = CountedLimit((counted,), count, lambda n: n)
+        many = ((p | "Many" >> beam.Create([50, 10, 40]), p | "More" >> beam.Create([20, 30]))
                 | "FromMany" >> TakeLowestRanked(rank, 10, three))
         by_default = (p | "Few" >> beam.Create([9, 1, 8, 2])
                       | "ByDefault" >> TakeLowestRanked(
-                          rank, 10, beam.pvalue.AsSingleton(nothing, default_value=2)))
+                          rank, 10, CountedLimit((nothing,), count, lambda n: n + 2)))
         none = nothing | "FromNone" >> TakeLowestRanked(rank, 10, three)
         capped = (p | "Capped" >> beam.Create([5, 4, 3])
                   | "FromCapped" >> TakeLowestRanked(rank, 1, three))

@@ -32,7 +32,6 @@ deterministically.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import NamedTuple, Optional
 
@@ -67,6 +66,7 @@ from codeclm_beam.transforms.metadata_pool import BuildMetadataPool
 from codeclm_beam.transforms.rubrics import GenerateRubrics
 from codeclm_beam.transforms.rubrics import Rubrics
 from codeclm_beam.transforms.selection import Split
+from codeclm_beam.transforms.selection import CountedLimit
 from codeclm_beam.transforms.selection import TakeLowestRanked
 from codeclm_beam.transforms.selection import stable_rank
 
@@ -198,9 +198,8 @@ def example_rank(example: Example) -> int:
 
 
 class _KeptAndJudged(beam.CombineFn):
-    """(pairs kept, candidates judged) of a flatten of both: kept pairs are Examples,
-    judged candidates Candidates. One combine for the two counts a round's size rests
-    on, where two would each be a shuffle (a stage on Dataflow, a bundle locally)."""
+    """(pairs kept, candidates judged) of both: kept pairs are Examples, judged
+    candidates Candidates. Counted in the round's selection's own combine."""
 
     def create_accumulator(self):
         return 0, 0
@@ -245,16 +244,17 @@ class Screen(DeadLettering):
         self._fields = fields
 
     def expand(self, records) -> Split:
+        """`records`: a PCollection, or a tuple of them (taken as their flatten)."""
         cfg, removed = self._cfg, []
         duplicate_counter, contaminated_counter = self._counters
         if cfg.dedup is not None and self._deduplicate:
-            against = (self._against | "KeptBefore" >> beam.Flatten(pipeline=records.pipeline)
-                       if self._against else None)
             deduplicated = records | "Deduplicate" >> DeduplicateInstructions(
-                text="instruction", key=record_id, rank=self._rank, against=against,
-                rule=cfg.dedup)
+                text="instruction", key=record_id, rank=self._rank,
+                against=self._against or None, rule=cfg.dedup)
             records = deduplicated.kept
             removed.append(deduplicated.removed | "CountDuplicates" >> Tally(duplicate_counter))
+        if isinstance(records, tuple):
+            records = records | "Records" >> beam.Flatten()
         if cfg.decontamination is not None:
             clean = records | "Decontaminate" >> self.handled(Decontaminate(
                 cfg.decontamination, self._fields, key=record_id, benchmark=self._benchmark))
@@ -262,7 +262,7 @@ class Screen(DeadLettering):
             removed.append(clean.removed | "CountContaminated" >> Tally(contaminated_counter))
         if not removed:
             return Split(records, None)
-        rejected = (tuple(removed) | "Removed" >> beam.Flatten(pipeline=records.pipeline)
+        rejected = (tuple(removed) | "Removed" >> beam.Flatten()
                     | "Reject" >> beam.Map(lambda r: Rejection.of_removal(r.element, r.removal)))
         return Split(records, rejected)
 
@@ -274,9 +274,9 @@ class RoundOutput(NamedTuple):
     # own, and one per round would each be a bundle between two model stages).
     rejected: tuple
     judged: beam.PCollection  # the candidates the screen let through: Candidate
-    # None after the last round: Candidates improved and fresh, for round t+1, and the
-    # basic instructions not judged yet.
-    next_candidates: Optional[beam.PCollection] = None
+    # None after the last round: Candidates improved and fresh (a tuple of the two),
+    # for round t+1, and the basic instructions not judged yet.
+    next_candidates: Optional[tuple] = None
     reserve: Optional[beam.PCollection] = None
 
 
@@ -306,8 +306,12 @@ class Round(DeadLettering):
 
     def expand(self, candidates) -> RoundOutput:
         cfg, t = self._cfg, self._number
-        screened = (candidates
-                    | "CountCandidates" >> Tally(metrics.in_round(t, "candidates"))
+        # Round 1's candidates are a PCollection, a later round's a tuple (improved,
+        # fresh): each part is counted and screened where it is made, unflattened (on
+        # the local runner a flatten is a stage of its own between two model stages).
+        parts = candidates if isinstance(candidates, tuple) else (candidates,)
+        screened = (tuple(part | f"CountCandidates{i or ''}" >> Tally(
+                        metrics.in_round(t, "candidates")) for i, part in enumerate(parts))
                     | "Screen" >> self.handled(Screen(
                         cfg, candidate_rank(cfg.seed),
                         (metrics.in_round(t, "duplicate"), metrics.in_round(t, "contaminated")),
@@ -325,7 +329,6 @@ class Round(DeadLettering):
         # The undecided are improved (the method) and the slots they leave filled
         # from the reserve: one selection of both, the undecided ranked first.
         selected = ((undecided, self._reserve)
-                    | "UndecidedAndReserve" >> beam.Flatten()
                     | "SelectForNextRound" >> TakeLowestRanked(
                         undecided_first(cfg.seed), max_limit=cfg.basic_instructions,
                         limit=self._slots(judged, kept.taken)))
@@ -341,8 +344,7 @@ class Round(DeadLettering):
         return RoundOutput(
             kept=kept.taken, judged=judged,
             next_candidates=(improved,
-                             fresh | "CountFresh" >> Tally(metrics.in_round(t + 1, "fresh")))
-            | "Next" >> beam.Flatten(),
+                             fresh | "CountFresh" >> Tally(metrics.in_round(t + 1, "fresh"))),
             reserve=reserve,
             rejected=_present(rejected_not_needed, screened.rest, kept.rest))
 
@@ -356,20 +358,15 @@ class Round(DeadLettering):
             self._benchmark, fields=PAIR_TEXTS if cfg.decontaminate_answers
             else ("instruction",), deduplicate=False))
 
-    def _slots(self, judged_now, kept) -> beam.pvalue.AsSingleton:
+    def _slots(self, judged_now, kept) -> CountedLimit:
         """round_slots, from everything kept and judged up to this round (what the
         screens removed was not judged: the next round makes up for it)."""
-        cfg, pipeline = self._cfg, judged_now.pipeline
-        slots = functools.partial(round_slots, num_examples=cfg.num_examples,
-                                  margin=cfg.overgenerate_margin)
-        # Without defaults, nothing judged or kept gives no counts, and the side
-        # input's default, the slots of nothing so far, stands in.
-        counts = ((*self._judged_before, judged_now, *self._kept_before, kept)
-                  | "SoFar" >> beam.Flatten(pipeline=pipeline)
-                  | "CountKeptAndJudged" >> beam.CombineGlobally(
-                      _KeptAndJudged()).without_defaults())
-        return beam.pvalue.AsSingleton(
-            counts | "Slots" >> beam.MapTuple(slots), default_value=slots(0, 0))
+        num_examples, margin = self._cfg.num_examples, self._cfg.overgenerate_margin
+        return CountedLimit(
+            counted=(*self._judged_before, judged_now, *self._kept_before, kept),
+            counter=_KeptAndJudged(),
+            limit=lambda counts: round_slots(*counts, num_examples=num_examples,
+                                             margin=margin))
 
     def _last(self, kept, undecided, judged, screened_out) -> RoundOutput:
         cfg = self._cfg

@@ -2,9 +2,10 @@
 PCollection, at any scale.
 
     elements ─Describe─> entries ─Buckets─> (normalised text | LSH band, entry)
-         (+ reference entries)        ─GroupByBucket─Compare─> (key, what it repeats)
-    elements ──────────── Join(what it repeats) ─┬─> kept
-                                                 └─> removed (element, Removal)
+         (+ reference entries)        ─GroupByBucket─Compare─> (key, element),
+                                                               (key, what it repeats)
+                                      ─Join─┬─> kept
+                                            └─> removed (element, Removal)
 
 Two texts are the same when their normalised forms are (`textmatch.normalize`: case,
 punctuation and spacing aside; they share a bucket keyed by it), and near-duplicates
@@ -124,27 +125,58 @@ def _repeats(entry: _Entry, earlier: _Entry) -> bool:
 
 
 class _Buckets(beam.DoFn):
-    """An entry's buckets: its normalised text's (exact duplicates meet there) and its
-    LSH bands' (near duplicates meet there, most of the time)."""
+    """An entry's buckets: its normalised text's (exact duplicates meet there; the
+    element rides along in this one only) and its LSH bands' (near duplicates meet
+    there, most of the time)."""
 
     def __init__(self, rule: DedupRule):
         self._rule = rule
 
-    def process(self, entry: _Entry):
+    def process(self, described):
         rule = self._rule
-        yield b"=" + textmatch.text_key(entry.text).encode("ascii"), entry
+        entry, _ = described
+        yield _EXACT + textmatch.text_key(entry.text).encode("ascii"), described
         grams = textmatch.ngrams(entry.text.split(), rule.ngram_size)
         if grams:
             values = textmatch.signature(grams, rule.num_perm, rule.seed)
             for band in textmatch.band_keys(values, *rule.bands):
-                yield band, entry
+                yield band, (entry, None)
 
 
-def _duplicates_in(bucket, rule: DedupRule):
-    """In one bucket: each element (not a reference) and the first element ranked
-    before it that is the same text or whose n-grams are similar enough, compared
-    exactly."""
-    _, entries = bucket
+# The exact bucket's key prefix (an LSH band's key starts with its 2-byte index, below 0x3d00).
+_EXACT = b"="
+
+
+def _described(element, key: Callable, text: Callable, rank: Optional[Callable]):
+    return _entry(element, key, text, rank, False), element
+
+
+def _described_reference(element, key: Callable, text: Callable):
+    return _entry(element, key, text, None, True), None
+
+
+def _compare(bucket, rule: DedupRule):
+    """A bucket's elements, keyed (from the exact bucket, where each one is once), and
+    what each repeats (`_duplicates_in`): one keyed PCollection for the join, so it
+    is one shuffle, not a flatten of two and a shuffle (the local runner runs such a
+    flatten as a stage of its own)."""
+    name, described = bucket
+    described = list(described)
+    if name.startswith(_EXACT):
+        for entry, element in described:
+            if not entry.reference:
+                yield entry.key, (_ELEMENT, element)
+    for key, match in _duplicates_in((entry for entry, _ in described), rule):
+        yield key, (_REPEATS, match)
+
+
+_ELEMENT, _REPEATS = 0, 1
+
+
+def _duplicates_in(entries, rule: DedupRule):
+    """Among one bucket's entries: each element (not a reference) and the first
+    element ranked before it that is the same text or whose n-grams are similar
+    enough, compared exactly."""
     entries = sorted(set(entries))
     grams = [None] * len(entries)
     for j, later in enumerate(entries):
@@ -170,8 +202,10 @@ def _join(joined):
     it names the first of the same text, else the first similar one. Elements
     sharing a key are duplicates of the first of them (a key made from the text)."""
     key, grouped = joined
-    elements = sorted(grouped["elements"], key=repr)
-    matches = list(grouped["duplicate_of"])
+    elements, matches = [], []
+    for kind, value in grouped:
+        (elements if kind == _ELEMENT else matches).append(value)
+    elements.sort(key=repr)
     if matches:
         _, _, of, similarity = min(matches)
         for element in elements:
@@ -186,17 +220,17 @@ def _join(joined):
 
 
 class DeduplicateInstructions(beam.PTransform):
-    """PCollection of any elements -> Screened(kept, removed: Removed(element, Removal
-    with reason "duplicate" and the key it duplicates)).
+    """PCollection of any elements (or a tuple of them) -> Screened(kept, removed:
+    Removed(element, Removal with reason "duplicate" and the key it duplicates)).
 
     Args:
       text: the field (or function) holding the text compared.
       key: the field (or function) naming an element; default a hash of its text.
       rank: the order of preference (a function of the element): of duplicates the
         first-ranked is kept; default the key.
-      against: a PCollection of reference elements (same fields): an element that
-        repeats one is removed, and references are never output (for new data
-        against a corpus kept already).
+      against: a PCollection (or a tuple of them) of reference elements (same
+        fields): an element that repeats one is removed, and references are never
+        output (for new data against a corpus kept already).
       rule: `DedupRule` (threshold, n-gram size, permutations).
     """
 
@@ -212,21 +246,27 @@ class DeduplicateInstructions(beam.PTransform):
         self._rule = rule
 
     def expand(self, elements) -> Screened:
+        """`elements` may be a tuple of PCollections (taken as their flatten), and so
+        may `against`: each is described where it is made, and all meet in one
+        flatten (on the local runner each flatten is a stage of its own)."""
         key, text, rank, rule = self._key, self._text, self._rank, self._rule
-        entries = elements | "Describe" >> beam.Map(_entry, key, text, rank, False)
-        if self._against is not None:
-            references = self._against | "DescribeReferences" >> beam.Map(
-                _entry, key, text, rank, True)
-            entries = (entries, references) | "WithReferences" >> beam.Flatten()
+        parts = elements if isinstance(elements, tuple) else (elements,)
+        against = self._against
+        references = (() if against is None
+                      else against if isinstance(against, tuple) else (against,))
+        described = (
+            [p | f"Describe{i or ''}" >> beam.Map(_described, key, text, rank)
+             for i, p in enumerate(parts)]
+            + [p | f"DescribeReferences{i or ''}" >> beam.Map(_described_reference, key, text)
+               for i, p in enumerate(references)])
         # Two shuffles: the buckets, and the join of each element with what it
         # repeats (each a stage of its own on any runner).
-        duplicate_of = (entries
-                        | "Buckets" >> beam.ParDo(_Buckets(rule))
-                        | "GroupByBucket" >> beam.GroupByKey()
-                        | "Compare" >> beam.FlatMap(_duplicates_in, rule))
-        joined = ({"elements": elements | "ByKey" >> beam.Map(lambda e: (str(key(e)), e)),
-                   "duplicate_of": duplicate_of}
-                  | "Join" >> beam.CoGroupByKey()
+        joined = (described
+                  | "WithReferences" >> beam.Flatten(pipeline=parts[0].pipeline)
+                  | "Buckets" >> beam.ParDo(_Buckets(rule))
+                  | "GroupByBucket" >> beam.GroupByKey()
+                  | "Compare" >> beam.FlatMap(_compare, rule)
+                  | "Join" >> beam.GroupByKey()
                   | "Split" >> beam.FlatMap(_join).with_outputs("removed", main="kept"))
         return Screened(joined.kept, joined.removed)
 
