@@ -4,7 +4,9 @@ where there is state, asks Beam where the class alone does not decide, and is Be
 own function again outside a run; the garbage collector is paused while a graph is
 built, then kept off it until the run ends, and left as it was after; the local
 runner's bundles sample their state at a short tick and still count where time went;
-side inputs are weighed as Beam weighs them, without its scan of every module."""
+side inputs are weighed as Beam weighs them, without its scan of every module; what a
+worker pickles for itself stays in its process, and what it gets in Beam's form is read
+as Beam reads it."""
 import gc
 import time
 
@@ -167,3 +169,30 @@ def test_side_inputs_weigh_what_beam_weighs_them_without_the_module_scan(monkeyp
     monkeypatch.setattr(lean, "VERIFIED_BEAM", "0.0.")
     with side_inputs_sized_without_module_scan():
         assert statecache.get_deep_size is lean._BEAMS_SIZING
+
+
+def test_a_workers_own_pickles_stay_in_process_and_beams_are_read_as_beam_reads_them(
+        monkeypatch):
+    from apache_beam.internal import pickler
+    from apache_beam.runners.worker import bundle_processor
+    from apache_beam.runners.worker import operations
+    from codeclm_beam.pipelines.run.lean import worker_pickles_kept_in_process
+    fn_data = (_Plain(), (1,), {"k": "v"}, [], None)
+    with worker_pickles_kept_in_process():
+        ours = bundle_processor.pickler.dumps(fn_data)
+        with pytest.raises(Exception):  # not Beam's form (bz2, base64)
+            pickler.loads(ours)
+        for encoded in (ours, pickler.dumps(fn_data)):
+            fn, args, kwargs, _, _ = operations.pickler.loads(encoded)
+            assert isinstance(fn, _Plain) and fn is not fn_data[0]
+            assert (args, kwargs) == ((1,), {"k": "v"})
+        # A local run's stages (ParDos, a combine, a side input) through them.
+        with beam.Pipeline() as pipeline:
+            numbers = pipeline | beam.Create([1, 2, 3])
+            total = numbers | beam.CombineGlobally(sum)
+            shares = numbers | beam.Map(lambda n, t: n / t, beam.pvalue.AsSingleton(total))
+            assert_that(shares, equal_to([1 / 6, 2 / 6, 3 / 6]))
+    assert bundle_processor.pickler is pickler and operations.pickler is pickler
+    monkeypatch.setattr(lean, "VERIFIED_BEAM", "0.0.")
+    with worker_pickles_kept_in_process():
+        assert bundle_processor.pickler is pickler and operations.pickler is pickler

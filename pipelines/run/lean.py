@@ -1,7 +1,8 @@
 """What building and running a pipeline costs in Python, kept down for our own runs
 (`generate`, `evaluate`): Beam's DoFn introspection answered once per DoFn class, the
 cyclic garbage collector kept off the graph built, and, in the local runner, the state
-sampler ticking briefly and side inputs sized without a scan of every module.
+sampler ticking briefly, side inputs sized without a scan of every module, and the
+DoFns a stage's worker pickles for itself kept uncompressed.
 
 Beam 2.77's `userstate.get_dofn_specs` finds a DoFn's state and timer parameters by
 calling `inspect.signature` on every method the DoFn has (about 32, most of them
@@ -31,6 +32,10 @@ import threading
 import types
 
 import apache_beam
+from apache_beam.internal import cloudpickle_pickler
+from apache_beam.internal import pickler
+from apache_beam.runners.worker import bundle_processor
+from apache_beam.runners.worker import operations
 from apache_beam.runners.worker import statecache
 from apache_beam.runners.worker import statesampler
 from apache_beam.transforms import userstate
@@ -185,10 +190,51 @@ def side_inputs_sized_without_module_scan():
                               _deep_size_without_module_scan)
 
 
+# The local runner's worker, building a stage, unpickles each ParDo's DoFn from the
+# stage's description, pickles it again with its windowing (cloudpickle, bz2 at level
+# 9, base64: Beam's form for what travels between processes), and the operation then
+# unpickles that three times more (its constructor, its setup, its output hints): per
+# ParDo one bz2 compression and four decompressions, about half of the 40-60 ms a
+# round's model stage took to build while the run waited on it (docs/performance.md).
+# What the worker pickles for itself never leaves its process: kept as cloudpickle's
+# bytes under a prefix that base64 text never has, and read back without bz2; what
+# comes from the runner (Beam's form) is read as Beam reads it.
+_IN_PROCESS = b"\x00in-process\x00"
+
+
+class _InProcessPickles:
+    """Beam's `pickler` as the worker's bundle_processor and operations use it."""
+
+    @staticmethod
+    def dumps(o, enable_trace=True, use_zlib=False, **unused) -> bytes:
+        return _IN_PROCESS + cloudpickle_pickler._dumps(o)
+
+    @staticmethod
+    def loads(encoded, enable_trace=True, use_zlib=False):
+        if isinstance(encoded, bytes) and encoded.startswith(_IN_PROCESS):
+            return cloudpickle_pickler._loads(encoded[len(_IN_PROCESS):])
+        return pickler.loads(encoded, enable_trace=enable_trace, use_zlib=use_zlib)
+
+
+@contextlib.contextmanager
+def worker_pickles_kept_in_process():
+    """Within: the DoFns this process's bundle processors pickle for themselves are
+    kept uncompressed (see above); Beam's pickler outside, on a Beam other than the
+    verified one, and where Beam pickles with dill. A Dataflow job's workers are other
+    processes: untouched."""
+    if pickler.desired_pickle_lib is not cloudpickle_pickler:
+        yield
+        return
+    with _in_place_of_beams(bundle_processor, "pickler", pickler, _InProcessPickles), \
+            _in_place_of_beams(operations, "pickler", pickler, _InProcessPickles):
+        yield
+
+
 @contextlib.contextmanager
 def lean_run():
     """All of the above, as `generate` and `evaluate` build and run: yields `built`, to
     call once the graph is built and before it runs."""
     with dofn_specs_by_class(), sampler_ticking_briefly(), \
-            side_inputs_sized_without_module_scan(), collector_off_the_graph() as built:
+            side_inputs_sized_without_module_scan(), worker_pickles_kept_in_process(), \
+            collector_off_the_graph() as built:
         yield built
