@@ -1,6 +1,8 @@
 """The CodecLM-shaped workload through this project's model layer, in its own process
 as the peers' run in theirs (benchmarks/peers/workload.py), against a model server:
-an answer from each model, then two judge calls per item that read both answers.
+an answer from each model (the strong and the target, two model identities, as in the
+method and in the peers' run), then two judge calls per item (the strong model) that
+read both answers.
 
     python benchmarks/codeclm_workload.py --base_url URL --items 60 --rpm 1200 [--sequential]
 
@@ -12,6 +14,7 @@ import json
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -34,22 +37,33 @@ def main():
                         help="One request at a time, in a plain loop (the baseline).")
     args = parser.parse_args()
     # The product's defaults (adaptive concurrency), with the quota given.
-    config = ModelConfig(uri=f"openai:strong@{args.base_url}",
-                         quota=QuotaConfig(requests_per_minute=args.rpm,
-                                           run_id=f"shaped{os.getpid()}"))
+    strong, target = (ModelConfig(uri=f"openai:{model}@{args.base_url}",
+                                  quota=QuotaConfig(requests_per_minute=args.rpm,
+                                                    run_id=f"shaped{os.getpid()}"))
+                      for model in ("strong", "target"))
     if args.sequential:
-        config = config.replace(concurrency="fixed", max_concurrency=1)
-    client = ModelClient(config)
-    ask = ((lambda work: [client.call(r) for r in work]) if args.sequential
-           else client.call_all)
+        strong, target = (c.replace(concurrency="fixed", max_concurrency=1)
+                          for c in (strong, target))
+    strong, target = ModelClient(strong), ModelClient(target)
+
+    def ask(client, work):
+        return ([client.call(r) for r in work] if args.sequential
+                else client.call_all(work))
     questions = [f"Question number {i}: explain topic {i}." for i in range(args.items)]
     judge_schema = judge_answer(10).request_schema()  # the filter's judgement
     started, cpu = time.monotonic(), time.process_time()
-    answers = ask([ModelRequest.create(f"{side}{i}", [ChatMessage("user", q)],
-                                       GenerationSettings(0.7, 256, seed=i))
-                   for side in ("a", "b") for i, q in enumerate(questions)])
+    answers = {side: [ModelRequest.create(f"{side}{i}", [ChatMessage("user", q)],
+                                          GenerationSettings(0.7, 256, seed=i))
+                      for i, q in enumerate(questions)] for side in ("a", "b")}
+    if args.sequential:
+        answers = ask(strong, answers["a"]) + ask(target, answers["b"])
+    else:
+        # Both answers at once, each model under its own limit; then the judgements.
+        with ThreadPoolExecutor(2) as both:
+            a, b = both.submit(ask, strong, answers["a"]), both.submit(ask, target, answers["b"])
+            answers = a.result() + b.result()
     texts = [getattr(a, "text", "") for a in answers]
-    judgements = ask([
+    judgements = ask(strong, [
         ModelRequest.create(f"j{order}{i}", pairwise_judge_prompt(
             q, *((x, y) if order == 0 else (y, x)), 10),
             GenerationSettings(0.0, 64, seed=i), judge_schema)
@@ -62,7 +76,7 @@ def main():
     print(json.dumps({"wall_s": round(wall, 2),
                       "cpu_ms_per_call": round(1000 * cpu / max(calls, 1), 2),
                       "failed": sum(1 for r in results if hasattr(r, "error_class")),
-                      "concurrency_limit": client.in_flight.limit}))
+                      "concurrency_limit": strong.in_flight.limit}))
 
 
 if __name__ == "__main__":
