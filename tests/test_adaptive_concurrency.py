@@ -10,6 +10,7 @@ from codeclm_beam.model import GenerationSettings
 from codeclm_beam.model import ModelClient
 from codeclm_beam.model import ModelConfig
 from codeclm_beam.model import ModelRequest
+from codeclm_beam.model import QuotaConfig
 from codeclm_beam.model.concurrency import CLEAN
 from codeclm_beam.model.concurrency import NEUTRAL
 from codeclm_beam.model.concurrency import OVERLOADED
@@ -178,6 +179,19 @@ def test_fixed_concurrency_never_moves():
     for outcome in (CLEAN, OVERLOADED) * 10:
         sender.answer(outcome)
     assert limit.limit == 5 and limit.history[1:] == []
+
+
+def test_with_a_quota_given_it_starts_at_the_ceiling_and_an_overload_still_cuts_it():
+    url = "http://127.0.0.1:9/v1"  # never asked: the limits are made with the client
+    vouched = ModelClient(ModelConfig(uri=f"openai:vouched@{url}", max_concurrency=40,
+                                      quota=QuotaConfig(requests_per_minute=600)))
+    unknown = ModelClient(ModelConfig(uri=f"openai:unknown@{url}", max_concurrency=40))
+    assert vouched.in_flight.limit == 40
+    assert unknown.in_flight.limit == ConcurrencyLimit.INITIAL
+    limit = ConcurrencyLimit(40, initial=40)
+    sender = Sender(limit)
+    sender.answer(OVERLOADED)
+    assert limit.limit == 40 * ConcurrencyLimit.DECREASE
 
 
 def test_against_a_server_with_little_capacity_the_limit_comes_down_and_nothing_is_lost():

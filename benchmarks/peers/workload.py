@@ -27,7 +27,9 @@ def judge_prompt(question, first, second):
             f"{second}\n\n[The End of Assistant 2's Answer]\n\nScore both from 1 to 10.")
 
 
-def distilabel_run(base_url, questions, rpm):
+def distilabel_setup(base_url, rpm):
+    """The strong and target models' clients, made before the clock starts (as the
+    other side's are); then the run."""
     from distilabel.models import OpenAILLM
 
     def llm(model):
@@ -44,14 +46,17 @@ def distilabel_run(base_url, questions, rpm):
                              num_generations=1)
         return [o["generations"][0] for o in out]
 
-    a = generate(strong, questions)
-    b = generate(target, questions)
-    judged = generate(strong, [judge_prompt(q, x, y) for q, x, y in zip(questions, a, b)]
-                      + [judge_prompt(q, y, x) for q, x, y in zip(questions, a, b)])
-    return sum(1 for x in judged[:len(questions)] if x)
+    def run(questions):
+        a = generate(strong, questions)
+        b = generate(target, questions)
+        judged = generate(strong, [judge_prompt(q, x, y) for q, x, y in zip(questions, a, b)]
+                          + [judge_prompt(q, y, x) for q, x, y in zip(questions, a, b)])
+        return sum(1 for x in judged[:len(questions)] if x)
+    return run
 
 
-def curator_run(base_url, questions, rpm):
+def curator_setup(base_url, rpm):
+    """The strong and target models' LLMs, made before the clock starts; then the run."""
     from bespokelabs import curator
 
     class Ask(curator.LLM):
@@ -61,21 +66,24 @@ def curator_run(base_url, questions, rpm):
         def parse(self, row, response):
             return {**row, "answer": response}
 
-    def ask(model, prompts):
-        llm = Ask(model_name=model, backend="openai", backend_params={
-            "base_url": base_url, "api_key": "not-needed",
-            "max_requests_per_minute": rpm, "max_tokens_per_minute": 100_000_000,
-            "require_all_responses": False})
+    strong, target = (Ask(model_name=model, backend="openai", backend_params={
+        "base_url": base_url, "api_key": "not-needed",
+        "max_requests_per_minute": rpm, "max_tokens_per_minute": 100_000_000,
+        "require_all_responses": False}) for model in ("strong", "target"))
+
+    def ask(llm, prompts):
         result = llm([{"prompt": p, "i": i} for i, p in enumerate(prompts)])
         rows = sorted(result.dataset if hasattr(result, "dataset") else result,
                       key=lambda r: r["i"])
         return [r["answer"] for r in rows]
 
-    a = ask("strong", questions)
-    b = ask("target", questions)
-    judged = ask("strong", [judge_prompt(q, x, y) for q, x, y in zip(questions, a, b)]
-                 + [judge_prompt(q, y, x) for q, x, y in zip(questions, a, b)])
-    return sum(1 for x in judged[:len(questions)] if x)
+    def run(questions):
+        a = ask(strong, questions)
+        b = ask(target, questions)
+        judged = ask(strong, [judge_prompt(q, x, y) for q, x, y in zip(questions, a, b)]
+                     + [judge_prompt(q, y, x) for q, x, y in zip(questions, a, b)])
+        return sum(1 for x in judged[:len(questions)] if x)
+    return run
 
 
 def main():
@@ -86,14 +94,11 @@ def main():
     parser.add_argument("--rpm", type=float, default=1200)
     args = parser.parse_args()
     questions = [f"Question number {i}: explain topic {i}." for i in range(args.items)]
-    # Imported before the clock starts, as the other side's are.
-    if args.peer == "distilabel":
-        import distilabel.models  # noqa: F401
-    else:
-        import bespokelabs.curator  # noqa: F401
+    # Imported and set up before the clock starts, as the other side's are.
+    run = (distilabel_setup if args.peer == "distilabel" else curator_setup)(
+        args.base_url, args.rpm)
     started = time.monotonic()
-    run = distilabel_run if args.peer == "distilabel" else curator_run
-    completed = run(args.base_url, questions, args.rpm)
+    completed = run(questions)
     print(json.dumps({"peer": args.peer, "wall_s": round(time.monotonic() - started, 2),
                       "completed_items": completed}))
 

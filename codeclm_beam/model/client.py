@@ -99,7 +99,8 @@ class ModelClient:
         workers = config.max_concurrency if self.backend.concurrent else 1
         self.pool = _shared_pool(self.identity, workers)
         # The pool is as wide as the ceiling; this decides how much of it is used.
-        self.in_flight = shared_limit(self.identity, workers, config.concurrency)
+        self.in_flight = shared_limit(self.identity, workers, config.concurrency,
+                                      quota_given=config.quota.enabled)
 
     def ask_all(self, requests: Sequence[ModelRequest]) -> list[ModelResult]:
         """Each request asked concurrently on the model's pool (the cache neither read

@@ -8,7 +8,10 @@
 Adaptive is the default because most users cannot type their capacity in: Vertex AI's
 Standard PayGo has a dynamic shared quota (no fixed RPM to give), a self-hosted vLLM's
 capacity depends on its GPUs and prompt lengths. A quota the user did give still holds
-(`ratelimit`): the limit here only decides how much of it is used at once.
+(`ratelimit`): the limit here only decides how much of it is used at once. Where one
+is given, the limit starts at the ceiling instead of INITIAL: the user has vouched for
+the capacity and the rate limiter paces to it, so probing up from INITIAL would only
+idle the first round trips of every worker; an overload still cuts it as anywhere.
 
 One limit per model identity and process, taken by every stage of that process, so the
 stages of a round never each probe the service on their own. It is not shared across
@@ -94,13 +97,16 @@ class ConcurrencyLimit:
     # Past this many times the last known capacity, back to slow start.
     RESTART = 1.75
 
-    def __init__(self, ceiling: int, adaptive: bool = True, clock=time.monotonic):
+    def __init__(self, ceiling: int, adaptive: bool = True, clock=time.monotonic,
+                 initial: Optional[int] = None):
+        """`initial`: where an adaptive limit starts (INITIAL by default)."""
         if ceiling < 1:
             raise ValueError("the concurrency ceiling must be at least 1")
         self.ceiling = ceiling
         self.adaptive = adaptive
         self._clock = clock
-        self._limit = float(min(self.INITIAL, ceiling) if adaptive else ceiling)
+        start = self.INITIAL if initial is None else initial
+        self._limit = float(min(start, ceiling) if adaptive else ceiling)
         self._in_flight = 0
         self._waiting = 0
         self._last_capacity: Optional[float] = None  # None: slow start
@@ -192,12 +198,15 @@ _LIMITS: dict[tuple, ConcurrencyLimit] = {}
 _LIMITS_LOCK = threading.Lock()
 
 
-def shared_limit(model_id: str, ceiling: int, mode: str) -> ConcurrencyLimit:
-    """The process's one limit for a model, whichever stage asks."""
+def shared_limit(model_id: str, ceiling: int, mode: str,
+                 quota_given: bool = False) -> ConcurrencyLimit:
+    """The process's one limit for a model, whichever stage asks; adaptive, it starts
+    at the ceiling where the user gave the model a quota (see the module)."""
     if mode not in CONCURRENCY_MODES:
         raise ValueError(f"concurrency {mode!r}: one of {', '.join(CONCURRENCY_MODES)}")
     with _LIMITS_LOCK:
-        key = (model_id, ceiling, mode)
+        key = (model_id, ceiling, mode, quota_given)
         if key not in _LIMITS:
-            _LIMITS[key] = ConcurrencyLimit(ceiling, adaptive=mode == ADAPTIVE)
+            _LIMITS[key] = ConcurrencyLimit(ceiling, adaptive=mode == ADAPTIVE,
+                                            initial=ceiling if quota_given else None)
         return _LIMITS[key]
