@@ -93,7 +93,8 @@ class ModelOptions(PipelineOptions):
                            help="Most requests in flight per worker process and model "
                                 "(with --concurrency fixed: exactly this many).")
         group.add_argument("--concurrency", default=ADAPTIVE, choices=CONCURRENCY_MODES,
-                           help="adaptive (default): start at 8 requests in flight, "
+                           help="adaptive (default): start at 8 requests in flight "
+                                "(at --max_concurrency where you give a quota), "
                                 "grow while answers come back clean, halve on "
                                 "429s, timeouts and 5xx, never above --max_concurrency "
                                 "nor over a quota you give; for quotas you cannot type "
