@@ -7,8 +7,8 @@ For each pause it lists the FnApiRunner bundles that overlap it (the time Beam t
 build the bundle's processor, then to run it, and the first and last transform of the
 fused stage), the model batches that ended or began in it, and Python's full (gen-2)
 garbage collections in it. Times are seconds from the run's start. `--beams_own` runs
-with Beam's own DoFn introspection, state sampler and side-input sizing instead of the
-lean run's (`pipelines/run/lean.py`), for side-by-side figures.
+with Beam's own DoFn introspection, state sampler, side-input sizing and worker
+pickling instead of the lean run's (`pipelines/run/lean.py`), for side-by-side figures.
 """
 import argparse
 import gc

@@ -8,8 +8,8 @@ Prints one JSON line per run: seconds in the preflight checks, in building the g
 in Beam's conversion of it for the runner, until the first request, and the graph's
 leaf transforms.
 
-`--beams_own` runs with Beam's own DoFn introspection, state sampler and side-input
-sizing instead of the lean run's (`pipelines/run/lean.py`), for the side-by-side
+`--beams_own` runs with Beam's own DoFn introspection, state sampler, side-input
+sizing and worker pickling instead of the lean run's (`pipelines/run/lean.py`), for the side-by-side
 figures in docs/performance.md.
 """
 import argparse

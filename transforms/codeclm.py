@@ -65,8 +65,8 @@ from codeclm_beam.transforms.judge import Judge
 from codeclm_beam.transforms.metadata_pool import BuildMetadataPool
 from codeclm_beam.transforms.rubrics import GenerateRubrics
 from codeclm_beam.transforms.rubrics import Rubrics
-from codeclm_beam.transforms.selection import Split
 from codeclm_beam.transforms.selection import CountedLimit
+from codeclm_beam.transforms.selection import Split
 from codeclm_beam.transforms.selection import TakeLowestRanked
 from codeclm_beam.transforms.selection import stable_rank
 

@@ -110,7 +110,7 @@ class TakeLowestRanked(beam.PTransform):
                   + [p | f"Count{i}" >> beam.Map(lambda e: ("count", e))
                      for i, p in enumerate(counted)])
         nothing_counted = counter.extract_output(counter.create_accumulator())
-        lowest_and_limit = beam.pvalue.AsSingleton(
+        cutoff = beam.pvalue.AsSingleton(
             tagged
             | "RanksAndCount" >> beam.Flatten(pipeline=pipeline)
             | "Smallest" >> beam.CombineGlobally(
@@ -124,7 +124,7 @@ class TakeLowestRanked(beam.PTransform):
                     else pcolls | "Elements" >> beam.Flatten())
         taken, rest = elements | "Split" >> beam.Partition(
             lambda element, _, cut: 0 if _is_taken(rank(element), cut) else 1,
-            2, lowest_and_limit)
+            2, cutoff)
         return Split(taken, rest)
 
 
