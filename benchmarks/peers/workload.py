@@ -27,6 +27,18 @@ def judge_prompt(question, first, second):
             f"{second}\n\n[The End of Assistant 2's Answer]\n\nScore both from 1 to 10.")
 
 
+def shaped_run(ask, strong, target):
+    """The workload, given how a peer asks a model for answers to prompts: each
+    model's answer, then both judge orders by the strong model; the completed items."""
+    def run(questions):
+        a = ask(strong, questions)
+        b = ask(target, questions)
+        judged = ask(strong, [judge_prompt(q, x, y) for q, x, y in zip(questions, a, b)]
+                     + [judge_prompt(q, y, x) for q, x, y in zip(questions, a, b)])
+        return sum(1 for x in judged[:len(questions)] if x)
+    return run
+
+
 def distilabel_setup(base_url, rpm):
     """The strong and target models' clients, made before the clock starts (as the
     other side's are); then the run."""
@@ -46,13 +58,7 @@ def distilabel_setup(base_url, rpm):
                              num_generations=1)
         return [o["generations"][0] for o in out]
 
-    def run(questions):
-        a = generate(strong, questions)
-        b = generate(target, questions)
-        judged = generate(strong, [judge_prompt(q, x, y) for q, x, y in zip(questions, a, b)]
-                          + [judge_prompt(q, y, x) for q, x, y in zip(questions, a, b)])
-        return sum(1 for x in judged[:len(questions)] if x)
-    return run
+    return shaped_run(generate, strong, target)
 
 
 def curator_setup(base_url, rpm):
@@ -77,13 +83,7 @@ def curator_setup(base_url, rpm):
                       key=lambda r: r["i"])
         return [r["answer"] for r in rows]
 
-    def run(questions):
-        a = ask(strong, questions)
-        b = ask(target, questions)
-        judged = ask(strong, [judge_prompt(q, x, y) for q, x, y in zip(questions, a, b)]
-                     + [judge_prompt(q, y, x) for q, x, y in zip(questions, a, b)])
-        return sum(1 for x in judged[:len(questions)] if x)
-    return run
+    return shaped_run(ask, strong, target)
 
 
 def main():
