@@ -52,15 +52,15 @@ def main():
     questions = [f"Question number {i}: explain topic {i}." for i in range(args.items)]
     judge_schema = judge_answer(10).request_schema()  # the filter's judgement
     started, cpu = time.monotonic(), time.process_time()
-    answers = {side: [ModelRequest.create(f"{side}{i}", [ChatMessage("user", q)],
-                                          GenerationSettings(0.7, 256, seed=i))
-                      for i, q in enumerate(questions)] for side in ("a", "b")}
+    asked = {side: [ModelRequest.create(f"{side}{i}", [ChatMessage("user", q)],
+                                        GenerationSettings(0.7, 256, seed=i))
+                    for i, q in enumerate(questions)] for side in ("a", "b")}
     if args.sequential:
-        answers = ask(strong, answers["a"]) + ask(target, answers["b"])
+        answers = ask(strong, asked["a"]) + ask(target, asked["b"])
     else:
         # Both answers at once, each model under its own limit; then the judgements.
         with ThreadPoolExecutor(2) as both:
-            a, b = both.submit(ask, strong, answers["a"]), both.submit(ask, target, answers["b"])
+            a, b = both.submit(ask, strong, asked["a"]), both.submit(ask, target, asked["b"])
             answers = a.result() + b.result()
     texts = [getattr(a, "text", "") for a in answers]
     judgements = ask(strong, [

@@ -333,3 +333,10 @@ class Tally(beam.PTransform):
 
     def expand(self, pcoll):
         return pcoll | beam.ParDo(_Tally(self._name))
+
+
+def parts(pcolls) -> tuple:
+    """What a composite that also takes several PCollections (as Flatten does) was
+    given, as a tuple: left unflattened, each part can be worked on in the stage that
+    makes it (on the local runner a flatten is a stage of its own)."""
+    return pcolls if isinstance(pcolls, tuple) else (pcolls,)

@@ -46,6 +46,7 @@ from codeclm_beam.records import Example
 from codeclm_beam.records import Rejection
 from codeclm_beam.stage import DeadLettering
 from codeclm_beam.stage import Tally
+from codeclm_beam.stage import parts
 from codeclm_beam.transforms.contrastive_filter import THRESHOLD
 from codeclm_beam.transforms.contrastive_filter import ContrastiveFilter
 from codeclm_beam.transforms.decode import Decode
@@ -309,9 +310,9 @@ class Round(DeadLettering):
         # Round 1's candidates are a PCollection, a later round's a tuple (improved,
         # fresh): each part is counted and screened where it is made, unflattened (on
         # the local runner a flatten is a stage of its own between two model stages).
-        parts = candidates if isinstance(candidates, tuple) else (candidates,)
-        screened = (tuple(part | f"CountCandidates{i or ''}" >> Tally(
-                        metrics.in_round(t, "candidates")) for i, part in enumerate(parts))
+        counted = tuple(part | f"CountCandidates{i or ''}" >> Tally(
+            metrics.in_round(t, "candidates")) for i, part in enumerate(parts(candidates)))
+        screened = (counted
                     | "Screen" >> self.handled(Screen(
                         cfg, candidate_rank(cfg.seed),
                         (metrics.in_round(t, "duplicate"), metrics.in_round(t, "contaminated")),

@@ -34,6 +34,7 @@ import apache_beam as beam
 from codeclm_beam import textmatch
 from codeclm_beam.records import DUPLICATE
 from codeclm_beam.records import Removal
+from codeclm_beam.stage import parts
 
 # The defaults (see the module's docstring for how they do on the labelled pairs).
 THRESHOLD = 0.8
@@ -145,6 +146,8 @@ class _Buckets(beam.DoFn):
 
 # The exact bucket's key prefix (an LSH band's key starts with its 2-byte index, below 0x3d00).
 _EXACT = b"="
+# What `_compare` keys for the join: an element, or what it repeats.
+_ELEMENT, _REPEATS = 0, 1
 
 
 def _described(element, key: Callable, text: Callable, rank: Optional[Callable]):
@@ -168,9 +171,6 @@ def _compare(bucket, rule: DedupRule):
                 yield entry.key, (_ELEMENT, element)
     for key, match in _duplicates_in((entry for entry, _ in described), rule):
         yield key, (_REPEATS, match)
-
-
-_ELEMENT, _REPEATS = 0, 1
 
 
 def _duplicates_in(entries, rule: DedupRule):
@@ -250,19 +250,17 @@ class DeduplicateInstructions(beam.PTransform):
         may `against`: each is described where it is made, and all meet in one
         flatten (on the local runner each flatten is a stage of its own)."""
         key, text, rank, rule = self._key, self._text, self._rank, self._rule
-        parts = elements if isinstance(elements, tuple) else (elements,)
-        against = self._against
-        references = (() if against is None
-                      else against if isinstance(against, tuple) else (against,))
+        given = parts(elements)
+        references = () if self._against is None else parts(self._against)
         described = (
             [p | f"Describe{i or ''}" >> beam.Map(_described, key, text, rank)
-             for i, p in enumerate(parts)]
+             for i, p in enumerate(given)]
             + [p | f"DescribeReferences{i or ''}" >> beam.Map(_described_reference, key, text)
                for i, p in enumerate(references)])
         # Two shuffles: the buckets, and the join of each element with what it
         # repeats (each a stage of its own on any runner).
         joined = (described
-                  | "WithReferences" >> beam.Flatten(pipeline=parts[0].pipeline)
+                  | "WithReferences" >> beam.Flatten(pipeline=given[0].pipeline)
                   | "Buckets" >> beam.ParDo(_Buckets(rule))
                   | "GroupByBucket" >> beam.GroupByKey()
                   | "Compare" >> beam.FlatMap(_compare, rule)

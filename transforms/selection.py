@@ -16,6 +16,8 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 import apache_beam as beam
 from apache_beam.transforms.combiners import TopCombineFn
 
+from codeclm_beam.stage import parts
+
 
 def stable_rank(*parts: str) -> int:
     """A 48-bit rank from a hash: an order that is random-looking but reproducible."""
@@ -94,7 +96,7 @@ class TakeLowestRanked(beam.PTransform):
 
     def expand(self, pcolls) -> Split:
         rank, max_limit, limit = self._rank, self._max_limit, self._limit
-        pcolls = pcolls if isinstance(pcolls, tuple) else (pcolls,)
+        pcolls = parts(pcolls)
         pipeline = pcolls[0].pipeline
         if isinstance(limit, CountedLimit):
             counter, limit_of = limit.counter, limit.limit
