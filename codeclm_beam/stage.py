@@ -41,22 +41,6 @@ from codeclm_beam.records import DeadLetter
 DEAD_LETTER = "dead_letter"
 
 
-class _BeamNoise(logging.Filter):
-    """Warnings Beam 2.77 logs on the root logger that say nothing about a run, in our
-    CLI or in a user's pipeline: its inference module imports `resource` in one
-    try-block with its ModelManager, which needs torch, so without torch it warns that
-    `resource` is missing at every model load, even on Linux; Beam YAML warns at import
-    about each TensorFlow transform it cannot load."""
-
-    NOISE = ("Resource module is not available", "Could not load ML transform module")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.NOISE)
-
-
-logging.getLogger().addFilter(_BeamNoise())
-
-
 class Answer(pydantic.BaseModel):
     """A stage's typed answer. Its JSON schema is what the model is asked to fill
     (constrained decoding where the backend has it); the handler validates every

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import errno
 import functools
 import importlib
 import logging
@@ -50,11 +51,11 @@ def refuse_unknown_options(parser: argparse.ArgumentParser, argv: list[str]) -> 
     """Flags that neither this command nor any Beam pipeline option knows are refused
     before anything runs (Beam would only log them and run with the defaults); Beam's
     flags (`--runner`, `--project`, ...) pass through to the runner."""
-    from apache_beam.options.pipeline_options import _BeamArgumentParser
-    every = _BeamArgumentParser(allow_abbrev=False)
-    classes = {str(cls): cls for cls in PipelineOptions.__subclasses__()}
-    for cls in classes.values():
-        cls._add_argparse_args(every)
+    # Beam's parser of every pipeline option, as Beam builds it: handed to the
+    # public add_extra_args_fn hook (Beam has no public accessor for it).
+    parsers = []
+    PipelineOptions(argv).get_all_options(add_extra_args_fn=parsers.append)
+    every = parsers[0]
     _, unknown = every.parse_known_args(argv)
     if unknown:
         parser.error(unknown_message(unknown, every))
@@ -215,7 +216,7 @@ def generate(argv: list[str]) -> int:
     parse_pipeline_flags(
         "codeclm-beam generate", "Generate CodecLM instruction-response pairs.",
         OPTION_VIEWS, argv, ("seeds", "metadata"), "give --seeds FILE (or --metadata FILE)")
-    manifest = run(options=PipelineOptions(argv))
+    manifest = run(options=PipelineOptions(argv), lean=True)
     if "accounting" not in manifest:  # a dry run, or a launch that does not wait
         print(_launch_summary(manifest))
         return 0
@@ -224,10 +225,12 @@ def generate(argv: list[str]) -> int:
         return 0 if manifest["preview"]["pairs"] else 3
     print(_summary(manifest))
     delivery = manifest["delivery"]
-    if not delivery["delivered"] and delivery["asked"] and sum(
-            manifest["accounting"]["dead_letters_by_stage"].values()):
-        print("codeclm-beam generate: delivered nothing; every element that failed is "
-              f"in {manifest['outputs']['dead_letter']} with its reason", file=sys.stderr)
+    if not delivery["delivered"] and delivery["asked"]:
+        failed = sum(manifest["accounting"]["dead_letters_by_stage"].values())
+        print("codeclm-beam generate: delivered nothing; " + (
+            f"every element that failed is in {manifest['outputs']['dead_letter']} with "
+            "its reason" if failed else "the judge kept no candidate (see rejected/ and "
+            "--keep_unresolved)"), file=sys.stderr)
         return 3
     return 0 if manifest["accounting"]["balanced"] else 3
 
@@ -243,7 +246,7 @@ def evaluate(argv: list[str]) -> int:
         "reference model on benchmark files.",
         (EvaluateOptions, AnswerOptions, RunOptions, ModelOptions), argv,
         ("benchmark",), "give --benchmark FILE (repeatable)")
-    summary = run(options=PipelineOptions(argv))
+    summary = run(options=PipelineOptions(argv), lean=True)
     if "candidates" not in summary:  # a dry run, or a launch that does not wait
         print(_launch_summary(summary))
         return 0
@@ -277,6 +280,45 @@ COMMANDS = {"generate": generate, "evaluate": evaluate,
             **{name: functools.partial(_subcommand, name) for name in SUBCOMMANDS}}
 
 
+class _BeamNoise(logging.Filter):
+    """Warnings Beam logs on the root logger that say nothing about a run: its
+    inference module imports `resource` in one try-block with its ModelManager, which
+    needs torch, so without torch it warns that `resource` is missing at every model
+    load, even on Linux; Beam YAML warns at import about each TensorFlow transform it
+    cannot load."""
+
+    NOISE = ("Resource module is not available", "Could not load ML transform module")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.NOISE)
+
+
+def setup_logging(level: int = logging.WARNING) -> None:
+    """The CLI's own logging, set up in its process only: a library import changes
+    no logger. httpx logs every request at INFO, one line per model call."""
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(level)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_BeamNoise())
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def _storage_fault(error: BaseException) -> Optional[str]:
+    """One line for a full disk or a folder that cannot be written, wherever in the
+    run it surfaced (Beam wraps a worker's OSError in its own exception)."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"the disk is full ({seen.filename or seen.strerror})"
+        if isinstance(seen, PermissionError):
+            return f"cannot write {seen.filename or ''} ({seen.strerror})".replace("  ", " ")
+        text = str(seen)
+        if "No space left on device" in text:
+            return "the disk is full"
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = SuggestingParser(
@@ -304,19 +346,27 @@ def main(argv: Optional[list[str]] = None) -> int:
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         parser.error(f"unknown command {command!r}")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     from codeclm_beam.model.errors import ConfigurationError
+    from codeclm_beam.pipelines.run.commit import NotCommitted
     from codeclm_beam.pipelines.run.manifest import RunStopped
-    from codeclm_beam.pipelines.run.outputs import PromotionRefused
     try:
         return COMMANDS[command](rest)
     except ConfigurationError as error:
         # Refused before any model call: the message says what to change.
         print(f"codeclm-beam {command}: error: {error}", file=sys.stderr)
         return 2
-    except PromotionRefused as refused:
-        print(f"codeclm-beam {command}: not written: {refused}", file=sys.stderr)
+    except NotCommitted as refused:
+        print(f"codeclm-beam {command}: not committed: {refused}", file=sys.stderr)
         return 3
+    except Exception as error:
+        reason = _storage_fault(error)
+        if reason is None:
+            raise
+        # The commit protocol makes a run current last: nothing of this one was.
+        print(f"codeclm-beam {command}: {reason}; nothing of this run was made current, "
+              "and the folder holds what it held before", file=sys.stderr)
+        return 1
     except RunStopped as stopped:
         print(f"codeclm-beam {command}: stopped: {stopped}", file=sys.stderr)
         return 4

@@ -26,7 +26,10 @@ from codeclm_beam.options import RunOptions
 from codeclm_beam.options import model_configs
 from codeclm_beam.pipelines.run import manifest as manifest_lib
 from codeclm_beam.pipelines.run import preflight as preflight_lib
-from codeclm_beam.pipelines.run.outputs import OutputDirectory
+from codeclm_beam.pipelines.run.commit import OutputFolder
+from codeclm_beam.pipelines.run.commit import NotCommitted
+from codeclm_beam.pipelines.run.commit import run_in_folder
+from codeclm_beam.pipelines.run.outputs import write_json
 from codeclm_beam.pipelines.run.outputs import WriteDeadLetters
 from codeclm_beam.pipelines.run.outputs import WriteJsonl
 from codeclm_beam.pipelines.run.outputs import read_jsonl_dir
@@ -249,7 +252,9 @@ def projected_calls(candidates: int, counters: RunCounters) -> int:
 
 
 def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = None,
-        wait: bool = True) -> dict[str, Any]:
+        wait: bool = True, lean: bool = False) -> dict[str, Any]:
+    """Runs `evaluate` and returns its summary (also committed to OUTPUT_DIR); `lean`
+    as for `generate.run`."""
     options = options or PipelineOptions(argv)
     opts = options.view_as(EvaluateOptions)
     run_opts = options.view_as(RunOptions)
@@ -260,26 +265,23 @@ def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = N
          ("--cache_dir", options.view_as(ModelOptions).cache_dir),
          ("--batch_dir", options.view_as(ModelOptions).batch_dir)], options, offline)
     run_id = uuid.uuid4().hex[:12]
-    outputs = OutputDirectory(output_dir, run_id, "summary.json", run_opts.force)
-    if not offline:
-        outputs.claim()
-    try:
+    outputs = OutputFolder(output_dir, run_id, "summary.json", run_opts.force,
+                           cache_dir=options.view_as(ModelOptions).cache_dir)
+
+    def work():
         started = time.time()
-        with lean_run() as built:
+        with lean_run(lean) as built:
             pipeline = manifest_lib.new_pipeline(options)
-            plan = build_pipeline(pipeline, options, outputs.staging, run_id)
+            plan = build_pipeline(pipeline, options, outputs.run_dir, run_id)
             built()
             preflight(options, plan)
-            if not offline:
-                outputs.check()
             result, not_finished = manifest_lib.run_pipeline(
                 pipeline, options, outputs, "codeclm-beam evaluate", plan.run_id, wait,
                 progress_for(options, None, functools.partial(projected_calls,
                                                               len(plan.candidates))))
         if not_finished:
             return not_finished
-        outputs.promote()
-        judgements = read_jsonl_dir(FileSystems.join(output_dir, "judgements"))
+        judgements = read_jsonl_dir(FileSystems.join(outputs.run_dir, "judgements"))
         summary = summarize(judgements, plan.candidates, opts.bootstrap_samples,
                             options.view_as(ModelOptions).seed)
         counters = RunCounters.from_result(result)
@@ -296,10 +298,32 @@ def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = N
             "dead_letters_by_stage": counters.dead_letters(),
         })
         summary["cost"] = manifest_lib.estimated_cost(summary)
+        summary["judged"] = sum(1 for j in judgements if j.get("outcome") != FAILED)
+        refusal = shrink_refusal(summary["judged"], outputs.previous_record(),
+                                 run_opts.replace_with_fewer)
+        if refusal:
+            write_json(FileSystems.join(outputs.run_dir, "summary.json"),
+                       {**summary, "not_committed": refusal})
+            raise NotCommitted(f"{refusal}; this run's judgements and summary.json are "
+                               f"in {outputs.run_dir} until the next run into this "
+                               "folder")
         outputs.write_text("crr.md", markdown_table(summary), "text/markdown")
         if not run_opts.no_report:
             summary["report"] = write_report(outputs, summary)
         outputs.commit(summary)
         return summary
-    finally:
-        outputs.release()
+    return run_in_folder(outputs, not offline, work)
+
+
+def shrink_refusal(judged: int, previous: Optional[dict],
+                   replace_anyway: bool) -> Optional[str]:
+    """Why a finished evaluation must not replace the one in its folder, or None: the
+    rule of `generate`'s (`generate.shrink_refusal`), on judgements made."""
+    try:
+        before = int((previous or {}).get("judged") or 0)
+    except (TypeError, ValueError, AttributeError):
+        before = 0
+    if not replace_anyway and before and judged < before / 2:
+        return (f"the run made {judged} judgements; the previous run's {before} in the "
+                "folder are kept (pass --replace_with_fewer to replace them anyway)")
+    return None

@@ -48,8 +48,9 @@ from codeclm_beam.pipelines.run.outputs import WriteAvro
 from codeclm_beam.pipelines.run.outputs import WriteDeadLetters
 from codeclm_beam.pipelines.run.outputs import WriteExports
 from codeclm_beam.pipelines.run.outputs import WriteJsonl
-from codeclm_beam.pipelines.run.outputs import OutputDirectory
-from codeclm_beam.pipelines.run.outputs import PromotionRefused
+from codeclm_beam.pipelines.run.commit import NotCommitted
+from codeclm_beam.pipelines.run.commit import OutputFolder
+from codeclm_beam.pipelines.run.commit import run_in_folder
 from codeclm_beam.pipelines.run.outputs import read_jsonl_dir
 from codeclm_beam.pipelines.run.outputs import write_json
 from codeclm_beam.pipelines.report.figures import run_tailoring
@@ -119,10 +120,6 @@ class GenerateOptions(PipelineOptions):
                            default=config_default("codec").max_output_tokens,
                            help="Longest structured answer of encode, rubrics, decode "
                                 "and improve.")
-        group.add_argument("--replace_with_fewer", action="store_true", default=False,
-                           help="Replace the dataset already in --output_dir even when "
-                                "this run delivers less than half its pairs (default: "
-                                "such a run keeps the previous dataset and exits 3).")
         group.add_argument("--no_dedup", action="store_true", default=False,
                            help="Judge duplicate instructions too (default: exact and "
                                 "near duplicates are removed before any answer or "
@@ -374,17 +371,17 @@ def projected_calls(config: CodecLMConfig, from_metadata: bool,
     return round(seeds + 2 * pool + 4 * sum(rounds.judged) + sum(rounds.improved))
 
 
-def _preview(manifest: dict, config: CodecLMConfig, outputs: OutputDirectory) -> dict:
+def _preview(manifest: dict, config: CodecLMConfig, outputs: OutputFolder) -> dict:
     """A --preview run's record and pairs. Its outputs are read and dropped, so the
     folder holds what it held (and its cache the preview's answers)."""
     manifest["billing"] = billing_modes(config.strong, config.target, config.judge)
     manifest["cost"] = manifest_lib.estimated_cost(manifest)
     manifest["preview"] = {
-        "pairs": sorted(read_jsonl_dir(FileSystems.join(outputs.staging, "examples")),
+        "pairs": sorted(read_jsonl_dir(FileSystems.join(outputs.run_dir, "examples")),
                         key=lambda pair: pair.get("example_id", "")),
-        "rejected": sorted(read_jsonl_dir(FileSystems.join(outputs.staging, "rejected")),
+        "rejected": sorted(read_jsonl_dir(FileSystems.join(outputs.run_dir, "rejected")),
                            key=lambda candidate: candidate.get("candidate_id", "")),
-        "dead_letters": read_jsonl_dir(FileSystems.join(outputs.staging, "dead_letter"))}
+        "dead_letters": read_jsonl_dir(FileSystems.join(outputs.run_dir, "dead_letter"))}
     outputs.abandon()
     return manifest
 
@@ -415,33 +412,32 @@ def _previous_pairs(previous: Optional[dict]) -> int:
 
 
 def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = None,
-        wait: bool = True) -> dict[str, Any]:
-    """Runs `generate` and returns its manifest (also written to OUTPUT_DIR)."""
+        wait: bool = True, lean: bool = False) -> dict[str, Any]:
+    """Runs `generate` and returns its manifest (also committed to OUTPUT_DIR). `lean`
+    (the CLI's own local runs) swaps Beam internals for the run's length:
+    `pipelines/run/lean.py`; a library caller's process is left alone."""
     options = options or PipelineOptions(argv)
     run_id = uuid.uuid4().hex[:12]
     config = codeclm_config(options, run_id)
     run_opts = options.view_as(RunOptions)
-    preflight(options, config)
-    outputs = OutputDirectory(run_opts.output_dir, run_id, "manifest.json", run_opts.force)
-    if not is_dry_run(options):
-        outputs.claim()
-    try:
-        return _run_claimed(options, config, outputs, run_id, wait)
-    finally:
-        outputs.release()
+    # The folder is checked, and claimed, before anything asks a model.
+    outputs = OutputFolder(run_opts.output_dir, run_id, "manifest.json", run_opts.force,
+                           cache_dir=config.strong.cache_dir)
+    return run_in_folder(
+        outputs, not is_dry_run(options),
+        lambda: _run_claimed(options, config, outputs, run_id, wait, lean),
+        first=lambda: preflight(options, config))
 
 
 def _run_claimed(options: PipelineOptions, config: CodecLMConfig,
-                 outputs: OutputDirectory, run_id: str, wait: bool) -> dict[str, Any]:
+                 outputs: OutputFolder, run_id: str, wait: bool,
+                 lean: bool) -> dict[str, Any]:
     opts = options.view_as(GenerateOptions)
     run_opts = options.view_as(RunOptions)
-    output_dir = run_opts.output_dir
-    if not is_dry_run(options):
-        outputs.check()
     started = time.time()
-    with lean_run() as built:
+    with lean_run(lean) as built:
         pipeline = manifest_lib.new_pipeline(options)
-        build_pipeline(pipeline, options, config, outputs.staging)
+        build_pipeline(pipeline, options, config, outputs.run_dir)
         built()
         result, not_finished = manifest_lib.run_pipeline(
             pipeline, options, outputs, "codeclm-beam generate", run_id, wait,
@@ -463,19 +459,19 @@ def _run_claimed(options: PipelineOptions, config: CodecLMConfig,
     if opts.preview is not None:
         return _preview(manifest, config, outputs)
     refusal = shrink_refusal(counters.flow(metrics.EXAMPLES), config.num_examples,
-                             outputs.previous_record(), opts.replace_with_fewer)
+                             outputs.previous_record(), run_opts.replace_with_fewer)
     if refusal:
-        # Its record goes beside its outputs in the staging area, for inspection.
-        write_json(FileSystems.join(outputs.staging, "manifest.json"),
-                   {**manifest, "not_promoted": refusal})
-        raise PromotionRefused(f"{refusal}; this run's outputs, its dead letters and "
-                               f"manifest.json among them, are in {outputs.staging} "
-                               "until the next run into this folder")
-    outputs.promote()
+        # Its record goes beside its outputs in its own folder, for inspection.
+        write_json(FileSystems.join(outputs.run_dir, "manifest.json"),
+                   {**manifest, "not_committed": refusal})
+        raise NotCommitted(f"{refusal}; this run's outputs, its dead letters and "
+                           f"manifest.json among them, are in {outputs.run_dir} "
+                           "until the next run into this folder")
     manifest.update({
         "billing": billing_modes(config.strong, config.target, config.judge),
-        "outputs": {name: FileSystems.join(output_dir, name) for name in OUTPUT_FOLDERS},
-        "tailoring": run_tailoring(output_dir),
+        "outputs": {name: FileSystems.join(outputs.run_dir, name)
+                    for name in OUTPUT_FOLDERS},
+        "tailoring": run_tailoring(outputs.run_dir),
     })
     manifest["cost"] = manifest_lib.estimated_cost(manifest)
     manifest["delivery"] = manifest_lib.delivery(

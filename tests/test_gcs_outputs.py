@@ -1,7 +1,7 @@
-"""Outputs on gs://, against a real Cloud Storage emulator on loopback: a run stages
-its shards under OUTPUT_DIR/.staging/RUN_ID and moves them into place only when it
-succeeds; a failed run leaves the previous outputs whole; a folder of the user's is
-refused."""
+"""Outputs on gs://, against a real Cloud Storage emulator on loopback: a run writes
+under OUTPUT_DIR/runs/RUN_ID and becomes current when its record is written over the
+pointer (manifest.json); a failed run leaves the previous one current and whole; a
+folder of the user's is refused."""
 import json
 import uuid
 
@@ -37,8 +37,12 @@ def test_gs_outputs_are_staged_promoted_and_never_lost(tmp_path, gcs_emulator,
     assert generate() == 0
     first = listing(out)
     manifest = json.loads(first["manifest.json"])
-    assert set(first) == set(manifest["written_files"])  # nothing else, no staging
-    assert any(name.startswith("examples/examples-") for name in first)
+    run = manifest["run_folder"] + "/"
+    # The run's files and its marker, the pointer; the lock is gone with the run.
+    assert set(first) == {run + name for name in manifest["files"]} | {
+        run + ".run", "manifest.json"}
+    assert first[run + "manifest.json"] == first["manifest.json"]
+    assert any(name.startswith(run + "examples/examples-") for name in first)
 
     with pytest.raises(Exception, match="scripted crash"):
         generate(per_role={"judge": {"crash": True}})

@@ -348,24 +348,23 @@ def test_metrics_count_retries_failures_tokens_per_stage(tmp_path):
     assert manifest["accounting"]["balanced"]
 
 
-def test_a_rerun_into_the_same_output_dir_replaces_stale_shards(tmp_path):
+def test_a_rerun_commits_its_own_folder_and_removes_only_what_the_old_record_names(
+        tmp_path):
     argv = scenario(tmp_path, "strong_wins")
-    run_generate(argv)
-    # As if the first run had written nine shards: the rerun writes fewer, and the
-    # shard it does not rewrite must not linger beside its own.
-    stale = tmp_path / "out" / "examples" / "examples-00007-of-00009.jsonl"
-    stale.write_text('{"example_id": "stale"}\n')
-    manifest_path = tmp_path / "out" / "manifest.json"
-    first = json.loads(manifest_path.read_text())
-    first["written_files"].append("examples/examples-00007-of-00009.jsonl")
-    manifest_path.write_text(json.dumps(first))
+    out = tmp_path / "out"
+    first = run_generate(argv)
+    old = out / first["run_folder"]
+    assert (out / "current").resolve() == old.resolve()
+    # A file no record names, in the old run's folder: never removed by a later run.
+    (old / "examples" / "examples-00007-of-00009.jsonl").write_text('{"x": 1}\n')
     second = run_generate(argv)
-    assert not stale.exists()
-    assert len(read_jsonl(tmp_path / "out", "examples")) == NUM_INSTRUCTIONS
-    on_disk = {str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*")
-               if p.is_file() and not str(p.relative_to(tmp_path / "out")).startswith(
-                   "cache/")}
-    assert on_disk == set(second["written_files"]), "every file is listed, and only those"
+    new = out / second["run_folder"]
+    assert new != old and (out / "current").resolve() == new.resolve()
+    assert len(read_jsonl(out, "examples")) == NUM_INSTRUCTIONS  # through the links
+    assert not any((old / name).exists() for name in first["files"])
+    assert (old / "examples" / "examples-00007-of-00009.jsonl").exists()
+    on_disk = {str(p.relative_to(new)) for p in new.rglob("*") if p.is_file()}
+    assert on_disk == set(second["files"]) | {".run"}, "every file is listed, and only those"
 
 
 def test_more_distinct_seed_metadata_than_num_metadata_keeps_them_all(tmp_path):

@@ -13,7 +13,8 @@ from codeclm_beam.model import Usage
 from codeclm_beam.model.cache import ResponseCache
 from codeclm_beam.model.errors import ConfigurationError
 from codeclm_beam.pipelines.cli import main as cli_main
-from codeclm_beam.pipelines.run.outputs import OutputDirectory
+from codeclm_beam.pipelines.run.commit import OutputFolder
+from codeclm_beam.pipelines.run.commit import read_committed
 from codeclm_beam.redact import public_url
 from codeclm_beam.redact import redact
 from codeclm_beam.redact import register_url_secrets
@@ -37,35 +38,15 @@ def encode_request(stage: Encode, text: str):
 
 # ---- 1. recorded names never leave the output folder ---------------------------------
 
-@pytest.mark.parametrize("name", ["../victim.txt", "/tmp/victim.txt", "a/../../victim.txt",
-                                  "C:\\victim.txt"])
-def test_a_record_naming_a_file_outside_the_folder_is_refused(tmp_path, name):
+@pytest.mark.parametrize("run_folder", ["../victim", "/tmp", "runs/../../x", "C:\\x"])
+def test_a_record_naming_a_folder_outside_the_output_folder_is_refused(tmp_path,
+                                                                        run_folder):
     out = tmp_path / "out"
     out.mkdir()
-    victim = tmp_path / "victim.txt"
-    victim.write_text("keep me")
-    (out / "manifest.json").write_text(json.dumps({"written_files": [name]}))
-    outputs = OutputDirectory(str(out), "r1", "manifest.json")
-    with pytest.raises(ConfigurationError, match="not a file inside the folder"):
-        outputs.check()
-    assert victim.read_text() == "keep me"
-
-
-def test_generate_refuses_a_folder_whose_promotion_list_escapes_it(tmp_path, capsys):
-    out = tmp_path / "out"
-    (out / ".staging" / "old").mkdir(parents=True)
-    victim = tmp_path / "victim.txt"
-    victim.write_text("keep me")
-    (out / ".staging" / "old" / "PROMOTING.json").write_text(
-        json.dumps({"files": ["../victim.txt"]}))
-    models = scripted_models(tmp_path, "strong_wins")
-    status = cli_main(["generate", *generate_args(
-        tmp_path, models, write_seeds(tmp_path / "s.jsonl", 2), out,
-        "--num_examples", "2", "--num_metadata", "2")])
-    assert status == 2
-    assert "not a file inside the folder" in capsys.readouterr().err
-    assert victim.read_text() == "keep me"
-    assert not calls_by_kind(tmp_path)  # refused before any model call
+    (out / "manifest.json").write_text(json.dumps({"run_folder": run_folder,
+                                                   "files": ["x"]}))
+    with pytest.raises(ConfigurationError, match="not a run's folder inside"):
+        read_committed(str(out))
 
 
 # ---- 2. a run that delivered nothing keeps the previous dataset ----------------------
@@ -88,39 +69,26 @@ def test_a_run_whose_every_call_failed_keeps_the_dataset_and_exits_3(tmp_path, c
     assert "delivered 0 of 3 pairs" in err and "previous run's 3 pairs" in err
     assert "--replace_with_fewer" in err
     assert read_jsonl(out, "examples") == before
-    assert not (out / ".staging" / "LOCK").exists()
-    refused, = (out / ".staging").iterdir()  # kept for reading, with its record
-    assert json.loads((refused / "manifest.json").read_text())["not_promoted"]
+    current = (out / "current").resolve()
+    refused, = (p for p in (out / "runs").iterdir() if p != current)  # kept for reading
+    assert json.loads((refused / "manifest.json").read_text())["not_committed"]
     # The next run that finishes removes it.
     models = scripted_models(tmp_path, "strong_wins")  # the scenario files, as first
     assert cli_main(["generate", *generate_args(tmp_path, models, seeds, out, *args)]) == 0
-    assert not (out / ".staging").exists()
+    assert [p.resolve() for p in (out / "runs").iterdir()] == [(out / "current").resolve()]
 
 
 # ---- 3. one writer per folder --------------------------------------------------------
 
 def test_a_second_writer_is_refused_while_the_first_holds_the_folder(tmp_path):
-    first = OutputDirectory(str(tmp_path / "out"), "run-a", "manifest.json")
+    first = OutputFolder(str(tmp_path / "out"), "run-a", "manifest.json")
     first.claim()
-    second = OutputDirectory(str(tmp_path / "out"), "run-b", "manifest.json")
+    second = OutputFolder(str(tmp_path / "out"), "run-b", "manifest.json")
     with pytest.raises(ConfigurationError, match="being written by another run.*run-a"):
         second.claim()
     first.release()
     second.claim()  # free again
     second.release()
-
-
-def test_a_claim_left_by_a_killed_run_is_taken_over(tmp_path):
-    lock = tmp_path / "out" / ".staging" / "LOCK"
-    lock.parent.mkdir(parents=True)
-    import socket
-    lock.write_text(json.dumps({"run_id": "dead", "host": socket.gethostname(),
-                                "pid": 2 ** 22 + 12345}))  # no such process
-    outputs = OutputDirectory(str(tmp_path / "out"), "run-c", "manifest.json")
-    outputs.claim()
-    assert json.loads(lock.read_text())["run_id"] == "run-c"
-    outputs.release()
-    assert not lock.exists()
 
 
 # ---- 4 and 5. the cache: malformed entries and unusable answers are asked again ------
@@ -307,14 +275,3 @@ def test_an_unreachable_server_stops_generate_at_once_naming_it(tmp_path, capsys
     assert f"--strong_model openai:m@http://127.0.0.1:{port}/v1: cannot be reached" in err
     assert "refused" in err.lower()
     assert not (tmp_path / "out" / "manifest.json").exists()
-
-
-def test_a_promotion_cut_short_is_reported_by_show_plan_and_report(tmp_path, caplog):
-    from codeclm_beam.pipelines.run.outputs import read_run_record
-    (tmp_path / "run" / ".staging" / "r9").mkdir(parents=True)
-    (tmp_path / "run" / "manifest.json").write_text(json.dumps({"written_files": []}))
-    (tmp_path / "run" / ".staging" / "r9" / "PROMOTING.json").write_text(
-        json.dumps({"files": ["examples/examples-00000-of-00001.jsonl"]}))
-    name, record = read_run_record(str(tmp_path / "run"))
-    assert name == "manifest.json" and record == {"written_files": []}
-    assert "killed while moving its outputs into place" in caplog.text

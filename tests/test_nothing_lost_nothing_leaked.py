@@ -53,8 +53,7 @@ def test_a_failed_run_leaves_the_previous_outputs_whole(tmp_path):
     before = snapshot(tmp_path / "out")
     with pytest.raises(Exception, match="scripted crash"):
         generate(tmp_path, "--num_examples", "3", per_role={"target": {"crash": True}})
-    assert snapshot(tmp_path / "out") == before
-    assert not (tmp_path / "out" / ".staging").exists()
+    assert snapshot(tmp_path / "out") == before  # the failed run's folder is gone too
 
 
 def test_a_folder_of_yours_is_refused_and_never_overwritten(tmp_path, capsys):
@@ -71,8 +70,10 @@ def test_a_folder_of_yours_is_refused_and_never_overwritten(tmp_path, capsys):
     assert generate(tmp_path, "--force") == 0
     after = snapshot(out)
     assert all(after[name] == data for name, data in mine.items())  # kept, unchanged
-    written = json.loads((out / "manifest.json").read_text())["written_files"]
-    assert not set(mine) & set(written) and "report.html" in written
+    record = json.loads((out / "manifest.json").read_text())
+    assert "report.html" in record["files"] and (out / "report.html").is_file()
+    # The run's own examples/ lies in its folder; the user's keeps its name and bytes.
+    assert (out / record["run_folder"] / "examples").is_dir()
 
 
 def test_a_failed_evaluate_leaves_its_previous_summary_whole(tmp_path):

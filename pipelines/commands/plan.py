@@ -18,7 +18,7 @@ from typing import Optional
 from codeclm_beam.transforms.contrastive_filter import CALLS_PER_CANDIDATE
 from codeclm_beam.model.errors import ConfigurationError
 from codeclm_beam.pipelines.run.outputs import read_json
-from codeclm_beam.pipelines.run.outputs import read_run_record
+from codeclm_beam.pipelines.run.commit import read_committed
 from codeclm_beam.model.config import parse_vertex_modes
 from codeclm_beam.pipelines.run.manifest import STAGE_ROLES
 from codeclm_beam.pricing import PAID_MODES_PREFIX
@@ -384,7 +384,8 @@ def plan_command(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true", help="Print the plan as JSON.")
     args = parser.parse_args(argv)
     try:
-        pilot = Pilot.from_manifest(read_run_record(args.pilot_run)[1])
+        pilot_run = read_committed(args.pilot_run)
+        pilot = Pilot.from_manifest(pilot_run.record)
     except (KeyError, TypeError) as missing:
         raise ConfigurationError(f"{args.pilot_run}/manifest.json lacks {missing}: not "
                                  "a manifest this version can plan from") from None
@@ -399,7 +400,7 @@ def plan_command(argv: list[str]) -> int:
     text = render(result)
     if args.tune_base_model:
         result["tuning"] = tuning_projection(
-            args.pilot_run, args.num_examples, args.tune_base_model, args.tune_epochs,
+            pilot_run.folder, args.num_examples, args.tune_base_model, args.tune_epochs,
             read_json(args.prices) if args.prices else None)
         text += "\n" + render_tuning(result["tuning"])
     print(json.dumps(result, indent=2) if args.json else text)

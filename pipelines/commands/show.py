@@ -16,7 +16,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from codeclm_beam.model.errors import ConfigurationError
 from codeclm_beam.pipelines.run.args import SuggestingParser
-from codeclm_beam.pipelines.run.outputs import read_run_record
+from codeclm_beam.pipelines.run.commit import read_committed
 from codeclm_beam.pipelines.run.outputs import read_jsonl_dir
 from codeclm_beam.rows import RowError
 from codeclm_beam.rows import iter_rows
@@ -31,8 +31,9 @@ class Run:
     """A finished generate run's outputs, indexed by id."""
 
     def __init__(self, run_dir: str):
-        self.run_dir = run_dir
-        self.manifest = read_run_record(run_dir)[1]
+        committed = read_committed(run_dir)
+        self.run_dir = committed.folder  # one run's files, read through the pointer once
+        self.manifest = committed.record
         self.examples = self._read("examples")
         self.rejected = self._read("rejected")
         self.pool = {m["metadata_id"]: m for m in self._read("metadata_pool")}

@@ -35,7 +35,7 @@ from codeclm_beam.model.uri import ModelSpec
 from codeclm_beam.pipelines.run.args import SuggestingParser
 from codeclm_beam.pipelines.run.outputs import read_json
 from codeclm_beam.pipelines.run.outputs import read_jsonl_dir
-from codeclm_beam.pipelines.run.outputs import read_run_record
+from codeclm_beam.pipelines.run.commit import read_committed
 from codeclm_beam.pipelines.run.outputs import write_json
 from codeclm_beam.pipelines.run.outputs import write_text
 from codeclm_beam.pricing import tuning_cost_usd
@@ -98,7 +98,8 @@ class Tuner:
     def __init__(self, settings: TuneSettings, out: Optional[TextIO] = None):
         self.settings = settings
         self.out = out
-        _, self.manifest = read_run_record(settings.run_dir, command="codeclm-beam tune")
+        committed = read_committed(settings.run_dir)
+        self.manifest, self.pairs_dir = committed.record, committed.path("examples")
         self.base_model = base_model_of(settings, self.manifest)
         settings.hyper.check(self.base_model)
         self.record_path = FileSystems.join(settings.run_dir, "tuning", RECORD)
@@ -116,7 +117,7 @@ class Tuner:
 
     # -- the data ---------------------------------------------------------------------
     def data(self):
-        examples = read_jsonl_dir(FileSystems.join(self.settings.run_dir, "examples"))
+        examples = read_jsonl_dir(self.pairs_dir)
         data = training_data(examples, self.settings.hyper.method,
                              self.settings.validation_share, self.settings.min_gap)
         problems = data.problems()

@@ -7,11 +7,12 @@ import logging
 import sys
 
 from codeclm_beam.model.errors import ConfigurationError
+from codeclm_beam.pipelines.cli import setup_logging
 from codeclm_beam.pipelines.generate import run
 from codeclm_beam.pipelines.commands.templates import template_argv
 
 if __name__ == "__main__":
-    logging.getLogger().setLevel(logging.INFO)
+    setup_logging(logging.INFO)
     try:
         run(argv=template_argv(sys.argv[1:]), wait=False)
     except ConfigurationError as error:

@@ -19,7 +19,7 @@ from codeclm_beam.pipelines.report.figures import gap_histogram
 from codeclm_beam.pipelines.report.figures import kept_by_iteration
 from codeclm_beam.pipelines.report.figures import wtl_bars
 from codeclm_beam.pricing import merged_prices
-from codeclm_beam.pipelines.run.outputs import OutputDirectory
+from codeclm_beam.pipelines.run.commit import OutputFolder
 from codeclm_beam.pipelines.run.outputs import read_jsonl_dir
 from codeclm_beam.transforms.evaluate import FAILED
 
@@ -409,12 +409,12 @@ def _card_screens(manifest: dict) -> str:
 _MIME = {"report.html": "text/html", "README.md": "text/markdown"}
 
 
-def write_report(outputs: OutputDirectory, record: dict,
+def write_report(outputs: OutputFolder, record: dict,
                  prices: Optional[dict] = None) -> str:
     """Renders a run's report (and a generate run's card) from its record and writes
-    them through the run's OutputDirectory; returns the report's path."""
+    them into the run's folder; returns the report's path."""
     if record["tool"] == "codeclm-beam generate":
-        pages = generate_report(outputs.root, record, merged_prices(prices))
+        pages = generate_report(outputs.run_dir, record, merged_prices(prices))
     else:
         pages = evaluate_report(record)
     for name, text in pages.items():

@@ -1,5 +1,6 @@
-"""What building and running a pipeline costs in Python, kept down for our own runs
-(`generate`, `evaluate`): Beam's DoFn introspection answered once per DoFn class, the
+"""What building and running a pipeline costs in Python, kept down for the CLI's own
+local runs (`codeclm-beam generate` and `evaluate` pass `lean=True`; a library caller's
+process, with its own pipelines in other threads, is never touched): Beam's DoFn introspection answered once per DoFn class, the
 cyclic garbage collector kept off the graph built, and, in the local runner, the state
 sampler ticking briefly, side inputs sized without a scan of every module, and the
 DoFns a stage's worker pickles for itself kept uncompressed.
@@ -51,12 +52,20 @@ def _on_verified_beam() -> bool:
     return apache_beam.__version__.startswith(VERIFIED_BEAM)
 
 
+def _has(module, *names: str) -> bool:
+    """Every private name a swap relies on is where it was checked: Beam keeps no
+    promise about them, so a patch release that renames one gets Beam's own."""
+    return all(hasattr(module, name) for name in names)
+
+
 @contextlib.contextmanager
-def _in_place_of_beams(module, name: str, beams_own, ours):
-    """Within: `module.name` is `ours`, on the verified Beam and where Beam's own is
-    in place (a nested use keeps the outer one's); Beam's own again after."""
+def _in_place_of_beams(module, name: str, beams_own, ours, relies_on: bool = True):
+    """Within: `module.name` is `ours`, on the verified Beam, where every private name
+    ours relies on exists (`relies_on`) and where Beam's own is in place (a nested use
+    keeps the outer one's); Beam's own again after."""
     with _LOCK:
-        swapped = _on_verified_beam() and getattr(module, name) is beams_own
+        swapped = (_on_verified_beam() and relies_on
+                   and getattr(module, name, None) is beams_own)
         if swapped:
             setattr(module, name, ours)
     try:
@@ -173,7 +182,7 @@ def sampler_ticking_briefly():
 # run, most of them while the next stage waits. Beam's filter already leaves out
 # modules, functions and classes, the ways a cached value reaches those globals,
 # so the weights are the same without the scan (tests/test_lean_run.py compares them).
-_BEAMS_SIZING = statecache.get_deep_size
+_BEAMS_SIZING = getattr(statecache, "get_deep_size", None)
 
 
 def _deep_size_without_module_scan(*objs) -> int:
@@ -186,8 +195,9 @@ def _deep_size_without_module_scan(*objs) -> int:
 def side_inputs_sized_without_module_scan():
     """Within: the state cache weighs what it loads without the scan (see above);
     Beam's own sizing outside, and on a Beam other than the verified one."""
-    return _in_place_of_beams(statecache, "get_deep_size", _BEAMS_SIZING,
-                              _deep_size_without_module_scan)
+    return _in_place_of_beams(
+        statecache, "get_deep_size", _BEAMS_SIZING, _deep_size_without_module_scan,
+        _has(statecache, "objsize", "_size_func", "_get_referents_func", "_filter_func"))
 
 
 # The local runner's worker, building a stage, unpickles each ParDo's DoFn from the
@@ -222,18 +232,22 @@ def worker_pickles_kept_in_process():
     kept uncompressed (see above); Beam's pickler outside, on a Beam other than the
     verified one, and where Beam pickles with dill. A Dataflow job's workers are other
     processes: untouched."""
-    if pickler.desired_pickle_lib is not cloudpickle_pickler:
-        yield
-        return
-    with _in_place_of_beams(bundle_processor, "pickler", pickler, _InProcessPickles), \
-            _in_place_of_beams(operations, "pickler", pickler, _InProcessPickles):
+    relies_on = (_has(cloudpickle_pickler, "_dumps", "_loads")
+                 and getattr(pickler, "desired_pickle_lib", None) is cloudpickle_pickler)
+    with _in_place_of_beams(bundle_processor, "pickler", pickler, _InProcessPickles,
+                            relies_on), \
+            _in_place_of_beams(operations, "pickler", pickler, _InProcessPickles,
+                               relies_on):
         yield
 
 
 @contextlib.contextmanager
-def lean_run():
-    """All of the above, as `generate` and `evaluate` build and run: yields `built`, to
-    call once the graph is built and before it runs."""
+def lean_run(enabled: bool = True):
+    """All of the above, as `generate` and `evaluate` build and run when the CLI asks
+    (`enabled`): yields `built`, to call once the graph is built and before it runs."""
+    if not enabled:
+        yield lambda: None
+        return
     with dofn_specs_by_class(), sampler_ticking_briefly(), \
             side_inputs_sized_without_module_scan(), worker_pickles_kept_in_process(), \
             collector_off_the_graph() as built:

@@ -21,7 +21,7 @@ from codeclm_beam.model.config import BATCH
 from codeclm_beam.model.config import ONLINE
 from codeclm_beam.options import ViewedOnce
 from codeclm_beam.options import is_dry_run
-from codeclm_beam.pipelines.run.outputs import OutputDirectory
+from codeclm_beam.pipelines.run.commit import OutputFolder
 from codeclm_beam.version import __version__
 
 MODEL_STAGES = ("encode", "rubrics", "decode", "answer_strong", "answer_target", "judge",
@@ -55,12 +55,12 @@ def new_pipeline(options: PipelineOptions) -> beam.Pipeline:
 
 
 def run_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
-                 outputs: OutputDirectory, tool: str, run_id: str,
+                 outputs: OutputFolder, tool: str, run_id: str,
                  wait: bool = True, progress=None) -> tuple[Any, Optional[dict[str, Any]]]:
-    """Runs a built pipeline whose outputs go to `outputs.staging`: (the finished
+    """Runs a built pipeline whose outputs go to `outputs.run_dir`: (the finished
     result, None), or, when nothing finishes here (a dry run, or a launch that does not
     wait), (the result, what to return instead). A run that fails leaves the previous
-    run's outputs as they were, and its own staging area is removed. `progress` is a
+    run current, and its own folder is removed (`commit.run_in_folder`). `progress` is a
     context (pipelines.run.progress.progress_for) the run happens in."""
     from codeclm_beam.model.guard import ERROR_SHARE
     dry_run = is_dry_run(options)
@@ -77,13 +77,11 @@ def run_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
             job_id = getattr(result, "job_id", None)
             launch = {"tool": tool, "run_id": run_id, "submitted": not dry_run,
                       "job": str((job_id() if callable(job_id) else None) or result),
-                      "outputs": None if dry_run else outputs.staging}
+                      "outputs": None if dry_run else outputs.run_dir}
             if dry_run:
                 launch["built"] = built_job(result, options)
             return result, launch
     except BaseException as error:
-        if not dry_run:
-            outputs.abandon()
         if ERROR_SHARE.stopped and isinstance(error, Exception):
             # The runner wraps the worker's exception in its own; say it plainly.
             raise RunStopped(ERROR_SHARE.stopped) from None

@@ -20,10 +20,6 @@ from codeclm_beam.model.types import ModelRequest
 from codeclm_beam.model.types import Usage
 
 
-# httpx logs every request at INFO ("HTTP Request: POST ... 200 OK"): under a runner
-# that logs at INFO (Beam YAML's entry point does) that is one line per model call.
-logging.getLogger("httpx").setLevel(logging.WARNING)
-
 # Finish reasons that mean "stopped at the output limit" (Gemini; OpenAI and llama.cpp).
 TRUNCATED_FINISH_REASONS = frozenset({"MAX_TOKENS", "LENGTH"})
 
