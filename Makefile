@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 OUT ?= out
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test test-compat bench venv clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,27 @@ test: $(VENV)/.installed-dev
 	    "$$(cat .pytest_cache/running-test* 2>/dev/null || echo 'an unknown test')" >&2; \
 	fi; exit $$rc
 
+# The other end of the supported range (setup.py): Python 3.13 with the oldest Beam the
+# plugin supports, installed first and left in place by ours, as in a user's pipeline.
+# Everything but the embedded model (its llama.cpp compile is the `local` extra).
+COMPAT_PYTHON ?= $(shell PYENV_VERSION=3.13.0 pyenv which python3.13 2>/dev/null || command -v python3.13)
+COMPAT_BEAM ?= 2.71.0
+COMPAT := .venv-compat
+$(COMPAT)/.installed: setup.py
+	$(COMPAT_PYTHON) -m venv $(COMPAT)
+	$(COMPAT)/bin/python -m pip install --quiet --upgrade pip setuptools wheel
+	$(COMPAT)/bin/python -m pip install --quiet 'apache-beam[gcp,yaml]==$(COMPAT_BEAM)'
+	$(COMPAT)/bin/python -m pip install --quiet -e '.[dev]'
+	$(COMPAT)/bin/python -c "import apache_beam, sys; v = apache_beam.__version__; \
+	  assert v == '$(COMPAT_BEAM)', f'our install replaced the floor Beam with {v}'"
+	touch $@
+
+test-compat: $(COMPAT)/.installed
+	@$(COMPAT)/bin/python -c "import apache_beam, sys; \
+	  print(f'compatibility pass: Python {sys.version.split()[0]}, Beam {apache_beam.__version__}')"
+	$(COMPAT)/bin/python -m pytest -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile \
+	  -m "not embedded" -p no:cacheprovider
+
 # Side-by-side measurements -> benchmarks/results/latest.{json,md}. BENCH_SCALE=0.3
 # for a quick run.
 PEERS := benchmarks/.venv-peers
@@ -67,4 +88,4 @@ bench: $(VENV)/.installed-dev $(PEERS)/.installed
 	$(PY) benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) $(OUT) .pytest_cache
+	rm -rf $(VENV) $(COMPAT) $(OUT) .pytest_cache build .hypothesis

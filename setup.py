@@ -46,8 +46,9 @@ setuptools.setup(
     install_requires=[
         # A user's pipeline brings its own Beam: any release from the floor on. 2.71 is
         # the first with RemoteModelHandler's `rate_limiter` argument and
-        # apache_beam.io.components.rate_limiter, which the model layer plugs into
-        # (codeclm_beam/beam_compat.py owns what differs inside the range).
+        # apache_beam.io.components.rate_limiter, which the model layer plugs into.
+        # Nothing the library uses differs inside the range; only the CLI's lean local
+        # run (pipelines/run/lean.py) is Beam 2.77's, and Beam's own elsewhere.
         BEAM,
         # Every Beam of the range pins google-cloud-aiplatform>=1.26,<2, which pins
         # google-genai<3.

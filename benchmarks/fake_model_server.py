@@ -53,6 +53,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import contextlib
 import hashlib
 import json
 import math
@@ -209,6 +210,12 @@ class ServerConfig:
     tuning_pending_seconds: float = 0.3
     tuning_running_seconds: float = 0.3
     tuning_fault: Optional[str] = None
+    # The first N creates are accepted, then their connection is reset before the
+    # answer (the job exists; the client never hears of it).
+    tuning_create_resets: int = 0
+    # tuningJobs.list refuses a `filter` (400 INVALID_ARGUMENT), as a service that
+    # supports no label filter would.
+    tuning_list_filter_refused: bool = False
     # Share of the questions the judge separates on which a tuned model's answer is
     # as good as the strong model's (what tuning recovered).
     tuned_recovery: float = 0.5
@@ -854,6 +861,10 @@ class FakeModelServer:
                                                         self.tuning_calls)
         if method == "GET" and job_id is None:
             query = urllib.parse.parse_qs(urllib.parse.urlsplit(handler.path).query)
+            if self.config.tuning_list_filter_refused and query.get("filter"):
+                return self._send(handler, 400, {"error": {
+                    "code": 400, "status": "INVALID_ARGUMENT",
+                    "message": "Unsupported filter."}}, "invalid_argument")
             return self._send(handler, 200, self._list_tuning_jobs(query), "tuning_list")
         if method == "POST" and job_id is None:
             try:
@@ -862,6 +873,15 @@ class FakeModelServer:
                 return self._send(handler, 400, {"error": {
                     "code": 400, "status": "INVALID_ARGUMENT", "message": str(e)}},
                     "invalid_argument")
+            with self._lock:
+                reset = self.config.tuning_create_resets > 0
+                self.config.tuning_create_resets -= reset
+            if reset:  # accepted, then the connection drops before the answer
+                self._record(outcome="tuning_create_reset", status=0)
+                handler.close_connection = True
+                with contextlib.suppress(OSError):
+                    handler.connection.shutdown(socket.SHUT_RDWR)
+                return None
             return self._send(handler, 200, job, "tuning_create")
         with self._lock:
             job = self.tuning_jobs.get(job_id)

@@ -1,6 +1,6 @@
 """The bench's overhead run, shared by every measurement of it (`run.py`'s overhead
 step, `startup_phases.py`, `pause_trace.py`): `generate` on N made-up seeds against an
-instant loopback server, on the local runner, no cache, no report."""
+instant loopback server, on the local runner, no cache, no report, as the CLI runs it."""
 import json
 import os
 
@@ -21,4 +21,5 @@ def run_generate(server, folder: str, seeds: int) -> None:
                   "--strong_model", f"openai:strong@{server.base_url}/v1",
                   "--target_model", f"openai:target@{server.base_url}/v1",
                   "--num_metadata", "20", "--num_instructions", str(seeds),
-                  "--num_examples", str(seeds), "--max_concurrency", "16"])
+                  "--num_examples", str(seeds), "--max_concurrency", "16"],
+                 lean=True)  # as the CLI runs it (`--beams_own` turns the swaps off)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import logging
 from typing import Any, ClassVar, Iterable, Optional
 
 import apache_beam as beam

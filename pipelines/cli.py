@@ -359,6 +359,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except NotCommitted as refused:
         print(f"codeclm-beam {command}: not committed: {refused}", file=sys.stderr)
         return 3
+    except RunStopped as stopped:
+        print(f"codeclm-beam {command}: stopped: {stopped}", file=sys.stderr)
+        return 4
     except Exception as error:
         reason = _storage_fault(error)
         if reason is None:
@@ -367,9 +370,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"codeclm-beam {command}: {reason}; nothing of this run was made current, "
               "and the folder holds what it held before", file=sys.stderr)
         return 1
-    except RunStopped as stopped:
-        print(f"codeclm-beam {command}: stopped: {stopped}", file=sys.stderr)
-        return 4
 
 
 if __name__ == "__main__":

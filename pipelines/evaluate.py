@@ -27,9 +27,7 @@ from codeclm_beam.options import model_configs
 from codeclm_beam.pipelines.run import manifest as manifest_lib
 from codeclm_beam.pipelines.run import preflight as preflight_lib
 from codeclm_beam.pipelines.run.commit import OutputFolder
-from codeclm_beam.pipelines.run.commit import NotCommitted
 from codeclm_beam.pipelines.run.commit import run_in_folder
-from codeclm_beam.pipelines.run.outputs import write_json
 from codeclm_beam.pipelines.run.outputs import WriteDeadLetters
 from codeclm_beam.pipelines.run.outputs import WriteJsonl
 from codeclm_beam.pipelines.run.outputs import read_jsonl_dir
@@ -299,31 +297,13 @@ def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = N
         })
         summary["cost"] = manifest_lib.estimated_cost(summary)
         summary["judged"] = sum(1 for j in judgements if j.get("outcome") != FAILED)
-        refusal = shrink_refusal(summary["judged"], outputs.previous_record(),
-                                 run_opts.replace_with_fewer)
-        if refusal:
-            write_json(FileSystems.join(outputs.run_dir, "summary.json"),
-                       {**summary, "not_committed": refusal})
-            raise NotCommitted(f"{refusal}; this run's judgements and summary.json are "
-                               f"in {outputs.run_dir} until the next run into this "
-                               "folder")
+        outputs.keep_previous_if_fewer(
+            summary, f"made {summary['judged']} judgements", summary["judged"],
+            lambda previous: previous.get("judged"), "judgements",
+            run_opts.replace_with_fewer)
         outputs.write_text("crr.md", markdown_table(summary), "text/markdown")
         if not run_opts.no_report:
             summary["report"] = write_report(outputs, summary)
         outputs.commit(summary)
         return summary
     return run_in_folder(outputs, not offline, work)
-
-
-def shrink_refusal(judged: int, previous: Optional[dict],
-                   replace_anyway: bool) -> Optional[str]:
-    """Why a finished evaluation must not replace the one in its folder, or None: the
-    rule of `generate`'s (`generate.shrink_refusal`), on judgements made."""
-    try:
-        before = int((previous or {}).get("judged") or 0)
-    except (TypeError, ValueError, AttributeError):
-        before = 0
-    if not replace_anyway and before and judged < before / 2:
-        return (f"the run made {judged} judgements; the previous run's {before} in the "
-                "folder are kept (pass --replace_with_fewer to replace them anyway)")
-    return None

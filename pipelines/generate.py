@@ -48,11 +48,9 @@ from codeclm_beam.pipelines.run.outputs import WriteAvro
 from codeclm_beam.pipelines.run.outputs import WriteDeadLetters
 from codeclm_beam.pipelines.run.outputs import WriteExports
 from codeclm_beam.pipelines.run.outputs import WriteJsonl
-from codeclm_beam.pipelines.run.commit import NotCommitted
 from codeclm_beam.pipelines.run.commit import OutputFolder
 from codeclm_beam.pipelines.run.commit import run_in_folder
 from codeclm_beam.pipelines.run.outputs import read_jsonl_dir
-from codeclm_beam.pipelines.run.outputs import write_json
 from codeclm_beam.pipelines.report.figures import run_tailoring
 from codeclm_beam.pipelines.report.render import write_report
 from codeclm_beam.pipelines.run import preflight as preflight_lib
@@ -386,31 +384,6 @@ def _preview(manifest: dict, config: CodecLMConfig, outputs: OutputFolder) -> di
     return manifest
 
 
-def shrink_refusal(delivered: int, asked: int, previous: Optional[dict],
-                   replace_anyway: bool) -> Optional[str]:
-    """Why a finished run must not replace the dataset in its folder, or None.
-
-    A run that delivered less than half the pairs of the dataset already in the folder
-    (nothing at all, when every model was unreachable) does not replace it unless
-    --replace_with_fewer: that is what an outage midway looks like, and a smaller pilot
-    into the same folder is the reason to pass the flag. Into a folder with no dataset
-    a run is always promoted, so its dead letters can be read where they belong (the
-    CLI exits 3 when it delivered nothing)."""
-    before = _previous_pairs(previous)
-    if not replace_anyway and before and delivered < before / 2:
-        return (f"the run delivered {delivered} of {asked} pairs; the previous run's "
-                f"{before} pairs in the folder are kept (pass --replace_with_fewer to "
-                "replace them anyway)")
-    return None
-
-
-def _previous_pairs(previous: Optional[dict]) -> int:
-    try:
-        return int((previous or {}).get("delivery", {}).get("delivered") or 0)
-    except (TypeError, ValueError, AttributeError):
-        return 0
-
-
 def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = None,
         wait: bool = True, lean: bool = False) -> dict[str, Any]:
     """Runs `generate` and returns its manifest (also committed to OUTPUT_DIR). `lean`
@@ -458,15 +431,11 @@ def _run_claimed(options: PipelineOptions, config: CodecLMConfig,
     }
     if opts.preview is not None:
         return _preview(manifest, config, outputs)
-    refusal = shrink_refusal(counters.flow(metrics.EXAMPLES), config.num_examples,
-                             outputs.previous_record(), run_opts.replace_with_fewer)
-    if refusal:
-        # Its record goes beside its outputs in its own folder, for inspection.
-        write_json(FileSystems.join(outputs.run_dir, "manifest.json"),
-                   {**manifest, "not_committed": refusal})
-        raise NotCommitted(f"{refusal}; this run's outputs, its dead letters and "
-                           f"manifest.json among them, are in {outputs.run_dir} "
-                           "until the next run into this folder")
+    delivered = counters.flow(metrics.EXAMPLES)
+    outputs.keep_previous_if_fewer(
+        manifest, f"delivered {delivered} of {config.num_examples} pairs", delivered,
+        lambda previous: previous.get("delivery", {}).get("delivered"), "pairs",
+        run_opts.replace_with_fewer)
     manifest.update({
         "billing": billing_modes(config.strong, config.target, config.judge),
         "outputs": {name: FileSystems.join(outputs.run_dir, name)

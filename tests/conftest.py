@@ -82,17 +82,22 @@ def llama_server(smollm2_path, tmp_path_factory):
 @pytest.fixture(scope="session")
 def gcs_emulator():
     """A real Cloud Storage emulator (gcp-storage-emulator) on 127.0.0.1 for the
-    session, holding the bucket `codeclm-test`; yields its address for
-    STORAGE_EMULATOR_HOST, which google-cloud-storage (and so Beam's gs:// filesystem)
-    honours."""
+    session, holding the bucket `codeclm-test`, behind a front that enforces the
+    generation preconditions the emulator ignores (tests/gcs_preconditions.py); yields
+    the front's address for STORAGE_EMULATOR_HOST, which google-cloud-storage (and so
+    Beam's gs:// filesystem) honours."""
     from gcp_storage_emulator.server import create_server
+
+    from tests.gcs_preconditions import PreconditionFront
     port = _free_port()
     server = create_server("127.0.0.1", port, in_memory=True,
                            default_bucket="codeclm-test")
     server.start()
+    front = PreconditionFront(f"http://127.0.0.1:{port}")
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield front.address
     finally:
+        front.stop()
         server.stop()
 
 

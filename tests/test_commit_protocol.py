@@ -7,8 +7,10 @@ import json
 import multiprocessing
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
@@ -17,6 +19,7 @@ from codeclm_beam.model.errors import ConfigurationError
 from codeclm_beam.pipelines.cli import main as cli_main
 from codeclm_beam.pipelines.run.commit import COMMIT_STEPS
 from codeclm_beam.pipelines.run.commit import KILL_AT_ENV
+from codeclm_beam.pipelines.run.commit import NotCommitted
 from codeclm_beam.pipelines.run.commit import OutputFolder
 from codeclm_beam.pipelines.run.commit import read_committed
 from tests.helpers import calls_by_kind
@@ -184,11 +187,24 @@ def test_a_generate_killed_after_its_commit_reads_whole_and_resumes_without_payi
 
 # ---- 5. one writer, really: real processes racing ------------------------------------
 
+def _leave_a_dead_claim(root):
+    dead = {"run_id": "dead", "pid": 2 ** 22 + 7, "host": socket.gethostname()}
+    if root.startswith("gs://"):
+        from codeclm_beam.pipelines.run import gcs
+        path = root + "/.lock"
+        gcs.write_if_generation(path, json.dumps(dead), gcs.generation(path))
+    else:
+        with open(os.path.join(root, ".lock"), "w") as f:
+            json.dump(dead, f)
+
+
 def _racer(root, index, tries, barrier, results, stale):
+    if root.startswith("gs://"):  # anonymous on the emulator, as the `cloud` fixture
+        from apache_beam.internal.gcp.auth import _Credentials
+        _Credentials._credentials_init, _Credentials._credentials = True, None
     for number in range(tries):
         if stale and index == 0:
-            with open(os.path.join(root, ".lock"), "w") as f:  # a dead run's claim
-                json.dump({"run_id": "dead", "pid": 2 ** 22 + 7, "host": "here"}, f)
+            _leave_a_dead_claim(root)
         barrier.wait()
         folder = OutputFolder(root, f"r{number}-{index}", "manifest.json")
         try:
@@ -204,10 +220,7 @@ def _racer(root, index, tries, barrier, results, stale):
         barrier.wait()
 
 
-@pytest.mark.parametrize("stale", [False, True], ids=["free", "stale-lock"])
-def test_two_processes_racing_for_a_folder_one_writes(tmp_path, stale):
-    root, tries = str(tmp_path / "out"), 40
-    os.makedirs(root)
+def race(root, tries, stale):
     context = multiprocessing.get_context("spawn")
     barrier, results = context.Barrier(2), context.Queue()
     racers = [context.Process(target=_racer, args=(root, i, tries, barrier, results,
@@ -218,8 +231,65 @@ def test_two_processes_racing_for_a_folder_one_writes(tmp_path, stale):
     for racer in racers:
         racer.join(timeout=60)
         assert racer.exitcode == 0
-    writers = [sum(won for number, _, won in outcomes if number == n) for n in range(tries)]
-    assert writers == [1] * tries
+    return [sum(won for number, _, won in outcomes if number == n) for n in range(tries)]
+
+
+@pytest.mark.parametrize("stale", [False, True], ids=["free", "stale-lock"])
+def test_two_processes_racing_for_a_local_folder_one_writes(tmp_path, stale):
+    os.makedirs(tmp_path / "out")
+    assert race(str(tmp_path / "out"), 40, stale) == [1] * 40
+
+
+@pytest.mark.parametrize("stale", [False, True], ids=["free", "stale-lock"])
+def test_two_processes_racing_for_a_gs_folder_one_writes(cloud, stale):
+    root = f"gs://codeclm-test/race-{uuid.uuid4().hex[:8]}"
+    assert race(root, 12, stale) == [1] * 12
+
+
+# ---- 4. a killed launcher's lock on gs:// is taken over without a hand step -----------
+
+_HOLD_SCRIPT = """
+import sys, time
+from codeclm_beam.pipelines.run.commit import OutputFolder
+folder = OutputFolder(sys.argv[1], "killed", "manifest.json")
+folder.claim()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_launchers_gs_lock_is_taken_over(cloud, caplog):
+    from codeclm_beam.pipelines.run import gcs
+    root = f"gs://codeclm-test/lease-{uuid.uuid4().hex[:8]}"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_SCRIPT, root],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(ConfigurationError, match="run killed, process"):
+        OutputFolder(root, "r2", "manifest.json").claim()  # alive: refused
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    taker = OutputFolder(root, "r3", "manifest.json")
+    taker.claim()  # dead on this host: taken over at once
+    assert "its process is gone from this host" in caplog.text
+    taker.release()
+
+    # Another host's lock: refused while its lease runs, taken over after it.
+    lock = root + "/.lock"
+    gcs.write_if_generation(lock, json.dumps({"run_id": "far", "host": "elsewhere",
+                                              "pid": 1, "lease_seconds": 2}), 0)
+    with pytest.raises(ConfigurationError, match="run far"):
+        OutputFolder(root, "r4", "manifest.json").claim()
+    time.sleep(2.5)
+    late = OutputFolder(root, "r5", "manifest.json")
+    late.claim()
+    assert "its lease ran out" in caplog.text
+    late.write_text("examples/examples-00000-of-00001.jsonl", "{}\n")
+    # The far run comes back and takes the lock on its generation: r5 has lost it.
+    gcs.write_if_generation(lock, json.dumps({"run_id": "far"}), gcs.generation(lock))
+    late._lock._renew_once()
+    with pytest.raises(NotCommitted, match="no longer holds the folder's lock"):
+        late.commit({"tool": "test"})
+    late.release()
 
 
 # ---- 4 and 8. paths refused before any model call -------------------------------------
@@ -271,3 +341,35 @@ def test_the_pointer_is_never_left_half_written(tmp_path):
     current = tmp_path / "out" / "current"
     assert current.is_symlink() and os.readlink(current) == f"runs/{folder.run_id}"
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".current.")]
+
+
+# ---- 6. evaluate keeps what it judged before ------------------------------------------
+
+def test_an_evaluate_that_judges_much_less_keeps_the_earlier_results(tmp_path, capsys):
+    from tests.scripted_backend import write_scenario
+    benchmark = os.path.join(os.path.dirname(__file__), "fixtures", "benchmarks",
+                             "koala.jsonl")
+    out, calls = tmp_path / "eval", str(tmp_path / "calls")
+
+    def evaluate(*extra, **judge):
+        return cli_main([
+            "evaluate", "--benchmark", benchmark, "--output_dir", str(out),
+            "--bootstrap_samples", "10", "--max_failed_share", "1",
+            "--strong_model", write_scenario(tmp_path / "s.json", role="strong",
+                                             judge="by_instruction", log_dir=calls,
+                                             **judge),
+            "--candidate_model", write_scenario(tmp_path / "t.json", role="target",
+                                                judge="by_instruction", log_dir=calls),
+            *extra])
+    assert evaluate() == 0
+    before = {name: (out / name).read_bytes() for name in ("summary.json", "crr.md")}
+    judged = json.loads(before["summary.json"])["judged"]
+    assert judged > 0
+    # A judge whose every answer is refused: nothing judged, the earlier results kept.
+    assert evaluate("--no_cache", fail_when="[The Start of Assistant 1") == 3
+    err = capsys.readouterr().err
+    assert f"the run made 0 judgements; the previous run's {judged}" in err
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert evaluate("--no_cache", "--replace_with_fewer",
+                    fail_when="[The Start of Assistant 1") == 0
+    assert json.loads((out / "summary.json").read_text())["judged"] == 0

@@ -111,18 +111,18 @@ def test_evaluate_passes_a_dataflow_dry_run_with_its_stages():
 def test_a_launch_that_does_not_wait_reports_the_job_as_submitted(tmp_path):
     # The Flex Template launcher runs generate with wait=False: the job is submitted
     # and the caller must not be told otherwise. Here the DirectRunner stands in. No
-    # one is there to move its outputs into place: they stay in its staging folder,
-    # and nothing already in --output_dir is touched.
+    # one is there to commit its outputs: they stay in its run folder, and nothing
+    # already in --output_dir is touched.
+    from codeclm_beam.pipelines.run.commit import OutputFolder
     from codeclm_beam.pipelines.run.manifest import run_pipeline
-    from codeclm_beam.pipelines.run.outputs import OutputDirectory
     (tmp_path / "out" / "examples").mkdir(parents=True)
     (tmp_path / "out" / "examples" / "mine.jsonl").write_text("{}\n")
-    outputs = OutputDirectory(str(tmp_path / "out"), "r1", "manifest.json")
+    outputs = OutputFolder(str(tmp_path / "out"), "r1", "manifest.json")
     pipeline = beam.Pipeline(options=PipelineOptions([]))
     _ = pipeline | beam.Create([1])
     result, returned = run_pipeline(pipeline, PipelineOptions([]), outputs,
                                     "codeclm-beam generate", "r1", wait=False)
     assert returned["submitted"] is True and returned["run_id"] == "r1"
-    assert returned["outputs"] == outputs.staging
+    assert returned["outputs"] == outputs.run_dir
     assert (tmp_path / "out" / "examples" / "mine.jsonl").exists()
     result.wait_until_finish()

@@ -10,6 +10,9 @@ import sys
 
 import pytest
 
+# The embedded llama.cpp model: the `local` extra (not in the compatibility pass).
+pytestmark = pytest.mark.embedded
+
 # Runs in the child: collects llama.cpp's own log (it names the buffer type that holds
 # the weights: "CPU_AMX model buffer size = ..." or "CPU model buffer size = ..."),
 # loads the model, and, unless told only to load, answers one schema-bound request.

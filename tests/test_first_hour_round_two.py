@@ -198,8 +198,8 @@ def test_preview_runs_every_stage_on_a_few_pairs_and_promotes_nothing(tmp_path, 
     assert re.search(r"--preview: 2 of 2 pairs in [\d.]+ s from 2 seeds \(of 6\), a pool "
                      r"of \d+ entries", printed)
     assert printed.count("      answer (strong, judged") == 2
-    # Nothing promoted: the folder holds the cache and nothing else.
-    assert sorted(p.name for p in out.iterdir()) == ["cache"]
+    # Nothing committed: the folder holds the cache and the lock file, nothing else.
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "cache"]
     assert any((out / "cache").rglob("*.json"))
 
 

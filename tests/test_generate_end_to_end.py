@@ -278,6 +278,7 @@ def test_dead_letters_are_accounted_for(tmp_path):
 
 
 @pytest.mark.timeout(900)
+@pytest.mark.embedded
 def test_real_embedded_model_on_three_seeds(tmp_path):
     seeds = tmp_path / "seeds.jsonl"
     with open(seeds, "w") as f:

@@ -1,6 +1,7 @@
 """The embedded llama.cpp backend and the OpenAI-compatible backend, against the real
 SmolLM2-135M-Instruct model (in process, and behind the real llama_cpp.server)."""
 import apache_beam as beam
+import pytest
 import jsonschema
 from apache_beam.ml.inference.base import RunInference
 from apache_beam.testing.test_pipeline import TestPipeline
@@ -14,6 +15,9 @@ from codeclm_beam.model import ModelConfig
 from codeclm_beam.model import ModelFailure
 from codeclm_beam.model import ModelRequest
 from codeclm_beam.model import ModelResponse
+
+# The embedded llama.cpp model: the `local` extra (not in the compatibility pass).
+pytestmark = pytest.mark.embedded
 
 SCHEMA = {
     "type": "object",

@@ -115,6 +115,23 @@ def test_a_job_created_but_never_recorded_is_found_by_its_labels(cloud, tmp_path
     assert read_json(path)["state"] == "JOB_STATE_SUCCEEDED"
 
 
+def test_a_create_whose_answer_is_lost_makes_one_job_and_a_failed_one_is_reported(
+        cloud, tmp_path):
+    run = a_run(tmp_path)
+    config = ServerConfig(tuning_create_resets=1, tuning_list_filter_refused=True,
+                          tuning_fault="fail")
+    with FakeModelServer(config) as server:
+        assert tune(server, run) == 3  # the one job, found by its labels, failed
+        assert creates(server) == 1
+        # A re-run finds the failed job by its labels again: reported, not recreated.
+        record = read_json(os.path.join(run, "tuning", "job.json"))
+        record.update(job=None, state=None)
+        with open(os.path.join(run, "tuning", "job.json"), "w") as f:
+            json.dump(record, f)
+        assert tune(server, run) == 3
+        assert creates(server) == 1
+
+
 def test_cancel_stops_the_job_and_a_failed_job_is_not_paid_for_twice(cloud, tmp_path,
                                                                     capsys):
     run = a_run(tmp_path)
@@ -302,7 +319,8 @@ def test_an_experiment_with_an_openai_target_stops_after_generate_with_next_step
     next_steps = (out / "NEXT_STEPS.md").read_text()
     exports = list((out / "generate" / "export").glob("openai-*.jsonl"))
     assert exports and exports[0].read_text().strip()
-    assert str(out / "generate" / "export") in next_steps
+    from codeclm_beam.pipelines.run.commit import read_committed
+    assert read_committed(str(out / "generate")).path("export") in next_steps
     assert f"--benchmark {out / 'split' / 'bench.eval.jsonl'}" in next_steps
     assert f"--candidate_model openai:target@{url}" in next_steps
 

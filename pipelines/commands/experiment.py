@@ -158,7 +158,9 @@ class Experiment:
 
     # -- what the user reads ------------------------------------------------------------
     def _next_steps(self) -> None:
-        export = self.path("generate", "export")
+        from codeclm_beam.pipelines.run.commit import read_committed
+        run = read_committed(self.run_dir)  # its files, wherever the run committed them
+        export = run.path("export")
         files = "\n".join(f"   - `{m.path}`" for m in FileSystems.match(
             [FileSystems.join(export, "openai-*.jsonl")])[0].metadata_list)
         flags = " ".join(shlex.quote(f) for f in _model_only(self.flags))
@@ -171,7 +173,7 @@ elsewhere, so the chain stopped after `generate`.
 {files}
    (Gemini's format: `--export_format vertex`; Alpaca: `--export_format alpaca`, in
    `{export}`). Preference pairs (chosen = the kept answer, rejected =
-   the other model's) are in `{self.run_dir}/examples/examples-*.jsonl`
+   the other model's) are in `{run.path("examples")}/examples-*.jsonl`
    (`response`, `other_response`, `gap`).
 2. Serve the tuned weights behind an OpenAI-compatible server (vLLM, llama.cpp
    server, Ollama) as, say, `openai:tuned@http://HOST:8000/v1`.

@@ -13,7 +13,8 @@ step makes them current.
     OUTPUT_DIR/.lock                  the one writer (flock locally; on gs:// an
                                       object created with ifGenerationMatch=0 whose
                                       holder renews a lease)
-    OUTPUT_DIR/cache/                 the response cache: never touched
+    OUTPUT_DIR/cache/, tuning/        the response cache, and `tune`'s record of its
+                                      job: kept apart, never touched by a run
 
 This is how table formats commit on object stores (Delta Lake's log, Iceberg's pointer
 swap): readers go through the pointer to one run's folder, so they see the previous
@@ -49,6 +50,9 @@ RUNS = "runs"
 CURRENT = "current"
 LOCK = ".lock"
 CACHE_FOLDER = "cache"
+# Beside the runs, written by other commands: the response cache and `tune`'s job
+# record (one small JSON file, resumable by itself).
+KEPT_APART = (CACHE_FOLDER, "tuning")
 # Written first into a run's folder: what lets a later commit remove a folder its
 # run left uncommitted, and nothing else.
 RUN_MARKER = ".run"
@@ -201,22 +205,26 @@ class _ObjectLock:
 
     def acquire(self) -> None:
         from google.api_core.exceptions import NotFound
+        from google.api_core.exceptions import PreconditionFailed
         for _ in range(3):
             generation = self._write(0)
             if generation:
                 break
+            blob = self._blob()
             try:
-                blob = self._blob()
                 blob.reload()
-                holder = json.loads(blob.download_as_bytes(
-                    if_generation_match=blob.generation) or b"{}")
-            except NotFound:
+                seen, updated = int(blob.generation), blob.updated
+                # Read on the generation seen, so the claim judged is the one replaced.
+                text = blob.download_as_bytes(if_generation_match=seen)
+            except (NotFound, PreconditionFailed):
                 continue  # released meanwhile: try to create it again
-            except Exception:
-                holder = {}
-            if not self._stale(holder, blob):
+            try:
+                holder = json.loads(text or b"{}")
+            except ValueError:
+                holder = {}  # not a claim of ours: judged by its age alone
+            if not self._stale(holder, updated):
                 raise busy(self._path, holder)
-            generation = self._write(int(blob.generation))
+            generation = self._write(seen)
             if generation:
                 _LOG.warning("%s: took over the lock of run %s (%s)", self._path,
                              holder.get("run_id", "?"), self._why_stale)
@@ -228,13 +236,12 @@ class _ObjectLock:
                                          daemon=True)
         self._renewer.start()
 
-    def _stale(self, holder: dict, blob) -> bool:
+    def _stale(self, holder: dict, updated) -> bool:
         if _dead_here(holder):
             self._why_stale = "its process is gone from this host"
             return True
         renewed = holder.get("renewed")
         lease = float(holder.get("lease_seconds") or self.LEASE_S)
-        updated = getattr(blob, "updated", None)
         # The service's own clock where it says when the object was last written.
         age = (time.time() - updated.timestamp()) if updated else \
             (time.time() - float(renewed or 0))
@@ -244,13 +251,18 @@ class _ObjectLock:
         return False
 
     def _renew(self) -> None:
-        while not self._stop.wait(self._lease_s / 3):
-            generation = self._write(self._generation or -1)
-            if not generation:
-                self._lost.set()
-                _LOG.error("%s: the lock was taken over by another run", self._path)
-                return
-            self._generation = generation
+        while not self._stop.wait(self._lease_s / 3) and self._renew_once():
+            pass
+
+    def _renew_once(self) -> bool:
+        """Extends the lease on this holder's own generation; False once it is lost."""
+        generation = self._write(self._generation or -1)
+        if not generation:
+            self._lost.set()
+            _LOG.error("%s: the lock was taken over by another run", self._path)
+            return False
+        self._generation = generation
+        return True
 
     def held(self) -> bool:
         return self._generation is not None and not self._lost.is_set()
@@ -304,14 +316,13 @@ class OutputFolder:
         self.run_id = run_id
         self.record = record
         self.force = force
-        self._keep_apart = {CACHE_FOLDER}
+        self._keep_apart = set(KEPT_APART)
         inside = _inside(self.root, cache_dir)
         if inside:
             self._keep_apart.add(inside)
         self._lock = None
         self._previous: Optional[CommittedRun] = None
         self._previous_generation = 0
-        self._foreign: set[str] = set()
         check_output_path(self.root)
 
     @property
@@ -399,10 +410,10 @@ class OutputFolder:
 
     def check(self) -> None:
         """Refuses a folder holding files no run wrote (unless force)."""
-        self._foreign = self._foreign_files()
-        if self._foreign and not self.force:
-            shown = ", ".join(sorted(self._foreign)[:5])
-            more = len(self._foreign) - 5
+        foreign = self._foreign_files()
+        if foreign and not self.force:
+            shown = ", ".join(sorted(foreign)[:5])
+            more = len(foreign) - 5
             raise ConfigurationError(
                 f"--output_dir {self.root} holds files that no codeclm-beam run wrote "
                 f"({shown}{f' and {more} more' if more > 0 else ''}); choose a new or "
@@ -425,12 +436,35 @@ class OutputFolder:
                       if os.path.isdir(path) and not os.path.islink(path) else None)
             if inside is None:
                 found.add(name)
+            elif inside:
+                found.update(f"{name}/{r}" for r in inside)
             else:
-                found.update(f"{name}/{r}" for r in inside) if inside else \
-                    found.add(f"{name}/")
+                found.add(f"{name}/")  # an empty folder
         return found
 
     # -- writing and committing
+
+    def keep_previous_if_fewer(self, record: dict, made: str, count: int,
+                               measure, unit: str, replace_anyway: bool) -> None:
+        """Every command's rule: a run that made less than half of what the current
+        run made (`measure(record)`: pairs delivered, judgements made; nothing at all
+        when every model was unreachable) is not committed unless `replace_anyway`,
+        for that is what an outage midway looks like (a smaller pilot into the same
+        folder is the reason to pass the flag). Its record stays in its own folder,
+        for reading, until the next run. `made` says what this run made."""
+        try:
+            before = int(measure(self.previous_record() or {}) or 0)
+        except (TypeError, ValueError, AttributeError):
+            before = 0
+        if replace_anyway or not before or count >= before / 2:
+            return
+        refusal = (f"the run {made}; the previous run's {before} {unit} in the folder "
+                   "are kept (pass --replace_with_fewer to replace them anyway)")
+        write_whole(self.path(self.record), json.dumps(
+            {**record, "not_committed": refusal}, indent=2, ensure_ascii=False,
+            default=str), "application/json")
+        raise NotCommitted(f"{refusal}; this run's files, {self.record} among them, are "
+                           f"in {self.run_dir} until the next run into this folder")
 
     def write_text(self, relative: str, text: str, mime_type: str = "text/plain") -> str:
         """One file of the run (report, card, table), under a name no run used."""
@@ -501,6 +535,8 @@ class OutputFolder:
                     if name not in current_names and _our_link(link, CURRENT + "/") \
                             and not os.path.exists(link):
                         os.remove(link)  # a name the new run does not have
+                    elif name.startswith(f".{CURRENT}.") and _our_link(link, RUNS + "/"):
+                        os.remove(link)  # a pointer a killed commit left staged
         except OSError as e:
             _LOG.warning("%s: the previous run's files were not all removed (%s); the "
                          "next run removes them", self.root, e.strerror or e)

@@ -6,16 +6,18 @@ which apache-beam[gcp] already brings."""
 from __future__ import annotations
 
 import functools
+import os
 
 
 @functools.lru_cache(maxsize=None)
-def _client():
+def _client(emulator: str | None):
     from google.cloud import storage
     return storage.Client()
 
 
 def bucket(name: str):
-    return _client().bucket(name)
+    # One client a Cloud Storage endpoint (STORAGE_EMULATOR_HOST names a local one).
+    return _client(os.environ.get("STORAGE_EMULATOR_HOST")).bucket(name)
 
 
 def _split(path: str) -> tuple[str, str]:

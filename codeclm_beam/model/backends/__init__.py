@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import logging
 import threading
 from typing import Optional, Union
 

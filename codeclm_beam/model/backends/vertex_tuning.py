@@ -83,6 +83,9 @@ class VertexTuningJobs:
     def create(self, base_model: str, training_uri: str, validation_uri: Optional[str],
                hyper: Hyperparameters, display_name: str,
                labels: dict[str, str]) -> TuningJob:
+        """Creates the job once. tuningJobs.create takes no idempotency key, so an
+        answer lost after the service accepted the job (a connection reset) must not
+        be sent again blind: before each retry the job is looked up by its labels."""
         from google.genai import types
         config = types.CreateTuningJobConfig(
             method=METHODS[hyper.method], tuned_model_display_name=display_name,
@@ -92,9 +95,18 @@ class VertexTuningJobs:
             validation_dataset=(types.TuningValidationDataset(gcs_uri=validation_uri)
                                 if validation_uri else None),
             labels=labels)
-        return _job(self._call(lambda: self._tunings.tune(
-            base_model=base_model, training_dataset=types.TuningDataset(gcs_uri=training_uri),
-            config=config)))
+        sent = []
+
+        def once():
+            if sent:
+                found = self._find(display_name, labels)
+                if found is not None:
+                    return found
+            sent.append(True)
+            return _job(self._tunings.tune(
+                base_model=base_model,
+                training_dataset=types.TuningDataset(gcs_uri=training_uri), config=config))
+        return self._call(once)
 
     def get(self, name: str) -> TuningJob:
         return _job(self._call(lambda: self._tunings.get(name=name)))
@@ -103,18 +115,24 @@ class VertexTuningJobs:
         self._call(lambda: self._tunings.cancel(name=name))
 
     def find(self, display_name: str, labels: dict[str, str]) -> Optional[TuningJob]:
-        """The newest job with this display name and these labels that did not end
-        without a model, or None. The listing is filtered by label at the service
-        and checked here again, whatever the service's filter did."""
-        wanted = " AND ".join(f'labels.{k}="{v}"' for k, v in sorted(labels.items()))
+        """The newest job with this display name and these labels, whatever its state
+        (a failed one is reported, not created again), or None."""
+        return self._call(lambda: self._find(display_name, labels))
 
-        def matching():
-            return [job for job in map(_job, self._tunings.list(
-                config={"filter": wanted, "page_size": 100}))
-                if job.display_name == display_name
+    def _find(self, display_name: str, labels: dict[str, str]) -> Optional[TuningJob]:
+        """The listing is filtered by label at the service and checked here again,
+        whatever the service's filter did; where the service refuses the filter (its
+        documentation promises only "the standard list filter"), it is listed whole."""
+        from google.genai import errors as genai_errors
+        wanted = " AND ".join(f'labels.{k}="{v}"' for k, v in sorted(labels.items()))
+        try:
+            listed = list(self._tunings.list(config={"filter": wanted, "page_size": 100}))
+        except genai_errors.ClientError as refused:
+            if refused.code != 400:
+                raise
+            listed = list(self._tunings.list(config={"page_size": 100}))
+        jobs = [job for job in map(_job, listed) if job.display_name == display_name
                 and all(job.labels.get(k) == v for k, v in labels.items())]
-        jobs = [job for job in self._call(matching)
-                if not job.ended or job.succeeded]
         return max(jobs, key=lambda job: job.created or datetime.datetime.min, default=None)
 
 
