@@ -34,9 +34,9 @@ STAGE_ROLES = {"encode": "strong", "rubrics": "strong", "decode": "strong",
 
 def new_pipeline(options: PipelineOptions) -> beam.Pipeline:
     """A pipeline for these options. Where they name no runner, or the DirectRunner,
-    it runs on Beam's FnApiRunner, set up as the DirectRunner sets it up: that is where
-    the DirectRunner ends for a batch pipeline, after first converting the whole graph
-    for its Prism runner and downloading Prism's binary from GitHub (2.4 s of a local
+    it runs on Beam's FnApiRunner, by its public runner name: that is where the
+    DirectRunner ends for a batch pipeline, after first converting the whole graph for
+    its Prism runner and downloading Prism's binary from GitHub (2.4 s of a local
     run's start-up here, where the download fails; elsewhere, a run on another runner
     than the one tested)."""
     from apache_beam.options.pipeline_options import StandardOptions
@@ -44,14 +44,7 @@ def new_pipeline(options: PipelineOptions) -> beam.Pipeline:
     runner = options.view_as(StandardOptions).runner
     if runner is not None and str(runner).lower() not in ("directrunner", "direct"):
         return beam.Pipeline(options=options)
-    from apache_beam.portability.api import beam_provision_api_pb2
-    from apache_beam.runners.portability.fn_api_runner import fn_runner
-    from apache_beam.runners.portability.portable_runner import JobServiceHandle
-    provision_info = fn_runner.ExtendedProvisionInfo(beam_provision_api_pb2.ProvisionInfo(
-        pipeline_options=JobServiceHandle.encode_pipeline_options(
-            options.get_all_options())))
-    return beam.Pipeline(runner=fn_runner.FnApiRunner(provision_info=provision_info),
-                         options=options)
+    return beam.Pipeline(runner="FnApiRunner", options=options)
 
 
 def run_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
