@@ -66,7 +66,8 @@ from http.server import BaseHTTPRequestHandler
 from http.server import ThreadingHTTPServer
 from typing import Any, Optional
 
-FAULTS = ("status_500", "status_503", "hang", "drop", "malformed", "truncated", "schema")
+FAULTS = ("status_500", "status_503", "hang", "drop", "malformed", "truncated", "schema",
+          "html")
 BATCH_FAULTS = ("fail", "partial", "stuck", "malformed", "schema")
 _BATCH_PATH = re.compile(r"/projects/([^/]+)/locations/([^/]+)/batchPredictionJobs"
                          r"(?:/([^/:]+))?(:cancel)?$")
@@ -499,14 +500,19 @@ class FakeModelServer:
                 "code": 400, "message": str(e), "status": "INVALID_ARGUMENT"}},
                 "invalid_argument")
         data = json.dumps(payload).encode()
-        if fault == "malformed":
+        headers = None
+        if fault == "html":  # a proxy's or captive portal's page, with a 200
+            data = (b"<!DOCTYPE html><html><head><title>Sign in</title></head><body>"
+                    b"Please sign in to continue.</body></html>")
+            headers = {"content-type": "text/html; charset=utf-8"}
+        elif fault == "malformed":
             data = b"{this is not json" + data[:20]
         elif fault == "truncated":
             data = data[:len(data) // 2]
         elif fault is None:
             with self._lock:
                 self.usage.update(usage)
-        self._send_bytes(handler, 200, data, fault or "ok",
+        self._send_bytes(handler, 200, data, fault or "ok", headers=headers,
                          latency=time.monotonic() - started, key=request_key,
                          model=request["model"], max_tokens=request.get("max_tokens"),
                          thinking=request.get("thinking",
@@ -668,9 +674,9 @@ class FakeModelServer:
                      **request_facts)
         try:
             handler.send_response(status)
-            handler.send_header("content-type", "application/json")
+            headers = {"content-type": "application/json", **(headers or {})}
             handler.send_header("content-length", str(len(data)))
-            for key, value in (headers or {}).items():
+            for key, value in headers.items():
                 handler.send_header(key, value)
             handler.end_headers()
             handler.wfile.write(data)

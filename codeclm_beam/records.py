@@ -16,7 +16,12 @@ from typing import Any, Iterable, Optional
 
 def invalid_text_reason(text: str) -> Optional[str]:
     """Why `text` cannot be written as UTF-8 (a lone surrogate, which JSON's "\\ud800"
-    escapes let through), or None. Records carry only text that can be written."""
+    escapes let through) or holds a NUL (which C-string tools and trainers cut at), or
+    None. One rule for text on both sides: seeds and benchmark rows are refused with
+    it, model answers asked again and then dead letters."""
+    nul = text.find("\x00")
+    if nul != -1:
+        return f"not valid text: a NUL character (U+0000) at character {nul}"
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:

@@ -11,6 +11,7 @@ shapes the providers use.
 from __future__ import annotations
 
 import base64
+import functools
 import os
 import re
 import threading
@@ -62,6 +63,7 @@ def register_url_secrets(url: Optional[str]) -> None:
         found += [userinfo, password, urllib.parse.unquote(password),
                   base64.b64encode(urllib.parse.unquote(userinfo).encode()).decode()]
     query = url.partition("?")[2].partition("#")[0]
+    # Decoded: `redact` matches every encoding of a secret (see `_any_encoding`).
     found += [v for k, v in urllib.parse.parse_qsl(query) if _is_credential_param(k)]
     with _URL_SECRETS_LOCK:
         _URL_SECRETS.update(s for s in found if s and len(s) >= 4)
@@ -76,7 +78,7 @@ def redact(text: str, extra_secrets: tuple[str, ...] = ()) -> str:
                + list(extra_secrets) + url_secrets)
     for secret in secrets:
         if secret and len(secret) >= 4:
-            text = text.replace(secret, REDACTED)
+            text = _any_encoding(secret).sub(REDACTED, text)
     text = _URL.sub(lambda m: public_url(m.group(0)), text)
     for pattern in _PATTERNS:
         if pattern.groups:
@@ -84,6 +86,22 @@ def redact(text: str, extra_secrets: tuple[str, ...] = ()) -> str:
         else:
             text = pattern.sub(REDACTED, text)
     return text
+
+
+@functools.lru_cache(maxsize=256)
+def _any_encoding(secret: str) -> re.Pattern:
+    """The secret as it may appear once a server or a library has quoted it: each
+    character as itself or percent-encoded (upper or lower hex, one UTF-8 byte at a
+    time), a space also as '+', in any mixture ("AbC+dEf%2FGhI%3d..." as echoed by a
+    server that quotes only some characters)."""
+    parts = []
+    for char in secret:
+        forms = ["".join(f"%(?i:{b:02x})" for b in char.encode("utf-8"))]
+        forms.append(re.escape(char))
+        if char == " ":
+            forms.append(r"\+")
+        parts.append("(?:" + "|".join(forms) + ")")
+    return re.compile("".join(parts))
 
 
 # How much of an error message or a failed answer a dead letter keeps: enough to see

@@ -84,8 +84,11 @@ def iter_rows(path: str, handle) -> Iterator[tuple[str, Any]]:
 
 
 def jsonl_rows(path: str, handle) -> Iterator[tuple[str, Any]]:
-    """(source, row or RowError) per non-blank line of a JSON Lines file."""
-    for number, raw in enumerate(handle, start=1):
+    """(source, row or RowError) per non-blank line of a JSON Lines file. `handle`
+    may be Beam's CompressedFile (a .gz or .bz2 file opened by FileSystems), which
+    reads lines but is not iterable."""
+    lines = handle if hasattr(handle, "__iter__") else iter(handle.readline, b"")
+    for number, raw in enumerate(lines, start=1):
         source = f"{path}:{number}"
         if not raw.strip():
             continue

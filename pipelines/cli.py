@@ -251,6 +251,10 @@ def evaluate(argv: list[str]) -> int:
         print(_launch_summary(summary))
         return 0
     print(markdown_table(summary))
+    if summary.get("duplicates_dropped"):
+        print(f"codeclm-beam evaluate: {summary['duplicates_dropped']} benchmark rows "
+              "repeat a question of their benchmark (same text, whitespace and case "
+              "aside): each question was judged once", file=sys.stderr)
     limit = summary["settings"]["max_failed_share"]
     over = {model: share for model, share in failed_shares(summary).items()
             if share > limit}

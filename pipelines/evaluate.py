@@ -245,7 +245,8 @@ def projected_calls(candidates: int, counters: RunCounters) -> int:
     """The calls this run makes, for the progress display's ETA: per item read, one
     reference answer, and per candidate an answer and two judgements."""
     items = (counters.flow(metrics.rows_read(READ_STAGE))
-             - counters.dead_letter(READ_STAGE))
+             - counters.dead_letter(READ_STAGE)
+             - counters.flow(metrics.duplicates(READ_STAGE)))
     return items * (1 + 3 * candidates)
 
 
@@ -294,6 +295,8 @@ def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = N
             "model_calls": counters.model_calls(),
             "billing": plan.billing,
             "dead_letters_by_stage": counters.dead_letters(),
+            # Repeated questions of a benchmark, judged once each.
+            "duplicates_dropped": counters.flow(metrics.duplicates(READ_STAGE)),
         })
         summary["cost"] = manifest_lib.estimated_cost(summary)
         summary["judged"] = sum(1 for j in judgements if j.get("outcome") != FAILED)

@@ -25,6 +25,16 @@ STRONG_PREFIX = "STRONG ANSWER:"
 TARGET_PREFIX = "TARGET ANSWER:"
 
 
+def _with_nul(data):
+    if isinstance(data, str):
+        return data + "\x00"
+    if isinstance(data, list):
+        return [_with_nul(v) for v in data]
+    if isinstance(data, dict):
+        return {k: _with_nul(v) for k, v in data.items()}
+    return data
+
+
 def write_scenario(path, **scenario) -> str:
     with open(path, "w") as f:
         json.dump(scenario, f)
@@ -87,6 +97,10 @@ class ScriptedBackend(Backend):
         text = data if isinstance(data, str) else json.dumps(data)
         if self.scenario.get("surrogate_when") and self.scenario["surrogate_when"] in user:
             text = text + " \ud800"  # a lone surrogate, as a broken server may send
+        if self.scenario.get("nul_when") and self.scenario["nul_when"] in user:
+            # NUL in free text, and escaped inside a JSON answer's strings.
+            text = (text + "\x00" if isinstance(data, str)
+                    else json.dumps(_with_nul(data)))
         return RawAnswer(text, "STOP", Usage(prompt_tokens=len(user) // 4 + 1,
                                              completion_tokens=len(text) // 4 + 1))
 

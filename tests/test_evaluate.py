@@ -107,3 +107,25 @@ def test_crr_per_benchmark_and_candidate(tmp_path):
         in table
     saved = json.loads((out / "summary.json").read_text())
     assert saved["models"]["candidates"] == [candidate, twin]
+
+
+def test_a_repeated_benchmark_question_is_judged_once_and_counted(tmp_path, capsys):
+    from codeclm_beam.pipelines.cli import main
+    from tests.scripted_backend import read_calls
+    bench = tmp_path / "koala.jsonl"
+    rows = [{"id": "a", "prompt": "[WIN] Name a prime."},
+            {"id": "b", "prompt": "[WIN]  name a PRIME."},  # the same question
+            {"id": "c", "prompt": "[LOSS] Compute 2 + 2."}]
+    bench.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    calls = str(tmp_path / "calls")
+    assert main(["evaluate", "--benchmark", str(bench), "--output_dir",
+                 str(tmp_path / "out"), "--bootstrap_samples", "10",
+                 "--strong_model", write_scenario(tmp_path / "s.json", role="strong",
+                                                  judge="by_instruction", log_dir=calls),
+                 "--candidate_model", write_scenario(tmp_path / "t.json", role="target",
+                                                     judge="by_instruction",
+                                                     log_dir=calls)]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["duplicates_dropped"] == 1 and summary["judged"] == 2
+    assert sum(1 for c in read_calls(calls) if c["kind"] == "judge") == 4  # 2 items x 2
+    assert "1 benchmark rows repeat a question" in capsys.readouterr().err

@@ -162,6 +162,26 @@ def test_lone_surrogates_are_dead_letters_never_crashes(tmp_path):
         assert manifest["accounting"]["balanced"]
 
 
+def test_nul_is_one_rule_for_seeds_and_answers(tmp_path):
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text("".join(json.dumps({"instruction": text}) + "\n" for text in (
+        "a NUL \u0000 here", "poem about rain", "python sorting question",
+        "email to a colleague")))
+    # The strong model puts NUL in every answer about poems (free text and JSON).
+    models = scripted_models(tmp_path, "strong_wins", {"strong": {"nul_when": "poem"}})
+    out = tmp_path / "out"
+    assert cli_main(["generate", *generate_args(
+        tmp_path, models, str(seeds), out, "--num_metadata", "3", "--num_examples", "3",
+        "--export_format", "openai")]) == 0
+    dead = read_jsonl(out, "dead_letter")
+    assert {(d["stage"], d["reason"]) for d in dead if "NUL" in d["message"]} >= {
+        ("read_seeds", "bad_input"), ("encode", "schema")}
+    written = "".join(p.read_text() for p in out.joinpath("current").resolve().rglob(
+        "*.jsonl") if "dead_letter" not in str(p))
+    assert "\\u0000" not in written and "\x00" not in written
+    assert json.loads((out / "manifest.json").read_text())["accounting"]["balanced"]
+
+
 def test_evaluate_reads_like_generate(tmp_path, capsys):
     bench = tmp_path / "evol.jsonl"
     bench.write_text("\n".join(json.dumps(row) for row in (

@@ -125,3 +125,14 @@ def test_read_metadata_for_scenario_two(tmp_path):
                     label="metadata")
         assert_that(dead_letters.output() | beam.combiners.Count.Globally(), equal_to([2]),
                     label="dead")
+
+
+def test_compressed_seed_files_are_read_as_the_plain_ones(tmp_path):
+    import bz2
+    import gzip
+    lines = b'{"instruction": "Write a haiku about rivers."}\n{"prompt": "Plan a trip."}\n'
+    (tmp_path / "seeds.jsonl.gz").write_bytes(gzip.compress(lines))
+    (tmp_path / "seeds.jsonl.bz2").write_bytes(bz2.compress(lines))
+    for name in ("seeds.jsonl.gz", "seeds.jsonl.bz2"):
+        read(str(tmp_path / name), ["Write a haiku about rivers.", "Plan a trip."],
+             no_dead_letters)

@@ -115,3 +115,107 @@ def test_gemini_developer_api_sends_the_key_and_never_shows_it(monkeypatch, capl
     assert server.requests[0]["headers"]["x-goog-api-key"] == GEMINI_SECRET
     assert isinstance(bad, ModelFailure) and "403" in bad.message
     assert GEMINI_SECRET not in repr(bad) and GEMINI_SECRET not in caplog.text
+
+
+def test_a_registered_secret_is_redacted_in_every_encoding():
+    import itertools
+    import urllib.parse
+
+    from codeclm_beam.redact import REDACTED
+    from codeclm_beam.redact import redact
+    from codeclm_beam.redact import register_url_secrets
+    secret = "Ab+d/Gh=jK 01é"
+    register_url_secrets("http://h/v1?key=" + urllib.parse.quote(secret, safe=""))
+
+    def forms(char):
+        encoded = "".join(f"%{b:02X}" for b in char.encode())
+        found = {char, encoded, encoded.lower()}
+        return found | {"+"} if char == " " else found
+    # Every mixture of the characters that quoting changes, plus the usual whole forms.
+    special = [i for i, c in enumerate(secret) if urllib.parse.quote(c, safe="") != c]
+    echoed = {urllib.parse.quote(secret), urllib.parse.quote_plus(secret),
+              urllib.parse.quote(secret, safe="")}
+    for choice in itertools.product(*(sorted(forms(secret[i])) for i in special)):
+        chars = list(secret)
+        for index, form in zip(special, choice):
+            chars[index] = form
+        echoed.add("".join(chars))
+    assert len(echoed) > 100
+    for text in echoed:
+        assert redact(f"400 for /v1/chat/completions?key={text} (bad)") == \
+            f"400 for /v1/chat/completions?key={REDACTED} (bad)", text
+
+
+def test_a_200_with_an_html_page_is_a_transient_error_saying_what_came_back(caplog):
+    from benchmarks.fake_model_server import FakeModelServer
+    from benchmarks.fake_model_server import ServerConfig
+    with FakeModelServer(ServerConfig(fault_rate=1.0, faults=("html",))) as server:
+        client = ModelClient(ModelConfig(uri=f"openai:m@{server.base_url}/v1",
+                                         max_retries=1, initial_backoff_s=0.01))
+        result = client.call(request("hello", {"type": "object"}))
+    assert isinstance(result, ModelFailure) and result.reason == "transient"
+    assert result.attempts == 2  # retried as any transient fault is
+    assert "200 with text/html" in result.message and "<!DOCTYPE html>" in result.message
+    assert "Traceback" not in caplog.text and "has no attribute" not in result.message
+
+
+class _Trickle:
+    """A server that answers 200 and then sends its (valid) body 16 bytes every
+    0.3 s: each read well within any read timeout, the whole over 15 s."""
+
+    def __init__(self):
+        import http.server
+        import json
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("content-length") or 0))
+                if self.path.endswith("/chat/completions"):
+                    body = {"id": "x", "object": "chat.completion", "created": 0,
+                            "model": "m", "choices": [{"index": 0, "finish_reason": "stop",
+                            "message": {"role": "assistant", "content": "ok " * 200}}],
+                            "usage": {"prompt_tokens": 1, "completion_tokens": 200}}
+                else:  # Vertex AI's generateContent
+                    body = {"candidates": [{"content": {"role": "model", "parts": [
+                        {"text": "ok " * 200}]}, "finishReason": "STOP"}],
+                        "usageMetadata": {"promptTokenCount": 1,
+                                          "candidatesTokenCount": 200}}
+                data = json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                try:
+                    for start in range(0, len(data), 16):
+                        self.wfile.write(data[start:start + 16])
+                        self.wfile.flush()
+                        time.sleep(0.3)
+                except OSError:
+                    pass  # the client gave up: what the test wants
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.mark.parametrize("uri", ["openai:m@{url}/v1", "vertex:gemini-2.5-flash-lite"])
+def test_request_timeout_bounds_the_whole_request_not_each_read(uri, monkeypatch):
+    monkeypatch.setenv("CODECLM_VERTEX_ACCESS_TOKEN", "fake-token-for-loopback")
+    trickle = _Trickle()
+    try:
+        config = ModelConfig(uri=uri.format(url=trickle.url), request_timeout_s=2.0,
+                             max_retries=0, project="p", location="us-central1",
+                             base_url=None if uri.startswith("openai") else trickle.url)
+        started = time.monotonic()
+        result = ModelClient(config).call(request("hello"))
+        elapsed = time.monotonic() - started
+    finally:
+        trickle.server.shutdown()
+    assert isinstance(result, ModelFailure) and result.reason == "transient"
+    assert "within 2 s" in result.message, result.message
+    assert elapsed < 8  # the body alone takes over 15 s to arrive

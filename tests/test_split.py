@@ -61,3 +61,18 @@ def test_evaluate_refuses_the_seed_part_unless_told(tmp_path, capsys):
     held = run_evaluate(argv + ["--benchmark",
                                 str(tmp_path / "split" / "vicuna.eval.jsonl")])
     assert held["candidates"][0]["overall"]["win"] == 8
+
+
+def test_two_halves_of_different_splits_are_refused_never_paired(tmp_path):
+    from codeclm_beam.model.errors import ConfigurationError
+    from codeclm_beam.pipelines.commands.split import held_out_of
+    path = write_vicuna(tmp_path / "vicuna.jsonl", {"math": 10, "coding": 10})
+    first = split_file(str(path), str(tmp_path / "split"), 0.2, seed=3)
+    assert held_out_of(first["files"]["seeds"]) == first["files"]["eval"]
+    eval_before = (tmp_path / "split" / "vicuna.eval.jsonl").read_bytes()
+    # A second split into the folder, killed between its two files: new seeds, old eval.
+    split_file(str(path), str(tmp_path / "split"), 0.3, seed=4)
+    (tmp_path / "split" / "vicuna.eval.jsonl").write_bytes(eval_before)
+    with pytest.raises(ConfigurationError, match="two different splits"):
+        held_out_of(first["files"]["seeds"])
+    assert not list((tmp_path / "split").glob("*.tmp"))  # each file written whole

@@ -345,3 +345,24 @@ def test_a_tuned_endpoint_uri_is_its_own_model_priced_as_its_base():
                   "vertex:@projects/p/locations/l/endpoints/1"):
         with pytest.raises(ConfigurationError, match="endpoints/E"):
             ModelSpec.parse(wrong)
+
+
+def test_a_tuned_flash_endpoint_gets_room_to_think_as_its_base(cloud, tmp_path):
+    run = a_run(tmp_path, target="vertex:gemini-2.5-flash")
+    with FakeModelServer(ServerConfig()) as server:
+        assert tune(server, run) == 0
+        record = read_json(os.path.join(run, "tuning", "job.json"))
+        answers = {}
+        for name, uri in (("base", "vertex:gemini-2.5-flash"),
+                          ("tuned", record["model_uri"])):
+            client = ModelClient(ModelConfig(uri=uri, base_url=server.base_url))
+            answers[name] = [client.call(ModelRequest.create(
+                f"q{i}", [ChatMessage("user", f"Explain topic {i} in detail.")],
+                GenerationSettings(seed=i))) for i in range(4)]
+        sent = {e["model"].split("/")[0]: e["max_tokens"] for e in server.log
+                if e["outcome"] == "ok"}
+    # The default visible budget (1,024) plus the base model's room for thought.
+    assert sent["tuned"] == sent["gemini-2.5-flash"] > 1024
+    for answer in answers["tuned"]:
+        assert isinstance(answer, ModelResponse) and answer.finish_reason == "STOP"
+        assert answer.usage.thoughts_tokens > 0  # it thought, as its base does

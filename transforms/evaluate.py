@@ -26,6 +26,7 @@ from codeclm_beam.stage import CallModel
 from codeclm_beam.stage import DeadLettering
 from codeclm_beam.transforms.read_rows import MakeRecord
 from codeclm_beam.transforms.read_rows import ParseRows
+from codeclm_beam.transforms.read_seeds import KeepFirstCountRest
 from codeclm_beam.transforms.judge import AnswerInstruction
 from codeclm_beam.transforms.judge import Contest
 from codeclm_beam.transforms.judge import Judge
@@ -192,7 +193,13 @@ class ReadBenchmarks(DeadLettering):
                       READ_STAGE, self._files.items_of, jsonl_rows)
                   ).with_outputs(DEAD_LETTER, main="main"))
         self.dead_letters(parsed[DEAD_LETTER])
-        return parsed.main
+        # A question twice in one benchmark is judged once (and counted), as `split`
+        # and `generate` treat a repeated seed: twice would weigh it double in CRR.
+        return (parsed.main
+                | "KeyByQuestion" >> beam.Map(lambda item: (
+                    (item.benchmark, " ".join(item.instruction.split()).casefold()), item))
+                | "GroupRepeats" >> beam.GroupByKey()
+                | "JudgeOnce" >> beam.ParDo(KeepFirstCountRest(READ_STAGE)))
 
 
 @dataclasses.dataclass(frozen=True)

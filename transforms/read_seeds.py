@@ -40,8 +40,6 @@ def make_seed(source: str, row: Any, instruction_field: Optional[str],
     if len(text) > max_chars:
         raise RowError(f"instruction has {len(text)} characters, over the limit of "
                        f"{max_chars} (--max_seed_chars)")
-    if "\x00" in text:
-        raise RowError("instruction contains NUL characters")
     invalid = invalid_text_reason(text)
     if invalid:
         raise RowError(f"instruction is {invalid}")
@@ -54,7 +52,10 @@ def _row_order(record) -> tuple:
     return (path, int(number) if number.isdigit() else 0, repr(record))
 
 
-class _KeepFirstCountRest(beam.DoFn):
+class KeepFirstCountRest(beam.DoFn):
+    """(key, records) -> the first record in file order; the rest counted as the
+    stage's duplicates."""
+
     def __init__(self, stage: str):
         self._duplicates = metrics.flow_counter(metrics.duplicates(stage))
 
@@ -76,7 +77,7 @@ def _read(reader: DeadLettering, pcoll, file_pattern: str, stage: str, make, key
     unique = (parsed.main
               | "KeyByContent" >> beam.Map(lambda r: (key(r), r))
               | "GroupDuplicates" >> beam.GroupByKey()
-              | "DropDuplicates" >> beam.ParDo(_KeepFirstCountRest(stage)))
+              | "DropDuplicates" >> beam.ParDo(KeepFirstCountRest(stage)))
     reader.dead_letters(parsed[DEAD_LETTER])
     return unique
 

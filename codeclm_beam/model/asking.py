@@ -70,6 +70,11 @@ class AnswerValidator:
             data = None
         else:
             data = self._schema_data(request, text, finish_reason)
+            # "\u0000" or "\ud800" in a JSON string: valid JSON, text no record may
+            # carry.
+            invalid = next(filter(None, map(invalid_text_reason, _strings(data))), None)
+            if invalid:
+                raise SchemaMismatch(f"answer's JSON holds {invalid}", text)
         if self._check is not None:
             problem = self._check(text if data is None else data)
             if problem:
@@ -234,3 +239,16 @@ class Asking:
             f"{raw.usage.thoughts_tokens} "
             "thought tokens): raise the stage's output budget or lower its thinking",
             raw.text, raw.finish_reason)
+
+
+def _strings(data: Any):
+    """Every string in parsed JSON, keys included."""
+    if isinstance(data, str):
+        yield data
+    elif isinstance(data, dict):
+        for key, value in data.items():
+            yield key
+            yield from _strings(value)
+    elif isinstance(data, list):
+        for value in data:
+            yield from _strings(value)

@@ -1,15 +1,22 @@
 """`codeclm-beam split`: a benchmark file into a seed part and an evaluation part
 (default 20/80, seeded, stratified by category where the layout has one), as the paper
-did. Rows of the seed part are marked, and `evaluate` refuses them unless told to."""
+did. Rows of the seed part are marked, and `evaluate` refuses them unless told to.
+
+The two files are written one after the other, each whole (a temporary name, then a
+rename; one object upload on gs://); every row carries the split's id, so a reader
+that pairs them (`held_out_of`) refuses two halves of different splits, as a kill
+between the two writes into a folder an earlier split wrote would leave."""
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import random
 from typing import Optional
 
 from apache_beam.io.filesystems import FileSystems
 
+from codeclm_beam.model.errors import ConfigurationError
 from codeclm_beam.pipelines.run.outputs import write_text
 from codeclm_beam.transforms.evaluate import SPLIT_MARKER
 from codeclm_beam.transforms.evaluate import benchmark_name
@@ -20,6 +27,8 @@ from codeclm_beam.pipelines.run.args import SuggestingParser
 
 # The two parts' file names, after the benchmark's.
 SEEDS_SUFFIX, EVAL_SUFFIX = ".seeds.jsonl", ".eval.jsonl"
+# Which split a row came from: the same in both halves of one split.
+SPLIT_ID = "codeclm_split_id"
 
 
 def split_rows(rows: list[dict], category_field: Optional[str], seed_fraction: float,
@@ -60,6 +69,11 @@ def split_file(path: str, output_dir: str, seed_fraction: float = 0.2, seed: int
             rows.append(row)
     same = [" ".join(str(layout.instruction(r) or "").split()).casefold() for r in rows]
     seeds, held_out = split_rows(rows, layout.category_field, seed_fraction, seed, same)
+    split_id = hashlib.sha256(json.dumps(
+        [rows, seed_fraction, seed, instruction_field], sort_keys=True,
+        default=str).encode()).hexdigest()[:12]
+    seeds, held_out = ([dict(row, **{SPLIT_ID: split_id}) for row in part]
+                       for part in (seeds, held_out))
     name = benchmark_name(path)
     outputs = {"seeds": FileSystems.join(output_dir, name + SEEDS_SUFFIX),
                "eval": FileSystems.join(output_dir, name + EVAL_SUFFIX)}
@@ -74,20 +88,31 @@ def split_file(path: str, output_dir: str, seed_fraction: float = 0.2, seed: int
 
 def held_out_of(seeds: str) -> Optional[str]:
     """The held-out half `split` wrote beside a seed file it wrote, or None (the seeds
-    are not a split's, or the other half is not there)."""
+    are not a split's, or the other half is not there). Two halves of different
+    splits are refused."""
     if not seeds.endswith(SEEDS_SUFFIX) or any(c in seeds for c in "*?["):
         return None
     held_out = seeds[:-len(SEEDS_SUFFIX)] + EVAL_SUFFIX
     try:
         if not FileSystems.exists(held_out):
             return None
-        with FileSystems.open(seeds) as handle:
-            for _, row in jsonl_rows(seeds, handle):
-                marked = isinstance(row, dict) and row.get(SPLIT_MARKER) == "seeds"
-                return held_out if marked else None
+        first = {path: _first_row(path) for path in (seeds, held_out)}
     except Exception:  # unreadable seeds fail where they are read, with the reason
         return None
-    return None
+    if first[seeds].get(SPLIT_MARKER) != "seeds":
+        return None
+    if first[seeds].get(SPLIT_ID) != first[held_out].get(SPLIT_ID):
+        raise ConfigurationError(
+            f"{seeds} and {held_out} come from two different splits (one was cut short "
+            "between its two files): run `codeclm-beam split` again")
+    return held_out
+
+
+def _first_row(path: str) -> dict:
+    with FileSystems.open(path) as handle:
+        for _, row in jsonl_rows(path, handle):
+            return row if isinstance(row, dict) else {}
+    return {}
 
 
 def split_command(argv: list[str]) -> int:

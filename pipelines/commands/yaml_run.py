@@ -8,8 +8,8 @@ import sys
 
 import apache_beam as beam
 
-import codeclm_beam.stage  # noqa: F401  (before Beam YAML: it filters Beam's noise)
 from codeclm_beam.metrics import RunCounters
+from codeclm_beam.model.errors import ConfigurationError
 from codeclm_beam.pipelines.run.args import SuggestingParser
 from codeclm_beam.pipelines.run.progress import progress_for
 
@@ -28,7 +28,12 @@ def summary(counters: RunCounters) -> str:
 
 
 def yaml_command(argv: list[str]) -> int:
-    from apache_beam.yaml.main import build_pipeline_components_from_argv
+    try:
+        from apache_beam.yaml.main import build_pipeline_components_from_argv
+    except ImportError as missing:  # Beam YAML's own needs (pandas, jinja2...)
+        raise ConfigurationError(
+            f"Beam YAML cannot load ({missing}): pip install 'codeclm-beam[yaml]' "
+            "(make test installs it; make demo does not)") from None
     parser = SuggestingParser(
         prog="codeclm-beam yaml",
         description="Run a Beam YAML pipeline of codeclm stages with live progress. "

@@ -13,6 +13,7 @@ import os
 from codeclm_beam.model.backends import Backend
 from codeclm_beam.model.backends import ModelUnusable
 from codeclm_beam.model.backends import RawAnswer
+from codeclm_beam.model.backends.deadline import deadline_transport
 from codeclm_beam.model.backends.google_errors import translate_error
 from codeclm_beam.model.config import FLEX
 from codeclm_beam.model.config import FLEX_TIMEOUT_S
@@ -33,12 +34,16 @@ class GoogleGenAIBackend(Backend):
 
         self._types = types
         self._backend = config.spec.backend
-        # A tuned model is called at its endpoint, in the endpoint's location.
+        # A tuned model is called at its endpoint, in the endpoint's location, and
+        # thinks (so needs room for thought) as its base model, named before the @.
         self._model = config.spec.endpoint or config.spec.model
+        self._thinks_as = config.spec.model
         flex = config.billing_mode == FLEX
+        timeout_s = (max(config.request_timeout_s, FLEX_TIMEOUT_S) if flex
+                     else config.request_timeout_s)
         http_options = types.HttpOptions(
-            timeout=int((max(config.request_timeout_s, FLEX_TIMEOUT_S) if flex
-                         else config.request_timeout_s) * 1000),
+            timeout=int(timeout_s * 1000),
+            client_args={"transport": deadline_transport(timeout_s)},
             base_url=config.base_url or None,
             # Flex PayGo: the same request, served from shared capacity at half price.
             headers={FLEX_HEADER: "flex"} if flex else None)
@@ -109,7 +114,7 @@ class GoogleGenAIBackend(Backend):
             temperature=settings.temperature,
             # Thought tokens count against this limit: leave them room.
             max_output_tokens=output_token_limit(
-                self._backend, self._model, settings.max_output_tokens, thinking),
+                self._backend, self._thinks_as, settings.max_output_tokens, thinking),
             thinking_config=thinking_config,
             seed=settings.seed,
             response_mime_type="application/json" if schema else None,

@@ -17,6 +17,7 @@ import urllib.parse
 from codeclm_beam.model.backends import Backend
 from codeclm_beam.model.backends import ModelUnusable
 from codeclm_beam.model.backends import RawAnswer
+from codeclm_beam.model.backends.deadline import deadline_transport
 from codeclm_beam.model.config import ModelConfig
 from codeclm_beam.model.errors import TransientModelError
 from codeclm_beam.model.errors import classify_http_status
@@ -24,6 +25,7 @@ from codeclm_beam.model.errors import parse_retry_after
 from codeclm_beam.model.thinking import output_token_limit
 from codeclm_beam.model.types import ModelRequest
 from codeclm_beam.model.types import Usage
+from codeclm_beam.redact import excerpt
 
 
 def client_url(base_url: str) -> tuple[str, dict[str, str]]:
@@ -59,7 +61,9 @@ class OpenAICompatibleBackend(Backend):
             # Local servers need no key, but the client insists on one.
             api_key=os.environ.get("OPENAI_API_KEY") or "not-needed",
             max_retries=0,
-            timeout=config.request_timeout_s)
+            timeout=config.request_timeout_s,
+            http_client=openai.DefaultHttpxClient(transport=deadline_transport(
+                config.request_timeout_s, _httpx_of(openai))))
 
     def _response_format(self, schema: dict) -> dict:
         if self._schema_dialect == "json_schema":
@@ -82,7 +86,9 @@ class OpenAICompatibleBackend(Backend):
                 e.status_code, f"{e.status_code}: {e.message}",
                 parse_retry_after(e.response.headers.get("retry-after"))) from e
         except Exception as e:  # timeouts, dropped connections, unreadable bodies
-            raise TransientModelError(f"{type(e).__name__}: {e}") from e
+            cause = f" ({e.__cause__})" if e.__cause__ and str(e.__cause__) else ""
+            raise TransientModelError(f"{type(e).__name__}: {e}{cause}") from e
+        response = _json_body(response)
         choices = response.get("choices") or []
         if not choices:
             raise TransientModelError("the server returned no choices")
@@ -151,7 +157,7 @@ class OpenAICompatibleBackend(Backend):
                 and error.status_code in (400, 422, 500)
                 and "response_format" in error.response.text)
 
-    def _send(self, request: ModelRequest, schema) -> dict:
+    def _send(self, request: ModelRequest, schema) -> "httpx.Response":
         settings = request.settings
         body = {"model": self._model,
                 "messages": [{"role": m.role, "content": m.content}
@@ -171,4 +177,29 @@ class OpenAICompatibleBackend(Backend):
         # body through its typed signature and of the answer into pydantic models: a
         # third of the CPU a call cost, and the client's CPU is what caps requests in
         # flight under one interpreter lock (docs/performance.md).
-        return self._client.post("/chat/completions", body=body, cast_to=dict)
+        import httpx  # the openai client's own transport, imported with it
+        return self._client.post("/chat/completions", body=body, cast_to=httpx.Response)
+
+
+def _json_body(response: "httpx.Response") -> dict:
+    """The answer's JSON object, or a transient error saying what came back instead
+    (a proxy's or captive portal's HTML page with a 200, a cut body): its content type
+    and first characters, redacted."""
+    kind = response.headers.get("content-type", "?")
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        return body
+    raise TransientModelError(
+        f"the server answered {response.status_code} with {kind}, not a JSON object: "
+        f"{excerpt(response.text[:200])!r}")
+
+
+def _httpx_of(openai) -> str:
+    """The httpx the openai client is built on (its own fork, httpx2, in 3.x)."""
+    for cls in openai.DefaultHttpxClient.__mro__[1:]:
+        if cls.__name__ == "Client":
+            return cls.__module__.split(".")[0]
+    return "httpx"

@@ -1,0 +1,63 @@
+"""A deadline on a whole HTTP request, for the backends that speak HTTP through httpx
+(OpenAI-compatible servers, google-genai).
+
+httpx's timeouts bound each connect, write and read, not the request: a server that
+trickles its answer a few bytes at a time, each within the read timeout, holds the
+request (and a concurrency slot) for as long as it likes. This transport fails it once
+`--request_timeout` has passed since it was sent, between two chunks of its body, so a
+request ends within that timeout plus one read timeout at the most. It wraps httpx's
+own transport rather than a thread that abandons the call: the connection is closed,
+and the slot is free.
+
+Built for the httpx a client library uses: google-genai uses `httpx`, the openai client
+its own fork, `httpx2`, whose requests `httpx`'s transport refuses."""
+from __future__ import annotations
+
+import functools
+import importlib
+import time
+
+
+def deadline_transport(seconds: float, httpx_module: str = "httpx"):
+    """A transport of `httpx_module` (`httpx` or `httpx2`) with a deadline of
+    `seconds` on each whole request."""
+    return _classes(httpx_module)(seconds)
+
+
+@functools.lru_cache(maxsize=None)
+def _classes(httpx_module: str):
+    httpx = importlib.import_module(httpx_module)
+
+    class BodyBefore(httpx.SyncByteStream):
+        def __init__(self, inner, deadline: float, seconds: float, request):
+            self._inner, self._deadline = inner, deadline
+            self._seconds, self._request = seconds, request
+
+        def __iter__(self):
+            for chunk in self._inner:
+                if time.monotonic() > self._deadline:
+                    raise httpx.ReadTimeout(
+                        f"no whole answer within {self._seconds:g} s "
+                        "(--request_timeout); the server was still sending",
+                        request=self._request)
+                yield chunk
+
+        def close(self) -> None:
+            self._inner.close()
+
+    class DeadlineTransport(httpx.BaseTransport):
+        def __init__(self, seconds: float):
+            self._seconds = seconds
+            self._inner = httpx.HTTPTransport()
+
+        def handle_request(self, request):
+            deadline = time.monotonic() + self._seconds
+            response = self._inner.handle_request(request)
+            response.stream = BodyBefore(response.stream, deadline, self._seconds,
+                                         request)
+            return response
+
+        def close(self) -> None:
+            self._inner.close()
+
+    return DeadlineTransport
