@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import uuid
 from typing import Optional
 
@@ -30,6 +31,32 @@ def _vertex_modes(text: str) -> str:
     except ValueError as bad:
         raise argparse.ArgumentTypeError(str(bad)) from None
     return text
+
+
+def bounded(kind: type, low: Optional[float] = None, high: Optional[float] = None,
+            above: bool = False):
+    """An argparse `type` for a number within bounds (`low` excluded where `above`):
+    a value out of them stops the command at parsing, with one line and exit 2,
+    before anything is read, written or asked of a model."""
+    def parse(text: str):
+        value = kind(text)
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text}: not a finite number")
+        if low is not None and (value < low or (above and value == low)):
+            raise argparse.ArgumentTypeError(
+                f"{text}: must be {'over' if above else 'at least'} {low:g}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{text}: must be at most {high:g}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in "invalid int value"
+    return parse
+
+
+COUNT = bounded(int, 1)           # a number of things: 1 or more
+RETRIES = bounded(int, 0)         # 0 or more
+SHARE = bounded(float, 0, 1)      # a share, 0 to 1
+TEMPERATURE = bounded(float, 0, 2)
+POSITIVE = bounded(float, 0, above=True)
 
 
 class ModelOptions(PipelineOptions):
@@ -81,15 +108,15 @@ class ModelOptions(PipelineOptions):
                            help="What becomes of requests a timed-out batch job did not "
                                 "answer: none (dead letters, reason timeout) or online "
                                 "(sent online, billed at the online price).")
-        group.add_argument("--batch_max_requests", type=int, default=200_000,
+        group.add_argument("--batch_max_requests", type=COUNT, default=200_000,
                            help="Requests per batch job (Vertex AI takes up to 200,000 "
                                 "and 1 GB a job).")
-        group.add_argument("--batch_poll_seconds", type=float, default=300.0,
+        group.add_argument("--batch_poll_seconds", type=POSITIVE, default=300.0,
                            help="Longest wait between two looks at a running batch job "
                                 "(the waits grow from a tenth of it).")
         group.add_argument("--model_base_url", default=None,
                            help="Endpoint override for vertex:/gemini: models (proxies).")
-        group.add_argument("--max_concurrency", type=int, default=64,
+        group.add_argument("--max_concurrency", type=COUNT, default=64,
                            help="Most requests in flight per worker process and model "
                                 "(with --concurrency fixed: exactly this many).")
         group.add_argument("--concurrency", default=ADAPTIVE, choices=CONCURRENCY_MODES,
@@ -100,25 +127,25 @@ class ModelOptions(PipelineOptions):
                                 "nor over a quota you give; for quotas you cannot type "
                                 "in (Vertex AI's dynamic shared quota, a self-hosted "
                                 "server). fixed: always --max_concurrency.")
-        group.add_argument("--max_retries", type=int, default=6,
+        group.add_argument("--max_retries", type=RETRIES, default=6,
                            help="Retries of a request on 408/429/5xx/timeouts.")
-        group.add_argument("--max_parse_retries", type=int, default=2,
+        group.add_argument("--max_parse_retries", type=RETRIES, default=2,
                            help="Re-asks (with another seed) of an answer that is "
                                 "cut, off its JSON schema, empty or unusable.")
-        group.add_argument("--max_truncation_retries", type=int, default=1,
+        group.add_argument("--max_truncation_retries", type=RETRIES, default=1,
                            help="Re-sends of an answer cut at its output limit with "
                                 "the limit's room added (0: a cut answer is only "
                                 "re-asked; right for a small model that rambles).")
-        group.add_argument("--max_error_share", type=float, default=0.5,
+        group.add_argument("--max_error_share", type=SHARE, default=0.5,
                            help="Stop the run when more than this share of the last "
                                 "20 calls to a model failed at the service (after all "
                                 "retries; answers off their schema do not count), "
                                 "leaving its cache to resume from; 1 never stops.")
-        group.add_argument("--request_timeout", type=float, default=300.0,
+        group.add_argument("--request_timeout", type=POSITIVE, default=300.0,
                            help="Seconds before a request counts as timed out.")
-        group.add_argument("--max_requests_per_minute", type=float, default=None,
+        group.add_argument("--max_requests_per_minute", type=POSITIVE, default=None,
                            help="Job-wide request quota per model endpoint.")
-        group.add_argument("--max_tokens_per_minute", type=float, default=None,
+        group.add_argument("--max_tokens_per_minute", type=POSITIVE, default=None,
                            help="Job-wide token quota per model endpoint.")
         group.add_argument("--envoy_rate_limit_address", default=None,
                            help="host:port of an Envoy rate-limit service: a global "

@@ -43,6 +43,8 @@ from codeclm_beam.transforms.evaluate import BenchmarkFiles
 from codeclm_beam.transforms.evaluate import EVAL_JUDGE
 from codeclm_beam.transforms.evaluate import ReadBenchmarks
 from codeclm_beam.transforms.evaluate import READ_STAGE
+from codeclm_beam.options import COUNT
+from codeclm_beam.options import SHARE
 
 OUTCOMES = ("win", "tie", "loss")
 # W/T/L and F (failed: no answer or judgement could be had for the item).
@@ -60,13 +62,13 @@ class EvaluateOptions(PipelineOptions):
                            help="Model URI to evaluate (repeatable: one row each).")
         group.add_argument("--reference_model", default=None,
                            help="Model URI compared against (default: --strong_model).")
-        group.add_argument("--bootstrap_samples", type=int, default=2000,
+        group.add_argument("--bootstrap_samples", type=COUNT, default=2000,
                            help="Resamples for the CRR-difference confidence interval.")
         group.add_argument("--allow_seed_items", action="store_true", default=False,
                            help="Evaluate on items `split` marked as seeds.")
         group.add_argument("--evaluate_instruction_field", default=None,
                            help="Dotted path of the instruction in a generic JSONL file.")
-        group.add_argument("--max_failed_share", type=float, default=0.0,
+        group.add_argument("--max_failed_share", type=SHARE, default=0.0,
                            help="Exit with status 3 when a larger share of a "
                                 "candidate's items failed (no answer or judgement).")
 

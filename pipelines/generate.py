@@ -58,6 +58,10 @@ from codeclm_beam.model.errors import ConfigurationError
 from codeclm_beam.model.types import GenerationSettings
 from codeclm_beam.transforms.read_seeds import make_seed
 from codeclm_beam.transforms.read_seeds import make_user_metadata
+from codeclm_beam.options import COUNT
+from codeclm_beam.options import RETRIES
+from codeclm_beam.options import TEMPERATURE
+from codeclm_beam.options import bounded
 
 _LOG = logging.getLogger(__name__)
 OUTPUT_FOLDERS = ("examples", "rejected", "dead_letter", "seed_metadata", "metadata_pool",
@@ -75,46 +79,46 @@ class GenerateOptions(PipelineOptions):
                            help="Instead of seeds: use case + skills rows (scenario 2).")
         group.add_argument("--instruction_field", default=None,
                            help="Dotted path of the instruction in a seed row.")
-        group.add_argument("--max_seed_chars", type=int, default=DEFAULT_MAX_CHARS,
+        group.add_argument("--max_seed_chars", type=COUNT, default=DEFAULT_MAX_CHARS,
                            help="Longer seed instructions go to the dead letter.")
-        group.add_argument("--num_examples", type=int,
+        group.add_argument("--num_examples", type=COUNT,
                            default=config_default("num_examples"),
                            help="Instruction-response pairs wanted.")
-        group.add_argument("--num_instructions", type=int, default=None,
+        group.add_argument("--num_instructions", type=COUNT, default=None,
                            help="Basic instructions to decode (default: 2 x "
                                 "num_examples). Round 1 judges num_examples of them; "
                                 "the rest is a reserve later rounds draw from when "
                                 "fewer pairs are kept than needed.")
-        group.add_argument("--overgenerate_margin", type=int,
+        group.add_argument("--overgenerate_margin", type=RETRIES,
                            default=config_default("overgenerate_margin"),
                            help="Candidates improved beyond those still needed.")
-        group.add_argument("--num_metadata", type=int, default=None,
+        group.add_argument("--num_metadata", type=COUNT, default=None,
                            help="Metadata pool size (mix-and-match fills it). Default: "
                                 "one entry per 10 basic instructions, at most the "
                                 "paper's 200 (more only when a decode call would "
                                 "have to write over 64).")
-        group.add_argument("--preview", type=int, default=None, metavar="N",
+        group.add_argument("--preview", type=COUNT, default=None, metavar="N",
                            help="Run N pairs through every stage from N of the seeds, "
                                 "with the pool sized to them, print them, and leave "
                                 "the output folder as it was (answers are cached for "
                                 "the real run).")
-        group.add_argument("--max_skills", type=int, default=config_default("max_skills"))
-        group.add_argument("--num_rubrics", type=int,
+        group.add_argument("--max_skills", type=COUNT, default=config_default("max_skills"))
+        group.add_argument("--num_rubrics", type=COUNT,
                            default=config_default("num_rubrics"))
-        group.add_argument("--max_iterations", type=int,
+        group.add_argument("--max_iterations", type=COUNT,
                            default=config_default("max_iterations"),
                            help="Filter rounds, basic generation counted as the first.")
-        group.add_argument("--threshold", type=float, default=config_default("threshold"),
+        group.add_argument("--threshold", type=bounded(float, 0), default=config_default("threshold"),
                            help="Score gap θ for contrastive filtering.")
-        group.add_argument("--score_scale", type=int,
+        group.add_argument("--score_scale", type=bounded(int, 2),
                            default=config_default("score_scale"))
         group.add_argument("--keep_unresolved", action="store_true", default=False,
                            help="Keep the better answer of candidates still within θ "
                                 "after the last round (default: reject them).")
-        group.add_argument("--temperature", type=float,
+        group.add_argument("--temperature", type=TEMPERATURE,
                            default=config_default("codec").temperature,
                            help="Temperature of encode, rubrics, decode and improve.")
-        group.add_argument("--codec_max_output_tokens", type=int,
+        group.add_argument("--codec_max_output_tokens", type=COUNT,
                            default=config_default("codec").max_output_tokens,
                            help="Longest structured answer of encode, rubrics, decode "
                                 "and improve.")
@@ -122,10 +126,10 @@ class GenerateOptions(PipelineOptions):
                            help="Judge duplicate instructions too (default: exact and "
                                 "near duplicates are removed before any answer or "
                                 "judgement is paid for, and from the final pairs).")
-        group.add_argument("--dedup_threshold", type=float, default=DedupRule.threshold,
+        group.add_argument("--dedup_threshold", type=bounded(float, 0, 1, above=True), default=DedupRule.threshold,
                            help="Jaccard similarity of word n-grams at which two "
                                 "instructions are near duplicates.")
-        group.add_argument("--dedup_ngram_size", type=int, default=DedupRule.ngram_size,
+        group.add_argument("--dedup_ngram_size", type=COUNT, default=DedupRule.ngram_size,
                            help="Words per n-gram compared by deduplication.")
         group.add_argument("--decontaminate", action="append", default=[], metavar="FILE",
                            help="An evaluation file (any layout the seed reader knows; "
@@ -134,7 +138,7 @@ class GenerateOptions(PipelineOptions):
                                 "and final pairs whose instruction or answers do. "
                                 "Seeds from `codeclm-beam split` add its held-out half "
                                 "by themselves.")
-        group.add_argument("--decontaminate_ngram_size", type=int,
+        group.add_argument("--decontaminate_ngram_size", type=COUNT,
                            default=DecontaminationRule.ngram_size,
                            help="Words per n-gram (8: open-r1's and s1's rule; 13: GPT-3's).")
         group.add_argument("--decontaminate_field", default=None,
@@ -320,10 +324,6 @@ def preflight(options: PipelineOptions, config: CodecLMConfig) -> None:
         [("--seeds", opts.seeds), ("--metadata", opts.metadata),
          ("--output_dir", run_opts.output_dir), ("--cache_dir", config.strong.cache_dir),
          ("--batch_dir", config.strong.batch.batch_dir)], options, offline)
-    if not offline:
-        preflight_lib.check_models_reachable(
-            [("strong", config.strong), ("target", config.target),
-             ("judge", config.judge)])
     preflight_lib.check_output_budget("--max_output_tokens",
                                       config.answers.max_output_tokens,
                                       [config.strong, config.target])
@@ -342,6 +342,10 @@ def preflight(options: PipelineOptions, config: CodecLMConfig) -> None:
         preflight_lib.check_rows(opts.metadata, "--metadata",
                                  lambda source, row: make_user_metadata(
                                      source, row, config.max_skills))
+    if not offline:  # last: everything local is checked before a model is asked
+        preflight_lib.check_models_reachable(
+            [("strong", config.strong), ("target", config.target),
+             ("judge", config.judge)])
 
 
 def projected_calls(config: CodecLMConfig, from_metadata: bool,

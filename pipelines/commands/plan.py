@@ -34,6 +34,9 @@ from codeclm_beam.transforms.codeclm import default_pool_size
 from codeclm_beam.transforms.codeclm import round_slots
 from codeclm_beam.transforms.decode import instructions_per_entry
 from codeclm_beam.pipelines.run.args import SuggestingParser
+from codeclm_beam.options import COUNT
+from codeclm_beam.options import POSITIVE
+from codeclm_beam.options import RETRIES
 
 # Rounds after the first add, to CALLS_PER_CANDIDATE, the improve call that made the
 # candidate.
@@ -357,18 +360,18 @@ def plan_command(argv: list[str]) -> int:
         description="Project calls, tokens, cost and quota-bound wall time of a large "
                     "generate run from a small pilot run with the same models.")
     parser.add_argument("pilot_run", help="output_dir of a finished generate run")
-    parser.add_argument("--num_examples", type=int, required=True)
-    parser.add_argument("--num_instructions", type=int, default=None,
+    parser.add_argument("--num_examples", type=COUNT, required=True)
+    parser.add_argument("--num_instructions", type=COUNT, default=None,
                         help="Default: enough for --num_examples at the pilot's "
                              "acceptance.")
-    parser.add_argument("--num_seeds", type=int, default=None,
+    parser.add_argument("--num_seeds", type=COUNT, default=None,
                         help="Seeds of the large run (default: the pilot's).")
-    parser.add_argument("--num_metadata", type=int, default=None,
+    parser.add_argument("--num_metadata", type=COUNT, default=None,
                         help="Pool size of the large run (default: the pilot's).")
-    parser.add_argument("--overgenerate_margin", type=int, default=None,
+    parser.add_argument("--overgenerate_margin", type=RETRIES, default=None,
                         help="Of the large run (default 0, as generate's).")
-    parser.add_argument("--max_requests_per_minute", type=float, default=None)
-    parser.add_argument("--max_tokens_per_minute", type=float, default=None)
+    parser.add_argument("--max_requests_per_minute", type=POSITIVE, default=None)
+    parser.add_argument("--max_tokens_per_minute", type=POSITIVE, default=None)
     parser.add_argument("--vertex_mode", default=None,
                         help="How each role's vertex: model is served in the large run, "
                              "as generate takes it (batch, or judge=batch,strong=online); "
@@ -379,7 +382,7 @@ def plan_command(argv: list[str]) -> int:
     parser.add_argument("--tune_base_model", default=None,
                         help="vertex:MODEL: add what tuning it on the pairs would cost "
                              "(`codeclm-beam tune`), at the pilot's tokens per pair.")
-    parser.add_argument("--tune_epochs", type=int, default=3,
+    parser.add_argument("--tune_epochs", type=COUNT, default=3,
                         help="Epochs of that tuning job (default 3).")
     parser.add_argument("--json", action="store_true", help="Print the plan as JSON.")
     args = parser.parse_args(argv)

@@ -69,6 +69,11 @@ def split_file(path: str, output_dir: str, seed_fraction: float = 0.2, seed: int
             rows.append(row)
     same = [" ".join(str(layout.instruction(r) or "").split()).casefold() for r in rows]
     seeds, held_out = split_rows(rows, layout.category_field, seed_fraction, seed, same)
+    if not seeds or not held_out:
+        raise ConfigurationError(
+            f"--seed_fraction {seed_fraction:g} of {len(rows)} rows leaves "
+            f"{'no seed row' if not seeds else 'nothing to evaluate on'}; choose a "
+            "fraction that leaves rows on both sides")
     split_id = hashlib.sha256(json.dumps(
         [rows, seed_fraction, seed, instruction_field], sort_keys=True,
         default=str).encode()).hexdigest()[:12]

@@ -6,6 +6,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from codeclm_beam.transforms.judge import AnswerInstruction
 from codeclm_beam.transforms.judge import Judge
+from codeclm_beam.options import COUNT
+from codeclm_beam.options import TEMPERATURE
 
 
 # The answers' settings where no flag sets them: the answer stage's own.
@@ -19,11 +21,11 @@ class AnswerOptions(PipelineOptions):
     @classmethod
     def _add_argparse_args(cls, parser):
         group = parser.add_argument_group("answers and judging")
-        group.add_argument("--answer_temperature", type=float, default=ANSWERS.temperature,
+        group.add_argument("--answer_temperature", type=TEMPERATURE, default=ANSWERS.temperature,
                            help="Temperature of the answers being compared.")
-        group.add_argument("--judge_temperature", type=float,
+        group.add_argument("--judge_temperature", type=TEMPERATURE,
                            default=Judge.settings.temperature)
-        group.add_argument("--max_output_tokens", type=int,
+        group.add_argument("--max_output_tokens", type=COUNT,
                            default=ANSWERS.max_output_tokens,
                            help="Longest visible answer of the models being compared "
                                 "(a thinking model gets its thinking allowance on top).")

@@ -32,11 +32,18 @@ def check_models_reachable(models: Iterable[tuple[str, ModelConfig]]) -> None:
     embedded model fails at once where it loads."""
     from codeclm_beam.model.backends import ModelUnusable
     from codeclm_beam.model.backends import create_backend
+    from codeclm_beam.model.backends import custom_backend_class
     from codeclm_beam.redact import redact
     from codeclm_beam.model.errors import ModelError
     checked: set[str] = set()
     for role, model in models:
         spec = model.spec
+        if spec.backend == "custom":
+            try:
+                custom_backend_class(spec.model)
+            except TypeError as unusable:
+                raise ConfigurationError(f"--{role}_model {redact(spec.uri)}: "
+                                         f"{unusable}") from None
         if spec.backend not in ("openai", "vertex", "gemini") or model.identity in checked:
             continue
         checked.add(model.identity)

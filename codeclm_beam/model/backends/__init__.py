@@ -151,10 +151,19 @@ def _new_backend(config: ModelConfig) -> Backend:
         from codeclm_beam.model.backends.llamacpp import LlamaCppBackend
         return LlamaCppBackend(config)
     if backend == "custom":
-        import importlib
-        module_name, _, class_name = config.spec.model.partition(":")
-        backend_class = getattr(importlib.import_module(module_name), class_name)
-        if not (isinstance(backend_class, type) and issubclass(backend_class, Backend)):
-            raise TypeError(f"{config.uri}: {class_name} is not a Backend subclass")
-        return backend_class(config)
+        return custom_backend_class(config.spec.model)(config)
     raise ValueError(f"no backend for {config.uri}")
+
+
+def custom_backend_class(name: str) -> type:
+    """`package.module:Class` of a custom: URI, imported; a clear error where it is
+    not there or not a Backend (checked before a run, not on its first call)."""
+    import importlib
+    module_name, _, class_name = name.partition(":")
+    try:
+        backend_class = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as e:
+        raise TypeError(f"cannot load {name} ({type(e).__name__}: {e})") from None
+    if not (isinstance(backend_class, type) and issubclass(backend_class, Backend)):
+        raise TypeError(f"{class_name} is not a Backend subclass")
+    return backend_class

@@ -1,0 +1,59 @@
+"""A user's first hour, round three (issue 45): option mistakes end in one line and
+exit 2 before anything is read, written or asked of a model."""
+import pytest
+
+from codeclm_beam.pipelines.cli import main as cli_main
+from tests.helpers import calls_by_kind
+from tests.helpers import generate_args
+from tests.helpers import scripted_models
+from tests.helpers import write_seeds
+
+
+def exit_code(argv) -> int:
+    """The CLI's status, whether it returns it or argparse exits with it."""
+    try:
+        return cli_main(argv)
+    except SystemExit as exited:
+        return exited.code
+
+
+@pytest.mark.parametrize("flag, value, says", [
+    ("--max_concurrency", "0", "must be at least 1"),
+    ("--max_concurrency", "-3", "must be at least 1"),
+    ("--max_retries", "-1", "must be at least 0"),
+    ("--max_parse_retries", "-1", "must be at least 0"),
+    ("--max_truncation_retries", "-1", "must be at least 0"),
+    ("--dedup_threshold", "2", "must be at most 1"),
+    ("--dedup_ngram_size", "0", "must be at least 1"),
+    ("--overgenerate_margin", "-5", "must be at least 0"),
+    ("--max_error_share", "-1", "must be at least 0"),
+    ("--judge_temperature", "nan", "not a finite number"),
+    ("--temperature", "5", "must be at most 2"),
+    ("--max_requests_per_minute", "-1", "must be over 0"),
+    ("--request_timeout", "0", "must be over 0"),
+])
+def test_an_option_out_of_its_range_is_one_line_before_anything(tmp_path, capsys, flag,
+                                                                value, says):
+    models = scripted_models(tmp_path, "strong_wins")
+    status = exit_code(["generate", *generate_args(
+        tmp_path, models, write_seeds(tmp_path / "s.jsonl", 2), tmp_path / "out",
+        "--num_examples", "2", flag, value)])
+    err = capsys.readouterr().err
+    assert status == 2 and f"argument {flag}: {value}: " in err and says in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not calls_by_kind(tmp_path) and not (tmp_path / "out").exists()
+
+
+def test_other_commands_and_a_missing_backend_class_are_refused_the_same_way(
+        tmp_path, capsys):
+    assert exit_code(["plan", str(tmp_path), "--num_examples", "-5"]) == 2
+    assert exit_code(["evaluate", "--benchmark", "x.jsonl", "--bootstrap_samples",
+                      "0"]) == 2
+    assert exit_code(["report", str(tmp_path), "--prices", str(tmp_path / "no.json")]) == 2
+    status = cli_main(["generate", *generate_args(
+        tmp_path, {"strong": "custom:nosuch.module:Cls", "target": "custom:nosuch.module:Cls",
+                   "judge": "custom:nosuch.module:Cls"},
+        write_seeds(tmp_path / "s.jsonl", 2), tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert status == 2 and "cannot load nosuch.module:Cls" in err
+    assert "--prices" in err and "no such file" in err and "Traceback" not in err
