@@ -181,6 +181,10 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
     if not opts.benchmark:
         raise ConfigurationError("give at least one --benchmark FILE")
     run_id = run_id or uuid.uuid4().hex[:12]
+    # The files first: a layout that cannot be told is refused before any model is
+    # resolved (the embedded model's weights, a custom class).
+    benchmarks = BenchmarkFiles.detect(opts.benchmark, opts.evaluate_instruction_field,
+                                       opts.allow_seed_items)
     answers = options.view_as(AnswerOptions)
     models = model_configs(options, FileSystems.join(output_dir, "cache"), run_id)
     reference = models["strong"].replace(uri=opts.reference_model or models["strong"].uri)
@@ -197,8 +201,6 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
                 "apart with a tag: URI#rev=NAME")
         seen[candidate.identity] = candidate.spec.uri
 
-    benchmarks = BenchmarkFiles.detect(opts.benchmark, opts.evaluate_instruction_field,
-                                       opts.allow_seed_items)
     with ErrorHandler(WriteDeadLetters(out)) as dead_letters:
         (pipeline
          | "ReadBenchmarks" >> ReadBenchmarks(benchmarks).with_error_handler(dead_letters)

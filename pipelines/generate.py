@@ -125,8 +125,10 @@ class GenerateOptions(PipelineOptions):
         group.add_argument("--no_dedup", action="store_true", default=False,
                            help="Judge duplicate instructions too (default: exact and "
                                 "near duplicates are removed before any answer or "
-                                "judgement is paid for, and from the final pairs).")
-        group.add_argument("--dedup_threshold", type=bounded(float, 0, 1, above=True), default=DedupRule.threshold,
+                                "judgement is paid for, within each round and against "
+                                "the pairs already kept).")
+        group.add_argument("--dedup_threshold", type=bounded(float, 0, 1, above=True),
+                           default=DedupRule.threshold,
                            help="Jaccard similarity of word n-grams at which two "
                                 "instructions are near duplicates.")
         group.add_argument("--dedup_ngram_size", type=COUNT, default=DedupRule.ngram_size,

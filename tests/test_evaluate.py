@@ -54,7 +54,6 @@ def test_layouts_are_detected(name, layout):
 def test_an_unreadable_layout_fails_early_naming_file_and_fields(tmp_path):
     with pytest.raises(ValueError) as error:
         run(["--benchmark", os.path.join(FIXTURES, "unknown_layout.jsonl"),
-             "--strong_model", "openai:m@http://127.0.0.1:9/v1",
              "--output_dir", str(tmp_path)])
     assert "unknown_layout.jsonl" in str(error.value)
     assert "['query_text', 'ref']" in str(error.value)

@@ -296,10 +296,14 @@ def test_the_readme_commands_that_need_no_cloud_run_as_written(tmp_path, capsys,
                                                                monkeypatch):
     """split, plan and show as the README writes them, in a folder laid out as the
     README assumes (a benchmark file, a pilot run, the demo's output)."""
-    import shutil
     monkeypatch.chdir(tmp_path)
-    shutil.copy(os.path.join(ROOT, "tests", "fixtures", "benchmarks", "vicuna.jsonl"),
-                "vicuna.jsonl")
+    # Vicuna's layout at its size (80 questions in categories of 10), so that a 20%
+    # split leaves rows on both sides, as the real file does.
+    with open("vicuna.jsonl", "w") as f:
+        for qid in range(1, 81):
+            f.write(json.dumps({"question_id": qid, "category": f"c{qid % 8}",
+                                "turns": [f"[WIN] Question {qid} of the benchmark?"]})
+                    + "\n")
     seeds = write_seeds(tmp_path / "pilot_seeds.jsonl", 6)
     models = scripted_models(tmp_path, "half")
     for run in ("out/pilot", "out/demo"):

@@ -208,7 +208,6 @@ def test_evaluate_reads_like_generate(tmp_path, capsys):
     # A file whose layout cannot be told names the flag that exists.
     (tmp_path / "odd.jsonl").write_text('{"query_text": "x"}\n')
     assert cli_main(["evaluate", "--benchmark", str(tmp_path / "odd.jsonl"),
-                     "--strong_model", "openai:m@http://127.0.0.1:9/v1",
                      "--output_dir", str(tmp_path / "out2")]) == 2
     assert "--evaluate_instruction_field" in capsys.readouterr().err
 
