@@ -301,9 +301,12 @@ def setup_logging(level: int = logging.WARNING) -> None:
     """The CLI's own logging, set up in its process only: a library import changes
     no logger. httpx logs every request at INFO, one line per model call."""
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger().setLevel(level)
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_BeamNoise())
+    root = logging.getLogger()
+    if level < root.getEffectiveLevel():  # a launcher that asks for more (INFO)
+        root.setLevel(level)
+    for handler in root.handlers:
+        if not any(isinstance(f, _BeamNoise) for f in handler.filters):
+            handler.addFilter(_BeamNoise())
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 

@@ -99,16 +99,22 @@ def read_json(path: str) -> Any:
 def read_committed(root: str, names: tuple[str, ...] = ("manifest.json",)) -> CommittedRun:
     """The current run of `root` by its record (the first of `names` there); a clear
     ConfigurationError where there is none."""
-    if not _remote(root) and os.path.exists(root) and not os.path.isdir(root):
-        raise ConfigurationError(f"{root} is a file, not a run's folder")
-    for name in names:
-        path = FileSystems.join(root, name)
-        if FileSystems.exists(path):
-            break
-    else:
+    committed = find_committed(root, names)
+    if committed is None:
         raise ConfigurationError(
             f"{root} holds no {' or '.join(names)}: not a finished codeclm-beam run "
             "(a run that failed, was refused or is under way commits none)")
+    return committed
+
+
+def find_committed(root: str, names: tuple[str, ...]) -> Optional[CommittedRun]:
+    """The current run of `root`, or None where no run committed there."""
+    if not _remote(root) and os.path.exists(root) and not os.path.isdir(root):
+        raise ConfigurationError(f"{root} is a file, not a run's folder")
+    path = next((p for p in (FileSystems.join(root, n) for n in names)
+                 if FileSystems.exists(p)), None)
+    if path is None:
+        return None
     try:
         record = read_json(path)
     except Exception as e:
@@ -122,7 +128,7 @@ def read_committed(root: str, names: tuple[str, ...] = ("manifest.json",)) -> Co
             raise ConfigurationError(f"{path}: run_folder {run_folder!r} is not a run's "
                                      "folder inside the output folder")
         folder = FileSystems.join(root, *run_folder.split("/"))
-    return CommittedRun(root, name, record, folder)
+    return CommittedRun(root, path.rsplit("/", 1)[-1], record, folder)
 
 
 # ----------------------------------------------------------------------------- locks
@@ -387,13 +393,12 @@ class OutputFolder:
 
     def _read_previous(self) -> None:
         try:
-            self._previous = read_committed(self.root, (self.record,))
+            self._previous = find_committed(self.root, (self.record,))
         except ConfigurationError as e:
-            if "holds no" in str(e):
-                self._previous = None
-                return
             raise ConfigurationError(f"--output_dir {self.root}: {e}; choose another "
                                      "folder, or move it away") from None
+        if self._previous is None:
+            return
         if not self._previous.record.get("run_folder"):
             raise ConfigurationError(
                 f"--output_dir {self.root} was written by an earlier codeclm-beam, "
