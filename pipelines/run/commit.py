@@ -190,6 +190,7 @@ class _ObjectLock:
                                          self.LEASE_S)
         self._holder = {**holder, "lease_seconds": self._lease_s}
         self._generation: Optional[int] = None
+        self._why_stale = ""  # said when a stale lock is taken over
         self._lost = threading.Event()
         self._stop = threading.Event()
         self._renewer: Optional[threading.Thread] = None
@@ -377,19 +378,15 @@ class OutputFolder:
         if os.path.lexists(self.root) and not os.path.isdir(self.root):
             raise ConfigurationError(f"--output_dir {self.root} is a file; name a folder "
                                      "(new or one a run wrote)")
-        for name, kind in ((RUNS, "a plain folder"), (CURRENT, "the link a run made")):
-            path = os.path.join(self.root, name)
-            if not os.path.lexists(path):
-                continue
-            if name == RUNS and (os.path.islink(path) or not os.path.isdir(path)):
-                raise ConfigurationError(
-                    f"--output_dir {self.root}: {name} must be {kind}, and it is "
-                    f"{'a symlink' if os.path.islink(path) else 'a file'}; nothing was "
-                    "written or deleted. Move it away or choose another folder")
-            if name == CURRENT and not _our_link(path, RUNS + "/"):
-                raise ConfigurationError(
-                    f"--output_dir {self.root}: {name} is not {kind}; nothing was "
-                    "written or deleted. Move it away or choose another folder")
+        runs, current = (os.path.join(self.root, n) for n in (RUNS, CURRENT))
+        move_it = "nothing was written or deleted. Move it away or choose another folder"
+        if os.path.lexists(runs) and (os.path.islink(runs) or not os.path.isdir(runs)):
+            raise ConfigurationError(
+                f"--output_dir {self.root}: {RUNS} must be a plain folder, and it is "
+                f"{'a symlink' if os.path.islink(runs) else 'a file'}; {move_it}")
+        if os.path.lexists(current) and not _our_link(current, RUNS + "/"):
+            raise ConfigurationError(f"--output_dir {self.root}: {CURRENT} is not the "
+                                     f"link a run made; {move_it}")
 
     def _read_previous(self) -> None:
         try:
@@ -745,7 +742,3 @@ def _fsync_dir(folder: str) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def is_disk_full(error: BaseException) -> bool:
-    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
