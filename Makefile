@@ -13,11 +13,11 @@ $(PY):
 
 # Stamps re-run the install when setup.py changes.
 $(VENV)/.installed-local: setup.py | $(PY)
-	$(PIP) install --quiet -e '.[local]'
+	$(PIP) install --quiet -e '.[local,hub]'
 	touch $@
 
 $(VENV)/.installed-dev: setup.py | $(PY)
-	$(PIP) install --quiet -e '.[local,dev]'
+	$(PIP) install --quiet -e '.[local,hub,dev]'
 	touch $@ $(VENV)/.installed-local
 
 venv: $(VENV)/.installed-dev

@@ -18,6 +18,7 @@ VERSION = re.search(
 BEAM_RANGE = ">=2.71,<2.78"
 BEAM = f"apache-beam[gcp]{BEAM_RANGE}"
 BEAM_YAML = f"apache-beam[gcp,yaml]{BEAM_RANGE}"
+HUB = ["huggingface_hub>=0.30", "datasets>=3.0"]
 
 setuptools.setup(
     name="codeclm-beam",
@@ -64,6 +65,8 @@ setuptools.setup(
         "tqdm>=4.66",
         # Run reports (plots embedded in one HTML file).
         "matplotlib>=3.8",
+        # The dataset card's metadata (Beam installs it too).
+        "pyyaml>=6",
     ],
     extras_require={
         # The embedded model: compiles llama.cpp, so never on Dataflow workers by default.
@@ -73,8 +76,11 @@ setuptools.setup(
         ],
         # The stages in Beam YAML pipelines (transforms/beam_yaml.py).
         "yaml": [BEAM_YAML],
+        # `codeclm-beam push` (huggingface_hub), and `datasets` to load a run's folder.
+        "hub": HUB,
         "dev": [
             BEAM_YAML,
+            *HUB,
             "pytest>=8",
             "pytest-timeout>=2.3",
             # `make test` spreads the test files over the cores (the suite is CPU-bound

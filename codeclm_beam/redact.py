@@ -24,6 +24,8 @@ SECRET_ENV_VARS = (
     "GEMINI_API_KEY",
     "GOOGLE_API_KEY",
     "CODECLM_VERTEX_ACCESS_TOKEN",
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
 )
 
 _PATTERNS = (
@@ -37,6 +39,7 @@ _PATTERNS = (
     re.compile(r"\bsk-[A-Za-z0-9_-]{8,}"),
     re.compile(r"\bAIza[0-9A-Za-z_-]{20,}"),
     re.compile(r"\bya29\.[0-9A-Za-z_.-]{10,}"),
+    re.compile(r"\bhf_[A-Za-z0-9]{20,}"),  # Hugging Face access tokens
 )
 
 REDACTED = "[REDACTED]"

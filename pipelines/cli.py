@@ -271,7 +271,8 @@ SUBCOMMANDS = {"split": "split:split_command", "report": "report:report_command"
                "plan": "plan:plan_command", "prompts": "prompts:prompts_command",
                "show": "show:show_command", "jobs": "jobs:jobs_command",
                "yaml": "yaml_run:yaml_command", "tune": "tune:tune_command",
-               "experiment": "experiment:experiment_command"}
+               "experiment": "experiment:experiment_command",
+               "push": "push:push_command"}
 
 
 def _subcommand(name: str, argv: list[str]) -> int:
@@ -346,7 +347,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                              "progress; "
                              "tune: a Vertex AI tuning job on a run's kept pairs; "
                              "experiment: split, generate, tune and evaluate, "
-                             "resumable")
+                             "resumable; "
+                             "push: a run's dataset to the Hugging Face Hub")
     if not argv or argv[0] in ("-h", "--help", "--version"):
         parser.parse_args(argv or ["--help"])
         return 0

@@ -44,6 +44,9 @@ from codeclm_beam.transforms.selection import TakeLowestRanked
 from codeclm_beam.transforms.selection import stable_rank
 from codeclm_beam.pipelines.run import manifest as manifest_lib
 from codeclm_beam.pipelines.run.outputs import EXPORT_FORMATS
+from codeclm_beam.hf_dataset import WriteHubDataset
+from codeclm_beam.hf_dataset import write_card
+from codeclm_beam.pipelines.commands.push import push_run
 from codeclm_beam.pipelines.run.outputs import WriteAvro
 from codeclm_beam.pipelines.run.outputs import WriteDeadLetters
 from codeclm_beam.pipelines.run.outputs import WriteExports
@@ -60,12 +63,13 @@ from codeclm_beam.transforms.read_seeds import make_seed
 from codeclm_beam.transforms.read_seeds import make_user_metadata
 from codeclm_beam.options import COUNT
 from codeclm_beam.options import RETRIES
+from codeclm_beam.options import SHARE
 from codeclm_beam.options import TEMPERATURE
 from codeclm_beam.options import bounded
 
 _LOG = logging.getLogger(__name__)
 OUTPUT_FOLDERS = ("examples", "rejected", "dead_letter", "seed_metadata", "metadata_pool",
-                  "rubrics", "export")
+                  "rubrics", "export", "data")
 
 
 class GenerateOptions(PipelineOptions):
@@ -149,6 +153,15 @@ class GenerateOptions(PipelineOptions):
         group.add_argument("--no_decontaminate_answers", action="store_true", default=False,
                            help="Check only the final pairs' instructions, not their "
                                 "answers.")
+        group.add_argument("--validation_share", type=SHARE,
+                           default=0.0,
+                           help="Share of the pairs in the dataset's validation split "
+                                "(data/, README.md): the pairs `tune` would hold out "
+                                "with the same share. Default: a train split only.")
+        group.add_argument("--push_to_hub", default=None, metavar="REPO_ID",
+                           help="After the run commits, push its dataset to this "
+                                "Hugging Face dataset repository (private; as "
+                                "`codeclm-beam push`).")
         group.add_argument("--export_format", action="append", default=[],
                            choices=EXPORT_FORMATS,
                            help="Also write fine-tuning files (repeatable).")
@@ -273,6 +286,7 @@ def _build(pipeline, opts: "GenerateOptions", config: CodecLMConfig, out: str,
          | f"Write{name}" >> WriteJsonl(out, folder))
     if opts.export_format:
         result.examples | "Export" >> WriteExports(out, opts.export_format)
+    result.examples | "WriteDataset" >> WriteHubDataset(out, opts.validation_share)
 
 
 def preview_rank(element) -> int:
@@ -452,7 +466,16 @@ def _run_claimed(options: PipelineOptions, config: CodecLMConfig,
     manifest["delivery"] = manifest_lib.delivery(
         manifest["accounting"], config.num_examples, config.basic_instructions,
         rerun_command(options))
+    manifest["dataset"] = write_card(outputs, manifest)
     if not run_opts.no_report:
         manifest["report"] = write_report(outputs, manifest)
     outputs.commit(manifest)
+    if opts.push_to_hub:
+        try:
+            push_run(run_opts.output_dir, opts.push_to_hub)
+        except ConfigurationError as refused:
+            raise ConfigurationError(
+                f"the run is committed in {run_opts.output_dir}, but not pushed: "
+                f"{refused}; push it with: codeclm-beam push {run_opts.output_dir} "
+                f"{opts.push_to_hub}") from None
     return manifest

@@ -80,12 +80,11 @@ def llama_server(smollm2_path, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def gcs_emulator():
+def gcs_front():
     """A real Cloud Storage emulator (gcp-storage-emulator) on 127.0.0.1 for the
     session, holding the bucket `codeclm-test`, behind a front that enforces the
-    generation preconditions the emulator ignores (tests/gcs_preconditions.py); yields
-    the front's address for STORAGE_EMULATOR_HOST, which google-cloud-storage (and so
-    Beam's gs:// filesystem) honours."""
+    generation preconditions the emulator ignores (tests/gcs_preconditions.py) and can
+    trickle downloads; yields the front."""
     from gcp_storage_emulator.server import create_server
 
     from tests.gcs_preconditions import PreconditionFront
@@ -95,10 +94,17 @@ def gcs_emulator():
     server.start()
     front = PreconditionFront(f"http://127.0.0.1:{port}")
     try:
-        yield front.address
+        yield front
     finally:
         front.stop()
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(gcs_front):
+    """The front's address, for STORAGE_EMULATOR_HOST, which google-cloud-storage (and
+    so Beam's gs:// filesystem) honours."""
+    return gcs_front.address
 
 
 @pytest.fixture

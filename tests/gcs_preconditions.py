@@ -11,7 +11,8 @@ Cloud Storage's documentation (JSON API, "Request preconditions"), not from our 
   "conditionNotMet", ...}]}}`, and changes nothing; on a delete of a missing object
   the answer is 404 whatever the precondition.
 
-Everything else is passed through to the emulator unchanged. Checking and forwarding
+Everything else is passed through to the emulator unchanged, at the pace a test sets
+(`trickled`: a server that sends a download a few bytes at a time). Checking and forwarding
 happen under one lock, so a conditional write is atomic as it is on the service.
 """
 from __future__ import annotations
@@ -20,7 +21,9 @@ import email.parser
 import http.client
 import http.server
 import json
+import re
 import threading
+import time
 import urllib.parse
 
 _OBJECT_WRITE_PATH = "/upload/storage/v1/b/"
@@ -31,6 +34,7 @@ _HOP_BY_HOP = {"connection", "transfer-encoding", "keep-alive", "content-length"
 class PreconditionFront:
     def __init__(self, emulator_host: str, port: int = 0):
         self._emulator = urllib.parse.urlsplit(emulator_host)
+        self._emulator_address = emulator_host.rstrip("/")
         self._lock = threading.Lock()
         front = self
 
@@ -50,10 +54,21 @@ class PreconditionFront:
                         self.send_header(key, value)
                 self.send_header("Content-Length", str(len(answer)))
                 self.end_headers()
-                self.wfile.write(answer)
+                pace = front.trickle_pace(self.command, self.path)
+                if pace is None:
+                    self.wfile.write(answer)
+                    return
+                piece, every_s = pace
+                for start in range(0, len(answer), piece):
+                    self.wfile.write(answer[start:start + piece])
+                    self.wfile.flush()
+                    time.sleep(every_s)
 
             do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
 
+        # Downloads whose path matches a pattern here are sent `piece` bytes every
+        # `every_s` seconds: a server that trickles, each read within any timeout.
+        self.trickled: dict[str, tuple[int, float]] = {}
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
         self.address = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -61,6 +76,13 @@ class PreconditionFront:
 
     def stop(self):
         self.server.shutdown()
+
+    def trickle_pace(self, method: str, path: str):
+        if method != "GET" or "alt=media" not in path:
+            return None
+        name = urllib.parse.unquote(path)
+        return next((pace for pattern, pace in self.trickled.items()
+                     if re.search(pattern, name)), None)
 
     # -- the contract
 
@@ -128,6 +150,10 @@ class PreconditionFront:
                     if k.lower() not in _HOP_BY_HOP and k.lower() != "host"}
             connection.request(method, path, body=body or None, headers=sent)
             response = connection.getresponse()
-            return response.status, response.getheaders(), response.read()
+            # Links the emulator gives (an object's mediaLink) name the front, as the
+            # service's name the service: downloads come through here too.
+            answer = response.read().replace(self._emulator_address.encode(),
+                                             self.address.encode())
+            return response.status, response.getheaders(), answer
         finally:
             connection.close()

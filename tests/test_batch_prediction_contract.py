@@ -120,6 +120,26 @@ def test_a_malformed_output_line_dead_letters_only_its_element(cloud):
     assert "1 output lines were unreadable" in next(iter(failed.values())).message
 
 
+def test_answers_a_storage_server_trickles_end_at_the_request_timeout(cloud, gcs_front):
+    """Issue 46: 16 bytes every 2 s, each read within any per-read timeout, would hold
+    the download for minutes; the whole read is bounded instead."""
+    # The job's answers, not its input (which the loopback service reads).
+    gcs_front.trickled[r"/o/trickle/.*predictions\.jsonl"] = (16, 2.0)
+    try:
+        with FakeModelServer(ServerConfig()) as server:
+            config = _config(server, "gs://codeclm-test/trickle").replace(
+                request_timeout_s=1.0)
+            started = time.monotonic()
+            results = _ask(config)
+            took = time.monotonic() - started
+    finally:
+        gcs_front.trickled.clear()
+    assert set(_failures(results)) == set(results)
+    assert {f.reason for f in results.values()} == {"transient"}
+    assert "the storage server was still sending" in results["r0"].message
+    assert took < 30, took  # two attempts of about a second, not the file's minutes
+
+
 def test_a_job_pending_past_the_timeout_is_cancelled_and_its_elements_dead_lettered(
         cloud):
     with FakeModelServer(ServerConfig(batch_fault="stuck")) as server:

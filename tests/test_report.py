@@ -104,4 +104,5 @@ def test_no_report_flag(tmp_path):
                                "--num_metadata", "3", "--num_examples", "3",
                                "--no_report"))
     assert not (tmp_path / "out" / "report.html").exists()
-    assert not (tmp_path / "out" / "README.md").exists()
+    # The card stays: it is the dataset's index (its configs name the data files).
+    assert "config_name: sft" in (tmp_path / "out" / "README.md").read_text()

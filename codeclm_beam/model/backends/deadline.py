@@ -10,11 +10,14 @@ own transport rather than a thread that abandons the call: the connection is clo
 and the slot is free.
 
 Built for the httpx a client library uses: google-genai uses `httpx`, the openai client
-its own fork, `httpx2`, whose requests `httpx`'s transport refuses."""
+its own fork, `httpx2`, whose requests `httpx`'s transport refuses. A batch job's
+answers come from Cloud Storage through Beam's filesystem, whose client is not ours to
+wrap: `read_whole_within` bounds those downloads."""
 from __future__ import annotations
 
 import functools
 import importlib
+import threading
 import time
 
 
@@ -61,3 +64,35 @@ def _classes(httpx_module: str):
             self._inner.close()
 
     return DeadlineTransport
+
+
+# The slowest download a batch job's answers may come at before it counts as stalled.
+MIN_DOWNLOAD_BYTES_PER_S = 1 << 20
+
+
+def read_whole_within(open_file, seconds: float, what: str) -> bytes:
+    """The whole content of `open_file()` (a Beam `FileSystems.open`, so gs:// too), or
+    a TransientModelError after `seconds`. The storage clients time out each socket
+    read, not a download, so a server that trickles keeps a read alive for ever: the
+    read runs in a daemon thread, which is left behind should it stall (a blocked
+    socket read cannot be interrupted; it ends with the process or the server)."""
+    from codeclm_beam.model.errors import TransientModelError
+    outcome: dict = {}
+
+    def read():
+        try:
+            with open_file() as f:
+                outcome["data"] = f.read()
+        except BaseException as error:  # handed to the caller's thread
+            outcome["error"] = error
+
+    reader = threading.Thread(target=read, name=f"read {what}", daemon=True)
+    reader.start()
+    reader.join(seconds)
+    if reader.is_alive():
+        raise TransientModelError(f"reading {what} took over {seconds:.0f} s "
+                                  "(--request_timeout, plus 1 s a MiB): the storage "
+                                  "server was still sending")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["data"]

@@ -41,6 +41,7 @@ class GoogleGenAIBackend(Backend):
         flex = config.billing_mode == FLEX
         timeout_s = (max(config.request_timeout_s, FLEX_TIMEOUT_S) if flex
                      else config.request_timeout_s)
+        self.request_timeout_s = timeout_s
         http_options = types.HttpOptions(
             timeout=int(timeout_s * 1000),
             client_args={"transport": deadline_transport(timeout_s)},

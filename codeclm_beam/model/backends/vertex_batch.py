@@ -19,6 +19,8 @@ from apache_beam.io.filesystems import FileSystems
 from codeclm_beam.model.backends import BatchAnswers
 from codeclm_beam.model.backends import BatchJob
 from codeclm_beam.model.backends import BatchJobs
+from codeclm_beam.model.backends.deadline import MIN_DOWNLOAD_BYTES_PER_S
+from codeclm_beam.model.backends.deadline import read_whole_within
 from codeclm_beam.model.backends.google_errors import translate_error
 from codeclm_beam.model.errors import BatchJobFailed
 from codeclm_beam.model.errors import classify_http_status
@@ -90,7 +92,7 @@ class VertexBatchJobs(BatchJobs):
 
         why = job.ended()
         found = BatchAnswers({})
-        for line in _output_lines(job.output):
+        for line in _output_lines(job.output, self._backend.request_timeout_s):
             try:
                 entry = json.loads(line)
                 label = label_of(entry["request"])
@@ -157,12 +159,16 @@ def _without_nulls(value):
     return value
 
 
-def _output_lines(directory: Optional[str]) -> Iterable[str]:
+def _output_lines(directory: Optional[str], request_timeout_s: float) -> Iterable[str]:
+    """The lines of the job's output files, each file read whole within the request
+    timeout plus a second a MiB."""
     if not directory:
         return
     for match in FileSystems.match([directory.rstrip("/") + "/*.jsonl"])[0].metadata_list:
-        with FileSystems.open(match.path) as f:
-            for raw in f:
-                line = raw.decode("utf-8", errors="replace").strip()
-                if line:
-                    yield line
+        content = read_whole_within(
+            lambda: FileSystems.open(match.path), request_timeout_s
+            + match.size_in_bytes / MIN_DOWNLOAD_BYTES_PER_S, match.path)
+        for raw in content.splitlines():
+            line = raw.decode("utf-8", errors="replace").strip()
+            if line:
+                yield line
