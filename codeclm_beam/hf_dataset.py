@@ -230,7 +230,8 @@ def dataset_card(manifest: dict, splits: dict[str, dict[str, int]],
         "seed instructions. The licence (`license: other` above) is yours to set: the "
         "terms of use of the models below apply to what they wrote.", "",
         _load_section(splits, repo_id), _made_section(manifest), _screens_section(manifest),
-        _rounds_section(manifest), _tailoring_section(manifest), LIMITS,
+        _rounds_section(manifest), _calls_section(manifest), _tailoring_section(manifest),
+        LIMITS,
         "## Citation", "", "```bibtex", CITATION, "```", ""])
 
 
@@ -314,6 +315,15 @@ def _rounds_section(manifest: dict) -> str:
     return "\n".join(["## Kept share by round", "",
                       "| round | candidates judged | kept by the gap rule | kept share |",
                       "|---|---|---|---|", *rows, ""])
+
+
+def _calls_section(manifest: dict) -> str:
+    """Model requests by stage, summed over the stage's models."""
+    stages = (manifest.get("model_calls") or {}).get("by_stage") or {}
+    rows = [f"| {stage} | {sum(int(n.get('requests', 0)) for n in entry['models'].values())} |"
+            for stage, entry in stages.items()]
+    return "\n".join(["## Model requests by stage", "", "| stage | requests |",
+                      "|---|---|", *rows, ""])
 
 
 def _tailoring_section(manifest: dict) -> str:

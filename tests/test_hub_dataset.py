@@ -120,6 +120,8 @@ def test_the_card_names_the_configurations_the_settings_and_the_rounds(run):
     rounds = manifest["accounting"]["candidates"]["rounds"]
     assert f"| 1 | {rounds[0]['candidates']} | {rounds[0]['kept']} |" in card
     assert "Contamination: not checked" in card
+    judge = manifest["model_calls"]["by_stage"]["judge"]["models"]
+    assert f"| judge | {sum(m['requests'] for m in judge.values())} |" in card
 
 
 def test_push_contract_first_push_then_nothing_new(run, hub):
@@ -204,3 +206,21 @@ def test_a_wrong_token_is_one_line_without_the_token(run, hub):
     assert "the Hub refused the push" in result.stderr
     assert wrong not in result.stdout + result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_generate_pushes_after_its_commit_with_push_to_hub(hub, tmp_path):
+    models = scripted_models(tmp_path, "strong_wins")
+    seeds = write_seeds(tmp_path / "seeds.jsonl", 3)
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": TOKEN,
+           "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    result = subprocess.run(
+        [sys.executable, "-c", CLI, "generate", *generate_args(
+            tmp_path, models, seeds, out, "--num_examples", "3", "--num_metadata", "3",
+            "--max_iterations", "1", "--no_report", "--push_to_hub", "me/from-generate")],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    pushed = sorted(p for p in hub.repos["me/from-generate"].files if p.startswith("data/"))
+    assert pushed == sorted(f for f in manifest["files"] if f.startswith("data/"))
+    assert TOKEN not in result.stdout + result.stderr
