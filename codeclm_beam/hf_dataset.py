@@ -65,35 +65,46 @@ def preference_row(example: Example) -> Optional[dict]:
             "chosen_source": chosen}
 
 
+def _messages_type():
+    import pyarrow as pa
+    return pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+
+
+def _sft_schema():
+    import pyarrow as pa
+    return pa.schema([("example_id", pa.string()), ("messages", _messages_type())])
+
+
+def _preference_schema():
+    import pyarrow as pa
+    messages = _messages_type()
+    return pa.schema([("example_id", pa.string()), ("prompt", messages),
+                      ("chosen", messages), ("rejected", messages),
+                      ("score_chosen", pa.float64()), ("score_rejected", pa.float64()),
+                      ("gap", pa.float64()), ("chosen_source", pa.string())])
+
+
+def _examples_schema():
+    return _arrow_schema(avro_schema(Example))
+
+
 @dataclasses.dataclass(frozen=True)
 class Configuration:
     """One configuration of the dataset: its rows and their Parquet schema."""
     name: str
     rows: Any  # Example -> row dict, or None when the pair has no such row
+    schema: Any  # () -> pyarrow.Schema (pyarrow imported when a pipeline is built)
     describes: str
-
-    def schema(self):
-        import pyarrow as pa
-        messages = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
-        if self.name == "sft":
-            return pa.schema([("example_id", pa.string()), ("messages", messages)])
-        if self.name == "preference":
-            return pa.schema([("example_id", pa.string()), ("prompt", messages),
-                              ("chosen", messages), ("rejected", messages),
-                              ("score_chosen", pa.float64()),
-                              ("score_rejected", pa.float64()), ("gap", pa.float64()),
-                              ("chosen_source", pa.string())])
-        return _arrow_schema(avro_schema(Example))
 
 
 CONFIGURATIONS = (
-    Configuration("sft", sft_row, "a `messages` column (user, assistant): TRL's "
-                  "SFTTrainer takes it as it is"),
-    Configuration("preference", preference_row, "`prompt`, `chosen`, `rejected` as "
-                  "messages, the judge's scores and gap: TRL's DPOTrainer takes it as "
-                  "it is"),
-    Configuration("examples", to_dict, "the kept pairs with every field of "
-                  "`examples/`: chain of instructions, both scores, models"),
+    Configuration("sft", sft_row, _sft_schema, "a `messages` column (user, assistant): "
+                  "TRL's SFTTrainer takes it as it is"),
+    Configuration("preference", preference_row, _preference_schema, "`prompt`, "
+                  "`chosen`, `rejected` as messages, the judge's scores and gap: TRL's "
+                  "DPOTrainer takes it as it is"),
+    Configuration("examples", to_dict, _examples_schema, "the kept pairs with every "
+                  "field of `examples/`: chain of instructions, both scores, models"),
 )
 DEFAULT_CONFIGURATION = "sft"
 
@@ -111,6 +122,11 @@ def _arrow_schema(record_schema: dict):
             return pa.list_(arrow(avro_type["items"]))
         return primitive[avro_type]
     return pa.schema([(f["name"], arrow(f["type"])) for f in record_schema["fields"]])
+
+
+def rows_in(splits: dict[str, dict[str, int]], name: str) -> int:
+    """Rows of configuration `name` over its splits."""
+    return sum((splits.get(name) or {}).values())
 
 
 def split_of(example: Example, validation_share: float) -> str:
@@ -209,7 +225,7 @@ def dataset_card(manifest: dict, splits: dict[str, dict[str, int]],
     configuration's files, then what a user of the data needs to know: how to load it,
     how it was made, what was screened out, and its limits."""
     import yaml
-    pairs = sum((splits.get("sft") or {}).values())
+    pairs = rows_in(splits, "sft")
     metadata = {
         "pretty_name": f"CodecLM synthetic instructions ({manifest['run_id']})",
         "language": ["en"],
@@ -242,8 +258,7 @@ def _load_section(splits: dict, repo_id: Optional[str]) -> str:
         counts = splits.get(configuration.name) or {}
         shown = ", ".join(f"{split} {n:,}" for split, n in counts.items()) or "none"
         rows.append(f"| `{configuration.name}` | {shown} | {configuration.describes} |")
-    pairs = sum((splits.get("sft") or {}).values())
-    preference = sum((splits.get("preference") or {}).values())
+    pairs, preference = rows_in(splits, "sft"), rows_in(splits, "preference")
     return "\n".join([
         "## Load it", "", "```python", "import datasets", "",
         f'sft = datasets.load_dataset("{where}", "sft")',
@@ -358,15 +373,7 @@ def write_card(outputs, manifest: dict) -> dict[str, Any]:
     returns the manifest's `dataset` entry: rows per configuration and split."""
     splits = splits_written(outputs.run_dir)
     outputs.write_text(CARD, dataset_card(manifest, splits), "text/markdown")
-    pairs = sum((splits.get("sft") or {}).values())
     return {"configurations": splits, "card": CARD,
-            "preference_left_out_even": pairs - sum(
-                (splits.get("preference") or {}).values())}
+            "preference_left_out_even": rows_in(splits, "sft") - rows_in(splits,
+                                                                         "preference")}
 
-
-def card_metadata(card_text: str) -> dict:
-    """The YAML metadata block of a card."""
-    import yaml
-    if not card_text.startswith("---"):
-        return {}
-    return yaml.safe_load(card_text.split("---", 2)[1]) or {}

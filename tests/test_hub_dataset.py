@@ -108,10 +108,11 @@ def test_preference_rows_choose_the_answer_the_judge_scored_higher(run, tmp_path
 
 
 def test_the_card_names_the_configurations_the_settings_and_the_rounds(run):
-    from codeclm_beam.hf_dataset import card_metadata
+    import yaml
     out, manifest = run
     card = (out / "README.md").read_text()
-    metadata = card_metadata(card)
+    assert card.startswith("---\n")
+    metadata = yaml.safe_load(card.split("---", 2)[1])
     assert [c["config_name"] for c in metadata["configs"]] == ["sft", "preference",
                                                                "examples"]
     assert metadata["license"] == "other"

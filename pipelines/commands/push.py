@@ -46,13 +46,9 @@ def _hub():
     return huggingface_hub
 
 
-def git_blob_id(content: bytes) -> str:
-    """The id git (and the Hub's tree listing) gives a file's content."""
-    return hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
-
-
 def _file_id(path: str) -> tuple[str, str]:
-    """(git blob id, sha256) of a local file, read once."""
+    """(git blob id, as the Hub's tree listing gives it; sha256) of a local file, read
+    once."""
     sha1 = hashlib.sha1(b"blob %d\0" % os.path.getsize(path))
     sha256 = hashlib.sha256()
     with open(path, "rb") as f:
