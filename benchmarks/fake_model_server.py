@@ -211,6 +211,9 @@ class ServerConfig:
     tuning_pending_seconds: float = 0.3
     tuning_running_seconds: float = 0.3
     tuning_fault: Optional[str] = None
+    # Whether a running job's spec reports the hyperparameters the service picked for
+    # what was not asked; Vertex AI documents no promise that it does.
+    tuning_reports_picked: bool = True
     # The first N creates are accepted, then their connection is reset before the
     # answer (the job exists; the client never hears of it).
     tuning_create_resets: int = 0
@@ -996,10 +999,10 @@ class FakeModelServer:
             return self._set_tuning_job(job_id, state="JOB_STATE_FAILED",
                                         error={"code": 3, "message": str(e)}, **ended)
         hyper = dict(spec["hyperParameters"])
-        # The service picks what was not asked, and says what it picked.
-        hyper.setdefault("epochCount", "5")
-        hyper.setdefault("learningRateMultiplier", 1.0)
-        hyper.setdefault("adapterSize", "ADAPTER_SIZE_FOUR")
+        if config.tuning_reports_picked:  # the service picks what was not asked
+            hyper.setdefault("epochCount", "4")
+            hyper.setdefault("learningRateMultiplier", 1.0)
+            hyper.setdefault("adapterSize", "ADAPTER_SIZE_FOUR")
         stat_key = ("supervisedTuningDataStats" if kind == "supervisedTuningSpec"
                     else "preferenceOptimizationDataStats")
         self._set_tuning_job(job_id, tuningJobState="TUNING_JOB_STATE_TUNING",

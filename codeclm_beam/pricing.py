@@ -41,6 +41,13 @@ DEFAULT_TUNING_PRICES = {
 }
 
 
+# Vertex AI documents no number for the epochs it runs when a job leaves epochCount
+# unset ("the recommended value", adjusted to the dataset) and need not echo its choice;
+# Google's Gemini API tuning documents 5 (Hyperparameters.epoch_count). A tuning cost
+# without the service's own figure or --epochs assumes that, and says it is assumed.
+ASSUMED_DEFAULT_EPOCHS = 5
+
+
 def tuning_cost_usd(base_model_uri: str, tokens_per_epoch: float, epochs: Optional[int],
                     overrides: Optional[Mapping] = None) -> Optional[float]:
     """What a tuning job costs; None when the price or the epochs are unknown."""

@@ -25,6 +25,7 @@ from codeclm_beam.model import ModelConfig
 from codeclm_beam.model import ModelRequest
 from codeclm_beam.model import ModelResponse
 from codeclm_beam.pipelines.cli import main
+from codeclm_beam.pricing import ASSUMED_DEFAULT_EPOCHS
 from codeclm_beam.pipelines.run.outputs import read_json
 from codeclm_beam.tuning import preference_row
 from codeclm_beam.tuning import supervised_row
@@ -94,6 +95,7 @@ def test_tune_uploads_the_pairs_follows_the_job_and_records_the_tuned_model(
     billable = int(job["tuningDataStats"]["supervisedTuningDataStats"]
                    ["totalBillableTokenCount"])
     assert record["cost"]["training_tokens_per_epoch"] == billable
+    assert record["cost"]["epochs_from"] == "the service"
     assert record["cost"]["usd"] == pytest.approx(billable * 2 * 1.5 / 1e6, abs=1e-4)
     shown = capsys.readouterr()
     assert "pending" in shown.err and "succeeded" in shown.err
@@ -102,7 +104,8 @@ def test_tune_uploads_the_pairs_follows_the_job_and_records_the_tuned_model(
 
 def test_a_job_created_but_never_recorded_is_found_by_its_labels(cloud, tmp_path):
     run = a_run(tmp_path)
-    with FakeModelServer(ServerConfig(tuning_pending_seconds=1.0)) as server:
+    config = ServerConfig(tuning_pending_seconds=1.0, tuning_reports_picked=False)
+    with FakeModelServer(config) as server:
         assert tune(server, run, "--no_wait") == 0
         path = os.path.join(run, "tuning", "job.json")
         record = read_json(path)
@@ -112,7 +115,17 @@ def test_a_job_created_but_never_recorded_is_found_by_its_labels(cloud, tmp_path
             json.dump(record, f)
         assert tune(server, run) == 0
         assert creates(server) == 1 and ("GET", "") in server.tuning_calls
-    assert read_json(path)["state"] == "JOB_STATE_SUCCEEDED"
+        job = next(iter(server.tuning_jobs.values()))
+    record = read_json(path)
+    assert record["state"] == "JOB_STATE_SUCCEEDED"
+    # No --epochs and the service did not say what it chose: priced at the assumed
+    # default, and the record says it is assumed.
+    assert "epochCount" not in job["supervisedTuningSpec"]["hyperParameters"]
+    billable = int(job["tuningDataStats"]["supervisedTuningDataStats"]
+                   ["totalBillableTokenCount"])
+    assert record["cost"]["epochs"] == 5
+    assert record["cost"]["epochs_from"].startswith("assumed")
+    assert record["cost"]["usd"] == pytest.approx(billable * 5 * 1.5 / 1e6, abs=1e-4)
 
 
 def test_a_create_whose_answer_is_lost_makes_one_job_and_a_failed_one_is_reported(
@@ -172,6 +185,9 @@ def test_preference_data_and_what_is_refused_before_and_by_the_service(cloud, tm
                               "Topic 1? Not sure.") in rows
         # Odd pairs have the gap; a third of them have no other answer (0, 3, 6, 9).
         assert len(rows) == 4 and sum(record["examples"]["skipped"].values()) == 8
+        # No --epochs: the cost uses the epochs the service reported it picked.
+        assert (record["cost"]["epochs"], record["cost"]["epochs_from"]) == (
+            4, "the service")
         # The service takes preference tuning on Flash only: its 400, in its words.
         assert tune(server, run, "--method", "preference", "--base_model",
                     "vertex:gemini-2.5-pro") == 2
@@ -280,7 +296,8 @@ def test_an_experiment_killed_while_tuning_resumes_and_pays_for_nothing_twice(
                    for p in pairs) / len(pairs)
     assert tuning["training_tokens_per_epoch"] == round(1000 * per_pair)
     assert tuning["cost_usd"] == pytest.approx(
-        tuning["training_tokens_per_epoch"] * 3 * 1.5 / 1e6, abs=1e-4)
+        tuning["training_tokens_per_epoch"] * ASSUMED_DEFAULT_EPOCHS * 1.5 / 1e6,
+        abs=1e-4)
 
 
 def test_a_dataset_the_service_refuses_fails_the_job_saying_which_line_and_why(cloud):

@@ -21,6 +21,7 @@ from codeclm_beam.pipelines.run.outputs import read_json
 from codeclm_beam.pipelines.run.commit import read_committed
 from codeclm_beam.model.config import parse_vertex_modes
 from codeclm_beam.pipelines.run.manifest import STAGE_ROLES
+from codeclm_beam.pricing import ASSUMED_DEFAULT_EPOCHS
 from codeclm_beam.pricing import PAID_MODES_PREFIX
 from codeclm_beam.pricing import PRICE_FACTOR
 from codeclm_beam.pricing import cost_usd
@@ -382,8 +383,9 @@ def plan_command(argv: list[str]) -> int:
     parser.add_argument("--tune_base_model", default=None,
                         help="vertex:MODEL: add what tuning it on the pairs would cost "
                              "(`codeclm-beam tune`), at the pilot's tokens per pair.")
-    parser.add_argument("--tune_epochs", type=COUNT, default=3,
-                        help="Epochs of that tuning job (default 3).")
+    parser.add_argument("--tune_epochs", type=COUNT, default=ASSUMED_DEFAULT_EPOCHS,
+                        help="Epochs of that tuning job (default %(default)s, what `tune` "
+                             "assumes when the service does not report its own choice).")
     parser.add_argument("--json", action="store_true", help="Print the plan as JSON.")
     args = parser.parse_args(argv)
     try:

@@ -38,6 +38,7 @@ from codeclm_beam.pipelines.run.outputs import read_jsonl_dir
 from codeclm_beam.pipelines.run.commit import read_committed
 from codeclm_beam.pipelines.run.outputs import write_json
 from codeclm_beam.pipelines.run.outputs import write_text
+from codeclm_beam.pricing import ASSUMED_DEFAULT_EPOCHS
 from codeclm_beam.pricing import tuning_cost_usd
 from codeclm_beam.tuning import METHODS
 from codeclm_beam.tuning import RECOMMENDED_MIN_EXAMPLES
@@ -261,10 +262,16 @@ class Tuner:
     def _finish(self, record: dict, job: TuningJob) -> dict[str, Any]:
         tokens = job.reported.get("billable_tokens") or record.get(
             "estimated_tokens_per_epoch") or 0
-        epochs = job.reported.get("epochs") or record["hyperparameters"].get("epochs")
+        epochs, epochs_from = job.reported.get("epochs"), "the service"
+        if not epochs:
+            epochs, epochs_from = record["hyperparameters"].get("epochs"), "--epochs"
+        if not epochs:
+            epochs, epochs_from = ASSUMED_DEFAULT_EPOCHS, (
+                "assumed: the service's default, which it did not report")
         record["cost"] = {
             "usd": tuning_cost_usd(f"vertex:{self.base_model}", tokens, epochs),
             "training_tokens_per_epoch": tokens, "epochs": epochs,
+            "epochs_from": epochs_from,
             "tokens_from": "the service" if job.reported.get("billable_tokens")
             else "an estimate (4 characters a token)"}
         self._save(record, job)
@@ -281,7 +288,8 @@ def summary(record: dict) -> str:
              f"{record.get('examples', {}).get('validation', '?')} validation",
              f"  cost: {'unknown' if usd is None else f'${usd:,.4f}'} "
              f"({cost.get('training_tokens_per_epoch', 0):,} training tokens x "
-             f"{cost.get('epochs') or '?'} epochs, tokens from {cost.get('tokens_from')})"]
+             f"{cost.get('epochs') or '?'} epochs, tokens from {cost.get('tokens_from')}, "
+             f"epochs from {cost.get('epochs_from', '?')})"]
     if record.get("error"):
         lines.append(f"  error: {record['error']}")
     if record.get("model_uri"):
