@@ -64,6 +64,8 @@ ROUND_COUNTS = ("candidates", "fresh", "kept", "undecided", "not_needed", "dupli
 # Kept pairs removed by the screen of the final pairs.
 PAIRS_DUPLICATE = "pairs.duplicate"
 PAIRS_CONTAMINATED = "pairs.contaminated"
+# Seeds matching a --decontaminate file (left out of encoding unless kept).
+SEEDS_CONTAMINATED = "seeds.contaminated"
 # Benchmark rows too short to hold a decontamination n-gram.
 BENCHMARK_SHORT_ROWS = "decontaminate.short_rows"
 

@@ -168,6 +168,9 @@ class Removal:
     # repeats), and the Jaccard similarity of the two (1.0: the same normalised text).
     duplicate_of: Optional[str] = None
     similarity: Optional[float] = None
+    # The normalised text it was compared with, as it read then (an improved candidate
+    # keeps its id, so the id alone may later name another text).
+    matched_text: Optional[str] = None
     # Contaminated: the benchmark row ("file:line") sharing an n-gram with the text,
     # the n-gram, and which of the element's texts holds it.
     benchmark_row: Optional[str] = None
@@ -200,6 +203,7 @@ class Rejection:
     # Removed as a duplicate or as contaminated: what it matched (`Removal`).
     duplicate_of: Optional[str] = None
     similarity: Optional[float] = None
+    matched_text: Optional[str] = None
     benchmark_row: Optional[str] = None
     overlap: Optional[str] = None
     overlap_field: Optional[str] = None
@@ -211,7 +215,7 @@ class Rejection:
                      else cls.of_example(record, removal.reason))
         return dataclasses.replace(
             rejection, duplicate_of=removal.duplicate_of, similarity=removal.similarity,
-            benchmark_row=removal.benchmark_row, overlap=removal.overlap,
+            matched_text=removal.matched_text, benchmark_row=removal.benchmark_row, overlap=removal.overlap,
             overlap_field=removal.field)
 
     @classmethod

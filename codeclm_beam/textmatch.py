@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import unicodedata
 from typing import Iterable, Sequence
 
@@ -54,14 +55,14 @@ def gram_hash(gram: str) -> int:
                           "big") >> 1
 
 
-# MinHash and the choice of LSH bands are written here rather than taken from
-# datasketch, whose scheme they follow ("affine32": SHA-1's first 32 bits, the
-# MurmurHash3 finalizer, then odd affine permutations modulo 2^32, drawn from the seed
-# the way datasketch draws them; tests/test_dedup_decontamination.py checks both against
-# datasketch value for value). Importing any of datasketch imports its LSH index and
-# with it scipy.integrate: about a second in every process that computes one signature,
-# which on a local run was the longest pause between the first round's model calls.
-# The LSH index itself is no use in Beam, where the bands are keys of a shuffle.
+# MinHash is written here rather than taken from datasketch, whose scheme it follows
+# ("affine32": SHA-1's first 32 bits, the MurmurHash3 finalizer, then odd affine
+# permutations modulo 2^32, drawn from the seed the way datasketch draws them;
+# tests/test_dedup_decontamination.py checks it against datasketch value for value).
+# Importing any of datasketch imports its LSH index and with it scipy.integrate: about
+# a second in every process that computes one signature, which on a local run was the
+# longest pause between the first round's model calls. The LSH index itself is no use
+# in Beam, where the bands are keys of a shuffle.
 _MAX_HASH32 = np.uint32(0xFFFFFFFF)
 
 
@@ -95,38 +96,52 @@ def signature(grams: Iterable[str], num_perm: int, seed: int) -> np.ndarray:
     return (_fmix32(hashes)[:, None] * odd + offset).min(axis=0)
 
 
-# How the bands are chosen weighs (false positives, false negatives): the bands only
-# propose pairs, and every proposed pair is compared exactly, so a false positive costs
-# one comparison and a false negative a duplicate kept. At Jaccard 0.7 with 128
-# permutations: 20 bands of 6 rows, which propose a pair at the threshold 92% of the
-# time (even weights' 14 x 9 propose it 44% of the time).
-LSH_WEIGHTS = (0.1, 0.9)
+# The bands only propose pairs, and every proposed pair is compared exactly: a false
+# positive costs one comparison, a false negative a duplicate kept. So the banding is
+# chosen for a guarantee rather than datasketch's weighted balance of the two: a pair at
+# the threshold (and so any pair above it) is proposed with probability at least
+# 1 - MAX_MISS_AT_THRESHOLD, and of the bandings that promise that, the one proposing
+# fewest pairs below the threshold. At Jaccard 0.8 with 128 permutations that is 18 bands
+# of 6 rows (a pair at 0.8 missed 0.42% of the time); datasketch's MinHashLSH at its
+# default weights picks 9 bands of 13 rows there, which miss such a pair 60% of the time.
+MAX_MISS_AT_THRESHOLD = 0.005
+
+
+def miss_rate(similarity: float, bands: int, rows: int) -> float:
+    """The chance that no band of a pair at this Jaccard similarity is equal."""
+    return (1.0 - similarity ** rows) ** bands
 
 
 @functools.lru_cache(maxsize=32)
 def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
-    """(bands, rows per band) for a Jaccard threshold, as datasketch's MinHashLSH picks
-    them at LSH_WEIGHTS: of all b x r <= num_perm, the least weighted sum of the chance
-    of proposing a pair below the threshold and of missing one above it, each
-    integrated over the pair's similarity."""
-    pairs = np.array([(b, r) for b in range(1, num_perm + 1)
-                      for r in range(1, num_perm // b + 1)], dtype=float)
+    """(bands, rows per band) for a Jaccard threshold: of all b x r <= num_perm whose
+    miss rate at the threshold is at most MAX_MISS_AT_THRESHOLD, the least chance of
+    proposing a pair below it, integrated over the pair's similarity. ValueError when
+    num_perm permutations cannot promise that (a threshold too low for them)."""
+    feasible = []
+    for rows in range(1, num_perm + 1):
+        at_threshold = threshold ** rows
+        if at_threshold >= 1.0:
+            bands = 1
+        elif at_threshold <= 0.0:
+            break
+        else:
+            bands = math.ceil(math.log(MAX_MISS_AT_THRESHOLD) / math.log1p(-at_threshold))
+        if bands * rows <= num_perm:
+            feasible.append((bands, rows))
+    if not feasible:
+        raise ValueError(f"{num_perm} MinHash permutations cannot find pairs at Jaccard "
+                         f"{threshold:g} with {1 - MAX_MISS_AT_THRESHOLD:.1%} certainty; "
+                         "use more permutations or a higher threshold")
+    pairs = np.array(feasible, dtype=float)
     bands, rows = pairs[:, :1], pairs[:, 1:]
     # The chance a pair is proposed, 1 - (1 - s^r)^b, is a polynomial of degree at most
     # num_perm in s, which Gauss-Legendre with num_perm // 2 + 1 nodes integrates exactly.
     nodes, node_weights = np.polynomial.legendre.leggauss(num_perm // 2 + 1)
-
-    def integral(low: float, high: float, of_proposed) -> np.ndarray:
-        similarity = (high - low) / 2 * nodes + (high + low) / 2
-        proposed = 1 - (1 - similarity ** rows) ** bands
-        return (high - low) / 2 * (of_proposed(proposed) @ node_weights)
-
-    false_positive = integral(0.0, threshold, lambda proposed: proposed)
-    false_negative = integral(threshold, 1.0, lambda proposed: 1 - proposed)
-    error = LSH_WEIGHTS[0] * false_positive + LSH_WEIGHTS[1] * false_negative
-    # argmin keeps the first of equal errors, in the order datasketch tries them.
-    b, r = pairs[int(np.argmin(error))]
-    return int(b), int(r)
+    similarity = threshold / 2 * (nodes + 1)
+    false_positive = threshold / 2 * ((1 - (1 - similarity ** rows) ** bands) @ node_weights)
+    b, r = feasible[int(np.argmin(false_positive))]
+    return b, r
 
 
 def band_keys(hashvalues: np.ndarray, bands: int, rows: int) -> list[bytes]:

@@ -80,6 +80,11 @@ def _summary(manifest: dict) -> str:
         lines.append(f"  seeds: {s['rows_read']} rows, {s['seeds']} unique, "
                      f"{s['duplicates_dropped']} duplicates, {s['dead_letter']} bad rows, "
                      f"{s['encoded']} encoded")
+        if s.get("contaminated"):
+            lines.append(f"    {s['contaminated']} seeds match a --decontaminate file "
+                         "(contaminated_seeds/): "
+                         + ("encoded anyway (--keep_contaminated_seeds)"
+                            if s["contaminated_encoded"] else "left out of encoding"))
     pool = acc["metadata_pool"]
     lines.append(f"  metadata pool: {pool['entries']} entries (--num_metadata "
                  f"{pool['asked']}), {pool['rubric_sets']} rubric sets")

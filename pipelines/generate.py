@@ -150,6 +150,10 @@ class GenerateOptions(PipelineOptions):
         group.add_argument("--decontaminate_field", default=None,
                            help="Dotted path of the instruction in the evaluation "
                                 "files' rows, when not detected.")
+        group.add_argument("--keep_contaminated_seeds", action="store_true", default=False,
+                           help="Encode seeds that match a --decontaminate file too "
+                                "(default: they are reported in contaminated_seeds/ and "
+                                "the manifest, and left out of encoding).")
         group.add_argument("--no_decontaminate_answers", action="store_true", default=False,
                            help="Check only the final pairs' instructions, not their "
                                 "answers.")
@@ -205,7 +209,8 @@ def _codeclm_config(opts, answers, models, options) -> CodecLMConfig:
         dedup=None if opts.no_dedup else DedupRule(opts.dedup_threshold,
                                                    opts.dedup_ngram_size),
         decontamination=_decontamination(opts),
-        decontaminate_answers=not opts.no_decontaminate_answers)
+        decontaminate_answers=not opts.no_decontaminate_answers,
+        keep_contaminated_seeds=opts.keep_contaminated_seeds)
 
 
 def _decontamination(opts: "GenerateOptions") -> Optional[DecontaminationRule]:
@@ -267,6 +272,9 @@ def _build(pipeline, opts: "GenerateOptions", config: CodecLMConfig, out: str,
     result.examples | "WriteExamplesAvro" >> WriteAvro(out, "examples", Example)
     result.rejected | "WriteRejected" >> WriteJsonl(out, "rejected")
     result.rejected | "WriteRejectedAvro" >> WriteAvro(out, "rejected", Rejection)
+    if result.seeds_contaminated is not None:
+        result.seeds_contaminated | "WriteContaminatedSeeds" >> WriteJsonl(
+            out, "contaminated_seeds")
     # The method's side products are written once the examples are: nothing waits on
     # them, and the local runner, which runs one stage at a time as stages become
     # ready, would otherwise finish their writes (nine small stages) between the model
@@ -445,7 +453,7 @@ def _run_claimed(options: PipelineOptions, config: CodecLMConfig,
         "options": public_options(options),
         "accounting": manifest_lib.accounting(
             counters, config.max_iterations, bool(opts.metadata), config.keep_unresolved,
-            config.num_metadata),
+            config.num_metadata, config.keep_contaminated_seeds),
         "model_calls": counters.model_calls(),
         "screens": screens(config, opts.seeds),
     }
@@ -459,7 +467,9 @@ def _run_claimed(options: PipelineOptions, config: CodecLMConfig,
     manifest.update({
         "billing": billing_modes(config.strong, config.target, config.judge),
         "outputs": {name: FileSystems.join(outputs.run_dir, name)
-                    for name in OUTPUT_FOLDERS},
+                    for name in OUTPUT_FOLDERS + (
+                        ("contaminated_seeds",) if config.decontamination and opts.seeds
+                        else ())},
         "tailoring": run_tailoring(outputs.run_dir),
     })
     manifest["cost"] = manifest_lib.estimated_cost(manifest)

@@ -66,7 +66,8 @@ class ScriptedBackend(Backend):
         line = json.dumps({"kind": kind, "role": self.role, "pid": os.getpid(),
                            "time": time.time(), "id": request.request_id,
                            "max_output_tokens": request.settings.max_output_tokens,
-                           "key": request.cache_key("scripted")})
+                           "key": request.cache_key("scripted"),
+                           "prompt": request.messages[-1].content})
         with self._lock, open(os.path.join(self.log_dir, f"calls-{os.getpid()}.jsonl"),
                               "a") as f:
             f.write(line + "\n")

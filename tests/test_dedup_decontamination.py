@@ -3,11 +3,14 @@ what they remove is never paid for and every removal is accounted for."""
 import glob
 import json
 import os
+import random
 
 import apache_beam as beam
+import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from codeclm_beam import textmatch
+from codeclm_beam.pipelines.cli import _summary
 from codeclm_beam.pipelines.commands.show import Run
 from codeclm_beam.pipelines.commands.show import trace
 from codeclm_beam.pipelines.commands.split import split_file
@@ -21,6 +24,7 @@ from tests.helpers import read_jsonl
 from tests.helpers import run_generate
 from tests.helpers import scripted_models
 from tests.helpers import write_seeds
+from tests.scripted_backend import read_calls
 
 LABELLED = os.path.join(os.path.dirname(__file__), "fixtures", "near_duplicates.jsonl")
 
@@ -43,11 +47,11 @@ def _labelled_rows():
     return rows + exact, truth
 
 
-def test_signatures_and_bands_are_datasketchs_value_for_value():
-    # textmatch computes MinHash and the band choice itself (importing datasketch
-    # imports scipy.integrate, a second per process); they must stay datasketch's.
+def test_signatures_are_datasketchs_value_for_value():
+    # textmatch computes MinHash itself (importing datasketch imports scipy.integrate,
+    # a second per process); its signatures must stay datasketch's.
     import numpy as np
-    from datasketch import MinHash, MinHashLSH
+    from datasketch import MinHash
     rows, _ = _labelled_rows()
     gram_sets = [[], ["one"], *(textmatch.ngrams(textmatch.words(r["text"]), 3)
                                 for r in rows[:6])]
@@ -58,13 +62,36 @@ def test_signatures_and_bands_are_datasketchs_value_for_value():
             ours = textmatch.signature(grams, num_perm, seed)
             assert ours.dtype == theirs.hashvalues.dtype
             assert np.array_equal(ours, theirs.hashvalues), (num_perm, grams[:2])
-    for num_perm in (16, 100, 128, 256):
-        for threshold in (0.3, 0.5, 0.65, 0.7, 0.8, 0.9, 0.95):
-            lsh = MinHashLSH(threshold=threshold, num_perm=num_perm,
-                             weights=textmatch.LSH_WEIGHTS)
-            assert textmatch.lsh_bands(threshold, num_perm) == (lsh.b, lsh.r)
-    # Where datasketch refuses (one band), the one band is the whole signature:
-    # threshold 1 proposes only pairs whose signatures are equal.
+
+
+def test_the_bands_miss_a_pair_at_the_threshold_less_than_one_time_in_a_hundred():
+    # By construction: of the bandings that fit, the one proposing fewest pairs below
+    # the threshold among those whose miss rate at it is at most 0.5%.
+    for num_perm in (16, 64, 128, 256):
+        for threshold in (0.5, 0.7, 0.8, 0.9, 0.95):
+            bands, rows = textmatch.lsh_bands(threshold, num_perm)
+            assert bands * rows <= num_perm
+            assert textmatch.miss_rate(threshold, bands, rows) <= 0.005
+            # The fewest bands that keep the promise (each band more proposes more
+            # pairs below the threshold).
+            assert textmatch.miss_rate(threshold, bands - 1, rows) > 0.005
+    with pytest.raises(ValueError, match="more permutations"):
+        textmatch.lsh_bands(0.5, 4)
+    # Measured, not only computed: 600 planted pairs at exactly Jaccard 0.8 (16 shared
+    # words, 4 added), signatures as the transform makes them.
+    bands, rows = textmatch.lsh_bands(0.8, 128)
+    draw = random.Random(3)
+    missed = 0
+    for i in range(600):
+        base = [f"w{i}x{k}" for k in range(16)]
+        copy = base + [f"v{i}x{k}" for k in range(4)]
+        draw.shuffle(copy)
+        assert textmatch.jaccard(frozenset(base), frozenset(copy)) == 0.8
+        keys = [set(textmatch.band_keys(textmatch.signature(grams, 128, 1), bands, rows))
+                for grams in (base, copy)]
+        missed += not keys[0] & keys[1]
+    assert missed <= 6, missed  # expected 0.42% of 600: 2.5
+    # Threshold 1: one band, the whole signature (only equal signatures are proposed).
     assert textmatch.lsh_bands(1.0, 128) == (1, 128)
 
 
@@ -77,8 +104,8 @@ def test_near_duplicates_are_caught_and_distinct_instructions_kept():
              for r in got["removed"]}
     true_positives = set(found) & truth
     precision, recall = len(true_positives) / len(found), len(true_positives) / len(truth)
-    # Measured: precision 0.95, recall 0.65 at the defaults (word 1-grams, 0.8); 0.94
-    # and 0.61 on the labelled pairs alone.
+    # Measured: precision 0.95, recall 0.68 at the defaults (word 1-grams, 0.8); 0.95
+    # and 0.64 on the labelled pairs alone (every labelled pair at 0.8 or above).
     assert precision >= 0.9 and recall >= 0.55, (precision, recall)
     # Exact duplicates (by normalised text) are always caught, named, similarity 1.
     for i, row in enumerate(rows[:3]):
@@ -179,6 +206,33 @@ def _generate(tmp_path, name, models, *extra):
         "--num_examples", "8", *extra))
 
 
+def test_a_near_duplicate_of_a_candidate_judged_in_an_earlier_round_costs_nothing(tmp_path):
+    # Every answer ties: round 1 judges 4 candidates and improves them all away; round 2
+    # draws fresh ones from the reserve, some copies of what round 1 judged.
+    models = scripted_models(tmp_path, judge="tie", duplicate_every=2)
+    manifest = _generate(tmp_path, "out", models, "--num_instructions", "16",
+                         "--max_iterations", "2", "--num_examples", "2",
+                         "--overgenerate_margin", "2")
+    rejected = read_jsonl(tmp_path / "out", "rejected")
+    judged_in_round_1 = {r["candidate_id"]: textmatch.normalize(r["history"][0])
+                         for r in rejected if r["iteration"] == 2}
+    duplicates = [r for r in rejected if r["reason"] == "duplicate"]
+    later = [d for d in duplicates if d["duplicate_of"] in judged_in_round_1]
+    assert len(later) == 2, duplicates
+    prompts = [c["prompt"] for c in read_calls(tmp_path / "calls")
+               if c["kind"] in ("answer", "judge")]
+    for duplicate in later:
+        # Compared with the text that was judged, not the text it was improved into,
+        # and the evidence says so.
+        assert duplicate["matched_text"] == judged_in_round_1[duplicate["duplicate_of"]]
+        assert not any(duplicate["instruction"] in prompt for prompt in prompts)
+        shown = trace(Run(str(tmp_path / "out")), duplicate, kept=False)
+        assert duplicate["matched_text"] in shown
+    screening = manifest["accounting"]["screening"]
+    assert screening["calls_saved"] == 4 * screening["duplicates"]["before_judging"]
+    assert manifest["accounting"]["balanced"]
+
+
 def test_duplicates_are_removed_before_they_are_paid_for(tmp_path):
     # 4 entries x 2 instructions, the second of each a copy of the first: no reserve.
     (tmp_path / "a").mkdir()
@@ -207,11 +261,41 @@ def test_duplicates_are_removed_before_they_are_paid_for(tmp_path):
     run = Run(str(tmp_path / "b" / "out"))
     shown = trace(run, duplicates[0], kept=False)
     assert "before any answer or judgement was paid for" in shown
-    assert examples[duplicates[0]["duplicate_of"]]["instruction"][:40] in shown
+    assert duplicates[0]["matched_text"] == textmatch.normalize(
+        examples[duplicates[0]["duplicate_of"]]["instruction"])
+    assert duplicates[0]["matched_text"][:40] in shown
     card = (tmp_path / "b" / "out" / "README.md").read_text()
     assert "## Deduplication and decontamination" in card and "4 candidates removed" in card
     report = (tmp_path / "b" / "out" / "report.html").read_text()
     assert "4 duplicates removed" in report and "16 model calls saved" in report
+
+
+def test_a_seed_that_is_a_benchmark_question_is_reported_and_not_encoded(tmp_path):
+    bench = _benchmarks(tmp_path)
+    seeds = write_seeds(tmp_path / "seeds.jsonl", 4)
+    with open(seeds, "a") as f:
+        f.write(json.dumps({"instruction": BENCHMARK_QUESTION}) + "\n")
+    for keep in (False, True):
+        scenario, out = tmp_path / f"models-{keep}", tmp_path / f"out-{keep}"
+        scenario.mkdir()
+        models = scripted_models(scenario, judge="strong_wins")
+        manifest = run_generate(generate_args(
+            scenario, models, seeds, out, "--num_metadata", "4", "--num_examples", "2",
+            "--max_iterations", "1", "--decontaminate", bench[0],
+            *(["--keep_contaminated_seeds"] if keep else [])))
+        seeds_acc = manifest["accounting"]["seeds"]
+        assert manifest["accounting"]["balanced"], manifest["accounting"]["checks"]
+        assert seeds_acc["contaminated"] == 1 and seeds_acc["contaminated_encoded"] is keep
+        assert seeds_acc["encoded"] == (5 if keep else 4)
+        encoded = [c["prompt"] for c in read_calls(scenario / "calls")
+                   if c["kind"] == "encode"]
+        assert any(BENCHMARK_QUESTION in prompt for prompt in encoded) is keep
+        (removal,) = read_jsonl(out, "contaminated_seeds")
+        assert removal["reason"] == "contaminated"
+        assert removal["benchmark_row"] == f"{bench[0]}:1"
+        assert removal["overlap"] in textmatch.normalize(BENCHMARK_QUESTION)
+        assert ("1 seeds match a --decontaminate file" in _summary(manifest)) and (
+            ("encoded anyway" if keep else "left out of encoding") in _summary(manifest))
 
 
 def test_ask_for_n_get_n_after_dedup_and_split_decontamination(tmp_path):

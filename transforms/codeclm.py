@@ -140,6 +140,9 @@ class CodecLMConfig:
     # there: they are paid for; but a pair whose answer quotes a held-out question is
     # not one to train on).
     decontaminate_answers: bool = True
+    # Seeds matching a benchmark are reported and left out of encoding (their metadata
+    # would steer decoding towards the benchmark) unless kept.
+    keep_contaminated_seeds: bool = False
 
     def __post_init__(self):
         if self.num_metadata is None:
@@ -183,6 +186,8 @@ class CodecLMOutput(NamedTuple):
     rejected: beam.PCollection  # Rejection
     metadata_pool: beam.PCollection  # Metadata
     rubrics: beam.PCollection  # RubricSet
+    # Removal of each seed matching a benchmark (None: no decontamination).
+    seeds_contaminated: Optional[beam.PCollection] = None
 
 
 def rejection(candidate: Candidate, reason: str) -> Rejection:
@@ -228,7 +233,8 @@ PAIR_TEXTS = ("instruction", "response", "other_response")
 
 class Screen(DeadLettering):
     """Candidates (or kept pairs) -> Split(taken = the rest, rest = Rejections): the
-    duplicates (of one another, and of `against`, the pairs kept already), then those
+    duplicates (of one another, and of `against`, the candidates judged in earlier
+    rounds, each as it read when judged, never an earlier version of itself), then those
     sharing an n-gram with a benchmark, each counted under the names given. With
     neither screen on it adds no stage (rest is None)."""
 
@@ -251,7 +257,7 @@ class Screen(DeadLettering):
         if cfg.dedup is not None and self._deduplicate:
             deduplicated = records | "Deduplicate" >> DeduplicateInstructions(
                 text="instruction", key=record_id, rank=self._rank,
-                against=self._against or None, rule=cfg.dedup)
+                against=self._against or None, rule=cfg.dedup, lineage=record_id)
             records = deduplicated.kept
             removed.append(deduplicated.removed | "CountDuplicates" >> Tally(duplicate_counter))
         if isinstance(records, tuple):
@@ -316,7 +322,7 @@ class Round(DeadLettering):
                     | "Screen" >> self.handled(Screen(
                         cfg, candidate_rank(cfg.seed),
                         (metrics.in_round(t, "duplicate"), metrics.in_round(t, "contaminated")),
-                        self._benchmark, against=self._kept_before)))
+                        self._benchmark, against=self._judged_before)))
         judged = screened.taken
         filtered = judged | "ContrastiveFilter" >> self.handled(ContrastiveFilter(
             cfg.strong, cfg.target, cfg.judge, threshold=cfg.threshold,
@@ -497,6 +503,19 @@ class CodecLM(DeadLettering):
 
     def expand(self, inputs) -> CodecLMOutput:
         cfg = self._config
+        benchmark = seeds_contaminated = None
+        if cfg.decontamination is not None:
+            benchmark = inputs.pipeline | "BenchmarkGrams" >> self.handled(
+                BenchmarkGrams(cfg.decontamination))
+        if benchmark is not None and not self._from_metadata:
+            screened = inputs | "ScreenSeeds" >> self.handled(Decontaminate(
+                cfg.decontamination, ("instruction",), key="seed_id", benchmark=benchmark))
+            seeds_contaminated = (screened.removed
+                                  | "CountContaminatedSeeds" >> Tally(
+                                      metrics.SEEDS_CONTAMINATED)
+                                  | "SeedRemovals" >> beam.Map(lambda removed: removed.removal))
+            if not cfg.keep_contaminated_seeds:
+                inputs = screened.kept
         metadata = inputs | "SeedMetadata" >> self.handled(
             SeedMetadata(cfg, self._from_metadata))
         pool = (metadata
@@ -511,14 +530,10 @@ class CodecLM(DeadLettering):
             metrics.BASIC_INSTRUCTIONS))
         first = basic | "TakeFirstRound" >> TakeLowestRanked(
             candidate_rank(cfg.seed), cfg.num_examples + cfg.overgenerate_margin)
-        benchmark = None
-        if cfg.decontamination is not None:
-            benchmark = inputs.pipeline | "BenchmarkGrams" >> self.handled(
-                BenchmarkGrams(cfg.decontamination))
         rounds = first.taken | "Rounds" >> self.handled(
             Rounds(cfg, rubrics, first.rest, benchmark))
         examples = rounds.kept | "CutToNumExamples" >> CutToNumExamples(cfg.num_examples)
         return CodecLMOutput(
             seed_metadata=metadata, examples=examples.taken,
             rejected=(*rounds.rejected, examples.rest) | "Rejected" >> beam.Flatten(),
-            metadata_pool=pool, rubrics=rubrics)
+            metadata_pool=pool, rubrics=rubrics, seeds_contaminated=seeds_contaminated)

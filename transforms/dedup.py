@@ -20,9 +20,12 @@ when an element ranked before it (by `rank`, then key; reference elements before
 is the same or near the same; it names the first of the same text, else the first
 similar one. So of a group the first-ranked one is kept, and a chain a ~ b ~ c removes
 b and c (c repeats b, which was removed), as an index queried in rank order would.
+The bands are chosen from the threshold (`textmatch.lsh_bands`) so that a pair at or
+above it is proposed, and so compared, at least 99.5% of the time.
 Default rule (word 1-grams, Jaccard 0.8, 128 permutations): on the 58 labelled pairs
-shipped with the tests (tests/fixtures/near_duplicates.jsonl) precision 0.94 and recall
-0.61; distilabel's `MinHashDedup` default (words, 0.9) catches a quarter of them.
+shipped with the tests (tests/fixtures/near_duplicates.jsonl) precision 0.95 and recall
+0.64 (the pairs below the threshold are the misses); distilabel's `MinHashDedup`
+default (words, 0.9) catches a quarter of them.
 """
 from __future__ import annotations
 
@@ -87,6 +90,7 @@ class DedupRule:
         if self.ngram_size < 1 or self.num_perm < 2:
             raise ValueError("the dedup n-gram size must be at least 1 and the number "
                              "of permutations at least 2")
+        self.bands  # a threshold its permutations cannot promise is refused here
 
     @property
     def bands(self) -> tuple[int, int]:
@@ -95,15 +99,19 @@ class DedupRule:
     def describe(self) -> str:
         return (f"exact (normalised text) and near duplicates: word {self.ngram_size}-gram "
                 f"Jaccard >= {self.threshold:g}, MinHash {self.num_perm} permutations, "
-                f"LSH {self.bands[0]} bands x {self.bands[1]} rows")
+                f"LSH {self.bands[0]} bands x {self.bands[1]} rows (a pair at the "
+                f"threshold missed {textmatch.miss_rate(self.threshold, *self.bands):.2%} "
+                "of the time, every proposed pair compared exactly)")
 
 
 class _Entry(NamedTuple):
-    """What the comparison needs of an element: its key, its place in the order, and
-    its normalised text."""
+    """What the comparison needs of an element: its key, its place in the order, its
+    normalised text, and its lineage (elements and references of one lineage are
+    versions of one thing, never each other's duplicates)."""
     order: tuple  # (0 for a reference element, else 1; rank; key)
     key: str
     text: str
+    lineage: Optional[str] = None
 
     @property
     def reference(self) -> bool:
@@ -111,18 +119,21 @@ class _Entry(NamedTuple):
 
 
 def _entry(element, key: Callable, text: Callable, rank: Optional[Callable],
-           reference: bool) -> _Entry:
+           lineage: Optional[Callable], reference: bool) -> _Entry:
     element_key = str(key(element))
     # References come first, in key order; the rank orders the elements only.
     place = (0, element_key) if reference else (1, rank(element) if rank else element_key)
     return _Entry((*place, element_key), element_key,
-                  textmatch.normalize(text(element) or ""))
+                  textmatch.normalize(text(element) or ""),
+                  str(lineage(element)) if lineage else None)
 
 
 def _repeats(entry: _Entry, earlier: _Entry) -> bool:
     """Whether `entry` is to be removed for `earlier`: elements sharing a key are told
     apart where they are joined (`_join`), not here."""
-    return not entry.reference and (earlier.reference or earlier.key != entry.key)
+    if entry.reference or (entry.lineage is not None and entry.lineage == earlier.lineage):
+        return False
+    return earlier.reference or earlier.key != entry.key
 
 
 class _Buckets(beam.DoFn):
@@ -150,12 +161,14 @@ _EXACT = b"="
 _ELEMENT, _REPEATS = 0, 1
 
 
-def _described(element, key: Callable, text: Callable, rank: Optional[Callable]):
-    return _entry(element, key, text, rank, False), element
+def _described(element, key: Callable, text: Callable, rank: Optional[Callable],
+               lineage: Optional[Callable]):
+    return _entry(element, key, text, rank, lineage, False), element
 
 
-def _described_reference(element, key: Callable, text: Callable):
-    return _entry(element, key, text, None, True), None
+def _described_reference(element, key: Callable, text: Callable,
+                         lineage: Optional[Callable]):
+    return _entry(element, key, text, None, lineage, True), None
 
 
 def _compare(bucket, rule: DedupRule):
@@ -186,18 +199,19 @@ def _duplicates_in(entries, rule: DedupRule):
             if not _repeats(later, entries[i]):
                 continue
             if entries[i].text == later.text:
-                yield later.key, (0, entries[i].order, entries[i].key, 1.0)
+                yield later.key, (0, entries[i].order, entries[i].key, 1.0, entries[i].text)
                 break
             for k in (i, j):
                 if grams[k] is None:
                     grams[k] = textmatch.shingles(entries[k].text, rule.ngram_size)
             similarity = textmatch.jaccard(grams[i], grams[j])
             if similarity >= rule.threshold:
-                yield later.key, (1, entries[i].order, entries[i].key, round(similarity, 4))
+                yield later.key, (1, entries[i].order, entries[i].key, round(similarity, 4),
+                                  entries[i].text)
                 break
 
 
-def _join(joined):
+def _join(joined, text: Callable):
     """An element key's elements and every element found before it that it repeats:
     it names the first of the same text, else the first similar one. Elements
     sharing a key are duplicates of the first of them (a key made from the text)."""
@@ -207,21 +221,23 @@ def _join(joined):
         (elements if kind == _ELEMENT else matches).append(value)
     elements.sort(key=repr)
     if matches:
-        _, _, of, similarity = min(matches)
+        _, _, of, similarity, text = min(matches)
         for element in elements:
-            yield beam.pvalue.TaggedOutput("removed", Removed(
-                element, Removal(key, DUPLICATE, duplicate_of=of, similarity=similarity)))
+            yield beam.pvalue.TaggedOutput("removed", Removed(element, Removal(
+                key, DUPLICATE, duplicate_of=of, similarity=similarity, matched_text=text)))
         return
     if elements:
         yield elements[0]
     for element in elements[1:]:
-        yield beam.pvalue.TaggedOutput("removed", Removed(
-            element, Removal(key, DUPLICATE, duplicate_of=key, similarity=1.0)))
+        yield beam.pvalue.TaggedOutput("removed", Removed(element, Removal(
+            key, DUPLICATE, duplicate_of=key, similarity=1.0,
+            matched_text=textmatch.normalize(text(elements[0]) or ""))))
 
 
 class DeduplicateInstructions(beam.PTransform):
     """PCollection of any elements (or a tuple of them) -> Screened(kept, removed:
-    Removed(element, Removal with reason "duplicate" and the key it duplicates)).
+    Removed(element, Removal with reason "duplicate", the key it duplicates and the
+    normalised text it was compared with)).
 
     Args:
       text: the field (or function) holding the text compared.
@@ -232,30 +248,36 @@ class DeduplicateInstructions(beam.PTransform):
         fields): an element that repeats one is removed, and references are never
         output (for new data against a corpus kept already).
       rule: `DedupRule` (threshold, n-gram size, permutations).
+      lineage: the field (or function) naming what an element is a version of:
+        elements and references of one lineage never remove each other (in
+        `generate`, an improved candidate and its own earlier, judged text).
     """
 
     def __init__(self, text: Field = "instruction", key: Optional[Field] = None,
                  rank: Optional[Callable[[Any], Any]] = None,
                  against: Optional[beam.PCollection] = None,
-                 rule: DedupRule = DedupRule()):
+                 rule: DedupRule = DedupRule(), lineage: Optional[Field] = None):
         super().__init__()
         self._text = getter(text)
         self._key = getter(key) if key is not None else texts_key(self._text)
         self._rank = rank
         self._against = against
         self._rule = rule
+        self._lineage = getter(lineage) if lineage is not None else None
 
     def expand(self, elements) -> Screened:
         """`elements` may be a tuple of PCollections (taken as their flatten), and so
         may `against`: each is described where it is made, and all meet in one
         flatten (on the local runner each flatten is a stage of its own)."""
         key, text, rank, rule = self._key, self._text, self._rank, self._rule
+        lineage = self._lineage
         given = parts(elements)
         references = () if self._against is None else parts(self._against)
         described = (
-            [p | f"Describe{i or ''}" >> beam.Map(_described, key, text, rank)
+            [p | f"Describe{i or ''}" >> beam.Map(_described, key, text, rank, lineage)
              for i, p in enumerate(given)]
-            + [p | f"DescribeReferences{i or ''}" >> beam.Map(_described_reference, key, text)
+            + [p | f"DescribeReferences{i or ''}" >> beam.Map(
+                _described_reference, key, text, lineage)
                for i, p in enumerate(references)])
         # Two shuffles: the buckets, and the join of each element with what it
         # repeats (each a stage of its own on any runner).
@@ -265,7 +287,7 @@ class DeduplicateInstructions(beam.PTransform):
                   | "GroupByBucket" >> beam.GroupByKey()
                   | "Compare" >> beam.FlatMap(_compare, rule)
                   | "Join" >> beam.GroupByKey()
-                  | "Split" >> beam.FlatMap(_join).with_outputs("removed", main="kept"))
+                  | "Split" >> beam.FlatMap(_join, text).with_outputs("removed", main="kept"))
         return Screened(joined.kept, joined.removed)
 
 

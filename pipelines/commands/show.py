@@ -223,7 +223,7 @@ def trace(run: Run, record: dict, kept: bool) -> str:
 
 def _screened(run: Run, record: dict, number: int) -> list[str]:
     """Why a screen removed a candidate before it was judged (or a kept pair after),
-    and what it repeats: the original, traced to the record it became."""
+    and what it matched."""
     paid = record.get("strong_score") is not None
     when = "after it was judged and kept (the final pairs' screen)" if paid else \
         "before any answer or judgement was paid for"
@@ -232,24 +232,13 @@ def _screened(run: Run, record: dict, number: int) -> list[str]:
                 f"{record.get('overlap_field') or 'instruction'} shares the n-gram",
                 _block(record.get("overlap")),
                 f"   with the benchmark row {record.get('benchmark_row')}."]
-    lines = [f"{number}. verdict: rejected {when}: a duplicate (Jaccard similarity "
-             f"{record.get('similarity', 1.0):g}) of {record.get('duplicate_of')}:"]
-    chain, seen = record, {record.get("candidate_id")}
-    while chain.get("duplicate_of") and chain["duplicate_of"] not in seen:
-        original_id = chain["duplicate_of"]
-        seen.add(original_id)
-        original = run.by_id(original_id)
-        if original is None:
-            lines.append(f"   {original_id}: not among this run's outputs")
-            break
-        chain, kept = original
-        status = "kept pair" if kept else f"rejected ({chain['reason']})"
-        lines += [f"   {original_id} ({status}):", _block(chain["instruction"])]
-        if kept or chain["reason"] != DUPLICATE:
-            break
-    original_id = chain.get("example_id") or chain.get("candidate_id")
-    lines.append(f"   to trace it: codeclm-beam show {run.run_dir} {original_id}")
-    return lines
+    # The text it was compared with, as it read then: the id it names may since have
+    # been improved into another text (an improved candidate keeps its id).
+    original_id = record.get("duplicate_of")
+    return [f"{number}. verdict: rejected {when}: a duplicate (Jaccard similarity "
+            f"{record.get('similarity', 1.0):g}) of {original_id}, which read (normalised)",
+            _block(record.get("matched_text") or "(not recorded by this run)"),
+            f"   to trace it: codeclm-beam show {run.run_dir} {original_id}"]
 
 
 def show_command(argv: list[str]) -> int:

@@ -169,7 +169,8 @@ def run_header(tool: str, run_id: str, started: float) -> dict[str, Any]:
 
 
 def accounting(counters: RunCounters, max_iterations: int, from_metadata: bool,
-               keep_unresolved: bool = False, num_metadata: int = 0) -> dict[str, Any]:
+               keep_unresolved: bool = False, num_metadata: int = 0,
+               keep_contaminated_seeds: bool = False) -> dict[str, Any]:
     """Where every seed and every candidate went, with the identities checked."""
     flow, dead = counters.flow, counters.dead_letter
     checks = {}
@@ -181,12 +182,17 @@ def accounting(counters: RunCounters, max_iterations: int, from_metadata: bool,
                  "encoded": flow(m.METADATA), "encode_dead_letter": dead("encode")}
         if flow(m.NOT_PREVIEWED):
             seeds["not_previewed"] = flow(m.NOT_PREVIEWED)
+        contaminated = flow(m.SEEDS_CONTAMINATED)
+        if contaminated:
+            seeds["contaminated"] = contaminated
+            seeds["contaminated_encoded"] = keep_contaminated_seeds
         checks["rows = seeds + duplicates + dead letters"] = (
             seeds["rows_read"] == seeds["seeds"] + seeds["duplicates_dropped"]
             + seeds["dead_letter"])
-        checks["seeds = metadata + encode dead letters (+ not previewed)"] = (
+        checks["seeds = metadata + encode dead letters (+ not previewed, + contaminated "
+               "left out)"] = (
             seeds["seeds"] == seeds["encoded"] + seeds["encode_dead_letter"]
-            + flow(m.NOT_PREVIEWED))
+            + flow(m.NOT_PREVIEWED) + (0 if keep_contaminated_seeds else contaminated))
     else:
         seeds = {"rows_read": flow(m.rows_read("read_metadata")),
                  "metadata": flow(m.USER_METADATA),
