@@ -20,6 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks.dedup import dedup  # noqa: E402
+from benchmarks.decontamination import measure as decontamination  # noqa: E402
 from benchmarks.fake_model_server import FakeModelServer  # noqa: E402
 from benchmarks.fake_model_server import ServerConfig  # noqa: E402
 from codeclm_beam.model import ChatMessage  # noqa: E402
@@ -638,24 +639,37 @@ def markdown(results: dict) -> str:
     if "dedup" in results:
         d = results["dedup"]
         beam, base = d["beam"], d["baseline"]
-        recall = {kind: f"{beam['recall'][kind]} / {base['recall'][kind]}"
+        recall = {kind: f"{beam['recall'][kind]} vs {base['recall'][kind]}"
                   for kind in beam["recall"]}
         lines += [f"| dedup ({beam['instructions']:,} instructions, {beam['planted']:,} planted copies; "
                   f"DeduplicateInstructions, {d['bands'][0]} x {d['bands'][1]} bands / datasketch "
-                  f"MinHashLSH(threshold={d['threshold']:g}) | recall of near copies at Jaccard "
+                  f"MinHashLSH(threshold={d['threshold']:g})) | recall of near copies at Jaccard "
                   f"{d['threshold']:g} (the threshold) | "
                   f"{recall['0.80']} (target >= 0.99: {side(beam['recall']['0.80'] >= 0.99)}; "
                   f"computed miss rate {d['miss_rate_at_threshold']:.2%}) |",
-                  f"| dedup | recall at 0.82 / at 0.9 / of exact copies | "
-                  f"{recall['0.82']} / {recall['0.90']} / {recall['exact']} "
+                  f"| dedup | recall at 0.82; at 0.9; of exact copies | "
+                  f"{recall['0.82']}; {recall['0.90']}; {recall['exact']} "
                   f"(target >= 0.99: {side(min(beam['recall'].values()) >= 0.99)}) |",
-                  f"| dedup | precision | {beam['precision']} / {base['precision']} "
+                  f"| dedup | precision | {beam['precision']} vs {base['precision']} "
                   f"(target 1.0: {side(beam['precision'] == 1.0)}) |",
                   f"| dedup | instructions per CPU-second | "
-                  f"{beam['instructions_per_cpu_s']} / {base['instructions_per_cpu_s']} "
+                  f"{beam['instructions_per_cpu_s']} vs {base['instructions_per_cpu_s']} "
                   f"(ratio {d['throughput_beam_over_baseline']}, reported) |",
-                  f"| dedup | peak RSS MB | {beam['peak_rss_mb']} / {base['peak_rss_mb']} "
+                  f"| dedup | peak RSS MB | {beam['peak_rss_mb']} vs {base['peak_rss_mb']} "
                   f"(ratio {d['peak_memory_beam_over_baseline']}, reported) |"]
+    if "decontamination" in results:
+        d = results["decontamination"]
+        new, old = d["rule"], d["single_8_gram"]
+        lines += [f"| decontamination ({d['questions']} benchmark-style questions, each edited 4 ways; "
+                  f"Decontaminate / the single-8-gram rule) | recall: one word changed, two words, "
+                  f"a clause added, casing and punctuation | "
+                  + " / ".join(f"{new[k]} vs {old[k]}" for k in (
+                      "one_word_changed", "two_words_changed", "clause_added",
+                      "casing_and_punctuation"))
+                  + f" (target one word >= 0.9: {side(new['one_word_changed'] >= 0.9)}) |",
+                  f"| decontamination | false positives on {d['questions']} instructions sharing "
+                  f"a question's topic | {new['same_topic']} vs {old['same_topic']} "
+                  f"(target <= 0.05: {side(new['same_topic'] <= 0.05)}) |"]
     return "\n".join(lines) + "\n"
 
 
@@ -674,7 +688,8 @@ def main() -> None:
              ("calls", calls_against_budget),
              ("online_vs_batch", online_vs_batch), ("memory", memory),
              ("embedded", embedded),
-             ("dedup", lambda: dedup(int(100_000 * SCALE)))]
+             ("dedup", lambda: dedup(int(100_000 * SCALE))),
+             ("decontamination", decontamination)]
     for name, step in steps:
         if only and name not in only:
             continue

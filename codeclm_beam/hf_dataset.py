@@ -312,8 +312,8 @@ def _screens_section(manifest: dict) -> str:
                         if decon.get("held_out_of_split") else "")
                      + f"; {dirty['before_judging']} candidates removed before they were "
                      f"judged, {dirty['final_pairs']} from the final pairs; "
-                     f"{screening['benchmark_rows_too_short']} benchmark rows too short "
-                     "to check.")
+                     f"{screening['benchmark_rows_compared_whole']} benchmark rows under "
+                     "5 words compared whole.")
     else:
         lines.append("- Contamination: not checked (no `--decontaminate` file). Check "
                      "against the benchmarks you will evaluate on before training.")

@@ -66,7 +66,7 @@ PAIRS_DUPLICATE = "pairs.duplicate"
 PAIRS_CONTAMINATED = "pairs.contaminated"
 # Seeds matching a --decontaminate file (left out of encoding unless kept).
 SEEDS_CONTAMINATED = "seeds.contaminated"
-# Benchmark rows too short to hold a decontamination n-gram.
+# Benchmark rows too short for a share of their 3-grams: compared whole.
 BENCHMARK_SHORT_ROWS = "decontaminate.short_rows"
 
 

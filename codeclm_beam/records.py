@@ -171,11 +171,14 @@ class Removal:
     # The normalised text it was compared with, as it read then (an improved candidate
     # keeps its id, so the id alone may later name another text).
     matched_text: Optional[str] = None
-    # Contaminated: the benchmark row ("file:line") sharing an n-gram with the text,
-    # the n-gram, and which of the element's texts holds it.
+    # Contaminated: the benchmark row ("file:line"), the shared n-grams, which of the
+    # element's texts holds them, and the rule that matched (same_text,
+    # shared_N_gram, share_of_3_grams or near; similarity is then the share or the
+    # Jaccard similarity, matched_text the row's normalised text).
     benchmark_row: Optional[str] = None
     overlap: Optional[str] = None
     field: Optional[str] = None
+    rule: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,6 +210,7 @@ class Rejection:
     benchmark_row: Optional[str] = None
     overlap: Optional[str] = None
     overlap_field: Optional[str] = None
+    contamination_rule: Optional[str] = None
 
     @classmethod
     def of_removal(cls, record: Any, removal: Removal) -> "Rejection":
@@ -216,7 +220,7 @@ class Rejection:
         return dataclasses.replace(
             rejection, duplicate_of=removal.duplicate_of, similarity=removal.similarity,
             matched_text=removal.matched_text, benchmark_row=removal.benchmark_row, overlap=removal.overlap,
-            overlap_field=removal.field)
+            overlap_field=removal.field, contamination_rule=removal.rule)
 
     @classmethod
     def of(cls, candidate: "Candidate", reason: str) -> "Rejection":

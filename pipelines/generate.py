@@ -130,23 +130,34 @@ class GenerateOptions(PipelineOptions):
                            help="Judge duplicate instructions too (default: exact and "
                                 "near duplicates are removed before any answer or "
                                 "judgement is paid for, within each round and against "
-                                "the pairs already kept).")
+                                "every candidate judged in earlier rounds).")
         group.add_argument("--dedup_threshold", type=bounded(float, 0, 1, above=True),
                            default=DedupRule.threshold,
-                           help="Jaccard similarity of word n-grams at which two "
-                                "instructions are near duplicates.")
+                           help="Jaccard similarity of word n-grams at or above which "
+                                "two instructions are near duplicates (each such pair is "
+                                "found at least 99.5%% of the time).")
         group.add_argument("--dedup_ngram_size", type=COUNT, default=DedupRule.ngram_size,
                            help="Words per n-gram compared by deduplication.")
         group.add_argument("--decontaminate", action="append", default=[], metavar="FILE",
                            help="An evaluation file (any layout the seed reader knows; "
-                                "repeatable): instructions sharing a word n-gram with "
-                                "one of its rows are removed before they are judged, "
-                                "and final pairs whose instruction or answers do. "
-                                "Seeds from `codeclm-beam split` add its held-out half "
-                                "by themselves.")
+                                "repeatable): seeds, instructions before they are "
+                                "judged, and final pairs (answers too) that copy or "
+                                "lightly edit one of its rows are removed: a shared "
+                                "word n-gram, more than half of a row's word 3-grams "
+                                "(--decontaminate_share), or word-set Jaccard >= 0.8; "
+                                "rows under 5 words compared whole. Seeds from "
+                                "`codeclm-beam split` add its held-out half by "
+                                "themselves.")
         group.add_argument("--decontaminate_ngram_size", type=COUNT,
                            default=DecontaminationRule.ngram_size,
-                           help="Words per n-gram (8: open-r1's and s1's rule; 13: GPT-3's).")
+                           help="Words per n-gram of which one shared with a row "
+                                "is contamination (8: open-r1's and s1's rule; 13: "
+                                "GPT-3's).")
+        group.add_argument("--decontaminate_share", type=SHARE,
+                           default=DecontaminationRule.share,
+                           help="An instruction or answer holding more than this share "
+                                "of a benchmark row's word 3-grams is contaminated "
+                                "(default: more than half).")
         group.add_argument("--decontaminate_field", default=None,
                            help="Dotted path of the instruction in the evaluation "
                                 "files' rows, when not detected.")
@@ -225,7 +236,7 @@ def _decontamination(opts: "GenerateOptions") -> Optional[DecontaminationRule]:
     if not benchmarks:
         return None
     return DecontaminationRule(tuple(benchmarks), opts.decontaminate_ngram_size,
-                               opts.decontaminate_field)
+                               opts.decontaminate_field, share=opts.decontaminate_share)
 
 
 def screens(config: CodecLMConfig, seeds: Optional[str]) -> dict[str, Any]:

@@ -175,13 +175,21 @@ def _benchmarks(tmp_path):
 
 def test_a_planted_benchmark_question_is_caught_in_instructions_and_answers(tmp_path):
     benchmarks = _benchmarks(tmp_path)
+    words = BENCHMARK_QUESTION.rstrip(".").split()
+    edited = words[:7] + ["one"] + words[8:15] + ["famous"] + words[16:]  # no 8-gram left
+    scrambled = words[:3] + words[:2:-1]  # the same words, one 3-gram in common
     rows = [
         {"id": "a", "instruction": "Please " + BENCHMARK_QUESTION.lower() + " Thanks!",
          "response": "Sure."},
         {"id": "b", "instruction": "Write a poem about the sea.",
          "response": "Here: implement a program to find the common elements in two "
                      "arrays without using any extra memory."},
-        {"id": "c", "instruction": "Hi there", "response": "Hello."},
+        {"id": "c", "instruction": "HI, there!", "response": "Hello."},
+        {"id": "d", "instruction": " ".join(edited), "response": "Done."},
+        {"id": "e", "instruction": " ".join(scrambled), "response": "Done."},
+        # Only the topic in common: kept.
+        {"id": "f", "instruction": "Write a travel blog post about a weekend in Paris "
+                                   "and the museums worth a visit.", "response": "Ok."},
     ]
     for join in ("side_input", "keyed"):
         rule = DecontaminationRule(tuple(benchmarks), join=join)
@@ -189,14 +197,33 @@ def test_a_planted_benchmark_question_is_caught_in_instructions_and_answers(tmp_
         assert screen.side_input == (join == "side_input")
         got = collect(lambda p: dict(zip(("kept", "removed"),
                                          p | beam.Create(rows) | screen)))
-        assert [r["id"] for r in got["kept"]] == ["c"]  # a short row is not checked
+        assert [r["id"] for r in got["kept"]] == ["f"]
         removed = {r.removal.element_id: r.removal for r in got["removed"]}
-        assert removed["a"].field == "instruction"
+        assert removed["a"].field == "instruction" and removed["a"].rule == "shared_8_gram"
         assert removed["a"].benchmark_row == f"{benchmarks[0]}:1"
         assert removed["a"].overlap in textmatch.normalize(BENCHMARK_QUESTION)
         assert len(removed["a"].overlap.split()) == 8
         assert removed["b"].field == "response"
         assert removed["b"].benchmark_row == f"{benchmarks[1]}:1"
+        # A row under 5 words is compared whole (it was never checked before).
+        assert removed["c"].rule == "same_text" and removed["c"].benchmark_row.endswith(":2")
+        # Two words changed: no 8-gram in common, but most of the row's 3-grams.
+        assert removed["d"].rule == "share_of_3_grams" and removed["d"].similarity >= 0.5
+        assert removed["d"].matched_text == textmatch.normalize(BENCHMARK_QUESTION)
+        assert removed["e"].rule == "near" and removed["e"].similarity == 1.0
+
+
+def test_light_edits_of_benchmark_questions_are_caught_and_shared_topics_kept():
+    # The measurement make bench reports: 40 questions, each edited four ways, and 40
+    # instructions that only share a question's topic.
+    from benchmarks.decontamination import measure
+    figures = measure()
+    rule, old = figures["rule"], figures["single_8_gram"]
+    assert rule["casing_and_punctuation"] == rule["clause_added"] == 1.0
+    assert rule["one_word_changed"] >= 0.95 and rule["two_words_changed"] >= 0.75
+    assert rule["same_topic"] <= 0.05
+    # The single-8-gram rule it replaced misses a quarter of one-word edits.
+    assert old["one_word_changed"] <= 0.8 and old["two_words_changed"] <= 0.5
 
 
 def _generate(tmp_path, name, models, *extra):
@@ -304,9 +331,9 @@ def test_ask_for_n_get_n_after_dedup_and_split_decontamination(tmp_path):
     # others its duplicates); the first strong answer quotes another; every 4th
     # instruction is a copy; the reserve and later rounds make up for what was removed.
     bench = tmp_path / "bench.jsonl"
-    questions = [f"Explain how topic number {i} shapes the daily work of a "
-                 f"{['nurse', 'pilot', 'farmer', 'teacher'][i % 4]} in a large city today"
-                 for i in range(20)]
+    with open(os.path.join(os.path.dirname(__file__), "fixtures", "contamination",
+                           "questions.jsonl")) as f:
+        questions = [json.loads(line)["turns"][0] for line in f][:20]
     bench.write_text("".join(json.dumps({"question_id": i, "turns": [q]}) + "\n"
                              for i, q in enumerate(questions)))
     parts = split_file(str(bench), str(tmp_path / "split"), seed_fraction=0.25)["files"]
@@ -327,6 +354,10 @@ def test_ask_for_n_get_n_after_dedup_and_split_decontamination(tmp_path):
     after = [r for r in dirty if r["strong_score"] is not None]
     assert before and all(r["benchmark_row"].startswith(parts["eval"]) for r in before)
     assert after and after[0]["overlap_field"] == "response"
+    # `show` names the rule, the row, what they share and the row's text.
+    shown = trace(Run(str(tmp_path / "out")), before[0], kept=False)
+    assert before[0]["benchmark_row"] in shown and before[0]["matched_text"] in shown
+    assert before[0]["contamination_rule"] and "contaminated" in shown
     assert acc["screening"]["contaminated"]["final_pairs"] == len(after)
     assert acc["screening"]["duplicates"]["before_judging"] >= 2
     examples = read_jsonl(tmp_path / "out", "examples")

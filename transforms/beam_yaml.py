@@ -398,10 +398,12 @@ def DeduplicateInstructions(text_field: str = "instruction", id_field: Optional[
 def Decontaminate(benchmarks: list, error_handling: dict, text_fields: Optional[list] = None,
                   id_field: Optional[str] = None,
                   ngram_size: int = DecontaminationRule.ngram_size,
-                  instruction_field: Optional[str] = None, join: str = "auto"):
+                  instruction_field: Optional[str] = None, join: str = "auto",
+                  share: float = DecontaminationRule.share):
     """Rows -> `kept` (the rows, schema unchanged) and `contaminated` (element_id,
-    benchmark_row, overlap, field): rows whose texts share a word n-gram with a row
-    of the benchmark files.
+    benchmark_row, rule, overlap, field, similarity, matched_text): rows whose texts
+    copy or lightly edit a row of the benchmark files (a shared word n-gram, more than
+    `share` of the row's word 3-grams, or word-set Jaccard >= 0.8; short rows whole).
 
     Args:
       benchmarks: Evaluation files or patterns (any layout the seed reader knows).
@@ -411,10 +413,11 @@ def Decontaminate(benchmarks: list, error_handling: dict, text_fields: Optional[
       ngram_size: Words per n-gram (8: open-r1's and s1's rule).
       instruction_field: The benchmark rows' instruction field, when not detected.
       join: auto, side_input or keyed (how the benchmark reaches the workers).
+      share: More than this share of a row's word 3-grams contaminates.
     """
     from codeclm_beam.transforms.decontaminate import Decontaminate as Screen
     return _Screened(Screen(DecontaminationRule(tuple(benchmarks), ngram_size,
-                                                instruction_field, join),
+                                                instruction_field, join, share),
                             tuple(text_fields or ("instruction",)), key=id_field),
                      "contaminated", _error_output(error_handling, "Decontaminate"))
 

@@ -1,27 +1,39 @@
-"""`Decontaminate`: elements sharing a word n-gram with an evaluation set removed.
+"""`Decontaminate`: elements that copy, or lightly edit, a row of an evaluation set
+removed.
 
-    benchmark files ─Parse─> rows ─Grams─> (n-gram hash, first row holding it)
-    elements ─Grams─> (n-gram hash, element) ─Match─> first match per element
-    elements ── Join(match) ─┬─> kept
-                             └─> removed (element, Removal: the row and the n-gram)
+    benchmark files ─Parse─> rows ─Features─> (feature, row) ─Index─> (feature, rows)
+    elements ─Features─> (feature, element) ─Match─> the rows each element meets
+    elements ── Join(rows met) ─Verdict─┬─> kept
+                                        └─> removed (element, Removal: the row, the rule,
+                                                     the shared n-grams)
 
-The rule is the one open-r1's `decontaminate.py` takes from s1 (arXiv 2501.19393):
-texts lower-cased, punctuation removed and whitespace collapsed (`textmatch.normalize`),
-cut into word 8-grams; an element is contaminated when any of its texts shares one
-8-gram with any benchmark row. A benchmark row shorter than 8 words has no 8-gram and
-is not checked (counted as `decontaminate.short_rows`); lower `ngram_size` to check
-short questions. GPT-3's rule is the same with 13-grams (`ngram_size=13`).
+Texts are compared normalised (`textmatch.normalize`: case, punctuation and spacing
+aside). An element's text is contaminated by a benchmark row when any of:
+- it shares one word `ngram_size`-gram (default 8) with the row: open-r1's
+  `decontaminate.py` rule, taken from s1 (arXiv 2501.19393), for long overlaps such as
+  an answer quoting a question;
+- it holds more than `share` (default 0.5: more than half) of the row's word 3-grams:
+  a question with a word changed, a clause added or its sentences reordered still
+  holds most of them (exactly half is a stock phrase in a short question: "what is the
+  difference between" is half of "what is the difference between weather and
+  climate");
+- its words are near the row's by the dedup measure (Jaccard of word sets at least
+  `near`, default 0.8), for a row it shares a 3-gram with.
+Rows of fewer than SHORT_ROW_WORDS words are compared whole instead (the same text,
+or near by the dedup measure): a share of two or three 3-grams would flag every
+instruction that merely begins the same way. 3-grams held by more than
+MAX_ROWS_PER_FEATURE rows ("what is the") are left out of the index: they say nothing
+of one row and would pair every element with every such row.
 
-The benchmark's n-grams reach the workers as a side input while the benchmark files
-total at most SIDE_INPUT_MAX_BYTES, and through a keyed join (CoGroupByKey on the
-n-gram hash) when larger: a side input is held whole by every worker (about 100 bytes
-per n-gram in a Python dict, ~150 MB at 8 MiB of text), a join by no one.
+The index reaches the workers as a side input while the benchmark files total at most
+SIDE_INPUT_MAX_BYTES, and through a keyed join (CoGroupByKey on the feature's hash)
+when larger: a side input is held whole by every worker, a join by no one.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import apache_beam as beam
 from apache_beam.io import fileio
@@ -48,18 +60,28 @@ from codeclm_beam.transforms.read_rows import ParseRows
 
 STAGE = "decontaminate"
 NGRAM_SIZE = 8
+SHARE = 0.5
+NEAR = 0.8  # the dedup threshold's default (dedup.THRESHOLD)
+SHARE_NGRAM_SIZE = 3
+SHORT_ROW_WORDS = 5
+MAX_ROWS_PER_FEATURE = 64
 SIDE_INPUT_MAX_BYTES = 8 << 20
 JOINS = ("auto", "side_input", "keyed")
+# What a feature is: a word ngram_size-gram (any shared one contaminates), a word
+# 3-gram (counted towards the share), the whole text of a short row.
+LONG, SHARED, WHOLE = "n", "t", "w"
 
 
 @dataclasses.dataclass(frozen=True)
 class DecontaminationRule:
-    """What counts as contamination: the evaluation files and the n-gram size."""
+    """What counts as contamination: the evaluation files and the rule's sizes."""
     benchmarks: tuple[str, ...]
     ngram_size: int = NGRAM_SIZE
     # The benchmark rows' instruction field (a dotted path), when not detected.
     instruction_field: Optional[str] = None
     join: str = "auto"
+    share: float = SHARE
+    near: float = NEAR
 
     def __post_init__(self):
         object.__setattr__(self, "benchmarks", tuple(self.benchmarks))
@@ -68,6 +90,10 @@ class DecontaminationRule:
         if self.ngram_size < 1:
             raise ConfigurationError(f"the decontamination n-gram size must be at least "
                                      f"1, not {self.ngram_size}")
+        if not (0 <= self.share < 1 and 0 < self.near <= 1):
+            raise ConfigurationError(f"the decontamination share must lie in [0, 1) and "
+                                     f"the nearness in (0, 1], not {self.share} and "
+                                     f"{self.near}")
         if self.join not in JOINS:
             raise ConfigurationError(f"join must be one of {JOINS}, not {self.join!r}")
 
@@ -92,8 +118,29 @@ class DecontaminationRule:
         return sum(size for _, size in self.files) <= SIDE_INPUT_MAX_BYTES
 
     def describe(self) -> str:
-        return (f"word {self.ngram_size}-gram overlap with any benchmark row (open-r1/s1 "
-                "rule; rows shorter than the n-gram are not checked)")
+        return (f"a shared word {self.ngram_size}-gram with a benchmark row, or more "
+                f"than {self.share:.0%} of the row's word 3-grams, or word-set Jaccard >= "
+                f"{self.near:g} with it (rows under {SHORT_ROW_WORDS} words compared "
+                "whole), after normalising case and punctuation")
+
+    def features(self, text: str) -> dict[int, tuple[str, str]]:
+        """The features of a normalised text, by hash: (kind, the n-gram or text)."""
+        words = text.split()
+        found = {}
+        if len(words) < SHORT_ROW_WORDS:
+            found[textmatch.gram_hash(WHOLE + text)] = (WHOLE, text)
+        for gram in textmatch.ngrams(words, SHARE_NGRAM_SIZE, shorter_as_one=False):
+            found[textmatch.gram_hash(SHARED + gram)] = (SHARED, gram)
+        for gram in textmatch.ngrams(words, self.ngram_size, shorter_as_one=False):
+            found[textmatch.gram_hash(LONG + gram)] = (LONG, gram)
+        return found
+
+
+class BenchmarkRow(NamedTuple):
+    """What a verdict needs of a benchmark row."""
+    source: str  # "file:line"
+    text: str  # normalised
+    shared_grams: int  # its word 3-grams counted for the share (0: compared whole)
 
 
 def _benchmark_text(instruction_field: Optional[str]):
@@ -107,18 +154,31 @@ def _benchmark_text(instruction_field: Optional[str]):
     return make_for_file
 
 
-def _row_grams(row: tuple[str, str], n: int):
+def _row_features(row: tuple[str, str], rule: DecontaminationRule):
     source, text = row
-    grams = textmatch.ngrams(textmatch.words(text), n, shorter_as_one=False)
-    if not grams:
-        yield beam.pvalue.TaggedOutput("short", source)
-    for gram in set(grams):
-        yield textmatch.gram_hash(gram), source
+    normalized = textmatch.normalize(text)
+    words = normalized.split()
+    if len(words) < SHORT_ROW_WORDS:
+        yield beam.pvalue.TaggedOutput("whole", source)
+    described = BenchmarkRow(source, normalized, len(textmatch.ngrams(
+        words, SHARE_NGRAM_SIZE, shorter_as_one=False)) if len(words) >= SHORT_ROW_WORDS
+        else 0)
+    for feature in rule.features(normalized):
+        yield feature, described
+
+
+def _index_entry(grouped):
+    """A feature's rows, in source order; none for a 3-gram too common to tell rows
+    apart."""
+    feature, rows = grouped
+    rows = sorted(set(rows))
+    if len(rows) <= MAX_ROWS_PER_FEATURE:
+        yield feature, tuple(rows)
 
 
 class BenchmarkGrams(DeadLettering):
-    """Benchmark files -> (n-gram hash, the first row "file:line" holding it); rows
-    that hold no instruction are dead letters."""
+    """Benchmark files -> the index: (feature hash, the rows holding it); rows that
+    hold no instruction are dead letters."""
 
     def __init__(self, rule: DecontaminationRule):
         super().__init__()
@@ -134,35 +194,75 @@ class BenchmarkGrams(DeadLettering):
                       STAGE, _benchmark_text(self._rule.instruction_field), iter_rows)
                   ).with_outputs(DEAD_LETTER, main="rows"))
         self.dead_letters(parsed[DEAD_LETTER])
-        grams = parsed.rows | "Grams" >> beam.FlatMap(
-            _row_grams, self._rule.ngram_size).with_outputs("short", main="grams")
-        grams.short | "CountShortRows" >> Tally(metrics.BENCHMARK_SHORT_ROWS)
-        return grams.grams | "FirstRow" >> beam.CombinePerKey(min)
+        features = parsed.rows | "Features" >> beam.FlatMap(
+            _row_features, self._rule).with_outputs("whole", main="features")
+        features.whole | "CountRowsComparedWhole" >> Tally(metrics.BENCHMARK_SHORT_ROWS)
+        return (features.features
+                | "GroupByFeature" >> beam.GroupByKey()
+                | "Index" >> beam.FlatMap(_index_entry))
+
+
+class Hit(NamedTuple):
+    """A feature an element's text shares with a benchmark row."""
+    field: int
+    kind: str
+    gram: str
+    row: BenchmarkRow
 
 
 class _Matcher:
-    """An element's n-grams, and the first (field, n-gram, row) of them a benchmark
-    holds."""
+    """An element's features, and the verdict on the rows they meet."""
 
-    def __init__(self, fields: tuple[Field, ...], n: int):
+    def __init__(self, fields: tuple[Field, ...], rule: DecontaminationRule):
         self._fields = [getter(f) for f in fields]
         self._names = [field_name(f) for f in fields]
-        self._n = n
+        self._rule = rule
 
-    def grams(self, element) -> list[tuple[int, str]]:
-        found = []
+    def features(self, element):
+        """(hash, (field index, kind, n-gram)) of each text field, in field order."""
         for index, get in enumerate(self._fields):
             text = get(element)
             if isinstance(text, str):
-                grams = textmatch.ngrams(textmatch.words(text), self._n,
-                                         shorter_as_one=False)
-                found += [(index, gram) for gram in dict.fromkeys(grams)]
-        return found
+                for feature, (kind, gram) in self._rule.features(
+                        textmatch.normalize(text)).items():
+                    yield feature, (index, kind, gram)
 
-    def removal(self, key: str, match: tuple[int, str, str]) -> Removal:
-        index, gram, source = match
-        return Removal(key, CONTAMINATED, benchmark_row=source, overlap=gram,
-                       field=self._names[index])
+    def removal(self, key: str, element, hits: list[Hit]) -> Optional[Removal]:
+        """The first (field, row) the rule calls contaminated, by field, then the
+        strongest evidence, then the row; None when clean."""
+        by_pair: dict[tuple[int, BenchmarkRow], list[Hit]] = {}
+        for hit in hits:
+            by_pair.setdefault((hit.field, hit.row), []).append(hit)
+        found = []
+        for (index, row), pair_hits in by_pair.items():
+            verdict = self._verdict(self._fields[index](element), row, pair_hits)
+            if verdict is not None:
+                found.append((index, -verdict[0], row.source, verdict[1], row))
+        if not found:
+            return None
+        index, _, source, (rule, similarity, overlap), row = min(found)
+        return Removal(key, CONTAMINATED, benchmark_row=source, overlap=overlap,
+                       field=self._names[index], similarity=similarity,
+                       matched_text=row.text, rule=rule)
+
+    def _verdict(self, text: str, row: BenchmarkRow, hits: list[Hit]):
+        """(strength, (rule, similarity, the shared n-grams)) when `text` is
+        contaminated by `row`; strength orders the rules: a shared long n-gram or the
+        same text, then the share, then nearness."""
+        kinds = {kind: sorted(h.gram for h in hits if h.kind == kind)
+                 for kind in (LONG, SHARED, WHOLE)}
+        if kinds[WHOLE]:
+            return 3, ("same_text", 1.0, row.text)
+        if kinds[LONG]:
+            return 3, (f"shared_{self._rule.ngram_size}_gram", None, kinds[LONG][0])
+        share = len(kinds[SHARED]) / row.shared_grams if row.shared_grams else 0.0
+        if share > self._rule.share:
+            return 2, ("share_of_3_grams", round(share, 4), " | ".join(kinds[SHARED]))
+        near = textmatch.jaccard(frozenset(textmatch.words(text)),
+                                 frozenset(row.text.split()))
+        if near >= self._rule.near:
+            return 1, ("near", round(near, 4), " | ".join(kinds[SHARED]) or row.text)
+        return None
 
 
 class _MatchSideInput(beam.DoFn):
@@ -170,50 +270,51 @@ class _MatchSideInput(beam.DoFn):
         self._matcher = matcher
         self._key = key
 
-    def process(self, element, benchmark: dict):
-        # The first match as the keyed join finds it: by field, then n-gram.
-        matches = [(index, gram, benchmark[gram_key])
-                   for index, gram in self._matcher.grams(element)
-                   if (gram_key := textmatch.gram_hash(gram)) in benchmark]
-        if matches:
-            yield beam.pvalue.TaggedOutput("removed", Removed(
-                element, self._matcher.removal(str(self._key(element)), min(matches))))
+    def process(self, element, index: dict):
+        hits = [Hit(field, kind, gram, row)
+                for feature, (field, kind, gram) in self._matcher.features(element)
+                for row in index.get(feature, ())]
+        removal = self._matcher.removal(str(self._key(element)), element, hits) \
+            if hits else None
+        if removal is not None:
+            yield beam.pvalue.TaggedOutput("removed", Removed(element, removal))
         else:
             yield element
 
 
-def _element_grams(element, matcher: _Matcher, key: Callable):
+def _element_features(element, matcher: _Matcher, key: Callable):
     element_key = str(key(element))
-    for index, gram in matcher.grams(element):
-        yield textmatch.gram_hash(gram), (element_key, index, gram)
+    for feature, described in matcher.features(element):
+        yield feature, (element_key, *described)
 
 
-def _matches(joined):
+def _hits(joined):
     _, grouped = joined
-    rows = list(grouped["benchmark"])
-    if rows:
-        for element_key, index, gram in grouped["elements"]:
-            yield element_key, (index, gram, rows[0])
+    rows = [row for entry in grouped["benchmark"] for row in entry]
+    for element_key, field, kind, gram in grouped["elements"] if rows else ():
+        for row in rows:
+            yield element_key, Hit(field, kind, gram, row)
 
 
 def _join(joined, matcher: _Matcher):
     key, grouped = joined
-    matches = list(grouped["match"])
+    hits = list(grouped["hits"])
     for element in grouped["elements"]:
-        if matches:
-            yield beam.pvalue.TaggedOutput("removed", Removed(
-                element, matcher.removal(key, matches[0])))
+        removal = matcher.removal(key, element, hits) if hits else None
+        if removal is not None:
+            yield beam.pvalue.TaggedOutput("removed", Removed(element, removal))
         else:
             yield element
 
 
 class Decontaminate(DeadLettering):
     """PCollection of any elements -> Screened(kept, removed: Removed(element, Removal
-    with reason "contaminated", the benchmark row and the shared n-gram)).
+    with reason "contaminated", the benchmark row, the rule that matched, the shared
+    n-grams and the row's normalised text)).
 
     Args:
       rule: `DecontaminationRule` (benchmark files in any layout the row reader knows,
-        n-gram size, how the benchmark reaches the workers).
+        n-gram size, share, nearness, how the benchmark reaches the workers).
       fields: the fields (or functions) whose texts are checked, in order; the first
         that matches is named.
       key: the field (or function) naming an element; default a hash of its texts.
@@ -227,7 +328,7 @@ class Decontaminate(DeadLettering):
         super().__init__()
         self._rule = rule
         self._benchmark = benchmark
-        self._matcher = _Matcher(tuple(fields), rule.ngram_size)
+        self._matcher = _Matcher(tuple(fields), rule)
         self._key = getter(key) if key is not None else texts_key(
             *(getter(f) for f in fields))
 
@@ -246,14 +347,13 @@ class Decontaminate(DeadLettering):
                 _MatchSideInput(matcher, key), beam.pvalue.AsDict(benchmark)
             ).with_outputs("removed", main="kept")
             return Screened(screened.kept, screened.removed)
-        first_match = ({"benchmark": benchmark,
-                        "elements": elements | "Grams" >> beam.FlatMap(
-                            _element_grams, matcher, key)}
-                       | "JoinGrams" >> beam.CoGroupByKey()
-                       | "Matches" >> beam.FlatMap(_matches)
-                       | "FirstMatch" >> beam.CombinePerKey(min))
+        hits = ({"benchmark": benchmark,
+                 "elements": elements | "Features" >> beam.FlatMap(
+                     _element_features, matcher, key)}
+                | "JoinFeatures" >> beam.CoGroupByKey()
+                | "Hits" >> beam.FlatMap(_hits))
         joined = ({"elements": elements | "ByKey" >> beam.Map(lambda e: (str(key(e)), e)),
-                   "match": first_match}
+                   "hits": hits}
                   | "Join" >> beam.CoGroupByKey()
                   | "Split" >> beam.FlatMap(_join, matcher).with_outputs(
                       "removed", main="kept"))

@@ -221,6 +221,18 @@ def trace(run: Run, record: dict, kept: bool) -> str:
     return "\n".join(lines)
 
 
+def _contamination(record: dict) -> str:
+    """How the rule that matched reads, up to the benchmark row it names."""
+    rule, similarity = record.get("contamination_rule") or "", record.get("similarity")
+    if rule == "same_text":
+        return "is the same text as"
+    if rule == "share_of_3_grams":
+        return f"holds {similarity:.0%} of the word 3-grams of"
+    if rule == "near":
+        return f"has nearly the same words (Jaccard {similarity:g}) as"
+    return "shares a word n-gram with"
+
+
 def _screened(run: Run, record: dict, number: int) -> list[str]:
     """Why a screen removed a candidate before it was judged (or a kept pair after),
     and what it matched."""
@@ -229,9 +241,11 @@ def _screened(run: Run, record: dict, number: int) -> list[str]:
         "before any answer or judgement was paid for"
     if record["reason"] == CONTAMINATED:
         return [f"{number}. verdict: rejected {when}: contaminated. Its "
-                f"{record.get('overlap_field') or 'instruction'} shares the n-gram",
+                f"{record.get('overlap_field') or 'instruction'} {_contamination(record)} "
+                f"the benchmark row {record.get('benchmark_row')}; in common:",
                 _block(record.get("overlap")),
-                f"   with the benchmark row {record.get('benchmark_row')}."]
+                "   the row (normalised):",
+                _block(record.get("matched_text") or "(not recorded by this run)")]
     # The text it was compared with, as it read then: the id it names may since have
     # been improved into another text (an improved candidate keeps its id).
     original_id = record.get("duplicate_of")

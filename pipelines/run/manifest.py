@@ -257,7 +257,7 @@ def screening_counts(counters: RunCounters, rounds: list[dict]) -> dict[str, Any
                            "final_pairs": counters.flow(m.PAIRS_DUPLICATE)},
             "contaminated": {"before_judging": contaminated,
                              "final_pairs": counters.flow(m.PAIRS_CONTAMINATED)},
-            "benchmark_rows_too_short": counters.flow(m.BENCHMARK_SHORT_ROWS),
+            "benchmark_rows_compared_whole": counters.flow(m.BENCHMARK_SHORT_ROWS),
             "calls_saved": (duplicates + contaminated) * sum(CALLS_PER_CANDIDATE.values())}
 
 
