@@ -67,6 +67,9 @@ setuptools.setup(
         "matplotlib>=3.8",
         # The dataset card's metadata (Beam installs it too).
         "pyyaml>=6",
+        # Beam stages --setup_file for Dataflow with `python -m build --sdist`, and
+        # logs "No module named build" before falling back to setup.py without it.
+        "build>=1.0",
     ],
     extras_require={
         # The embedded model: compiles llama.cpp, so never on Dataflow workers by default.

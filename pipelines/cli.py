@@ -300,6 +300,10 @@ class _BeamNoise(logging.Filter):
     NOISE = ("Resource module is not available", "Could not load ML transform module")
 
     def filter(self, record: logging.LogRecord) -> bool:
+        # Ctrl-C: Beam logs the interrupted bundle's traceback before it re-raises;
+        # the CLI says in one line what happened and how to resume.
+        if record.exc_info and _is_interrupt(record.exc_info[1]):
+            return False
         return not record.getMessage().startswith(self.NOISE)
 
 
@@ -330,6 +334,24 @@ def _storage_fault(error: BaseException) -> Optional[str]:
             return "the disk is full"
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def _is_interrupt(error: BaseException) -> bool:
+    """Ctrl-C inside a running pipeline: Beam's runner re-raises it as a RuntimeError
+    naming it ("KeyboardInterrupt [while running 'Stage']")."""
+    while error is not None:
+        if isinstance(error, KeyboardInterrupt) or "KeyboardInterrupt" in str(error)[:200]:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _interrupted(command: str) -> int:
+    print(f"codeclm-beam {command}: interrupted. Nothing of this run was made current: "
+          "the output folder holds what it held before. Run the same command again to "
+          "resume: the answers already paid for are read from the cache, not asked "
+          "again.", file=sys.stderr)
+    return 130  # the shell's code for a process ended by SIGINT
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -376,7 +398,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     except RunStopped as stopped:
         print(f"codeclm-beam {command}: stopped: {stopped}", file=sys.stderr)
         return 4
+    except KeyboardInterrupt:
+        return _interrupted(command)
     except Exception as error:
+        if _is_interrupt(error):
+            return _interrupted(command)
         reason = _storage_fault(error)
         if reason is None:
             raise

@@ -1,5 +1,7 @@
 """A user's first hour, round three (issue 45): option mistakes end in one line and
 exit 2 before anything is read, written or asked of a model."""
+import os
+
 import pytest
 
 from codeclm_beam.pipelines.cli import main as cli_main
@@ -57,3 +59,51 @@ def test_other_commands_and_a_missing_backend_class_are_refused_the_same_way(
     err = capsys.readouterr().err
     assert status == 2 and "cannot load nosuch.module:Cls" in err
     assert "--prices" in err and "no such file" in err and "Traceback" not in err
+
+
+def test_ctrl_c_ends_in_one_message_that_says_the_rerun_resumes(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from tests.scripted_backend import read_calls
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    models = scripted_models(tmp_path, judge="strong_wins", latency_s=0.3)
+    seeds = write_seeds(tmp_path / "seeds.jsonl", 4)
+    argv = generate_args(tmp_path, models, seeds, tmp_path / "out", "--num_examples", "4",
+                         "--num_metadata", "4", "--quiet")
+    running = subprocess.Popen(
+        [sys.executable, "-m", "codeclm_beam.pipelines.cli", "generate", *argv],
+        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (tmp_path / "calls").exists() or len(read_calls(tmp_path / "calls")) < 3:
+        assert time.time() < deadline and running.poll() is None, running.communicate()
+        time.sleep(0.1)
+    running.send_signal(signal.SIGINT)
+    _, err = running.communicate(timeout=120)
+    assert running.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("codeclm-beam generate: interrupted")
+    assert "Run the same command again to resume" in err
+    # And it does: the answers paid for before Ctrl-C are not asked again.
+    asked_before = {call["key"] for call in read_calls(tmp_path / "calls")[:-2]}
+    count_before = len(read_calls(tmp_path / "calls"))
+    assert exit_code(["generate", *argv]) == 0
+    asked_after = {call["key"] for call in read_calls(tmp_path / "calls")[count_before:]}
+    assert not asked_before & asked_after
+
+
+def test_a_run_leaves_no_shared_quota_files_in_the_temp_folder(tmp_path):
+    import glob
+    import json
+    import tempfile
+    models = scripted_models(tmp_path, judge="strong_wins")
+    seeds = write_seeds(tmp_path / "seeds.jsonl", 2)
+    argv = generate_args(tmp_path, models, seeds, tmp_path / "out", "--num_examples", "1",
+                         "--num_metadata", "2", "--max_iterations", "1",
+                         "--max_requests_per_minute", "6000", "--quiet")
+    assert exit_code(["generate", *argv]) == 0
+    run_id = json.loads((tmp_path / "out" / "manifest.json").read_text())["run_id"]
+    assert run_id
+    assert not glob.glob(os.path.join(tempfile.gettempdir(), f"codeclm-quota-{run_id}-*"))

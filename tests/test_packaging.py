@@ -1,6 +1,7 @@
 """The package installs `transforms/` and `pipelines/` as codeclm_beam.transforms and
 codeclm_beam.pipelines, in a wheel as in the editable install, and its CLI answers."""
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -16,8 +17,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_wheel_maps_transforms_and_pipelines_under_codeclm_beam(tmp_path):
+    # Built from a copy: a build in the checkout leaves build/ there, which shadows
+    # the `build` module when Beam stages --setup_file with `python -m build`.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".venv*", ".git", "build", "out", "codeclm_cache", "*.egg-info", "benchmarks",
+        ".pytest_cache", ".hypothesis", "__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
-                    "--no-build-isolation", "-q", "-w", str(tmp_path), ROOT], check=True)
+                    "--no-build-isolation", "-q", "-w", str(tmp_path), str(source)],
+                   check=True)
     (wheel,) = tmp_path.glob("codeclm_beam-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "codeclm_beam/transforms/encode.py" in names

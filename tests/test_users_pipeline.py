@@ -137,8 +137,10 @@ providers:
 """
 
 
-def test_stages_in_a_users_beam_yaml_pipeline(tmp_path):
+def test_stages_in_a_users_beam_yaml_pipeline(tmp_path, monkeypatch):
     from apache_beam.yaml import main as yaml_main
+    # Stages without model_options cache under ./codeclm_cache: the user's folder.
+    monkeypatch.chdir(tmp_path)
 
     from codeclm_beam.transforms.beam_yaml import PROVIDERS
     prompts = tmp_path / "prompts.txt"

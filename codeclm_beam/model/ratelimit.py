@@ -24,12 +24,16 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
+import glob
 import hashlib
 import logging
+import os
 import queue
 import re
+import tempfile
 import threading
 import time
 from typing import Optional
@@ -249,7 +253,7 @@ class TokenBucketRateLimiter(RateLimiter):
         # A model identity can be long (a GGUF path): name the files by its hash.
         model_hash = hashlib.sha256(tag.encode("utf-8")).hexdigest()[:16]
         self._tag = re.sub(r"[^A-Za-z0-9_.-]", "_",
-                           f"codeclm-quota-{quota.run_id}-{model_hash}")
+                           _shared_files_prefix(quota.run_id) + model_hash)
 
     def allow(self, hits_added: int = 1, tokens: int = 0) -> bool:
         wait = _channel(self._quota, self._tag).call("reserve", hits_added, tokens)
@@ -260,6 +264,19 @@ class TokenBucketRateLimiter(RateLimiter):
     def charge_tokens(self, tokens: int) -> None:
         if self._quota.tokens_per_minute:  # else a round trip to the quota for nothing
             _channel(self._quota, self._tag).call("charge_tokens", tokens)
+
+
+def _shared_files_prefix(run_id: str) -> str:
+    return f"codeclm-quota-{run_id}-"
+
+
+def remove_shared_files(run_id: str) -> None:
+    """The address and lock files MultiProcessShared leaves in the temp folder for a
+    run's quotas, once the run is over (on Dataflow they go with the worker VMs)."""
+    prefix = re.sub(r"[^A-Za-z0-9_.-]", "_", _shared_files_prefix(run_id))
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), glob.escape(prefix) + "*")):
+        with contextlib.suppress(OSError):
+            os.remove(path)
 
 
 def make_rate_limiter(quota: QuotaConfig, tag: str) -> Optional[RateLimiter]:

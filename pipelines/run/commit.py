@@ -43,6 +43,7 @@ from typing import Any, Optional
 from apache_beam.io.filesystems import FileSystems
 
 from codeclm_beam.model.errors import ConfigurationError
+from codeclm_beam.model.ratelimit import remove_shared_files
 
 _LOG = logging.getLogger(__name__)
 
@@ -600,7 +601,8 @@ def run_in_folder(outputs: OutputFolder, claim: bool, work, first=None):
     checks and the command's own (`first`), both before any model call and before
     anything is created; the claim; `work()` (which builds, runs and commits); the
     run's folder removed if it fails (one refused keeps it, for reading); the lock
-    released. `claim` is False for a dry run, which writes nothing."""
+    released, and the run's shared-quota files in the temp folder removed. `claim` is
+    False for a dry run, which writes nothing."""
     if claim:
         outputs.inspect()
     if first is not None:
@@ -617,6 +619,7 @@ def run_in_folder(outputs: OutputFolder, claim: bool, work, first=None):
         raise
     finally:
         outputs.release()
+        remove_shared_files(outputs.run_id)
 
 
 # --------------------------------------------------------------------------- helpers
