@@ -86,17 +86,22 @@ def _summary(manifest: dict) -> str:
                          + ("encoded anyway (--keep_contaminated_seeds)"
                             if s["contaminated_encoded"] else "left out of encoding"))
     pool = acc["metadata_pool"]
-    lines.append(f"  metadata pool: {pool['entries']} entries (--num_metadata "
-                 f"{pool['asked']}), {pool['rubric_sets']} rubric sets")
+    lines.append(f"  metadata pool: {pool['entries']} entries ({pool['asked']} asked), "
+                 f"{pool['rubric_sets']} rubric sets")
     if pool["note"]:
         lines.append(f"    {pool['note']}")
     lines.append(f"  basic instructions: {cand['basic_instructions']}")
     for r in cand["rounds"]:
         if r["candidates"]:
+            # candidates = removed + kept + within threshold + lost to dead letters;
+            # "not needed" are some of those within threshold, not more of them.
+            removed = r["duplicate"] + r["contaminated"]
             lines.append(f"    round {r['round']}: {r['candidates']} candidates "
-                         f"({r['fresh']} fresh from the reserve), "
-                         f"{r['kept']} kept, {r['undecided']} within threshold, "
-                         f"{r['not_needed']} not needed")
+                         f"({r['fresh']} fresh from the reserve): "
+                         + (f"{removed} removed before judging, " if removed else "")
+                         + f"{r['kept']} kept, {r['undecided']} within threshold"
+                         + (f" (of them {r['not_needed']} not needed)"
+                            if r["not_needed"] else ""))
     unresolved = cand["unresolved_after_last_round"]
     if manifest["options"].get("keep_unresolved"):
         verdict = f"{cand['kept']} by the gap rule, {unresolved} unresolved kept anyway"

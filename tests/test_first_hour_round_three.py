@@ -107,3 +107,35 @@ def test_a_run_leaves_no_shared_quota_files_in_the_temp_folder(tmp_path):
     run_id = json.loads((tmp_path / "out" / "manifest.json").read_text())["run_id"]
     assert run_id
     assert not glob.glob(os.path.join(tempfile.gettempdir(), f"codeclm-quota-{run_id}-*"))
+
+
+def test_the_summarys_counts_add_up_round_by_round(tmp_path):
+    import re
+    from codeclm_beam.pipelines.cli import _summary
+    from tests.helpers import run_generate
+    models = scripted_models(tmp_path, judge="half", duplicate_every=3)
+    seeds = write_seeds(tmp_path / "seeds.jsonl", 4)
+    manifest = run_generate(generate_args(
+        tmp_path, models, seeds, tmp_path / "out", "--num_examples", "4",
+        "--num_metadata", "4", "--num_instructions", "12", "--max_iterations", "2"))
+    summary = _summary(manifest)
+    rounds = re.findall(r"round \d+: (\d+) candidates \(\d+ fresh from the reserve\): "
+                        r"(?:(\d+) removed before judging, )?(\d+) kept, "
+                        r"(\d+) within threshold", summary)
+    assert rounds, summary
+    for candidates, removed, kept, within in rounds:
+        assert int(candidates) == int(removed or 0) + int(kept) + int(within), summary
+    assert any(removed for _, removed, _, _ in rounds), summary
+    pool = manifest["accounting"]["metadata_pool"]
+    assert f"metadata pool: {pool['entries']} entries ({pool['asked']} asked)" in summary
+
+
+def test_the_yaml_summary_tells_answered_from_failed():
+    from codeclm_beam import metrics
+    from codeclm_beam.metrics import RunCounters
+    from codeclm_beam.pipelines.commands.yaml_run import summary
+    namespace = metrics.model_namespace("answer_target", "scripted")
+    counters = RunCounters({namespace: {"elements": 5, "failures": 1, "requests": 7,
+                                        "cache_hits": 0}})
+    assert "answer_target: 4 answered, 1 failed (7 requests, 0 from the cache)" in \
+        summary(counters)

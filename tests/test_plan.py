@@ -1,5 +1,6 @@
 """`codeclm-beam plan`: projecting a pilot run's measurements must reproduce the pilot
 itself exactly when asked for the pilot's own sizes, and scale by the budget rule."""
+import dataclasses
 import json
 
 import pytest
@@ -151,3 +152,15 @@ def test_plan_command_prints_json_and_warns_about_huge_decode_calls(mixed_pilot,
     assert any("raise --num_metadata" in w for w in result["warnings"])
     assert main(["plan", str(run_dir), "--num_examples", "1000"]) == 0
     assert "--num_instructions" in capsys.readouterr().out
+
+
+def test_a_pilot_whose_judge_separated_nothing_is_said_to_have_kept_by_fallback(
+        mixed_pilot):
+    _, manifest = mixed_pilot
+    pilot = dataclasses.replace(Pilot.from_manifest(manifest), keep_unresolved=True,
+                                accept_by_round=(0.0, 0.0, 0.0, 0.0))
+    warnings = plan(pilot, num_examples=1000)["warnings"]
+    assert any("separated none" in w and "--keep_unresolved" in w for w in warnings)
+    # A pilot that kept by the gap rule gets no such warning.
+    assert not any("separated none" in w
+                   for w in plan(Pilot.from_manifest(manifest), 1000)["warnings"])

@@ -236,6 +236,11 @@ def plan(pilot: Pilot, num_examples: int, num_instructions: Optional[int] = None
         warnings.append(f"decode must write {planned_count:,} instructions per metadata "
                         f"entry in one call; raise --num_metadata to at least "
                         f"{math.ceil(num_instructions / MAX_SENSIBLE_PER_ENTRY):,}")
+    if pilot.keep_unresolved and not any(accept):
+        warnings.append("the pilot's judge separated none of its candidates: its pairs "
+                        "were all kept by --keep_unresolved, not chosen by contrastive "
+                        "filtering, and so would this run's be; use a stronger judge or "
+                        "a lower --threshold before scaling up")
     if pilot.basic_instructions < MIN_PILOT_CANDIDATES:
         warnings.append(f"the pilot judged {pilot.basic_instructions} basic instructions; "
                         f"acceptance measured on fewer than {MIN_PILOT_CANDIDATES} is a "

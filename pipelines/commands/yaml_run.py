@@ -21,7 +21,8 @@ def summary(counters: RunCounters) -> str:
              f"{totals.get('failures', 0)} calls failed for good (each a dead letter "
              "in its stage's error_handling output)"]
     for stage, numbers in counters.stage_totals().items():
-        lines.append(f"  {stage}: {numbers.get('elements', 0)} answered "
+        elements, failed = numbers.get("elements", 0), numbers.get("failures", 0)
+        lines.append(f"  {stage}: {elements - failed} answered, {failed} failed "
                      f"({numbers.get('requests', 0)} requests, "
                      f"{numbers.get('cache_hits', 0)} from the cache)")
     return "\n".join(lines)
