@@ -56,6 +56,8 @@ RESERVE_UNUSED = "reserve_unused"
 SURPLUS = "surplus"
 # Seeds (or metadata rows) a --preview run left out.
 NOT_PREVIEWED = "not_previewed"
+# Seeds left out of the seeded sample encoded (--max_seeds).
+NOT_SAMPLED = "seeds.not_sampled"
 EXAMPLES = "examples"
 # What a round counts, as round{n}.{what}: "duplicate" and "contaminated" are
 # candidates removed before they were judged.

@@ -80,6 +80,10 @@ def _summary(manifest: dict) -> str:
         lines.append(f"  seeds: {s['rows_read']} rows, {s['seeds']} unique, "
                      f"{s['duplicates_dropped']} duplicates, {s['dead_letter']} bad rows, "
                      f"{s['encoded']} encoded")
+        if s.get("not_sampled"):
+            lines.append(f"    {s['seeds'] - s['not_sampled']} of the {s['seeds']} seeds "
+                         "encoded: a seeded sample the pool's size (--max_seeds N or "
+                         "all to change it)")
         if s.get("contaminated"):
             lines.append(f"    {s['contaminated']} seeds match a --decontaminate file "
                          "(contaminated_seeds/): "

@@ -106,6 +106,11 @@ class GenerateOptions(PipelineOptions):
                                 "with the pool sized to them, print them, and leave "
                                 "the output folder as it was (answers are cached for "
                                 "the real run).")
+        group.add_argument("--max_seeds", type=seed_count, default=None, metavar="N|all",
+                           help="Encode a seeded sample of at most N seeds: each seed "
+                                "costs an encode call, and its metadata a rubrics and a "
+                                "decode call in the pool. Default: the pool size, at "
+                                f"least {MIN_SEEDS_SAMPLED}; `all` encodes every seed.")
         group.add_argument("--max_skills", type=COUNT, default=config_default("max_skills"))
         group.add_argument("--num_rubrics", type=COUNT,
                            default=config_default("num_rubrics"))
@@ -184,6 +189,24 @@ class GenerateOptions(PipelineOptions):
 
 # Every flag `generate` takes, in the order the CLI and the Flex Template list them.
 OPTION_VIEWS = (GenerateOptions, AnswerOptions, RunOptions, ModelOptions)
+
+
+# Below this many seeds every seed is encoded whatever the pool's size.
+MIN_SEEDS_SAMPLED = 100
+
+
+def seed_count(value: str) -> int:
+    """--max_seeds: a count of at least 1, or `all` (0: no sample)."""
+    return 0 if value == "all" else COUNT(value)
+
+
+def seeds_encoded_at_most(opts: "GenerateOptions", config: CodecLMConfig) -> Optional[int]:
+    """How many seeds a run encodes at most (None: all): a pool of num_metadata entries
+    needs that many seeds' metadata, and every distinct one stays in the pool, with a
+    rubrics and a decode call each."""
+    if opts.max_seeds is None:
+        return max(config.num_metadata, MIN_SEEDS_SAMPLED)
+    return opts.max_seeds or None
 
 
 def codeclm_config(options: PipelineOptions, run_id: str) -> CodecLMConfig:
@@ -275,6 +298,11 @@ def _build(pipeline, opts: "GenerateOptions", config: CodecLMConfig, out: str,
     if opts.preview is not None:
         sample = inputs | "PreviewSample" >> TakeLowestRanked(preview_rank, opts.preview)
         sample.rest | "CountNotPreviewed" >> Tally(metrics.NOT_PREVIEWED)
+        inputs = sample.taken
+    most = seeds_encoded_at_most(opts, config) if opts.seeds else None
+    if most is not None:
+        sample = inputs | "SampleSeeds" >> TakeLowestRanked(preview_rank, most)
+        sample.rest | "CountNotSampled" >> Tally(metrics.NOT_SAMPLED)
         inputs = sample.taken
     result = inputs | "CodecLM" >> CodecLM(
         config, from_metadata=bool(opts.metadata)).with_error_handler(dead_letters)
@@ -384,7 +412,7 @@ def preflight(options: PipelineOptions, config: CodecLMConfig) -> None:
 
 
 def projected_calls(config: CodecLMConfig, from_metadata: bool,
-                    counters: RunCounters) -> Optional[int]:
+                    counters: RunCounters, max_seeds: Optional[int] = None) -> Optional[int]:
     """The calls (model or cache) this run will make, for the progress display's ETA:
     the rounds as `plan` projects them (`simulate_rounds`, the rule `generate`
     follows), at the share each round has kept of what it judged so far; a round not
@@ -393,6 +421,7 @@ def projected_calls(config: CodecLMConfig, from_metadata: bool,
     seeds = 0 if from_metadata else counters.flow(metrics.SEEDS)
     if not from_metadata and not seeds:
         return None  # no estimate until the seeds are read: the pool depends on them
+    seeds = min(seeds, max_seeds or seeds)
     # Mix-and-match fills the pool to --num_metadata, and every distinct metadata of
     # the seeds stays in it: until it is built, at most one entry a seed beyond that.
     pool = counters.flow(metrics.METADATA_POOL) or max(cfg.num_metadata, seeds, 1)
@@ -454,7 +483,8 @@ def _run_claimed(options: PipelineOptions, config: CodecLMConfig,
         result, not_finished = manifest_lib.run_pipeline(
             pipeline, options, outputs, "codeclm-beam generate", run_id, wait,
             progress_for(options, config.num_examples,
-                         functools.partial(projected_calls, config, bool(opts.metadata))))
+                         functools.partial(projected_calls, config, bool(opts.metadata),
+                                           max_seeds=seeds_encoded_at_most(opts, config))))
     if not_finished:
         return not_finished
     counters = RunCounters.from_result(result)

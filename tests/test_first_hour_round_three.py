@@ -139,3 +139,21 @@ def test_the_yaml_summary_tells_answered_from_failed():
                                         "cache_hits": 0}})
     assert "answer_target: 4 answered, 1 failed (7 requests, 0 from the cache)" in \
         summary(counters)
+
+
+def test_many_seeds_are_sampled_to_what_the_pool_needs(tmp_path):
+    from codeclm_beam.pipelines.cli import _summary
+    from tests.helpers import run_generate
+    models = scripted_models(tmp_path, judge="strong_wins")
+    seeds = write_seeds(tmp_path / "seeds.jsonl", 12)
+    manifest = run_generate(generate_args(
+        tmp_path, models, seeds, tmp_path / "out", "--num_examples", "2",
+        "--num_metadata", "3", "--max_iterations", "1", "--max_seeds", "5"))
+    acc = manifest["accounting"]
+    assert acc["balanced"], acc["checks"]
+    assert acc["seeds"]["encoded"] == 5 and acc["seeds"]["not_sampled"] == 7
+    assert calls_by_kind(tmp_path)["encode"] == 5
+    assert "5 of the 12 seeds encoded: a seeded sample" in _summary(manifest)
+    # `all` encodes every seed, and bad counts are refused before anything runs.
+    assert exit_code(["generate", *generate_args(
+        tmp_path, models, seeds, tmp_path / "bad", "--max_seeds", "0")]) == 2

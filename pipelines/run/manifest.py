@@ -182,6 +182,8 @@ def accounting(counters: RunCounters, max_iterations: int, from_metadata: bool,
                  "encoded": flow(m.METADATA), "encode_dead_letter": dead("encode")}
         if flow(m.NOT_PREVIEWED):
             seeds["not_previewed"] = flow(m.NOT_PREVIEWED)
+        if flow(m.NOT_SAMPLED):
+            seeds["not_sampled"] = flow(m.NOT_SAMPLED)
         contaminated = flow(m.SEEDS_CONTAMINATED)
         if contaminated:
             seeds["contaminated"] = contaminated
@@ -189,10 +191,11 @@ def accounting(counters: RunCounters, max_iterations: int, from_metadata: bool,
         checks["rows = seeds + duplicates + dead letters"] = (
             seeds["rows_read"] == seeds["seeds"] + seeds["duplicates_dropped"]
             + seeds["dead_letter"])
-        checks["seeds = metadata + encode dead letters (+ not previewed, + contaminated "
-               "left out)"] = (
+        checks["seeds = metadata + encode dead letters (+ not previewed, + not sampled, "
+               "+ contaminated left out)"] = (
             seeds["seeds"] == seeds["encoded"] + seeds["encode_dead_letter"]
-            + flow(m.NOT_PREVIEWED) + (0 if keep_contaminated_seeds else contaminated))
+            + flow(m.NOT_PREVIEWED) + flow(m.NOT_SAMPLED)
+            + (0 if keep_contaminated_seeds else contaminated))
     else:
         seeds = {"rows_read": flow(m.rows_read("read_metadata")),
                  "metadata": flow(m.USER_METADATA),
