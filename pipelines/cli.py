@@ -189,6 +189,13 @@ def _preview_summary(manifest: dict) -> str:
             lines.append(f"    {candidate.get('reason', '?')}: "
                          f"{_shortened(candidate.get('instruction', ''))}"
                          + (f" ({judged})" if judged else ""))
+    within = sum(c.get("reason") == "within_threshold" for c in preview["rejected"])
+    if missing > 0 and within and not manifest["options"].get("keep_unresolved"):
+        lines.append(f"  {within} candidates were still within the threshold after the "
+                     "last round: a judge that cannot tell the answers apart (one model "
+                     "as strong and target, as the embedded default is) keeps nothing; "
+                     "--keep_unresolved keeps the better answer of each, as `make demo` "
+                     "does")
     dead = collections.Counter(f"{d.get('stage', '?')}: {d.get('reason', 'error')}"
                                for d in preview["dead_letters"])
     lines.append(f"  rejected candidates: {len(preview['rejected'])}; dead letters: "

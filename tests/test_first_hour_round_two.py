@@ -201,6 +201,15 @@ def test_preview_runs_every_stage_on_a_few_pairs_and_promotes_nothing(tmp_path, 
     # Nothing committed: the folder holds the cache and the lock file, nothing else.
     assert sorted(p.name for p in out.iterdir()) == [".lock", "cache"]
     assert any((out / "cache").rglob("*.json"))
+    # A judge that separates nothing (one model on both sides): the preview says what
+    # to add rather than only "0 of 2".
+    tie = tmp_path / "tie"
+    tie.mkdir()
+    models = scripted_models(tie, "tie")
+    cli_main(["generate", *generate_args(tie, models, seeds, tie / "out", "--preview", "2")])
+    printed = capsys.readouterr().out
+    assert "0 of 2 pairs" in printed and "--keep_unresolved keeps the better answer" in \
+        printed
 
 
 # ---- 4. README commands run as written -------------------------------------------------

@@ -292,7 +292,8 @@ def delivery(accounting_: dict, num_examples: int, num_instructions: int,
         reasons.append(f"all {cand['basic_instructions']} basic instructions were used")
     if cand["unresolved_after_last_round"]:
         reasons.append(f"{cand['unresolved_after_last_round']} candidates were still "
-                       "within the threshold after the last round (rejected/)")
+                       "within the threshold after the last round (rejected/; "
+                       "--keep_unresolved keeps the better answer of each)")
     screened = (cand.get("duplicates", 0) + cand.get("contaminated", 0)
                 + cand.get("pairs_duplicates", 0) + cand.get("pairs_contaminated", 0))
     if screened and cand["reserve_unused"] == 0:
