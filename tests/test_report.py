@@ -106,3 +106,24 @@ def test_no_report_flag(tmp_path):
     assert not (tmp_path / "out" / "report.html").exists()
     # The card stays: it is the dataset's index (its configs name the data files).
     assert "config_name: sft" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_the_report_counts_what_the_table_and_chart_show(tmp_path):
+    # One model on both sides: every candidate stays within the threshold and
+    # --keep_unresolved keeps the better answer; one seed's encode fails for good.
+    models = scripted_models(tmp_path, "tie", {"strong": {"fail_when": "number1 "}})
+    seeds = write_seeds(tmp_path / "seeds.jsonl", 3)
+    manifest = run_generate(generate_args(
+        tmp_path, models, seeds, tmp_path / "out", "--num_metadata", "2",
+        "--num_examples", "2", "--num_instructions", "4", "--max_iterations", "1",
+        "--keep_unresolved", "--max_retries", "0", "--overgenerate_margin", "2"))
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert sum(manifest["accounting"]["dead_letters_by_stage"].values()) == 1
+    assert ">1 dead letter<" in html and "1 dead letters" not in html
+    assert "<code>--keep_unresolved</code>" in html
+    surplus = manifest["accounting"]["candidates"]["surplus"]
+    assert surplus and f"{surplus} of them cut as surplus beyond the 2 asked" in html
+    # The rounds table shows the pairs --keep_unresolved kept, as the chart does.
+    kept_anyway = manifest["accounting"]["candidates"]["unresolved_after_last_round"]
+    assert kept_anyway and "kept anyway (<code>--keep_unresolved</code>)" in html
+    assert f"<td class='n'>{kept_anyway}</td></tr>" in html

@@ -5,7 +5,6 @@ Committed like any run: the current run's files are carried into a new run folde
 the pointer moves to it; killed at any moment, the folder shows the run as it was."""
 from __future__ import annotations
 
-import json
 import os
 import uuid
 
@@ -51,7 +50,7 @@ def report_command(argv: list[str]) -> int:
         outputs.commit(record)
         return report
     report = run_in_folder(outputs, True, work)
-    print(json.dumps({"report": report}, indent=2))
+    print(f"codeclm-beam report: wrote {report}")
     return 0
 
 

@@ -64,6 +64,14 @@ def _figure():
     return plt
 
 
+def _counts_axis(ax, highest: float) -> None:
+    """A y axis of counts: whole-number ticks, and room above the highest bar so that
+    no bar touches the frame."""
+    from matplotlib.ticker import MaxNLocator
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylim(0, max(highest, 1) * 1.15)
+
+
 def _png(fig) -> str:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
@@ -119,9 +127,10 @@ def kept_by_iteration(examples: list[dict], iterations: int) -> str:
         ax.bar(rounds, counts, bottom=bottom, label=f"{source} answer")
         bottom = [b + c for b, c in zip(bottom, counts)]
     ax.set_xlabel("iteration")
-    ax.set_ylabel("kept pairs")
+    ax.set_ylabel("delivered pairs")
     ax.set_xticks(rounds)
-    ax.set_title("Kept pairs per iteration and answer source")
+    _counts_axis(ax, max(bottom, default=0))
+    ax.set_title("Delivered pairs per iteration and answer source")
     _legend_outside(ax)
     return _png(fig)
 
@@ -130,7 +139,8 @@ def gap_histogram(gaps: list[float], threshold: float, scale: int) -> str:
     plt = _figure()
     fig, ax = plt.subplots(figsize=(6, 3.2))
     bins = [x / 2 - 0.25 for x in range(-2 * scale, 2 * scale + 2)]
-    ax.hist(gaps, bins=bins, color="#4c72b0")
+    heights, _, _ = ax.hist(gaps, bins=bins, color="#4c72b0")
+    _counts_axis(ax, max(heights, default=0))
     for x in (threshold, -threshold):
         ax.axvline(x, color="#c44e52", linestyle="--")
     ax.set_xlabel("score gap (strong − target)")
@@ -156,11 +166,13 @@ def calls_per_stage(by_stage: dict) -> str:
     left.bar(stages, requests, label="requests sent")
     left.bar(stages, hits, bottom=requests, label="cache hits")
     left.set_title("Model calls per stage")
+    _counts_axis(left, max([r + h for r, h in zip(requests, hits)], default=0))
     _legend_outside(left, below=True)
     right.bar(stages, tokens, color="#55a868", label="paid now")
     right.bar(stages, tokens_before, bottom=tokens, color="#b3d9bd",
               label="paid before (cached answers)")
     right.set_title("Tokens per stage (prompt + visible output + thoughts)")
+    _counts_axis(right, max([t + b for t, b in zip(tokens, tokens_before)], default=0))
     _legend_outside(right, below=True)
     for ax in (left, right):
         ax.tick_params(axis="x", rotation=45)

@@ -3,6 +3,7 @@ or `evaluate` run. A generate run's dataset card is `codeclm_beam/hf_dataset.py`
 from __future__ import annotations
 
 import html
+import re
 from typing import Any, Optional
 
 from apache_beam.io.filesystems import FileSystems
@@ -32,7 +33,7 @@ table{border-collapse:collapse;margin:.5em 0;font-size:.9em}td,th{border:1px sol
 padding:.25em .6em;text-align:left;vertical-align:top;overflow-wrap:anywhere}
 th{overflow-wrap:normal}td.n{text-align:right;white-space:nowrap;overflow-wrap:normal}
 td.w{overflow-wrap:normal;white-space:nowrap}img{max-width:100%;display:block;margin:1em 0}
-pre{white-space:pre-wrap;background:#f6f6f6;padding:.5em}.muted{color:#666}
+pre{white-space:pre-wrap;background:#f6f6f6;padding:.5em}code{white-space:nowrap}.muted{color:#666}
 .cards{display:flex;gap:1em;flex-wrap:wrap;margin:1em 0}.card{flex:1 1 300px;border:1px solid #ccc;
 border-radius:6px;padding:.6em 1em}.card h2{margin:.2em 0 .4em;font-size:1.1em}.card .big{font-size:1.6em;
 font-weight:600}.card ul{margin:.3em 0;padding-left:1.2em}.bad{color:#a40000}.good{color:#1a6e1a}"""
@@ -50,8 +51,16 @@ window.addEventListener('load', () => {
 </script>"""
 
 
+_FLAG = re.compile(r"--[a-z][a-z_]+")
+
+
+def escaped(text: str) -> str:
+    """Text as HTML, its command-line flags as code that never breaks at a hyphen."""
+    return _FLAG.sub(lambda flag: f"<code>{flag.group()}</code>", html.escape(text))
+
+
 def _table(rows: list[list[Any]], header: list[str]) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    head = "".join(f"<th>{escaped(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(_cell(c) for c in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
@@ -118,6 +127,11 @@ def screening_line(acc: dict, screens: Optional[dict]) -> str:
             "removing them before they were judged")
 
 
+def counted(number: int, thing: str, things: Optional[str] = None) -> str:
+    """'1 dead letter', '2 dead letters'."""
+    return f"{number:,} {thing if number == 1 else things or thing + 's'}"
+
+
 def generate_summary(manifest: dict, rejected: int, dead_letters: list[dict],
                      costs: dict) -> str:
     """What did I get, what did it cost, what failed: before any detail."""
@@ -127,17 +141,20 @@ def generate_summary(manifest: dict, rejected: int, dead_letters: list[dict],
     kept_by_rule = cand["kept"]
     got = [f"{kept_by_rule:,} kept by the gap rule"
            + (f", {cand['unresolved_after_last_round']:,} unresolved kept anyway "
-              "(--keep_unresolved)" if manifest["options"].get("keep_unresolved") else ""),
+              "(<code>--keep_unresolved</code>)"
+              if manifest["options"].get("keep_unresolved") else "")
+           + (f"; {cand['surplus']:,} of them cut as surplus beyond the "
+              f"{delivery['asked']:,} asked" if cand.get("surplus") else ""),
            f"{rejected:,} candidates in <code>rejected/</code>, each with its reason",
            f"from {acc['metadata_pool']['entries']:,} pool entries and "
            f"{cand['basic_instructions']:,} basic instructions"]
     got.append(screening_line(acc, manifest.get("screens")))
     if "gap" in delivery:
         got.append(f"<span class='bad'>{delivery['gap']:,} short: "
-                   f"{html.escape(delivery['reason'])}</span>")
+                   f"{escaped(delivery['reason'])}</span>")
     note = judge_note(acc, float(manifest["options"].get("threshold") or 3))
     if note:
-        got.insert(0, f"<span class='bad'>{html.escape(note[:1].upper() + note[1:])}</span>")
+        got.insert(0, f"<span class='bad'>{escaped(note[:1].upper() + note[1:])}</span>")
     cost, before = costs["usd"], paid_before(totals)
     paid = [f"{totals.get('requests', 0):,} model requests, "
             f"{billed_tokens(totals):,} tokens "
@@ -159,15 +176,15 @@ def generate_summary(manifest: dict, rejected: int, dead_letters: list[dict],
     failed = [f"{count:,} at {html.escape(stage)}: {html.escape(reason)}"
               for (stage, reason), count in sorted(by_reason.items())] or [
         "<span class='good'>no dead letters</span>"]
-    failed.append(f"{totals.get('truncated', 0):,} answers cut at the output limit, "
-                  f"{totals.get('retries', 0):,} retries")
+    failed.append(f"{counted(totals.get('truncated', 0), 'answer')} cut at the output "
+                  f"limit, {counted(totals.get('retries', 0), 'retry', 'retries')}")
     failed.append("<span class='good'>every element accounted for</span>" if acc["balanced"]
                   else "<span class='bad'>the accounting does not balance: see "
                        "manifest.json checks</span>")
     return _cards([
         ("What you got", f"{delivery['delivered']:,} of {delivery['asked']:,} pairs", got),
         ("What it cost", f"{dollars(cost)} paid now", paid),
-        ("What failed", f"{len(dead_letters):,} dead letters", failed)])
+        ("What failed", counted(len(dead_letters), "dead letter"), failed)])
 
 
 def generate_report(run_dir: str, manifest: dict, prices: dict) -> dict[str, str]:
@@ -186,6 +203,11 @@ def generate_report(run_dir: str, manifest: dict, prices: dict) -> dict[str, str
     acc = manifest["accounting"]
     gaps = [r["gap"] for r in examples + rejected if r.get("gap") is not None]
     dead_letters = read_jsonl_dir(FileSystems.join(run_dir, "dead_letter"))
+    # Unresolved candidates are kept (--keep_unresolved) in the method's last round.
+    last_round = acc["candidates"]["rounds"][-1]["round"] if acc["candidates"]["rounds"] \
+        else 0
+    kept_anyway = (acc["candidates"]["unresolved_after_last_round"]
+                   if options.get("keep_unresolved") else 0)
     sections = [
         generate_summary(manifest, len(rejected), dead_letters, run_costs),
         f"<p>Models: strong <b>{html.escape(manifest['models']['strong'])}</b>, target "
@@ -212,11 +234,13 @@ def generate_report(run_dir: str, manifest: dict, prices: dict) -> dict[str, str
         _img(gap_histogram(gaps, float(options.get("threshold") or 3),
                            int(options.get("score_scale") or 10)), "score gaps"),
         _table([[r["round"], r["candidates"], r.get("fresh", 0), r.get("duplicate", 0),
-                 r.get("contaminated", 0), r["kept"], r["undecided"], r["not_needed"]]
+                 r.get("contaminated", 0), r["kept"], r["undecided"], r["not_needed"],
+                 kept_anyway if r["round"] == last_round else 0]
                 for r in acc["candidates"]["rounds"]],
                ["round", "candidates", "of them fresh from the reserve",
-                "duplicates removed", "contaminated removed", "kept", "within threshold",
-                "not needed"]),
+                "duplicates removed", "contaminated removed", "kept by the gap rule",
+                "within threshold", "of them not needed",
+                "kept anyway (--keep_unresolved)"]),
         "<h2>Calls, tokens and cost</h2>",
         _img(calls_per_stage(by_stage), "calls and tokens per stage"),
         _table(call_rows, CALL_COLUMNS),
