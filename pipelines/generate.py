@@ -191,6 +191,9 @@ class GenerateOptions(PipelineOptions):
 OPTION_VIEWS = (GenerateOptions, AnswerOptions, RunOptions, ModelOptions)
 
 
+# The share of judged candidates the progress display's projection takes as kept
+# before any round has been judged.
+PRIOR_KEPT_SHARE = 0.5
 # Below this many seeds every seed is encoded whatever the pool's size.
 MIN_SEEDS_SAMPLED = 100
 
@@ -416,7 +419,7 @@ def projected_calls(config: CodecLMConfig, from_metadata: bool,
     """The calls (model or cache) this run will make, for the progress display's ETA:
     the rounds as `plan` projects them (`simulate_rounds`, the rule `generate`
     follows), at the share each round has kept of what it judged so far; a round not
-    reached yet takes the last measured share (none measured: nothing kept)."""
+    reached yet takes the last measured share (none measured: PRIOR_KEPT_SHARE)."""
     cfg = config
     seeds = 0 if from_metadata else counters.flow(metrics.SEEDS)
     if not from_metadata and not seeds:
@@ -426,7 +429,9 @@ def projected_calls(config: CodecLMConfig, from_metadata: bool,
     # the seeds stays in it: until it is built, at most one entry a seed beyond that.
     pool = counters.flow(metrics.METADATA_POOL) or max(cfg.num_metadata, seeds, 1)
     basic = counters.flow(metrics.BASIC_INSTRUCTIONS) or cfg.basic_instructions
-    accept, share = [], 0.0
+    # Until a round has judged something, half of what is judged is taken as kept:
+    # "nothing kept" would project every round at full size and then fall by half.
+    accept, share = [], PRIOR_KEPT_SHARE
     for number in range(1, cfg.max_iterations + 1):
         kept = counters.in_round(number, "kept")
         decided = kept + counters.in_round(number, "undecided")

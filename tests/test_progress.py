@@ -40,3 +40,30 @@ def test_a_local_run_shows_its_stages_while_it_works_and_quiet_silences_it(
     assert not re.search(r"\[\d+m\d\ds\]", capfd.readouterr().err)
     assert quiet["accounting"] == manifest["accounting"]
     assert quiet["model_calls"]["totals"]["cache_hits"] == totals["elements"]
+
+
+def test_the_line_names_every_stage_at_work_and_its_eta_follows_the_recent_pace():
+    from codeclm_beam import metrics
+    from codeclm_beam.metrics import RunCounters
+    from codeclm_beam.pipelines.run.progress import LiveProgress
+    from codeclm_beam.pipelines.run.progress import Snapshot
+    from codeclm_beam.pipelines.run.progress import describe
+
+    def counters(answered, judged):
+        return RunCounters.from_pairs([
+            ((metrics.FLOW, metrics.in_round(2, "candidates")), 4),
+            ((metrics.model_namespace("answer_strong", "m"), "elements"), answered),
+            ((metrics.model_namespace("judge", "m"), "elements"), judged)])
+    now = Snapshot(counters(10, 20), {"answer_strong": 3, "judge": 2}, 100.0)
+    line = describe(now, 4, 60)
+    # Both stages with calls in flight, not only the later one (which may have none
+    # done yet while the other advances); the round apart from the run-wide figures.
+    assert "| round 2 | answer_strong: 10 done, 3 in flight" in line
+    assert "; judge: 20 done, 2 in flight" in line
+    assert line.endswith(", ETA ~1m40s")  # 30 calls left at 0.3 a second
+    # The ETA follows the pace of the last minute, not of the whole run.
+    # A slow first minute (6 calls), then 60 calls in the next: 1 a second, not 0.55.
+    progress = LiveProgress(wanted=4, projected_calls=lambda _: 200)
+    assert progress.rate(Snapshot(counters(0, 0), {}, 0.0)) is None
+    assert progress.rate(Snapshot(counters(2, 4), {}, 60.0)) == 0.1
+    assert progress.rate(Snapshot(counters(26, 40), {}, 120.0)) == 1.0

@@ -68,11 +68,17 @@ class Snapshot:
         return max(rounds) if rounds else 0
 
     def stage(self) -> Optional[str]:
-        """The stage at work: the one with calls in flight, else the latest reached."""
+        """The stage at work: the latest with calls in flight, else the latest reached."""
+        stages = self.stages()
+        return stages[-1] if stages else None
+
+    def stages(self) -> list[str]:
+        """The stages at work, in the method's order: every one with calls in flight
+        (a round's answers and judgements overlap), else the latest reached."""
         if self.in_flight:
-            return max(self.in_flight, key=_stage_position)
+            return sorted(self.in_flight, key=_stage_position)
         reached = [s for s in self.by_stage if self.by_stage[s]["elements"]]
-        return max(reached, key=_stage_position) if reached else None
+        return [max(reached, key=_stage_position)] if reached else []
 
 
 def _stage_position(stage: str) -> int:
@@ -80,29 +86,34 @@ def _stage_position(stage: str) -> int:
 
 
 def describe(snapshot: Snapshot, wanted: Optional[int],
-             projected_calls: Optional[int]) -> str:
-    """One line: the stage at work and its figures, the kept pairs and an ETA."""
-    stage = snapshot.stage()
+             projected_calls: Optional[int], rate: Optional[float] = None) -> str:
+    """One line: the round, each stage at work with its figures over the whole run so
+    far, the kept pairs and an ETA. `rate`: calls a second lately (default: since the
+    start), which the ETA divides the calls left by."""
     parts = [f"[{_duration(snapshot.elapsed)}]"]
-    if stage is None:
+    if snapshot.round:
+        parts.append(f"round {snapshot.round}")
+    stages = snapshot.stages()
+    if not stages:
         parts.append("reading inputs")
-    else:
+    at_work = []
+    for stage in stages:
         s = snapshot.by_stage.get(stage, {})
-        label = f"round {snapshot.round} " if snapshot.round and stage in (
-            "answer_strong", "answer_target", "judge", "improve") else ""
         tokens = Usage.from_dict(s).billed
-        parts.append(
-            f"{label}{stage}: {s.get('elements', 0)} done, "
-            f"{snapshot.in_flight.get(stage, 0)} in flight, "
-            f"{s.get('cache_hits', 0)} cache hits, {tokens} tokens, "
-            f"{snapshot.counters.dead_letter(stage)} dead letters")
+        figures = (f"{stage}: {s.get('elements', 0)} done, "
+                   f"{snapshot.in_flight.get(stage, 0)} in flight, "
+                   f"{s.get('cache_hits', 0)} cache hits, {tokens} tokens, "
+                   f"{snapshot.counters.dead_letter(stage)} dead letters")
         jobs = snapshot.batch_jobs.get(stage)
         if jobs:
             states = collections.Counter(phase for phase, _ in jobs.values())
             waited = s.get("batch_wait_seconds", 0)
-            parts.append("batch jobs " + ", ".join(
+            figures += ("; batch jobs " + ", ".join(
                 f"{n} {state}" for state, n in sorted(states.items()))
                 + f" (waited {_duration(waited)})")
+        at_work.append(figures)
+    if at_work:
+        parts.append("; ".join(at_work))
     totals = snapshot.totals
     # Unresolved candidates kept anyway (--keep_unresolved) are only counted as
     # examples when written, at the end.
@@ -120,8 +131,9 @@ def describe(snapshot: Snapshot, wanted: Optional[int],
     sent_text = f" ({sent} requests sent)" if sent != done else ""
     if projected_calls:
         eta = ""
-        if done and projected_calls > done:
-            eta = f", ETA ~{_duration(snapshot.elapsed / done * (projected_calls - done))}"
+        rate = rate if rate else (done / snapshot.elapsed if snapshot.elapsed else 0)
+        if done and rate and projected_calls > done:
+            eta = f", ETA ~{_duration((projected_calls - done) / rate)}"
         parts.append(f"calls {done} of ~{max(projected_calls, done)}{sent_text}{eta}")
     else:
         parts.append(f"calls {done}{sent_text}")
@@ -144,6 +156,7 @@ class LiveProgress:
         self._thread: Optional[threading.Thread] = None
         self._started = 0.0
         self._bar = None
+        self._paces: collections.deque = collections.deque()
 
     def __enter__(self) -> "LiveProgress":
         metrics.LIVE.reset()
@@ -172,8 +185,26 @@ class LiveProgress:
                         time.monotonic() - self._started, metrics.LIVE.jobs(),
                         metrics.LIVE.retries())
 
+    # The ETA's pace: calls over the last RATE_WINDOW_S seconds (the first stages'
+    # long structured answers are slower per call than the rounds' answers, so the
+    # pace since the start swings the ETA), once that window holds some seconds.
+    RATE_WINDOW_S = 60.0
+    MIN_RATE_SPAN_S = 10.0
+
+    def rate(self, snapshot: Snapshot) -> Optional[float]:
+        self._paces.append((snapshot.elapsed, snapshot.calls_done))
+        while len(self._paces) > 2 and \
+                snapshot.elapsed - self._paces[1][0] >= self.RATE_WINDOW_S:
+            self._paces.popleft()
+        since, done_then = self._paces[0]
+        span = snapshot.elapsed - since
+        if span < self.MIN_RATE_SPAN_S or snapshot.calls_done <= done_then:
+            return None
+        return (snapshot.calls_done - done_then) / span
+
     def line(self, snapshot: Snapshot) -> str:
-        return describe(snapshot, self._wanted, self._projected(snapshot.counters))
+        return describe(snapshot, self._wanted, self._projected(snapshot.counters),
+                        self.rate(snapshot))
 
     def _run(self) -> None:
         last_stage, last_line = None, 0.0
