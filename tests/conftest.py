@@ -17,6 +17,14 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
     p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
 
 
+# Each pytest-xdist worker's embedded model decodes on its share of the cores: two
+# workers each decoding on both cores of a 2-core machine oversubscribe it, and with
+# anything else running (a CPU burner, another build) a decode slows tenfold.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT", "").isdigit():
+    os.environ.setdefault("CODECLM_EMBEDDED_THREADS", str(max(
+        1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
+
 # The test under way, for `make test` to name should a native library kill the process
 # (pytest's faulthandler prints the stack; this names the test in one line).
 # One file a pytest-xdist worker.
