@@ -18,7 +18,8 @@ from apache_beam.options.pipeline_options import StandardOptions
 from codeclm_beam import metrics
 from codeclm_beam.metrics import RunCounters
 from codeclm_beam.pipelines.run.manifest import billing_modes
-from codeclm_beam.pipelines.commands.plan import simulate_rounds
+from codeclm_beam.transforms.method import projected_elements
+from codeclm_beam.transforms.method import simulate_rounds
 from codeclm_beam.pipelines.run.lean import lean_run
 from codeclm_beam.pipelines.run.progress import progress_for
 from codeclm_beam.pipelines.run.answer_options import AnswerOptions
@@ -439,7 +440,7 @@ def projected_calls(config: CodecLMConfig, from_metadata: bool,
         accept.append(share)
     rounds = simulate_rounds(tuple(accept), basic, cfg.num_examples,
                              cfg.overgenerate_margin, cfg.keep_unresolved)
-    return round(seeds + 2 * pool + 4 * sum(rounds.judged) + sum(rounds.improved))
+    return round(sum(projected_elements(rounds, seeds, pool).values()))
 
 
 def _preview(manifest: dict, config: CodecLMConfig, outputs: OutputFolder) -> dict:

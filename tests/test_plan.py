@@ -11,8 +11,8 @@ from codeclm_beam.pipelines.cli import main
 from codeclm_beam.pipelines.commands.plan import Pilot
 from codeclm_beam.pipelines.commands.plan import basic_instructions_needed
 from codeclm_beam.pipelines.commands.plan import plan
-from codeclm_beam.pipelines.commands.plan import simulate_rounds
-from codeclm_beam.transforms.codeclm import round_slots
+from codeclm_beam.transforms.method import simulate_rounds
+from codeclm_beam.transforms.method import round_slots
 from tests.helpers import generate_args
 from tests.helpers import run_generate
 from tests.helpers import scripted_models

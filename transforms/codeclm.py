@@ -24,7 +24,7 @@ for those too.
 Ask for N, get N: decode makes more basic instructions than round 1 judges (a reserve,
 `RESERVE_FACTOR` x N by default, at no extra call: one decode call per entry writes
 them all). Round 1 judges N (+ margin). Every later round judges as many candidates
-as are still needed divided by the share kept so far (`round_slots`): undecided ones
+as are still needed divided by the share kept so far (`method.round_slots`): undecided ones
 first, improved along their rubrics (the method), then fresh ones from the reserve.
 No call is spent once N pairs are kept, and the examples are cut to N
 deterministically.
@@ -67,6 +67,7 @@ from codeclm_beam.transforms.metadata_pool import BuildMetadataPool
 from codeclm_beam.transforms.rubrics import GenerateRubrics
 from codeclm_beam.transforms.rubrics import Rubrics
 from codeclm_beam.transforms.selection import CountedLimit
+from codeclm_beam.transforms.method import round_slots
 from codeclm_beam.transforms.selection import Split
 from codeclm_beam.transforms.selection import TakeLowestRanked
 from codeclm_beam.transforms.selection import stable_rank
@@ -74,23 +75,6 @@ from codeclm_beam.transforms.selection import stable_rank
 # Default basic instructions per pair wanted: round 1 judges one per pair, the rest is
 # the reserve.
 RESERVE_FACTOR = 2
-# The least share of judged candidates a round assumes will be kept: a round judges at
-# most 1 / MIN_YIELD times what is still needed.
-MIN_YIELD = 0.25
-
-
-def round_slots(kept_so_far: float, judged_so_far: float, num_examples: int,
-                margin: int) -> int:
-    """How many candidates the next round judges: the pairs still needed divided by
-    the share of judged candidates kept so far (at least MIN_YIELD), plus the margin;
-    0 once num_examples pairs are kept. `plan` projects large runs with this rule."""
-    needed = num_examples - kept_so_far
-    if needed <= 0:
-        return 0
-    share = kept_so_far / judged_so_far if judged_so_far else 1.0
-    return math.ceil(round(needed / max(MIN_YIELD, share), 6)) + margin
-
-
 # The paper's pool holds 200 entries for runs of 1,000-2,000 pairs (2,000-4,000 basic
 # instructions): about ten instructions per decode call.
 PAPER_POOL_SIZE = 200

@@ -32,8 +32,6 @@ from codeclm_beam.transforms.judge import JudgeBothOrders
 from codeclm_beam.transforms.judge import Verdict
 
 UNDECIDED = "undecided"
-# Calls each candidate costs: strong answer, target answer, a judgement in each order.
-CALLS_PER_CANDIDATE = {"answer_strong": 1, "answer_target": 1, "judge": 2}
 # The score gap θ a kept pair must exceed: the paper's default on a 10-point scale.
 THRESHOLD = 3.0
 

@@ -15,12 +15,10 @@ from typing import Any
 from typing import Optional
 
 
-from codeclm_beam.transforms.contrastive_filter import CALLS_PER_CANDIDATE
 from codeclm_beam.model.errors import ConfigurationError
 from codeclm_beam.pipelines.run.outputs import read_json
 from codeclm_beam.pipelines.run.commit import read_committed
 from codeclm_beam.model.config import parse_vertex_modes
-from codeclm_beam.pipelines.run.manifest import STAGE_ROLES
 from codeclm_beam.pricing import ASSUMED_DEFAULT_EPOCHS
 from codeclm_beam.pricing import PAID_MODES_PREFIX
 from codeclm_beam.pricing import PRICE_FACTOR
@@ -32,15 +30,22 @@ from codeclm_beam.metrics import TOKEN_KINDS
 from codeclm_beam.metrics import paid_in_all
 from codeclm_beam.model.types import Usage
 from codeclm_beam.transforms.codeclm import default_pool_size
-from codeclm_beam.transforms.codeclm import round_slots
+from codeclm_beam.transforms.method import IMPROVED
+from codeclm_beam.transforms.method import JUDGED
+from codeclm_beam.transforms.method import METHOD
+from codeclm_beam.transforms.method import POOL_ENTRY
+from codeclm_beam.transforms.method import SEED
+from codeclm_beam.transforms.method import calls_per
+from codeclm_beam.transforms.method import ModelStage
+from codeclm_beam.transforms.method import projected_elements
+from codeclm_beam.transforms.method import roles
+from codeclm_beam.transforms.method import simulate_rounds
 from codeclm_beam.transforms.decode import instructions_per_entry
 from codeclm_beam.pipelines.run.args import SuggestingParser
 from codeclm_beam.options import COUNT
 from codeclm_beam.options import POSITIVE
 from codeclm_beam.options import RETRIES
 
-# Rounds after the first add, to CALLS_PER_CANDIDATE, the improve call that made the
-# candidate.
 # Stages that wait for the one before (each is a wave of batch jobs in batch mode):
 # encode, rubrics, decode; then per round the answers (strong and target side by
 # side) and the judge, after an improve from the second round on.
@@ -94,46 +99,6 @@ class Pilot:
                    "num_metadata" in options and options["num_metadata"] is None)
 
 
-@dataclasses.dataclass(frozen=True)
-class Rounds:
-    """Expected candidates judged per round, of them improved (the rest fresh from the
-    reserve), and the pairs written."""
-    judged: list[float]
-    improved: list[float]
-    pairs: float
-
-
-def simulate_rounds(accept: tuple[float, ...], basic: float, wanted: float, margin: int,
-                    keep_unresolved: bool) -> Rounds:
-    """Expected counts under the rule `generate` follows (transforms.codeclm): round 1
-    judges `wanted` (+ margin) of the basic instructions; each later round judges
-    `round_slots` candidates, undecided ones improved first, then fresh ones from the
-    reserve."""
-    entering = min(float(basic), float(wanted + margin))
-    reserve = float(basic) - entering
-    judged, improved, kept, total_judged, undecided = [], [], 0.0, 0.0, 0.0
-    for number, rate in enumerate(accept, start=1):
-        if entering <= 0:
-            break
-        judged.append(entering)
-        kept += entering * rate
-        total_judged += entering
-        undecided = entering * (1 - rate)
-        if number == len(accept):
-            break
-        slots = round_slots(kept, total_judged, wanted, margin)
-        if slots <= 0:
-            break
-        improving = min(undecided, slots)
-        fresh = min(reserve, slots - improving)
-        reserve -= fresh
-        improved.append(improving)
-        entering = improving + fresh
-    ran_every_round = len(judged) == len(accept)
-    unresolved = undecided if keep_unresolved and ran_every_round else 0.0
-    return Rounds(judged, improved, min(float(wanted), kept + unresolved))
-
-
 def basic_instructions_needed(accept: tuple[float, ...], wanted: int, margin: int,
                               keep_unresolved: bool) -> Optional[int]:
     """The fewest basic instructions whose expected pairs reach `wanted` (within half a
@@ -159,14 +124,16 @@ def _rounded(cost: Optional[float]) -> Optional[float]:
 
 def project_stages(by_stage: dict, elements: dict[str, float],
                    completion_scale: dict[str, float], prices: dict,
-                   modes: Optional[dict[str, str]] = None
+                   modes: Optional[dict[str, str]] = None,
+                   method: tuple[ModelStage, ...] = METHOD
                    ) -> tuple[list[dict], dict[str, dict]]:
     """Requests, tokens and cost per stage and model at the planned element counts,
     at the pilot's requests per element and tokens per request; each stage priced in
     the mode of the role that calls it (`modes`: role -> vertex mode)."""
     stages, per_model = [], {}
+    role_of = roles(method)
     for stage, n in elements.items():
-        role = STAGE_ROLES[stage]
+        role = role_of[stage]
         for metered, counted in by_stage.get(stage, {}).get("models", {}).items():
             # The pilot's counters carry its mode (`ModelConfig.metered_id`); the plan
             # prices the model in the mode planned for the role.
@@ -204,7 +171,8 @@ def plan(pilot: Pilot, num_examples: int, num_instructions: Optional[int] = None
          prices: Optional[dict] = None, requests_per_minute: Optional[float] = None,
          tokens_per_minute: Optional[float] = None,
          overgenerate_margin: Optional[int] = None,
-         vertex_mode: Optional[str] = None) -> dict[str, Any]:
+         vertex_mode: Optional[str] = None,
+         method: tuple[ModelStage, ...] = METHOD) -> dict[str, Any]:
     prices = merged_prices(prices)
     modes = parse_vertex_modes(vertex_mode or pilot.vertex_mode)
     accept = pilot.accept_by_round[:pilot.max_iterations]
@@ -228,9 +196,7 @@ def plan(pilot: Pilot, num_examples: int, num_instructions: Optional[int] = None
                if needed is None else f"ask for --num_instructions {needed:,}"))
     pilot_count = instructions_per_entry(pilot.basic_instructions, pilot.num_metadata)
     planned_count = instructions_per_entry(num_instructions, entries)
-    elements = {"encode": seeds, "rubrics": entries, "decode": entries,
-                "improve": sum(rounds.improved),
-                **{stage: n * sum(rounds.judged) for stage, n in CALLS_PER_CANDIDATE.items()}}
+    elements = projected_elements(rounds, seeds, entries, method)
     completion_scale = {"decode": planned_count / pilot_count if pilot_count else 1.0}
     if planned_count > MAX_SENSIBLE_PER_ENTRY:
         warnings.append(f"decode must write {planned_count:,} instructions per metadata "
@@ -247,7 +213,7 @@ def plan(pilot: Pilot, num_examples: int, num_instructions: Optional[int] = None
                         "rough guess")
 
     stages, per_model = project_stages(pilot.by_stage, elements, completion_scale, prices,
-                                       modes)
+                                       modes, method)
     costs = [s["cost_usd"] for s in stages]
     minutes = [0.0]
     for total in per_model.values():
@@ -255,7 +221,8 @@ def plan(pilot: Pilot, num_examples: int, num_instructions: Optional[int] = None
             minutes.append(total["requests"] / requests_per_minute)
         if tokens_per_minute:
             minutes.append(total["tokens"] / tokens_per_minute)
-    fixed = seeds + 2 * entries
+    fixed = seeds * calls_per(SEED, method) + entries * calls_per(POOL_ENTRY, method)
+    per_judged, per_improved = calls_per(JUDGED, method), calls_per(IMPROVED, method)
     quota_hours = (round(max(minutes) / 60, 2)
                    if requests_per_minute or tokens_per_minute else None)
     return {
@@ -268,9 +235,10 @@ def plan(pilot: Pilot, num_examples: int, num_instructions: Optional[int] = None
         "improved_by_round": [round(n) for n in rounds.improved],
         "calls_bounds": {
             # Every candidate of round 1 kept, and every candidate run through all rounds.
-            "all_kept_in_round_1": fixed + 4 * min(num_instructions, num_examples + margin),
+            "all_kept_in_round_1": fixed + per_judged * min(num_instructions,
+                                                            num_examples + margin),
             "all_rounds_for_every_candidate": fixed + num_instructions * (
-                4 + 5 * (pilot.max_iterations - 1)),
+                per_judged + (per_judged + per_improved) * (pilot.max_iterations - 1)),
         },
         "stages": stages,
         "total_requests": sum(s["requests"] for s in stages),

@@ -22,14 +22,13 @@ from codeclm_beam.model.config import ONLINE
 from codeclm_beam.options import ViewedOnce
 from codeclm_beam.options import is_dry_run
 from codeclm_beam.pipelines.run.commit import OutputFolder
+from codeclm_beam.transforms.method import JUDGED
+from codeclm_beam.transforms.method import METHOD
+from codeclm_beam.transforms.method import ModelStage
+from codeclm_beam.transforms.method import calls_per
+from codeclm_beam.transforms.method import roles
 from codeclm_beam.version import __version__
 
-MODEL_STAGES = ("encode", "rubrics", "decode", "answer_strong", "answer_target", "judge",
-                "improve")
-# Which model (--ROLE_model, --vertex_mode ROLE=...) each stage of generate calls.
-STAGE_ROLES = {"encode": "strong", "rubrics": "strong", "decode": "strong",
-               "improve": "strong", "answer_strong": "strong", "answer_target": "target",
-               "judge": "judge"}
 
 
 def new_pipeline(options: PipelineOptions) -> beam.Pipeline:
@@ -140,14 +139,15 @@ def billing_modes(*models) -> dict[str, str]:
     return modes
 
 
-def estimated_cost(record: dict) -> dict[str, Any]:
+def estimated_cost(record: dict, method: tuple[ModelStage, ...] = METHOD) -> dict[str, Any]:
     """A run's estimated cost at the default prices (`codeclm-beam report --prices`
     re-prices it): as run, and with every vertex: model in each mode."""
     from codeclm_beam.pricing import run_cost
     cost = run_cost(record["model_calls"]["by_stage"], record.get("billing", {}))
     by_role: dict[str, Any] = {}
+    role_of = roles(method)
     for row in cost["rows"]:
-        role = STAGE_ROLES.get(row["stage"])
+        role = role_of.get(row["stage"])
         if role:  # generate's stages; evaluate's stages are its own
             entry = by_role.setdefault(role, {"usd": 0.0, "modes": []})
             entry["usd"] = (None if row["usd"] is None or entry["usd"] is None
@@ -170,7 +170,8 @@ def run_header(tool: str, run_id: str, started: float) -> dict[str, Any]:
 
 def accounting(counters: RunCounters, max_iterations: int, from_metadata: bool,
                keep_unresolved: bool = False, num_metadata: int = 0,
-               keep_contaminated_seeds: bool = False) -> dict[str, Any]:
+               keep_contaminated_seeds: bool = False,
+               method: tuple[ModelStage, ...] = METHOD) -> dict[str, Any]:
     """Where every seed and every candidate went, with the identities checked."""
     flow, dead = counters.flow, counters.dead_letter
     checks = {}
@@ -218,13 +219,15 @@ def accounting(counters: RunCounters, max_iterations: int, from_metadata: bool,
     # of a round's candidates, "fresh" are basic instructions drawn from the reserve
     rounds = [{"round": r, **{what: counters.in_round(r, what) for what in m.ROUND_COUNTS}}
               for r in range(1, max_iterations + 1)]
-    lost = (dead("answer_strong") + dead("answer_target")
-            + flow(m.incomplete("judge")) + dead("improve"))
+    # A round's stage loses a candidate to a dead letter; one that makes several calls
+    # for it (the judge, in both orders) counts the candidate whose set is incomplete.
+    lost = sum(flow(m.incomplete(stage.name)) if stage.calls > 1 else dead(stage.name)
+               for stage in method if stage.in_round)
     kept_total = sum(r["kept"] for r in rounds)
     last = rounds[-1]["undecided"] if rounds else 0
     not_needed = sum(r["not_needed"] for r in rounds)
     reserve_unused = flow(m.RESERVE_UNUSED)
-    screening = screening_counts(counters, rounds)
+    screening = screening_counts(counters, rounds, method)
     candidates = {"basic_instructions": flow(m.BASIC_INSTRUCTIONS),
                   "kept": kept_total, "unresolved_after_last_round": last,
                   "not_needed": not_needed, "reserve_unused": reserve_unused,
@@ -250,10 +253,10 @@ def accounting(counters: RunCounters, max_iterations: int, from_metadata: bool,
             "balanced": all(checks.values())}
 
 
-def screening_counts(counters: RunCounters, rounds: list[dict]) -> dict[str, Any]:
-    """What the screens removed, before judging (each would have cost a round's calls
-    on it: CALLS_PER_CANDIDATE) and from the final pairs (paid already)."""
-    from codeclm_beam.transforms.contrastive_filter import CALLS_PER_CANDIDATE
+def screening_counts(counters: RunCounters, rounds: list[dict],
+                     method: tuple[ModelStage, ...] = METHOD) -> dict[str, Any]:
+    """What the screens removed, before judging (each would have cost a judged
+    candidate's calls) and from the final pairs (paid already)."""
     duplicates = sum(r["duplicate"] for r in rounds)
     contaminated = sum(r["contaminated"] for r in rounds)
     return {"duplicates": {"before_judging": duplicates,
@@ -261,7 +264,7 @@ def screening_counts(counters: RunCounters, rounds: list[dict]) -> dict[str, Any
             "contaminated": {"before_judging": contaminated,
                              "final_pairs": counters.flow(m.PAIRS_CONTAMINATED)},
             "benchmark_rows_compared_whole": counters.flow(m.BENCHMARK_SHORT_ROWS),
-            "calls_saved": (duplicates + contaminated) * sum(CALLS_PER_CANDIDATE.values())}
+            "calls_saved": (duplicates + contaminated) * calls_per(JUDGED, method)}
 
 
 def judge_note(accounting_: dict, threshold: float) -> Optional[str]:

@@ -24,10 +24,12 @@ from codeclm_beam.metrics import RunCounters
 from codeclm_beam.model.types import Usage
 from codeclm_beam.options import RunOptions
 from codeclm_beam.options import is_dry_run
+from codeclm_beam.transforms.method import METHOD
+from codeclm_beam.transforms.method import stage_names
 
 # Stages in the order a generate or evaluate run reaches them.
-STAGE_ORDER = ("encode", "rubrics", "decode", "answer_strong", "answer_target", "judge",
-               "improve", "eval_answer_reference", "eval_answer_candidate", "eval_judge")
+STAGE_ORDER = (*stage_names(METHOD), "eval_answer_reference", "eval_answer_candidate",
+               "eval_judge")
 
 
 def _duration(seconds: float) -> str:
@@ -42,8 +44,11 @@ class Snapshot:
 
     def __init__(self, counters: RunCounters, in_flight: dict[str, int], elapsed: float,
                  batch_jobs: Optional[dict[str, dict[str, tuple[str, bool]]]] = None,
-                 retries: tuple[int, Optional[tuple[float, str]]] = (0, None)):
+                 retries: tuple[int, Optional[tuple[float, str]]] = (0, None),
+                 order: tuple[str, ...] = ()):
         self.counters = counters
+        # The stages in the order a run reaches them (default: STAGE_ORDER).
+        self.order = order or STAGE_ORDER
         # Transport retries so far, and (seconds ago, message) of the last one.
         self.retries, self.last_error = retries
         # A stage waiting for a batch prediction job has its elements in flight.
@@ -75,14 +80,12 @@ class Snapshot:
     def stages(self) -> list[str]:
         """The stages at work, in the method's order: every one with calls in flight
         (a round's answers and judgements overlap), else the latest reached."""
+        def position(stage: str) -> int:
+            return self.order.index(stage) if stage in self.order else len(self.order)
         if self.in_flight:
-            return sorted(self.in_flight, key=_stage_position)
+            return sorted(self.in_flight, key=position)
         reached = [s for s in self.by_stage if self.by_stage[s]["elements"]]
-        return [max(reached, key=_stage_position)] if reached else []
-
-
-def _stage_position(stage: str) -> int:
-    return STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER)
+        return [max(reached, key=position)] if reached else []
 
 
 def describe(snapshot: Snapshot, wanted: Optional[int],
