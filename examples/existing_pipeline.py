@@ -9,7 +9,7 @@ import apache_beam as beam
 from apache_beam.transforms.error_handling import ErrorHandler
 
 from codeclm_beam.model import ModelConfig
-from codeclm_beam.pipelines.run.outputs import WriteJsonl
+from codeclm_beam.sinks import WriteJsonl
 from codeclm_beam.records import Candidate
 from codeclm_beam.records import Seed
 from codeclm_beam.transforms import ContrastiveFilter

@@ -22,7 +22,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from codeclm_beam.pipelines.run.args import SuggestingParser
 from codeclm_beam.pipelines.run.args import unknown_message
 from codeclm_beam.options import ModelOptions
-from codeclm_beam.options import RunOptions
+from codeclm_beam.pipelines.run.args import RunOptions
 from codeclm_beam.version import __version__
 
 

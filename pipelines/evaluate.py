@@ -18,24 +18,23 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from codeclm_beam import metrics
 from codeclm_beam.metrics import RunCounters
 from codeclm_beam.pipelines.run.manifest import billing_modes
-from codeclm_beam.pipelines.run.lean import lean_run
 from codeclm_beam.pipelines.run.progress import progress_for
 from codeclm_beam.model.config import ModelConfig
 from codeclm_beam.options import ModelOptions
-from codeclm_beam.options import RunOptions
+from codeclm_beam.pipelines.run.args import RunOptions
 from codeclm_beam.options import model_configs
 from codeclm_beam.pipelines.run import manifest as manifest_lib
 from codeclm_beam.pipelines.run import preflight as preflight_lib
 from codeclm_beam.pipelines.run.commit import OutputFolder
 from codeclm_beam.pipelines.run.commit import run_in_folder
-from codeclm_beam.pipelines.run.outputs import WriteDeadLetters
-from codeclm_beam.pipelines.run.outputs import WriteJsonl
+from codeclm_beam.sinks import WriteDeadLetters
+from codeclm_beam.sinks import WriteJsonl
 from codeclm_beam.pipelines.run.outputs import read_jsonl_dir
 from codeclm_beam.pipelines.report.render import markdown_table
 from codeclm_beam.pipelines.report.render import write_report
 from codeclm_beam.model.errors import ConfigurationError
 from codeclm_beam.pipelines.run.answer_options import AnswerOptions
-from codeclm_beam.options import is_dry_run
+from codeclm_beam.pipelines.run.args import is_dry_run
 from codeclm_beam.transforms.evaluate import FAILED
 from codeclm_beam.transforms.evaluate import JudgeAgainstReference
 from codeclm_beam.model.types import GenerationSettings
@@ -273,15 +272,13 @@ def run(argv: Optional[list[str]] = None, options: Optional[PipelineOptions] = N
 
     def work():
         started = time.time()
-        with lean_run(lean) as built:
-            pipeline = manifest_lib.new_pipeline(options)
-            plan = build_pipeline(pipeline, options, outputs.run_dir, run_id)
-            built()
-            preflight(options, plan)
-            result, not_finished = manifest_lib.run_pipeline(
-                pipeline, options, outputs, "codeclm-beam evaluate", plan.run_id, wait,
-                progress_for(options, None, functools.partial(projected_calls,
-                                                              len(plan.candidates))))
+        plan, result, not_finished = manifest_lib.build_and_run(
+            options, outputs, "codeclm-beam evaluate", run_id, wait, lean,
+            build=lambda pipeline: build_pipeline(pipeline, options, outputs.run_dir,
+                                                  run_id),
+            progress=lambda plan: progress_for(options, None, functools.partial(
+                projected_calls, len(plan.candidates))),
+            checked=lambda plan: preflight(options, plan))
         if not_finished:
             return not_finished
         judgements = read_jsonl_dir(FileSystems.join(outputs.run_dir, "judgements"))

@@ -20,14 +20,13 @@ from codeclm_beam.metrics import RunCounters
 from codeclm_beam.pipelines.run.manifest import billing_modes
 from codeclm_beam.transforms.method import projected_elements
 from codeclm_beam.transforms.method import simulate_rounds
-from codeclm_beam.pipelines.run.lean import lean_run
 from codeclm_beam.pipelines.run.progress import progress_for
 from codeclm_beam.pipelines.run.answer_options import AnswerOptions
-from codeclm_beam.options import is_dry_run
+from codeclm_beam.pipelines.run.args import is_dry_run
 from codeclm_beam.options import ModelOptions
-from codeclm_beam.options import RunOptions
+from codeclm_beam.pipelines.run.args import RunOptions
 from codeclm_beam.options import model_configs
-from codeclm_beam.options import option_actions
+from codeclm_beam.pipelines.run.args import option_actions
 from codeclm_beam.records import Example
 from codeclm_beam.redact import redact
 from codeclm_beam.records import Rejection
@@ -44,14 +43,14 @@ from codeclm_beam.transforms.read_seeds import DEFAULT_MAX_CHARS
 from codeclm_beam.transforms.selection import TakeLowestRanked
 from codeclm_beam.transforms.selection import stable_rank
 from codeclm_beam.pipelines.run import manifest as manifest_lib
-from codeclm_beam.pipelines.run.outputs import EXPORT_FORMATS
+from codeclm_beam.sinks import EXPORT_FORMATS
 from codeclm_beam.hf_dataset import WriteHubDataset
 from codeclm_beam.hf_dataset import write_card
 from codeclm_beam.pipelines.commands.push import push_run
-from codeclm_beam.pipelines.run.outputs import WriteAvro
-from codeclm_beam.pipelines.run.outputs import WriteDeadLetters
-from codeclm_beam.pipelines.run.outputs import WriteExports
-from codeclm_beam.pipelines.run.outputs import WriteJsonl
+from codeclm_beam.sinks import WriteAvro
+from codeclm_beam.sinks import WriteDeadLetters
+from codeclm_beam.sinks import WriteExports
+from codeclm_beam.sinks import WriteJsonl
 from codeclm_beam.pipelines.run.commit import OutputFolder
 from codeclm_beam.pipelines.run.commit import run_in_folder
 from codeclm_beam.pipelines.run.outputs import read_jsonl_dir
@@ -482,15 +481,12 @@ def _run_claimed(options: PipelineOptions, config: CodecLMConfig,
     opts = options.view_as(GenerateOptions)
     run_opts = options.view_as(RunOptions)
     started = time.time()
-    with lean_run(lean) as built:
-        pipeline = manifest_lib.new_pipeline(options)
-        build_pipeline(pipeline, options, config, outputs.run_dir)
-        built()
-        result, not_finished = manifest_lib.run_pipeline(
-            pipeline, options, outputs, "codeclm-beam generate", run_id, wait,
-            progress_for(options, config.num_examples,
-                         functools.partial(projected_calls, config, bool(opts.metadata),
-                                           max_seeds=seeds_encoded_at_most(opts, config))))
+    _, result, not_finished = manifest_lib.build_and_run(
+        options, outputs, "codeclm-beam generate", run_id, wait, lean,
+        build=lambda pipeline: build_pipeline(pipeline, options, config, outputs.run_dir),
+        progress=lambda _: progress_for(options, config.num_examples, functools.partial(
+            projected_calls, config, bool(opts.metadata),
+            max_seeds=seeds_encoded_at_most(opts, config))))
     if not_finished:
         return not_finished
     counters = RunCounters.from_result(result)

@@ -20,8 +20,8 @@ from codeclm_beam.model import ModelResponse
 from codeclm_beam.model import Usage
 from codeclm_beam.model.backends import Backend
 from codeclm_beam.model.backends import RawAnswer
-from codeclm_beam.pipelines.run.outputs import to_ascii_json_line
-from codeclm_beam.pipelines.run.outputs import to_json_line
+from codeclm_beam.sinks import to_ascii_json_line
+from codeclm_beam.sinks import to_json_line
 from codeclm_beam.records import DeadLetter
 from codeclm_beam.records import Seed
 from codeclm_beam.transforms.read_seeds import STAGE

@@ -8,7 +8,7 @@ from codeclm_beam.pipelines.commands.templates import launcher_argv
 from codeclm_beam.pipelines.cli import _options_parser
 from codeclm_beam.pipelines.run.answer_options import AnswerOptions
 from codeclm_beam.options import ModelOptions
-from codeclm_beam.options import RunOptions
+from codeclm_beam.pipelines.run.args import RunOptions
 from codeclm_beam.pipelines.generate import GenerateOptions
 
 TEMPLATE_DIR = os.path.join(os.path.dirname(__file__), "..", "pipelines", "flex_template")

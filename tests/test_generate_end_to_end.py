@@ -99,7 +99,7 @@ def test_a_pipelines_options_make_each_view_once_and_share_its_values():
     # a graph; new_pipeline's options make each view once, and must still behave as
     # views: one set of values, the caller's options untouched, picklable.
     from apache_beam.options.pipeline_options import TypeOptions
-    from codeclm_beam.options import RunOptions
+    from codeclm_beam.pipelines.run.args import RunOptions
     from codeclm_beam.pipelines.run.manifest import new_pipeline
     users = PipelineOptions(["--output_dir", "first", "--quiet"])
     options = new_pipeline(users).options

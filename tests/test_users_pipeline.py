@@ -221,3 +221,29 @@ def test_importing_the_library_leaves_the_host_alone(tmp_path):
     assert changed["loggers"] == [] and changed["modules"] == []
     assert changed["gc"][0] == changed["gc"][1] and changed["gc"][2] == changed["gc"][3]
     assert changed["threads"][0] == changed["threads"][1]
+
+
+_LIBRARY_PROBE = textwrap.dedent("""
+    import importlib, pkgutil, sys
+    import codeclm_beam, codeclm_beam.transforms
+    for package in (codeclm_beam, codeclm_beam.transforms):
+        for module in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+            if not module.name.startswith("codeclm_beam.pipelines"):
+                importlib.import_module(module.name)
+    print(sorted(name for name in sys.modules if name.startswith("codeclm_beam.pipelines")))
+""")
+
+
+def test_the_library_imports_nothing_of_the_application():
+    # Every module of the library (the core and the stages) imported: none of the
+    # CLI's. And the README's example imports the library only.
+    done = subprocess.run([sys.executable, "-c", _LIBRARY_PROBE], capture_output=True,
+                          text=True, check=True, timeout=300)
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-2000:]
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")
+                  ).read()
+    example = readme[readme.index("## Using single stages in your own pipeline"):]
+    example = example.split("```python\n", 1)[1].split("```", 1)[0]
+    imports = [line for line in example.splitlines() if "codeclm_beam" in line
+               and line.startswith(("from ", "import "))]
+    assert imports and not any("pipelines" in line for line in imports), imports

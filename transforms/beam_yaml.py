@@ -422,26 +422,17 @@ def Decontaminate(benchmarks: list, error_handling: dict, text_fields: Optional[
                      "contaminated", _error_output(error_handling, "Decontaminate"))
 
 
-class WriteJsonLines(beam.PTransform):
-    """Rows -> one JSON object a line, in PATH-SSSSS-of-NNNNN files. Unlike YAML's
-    WriteToJson (a pandas write), an empty input still writes one empty file: a run
-    that kept nothing says so with a file, not with a missing one."""
+def WriteJsonLines(path: str):
+    """Rows -> one JSON object a line, in PATH-SSSSS-of-NNNNN files (the library's
+    `codeclm_beam.sinks.WriteLines`). Unlike YAML's WriteToJson (a pandas write), an
+    empty input still writes one empty file: a run that kept nothing says so with a
+    file, not with a missing one.
 
-    def __init__(self, path: str):
-        super().__init__()
-        self._path = path
-
-    def expand(self, rows):
-        return (rows
-                | "ToJson" >> beam.Map(_json_line)
-                | "Write" >> beam.io.WriteToText(self._path, shard_name_template="-SSSSS-of-NNNNN"))
-
-
-def _json_line(row) -> str:
-    import json
-    values = row._asdict() if hasattr(row, "_asdict") else dict(row)
-    return json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in values.items()},
-                      ensure_ascii=False, default=list)
+    Args:
+      path: The files' prefix (local or gs://).
+    """
+    from codeclm_beam.sinks import WriteLines
+    return WriteLines(path)
 
 
 # Transforms written here by hand, in the order the method runs them; the one-model

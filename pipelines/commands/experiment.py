@@ -274,7 +274,7 @@ def _say(line: str) -> None:
 def _model_only(flags: list[str]) -> list[str]:
     """The flags of how models are called (for the evaluate command to copy)."""
     from codeclm_beam.options import ModelOptions
-    from codeclm_beam.options import option_actions
+    from codeclm_beam.pipelines.run.args import option_actions
     actions = {option: action for action in option_actions(ModelOptions)
                for option in action.option_strings
                if option not in ("--strong_model", "--target_model")}

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from codeclm_beam.options import option_actions
+from codeclm_beam.pipelines.run.args import option_actions
 from codeclm_beam.pipelines.generate import OPTION_VIEWS
 
 # Parameters a Dataflow launch must give; everything else has a default.

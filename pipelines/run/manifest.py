@@ -19,9 +19,10 @@ from codeclm_beam import metrics as m
 from codeclm_beam.metrics import RunCounters
 from codeclm_beam.model.config import BATCH
 from codeclm_beam.model.config import ONLINE
-from codeclm_beam.options import ViewedOnce
-from codeclm_beam.options import is_dry_run
+from codeclm_beam.pipelines.run.args import ViewedOnce
+from codeclm_beam.pipelines.run.args import is_dry_run
 from codeclm_beam.pipelines.run.commit import OutputFolder
+from codeclm_beam.pipelines.run.lean import lean_run
 from codeclm_beam.transforms.method import JUDGED
 from codeclm_beam.transforms.method import METHOD
 from codeclm_beam.transforms.method import ModelStage
@@ -79,6 +80,26 @@ def run_pipeline(pipeline: beam.Pipeline, options: PipelineOptions,
             raise RunStopped(ERROR_SHARE.stopped) from None
         raise
     return result, None
+
+
+def build_and_run(options: PipelineOptions, outputs: OutputFolder, tool: str,
+                  run_id: str, wait: bool, lean: bool, build, progress,
+                  checked=None) -> tuple[Any, Any, Optional[dict[str, Any]]]:
+    """A run's pipeline, as every command that runs one builds and runs it: a new
+    pipeline for the options; `build(pipeline)` writes the graph and returns what the
+    command needs of it (`built`); `checked(built)`, the checks that need the graph;
+    then `run_pipeline` inside `progress(built)` (`lean`: the CLI's own local run,
+    pipelines/run/lean.py). -> (built, result, what to return instead when nothing
+    finishes here)."""
+    with lean_run(lean) as graph_built:
+        pipeline = new_pipeline(options)
+        built = build(pipeline)
+        graph_built()
+        if checked is not None:
+            checked(built)
+        result, not_finished = run_pipeline(pipeline, options, outputs, tool, run_id,
+                                            wait, progress(built))
+    return built, result, not_finished
 
 
 class RunStopped(Exception):

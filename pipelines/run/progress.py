@@ -22,8 +22,8 @@ from apache_beam.options.pipeline_options import StandardOptions
 from codeclm_beam import metrics
 from codeclm_beam.metrics import RunCounters
 from codeclm_beam.model.types import Usage
-from codeclm_beam.options import RunOptions
-from codeclm_beam.options import is_dry_run
+from codeclm_beam.pipelines.run.args import RunOptions
+from codeclm_beam.pipelines.run.args import is_dry_run
 from codeclm_beam.transforms.method import METHOD
 from codeclm_beam.transforms.method import stage_names
 
