@@ -1,5 +1,6 @@
 """The embedded llama.cpp backend and the OpenAI-compatible backend, against the real
 SmolLM2-135M-Instruct model (in process, and behind the real llama_cpp.server)."""
+import os
 import apache_beam as beam
 import pytest
 import jsonschema
@@ -96,3 +97,23 @@ def test_openai_compatible_free_text(llama_server):
     assert (cut.reason, cut.finish_reason) == ("truncated", "length")
     assert cut.stats.truncation_retries == 1 and cut.stats.parse_retries == 2
     assert cut.stats.attempts == 4
+
+
+def test_the_embedded_model_decodes_on_the_idle_cpus_unless_told(monkeypatch):
+    from codeclm_beam.model.backends import llamacpp
+    monkeypatch.delenv(llamacpp.THREADS_ENV, raising=False)
+    cpus = len(os.sched_getaffinity(0))
+    # Measured for real: a number of CPUs between none and all of them.
+    assert 0 <= llamacpp._idle_cpus() <= os.cpu_count() + 0.01
+    # Another process keeps all but one CPU busy: one thread, none waiting on a
+    # shared core.
+    monkeypatch.setattr(llamacpp, "_idle_cpus", lambda: 1.1)
+    assert llamacpp.embedded_threads() == 1
+    monkeypatch.setattr(llamacpp, "_idle_cpus", lambda: 0.2)
+    assert llamacpp.embedded_threads() == 1
+    monkeypatch.setattr(llamacpp, "_idle_cpus", lambda: cpus + 0.0)
+    assert llamacpp.embedded_threads() == cpus
+    monkeypatch.setattr(llamacpp, "_idle_cpus", lambda: None)  # no /proc/stat
+    assert llamacpp.embedded_threads() == cpus
+    monkeypatch.setenv(llamacpp.THREADS_ENV, "3")
+    assert llamacpp.embedded_threads() == 3

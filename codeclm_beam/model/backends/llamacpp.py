@@ -15,6 +15,8 @@ import functools
 import json
 import os
 import threading
+import time
+from typing import Optional
 
 from codeclm_beam.model.backends import Backend
 from codeclm_beam.model.backends import RawAnswer
@@ -152,18 +154,43 @@ def _close_all():
         _MODELS.clear()
 
 
-# The embedded model's threads when the config names none. Several processes that each
-# decode on every core of a small machine (test workers, or a runner's worker
-# processes) slow each other down far more than they gain: set this to share them.
+# The embedded model's threads when the config names none. llama.cpp's threads wait
+# for each other at every step, so a thread that shares its core with other work holds
+# them all back: on 2 cores with one busy, 2 threads made the demo 293 s, 1 thread 106 s.
+# Several processes that each load the model (test workers, a runner's worker
+# processes) set the count to share the cores.
 THREADS_ENV = "CODECLM_EMBEDDED_THREADS"
+# How long the CPUs are watched for the idle ones when the model loads.
+IDLE_SAMPLE_S = 0.25
 
 
 def embedded_threads() -> int:
-    """CODECLM_EMBEDDED_THREADS, else the CPUs this process may run on."""
+    """CODECLM_EMBEDDED_THREADS, else the CPUs this process may run on that are idle
+    when the model loads (at least one)."""
     if os.environ.get(THREADS_ENV, "").strip().isdigit():
         return max(1, int(os.environ[THREADS_ENV]))
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-               else os.cpu_count() or 1)
+    cpus = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+            else os.cpu_count() or 1)
+    idle = _idle_cpus()
+    return cpus if idle is None else max(1, min(cpus, int(idle + 0.5)))
+
+
+def _idle_cpus() -> Optional[float]:
+    """CPUs idle over IDLE_SAMPLE_S, from /proc/stat; None where it cannot be read."""
+    def times():
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return values[3] + values[4], sum(values)  # idle + iowait, all
+    try:
+        idle_before, total_before = times()
+        time.sleep(IDLE_SAMPLE_S)
+        idle_after, total_after = times()
+    except (OSError, ValueError, IndexError):
+        return None
+    elapsed = total_after - total_before
+    if elapsed <= 0:
+        return None
+    return (idle_after - idle_before) / elapsed * (os.cpu_count() or 1)
 
 
 class LlamaCppBackend(Backend):
