@@ -336,11 +336,18 @@ def setup_logging(level: int = logging.WARNING) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
+def _chain(error: Optional[BaseException]):
+    """An exception and those it was raised from or during (Beam wraps a worker's
+    exception in its own)."""
+    while error is not None:
+        yield error
+        error = error.__cause__ or error.__context__
+
+
 def _storage_fault(error: BaseException) -> Optional[str]:
     """One line for a full disk or a folder that cannot be written, wherever in the
-    run it surfaced (Beam wraps a worker's OSError in its own exception)."""
-    seen = error
-    while seen is not None:
+    run it surfaced."""
+    for seen in _chain(error):
         if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
             return f"the disk is full ({seen.filename or seen.strerror})"
         if isinstance(seen, PermissionError):
@@ -348,18 +355,14 @@ def _storage_fault(error: BaseException) -> Optional[str]:
         text = str(seen)
         if "No space left on device" in text:
             return "the disk is full"
-        seen = seen.__cause__ or seen.__context__
     return None
 
 
 def _is_interrupt(error: BaseException) -> bool:
     """Ctrl-C inside a running pipeline: Beam's runner re-raises it as a RuntimeError
     naming it ("KeyboardInterrupt [while running 'Stage']")."""
-    while error is not None:
-        if isinstance(error, KeyboardInterrupt) or "KeyboardInterrupt" in str(error)[:200]:
-            return True
-        error = error.__cause__ or error.__context__
-    return False
+    return any(isinstance(seen, KeyboardInterrupt) or "KeyboardInterrupt" in str(seen)[:200]
+               for seen in _chain(error))
 
 
 def _interrupted(command: str) -> int:

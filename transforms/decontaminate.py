@@ -160,10 +160,11 @@ def _row_features(row: tuple[str, str], rule: DecontaminationRule):
     words = normalized.split()
     if len(words) < SHORT_ROW_WORDS:
         yield beam.pvalue.TaggedOutput("whole", source)
-    described = BenchmarkRow(source, normalized, len(textmatch.ngrams(
-        words, SHARE_NGRAM_SIZE, shorter_as_one=False)) if len(words) >= SHORT_ROW_WORDS
-        else 0)
-    for feature in rule.features(normalized):
+    features = rule.features(normalized)
+    shared = sum(kind == SHARED for kind, _ in features.values())
+    described = BenchmarkRow(source, normalized,
+                             shared if len(words) >= SHORT_ROW_WORDS else 0)
+    for feature in features:
         yield feature, described
 
 
@@ -227,6 +228,14 @@ class _Matcher:
                         textmatch.normalize(text)).items():
                     yield feature, (index, kind, gram)
 
+    def screen(self, key: str, element, hits: list[Hit]):
+        """The element, kept, or as removed with the first match."""
+        removal = self.removal(key, element, hits)
+        if removal is not None:
+            yield beam.pvalue.TaggedOutput("removed", Removed(element, removal))
+        else:
+            yield element
+
     def removal(self, key: str, element, hits: list[Hit]) -> Optional[Removal]:
         """The first (field, row) the rule calls contaminated, by field, then the
         strongest evidence, then the row; None when clean."""
@@ -274,12 +283,7 @@ class _MatchSideInput(beam.DoFn):
         hits = [Hit(field, kind, gram, row)
                 for feature, (field, kind, gram) in self._matcher.features(element)
                 for row in index.get(feature, ())]
-        removal = self._matcher.removal(str(self._key(element)), element, hits) \
-            if hits else None
-        if removal is not None:
-            yield beam.pvalue.TaggedOutput("removed", Removed(element, removal))
-        else:
-            yield element
+        yield from self._matcher.screen(str(self._key(element)), element, hits)
 
 
 def _element_features(element, matcher: _Matcher, key: Callable):
@@ -300,11 +304,7 @@ def _join(joined, matcher: _Matcher):
     key, grouped = joined
     hits = list(grouped["hits"])
     for element in grouped["elements"]:
-        removal = matcher.removal(key, element, hits) if hits else None
-        if removal is not None:
-            yield beam.pvalue.TaggedOutput("removed", Removed(element, removal))
-        else:
-            yield element
+        yield from matcher.screen(key, element, hits)
 
 
 class Decontaminate(DeadLettering):

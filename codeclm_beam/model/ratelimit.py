@@ -252,8 +252,7 @@ class TokenBucketRateLimiter(RateLimiter):
         # The tag is a file name for MultiProcessShared's lock and address files.
         # A model identity can be long (a GGUF path): name the files by its hash.
         model_hash = hashlib.sha256(tag.encode("utf-8")).hexdigest()[:16]
-        self._tag = re.sub(r"[^A-Za-z0-9_.-]", "_",
-                           _shared_files_prefix(quota.run_id) + model_hash)
+        self._tag = _shared_files_prefix(quota.run_id) + model_hash
 
     def allow(self, hits_added: int = 1, tokens: int = 0) -> bool:
         wait = _channel(self._quota, self._tag).call("reserve", hits_added, tokens)
@@ -267,13 +266,15 @@ class TokenBucketRateLimiter(RateLimiter):
 
 
 def _shared_files_prefix(run_id: str) -> str:
-    return f"codeclm-quota-{run_id}-"
+    """The start of the name of a run's MultiProcessShared lock and address files (a
+    model's hash, hex, ends it): characters a file name cannot hold made `_`."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", f"codeclm-quota-{run_id}-")
 
 
 def remove_shared_files(run_id: str) -> None:
     """The address and lock files MultiProcessShared leaves in the temp folder for a
     run's quotas, once the run is over (on Dataflow they go with the worker VMs)."""
-    prefix = re.sub(r"[^A-Za-z0-9_.-]", "_", _shared_files_prefix(run_id))
+    prefix = _shared_files_prefix(run_id)
     for path in glob.glob(os.path.join(tempfile.gettempdir(), glob.escape(prefix) + "*")):
         with contextlib.suppress(OSError):
             os.remove(path)
