@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 OUT ?= out
 
-.PHONY: demo test test-compat bench venv clean
+.PHONY: demo test test-compat docs bench venv clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -74,6 +74,15 @@ test-compat: $(COMPAT)/.installed
 	  print(f'compatibility pass: Python {sys.version.split()[0]}, Beam {apache_beam.__version__}')"
 	$(COMPAT)/bin/python -m pytest -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile \
 	  -m "not embedded" -p no:cacheprovider
+
+# The documentation site (mkdocs.yml) into build/site, strict: a broken link, a missing
+# anchor or a page left out of the navigation fails the build.
+$(VENV)/.installed-docs: setup.py | $(PY)
+	$(PIP) install --quiet -e '.[docs]'
+	touch $@
+
+docs: $(VENV)/.installed-docs
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 # Side-by-side measurements -> benchmarks/results/latest.{json,md}. BENCH_SCALE=0.3
 # for a quick run.

@@ -81,6 +81,12 @@ setuptools.setup(
         "yaml": [BEAM_YAML],
         # `codeclm-beam push` (huggingface_hub), and `datasets` to load a run's folder.
         "hub": HUB,
+        # `make docs`: the documentation site, built strict (a broken link fails).
+        "docs": [
+            "mkdocs>=1.6,<2",
+            "mkdocs-material>=9.5",
+            "mkdocstrings[python]>=0.26",
+        ],
         "dev": [
             BEAM_YAML,
             *HUB,

@@ -1,5 +1,5 @@
 """Tokens and cost of a 1,000-pair `generate` run at several Gemini thinking settings,
-against the loopback Vertex AI server (`fake_model_server.py`), for the README's
+against the loopback Vertex AI server (`fake_model_server.py`), for docs/models.md,
 "Choosing Gemini models".
 
 The server thinks as Google documents the families (ranges, defaults, thoughts counted

@@ -29,6 +29,7 @@ def _plain(record: Any) -> dict:
 
 
 def to_json_line(record) -> str:
+    """A record as one line of JSON, non-ASCII text kept as it is."""
     return json.dumps(_plain(record), ensure_ascii=False, default=list)
 
 
@@ -64,6 +65,9 @@ class WriteJsonl(WriteLines):
 
 
 class WriteAvro(beam.PTransform):
+    """Records of one type -> OUTPUT_DIR/NAME/NAME-SSSSS-of-NNNNN.avro, with the Avro
+    schema derived from `record_type` (a codeclm record dataclass)."""
+
     def __init__(self, output_dir: str, name: str, record_type: type):
         super().__init__()
         self._prefix = FileSystems.join(output_dir, name, name)
@@ -83,18 +87,25 @@ def vertex_tuning_row(example) -> str:
 
 
 def openai_chat_row(example) -> str:
+    """OpenAI's chat fine-tuning JSONL: the instruction and the kept answer."""
     return json.dumps({"messages": [
         {"role": "user", "content": example.instruction},
         {"role": "assistant", "content": example.response}]}, ensure_ascii=False)
 
 
 def alpaca_json(examples: list) -> str:
+    """Alpaca's layout, one JSON array in a stable order (by example id)."""
     rows = [{"instruction": e.instruction, "input": "", "output": e.response}
             for e in sorted(examples, key=lambda e: e.example_id)]
     return json.dumps(rows, ensure_ascii=False, indent=1)
 
 
 class WriteExports(beam.PTransform):
+    """Examples -> fine-tuning files under OUTPUT_DIR/export/, one set per format:
+    `vertex` (Vertex AI Gemini tuning JSONL), `openai` (chat `messages` JSONL) and
+    `alpaca` (one JSON array). An unknown format is refused when the transform is
+    built."""
+
     def __init__(self, output_dir: str, formats: Iterable[str]):
         super().__init__()
         self._dir = FileSystems.join(output_dir, "export")

@@ -189,9 +189,8 @@ class DeadLettering(beam.PTransform):
 
     def dead_letters(self, *dead: beam.PCollection) -> None:
         if self._error_handler is not None:
-            # Each to the handler as it is: flattened here first, they would be one
-            # more stage for the runner to schedule (on the FnApiRunner, a bundle of
-            # its own between two model stages) before the handler's own Flatten.
+            # Each to the handler as it is, not flattened here first (shape:
+            # docs/performance.md, "Composite shapes for the local runner").
             for pcoll in dead:
                 self._error_handler.add_error_pcollection(pcoll)
         else:
@@ -321,5 +320,5 @@ class Tally(beam.PTransform):
 def parts(pcolls) -> tuple:
     """What a composite that also takes several PCollections (as Flatten does) was
     given, as a tuple: left unflattened, each part can be worked on in the stage that
-    makes it (on the local runner a flatten is a stage of its own)."""
+    makes it (why: docs/performance.md, "Composite shapes for the local runner")."""
     return pcolls if isinstance(pcolls, tuple) else (pcolls,)

@@ -317,11 +317,8 @@ def _build(pipeline, opts: "GenerateOptions", config: CodecLMConfig, out: str,
     if result.seeds_contaminated is not None:
         result.seeds_contaminated | "WriteContaminatedSeeds" >> WriteJsonl(
             out, "contaminated_seeds")
-    # The method's side products are written once the examples are: nothing waits on
-    # them, and the local runner, which runs one stage at a time as stages become
-    # ready, would otherwise finish their writes (nine small stages) between the model
-    # stages, about 55 ms of a 100-seed run's pauses (docs/performance.md). On
-    # Dataflow they wait in shuffle; they are small beside the pairs.
+    # The method's side products are written once the examples are (shape:
+    # docs/performance.md, "Composite shapes for the local runner").
     examples_written = beam.pvalue.AsSingleton(
         result.examples | "CountWritten" >> beam.CombineGlobally(
             beam.combiners.CountCombineFn()).without_defaults(), default_value=0)
@@ -329,8 +326,7 @@ def _build(pipeline, opts: "GenerateOptions", config: CodecLMConfig, out: str,
                                   ("MetadataPool", "metadata_pool", result.metadata_pool),
                                   ("Rubrics", "rubrics", result.rubrics)):
         (records
-         # Behind a shuffle, so that the runner cannot fuse the wait into the stage
-         # that makes the records, upstream of the examples it waits for.
+         # Behind a shuffle: the wait is not fused upstream of what it waits for.
          | f"Hold{name}" >> beam.Reshuffle()
          | f"{name}AfterExamples" >> beam.Map(lambda record, _: record, examples_written)
          | f"Write{name}" >> WriteJsonl(out, folder))

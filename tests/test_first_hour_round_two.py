@@ -1,5 +1,6 @@
 """A user's first hour, round two (issue 28): each thing that got in the way, reproduced
 as it was found, with the behaviour the README now promises."""
+import glob
 import json
 import os
 import re
@@ -22,6 +23,8 @@ from tests.loopback import RecordingServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
+# The README is the front door; the rest of what a user reads is under docs/.
+DOCUMENTATION = [README, *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]
 PRICES = {"custom:": {"input": 1.0, "cached_input": 0.1, "output": 4.0}}
 
 
@@ -214,16 +217,18 @@ def test_preview_runs_every_stage_on_a_few_pairs_and_promotes_nothing(tmp_path, 
 
 # ---- 4. README commands run as written -------------------------------------------------
 
-def readme_block(after: str) -> str:
+def readme_block(after: str, page: str = README) -> str:
     """The first ```bash block after the line holding `after`, as one command line."""
-    text = open(README).read()
+    text = open(page).read()
     block = text[text.index(after):].split("```bash\n", 1)[1].split("```", 1)[0]
     return block.replace("\\\n", " ")
 
 
-def test_the_readme_dataflow_dry_run_runs_offline_as_written(capsys, monkeypatch):
+@pytest.mark.parametrize("page", [README, os.path.join(ROOT, "docs", "dataflow.md")],
+                         ids=["README", "docs/dataflow.md"])
+def test_the_readme_dataflow_dry_run_runs_offline_as_written(capsys, monkeypatch, page):
     monkeypatch.chdir(ROOT)  # the README runs from a checkout (--setup_file ./setup.py)
-    words = shlex.split(readme_block("## Run on Dataflow"))
+    words = shlex.split(readme_block("# Run on Dataflow", page))
     assert words[:2] == ["codeclm-beam", "generate"]
     assert cli_main(["generate", *words[2:], "--dry_run=True", "--no_auth"]) == 0
     assert "job built and validated, not submitted" in capsys.readouterr().out
@@ -237,7 +242,7 @@ def test_the_readme_dataflow_dry_run_runs_offline_as_written(capsys, monkeypatch
 def test_the_readme_flex_template_parameters_name_models_its_image_can_run():
     from codeclm_beam.model.errors import ConfigurationError
     from codeclm_beam.pipelines.commands.templates import template_argv
-    line = readme_block("### Flex Template")
+    line = readme_block("## Flex Template", os.path.join(ROOT, "docs", "dataflow.md"))
     parameters = re.search(r"--parameters (\S+)", line).group(1).split(",")
     argv = [f"--{p}" for p in parameters]
     assert template_argv(argv) == argv
@@ -289,9 +294,9 @@ def test_evaluate_builds_without_beams_yield_and_return_warning():
 
 
 def readme_commands() -> list[str]:
-    """Every `codeclm-beam ...` line of the README's bash blocks, continuations joined,
-    comments and [optional] parts dropped."""
-    text = open(README).read()
+    """Every `codeclm-beam ...` line of the README's and the docs' bash blocks,
+    continuations joined, comments and [optional] parts dropped."""
+    text = "\n".join(open(page).read() for page in DOCUMENTATION)
     lines = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for line in block.replace("\\\n", " ").splitlines():

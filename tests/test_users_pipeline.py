@@ -240,10 +240,11 @@ def test_the_library_imports_nothing_of_the_application():
     done = subprocess.run([sys.executable, "-c", _LIBRARY_PROBE], capture_output=True,
                           text=True, check=True, timeout=300)
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-2000:]
-    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")
-                  ).read()
-    example = readme[readme.index("## Using single stages in your own pipeline"):]
-    example = example.split("```python\n", 1)[1].split("```", 1)[0]
-    imports = [line for line in example.splitlines() if "codeclm_beam" in line
-               and line.startswith(("from ", "import "))]
-    assert imports and not any("pipelines" in line for line in imports), imports
+    root = os.path.dirname(os.path.dirname(__file__))
+    for page in ("README.md", "docs/library.md"):
+        text = open(os.path.join(root, page)).read()
+        example = text[text.index("# Using single stages in your own pipeline"):]
+        example = example.split("```python\n", 1)[1].split("```", 1)[0]
+        imports = [line for line in example.splitlines() if "codeclm_beam" in line
+                   and line.startswith(("from ", "import "))]
+        assert imports and not any("pipelines" in line for line in imports), (page, imports)

@@ -261,8 +261,7 @@ class Screen(DeadLettering):
 class RoundOutput(NamedTuple):
     kept: beam.PCollection  # Example
     # Rejections, as several PCollections: flattened once, with every round's, at the
-    # end (on the local runner a flatten of several stages' outputs is a stage of its
-    # own, and one per round would each be a bundle between two model stages).
+    # end (shape: docs/performance.md, "Composite shapes for the local runner").
     rejected: tuple
     judged: beam.PCollection  # the candidates the screen let through: Candidate
     # None after the last round: Candidates improved and fresh (a tuple of the two),
@@ -298,8 +297,7 @@ class Round(DeadLettering):
     def expand(self, candidates) -> RoundOutput:
         cfg, t = self._cfg, self._number
         # Round 1's candidates are a PCollection, a later round's a tuple (improved,
-        # fresh): each part is counted and screened where it is made, unflattened (on
-        # the local runner a flatten is a stage of its own between two model stages).
+        # fresh): each part is counted and screened where it is made (`parts`).
         counted = tuple(part | f"CountCandidates{i or ''}" >> Tally(
             metrics.in_round(t, "candidates")) for i, part in enumerate(parts(candidates)))
         screened = (counted

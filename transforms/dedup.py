@@ -173,9 +173,8 @@ def _described_reference(element, key: Callable, text: Callable,
 
 def _compare(bucket, rule: DedupRule):
     """A bucket's elements, keyed (from the exact bucket, where each one is once), and
-    what each repeats (`_duplicates_in`): one keyed PCollection for the join, so it
-    is one shuffle, not a flatten of two and a shuffle (the local runner runs such a
-    flatten as a stage of its own)."""
+    what each repeats (`_duplicates_in`), as one keyed PCollection for the join (shape:
+    docs/performance.md, "Composite shapes for the local runner")."""
     name, described = bucket
     described = list(described)
     if name.startswith(_EXACT):
@@ -268,7 +267,7 @@ class DeduplicateInstructions(beam.PTransform):
     def expand(self, elements) -> Screened:
         """`elements` may be a tuple of PCollections (taken as their flatten), and so
         may `against`: each is described where it is made, and all meet in one
-        flatten (on the local runner each flatten is a stage of its own)."""
+        flatten."""
         key, text, rank, rule = self._key, self._text, self._rank, self._rule
         lineage = self._lineage
         given = parts(elements)
@@ -279,8 +278,7 @@ class DeduplicateInstructions(beam.PTransform):
             + [p | f"DescribeReferences{i or ''}" >> beam.Map(
                 _described_reference, key, text, lineage)
                for i, p in enumerate(references)])
-        # Two shuffles: the buckets, and the join of each element with what it
-        # repeats (each a stage of its own on any runner).
+        # Two shuffles, the buckets and the join (shape: docs/performance.md, "Composite shapes for the local runner").
         joined = (described
                   | "WithReferences" >> beam.Flatten(pipeline=given[0].pipeline)
                   | "Buckets" >> beam.ParDo(_Buckets(rule))

@@ -103,10 +103,7 @@ class TakeLowestRanked(beam.PTransform):
             counted = tuple(limit.counted)
         else:
             counter, limit_of, counted = beam.combiners.CountCombineFn(), (lambda _: limit), ()
-        # The ranks and the count in one combine: two would each be a shuffle (a stage
-        # on Dataflow, a bundle locally) between a round's judge and its improve.
-        # Without defaults an empty input gives no output and the side input's default
-        # stands in (Beam pays about 9 ms a transform at start-up for a default's Create).
+        # The ranks and the count in one combine, without defaults (shape: docs/performance.md, "Composite shapes for the local runner").
         tagged = ([p | f"Rank{i}" >> beam.Map(lambda e: ("rank", rank(e)))
                    for i, p in enumerate(pcolls)]
                   + [p | f"Count{i}" >> beam.Map(lambda e: ("count", e))
@@ -120,8 +117,7 @@ class TakeLowestRanked(beam.PTransform):
             | "Cutoff" >> beam.MapTuple(
                 lambda lowest, count: _cutoff(lowest, min(limit_of(count), max_limit))),
             default_value=_cutoff([], min(limit_of(nothing_counted), max_limit)))
-        # Flattened again for the split, apart from the ranks' flatten: the split
-        # then runs in the stage that reads this flatten, not a stage after it.
+        # Flattened again for the split, apart from the ranks' flatten.
         elements = (pcolls[0] if len(pcolls) == 1
                     else pcolls | "Elements" >> beam.Flatten())
         taken, rest = elements | "Split" >> beam.Partition(

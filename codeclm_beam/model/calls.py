@@ -9,10 +9,7 @@
 
 Online, the cache is read where the element is asked, on the model's pool (`ModelClient
 .call`): a gs:// cache's reads run as concurrently as the calls, and the stage is one
-chain of fused steps. Read before the transport and flattened with its answers, as
-batch jobs need, each model stage ended in a flatten, which the local runner runs as
-a stage of its own: every model stage of a round then waited for the whole of the
-one before it (docs/performance.md). Either way only answers that pass the stage's
+chain of fused steps (why not read first, as batch does: docs/performance.md, "Composite shapes for the local runner"). Either way only answers that pass the stage's
 own answer test are taken from the cache, and only fresh usable answers are stored: an
 online answer the moment it arrives (a run killed while a batch is in flight repays at
 most the answer in hand), a batch job's as the shard that asked them is done. Hits and
