@@ -4,7 +4,11 @@ an answer from each model (the strong and the target, two model identities, as i
 method and in the peers' run), then two judge calls per item (the strong model) that
 read both answers.
 
-    python benchmarks/codeclm_workload.py --base_url URL --items 60 --rpm 1200 [--sequential]
+    python benchmarks/codeclm_workload.py --base_url URL --items 60 --rpm 1200 \
+        [--sequential | --pipeline] [--tpm N] [--max_concurrency N]
+
+`--pipeline` runs it as the product does, through the `ContrastiveFilter` stage in a
+Beam pipeline on the local runner (each answer passed on as it arrives).
 
 Prints one JSON line: wall seconds from the first request to the last answer, CPU
 milliseconds of this process per call, and the elements that failed.
@@ -33,14 +37,25 @@ def main():
     parser.add_argument("--base_url", required=True)
     parser.add_argument("--items", type=int, default=60)
     parser.add_argument("--rpm", type=float, default=1200)
+    parser.add_argument("--tpm", type=float, default=None)
+    parser.add_argument("--max_concurrency", type=int, default=None)
     parser.add_argument("--sequential", action="store_true",
                         help="One request at a time, in a plain loop (the baseline).")
+    parser.add_argument("--pipeline", action="store_true",
+                        help="Through ContrastiveFilter in a Beam pipeline.")
     args = parser.parse_args()
     # The product's defaults (adaptive concurrency), with the quota given.
     strong, target = (ModelConfig(uri=f"openai:{model}@{args.base_url}",
                                   quota=QuotaConfig(requests_per_minute=args.rpm,
+                                                    tokens_per_minute=args.tpm,
                                                     run_id=f"shaped{os.getpid()}"))
                       for model in ("strong", "target"))
+    if args.max_concurrency:
+        strong, target = (c.replace(max_concurrency=args.max_concurrency)
+                          for c in (strong, target))
+    questions = [f"Question number {i}: explain topic {i}." for i in range(args.items)]
+    if args.pipeline:
+        return through_the_pipeline(strong, target, questions)
     if args.sequential:
         strong, target = (c.replace(concurrency="fixed", max_concurrency=1)
                           for c in (strong, target))
@@ -49,7 +64,6 @@ def main():
     def ask(client, work):
         return ([client.call(r) for r in work] if args.sequential
                 else client.call_all(work))
-    questions = [f"Question number {i}: explain topic {i}." for i in range(args.items)]
     judge_schema = judge_answer(10).request_schema()  # the filter's judgement
     started, cpu = time.monotonic(), time.process_time()
     asked = {side: [ModelRequest.create(f"{side}{i}", [ChatMessage("user", q)],
@@ -77,6 +91,20 @@ def main():
                       "cpu_ms_per_call": round(1000 * cpu / max(calls, 1), 2),
                       "failed": sum(1 for r in results if hasattr(r, "error_class")),
                       "concurrency_limit": strong.in_flight.limit}))
+
+
+def through_the_pipeline(strong: ModelConfig, target: ModelConfig, questions) -> None:
+    import apache_beam as beam
+
+    from codeclm_beam.records import Candidate
+    from codeclm_beam.transforms import ContrastiveFilter
+    started, cpu = time.monotonic(), time.process_time()
+    with beam.Pipeline(runner="FnApiRunner") as p:
+        filtered = (p | beam.Create(questions) | beam.Map(Candidate.of)
+                    | ContrastiveFilter(strong, target, judge=strong, threshold=3))
+        (filtered.kept, filtered.undecided) | beam.Flatten() | beam.combiners.Count.Globally()
+    print(json.dumps({"wall_s": round(time.monotonic() - started, 2),
+                      "cpu_s": round(time.process_time() - cpu, 2), "failed": 0}))
 
 
 if __name__ == "__main__":

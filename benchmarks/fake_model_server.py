@@ -3,9 +3,13 @@
 It speaks the OpenAI-compatible chat API (`POST /v1/chat/completions`) and Vertex AI's
 `generateContent` REST path, and behaves like a paid, imperfect service:
 
-- latency drawn from a lognormal distribution (mean and spread set);
-- quotas in requests and tokens per minute (sliding 60 s window), answering 429 with
-  `Retry-After` when exceeded;
+- latency drawn from a lognormal distribution (mean and spread set), or given by its
+  median and 99th percentile, drawn per request content and delivery (seeded: the
+  same run waits as long on every repeat);
+- quotas in requests and tokens per minute (sliding 60 s window; tokens are a
+  request's input tokens, as Vertex AI's `generate_content_input_tokens_per_minute_per_
+  base_model` counts them), answering 429 when exceeded: `RESOURCE_EXHAUSTED` with a
+  `google.rpc.RetryInfo` detail on Vertex AI's path, `Retry-After` on OpenAI's;
 - injected faults at set rates: 500/503, hangs past the client's timeout, dropped
   connections, malformed or truncated JSON bodies, answers that violate the schema;
 - answers that satisfy the requested JSON schema (for the subset of JSON Schema the
@@ -58,6 +62,7 @@ import hashlib
 import json
 import math
 import random
+import statistics
 import re
 import socket
 import threading
@@ -175,8 +180,14 @@ def thought_tokens(depth: str, budget: Optional[int], key: int) -> int:
 class ServerConfig:
     latency_mean: float = 0.0  # seconds; 0 answers at once
     latency_sigma: float = 0.5  # lognormal spread
+    # Or a long tail given as users see it: the median and the 99th percentile of a
+    # lognormal (3 s and 30 s: half the answers within 3 s, one in a hundred over 30 s).
+    latency_median: Optional[float] = None
+    latency_p99: Optional[float] = None
     rpm: Optional[float] = None
     tpm: Optional[float] = None
+    # Each model its own quota, as Vertex AI's are per base model; else one for all.
+    quota_per_model: bool = False
     # A capacity that changes while the server runs, as a dynamic shared quota does
     # (Vertex AI's Standard PayGo): ((seconds since start, requests per minute), ...),
     # served as a token bucket holding `capacity_burst_s` of it. A request over it is
@@ -239,6 +250,14 @@ def _prompt_tokens(request: dict) -> int:
     return max(1, sum(len(m) for m in request["texts"]) // 4)
 
 
+def lognormal_latency(median: float, p99: float, key: int) -> float:
+    """The latency of the request whose content hashes to `key`: the quantile `key`
+    names of the lognormal with that median and 99th percentile."""
+    sigma = math.log(p99 / median) / statistics.NormalDist().inv_cdf(0.99)
+    quantile = (key % (2 ** 53) + 0.5) / 2 ** 53
+    return median * math.exp(sigma * statistics.NormalDist().inv_cdf(quantile))
+
+
 def _request_key(request: dict) -> int:
     """What an answer is drawn from: the same request gets the same answer, online
     or in a batch job."""
@@ -284,7 +303,9 @@ class FakeModelServer:
         self.config = config
         self.log: list[dict] = []
         self._lock = threading.Lock()
-        self._window: collections.deque = collections.deque()  # (time, tokens)
+        # (time, tokens) of the last minute's requests, per quota (see quota_per_model).
+        self._windows: dict = collections.defaultdict(collections.deque)
+        self._deliveries: collections.Counter = collections.Counter()
         self._capacity_tokens, self._capacity_at = 0.0, None
         self._rng = random.Random(config.seed)
         self._started = time.monotonic()
@@ -403,19 +424,20 @@ class FakeModelServer:
             self._capacity_tokens -= 1.0
             return False
 
-    def _over_quota(self, tokens: int) -> Optional[float]:
+    def _over_quota(self, tokens: int, model: str) -> Optional[float]:
         """Seconds until the request would fit the per-minute quotas, or None if it
         fits now (then it is counted)."""
         now = time.monotonic()
         with self._lock:
-            while self._window and now - self._window[0][0] >= 60:
-                self._window.popleft()
-            used_requests = len(self._window)
-            used_tokens = sum(t for _, t in self._window)
+            window = self._windows[model if self.config.quota_per_model else None]
+            while window and now - window[0][0] >= 60:
+                window.popleft()
+            used_requests = len(window)
+            used_tokens = sum(t for _, t in window)
             if (self.config.rpm and used_requests + 1 > self.config.rpm) or \
                     (self.config.tpm and used_tokens + tokens > self.config.tpm):
-                return max(0.05, 60 - (now - self._window[0][0])) if self._window else 1.0
-            self._window.append((now, tokens))
+                return max(0.05, 60 - (now - window[0][0])) if window else 1.0
+            window.append((now, tokens))
             return None
 
     def _handle(self, handler: BaseHTTPRequestHandler) -> None:
@@ -457,7 +479,17 @@ class FakeModelServer:
             return self._send(handler, 429, {"error": {
                 "code": 429, "status": "RESOURCE_EXHAUSTED", "message":
                 "Resource exhausted. Please try again later."}}, "throttled")
-        wait = self._over_quota(prompt_tokens)
+        wait = self._over_quota(prompt_tokens, request["model"])
+        if wait is not None and request["api"] == "vertex":
+            # google.rpc.Status, as Google's APIs answer a quota: the delay is in the
+            # RetryInfo detail, not in a header.
+            return self._send(handler, 429, {"error": {
+                "code": 429, "status": "RESOURCE_EXHAUSTED",
+                "message": "Quota exceeded for aiplatform.googleapis.com/"
+                           "generate_content_requests_per_minute_per_project_per_base_"
+                           "model with base model: " + request["model"],
+                "details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo",
+                             "retryDelay": f"{wait:.3f}s"}]}}, "throttled")
         if wait is not None:
             return self._send(handler, 429, {"error": {
                 "code": 429, "message": "quota exceeded", "status": "RESOURCE_EXHAUSTED"}},
@@ -470,6 +502,15 @@ class FakeModelServer:
             latency = (self._rng.lognormvariate(
                 math.log(self.config.latency_mean) - self.config.latency_sigma ** 2 / 2,
                 self.config.latency_sigma) if self.config.latency_mean > 0 else 0.0)
+        if self.config.latency_median:
+            # Seeded by the request and how many times it came: a retry draws anew, as
+            # a request that met a busy replica may not meet it again.
+            key = _request_key(request)
+            with self._lock:
+                self._deliveries[key] += 1
+                delivery = self._deliveries[key]
+            latency = lognormal_latency(self.config.latency_median, self.config.latency_p99,
+                                        _digest(key, self.config.seed, delivery))
         if latency:
             time.sleep(latency)
         if fault in ("status_500", "status_503"):
@@ -521,7 +562,11 @@ class FakeModelServer:
                          thinking=request.get("thinking",
                                               request.get("reasoning_effort")),
                          location=request.get("location"),
-                         request_type=request.get("request_type"))
+                         request_type=request.get("request_type"),
+                         prompt_tokens=prompt_tokens,
+                         # What was asked for, to tell the stages apart in the log.
+                         schema_keys=tuple(sorted((request["schema"] or {}).get(
+                             "properties", {}))))
 
     def _parse_openai(self, body: dict) -> dict:
         schema = None

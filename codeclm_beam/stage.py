@@ -9,8 +9,9 @@ batching, retries, quotas and caching are the model layer's. `CallModel` joins t
        └── bad record ─────────────┐      └── ModelFailure ──┐   └── bad answer ──┐
                                    └──────────────────────────┴────────────────────┴─> errors
 
-Call is the model layer's `ModelCall`: RunInference, each element answered from the
-response cache or the model, or batch jobs for a model in --vertex_mode batch.
+Call is the model layer's `ModelCall`: online, each element answered from the response
+cache or the model and passed on as its answer arrives; or batch jobs for a model in
+--vertex_mode batch.
 Every record that enters leaves as output or as a dead letter with the reason. Dead
 letters go to Beam's `ErrorHandler` (`with_error_handler`, as Beam's own IOs take one):
 one per pipeline, opened by the pipeline that writes them, given to every composite.

@@ -1,7 +1,8 @@
 """The CodecLM-shaped workload (an answer, a second answer, two judge calls per item)
 through a peer library, against a model server; runs in benchmarks/.venv-peers.
 
-    python benchmarks/peers/workload.py --peer distilabel --base_url URL --items 60 --rpm 1200
+    python benchmarks/peers/workload.py --peer distilabel --base_url URL --items 60 --rpm 1200 \
+        [--tpm N]
 
 Prints one JSON line: wall seconds and completed items.
 """
@@ -39,7 +40,7 @@ def shaped_run(ask, strong, target):
     return run
 
 
-def distilabel_setup(base_url, rpm):
+def distilabel_setup(base_url, rpm, tpm):
     """The strong and target models' clients, made before the clock starts (as the
     other side's are); then the run."""
     from distilabel.models import OpenAILLM
@@ -61,7 +62,7 @@ def distilabel_setup(base_url, rpm):
     return shaped_run(generate, strong, target)
 
 
-def curator_setup(base_url, rpm):
+def curator_setup(base_url, rpm, tpm):
     """The strong and target models' LLMs, made before the clock starts; then the run."""
     from bespokelabs import curator
 
@@ -74,7 +75,7 @@ def curator_setup(base_url, rpm):
 
     strong, target = (Ask(model_name=model, backend="openai", backend_params={
         "base_url": base_url, "api_key": "not-needed",
-        "max_requests_per_minute": rpm, "max_tokens_per_minute": 100_000_000,
+        "max_requests_per_minute": rpm, "max_tokens_per_minute": tpm or 100_000_000,
         "require_all_responses": False}) for model in ("strong", "target"))
 
     def ask(llm, prompts):
@@ -92,11 +93,12 @@ def main():
     parser.add_argument("--base_url", required=True)
     parser.add_argument("--items", type=int, default=60)
     parser.add_argument("--rpm", type=float, default=1200)
+    parser.add_argument("--tpm", type=float, default=None)
     args = parser.parse_args()
     questions = [f"Question number {i}: explain topic {i}." for i in range(args.items)]
     # Imported and set up before the clock starts, as the other side's are.
     run = (distilabel_setup if args.peer == "distilabel" else curator_setup)(
-        args.base_url, args.rpm)
+        args.base_url, args.rpm, args.tpm)
     started = time.monotonic()
     completed = run(questions)
     print(json.dumps({"peer": args.peer, "wall_s": round(time.monotonic() - started, 2),

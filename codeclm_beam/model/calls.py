@@ -1,7 +1,7 @@
 """`ModelCall`: a stage's requests answered, from the response cache or a transport.
 
-    online:  (record, request) ─Ask: RunInference (each element: the cache, else the
-                                 model; its answer stored as it arrives)──> (record,
+    online:  (record, request) ─Ask (each element: the cache, else the model; its
+                                 answer stored and passed on as it arrives)──> (record,
                                                                      PredictionResult)
     batch:   (record, request) ─LookUpCache─> answered ───────────────────┐
                     └─ not cached ─> Ask: BatchInference ─> StoreInCache ──┴─> (record,
@@ -17,12 +17,12 @@ misses leave in no set order.
 """
 from __future__ import annotations
 
+import concurrent.futures
 from typing import Optional
 
 import apache_beam as beam
-from apache_beam.ml.inference.base import KeyedModelHandler
 from apache_beam.ml.inference.base import PredictionResult
-from apache_beam.ml.inference.base import RunInference
+from apache_beam.utils.windowed_value import WindowedValue
 
 from codeclm_beam.model.asking import AnswerCheck
 from codeclm_beam.model.asking import AnswerValidator
@@ -30,7 +30,8 @@ from codeclm_beam.model.batch import BatchInference
 from codeclm_beam.model.cache import AnswerCache
 from codeclm_beam.model.config import BATCH
 from codeclm_beam.model.config import ModelConfig
-from codeclm_beam.model.handler import CodecLMModelHandler
+from codeclm_beam import metrics
+from codeclm_beam.model.client import ModelClient
 from codeclm_beam.model.meter import StageMetrics
 
 _TO_ASK = "to_ask"
@@ -62,6 +63,64 @@ class _LookUpCache(beam.DoFn):
                                        model_id=self._config.uri)
 
 
+class _AskAsAnswered(beam.DoFn):
+    """Each element asked on the model's pool, and passed on the moment its answer
+    arrives, while later elements are still out.
+
+    Not RunInference (`handler.py` is its face for a pipeline that wants one): it
+    answers a batch at once, so each element waits for the slowest answer of its batch
+    and the next step of a fused stage for the whole batch. Against answers with a long
+    tail (median 3 s, one in a hundred over 30 s) every model step of a round then held
+    its quota idle for the length of its batch's last answer (docs/performance.md,
+    "Long-tailed latency"). Here at most `4 x max_concurrency` elements are out at
+    once (what a batch held); a bundle's last answers are passed on at its end, each
+    with the window and timestamp its element came with."""
+
+    def __init__(self, config: ModelConfig, stage: str, check: Optional[AnswerCheck]):
+        self._config = config
+        self._stage = stage
+        self._check = check
+
+    def setup(self):
+        self._client = ModelClient(self._config, check=self._check)
+        self._metrics = StageMetrics(self._stage, self._config.metered_id())
+        self._most_out = max(1, self._config.max_concurrency * 4)
+
+    def start_bundle(self):
+        self._out: dict = {}  # future -> (record, request, timestamp, window)
+
+    def process(self, keyed, timestamp=beam.DoFn.TimestampParam,
+                window=beam.DoFn.WindowParam):
+        record, request = keyed
+        metrics.LIVE.flying(self._stage, 1)
+        future = self._client.pool.submit(self._client.call, request)
+        self._out[future] = (record, request, timestamp, window)
+        if len(self._out) >= self._most_out:
+            done, _ = concurrent.futures.wait(
+                self._out, return_when=concurrent.futures.FIRST_COMPLETED)
+        else:
+            done = [f for f in self._out if f.done()]
+        yield from self._passed_on(done)
+
+    def finish_bundle(self):
+        # One at a time as each arrives: the next step of a fused stage sends its own
+        # request for an element while the rest of this step's are still out.
+        for future in concurrent.futures.as_completed(list(self._out)):
+            yield from self._passed_on([future])
+
+    def _passed_on(self, done) -> list:
+        answered = []
+        for future in done:
+            record, request, timestamp, window = self._out.pop(future)
+            answered.append((record, request, future.result(), timestamp, window))
+        metrics.LIVE.flying(self._stage, -len(answered))
+        self._metrics.record([result for _, _, result, _, _ in answered])
+        uri = self._client.spec.uri
+        return [WindowedValue((record, PredictionResult(request, result, model_id=uri)),
+                              timestamp, [window])
+                for record, request, result, timestamp, window in answered]
+
+
 class _StoreInCache(beam.DoFn):
     def __init__(self, config: ModelConfig):
         self._config = config
@@ -78,9 +137,9 @@ class _StoreInCache(beam.DoFn):
 
 
 class ModelCall(beam.PTransform):
-    """(record, ModelRequest) in, (record, PredictionResult) out, one per input: online
-    through RunInference, or as batch jobs (--vertex_mode batch), with the response
-    cache (--cache_dir) read and filled by either."""
+    """(record, ModelRequest) in, (record, PredictionResult) out, one per input: online,
+    each passed on as it is answered, or as batch jobs (--vertex_mode batch), with the
+    response cache (--cache_dir) read and filled by either."""
 
     def __init__(self, config: ModelConfig, stage: str,
                  check: Optional[AnswerCheck] = None):
@@ -92,8 +151,8 @@ class ModelCall(beam.PTransform):
     def expand(self, pairs):
         config = self._config
         if config.billing_mode != BATCH:
-            return pairs | "Ask" >> RunInference(KeyedModelHandler(CodecLMModelHandler(
-                config, self._stage, self._check)))
+            return pairs | "Ask" >> beam.ParDo(_AskAsAnswered(
+                config, self._stage, self._check))
         if not config.cache_dir:
             return pairs | "Ask" >> self._batch_jobs(pairs)
         looked_up = pairs | "LookUpCache" >> beam.ParDo(_LookUpCache(

@@ -1,4 +1,6 @@
-"""The online transport's Beam face: a `RemoteModelHandler` for `RunInference`.
+"""A `RemoteModelHandler` for `RunInference`: the model layer for a pipeline that
+calls a model through Beam's RunInference. (The stages' own online calls pass each
+answer on as it arrives instead: `calls.ModelCall`.)
 
 RunInference owns batching, per-process client sharing and its own metrics, as for any
 Beam model; `client.ModelClient` owns the call (quota, retries, re-asks). `request()`

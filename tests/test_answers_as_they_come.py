@@ -1,0 +1,81 @@
+"""A model step passes each answer on as it arrives: in a fused stage the next step asks
+for an element while the step before still waits on a slow answer, and every element
+keeps the window and timestamp it came with."""
+import threading
+import time
+
+import apache_beam as beam
+from apache_beam.testing.util import assert_that
+from apache_beam.testing.util import equal_to
+from apache_beam.transforms import window
+
+from codeclm_beam.model import ChatMessage
+from codeclm_beam.model import GenerationSettings
+from codeclm_beam.model import ModelConfig
+from codeclm_beam.model import ModelRequest
+from codeclm_beam.model.calls import ModelCall
+from tests.loopback import RecordingServer
+
+SLOW_S = 2.0
+
+
+def chat_server(events: list):
+    """An OpenAI-compatible server whose answer to a question holding "slow" takes
+    SLOW_S; it notes when each request came and when each answer left."""
+    lock = threading.Lock()
+
+    def respond(method, path, body, headers):
+        text = body["messages"][-1]["content"]
+        with lock:
+            events.append(("asked", body["model"], text, time.monotonic()))
+        if "slow" in text:
+            time.sleep(SLOW_S)
+        with lock:
+            events.append(("answered", body["model"], text, time.monotonic()))
+        return 200, {"id": "x", "object": "chat.completion", "created": 0,
+                     "model": body["model"], "choices": [{"index": 0, "finish_reason":
+                     "stop", "message": {"role": "assistant", "content": f"re: {text}"}}],
+                     "usage": {"prompt_tokens": 3, "completion_tokens": 3,
+                               "total_tokens": 6}}, {}
+    return RecordingServer(respond)
+
+
+def ask(text: str) -> ModelRequest:
+    return ModelRequest.create(text, [ChatMessage("user", text)], GenerationSettings(0.0, 16))
+
+
+def test_the_next_step_asks_while_the_step_before_waits_on_its_slow_answer():
+    events: list = []
+    questions = {"slow question": 10, "quick one": 20, "quick two": 130}
+    with chat_server(events).running() as server:
+        first, second = (ModelConfig(f"openai:{name}@{server.base_url}/v1",
+                                     max_concurrency=8) for name in ("first", "second"))
+        with beam.Pipeline(runner="FnApiRunner") as p:
+            answered = (
+                p | beam.Create(list(questions.items()))
+                | "Stamp" >> beam.Map(lambda kv: window.TimestampedValue(
+                    (kv[0], ask(kv[0])), kv[1]))
+                | beam.WindowInto(window.FixedWindows(60))
+                | "First" >> ModelCall(first, "first")
+                | "Again" >> beam.MapTuple(
+                    lambda record, result: (record, ask(result.inference.text)))
+                | "Second" >> ModelCall(second, "second")
+                | "Texts" >> beam.MapTuple(lambda record, result: (
+                    record, result.inference.text)))
+            assert_that(answered, equal_to([
+                ("slow question", "re: re: slow question"),
+                ("quick one", "re: re: quick one"),
+                ("quick two", "re: re: quick two")]))
+            # Each answer in the window its question came in: the slow one, passed on
+            # after the others, too.
+            assert_that(answered | "Windows" >> beam.Map(
+                lambda element, w=beam.DoFn.WindowParam: (element[0], w.start.micros)),
+                equal_to([("slow question", 0), ("quick one", 0),
+                          ("quick two", 120_000_000)]), label="InTheirWindows")
+    slow_answered = next(t for kind, model, text, t in events
+                         if (kind, model, text) == ("answered", "first", "slow question"))
+    second_asked = sorted(t for kind, model, _, t in events
+                          if (kind, model) == ("asked", "second"))
+    assert len(second_asked) == 3
+    # The quick questions' second step went out while the slow answer was still out.
+    assert second_asked[1] < slow_answered - SLOW_S / 2, events
