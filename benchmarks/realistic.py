@@ -187,7 +187,8 @@ def realistic_run(examples: int, rpm: float, tpm: float, accept_rate: float,
 
 
 def run_side(side: str, server: FakeModelServer, items: int, rpm: float,
-              tpm: Optional[float] = None, flags: tuple = ()) -> dict[str, Any]:
+              tpm: Optional[float] = None, flags: tuple = (),
+              timeout_s: float = 3600) -> dict[str, Any]:
     """The CodecLM-shaped workload (both answers, both judge orders per item) by one
     side, in a process of its own against `server`: this project
     (`codeclm_workload.py`) or a peer (`peers/workload.py`, in benchmarks/.venv-peers).
@@ -210,8 +211,12 @@ def run_side(side: str, server: FakeModelServer, items: int, rpm: float,
                 "--rpm", str(rpm)]
     if tpm and side != "distilabel":  # distilabel has no rate limit to give it
         command += ["--tpm", str(tpm)]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=3600, cwd=ROOT,
-                          env=env)
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
+                              cwd=ROOT, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"did not finish within {timeout_s:.0f} s",
+                "requests": len(server.log) - logged}
     if proc.returncode:
         return {"error": proc.stderr[-800:]}
     log = server.log[logged:]
@@ -231,14 +236,17 @@ def peers_under_the_tail(items: int, rpm: float, tpm: float,
     ContrastiveFilter stage, distilabel and curator; each side's span is the server's,
     from its first request to its last answer."""
     out = {}
+    # The strong model answers and judges: 3 of each item's 4 requests.
+    ideal = 60 * 3 * items / rpm
     for side, flags in (("codeclm_beam", ("--pipeline", "--max_concurrency",
                                           str(max_concurrency))),
                         ("distilabel", ()), ("curator", ())):
         with FakeModelServer(dataclasses.replace(
                 server_config(rpm, tpm, 0.5), strong_model="strong")) as server:
-            out[side] = run_side(side, server, items, rpm, tpm, flags)
-    # The strong model answers and judges: 3 of each item's 4 requests.
-    out["ideal_s"] = round(60 * 3 * items / rpm, 1)
+            # Stopped at eight times the ideal: a side that needs more is reported so.
+            out[side] = run_side(side, server, items, rpm, tpm, flags,
+                                 timeout_s=max(600.0, 8 * ideal))
+    out["ideal_s"] = round(ideal, 1)
     spans = {side: r.get("span_s") for side, r in out.items()
              if isinstance(r, dict) and r.get("span_s")}
     peers = [spans[p] for p in ("distilabel", "curator") if p in spans]

@@ -728,7 +728,7 @@ def realistic_rows(results: dict) -> list[str]:
                          f"{entry['requests']} / {entry['share_429']} (ideal {p['ideal_s']} s) |")
         else:
             lines.append(f"| realistic shaped workload | {name} | not measured: "
-                         f"{entry.get('error', '')[:200]} |")
+                         f"{entry.get('error', '')[-200:]} |")
     if "codeclm_beam_over_best_peer" in p and "span_s" in ours:
         lines.append(f"| realistic shaped workload | codeclm-beam span / best peer's | "
                      f"{against(p['codeclm_beam_over_best_peer'], '<=', 0.8)} |")
@@ -736,9 +736,9 @@ def realistic_rows(results: dict) -> list[str]:
 
 
 def scale_rows(results: dict) -> list[str]:
-    if "scale" not in results:
+    if "scale_curve" not in results:
         return []
-    s = results["scale"]
+    s = results["scale_curve"]
     growth = s["growth_smallest_to_largest"]
     sizes = " / ".join(f"{p['pairs']:,}" for p in s["points"])
     lines = []
@@ -772,7 +772,7 @@ def main() -> None:
              ("embedded", embedded),
              ("dedup", lambda: dedup(int(100_000 * SCALE))),
              ("decontamination", decontamination),
-             ("realistic", realistic), ("scale", scale)]
+             ("realistic", realistic), ("scale_curve", scale)]
     for name, step in steps:
         if only and name not in only:
             continue
