@@ -59,7 +59,7 @@ def stage_of(entry: dict) -> str:
 
 
 def answered(log: list) -> list[dict]:
-    """The answered generateContent requests: (start, end, model, stage, tokens)."""
+    """The answered requests, each as its start, end, model and stage."""
     out = []
     for entry in log:
         if entry.get("outcome") == "ok" and entry.get("latency") is not None:

@@ -9,7 +9,8 @@
 
 Online, the cache is read where the element is asked, on the model's pool (`ModelClient
 .call`): a gs:// cache's reads run as concurrently as the calls, and the stage is one
-chain of fused steps (why not read first, as batch does: docs/performance.md, "Composite shapes for the local runner"). Either way only answers that pass the stage's
+chain of fused steps (why not read first, as batch does: docs/performance.md,
+"Composite shapes for the local runner"). Either way only answers that pass the stage's
 own answer test are taken from the cache, and only fresh usable answers are stored: an
 online answer the moment it arrives (a run killed while a batch is in flight repays at
 most the answer in hand), a batch job's as the shard that asked them is done. Hits and
@@ -17,20 +18,20 @@ misses leave in no set order.
 """
 from __future__ import annotations
 
-import concurrent.futures
+import queue
 from typing import Optional
 
 import apache_beam as beam
 from apache_beam.ml.inference.base import PredictionResult
 from apache_beam.utils.windowed_value import WindowedValue
 
+from codeclm_beam import metrics
 from codeclm_beam.model.asking import AnswerCheck
 from codeclm_beam.model.asking import AnswerValidator
 from codeclm_beam.model.batch import BatchInference
 from codeclm_beam.model.cache import AnswerCache
 from codeclm_beam.model.config import BATCH
 from codeclm_beam.model.config import ModelConfig
-from codeclm_beam import metrics
 from codeclm_beam.model.client import ModelClient
 from codeclm_beam.model.meter import StageMetrics
 
@@ -87,6 +88,9 @@ class _AskAsAnswered(beam.DoFn):
         self._most_out = max(1, self._config.max_concurrency * 4)
 
     def start_bundle(self):
+        # Each answered future lands here (its done-callback puts it), so taking what
+        # has arrived costs nothing per element still out.
+        self._arrived: queue.SimpleQueue = queue.SimpleQueue()
         self._out: dict = {}  # future -> (record, request, timestamp, window)
 
     def process(self, keyed, timestamp=beam.DoFn.TimestampParam,
@@ -95,30 +99,25 @@ class _AskAsAnswered(beam.DoFn):
         metrics.LIVE.flying(self._stage, 1)
         future = self._client.pool.submit(self._client.call, request)
         self._out[future] = (record, request, timestamp, window)
+        future.add_done_callback(self._arrived.put)
         if len(self._out) >= self._most_out:
-            done, _ = concurrent.futures.wait(
-                self._out, return_when=concurrent.futures.FIRST_COMPLETED)
-        else:
-            done = [f for f in self._out if f.done()]
-        yield from self._passed_on(done)
+            yield self._passed_on(self._arrived.get())  # wait for one
+        while not self._arrived.empty():
+            yield self._passed_on(self._arrived.get())
 
     def finish_bundle(self):
         # One at a time as each arrives: the next step of a fused stage sends its own
         # request for an element while the rest of this step's are still out.
-        for future in concurrent.futures.as_completed(list(self._out)):
-            yield from self._passed_on([future])
+        while self._out:
+            yield self._passed_on(self._arrived.get())
 
-    def _passed_on(self, done) -> list:
-        answered = []
-        for future in done:
-            record, request, timestamp, window = self._out.pop(future)
-            answered.append((record, request, future.result(), timestamp, window))
-        metrics.LIVE.flying(self._stage, -len(answered))
-        self._metrics.record([result for _, _, result, _, _ in answered])
-        uri = self._client.spec.uri
-        return [WindowedValue((record, PredictionResult(request, result, model_id=uri)),
-                              timestamp, [window])
-                for record, request, result, timestamp, window in answered]
+    def _passed_on(self, future) -> WindowedValue:
+        record, request, timestamp, window = self._out.pop(future)
+        result = future.result()
+        metrics.LIVE.flying(self._stage, -1)
+        self._metrics.record([result])
+        return WindowedValue((record, PredictionResult(
+            request, result, model_id=self._client.spec.uri)), timestamp, [window])
 
 
 class _StoreInCache(beam.DoFn):
