@@ -56,9 +56,11 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
 import contextlib
+import dataclasses
+import functools
 import hashlib
+import itertools
 import json
 import math
 import random
@@ -69,7 +71,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler
 from http.server import ThreadingHTTPServer
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 FAULTS = ("status_500", "status_503", "hang", "drop", "malformed", "truncated", "schema",
           "html")
@@ -209,6 +211,10 @@ class ServerConfig:
     echo_headers_in_errors: bool = False  # a careless server: errors repeat the request
     # With N > 0, JSON strings are drawn from N words (see instance_for).
     vocabulary: int = 0
+    # With N > 0, texts are drawn from N made-up words (`lexicon`) instead of the 21
+    # of _WORDS: at 10^5 instructions those repeat, and deduplication would remove
+    # most of a run before any answer is asked.
+    lexicon: int = 0
     # Batch prediction jobs: seconds pending, then running, before the answers are out.
     batch_pending_seconds: float = 0.3
     batch_running_seconds: float = 0.3
@@ -264,20 +270,31 @@ def _request_key(request: dict) -> int:
     return _digest(request["model"], request["texts"], request["seed"], request["schema"])
 
 
-def instance_for(schema: dict, rng: random.Random, vocabulary: int = 0) -> Any:
+@functools.lru_cache(maxsize=None)
+def lexicon(size: int) -> tuple[str, ...]:
+    """`size` made-up words of three syllables, the same in every run (at most 70^3)."""
+    syllables = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+    words = ["".join(parts) for parts in itertools.product(syllables, repeat=3)]
+    return tuple(random.Random(0).sample(words, size))
+
+
+def instance_for(schema: dict, rng: random.Random, vocabulary: int = 0,
+                 words: Sequence[str] = _WORDS) -> Any:
     """A value satisfying `schema` (object, array, string, integer, number, boolean,
-    enum, min/max items and lengths). With `vocabulary`, every string is one of that
-    many words (few distinct answers, as from seeds that are much alike)."""
+    enum, min/max items and lengths), its texts drawn from `words`. With
+    `vocabulary`, every string is one of that many words (few distinct answers, as
+    from seeds that are much alike)."""
     if "enum" in schema:
         return rng.choice(schema["enum"])
     kind = schema.get("type", "object")
     if kind == "object":
         props = schema.get("properties", {})
-        return {name: instance_for(sub, rng, vocabulary) for name, sub in props.items()}
+        return {name: instance_for(sub, rng, vocabulary, words)
+                for name, sub in props.items()}
     if kind == "array":
         low = schema.get("minItems", 1)
         high = schema.get("maxItems", max(low, 3))
-        return [instance_for(schema.get("items", {"type": "string"}), rng, vocabulary)
+        return [instance_for(schema.get("items", {"type": "string"}), rng, vocabulary, words)
                 for _ in range(rng.randint(low, high))]
     if kind == "integer":
         return rng.randint(schema.get("minimum", 1), schema.get("maximum", 10))
@@ -291,10 +308,10 @@ def instance_for(schema: dict, rng: random.Random, vocabulary: int = 0) -> Any:
             :schema.get("maxLength", 200)]
     low = max(schema.get("minLength", 0), 1)
     high = schema.get("maxLength", 200)
-    words = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 12)))
-    text = (words[:1].upper() + words[1:] + ".")
+    drawn = " ".join(rng.choice(words) for _ in range(rng.randint(3, 12)))
+    text = (drawn[:1].upper() + drawn[1:] + ".")
     while len(text) < low:
-        text += " " + rng.choice(_WORDS)
+        text += " " + rng.choice(words)
     return text[:high]
 
 
@@ -614,7 +631,9 @@ class FakeModelServer:
             if "explanation" in props:
                 scores["explanation"] = "The answers differ in helpfulness and detail."
             return json.dumps(scores)
-        return json.dumps(instance_for(schema, rng, self.config.vocabulary))
+        return json.dumps(instance_for(
+            schema, rng, self.config.vocabulary,
+            lexicon(self.config.lexicon) if self.config.lexicon else _WORDS))
 
     def _judge(self, prompt: str) -> dict:
         question = prompt.split("[Question]\n", 1)[-1].split("\n\n[The Start", 1)[0]

@@ -23,6 +23,7 @@ from benchmarks.dedup import dedup  # noqa: E402
 from benchmarks.decontamination import measure as decontamination  # noqa: E402
 from benchmarks.fake_model_server import FakeModelServer  # noqa: E402
 from benchmarks.fake_model_server import ServerConfig  # noqa: E402
+from benchmarks.realistic import run_side  # noqa: E402
 from codeclm_beam.model import ChatMessage  # noqa: E402
 from codeclm_beam.model import GenerationSettings  # noqa: E402
 from codeclm_beam.model import ModelClient  # noqa: E402
@@ -74,43 +75,19 @@ def codeclm_shaped() -> dict[str, Any]:
     last answer, its imports and set-up left out."""
     quota_rpm, latency, items = 1200, 0.3, int(60 * SCALE)
     out = {}
-    for name, flags in (("codeclm_beam", []), ("sequential_loop", ["--sequential"])):
+    for name, side, flags in (("codeclm_beam", "codeclm_beam", ()),
+                              ("sequential_loop", "codeclm_beam", ("--sequential",)),
+                              ("distilabel", "distilabel", ()), ("curator", "curator", ())):
         with FakeModelServer(ServerConfig(rpm=quota_rpm, latency_mean=latency)) as server:
-            proc = subprocess.run(
-                [sys.executable, os.path.join(ROOT, "benchmarks", "codeclm_workload.py"),
-                 "--base_url", f"{server.base_url}/v1", "--items", str(items),
-                 "--rpm", str(quota_rpm), *flags],
-                capture_output=True, text=True, timeout=1800, cwd=ROOT, check=True)
-            sent = sum(server.outcomes().values())
-        report = json.loads(proc.stdout.strip().splitlines()[-1])
-        out[name] = {"items": items, **report, "requests_per_item": round(sent / items, 3)}
+            result = run_side(side, server, items, quota_rpm, flags=flags, timeout_s=1800)
+        if "error" in result:
+            out[name] = result
+            continue
+        done = result.get("completed_items", items)
+        out[name] = {"items": items, **result,
+                     "requests_per_item": round(result["requests"] / max(done, 1), 3)}
     out["speedup_over_sequential"] = round(out["sequential_loop"]["wall_s"]
                                            / out["codeclm_beam"]["wall_s"], 2)
-    peers_python = os.path.join(ROOT, "benchmarks", ".venv-peers", "bin", "python")
-    for peer in ("distilabel", "curator"):
-        if not os.path.exists(peers_python):
-            out[peer] = "not measured: run `make bench` to create benchmarks/.venv-peers"
-            continue
-        with FakeModelServer(ServerConfig(rpm=quota_rpm, latency_mean=latency)) as server:
-            proc = subprocess.run(
-                [peers_python, os.path.join(ROOT, "benchmarks", "peers", "workload.py"),
-                 "--peer", peer, "--base_url", f"{server.base_url}/v1",
-                 "--items", str(items), "--rpm", str(quota_rpm)],
-                capture_output=True, text=True, timeout=1800, env={
-                    "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-                    "HOME": tempfile.mkdtemp(),
-                    "TIKTOKEN_CACHE_DIR": os.path.join(ROOT, "benchmarks",
-                                                       ".tiktoken-cache")})
-            sent = sum(server.outcomes().values())
-            throttled = server.outcomes().get("throttled", 0)
-        if proc.returncode:
-            out[peer] = {"error": proc.stderr[-800:]}
-            continue
-        report = json.loads(proc.stdout.strip().splitlines()[-1])
-        out[peer] = {"items": items, "wall_s": report["wall_s"],
-                     "completed_items": report["completed_items"],
-                     "requests_per_item": round(sent / max(report["completed_items"], 1), 3),
-                     "share_429": round(throttled / max(sent, 1), 4)}
     return out
 
 

@@ -24,6 +24,8 @@ sys.path.insert(0, ROOT)
 from benchmarks.fake_model_server import FakeModelServer  # noqa: E402
 from benchmarks.fake_model_server import ServerConfig  # noqa: E402
 
+LEXICON = 50_000
+
 # Run in the child: generate, then its own and its workers' resource use.
 _CHILD = """
 import json, resource, sys
@@ -68,8 +70,9 @@ def point(server: FakeModelServer, pairs: int, folder: str) -> dict[str, Any]:
 
 def scale_curve(sizes: list[int]) -> dict[str, Any]:
     points = []
-    # Every answer judged a clear win: one round, every pair asked kept.
-    with FakeModelServer(ServerConfig(accept_rate=1.0)) as server:
+    # Every answer judged a clear win: one round, every pair asked kept; texts from a
+    # lexicon large enough that 10^5 instructions do not repeat one another.
+    with FakeModelServer(ServerConfig(accept_rate=1.0, lexicon=LEXICON)) as server:
         for pairs in sizes:
             with tempfile.TemporaryDirectory() as folder:
                 points.append(point(server, pairs, folder))

@@ -178,7 +178,22 @@ def test_fixed_concurrency_never_moves():
     sender = Sender(limit)
     for outcome in (CLEAN, OVERLOADED) * 10:
         sender.answer(outcome)
-    assert limit.limit == 5 and limit.history[1:] == []
+    assert limit.limit == 5 and list(limit.history) == [limit.history[0]]
+
+
+def test_the_history_of_the_limit_keeps_only_its_newest_changes(monkeypatch):
+    # A worker on Dataflow runs for days: the limit's log of changes must not grow
+    # with every overload and recovery.
+    monkeypatch.setattr(ConcurrencyLimit, "HISTORY_KEPT", 6)
+    limit = _limit(ceiling=64)
+    sender = Sender(limit)
+    for _ in range(40):
+        sender.answer(OVERLOADED)
+        for _ in range(8):
+            sender.answer(CLEAN)
+    assert len(limit.history) == 6
+    assert [t for t, _ in limit.history] == sorted(t for t, _ in limit.history)
+    assert limit.history[-1][1] == limit._limit
 
 
 def test_with_a_quota_given_it_starts_at_the_ceiling_and_an_overload_still_cuts_it():

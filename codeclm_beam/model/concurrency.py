@@ -25,6 +25,7 @@ lines below.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import threading
@@ -90,6 +91,8 @@ class ConcurrencyLimit:
     # Round trips held at the last known capacity before probing past it: doubled by
     # each probe that fails (each costs a 429), back to 1 when one succeeds.
     MAX_PATIENCE = 4
+    # Changes of the limit kept in `history` (a few hours of a busy worker's).
+    HISTORY_KEPT = 10_000
     # The largest probe step, as a share of the limit; but a whole request at least: at
     # a small limit a share alone crawls (a capacity that grew from 200 to 900 RPM took
     # 15 s of the bench's 900 RPM phase to find, 0.73 of it answered).
@@ -115,8 +118,10 @@ class ConcurrencyLimit:
         self._patience, self._held = 1, 0
         self._last_cut = float("-inf")
         self._free = threading.Condition()
-        # (time, limit) at each change, for benchmarks and the run's log.
-        self.history: list[tuple[float, float]] = [(clock(), self._limit)]
+        # (time, limit) at each change, for benchmarks and the run's log; the newest
+        # HISTORY_KEPT only, as a worker on Dataflow runs for days.
+        self.history: collections.deque = collections.deque(
+            [(clock(), self._limit)], maxlen=self.HISTORY_KEPT)
 
     @property
     def limit(self) -> int:
