@@ -382,9 +382,11 @@ def memory() -> dict[str, Any]:
                     for i in range(size):
                         f.write(json.dumps({"instruction": f"Seed {i}: explain idea {i}"})
                                 + "\n")
-                code = ("import resource,sys; from codeclm_beam.pipelines.generate import "
-                        "run; run(sys.argv[1:]); print(resource.getrusage("
-                        "resource.RUSAGE_SELF).ru_maxrss)")
+                # Its own peak (VmHWM: benchmarks/peak_memory.py says why not
+                # getrusage's, which read this process's size in every child).
+                code = ("import sys; from benchmarks.peak_memory import high_water_mb; "
+                        "from codeclm_beam.pipelines.generate import run; "
+                        "run(sys.argv[1:]); print(high_water_mb())")
                 started = time.monotonic()
                 proc = subprocess.run(
                     [sys.executable, "-c", code, "--seeds", seeds, "--output_dir",
@@ -394,8 +396,8 @@ def memory() -> dict[str, Any]:
                      "--num_metadata", "20", "--num_instructions", "20",
                      "--num_examples", "20", "--max_concurrency", "32"],
                     capture_output=True, text=True, cwd=ROOT, check=True)
-                out[str(size)] = {"peak_rss_mb": round(int(
-                    proc.stdout.strip().splitlines()[-1]) / 1024, 1),
+                out[str(size)] = {"peak_rss_mb": round(float(
+                    proc.stdout.strip().splitlines()[-1]), 1),
                     "wall_s": round(time.monotonic() - started, 1)}
     keys = list(out)
     out["rss_growth_over_input_growth"] = round(

@@ -26,18 +26,22 @@ from benchmarks.fake_model_server import ServerConfig  # noqa: E402
 
 LEXICON = 50_000
 
-# Run in the child: generate, then its own and its workers' resource use.
+# Run in the child: generate, then its own and its workers' resource use (peaks from
+# VmHWM: benchmarks/peak_memory.py says why not getrusage's).
 _CHILD = """
 import json, resource, sys
+from benchmarks.peak_memory import DescendantsPeak, high_water_mb
 from codeclm_beam.pipelines.generate import run
-manifest = run(sys.argv[1:])
+with DescendantsPeak() as workers_peak:
+    manifest = run(sys.argv[1:])
 me, workers = (resource.getrusage(who) for who in (resource.RUSAGE_SELF,
                                                    resource.RUSAGE_CHILDREN))
 print(json.dumps({
     "requests": manifest["model_calls"]["totals"]["requests"],
     "kept": manifest["accounting"]["candidates"]["kept"],
     "cpu_s": me.ru_utime + me.ru_stime + workers.ru_utime + workers.ru_stime,
-    "launcher_peak_mb": me.ru_maxrss / 1024, "worker_peak_mb": workers.ru_maxrss / 1024}))
+    "launcher_peak_mb": high_water_mb(), "worker_peak_mb": workers_peak.largest_mb,
+    "workers": len(workers_peak.peaks)}))
 """
 
 
@@ -65,6 +69,7 @@ def point(server: FakeModelServer, pairs: int, folder: str) -> dict[str, Any]:
             "cpu_ms_per_call": round(1000 * report["cpu_s"] / report["requests"], 2),
             "launcher_peak_mb": round(report["launcher_peak_mb"], 1),
             "worker_peak_mb": round(report["worker_peak_mb"], 1),
+            "processes_started": report["workers"],
             "wall_ms_per_pair": round(1000 * wall / pairs, 2), "wall_s": round(wall, 1)}
 
 
