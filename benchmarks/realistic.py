@@ -177,6 +177,11 @@ def realistic_run(examples: int, rpm: float, tpm: float, accept_rate: float,
         "rounds": len(acc["rounds"]), "kept_pairs": acc["kept"],
         "requests": dict(by_model), "prompt_tokens": dict(tokens),
         "answers_429": throttled,
+        # The server's outcomes, and the client's retries and failures (a request the
+        # server never answered shows here, as a retry after --request_timeout).
+        "server_outcomes": dict(collections.Counter(e.get("outcome") for e in log)),
+        "client_retries": manifest["model_calls"]["totals"].get("retries", 0),
+        "client_failures": manifest["model_calls"]["totals"].get("failures", 0),
         "binding_quota": f"{binding_model} {binding_kind}",
         "ideal_s": round(ideal, 1), "requests_span_s": round(span, 1),
         "whole_wall_s": round(finished - started, 1),

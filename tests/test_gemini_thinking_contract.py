@@ -287,15 +287,36 @@ def test_a_refused_combination_fails_before_any_request(tmp_path, vertex_env, ca
     assert named in err and "allows" in err and "Traceback" not in err
 
 
-def test_the_token_quota_is_charged_for_thoughts(monkeypatch):
-    import uuid
-    from codeclm_beam.model import QuotaConfig
+def _tokens_charged(monkeypatch) -> list:
+    """What the client charges its token quota: the estimate before each call, the
+    correction after it."""
     from codeclm_beam.model import TokenBucketRateLimiter
     charged = []
     monkeypatch.setattr(TokenBucketRateLimiter, "allow",
                         lambda self, hits_added=1, tokens=0: charged.append(tokens) or True)
     monkeypatch.setattr(TokenBucketRateLimiter, "charge_tokens",
                         lambda self, tokens: charged.append(tokens))
+    return charged
+
+
+def test_the_vertex_token_quota_is_charged_for_input_tokens_only(monkeypatch):
+    # Vertex AI's token quota is generate_content_input_tokens_per_minute_per_base_model:
+    # a thinking model's thoughts and answer are billed but not counted there.
+    import uuid
+    from codeclm_beam.model import QuotaConfig
+    charged = _tokens_charged(monkeypatch)
+    with server_for("gemini-2.5-flash") as server:
+        client = vertex_client(server, "gemini-2.5-flash", quota=QuotaConfig(
+            tokens_per_minute=10 ** 9, run_id=uuid.uuid4().hex))
+        result = client.call(free_text_request(200, client.config.thinking_for(DEFAULT)))
+    assert isinstance(result, ModelResponse) and result.usage.thoughts_tokens > 0
+    assert sum(charged) == server.usage["prompt"] == result.usage.prompt_tokens
+
+
+def test_the_token_quota_is_charged_for_thoughts(monkeypatch):
+    import uuid
+    from codeclm_beam.model import QuotaConfig
+    charged = _tokens_charged(monkeypatch)
     with FakeModelServer(ServerConfig(max_seconds=60)) as server:
         config = ModelConfig(uri=f"openai:o-test@{server.base_url}/v1", thinking="high",
                              quota=QuotaConfig(tokens_per_minute=10 ** 9,

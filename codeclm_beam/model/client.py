@@ -167,6 +167,6 @@ class ModelClient:
             self.in_flight.release(ticket, outcome_of(error))
         tally.usage += raw.usage
         if isinstance(self.limiter, TokenBucketRateLimiter):
-            # Thoughts are output tokens to a quota, as they are to the bill.
-            self.limiter.charge_tokens(raw.usage.billed - estimate)
+            self.limiter.charge_tokens(
+                raw.usage.quota_tokens(self.spec.quota_counts_input_only) - estimate)
         return raw

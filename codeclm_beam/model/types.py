@@ -104,8 +104,16 @@ class Usage:
 
     @property
     def billed(self) -> int:
-        """What a quota and the "tokens" figures count: prompt, output and thoughts."""
+        """What the "tokens" figures count: prompt, output and thoughts (and what an
+        OpenAI-style token quota counts: `Backend.quota_tokens`)."""
         return self.prompt_tokens + self.completion_tokens + self.thoughts_tokens
+
+    def quota_tokens(self, input_only: bool) -> int:
+        """What a tokens-per-minute quota counts of this usage (`input_only`:
+        `ModelSpec.quota_counts_input_only`). Charging a thinking model's thoughts to
+        Vertex AI's input-token quota held it to a fraction of that quota: the bench's
+        realistic run waited on its own token bucket, not the service's."""
+        return self.prompt_tokens if input_only else self.billed
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)

@@ -110,6 +110,14 @@ class ModelSpec:
         return ENDPOINT.fullmatch(self.endpoint).group(1) if self.endpoint else None
 
     @property
+    def quota_counts_input_only(self) -> bool:
+        """Whether the service's tokens-per-minute quota counts input tokens only, as
+        Vertex AI's (generate_content_input_tokens_per_minute_per_base_model) and the
+        Gemini API's do. OpenAI's counts output too, and a server with no quota of
+        its own is held to the user's as OpenAI's would hold it."""
+        return self.backend in ("vertex", "gemini")
+
+    @property
     def endpoint_location(self) -> Optional[str]:
         """The location in a tuned model's endpoint resource: its calls go there."""
         return ENDPOINT.fullmatch(self.endpoint).group(2) if self.endpoint else None

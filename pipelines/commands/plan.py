@@ -29,6 +29,7 @@ from codeclm_beam.pricing import price_of
 from codeclm_beam.metrics import TOKEN_KINDS
 from codeclm_beam.metrics import paid_in_all
 from codeclm_beam.model.types import Usage
+from codeclm_beam.model.uri import ModelSpec
 from codeclm_beam.transforms.codeclm import default_pool_size
 from codeclm_beam.transforms.method import IMPROVED
 from codeclm_beam.transforms.method import JUDGED
@@ -161,8 +162,8 @@ def project_stages(by_stage: dict, elements: dict[str, float],
                                                 for mode, cost in by_mode.items()}})
             total = per_model.setdefault(model, {"requests": 0.0, "tokens": 0.0})
             total["requests"] += requests
-            # Quotas count thoughts as output tokens, as the bill does.
-            total["tokens"] += Usage.from_dict(tokens).billed
+            total["tokens"] += Usage.from_dict(tokens).quota_tokens(
+                ModelSpec.parse(model).quota_counts_input_only)
     return stages, per_model
 
 
