@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,7 @@ import time
 from typing import Any
 from typing import Optional
 
+from benchmarks.peak_memory import high_water_mb
 from codeclm_beam import textmatch
 from codeclm_beam.transforms.dedup import DedupRule
 
@@ -124,7 +124,9 @@ def side(name: str, n: int) -> dict[str, Any]:
             "instructions_per_s": round(n / wall), "instructions_per_cpu_s": round(n / cpu),
             "removed": len(removed), "planted": len(planted), "recall": recall,
             "precision": round(len(found) / len(removed), 4) if removed else None,
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+            # Its own peak: getrusage's would read the bench process's size
+            # (benchmarks/peak_memory.py).
+            "peak_rss_mb": round(high_water_mb())}
 
 
 def dedup(n: int) -> dict[str, Any]:
