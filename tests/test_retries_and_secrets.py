@@ -219,3 +219,77 @@ def test_request_timeout_bounds_the_whole_request_not_each_read(uri, monkeypatch
     assert isinstance(result, ModelFailure) and result.reason == "transient"
     assert "within 2 s" in result.message, result.message
     assert elapsed < 8  # the body alone takes over 15 s to arrive
+
+
+class _Gathering:
+    """A server that holds each request until `wanted` are out at once (or 10 s have
+    passed), then answers it; `most_at_once` is the most it saw out together."""
+
+    def __init__(self, wanted: int):
+        import http.server
+        import json
+        import threading
+
+        gathering = self
+        self.most_at_once, self._out = 0, 0
+        self._changed = threading.Condition()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("content-length") or 0))
+                with gathering._changed:
+                    gathering._out += 1
+                    gathering.most_at_once = max(gathering.most_at_once, gathering._out)
+                    gathering._changed.notify_all()
+                    gathering._changed.wait_for(lambda: gathering.most_at_once >= wanted,
+                                                timeout=10)
+                    gathering._out -= 1
+                if self.path.endswith("/chat/completions"):
+                    body = {"id": "x", "object": "chat.completion", "created": 0,
+                            "model": "m", "choices": [{"index": 0, "finish_reason": "stop",
+                            "message": {"role": "assistant", "content": "ok"}}],
+                            "usage": {"prompt_tokens": 1, "completion_tokens": 1}}
+                else:  # Vertex AI's generateContent
+                    body = {"candidates": [{"content": {"role": "model", "parts": [
+                        {"text": "ok"}]}, "finishReason": "STOP"}],
+                        "usageMetadata": {"promptTokenCount": 1,
+                                          "candidatesTokenCount": 1}}
+                data = json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        class Server(http.server.ThreadingHTTPServer):
+            request_queue_size = 2 * wanted  # the clients connect all at once
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.mark.parametrize("uri", ["openai:m@{url}/v1", "vertex:gemini-2.5-flash-lite"])
+def test_a_client_sends_as_many_requests_at_once_as_max_concurrency_allows(uri, monkeypatch):
+    """httpx's own pool holds 100 connections: a client handed our transport took its
+    pool, so requests past 100 waited inside httpx, counted as sent."""
+    monkeypatch.setenv("CODECLM_VERTEX_ACCESS_TOKEN", "fake-token-for-loopback")
+    wanted = 120
+    gathering = _Gathering(wanted)
+    try:
+        config = ModelConfig(uri=uri.format(url=gathering.url), max_concurrency=wanted,
+                             concurrency="fixed",
+                             max_retries=0, project="p", location="us-central1",
+                             base_url=None if uri.startswith("openai") else gathering.url)
+        results = ModelClient(config).call_all(
+            [request(f"question {i}") for i in range(wanted)])
+    finally:
+        gathering.server.shutdown()
+    assert all(isinstance(r, ModelResponse) for r in results), results[:1]
+    assert gathering.most_at_once == wanted

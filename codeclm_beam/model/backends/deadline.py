@@ -21,10 +21,11 @@ import threading
 import time
 
 
-def deadline_transport(seconds: float, httpx_module: str = "httpx"):
+def deadline_transport(seconds: float, connections: int, httpx_module: str = "httpx"):
     """A transport of `httpx_module` (`httpx` or `httpx2`) with a deadline of
-    `seconds` on each whole request."""
-    return _classes(httpx_module)(seconds)
+    `seconds` on each whole request, keeping up to `connections` connections open (the
+    model's `--max_concurrency`)."""
+    return _classes(httpx_module)(seconds, connections)
 
 
 @functools.lru_cache(maxsize=None)
@@ -49,9 +50,16 @@ def _classes(httpx_module: str):
             self._inner.close()
 
     class DeadlineTransport(httpx.BaseTransport):
-        def __init__(self, seconds: float):
+        def __init__(self, seconds: float, connections: int):
             self._seconds = seconds
-            self._inner = httpx.HTTPTransport()
+            # A client given a transport takes the transport's pool, not its own
+            # `limits`, and httpx's default pool holds 100 connections, 20 of them kept
+            # idle: past 100 requests out, the rest waited inside httpx while the
+            # model's concurrency limit counted them as sent (the realistic bench's
+            # 256 allowed ran 100 at the server, each answer 3 s later), and every
+            # connection past 20 was closed after its answer and opened again.
+            self._inner = httpx.HTTPTransport(limits=httpx.Limits(
+                max_connections=connections, max_keepalive_connections=connections))
 
         def handle_request(self, request):
             deadline = time.monotonic() + self._seconds

@@ -44,7 +44,7 @@ class GoogleGenAIBackend(Backend):
         self.request_timeout_s = timeout_s
         http_options = types.HttpOptions(
             timeout=int(timeout_s * 1000),
-            client_args={"transport": deadline_transport(timeout_s)},
+            client_args={"transport": deadline_transport(timeout_s, config.max_concurrency)},
             base_url=config.base_url or None,
             # Flex PayGo: the same request, served from shared capacity at half price.
             headers={FLEX_HEADER: "flex"} if flex else None)

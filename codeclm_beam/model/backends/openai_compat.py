@@ -63,7 +63,7 @@ class OpenAICompatibleBackend(Backend):
             max_retries=0,
             timeout=config.request_timeout_s,
             http_client=openai.DefaultHttpxClient(transport=deadline_transport(
-                config.request_timeout_s, _httpx_of(openai))))
+                config.request_timeout_s, config.max_concurrency, _httpx_of(openai))))
 
     def _response_format(self, schema: dict) -> dict:
         if self._schema_dialect == "json_schema":
