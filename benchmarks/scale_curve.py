@@ -36,9 +36,16 @@ with DescendantsPeak() as workers_peak:
     manifest = run(sys.argv[1:])
 me, workers = (resource.getrusage(who) for who in (resource.RUSAGE_SELF,
                                                    resource.RUSAGE_CHILDREN))
+accounting = manifest["accounting"]
 print(json.dumps({
     "requests": manifest["model_calls"]["totals"]["requests"],
-    "kept": manifest["accounting"]["candidates"]["kept"],
+    "kept": accounting["candidates"]["kept"],
+    # What a point that strays from the call formula is checked by: the manifest's
+    # own balance, and each round's candidates and kept pairs.
+    "balanced": accounting["balanced"],
+    "pool_entries": accounting["metadata_pool"]["entries"],
+    "rounds": [[r["candidates"], r["kept"]] for r in accounting["candidates"]["rounds"]
+               if r["candidates"]],
     "cpu_s": me.ru_utime + me.ru_stime + workers.ru_utime + workers.ru_stime,
     "launcher_peak_mb": high_water_mb(), "worker_peak_mb": workers_peak.largest_mb,
     "processes": len(workers_peak.peaks)}))
@@ -51,7 +58,7 @@ def point(server: FakeModelServer, pairs: int, folder: str) -> dict[str, Any]:
         for i in range(max(10, pairs // 10)):
             f.write(json.dumps({"instruction": f"Seed {i}: explain idea {i} of area "
                                                f"{i % 13}."}) + "\n")
-    started = time.monotonic()
+    started, logged = time.monotonic(), len(server.log)
     proc = subprocess.run(
         [sys.executable, "-c", _CHILD, "--seeds", seeds,
          "--output_dir", os.path.join(folder, "out"), "--no_cache", "--no_report",
@@ -66,6 +73,8 @@ def point(server: FakeModelServer, pairs: int, folder: str) -> dict[str, Any]:
     wall = time.monotonic() - started
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     return {"pairs": pairs, "kept": report["kept"], "requests": report["requests"],
+            "server_requests": len(server.log) - logged, "balanced": report["balanced"],
+            "pool_entries": report["pool_entries"], "rounds": report["rounds"],
             "cpu_ms_per_call": round(1000 * report["cpu_s"] / report["requests"], 2),
             "launcher_peak_mb": round(report["launcher_peak_mb"], 1),
             "worker_peak_mb": round(report["worker_peak_mb"], 1),
