@@ -159,6 +159,19 @@ def test_a_200_with_an_html_page_is_a_transient_error_saying_what_came_back(capl
     assert "Traceback" not in caplog.text and "has no attribute" not in result.message
 
 
+def _answer_body(path: str, text: str, tokens: int) -> dict:
+    """A finished answer as an OpenAI-compatible server or Vertex AI's generateContent
+    sends it."""
+    if path.endswith("/chat/completions"):
+        return {"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": text}}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": tokens}}
+    return {"candidates": [{"content": {"role": "model", "parts": [{"text": text}]},
+                            "finishReason": "STOP"}],
+            "usageMetadata": {"promptTokenCount": 1, "candidatesTokenCount": tokens}}
+
+
 class _Trickle:
     """A server that answers 200 and then sends its (valid) body 16 bytes every
     0.3 s: each read well within any read timeout, the whole over 15 s."""
@@ -174,17 +187,7 @@ class _Trickle:
 
             def do_POST(self):
                 self.rfile.read(int(self.headers.get("content-length") or 0))
-                if self.path.endswith("/chat/completions"):
-                    body = {"id": "x", "object": "chat.completion", "created": 0,
-                            "model": "m", "choices": [{"index": 0, "finish_reason": "stop",
-                            "message": {"role": "assistant", "content": "ok " * 200}}],
-                            "usage": {"prompt_tokens": 1, "completion_tokens": 200}}
-                else:  # Vertex AI's generateContent
-                    body = {"candidates": [{"content": {"role": "model", "parts": [
-                        {"text": "ok " * 200}]}, "finishReason": "STOP"}],
-                        "usageMetadata": {"promptTokenCount": 1,
-                                          "candidatesTokenCount": 200}}
-                data = json.dumps(body).encode()
+                data = json.dumps(_answer_body(self.path, "ok " * 200, 200)).encode()
                 self.send_response(200)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(data)))
@@ -249,17 +252,7 @@ class _Gathering:
                     gathering._changed.wait_for(lambda: gathering.most_at_once >= wanted,
                                                 timeout=10)
                     gathering._out -= 1
-                if self.path.endswith("/chat/completions"):
-                    body = {"id": "x", "object": "chat.completion", "created": 0,
-                            "model": "m", "choices": [{"index": 0, "finish_reason": "stop",
-                            "message": {"role": "assistant", "content": "ok"}}],
-                            "usage": {"prompt_tokens": 1, "completion_tokens": 1}}
-                else:  # Vertex AI's generateContent
-                    body = {"candidates": [{"content": {"role": "model", "parts": [
-                        {"text": "ok"}]}, "finishReason": "STOP"}],
-                        "usageMetadata": {"promptTokenCount": 1,
-                                          "candidatesTokenCount": 1}}
-                data = json.dumps(body).encode()
+                data = json.dumps(_answer_body(self.path, "ok", 1)).encode()
                 self.send_response(200)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(data)))
