@@ -739,6 +739,10 @@ def scale_rows(results: dict) -> list[str]:
     lines.append(f"| scale | points that keep every pair in one round, with the "
                  f"server's count of requests and a balanced manifest: {len(whole)} of "
                  f"{len(s['points'])} | {side(len(whole) == len(s['points']))} |")
+    for p in s["points"]:
+        if p.get("dead_letters"):
+            reasons = "; ".join(f"{n:,} {why}" for why, n in p["dead_letters"].items())
+            lines.append(f"| scale | {p['pairs']:,} pairs: dead letters | {reasons} |")
     lines.append(f"| scale | plot | {s['plot']} |")
     return lines
 

@@ -10,6 +10,8 @@ own.
 from __future__ import annotations
 
 import argparse
+import collections
+import glob
 import json
 import os
 import subprocess
@@ -72,6 +74,15 @@ def point(server: FakeModelServer, pairs: int, folder: str) -> dict[str, Any]:
         raise RuntimeError(proc.stderr[-2000:])
     wall = time.monotonic() - started
     report = json.loads(proc.stdout.strip().splitlines()[-1])
+    # Why calls failed for good, read before the temporary folder goes: a point that
+    # strays from the formula says so with its reasons, not only its counts.
+    reasons = collections.Counter()
+    for name in glob.glob(os.path.join(folder, "out", "dead_letter", "*.jsonl")):
+        with open(name) as f:
+            for line in f:
+                letter = json.loads(line)
+                reasons[f"{letter['stage']}: {letter['reason']} "
+                        f"({letter['error_class']})"] += 1
     return {"pairs": pairs, "kept": report["kept"], "requests": report["requests"],
             "server_requests": len(server.log) - logged, "balanced": report["balanced"],
             "pool_entries": report["pool_entries"], "rounds": report["rounds"],
@@ -79,6 +90,7 @@ def point(server: FakeModelServer, pairs: int, folder: str) -> dict[str, Any]:
             "launcher_peak_mb": round(report["launcher_peak_mb"], 1),
             "worker_peak_mb": round(report["worker_peak_mb"], 1),
             "processes_started": report["processes"],
+            "dead_letters": dict(reasons.most_common()),
             "wall_ms_per_pair": round(1000 * wall / pairs, 2), "wall_s": round(wall, 1)}
 
 

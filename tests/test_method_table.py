@@ -65,3 +65,23 @@ def test_a_stage_added_to_a_copy_of_the_table_is_planned_accounted_and_shown():
     snapshot = Snapshot(counters, {"improve": 1, "critique": 2}, 5.0,
                         order=stage_names(WITH_CRITIQUE))
     assert snapshot.stages() == ["critique", "improve"]
+
+
+def test_a_judgement_missing_an_order_with_no_dead_letter_unbalances_the_manifest():
+    # 10 judged, 7 kept, 3 contests reached the verdict with one order missing. With
+    # the judge's dead letters for them (one or both orders each) the run balances;
+    # with none, an answer was lost inside the runner, and the manifest says so
+    # instead of counting the 3 as lost to dead letters.
+    def run(judge_dead_letters: int) -> dict:
+        return accounting(RunCounters.from_pairs([
+            ((metrics.FLOW, metrics.BASIC_INSTRUCTIONS), 10),
+            ((metrics.FLOW, metrics.in_round(1, "candidates")), 10),
+            ((metrics.FLOW, metrics.in_round(1, "kept")), 7),
+            ((metrics.FLOW, metrics.EXAMPLES), 7),
+            ((metrics.FLOW, metrics.incomplete("judge")), 3),
+            ((metrics.DEAD_LETTERS, "judge"), judge_dead_letters)]), 1, True)
+    check = "judge: incomplete <= dead letters <= 2 x incomplete"
+    for dead_letters, holds in ((0, False), (2, False), (3, True), (6, True), (7, False)):
+        result = run(dead_letters)
+        assert result["candidates"]["lost_to_dead_letters"] == 3
+        assert result["checks"][check] is holds and result["balanced"] is holds, dead_letters

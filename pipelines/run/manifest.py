@@ -244,6 +244,16 @@ def accounting(counters: RunCounters, max_iterations: int, from_metadata: bool,
     # for it (the judge, in both orders) counts the candidate whose set is incomplete.
     lost = sum(flow(m.incomplete(stage.name)) if stage.calls > 1 else dead(stage.name)
                for stage in method if stage.in_round)
+    # An element counted as lost there must have its dead letters: each incomplete
+    # set of calls one to `calls` of them, and each such dead letter an incomplete set.
+    # A set incomplete with no dead letter lost a call's answer inside the runner, which
+    # the sum above alone would pass as a dead letter.
+    for stage in method:
+        if stage.in_round and stage.calls > 1:
+            incomplete = flow(m.incomplete(stage.name))
+            checks[f"{stage.name}: incomplete <= dead letters <= {stage.calls} x "
+                   f"incomplete"] = (
+                incomplete <= dead(stage.name) <= stage.calls * incomplete)
     kept_total = sum(r["kept"] for r in rounds)
     last = rounds[-1]["undecided"] if rounds else 0
     not_needed = sum(r["not_needed"] for r in rounds)
