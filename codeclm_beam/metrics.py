@@ -12,12 +12,18 @@ only here (as `_MetricsCollector` does for RunInference in Beam's
 
 Each increment also goes to a process-local mirror (`LIVE`) that the live progress of
 a local run reads while the pipeline runs: Beam's own metrics of a DirectRunner run
-are only readable when it has finished. The mirror counts attempts (a retried bundle
-counts twice), so it drives the display only; the manifest reads committed counters.
+are only readable when it has finished. The worker processes of a multi-process local
+run publish theirs to the launcher (`_Live`). The mirror counts attempts (a retried
+bundle counts twice), so it drives the display only; the manifest reads committed
+counters.
 """
 from __future__ import annotations
 
+import atexit
 import collections
+import glob
+import json
+import os
 import threading
 import time
 from typing import Any, Iterable, Optional
@@ -106,8 +112,21 @@ def model_namespace(stage: str, model_id: str) -> str:
     return f"{PREFIX}{stage}/{model_id}"
 
 
+# Where a local run's worker processes (a multi-process DirectRunner) publish their
+# mirrors for the launcher's live progress: "<launcher pid>:<folder>", set by the
+# launcher (`LIVE.share`) before the runner starts its workers, which inherit it.
+LIVE_FOLDER_ENV = "CODECLM_LIVE_FOLDER"
+# How often a worker publishes what changed; and once more as it exits.
+PUBLISH_EVERY_S = 0.5
+
+
 class _Live:
-    """The process-local mirror of every counter, plus the calls in flight."""
+    """The process-local mirror of every counter, plus the calls in flight.
+
+    A worker process of a local run publishes its mirror to the folder named by
+    LIVE_FOLDER_ENV (a JSON file per process, replaced whole); the launcher's reads sum
+    its own mirror and every worker's. Not a Beam metric: the runner reports those only
+    when the run ends."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -116,41 +135,117 @@ class _Live:
         # stage -> {batch job name: (its last seen phase, whether it has finished)}
         self._jobs: dict[str, dict[str, tuple[str, bool]]] = collections.defaultdict(dict)
         # Transport retries as they happen (the counters see them when a call ends),
-        # and the last error retried, with its time.
+        # and the last error retried, with its wall-clock time (comparable across
+        # processes).
         self._retries = 0
         self._last_error: Optional[tuple[float, str]] = None
+        self._changed = False
+        self._publishing: Optional[str] = None  # the file this process publishes to
+        self._shared: Optional[str] = None  # the folder this process reads workers' from
+
+    def _mutated(self) -> None:
+        # Under the lock. The first change in a worker starts its publisher.
+        self._changed = True
+        if self._publishing is None and LIVE_FOLDER_ENV in os.environ:
+            owner, _, folder = os.environ[LIVE_FOLDER_ENV].partition(":")
+            if owner != str(os.getpid()) and os.path.isdir(folder):
+                self._publishing = os.path.join(folder, f"{os.getpid()}.json")
+                threading.Thread(target=self._publish_loop, daemon=True,
+                                 name="codeclm-live-publish").start()
+                atexit.register(self._publish)
 
     def inc(self, namespace: str, name: str, value: int) -> None:
         with self._lock:
             self._values[(namespace, name)] += value
+            self._mutated()
 
     def flying(self, stage: str, delta: int) -> None:
         with self._lock:
             self._in_flight[stage] += delta
+            self._mutated()
 
     def job(self, stage: str, name: str, phase: str, finished: bool) -> None:
         with self._lock:
             self._jobs[stage][name] = (phase, finished)
+            self._mutated()
 
     def retried(self, error: str) -> None:
         with self._lock:
             self._retries += 1
-            self._last_error = (time.monotonic(), error)
+            self._last_error = (time.time(), error)
+            self._mutated()
+
+    def _state(self) -> dict:
+        return {"values": [[ns, name, v] for (ns, name), v in self._values.items()],
+                "in_flight": dict(self._in_flight),
+                "jobs": {stage: {name: list(job) for name, job in jobs.items()}
+                         for stage, jobs in self._jobs.items()},
+                "retries": self._retries,
+                "last_error": list(self._last_error) if self._last_error else None}
+
+    def _publish(self) -> None:
+        with self._lock:
+            if not self._changed:
+                return
+            self._changed = False
+            state = json.dumps(self._state())
+        # Replaced whole, so the launcher never reads half a file.
+        partial = f"{self._publishing}.partial"
+        try:
+            with open(partial, "w") as f:
+                f.write(state)
+            os.replace(partial, self._publishing)
+        except OSError:
+            pass  # the launcher removed the folder: the run is over
+
+    def _publish_loop(self) -> None:
+        while True:
+            time.sleep(PUBLISH_EVERY_S)
+            self._publish()
+
+    def share(self, folder: Optional[str]) -> None:
+        """In the launcher: its workers publish to `folder` from now on (None: stop)."""
+        if folder is None:
+            os.environ.pop(LIVE_FOLDER_ENV, None)
+        else:
+            os.environ[LIVE_FOLDER_ENV] = f"{os.getpid()}:{folder}"
+        self._shared = folder
+
+    def _states(self) -> list[dict]:
+        """This process's state and each worker's last published one."""
+        with self._lock:
+            states = [self._state()]
+        if self._shared:
+            for name in sorted(glob.glob(os.path.join(self._shared, "*.json"))):
+                try:
+                    with open(name) as f:
+                        states.append(json.load(f))
+                except (OSError, ValueError):
+                    continue
+        return states
 
     def retries(self) -> tuple[int, Optional[tuple[float, str]]]:
         """Retries so far, and (seconds ago, message) of the last retried error."""
-        with self._lock:
-            last = self._last_error
-            return self._retries, (None if last is None
-                                   else (time.monotonic() - last[0], last[1]))
+        states = self._states()
+        errors = [s["last_error"] for s in states if s["last_error"]]
+        last = max(errors, default=None)
+        return (sum(s["retries"] for s in states),
+                None if last is None else (time.time() - last[0], last[1]))
 
     def snapshot(self) -> tuple[dict[tuple[str, str], int], dict[str, int]]:
-        with self._lock:
-            return dict(self._values), {k: v for k, v in self._in_flight.items() if v}
+        values, in_flight = collections.Counter(), collections.Counter()
+        for state in self._states():
+            for ns, name, value in state["values"]:
+                values[(ns, name)] += value
+            in_flight.update(state["in_flight"])
+        return dict(values), {k: v for k, v in in_flight.items() if v}
 
     def jobs(self) -> dict[str, dict[str, tuple[str, bool]]]:
-        with self._lock:
-            return {stage: dict(jobs) for stage, jobs in self._jobs.items()}
+        merged: dict[str, dict[str, tuple[str, bool]]] = collections.defaultdict(dict)
+        for state in self._states():
+            for stage, jobs in state["jobs"].items():
+                merged[stage].update({name: tuple(job) for name, job in jobs.items()})
+        return dict(merged)
 
     def reset(self) -> None:
         with self._lock:

@@ -114,11 +114,17 @@ def test_a_pipelines_options_make_each_view_once_and_share_its_values():
     assert restored.view_as(RunOptions).quiet is True
 
 
-def test_strong_wins_on_the_multiprocessing_direct_runner(tmp_path):
+def test_strong_wins_on_the_multiprocessing_direct_runner(tmp_path, capfd):
     manifest = run_generate(scenario(
         tmp_path, "strong_wins", "--direct_num_workers", "2",
         "--direct_running_mode", "multi_processing"))
     check_strong_wins(tmp_path, manifest)
+    # The live progress sees the calls made in the worker processes: its last line
+    # counts what the manifest counts (it said "calls 0" before they published).
+    final = [line for line in capfd.readouterr().err.splitlines()
+             if line.startswith("done [")][-1]
+    assert f"calls {manifest['model_calls']['totals']['elements']} " in final + " ", final
+    assert f"kept {manifest['accounting']['candidates']['kept']}/" in final, final
 
 
 def test_ties_run_every_round_and_end_rejected_at_19_calls_each(tmp_path):

@@ -2,17 +2,20 @@
 
 It reads the process-local mirror of the run's counters (`codeclm_beam.metrics.LIVE`):
 the same increments as the Beam counters the manifest reads, visible before the run
-ends. It makes no model call and changes no output. On a terminal it is one tqdm status
-bar, with a line written above it at each stage change; elsewhere (CI, logs) it is
-plain lines every `interval` seconds and at each stage change. A runner whose workers
-are other processes (Dataflow, a multi-process DirectRunner) leaves the mirror empty:
-`jobs status --watch` shows a Dataflow job's figures.
+ends. The worker processes of a multi-process DirectRunner publish their mirrors to a
+folder this progress names for the run (`metrics.LIVE.share`). It makes no model call
+and changes no output. On a terminal it is one tqdm status bar, with a line written
+above it at each stage change; elsewhere (CI, logs) it is plain lines every `interval`
+seconds and at each stage change. Dataflow's workers are out of reach: `jobs status
+--watch` shows a Dataflow job's figures.
 """
 from __future__ import annotations
 
 import collections
 import contextlib
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from typing import Callable, Optional, TextIO
@@ -163,6 +166,8 @@ class LiveProgress:
 
     def __enter__(self) -> "LiveProgress":
         metrics.LIVE.reset()
+        self._shared = tempfile.mkdtemp(prefix="codeclm-live-")
+        metrics.LIVE.share(self._shared)
         self._started = time.monotonic()
         if self._stream.isatty():
             from tqdm import tqdm
@@ -178,7 +183,10 @@ class LiveProgress:
         self._stop.set()
         if self._thread:
             self._thread.join()
+        # The runner has stopped its workers by now: their last publications are in.
         self._emit(self.snapshot(), final=True)
+        metrics.LIVE.share(None)
+        shutil.rmtree(self._shared, ignore_errors=True)
         if self._bar is not None:
             self._bar.close()
 
