@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
 import json
 import os
 import subprocess
@@ -25,6 +24,7 @@ sys.path.insert(0, ROOT)
 
 from benchmarks.fake_model_server import FakeModelServer  # noqa: E402
 from benchmarks.fake_model_server import ServerConfig  # noqa: E402
+from codeclm_beam.pipelines.run.outputs import read_jsonl_dir  # noqa: E402
 
 LEXICON = 50_000
 
@@ -76,13 +76,9 @@ def point(server: FakeModelServer, pairs: int, folder: str) -> dict[str, Any]:
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     # Why calls failed for good, read before the temporary folder goes: a point that
     # strays from the formula says so with its reasons, not only its counts.
-    reasons = collections.Counter()
-    for name in glob.glob(os.path.join(folder, "out", "dead_letter", "*.jsonl")):
-        with open(name) as f:
-            for line in f:
-                letter = json.loads(line)
-                reasons[f"{letter['stage']}: {letter['reason']} "
-                        f"({letter['error_class']})"] += 1
+    reasons = collections.Counter(
+        f"{letter['stage']}: {letter['reason']} ({letter['error_class']})"
+        for letter in read_jsonl_dir(os.path.join(folder, "out", "dead_letter")))
     return {"pairs": pairs, "kept": report["kept"], "requests": report["requests"],
             "server_requests": len(server.log) - logged, "balanced": report["balanced"],
             "pool_entries": report["pool_entries"], "rounds": report["rounds"],

@@ -140,19 +140,24 @@ class _Live:
         self._retries = 0
         self._last_error: Optional[tuple[float, str]] = None
         self._changed = False
-        self._publishing: Optional[str] = None  # the file this process publishes to
+        # The file this process publishes to ("": it does not; None: not decided yet).
+        self._publishing: Optional[str] = None
         self._shared: Optional[str] = None  # the folder this process reads workers' from
 
     def _mutated(self) -> None:
-        # Under the lock. The first change in a worker starts its publisher.
+        # Under the lock, on every increment: whether this process publishes is decided
+        # at its first change (a worker inherits the folder when it starts; the
+        # launcher, which names it, never publishes), then only a flag is set.
         self._changed = True
-        if self._publishing is None and LIVE_FOLDER_ENV in os.environ:
-            owner, _, folder = os.environ[LIVE_FOLDER_ENV].partition(":")
-            if owner != str(os.getpid()) and os.path.isdir(folder):
-                self._publishing = os.path.join(folder, f"{os.getpid()}.json")
-                threading.Thread(target=self._publish_loop, daemon=True,
-                                 name="codeclm-live-publish").start()
-                atexit.register(self._publish)
+        if self._publishing is not None:
+            return
+        self._publishing = ""
+        owner, _, folder = os.environ.get(LIVE_FOLDER_ENV, "").partition(":")
+        if folder and owner != str(os.getpid()) and os.path.isdir(folder):
+            self._publishing = os.path.join(folder, f"{os.getpid()}.json")
+            threading.Thread(target=self._publish_loop, daemon=True,
+                             name="codeclm-live-publish").start()
+            atexit.register(self._publish)
 
     def inc(self, namespace: str, name: str, value: int) -> None:
         with self._lock:

@@ -241,19 +241,21 @@ def accounting(counters: RunCounters, max_iterations: int, from_metadata: bool,
     rounds = [{"round": r, **{what: counters.in_round(r, what) for what in m.ROUND_COUNTS}}
               for r in range(1, max_iterations + 1)]
     # A round's stage loses a candidate to a dead letter; one that makes several calls
-    # for it (the judge, in both orders) counts the candidate whose set is incomplete.
-    lost = sum(flow(m.incomplete(stage.name)) if stage.calls > 1 else dead(stage.name)
-               for stage in method if stage.in_round)
-    # An element counted as lost there must have its dead letters: each incomplete
-    # set of calls one to `calls` of them, and each such dead letter an incomplete set.
-    # A set incomplete with no dead letter lost a call's answer inside the runner, which
-    # the sum above alone would pass as a dead letter.
+    # for it (the judge, in both orders) counts the candidate whose set is incomplete,
+    # and that set must have its dead letters: one to `calls` of them, each of an
+    # incomplete set. A set incomplete with no dead letter lost a call's answer inside
+    # the runner, which the count alone would pass as a dead letter.
+    lost = 0
     for stage in method:
-        if stage.in_round and stage.calls > 1:
-            incomplete = flow(m.incomplete(stage.name))
-            checks[f"{stage.name}: incomplete <= dead letters <= {stage.calls} x "
-                   f"incomplete"] = (
-                incomplete <= dead(stage.name) <= stage.calls * incomplete)
+        if not stage.in_round:
+            continue
+        if stage.calls == 1:
+            lost += dead(stage.name)
+            continue
+        incomplete = flow(m.incomplete(stage.name))
+        lost += incomplete
+        checks[f"{stage.name}: incomplete <= dead letters <= {stage.calls} x "
+               f"incomplete"] = incomplete <= dead(stage.name) <= stage.calls * incomplete
     kept_total = sum(r["kept"] for r in rounds)
     last = rounds[-1]["undecided"] if rounds else 0
     not_needed = sum(r["not_needed"] for r in rounds)
