@@ -73,9 +73,13 @@ def test_ctrl_c_ends_in_one_message_that_says_the_rerun_resumes(tmp_path):
     seeds = write_seeds(tmp_path / "seeds.jsonl", 4)
     argv = generate_args(tmp_path, models, seeds, tmp_path / "out", "--num_examples", "4",
                          "--num_metadata", "4", "--quiet")
+    # A CI launched in the background by a non-interactive shell ignores SIGINT, and an
+    # ignored signal is inherited: Python would then never raise KeyboardInterrupt and the
+    # run would finish as if no one had pressed Ctrl-C. A terminal's child has the default.
     running = subprocess.Popen(
         [sys.executable, "-m", "codeclm_beam.pipelines.cli", "generate", *argv],
-        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while not (tmp_path / "calls").exists() or len(read_calls(tmp_path / "calls")) < 3:
         assert time.time() < deadline and running.poll() is None, running.communicate()
