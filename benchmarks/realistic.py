@@ -188,6 +188,13 @@ def realistic_run(examples: int, rpm: float, tpm: float, accept_rate: float,
         "quota_use": round(ideal / span, 3) if span else None,
         "idle": idle_by_boundary(requests, binding_model, rpm),
         "latency_p50_p99_max_s": _percentiles([r["end"] - r["start"] for r in requests]),
+        # When each codec stage ran (seconds from the first request): whether rubrics
+        # and decode overlap, or one waits for the other's tail.
+        "codec_stages_s": {
+            stage: [[round(start - requests[0]["start"], 1), round(end - requests[0]["start"], 1)]
+                    for start, end in runs]
+            for stage, runs in stage_runs(requests).items()
+            if stage in ("encode", "rubrics", "decode")} if requests else {},
     }
 
 

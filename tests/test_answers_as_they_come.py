@@ -79,3 +79,25 @@ def test_the_next_step_asks_while_the_step_before_waits_on_its_slow_answer():
     assert len(second_asked) == 3
     # The quick questions' second step went out while the slow answer was still out.
     assert second_asked[1] < slow_answered - SLOW_S / 2, events
+
+
+def test_decode_asks_while_rubrics_still_wait_on_their_answers(tmp_path):
+    """Both read the pool and neither needs the other: decode takes the pool's size
+    from where the pool is built, so the local runner runs both in one stage and a
+    run waits for one tail, not a rubrics tail and then a decode tail."""
+    from tests.helpers import generate_args
+    from tests.helpers import run_generate
+    from tests.helpers import scripted_models
+    from tests.helpers import write_seeds
+    from tests.scripted_backend import read_calls
+    latency_s = 0.5
+    models = scripted_models(tmp_path, judge="strong_wins", latency_s=latency_s)
+    seeds = write_seeds(tmp_path / "seeds.jsonl", 4)
+    run_generate(generate_args(tmp_path, models, seeds, tmp_path / "out",
+                               "--num_examples", "2", "--num_metadata", "4",
+                               "--max_iterations", "1", "--quiet"))
+    asked = {kind: sorted(call["time"] for call in read_calls(tmp_path / "calls")
+                          if call["kind"] == kind) for kind in ("rubrics", "decode")}
+    assert len(asked["rubrics"]) == len(asked["decode"]) >= 4
+    # Before: the first decode call went out after the last rubrics answer came back.
+    assert asked["decode"][0] < asked["rubrics"][-1] + latency_s, asked

@@ -500,16 +500,15 @@ class CodecLM(DeadLettering):
                 inputs = screened.kept
         metadata = inputs | "SeedMetadata" >> self.handled(
             SeedMetadata(cfg, self._from_metadata))
-        pool = (metadata
-                | "BuildMetadataPool" >> BuildMetadataPool(
-                    cfg.num_metadata, cfg.max_skills, cfg.seed)
-                | "CountPool" >> Tally(metrics.METADATA_POOL))
+        built = metadata | "BuildMetadataPool" >> BuildMetadataPool(
+            cfg.num_metadata, cfg.max_skills, cfg.seed, with_size=True)
+        pool = built.entries | "CountPool" >> Tally(metrics.METADATA_POOL)
         rubrics = pool | "GenerateRubrics" >> self.handled(Counted(GenerateRubrics(
             cfg.strong, Rubrics(settings=cfg.codec, num_rubrics=cfg.num_rubrics),
             cfg.seed), metrics.RUBRIC_SETS))
         basic = pool | "DecodeInstructions" >> self.handled(Counted(DecodeInstructions(
-            cfg.strong, cfg.basic_instructions, Decode(settings=cfg.codec), cfg.seed),
-            metrics.BASIC_INSTRUCTIONS))
+            cfg.strong, cfg.basic_instructions, Decode(settings=cfg.codec), cfg.seed,
+            pool_size=built.size), metrics.BASIC_INSTRUCTIONS))
         first = basic | "TakeFirstRound" >> TakeLowestRanked(
             candidate_rank(cfg.seed), cfg.num_examples + cfg.overgenerate_margin)
         rounds = first.taken | "Rounds" >> self.handled(

@@ -123,20 +123,25 @@ class DecodeInstructions(DeadLettering):
     """PCollection[Metadata] -> PCollection[Candidate].
 
     The count per entry depends on the pool's size, known only at run time, so it is
-    read as a side input."""
+    read as a side input: `pool_size` when the caller has it (BuildMetadataPool's
+    `with_size`), else counted here."""
 
     def __init__(self, model: ModelConfig, num_instructions: int,
-                 stage: Decode = Decode(), run_seed: int = 0):
+                 stage: Decode = Decode(), run_seed: int = 0,
+                 pool_size: Optional[beam.PCollection] = None):
         super().__init__()
         self._num_instructions = num_instructions
         self._stage = stage
         self._model = model
         self._run_seed = run_seed
+        self._pool_size = pool_size
 
     def expand(self, pool) -> beam.PCollection:
-        # Without defaults: an empty pool has no entry to read the size with.
-        pool_size = pool | "PoolSize" >> beam.CombineGlobally(
-            beam.combiners.CountCombineFn()).without_defaults()
+        pool_size = self._pool_size
+        if pool_size is None:
+            # Without defaults: an empty pool has no entry to read the size with.
+            pool_size = pool | "PoolSize" >> beam.CombineGlobally(
+                beam.combiners.CountCombineFn()).without_defaults()
         # A local, not `self`: the lambda is pickled, and an applied composite drags
         # its whole pipeline along (a user's pipeline failed to pickle on it).
         wanted = self._num_instructions

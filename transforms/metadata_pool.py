@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import random
 from typing import Iterable
+from typing import NamedTuple
 
 import apache_beam as beam
 
@@ -51,22 +52,41 @@ def build_metadata_pool(entries: Iterable[Metadata], num_metadata: int, max_skil
     return sorted(pool.values(), key=lambda m: m.metadata_id)
 
 
+class MetadataPool(NamedTuple):
+    entries: beam.PCollection  # Metadata
+    size: beam.PCollection  # int: exactly one, the number of entries
+
+
 class BuildMetadataPool(beam.PTransform):
-    """PCollection[Metadata] -> PCollection[Metadata] (originals + mix-and-match).
+    """PCollection[Metadata] -> PCollection[Metadata] (originals + mix-and-match), or
+    with with_size=True a MetadataPool: the entries and their number, which a stage
+    that reads the pool (decode) can take as a side input without counting the pool
+    again after its shuffle.
 
     The pool is built in one place because mix-and-match needs every entry; pools are
     hundreds to thousands of entries, not millions."""
 
-    def __init__(self, num_metadata: int = 200, max_skills: int = 3, seed: int = 0):
+    def __init__(self, num_metadata: int = 200, max_skills: int = 3, seed: int = 0,
+                 with_size: bool = False):
         super().__init__()
         self._num_metadata = num_metadata
         self._max_skills = max_skills
         self._seed = seed
+        self._with_size = with_size
 
     def expand(self, metadata):
-        return (metadata
-                | "CollectAll" >> beam.combiners.ToList()
-                | "MixAndMatch" >> beam.FlatMap(
-                    build_metadata_pool, self._num_metadata, self._max_skills,
-                    self._seed)
-                | "Spread" >> beam.Reshuffle())
+        built = (metadata
+                 | "CollectAll" >> beam.combiners.ToList()
+                 | "MixAndMatch" >> beam.Map(
+                     build_metadata_pool, self._num_metadata, self._max_skills,
+                     self._seed))
+        entries = (built
+                   | "Entries" >> beam.FlatMap(lambda pool: pool)
+                   | "Spread" >> beam.Reshuffle())
+        if not self._with_size:
+            return entries
+        # Counted where the pool is built, not after the shuffle: a count of the
+        # shuffled pool would be a stage between the pool and every stage reading its
+        # size, so the local runner would run rubrics (no size needed) to their last,
+        # slowest answer before decode began (docs/performance.md, "Composite shapes").
+        return MetadataPool(entries, built | "Size" >> beam.Map(len))
