@@ -16,10 +16,11 @@ from statistics import NormalDist
 
 MEDIAN_S, P99_S, RATE_PER_S = 3.0, 30.0, 25.0
 SIGMA = math.log(P99_S / MEDIAN_S) / NormalDist().inv_cdf(0.99)
-# The realistic step's stages, in strong-model requests: encode, rubrics, decode;
+# The realistic step's stages, in strong-model requests: encode; rubrics and decode (one
+# stage: they read the pool side by side);
 # then each round's answers and judgements (3 a candidate) and the improvements
 # before the next round (its manifest's rounds: 400, 674, 288 and 61 candidates).
-STAGES = (100, 80, 80, 1200, 274, 2022, 288, 864, 61, 183)
+STAGES = (100, 160, 1200, 274, 2022, 288, 864, 61, 183)
 
 
 def span_s(stages, rng: random.Random) -> float:
