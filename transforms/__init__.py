@@ -17,6 +17,7 @@ from codeclm_beam.transforms.improve import ImproveInstructions
 from codeclm_beam.transforms.judge import Contest
 from codeclm_beam.transforms.judge import JudgeBothOrders
 from codeclm_beam.transforms.metadata_pool import BuildMetadataPool
+from codeclm_beam.transforms.metadata_pool import MetadataPool
 from codeclm_beam.transforms.read_seeds import ReadMetadata
 from codeclm_beam.transforms.read_seeds import ReadSeeds
 from codeclm_beam.transforms.rubrics import GenerateRubrics
@@ -37,6 +38,7 @@ __all__ = [
     "BuildMetadataPool", "CodecLM", "CodecLMConfig", "CodecLMOutput", "ContrastiveFilter",
     "DecodeInstructions", "Decontaminate", "DecontaminationRule", "DedupRule",
     "DeduplicateInstructions", "EncodeMetadata", "FilterOutput", "GenerateRubrics",
-    "ImproveInstructions", "Contest", "JudgeBothOrders", "ReadMetadata", "ReadSeeds",
+    "ImproveInstructions", "Contest", "JudgeBothOrders", "MetadataPool", "ReadMetadata",
+    "ReadSeeds",
     "import_stage_modules",
 ]
