@@ -26,7 +26,7 @@ import json
 import os
 import threading
 import time
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, NamedTuple, Optional
 
 from apache_beam.metrics import Metrics
 
@@ -118,6 +118,14 @@ def model_namespace(stage: str, model_id: str) -> str:
 LIVE_FOLDER_ENV = "CODECLM_LIVE_FOLDER"
 # How often a worker publishes what changed; and once more as it exits.
 PUBLISH_EVERY_S = 0.5
+
+
+class LiveFigures(NamedTuple):
+    values: dict  # (namespace, name) -> value
+    in_flight: dict  # stage -> calls out now
+    jobs: dict  # stage -> {batch job name: (its last seen phase, whether finished)}
+    # Transport retries so far, and (seconds ago, message) of the last retried error.
+    retries: tuple
 
 
 class _Live:
@@ -229,28 +237,25 @@ class _Live:
                     continue
         return states
 
-    def retries(self) -> tuple[int, Optional[tuple[float, str]]]:
-        """Retries so far, and (seconds ago, message) of the last retried error."""
-        states = self._states()
-        errors = [s["last_error"] for s in states if s["last_error"]]
-        last = max(errors, default=None)
-        return (sum(s["retries"] for s in states),
-                None if last is None else (time.time() - last[0], last[1]))
-
-    def snapshot(self) -> tuple[dict[tuple[str, str], int], dict[str, int]]:
+    def read(self) -> "LiveFigures":
+        """This process's mirror summed with every worker's, from one read of their
+        publications, so the figures of one moment agree with one another."""
         values, in_flight = collections.Counter(), collections.Counter()
+        jobs: dict[str, dict[str, tuple[str, bool]]] = collections.defaultdict(dict)
+        retries, last_error = 0, None
         for state in self._states():
             for ns, name, value in state["values"]:
                 values[(ns, name)] += value
             in_flight.update(state["in_flight"])
-        return dict(values), {k: v for k, v in in_flight.items() if v}
-
-    def jobs(self) -> dict[str, dict[str, tuple[str, bool]]]:
-        merged: dict[str, dict[str, tuple[str, bool]]] = collections.defaultdict(dict)
-        for state in self._states():
-            for stage, jobs in state["jobs"].items():
-                merged[stage].update({name: tuple(job) for name, job in jobs.items()})
-        return dict(merged)
+            for stage, stage_jobs in state["jobs"].items():
+                jobs[stage].update({name: tuple(job) for name, job in stage_jobs.items()})
+            retries += state["retries"]
+            if state["last_error"] and (last_error is None or state["last_error"] > last_error):
+                last_error = state["last_error"]  # the latest: [wall-clock time, message]
+        return LiveFigures(
+            dict(values), {k: v for k, v in in_flight.items() if v}, dict(jobs),
+            (retries, None if last_error is None
+             else (time.time() - last_error[0], last_error[1])))
 
     def reset(self) -> None:
         with self._lock:

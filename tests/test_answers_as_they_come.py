@@ -14,7 +14,12 @@ from codeclm_beam.model import GenerationSettings
 from codeclm_beam.model import ModelConfig
 from codeclm_beam.model import ModelRequest
 from codeclm_beam.model.calls import ModelCall
+from tests.helpers import generate_args
+from tests.helpers import run_generate
+from tests.helpers import scripted_models
+from tests.helpers import write_seeds
 from tests.loopback import RecordingServer
+from tests.scripted_backend import read_calls
 
 SLOW_S = 2.0
 
@@ -85,11 +90,6 @@ def test_decode_asks_while_rubrics_still_wait_on_their_answers(tmp_path):
     """Both read the pool and neither needs the other: decode takes the pool's size
     from where the pool is built, so the local runner runs both in one stage and a
     run waits for one tail, not a rubrics tail and then a decode tail."""
-    from tests.helpers import generate_args
-    from tests.helpers import run_generate
-    from tests.helpers import scripted_models
-    from tests.helpers import write_seeds
-    from tests.scripted_backend import read_calls
     latency_s = 0.5
     models = scripted_models(tmp_path, judge="strong_wins", latency_s=latency_s)
     seeds = write_seeds(tmp_path / "seeds.jsonl", 4)

@@ -191,10 +191,9 @@ class LiveProgress:
             self._bar.close()
 
     def snapshot(self) -> Snapshot:
-        values, in_flight = metrics.LIVE.snapshot()
-        return Snapshot(RunCounters.from_pairs(values.items()), in_flight,
-                        time.monotonic() - self._started, metrics.LIVE.jobs(),
-                        metrics.LIVE.retries())
+        live = metrics.LIVE.read()
+        return Snapshot(RunCounters.from_pairs(live.values.items()), live.in_flight,
+                        time.monotonic() - self._started, live.jobs, live.retries)
 
     # The ETA's pace: calls over the last RATE_WINDOW_S seconds (the first stages'
     # long structured answers are slower per call than the rounds' answers, so the
