@@ -743,6 +743,11 @@ def scale_rows(results: dict) -> list[str]:
         if p.get("dead_letters"):
             reasons = "; ".join(f"{n:,} {why}" for why, n in p["dead_letters"].items())
             lines.append(f"| scale | {p['pairs']:,} pairs: dead letters | {reasons} |")
+    buckets = [p.get("reference_buckets") for p in s["points"]]
+    if all(buckets):
+        lines.append("| scale | dedup references sent / skipped (no candidate after round "
+                     "1, so none sent) | " + " / ".join(
+                         f"{b['sent']:,} / {b['skipped']:,}" for b in buckets) + " (reported) |")
     lines.append(f"| scale | plot | {s['plot']} |")
     return lines
 

@@ -46,6 +46,7 @@ print(json.dumps({
     # own balance, and each round's candidates and kept pairs.
     "balanced": accounting["balanced"],
     "pool_entries": accounting["metadata_pool"]["entries"],
+    "reference_buckets": accounting["screening"]["reference_buckets"],
     "rounds": [[r["candidates"], r["kept"]] for r in accounting["candidates"]["rounds"]
                if r["candidates"]],
     "cpu_s": me.ru_utime + me.ru_stime + workers.ru_utime + workers.ru_stime,
@@ -82,6 +83,7 @@ def point(server: FakeModelServer, pairs: int, folder: str) -> dict[str, Any]:
     return {"pairs": pairs, "kept": report["kept"], "requests": report["requests"],
             "server_requests": len(server.log) - logged, "balanced": report["balanced"],
             "pool_entries": report["pool_entries"], "rounds": report["rounds"],
+            "reference_buckets": report["reference_buckets"],
             "cpu_ms_per_call": round(1000 * report["cpu_s"] / report["requests"], 2),
             "launcher_peak_mb": round(report["launcher_peak_mb"], 1),
             "worker_peak_mb": round(report["worker_peak_mb"], 1),

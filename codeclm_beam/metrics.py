@@ -3,11 +3,12 @@
 Beam counters are the run's record: the manifest, `jobs status`, the live progress and
 the CLI summary all read them through `RunCounters`, so a counter's name is spelled
 only here (as `_MetricsCollector` does for RunInference in Beam's
-`ml/inference/base.py`). Three namespaces:
+`ml/inference/base.py`). Four namespaces:
 
     codeclm/flow                 where elements went: rows read, seeds, pool entries,
                                  round{n}.candidates/kept/..., examples, surplus
     codeclm/dead_letter          dead letters, one counter per stage
+    codeclm/dedup                the buckets deduplication sent references into, and not
     codeclm/{stage}/{model id}   model calls: MODEL_COUNTERS
 
 Each increment also goes to a process-local mirror (`LIVE`) that the live progress of
@@ -35,6 +36,11 @@ from codeclm_beam.model import types
 PREFIX = "codeclm/"
 FLOW = "codeclm/flow"
 DEAD_LETTERS = "codeclm/dead_letter"
+# Deduplication's references: the buckets each was sent into, and those it was not
+# (no element there to compare it with).
+DEDUP = "codeclm/dedup"
+REFERENCE_BUCKETS_SENT = "reference_buckets_sent"
+REFERENCE_BUCKETS_SKIPPED = "reference_buckets_skipped"
 
 # Tokens as billed, named where `Usage` is.
 TOKEN_KINDS = types.TOKEN_KINDS
@@ -320,6 +326,13 @@ class RunCounters:
 
     def in_round(self, number: int, what: str) -> int:
         return self.flow(in_round(number, what))
+
+    def reference_buckets(self) -> dict[str, int]:
+        """The buckets deduplication sent earlier rounds' candidates into, and those it
+        did not (no candidate of the round there)."""
+        values = self._values.get(DEDUP, {})
+        return {"sent": int(values.get(REFERENCE_BUCKETS_SENT, 0)),
+                "skipped": int(values.get(REFERENCE_BUCKETS_SKIPPED, 0))}
 
     def rounds(self) -> list[int]:
         """The round numbers that counted anything, in order."""

@@ -7,6 +7,7 @@ import random
 
 import apache_beam as beam
 import pytest
+from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from codeclm_beam import textmatch
@@ -16,7 +17,13 @@ from codeclm_beam.pipelines.commands.show import trace
 from codeclm_beam.pipelines.commands.split import split_file
 from codeclm_beam.transforms.decontaminate import Decontaminate
 from codeclm_beam.transforms.decontaminate import DecontaminationRule
+from codeclm_beam.metrics import DEDUP
+from codeclm_beam.metrics import REFERENCE_BUCKETS_SENT
+from codeclm_beam.metrics import REFERENCE_BUCKETS_SKIPPED
+from codeclm_beam.transforms.dedup import DedupRule
 from codeclm_beam.transforms.dedup import DeduplicateInstructions
+from tests.helpers import COLLECTED
+from tests.helpers import _gather
 from tests.helpers import calls_by_kind
 from tests.helpers import collect
 from tests.helpers import generate_args
@@ -158,6 +165,51 @@ def test_many_workers_keep_the_same_set_as_one(tmp_path):
     assert len(_lines(one, "removed")) == 2 * 60  # (id, original) per planted copy
 
 
+def _screen_against(references, elements):
+    """DeduplicateInstructions of `elements` against `references`: what it kept and
+    removed, and its reference-bucket counters {name: value}."""
+    COLLECTED.clear()
+    pipeline = beam.Pipeline()
+    screened = (pipeline | "Elements" >> beam.Create(elements)
+                | DeduplicateInstructions(text="text", key="id", against=(
+                    pipeline | "References" >> beam.Create(references))))
+    screened.kept | "Kept" >> beam.Map(_gather, "kept")
+    screened.removed | "Removed" >> beam.Map(_gather, "removed")
+    result = pipeline.run()
+    result.wait_until_finish()
+    counters = {c.key.metric.name: c.committed for c in result.metrics().query(
+        MetricsFilter().with_namespace(DEDUP))["counters"]}
+    return dict(COLLECTED), counters
+
+
+def test_references_are_sent_only_into_the_buckets_an_element_is_in():
+    # A later round's screen: many candidates judged before, few new ones. A reference
+    # alone in a bucket is compared with nothing, so it is not regrouped at all.
+    draw = random.Random(7)
+    words = [f"{a}{b}{c}" for a in "bdgklmnprst" for b in "aeiou" for c in "bdgklmnprstz"]
+    references = [{"id": f"j{i:03d}", "text": " ".join(draw.sample(words, 12))}
+                  for i in range(200)]
+    elements = [{"id": "n0", "text": references[5]["text"].upper() + " !"},
+                {"id": "n1", "text": "Please, " + references[7]["text"].lower()},
+                {"id": "n2", "text": "Plant tulips in autumn before the ground freezes"}]
+    per_reference = 1 + DedupRule().bands[0]  # its exact bucket and its bands
+    got, counters = _screen_against(references, elements)
+    assert [row["id"] for row in got["kept"]] == ["n2"]
+    assert sorted((r.removal.element_id, r.removal.duplicate_of) for r in got["removed"]) \
+        == [("n0", references[5]["id"]), ("n1", references[7]["id"])]
+    sent = counters[REFERENCE_BUCKETS_SENT]
+    # Only the two references repeated share buckets with an element (a 32-bit digest
+    # collision could add one more): before, all 200 went into all their buckets.
+    assert 2 <= sent <= 2 * per_reference + 1, counters
+    assert sent + counters[REFERENCE_BUCKETS_SKIPPED] == len(references) * per_reference
+
+    # No element at all (a round with no candidate left): no reference is sent.
+    got, counters = _screen_against(references, [])
+    assert not got.get("kept") and not got.get("removed")
+    assert counters.get(REFERENCE_BUCKETS_SENT, 0) == 0
+    assert counters[REFERENCE_BUCKETS_SKIPPED] == len(references) * per_reference
+
+
 BENCHMARK_QUESTION = ("Compose an engaging travel blog post about a recent trip to "
                       "Hawaii, highlighting cultural experiences and must-see attractions.")
 
@@ -257,6 +309,8 @@ def test_a_near_duplicate_of_a_candidate_judged_in_an_earlier_round_costs_nothin
         assert duplicate["matched_text"] in shown
     screening = manifest["accounting"]["screening"]
     assert screening["calls_saved"] == 4 * screening["duplicates"]["before_judging"]
+    # Each repeat of a judged candidate was found in a bucket its reference was sent to.
+    assert screening["reference_buckets"]["sent"] >= len(later)
     assert manifest["accounting"]["balanced"]
 
 

@@ -1,11 +1,13 @@
 """`DeduplicateInstructions`: exact and near-duplicate instructions removed, on any
 PCollection, at any scale.
 
-    elements ─Describe─> entries ─Buckets─> (normalised text | LSH band, entry)
-         (+ reference entries)        ─GroupByBucket─Compare─> (key, element),
-                                                               (key, what it repeats)
-                                      ─Join─┬─> kept
-                                            └─> removed (element, Removal)
+    elements ─Describe─Buckets─> (normalised text | LSH band, entry) ──┐
+          └─> OccupiedBuckets ─┐                                       │
+    references ─Describe─ReferenceBuckets─> (only buckets occupied) ───┤
+                                   ─GroupByBucket─Compare─> (key, element),
+                                                            (key, what it repeats)
+                                   ─Join─┬─> kept
+                                         └─> removed (element, Removal)
 
 Two texts are the same when their normalised forms are (`textmatch.normalize`: case,
 punctuation and spacing aside; they share a bucket keyed by it), and near-duplicates
@@ -21,7 +23,10 @@ is the same or near the same; it names the first of the same text, else the firs
 similar one. So of a group the first-ranked one is kept, and a chain a ~ b ~ c removes
 b and c (c repeats b, which was removed), as an index queried in rank order would.
 The bands are chosen from the threshold (`textmatch.lsh_bands`) so that a pair at or
-above it is proposed, and so compared, at least 99.5% of the time.
+above it is proposed, and so compared, at least 99.5% of the time. A reference is
+sent only into the buckets some element occupies (a semi-join on the bucket key): a
+reference alone in a bucket is compared with nothing, and without it a round's screen
+in `generate` would regroup every candidate judged before, whatever its size.
 Default rule (word 1-grams, Jaccard 0.8, 128 permutations): on the 58 labelled pairs
 shipped with the tests (tests/fixtures/near_duplicates.jsonl) precision 0.95 and recall
 0.64 (the pairs below the threshold are the misses); distilabel's `MinHashDedup`
@@ -30,10 +35,13 @@ default (words, 0.9) catches a quarter of them.
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import apache_beam as beam
+import numpy as np
 
+from codeclm_beam import metrics
 from codeclm_beam import textmatch
 from codeclm_beam.records import DUPLICATE
 from codeclm_beam.records import Removal
@@ -136,23 +144,79 @@ def _repeats(entry: _Entry, earlier: _Entry) -> bool:
     return earlier.reference or earlier.key != entry.key
 
 
-class _Buckets(beam.DoFn):
+def _buckets(described, rule: DedupRule):
     """An entry's buckets: its normalised text's (exact duplicates meet there; the
     element rides along in this one only) and its LSH bands' (near duplicates meet
     there, most of the time)."""
+    entry, _ = described
+    yield _EXACT + textmatch.text_key(entry.text).encode("ascii"), described
+    grams = textmatch.ngrams(entry.text.split(), rule.ngram_size)
+    if grams:
+        values = textmatch.signature(grams, rule.num_perm, rule.seed)
+        for band in textmatch.band_keys(values, *rule.bands):
+            yield band, (entry, None)
+
+
+def _bucket_count(entry: "_Entry", rule: DedupRule) -> int:
+    """How many buckets `_buckets` puts an entry in, without signing it."""
+    return 1 + (rule.bands[0] if len(entry.text.split()) >= rule.ngram_size else 0)
+
+
+def _digest(bucket: bytes) -> int:
+    # 32 bits: a collision only sends a reference into a bucket it did not need to
+    # enter (compared, found not to match), and the set stays 4 bytes a bucket.
+    return zlib.crc32(bucket)
+
+
+class _OccupiedBuckets(beam.CombineFn):
+    """The buckets the elements occupy, as a sorted array of their digests: a side
+    input of 4 bytes a bucket (a few MB for a round of 100,000 candidates) where a set
+    of the keys themselves would be ten times that."""
+
+    def create_accumulator(self):
+        return np.empty(0, np.uint32), []
+
+    def add_input(self, accumulator, bucketed):
+        accumulator[1].append(_digest(bucketed[0]))
+        return accumulator
+
+    def merge_accumulators(self, accumulators):
+        arrays, pending = [], []
+        for array, digests in accumulators:
+            arrays.append(array)
+            pending.extend(digests)
+        arrays.append(np.asarray(pending, np.uint32))
+        return np.unique(np.concatenate(arrays)), []
+
+    def compact(self, accumulator):
+        return self.merge_accumulators([accumulator])
+
+    def extract_output(self, accumulator):
+        return self.merge_accumulators([accumulator])[0]
+
+
+class _ReferenceBuckets(beam.DoFn):
+    """A reference's buckets that some element occupies (`occupied`: sorted digests,
+    None when no element came). A reference no element can meet is not even signed."""
 
     def __init__(self, rule: DedupRule):
         self._rule = rule
 
-    def process(self, described):
-        rule = self._rule
-        entry, _ = described
-        yield _EXACT + textmatch.text_key(entry.text).encode("ascii"), described
-        grams = textmatch.ngrams(entry.text.split(), rule.ngram_size)
-        if grams:
-            values = textmatch.signature(grams, rule.num_perm, rule.seed)
-            for band in textmatch.band_keys(values, *rule.bands):
-                yield band, (entry, None)
+    def setup(self):
+        self._sent = metrics.Counter(metrics.DEDUP, metrics.REFERENCE_BUCKETS_SENT)
+        self._skipped = metrics.Counter(metrics.DEDUP, metrics.REFERENCE_BUCKETS_SKIPPED)
+
+    def process(self, described, occupied):
+        if occupied is None or not len(occupied):
+            self._skipped.inc(_bucket_count(described[0], self._rule))
+            return
+        buckets = list(_buckets(described, self._rule))
+        digests = np.fromiter((_digest(key) for key, _ in buckets), np.uint32, len(buckets))
+        at = np.minimum(np.searchsorted(occupied, digests), len(occupied) - 1)
+        sent = [bucket for bucket, hit in zip(buckets, occupied[at] == digests) if hit]
+        self._sent.inc(len(sent))
+        self._skipped.inc(len(buckets) - len(sent))
+        yield from sent
 
 
 # The exact bucket's key prefix (an LSH band's key starts with its 2-byte index, below 0x3d00).
@@ -272,16 +336,22 @@ class DeduplicateInstructions(beam.PTransform):
         lineage = self._lineage
         given = parts(elements)
         references = () if self._against is None else parts(self._against)
-        described = (
-            [p | f"Describe{i or ''}" >> beam.Map(_described, key, text, rank, lineage)
-             for i, p in enumerate(given)]
-            + [p | f"DescribeReferences{i or ''}" >> beam.Map(
+        bucketed = [p | f"Describe{i or ''}" >> beam.Map(_described, key, text, rank, lineage)
+                    | f"Buckets{i or ''}" >> beam.FlatMap(_buckets, rule)
+                    for i, p in enumerate(given)]
+        if references:
+            occupied = beam.pvalue.AsSingleton(
+                tuple(bucketed)
+                | "ElementBuckets" >> beam.Flatten(pipeline=given[0].pipeline)
+                | "OccupiedBuckets" >> beam.CombineGlobally(
+                    _OccupiedBuckets()).without_defaults(), default_value=None)
+            bucketed += [p | f"DescribeReferences{i or ''}" >> beam.Map(
                 _described_reference, key, text, lineage)
-               for i, p in enumerate(references)])
+                | f"ReferenceBuckets{i or ''}" >> beam.ParDo(_ReferenceBuckets(rule), occupied)
+                for i, p in enumerate(references)]
         # Two shuffles, the buckets and the join (shape: docs/performance.md, "Composite shapes for the local runner").
-        joined = (described
+        joined = (bucketed
                   | "WithReferences" >> beam.Flatten(pipeline=given[0].pipeline)
-                  | "Buckets" >> beam.ParDo(_Buckets(rule))
                   | "GroupByBucket" >> beam.GroupByKey()
                   | "Compare" >> beam.FlatMap(_compare, rule)
                   | "Join" >> beam.GroupByKey()

@@ -297,6 +297,7 @@ def screening_counts(counters: RunCounters, rounds: list[dict],
             "contaminated": {"before_judging": contaminated,
                              "final_pairs": counters.flow(m.PAIRS_CONTAMINATED)},
             "benchmark_rows_compared_whole": counters.flow(m.BENCHMARK_SHORT_ROWS),
+            "reference_buckets": counters.reference_buckets(),
             "calls_saved": (duplicates + contaminated) * calls_per(JUDGED, method)}
 
 
