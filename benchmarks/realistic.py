@@ -182,6 +182,8 @@ def realistic_run(examples: int, rpm: float, tpm: float, accept_rate: float,
         "server_outcomes": dict(collections.Counter(e.get("outcome") for e in log)),
         "client_retries": manifest["model_calls"]["totals"].get("retries", 0),
         "client_failures": manifest["model_calls"]["totals"].get("failures", 0),
+        # What the rounds' screens regrouped of the candidates judged before.
+        "dedup_reference_buckets": manifest["accounting"]["screening"]["reference_buckets"],
         "binding_quota": f"{binding_model} {binding_kind}",
         "ideal_s": round(ideal, 1), "requests_span_s": round(span, 1),
         "whole_wall_s": round(finished - started, 1),

@@ -698,6 +698,11 @@ def realistic_rows(results: dict) -> list[str]:
              f"{idle['idle_share']} (reported; most at: {worst}) |",
              f"| realistic | latency p50 / p99 / max (s); 429s | "
              f"{r['latency_p50_p99_max_s']}; {r['answers_429']} (reported) |"]
+    if "dedup_reference_buckets" in r:
+        b = r["dedup_reference_buckets"]
+        lines.append(f"| realistic | rounds 2-4: buckets of earlier candidates regrouped by "
+                     f"the screens / left out (no candidate of the round in the bucket) | "
+                     f"{b['sent']:,} / {b['skipped']:,} (reported) |")
     ours = p.get("codeclm_beam", {})
     for name in ("codeclm_beam", "distilabel", "curator"):
         entry = p.get(name, {})
@@ -745,9 +750,10 @@ def scale_rows(results: dict) -> list[str]:
             lines.append(f"| scale | {p['pairs']:,} pairs: dead letters | {reasons} |")
     buckets = [p.get("reference_buckets") for p in s["points"]]
     if all(buckets):
-        lines.append("| scale | dedup references sent / skipped (no candidate after round "
-                     "1, so none sent) | " + " / ".join(
-                         f"{b['sent']:,} / {b['skipped']:,}" for b in buckets) + " (reported) |")
+        lines.append("| scale | buckets of earlier candidates regrouped by the screens / "
+                     "left out (no candidate after round 1) | " + "; ".join(
+                         f"{p['pairs']:,} pairs: {b['sent']:,} / {b['skipped']:,}"
+                         for p, b in zip(s["points"], buckets)) + " (reported) |")
     lines.append(f"| scale | plot | {s['plot']} |")
     return lines
 
