@@ -171,7 +171,7 @@ def _digest(bucket: bytes) -> int:
 class _OccupiedBuckets(beam.CombineFn):
     """The buckets the elements occupy, as a sorted array of their digests: a side
     input of 4 bytes a bucket (a few MB for a round of 100,000 candidates) where a set
-    of the keys themselves would be ten times that."""
+    of the keys themselves would be some twenty times that."""
 
     def create_accumulator(self):
         return np.empty(0, np.uint32), []
@@ -330,8 +330,8 @@ class DeduplicateInstructions(beam.PTransform):
 
     def expand(self, elements) -> Screened:
         """`elements` may be a tuple of PCollections (taken as their flatten), and so
-        may `against`: each is described where it is made, and all meet in one
-        flatten."""
+        may `against`: each is described and cut into buckets where it is made, and
+        all meet in one flatten before the grouping."""
         key, text, rank, rule = self._key, self._text, self._rank, self._rule
         lineage = self._lineage
         given = parts(elements)
