@@ -82,12 +82,27 @@ def _gather(element, name):
 def collect(build, options=None) -> dict[str, list]:
     """Runs the pipeline `build(pipeline)` makes, in process, and returns the elements of
     each PCollection it returns by name ({name: PCollection})."""
+    return _run_collecting(build, options)[0]
+
+
+def collect_counting(build, namespace: str, options=None) -> tuple[dict[str, list],
+                                                                   dict[str, int]]:
+    """`collect`, and the run's committed counters of one namespace {name: value}."""
+    from apache_beam.metrics.metric import MetricsFilter
+    collected, result = _run_collecting(build, options)
+    return collected, {c.key.metric.name: c.committed for c in result.metrics().query(
+        MetricsFilter().with_namespace(namespace))["counters"]}
+
+
+def _run_collecting(build, options):
     import apache_beam as beam
     COLLECTED.clear()
-    with beam.Pipeline(options=options) as pipeline:
-        for name, pcoll in build(pipeline).items():
-            pcoll | f"Collect{name}" >> beam.Map(_gather, name)
-    return {name: list(values) for name, values in COLLECTED.items()}
+    pipeline = beam.Pipeline(options=options)
+    for name, pcoll in build(pipeline).items():
+        pcoll | f"Collect{name}" >> beam.Map(_gather, name)
+    result = pipeline.run()
+    result.wait_until_finish()
+    return {name: list(values) for name, values in COLLECTED.items()}, result
 
 
 # Beam looks for Application Default Credentials before it talks to Cloud Storage,

@@ -7,7 +7,6 @@ import random
 
 import apache_beam as beam
 import pytest
-from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from codeclm_beam import textmatch
@@ -22,10 +21,9 @@ from codeclm_beam.metrics import REFERENCE_BUCKETS_SENT
 from codeclm_beam.metrics import REFERENCE_BUCKETS_SKIPPED
 from codeclm_beam.transforms.dedup import DedupRule
 from codeclm_beam.transforms.dedup import DeduplicateInstructions
-from tests.helpers import COLLECTED
-from tests.helpers import _gather
 from tests.helpers import calls_by_kind
 from tests.helpers import collect
+from tests.helpers import collect_counting
 from tests.helpers import generate_args
 from tests.helpers import read_jsonl
 from tests.helpers import run_generate
@@ -165,21 +163,13 @@ def test_many_workers_keep_the_same_set_as_one(tmp_path):
     assert len(_lines(one, "removed")) == 2 * 60  # (id, original) per planted copy
 
 
-def _screen_against(references, elements):
+def _screen_against(references, elements, rule=DedupRule()):
     """DeduplicateInstructions of `elements` against `references`: what it kept and
     removed, and its reference-bucket counters {name: value}."""
-    COLLECTED.clear()
-    pipeline = beam.Pipeline()
-    screened = (pipeline | "Elements" >> beam.Create(elements)
-                | DeduplicateInstructions(text="text", key="id", against=(
-                    pipeline | "References" >> beam.Create(references))))
-    screened.kept | "Kept" >> beam.Map(_gather, "kept")
-    screened.removed | "Removed" >> beam.Map(_gather, "removed")
-    result = pipeline.run()
-    result.wait_until_finish()
-    counters = {c.key.metric.name: c.committed for c in result.metrics().query(
-        MetricsFilter().with_namespace(DEDUP))["counters"]}
-    return dict(COLLECTED), counters
+    return collect_counting(lambda p: dict(zip(("kept", "removed"), (
+        p | "Elements" >> beam.Create(elements)
+        | DeduplicateInstructions(text="text", key="id", rule=rule, against=(
+            p | "References" >> beam.Create(references)))))), DEDUP)
 
 
 def test_references_are_sent_only_into_the_buckets_an_element_is_in():
@@ -203,11 +193,13 @@ def test_references_are_sent_only_into_the_buckets_an_element_is_in():
     assert 2 <= sent <= 2 * per_reference + 1, counters
     assert sent + counters[REFERENCE_BUCKETS_SKIPPED] == len(references) * per_reference
 
-    # No element at all (a round with no candidate left): no reference is sent.
-    got, counters = _screen_against(references, [])
+    # No element at all (a round with no candidate left): no reference is sent. A
+    # reference shorter than the n-grams is one n-gram, so it has its bands too.
+    got, counters = _screen_against(references + [{"id": "short", "text": "Hi there"}], [],
+                                    DedupRule(ngram_size=3))
     assert not got.get("kept") and not got.get("removed")
     assert counters.get(REFERENCE_BUCKETS_SENT, 0) == 0
-    assert counters[REFERENCE_BUCKETS_SKIPPED] == len(references) * per_reference
+    assert counters[REFERENCE_BUCKETS_SKIPPED] == (len(references) + 1) * per_reference
 
 
 BENCHMARK_QUESTION = ("Compose an engaging travel blog post about a recent trip to "

@@ -150,16 +150,20 @@ def _buckets(described, rule: DedupRule):
     there, most of the time)."""
     entry, _ = described
     yield _EXACT + textmatch.text_key(entry.text).encode("ascii"), described
-    grams = textmatch.ngrams(entry.text.split(), rule.ngram_size)
+    grams = _grams(entry, rule)
     if grams:
         values = textmatch.signature(grams, rule.num_perm, rule.seed)
         for band in textmatch.band_keys(values, *rule.bands):
             yield band, (entry, None)
 
 
-def _bucket_count(entry: "_Entry", rule: DedupRule) -> int:
+def _grams(entry: _Entry, rule: DedupRule) -> list[str]:
+    return textmatch.ngrams(entry.text.split(), rule.ngram_size)
+
+
+def _bucket_count(entry: _Entry, rule: DedupRule) -> int:
     """How many buckets `_buckets` puts an entry in, without signing it."""
-    return 1 + (rule.bands[0] if len(entry.text.split()) >= rule.ngram_size else 0)
+    return 1 + (rule.bands[0] if _grams(entry, rule) else 0)
 
 
 def _digest(bucket: bytes) -> int:
@@ -197,7 +201,8 @@ class _OccupiedBuckets(beam.CombineFn):
 
 class _ReferenceBuckets(beam.DoFn):
     """A reference's buckets that some element occupies (`occupied`: sorted digests,
-    None when no element came). A reference no element can meet is not even signed."""
+    never empty; None when no element came). A reference no element can meet is not
+    even signed."""
 
     def __init__(self, rule: DedupRule):
         self._rule = rule
@@ -207,7 +212,7 @@ class _ReferenceBuckets(beam.DoFn):
         self._skipped = metrics.Counter(metrics.DEDUP, metrics.REFERENCE_BUCKETS_SKIPPED)
 
     def process(self, described, occupied):
-        if occupied is None or not len(occupied):
+        if occupied is None:
             self._skipped.inc(_bucket_count(described[0], self._rule))
             return
         buckets = list(_buckets(described, self._rule))
