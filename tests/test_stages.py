@@ -216,3 +216,19 @@ def test_selections_take_the_lowest_ranks_up_to_a_limit_known_at_run_time():
         assert_that(none.taken, equal_to([]), label="none taken")
         assert_that(capped.taken, equal_to([3]), label="capped taken")
         assert_that(capped.rest, equal_to([4, 5]), label="capped rest")
+
+
+def test_a_counted_limit_combines_each_counted_records_measure_not_the_record():
+    """The counted PCollections of a round's selection are every record of the rounds
+    before; the combine gets each one's measure, taken where the record is made, so
+    the record is not moved to it (before the measure the counter got the records,
+    and summing them failed)."""
+    from codeclm_beam.transforms.selection import CountedLimit
+    from codeclm_beam.transforms.selection import TakeLowestRanked
+    with TestPipeline() as p:
+        counted = p | "Kinds" >> beam.Create(["kept", "judged", "kept"])
+        kept_twice = CountedLimit((counted,), beam.CombineFn.from_callable(sum),
+                                  lambda kept: kept, measure=lambda r: r == "kept")
+        taken = (p | "Ranks" >> beam.Create([7, 5, 6]) | TakeLowestRanked(
+            lambda n: n, 10, kept_twice)).taken
+        assert_that(taken, equal_to([5, 6]))

@@ -188,15 +188,15 @@ def example_rank(example: Example) -> int:
 
 
 class _KeptAndJudged(beam.CombineFn):
-    """(pairs kept, candidates judged) of both: kept pairs are Examples, judged
-    candidates Candidates. Counted in the round's selection's own combine."""
+    """(pairs kept, candidates judged) of both, each record measured by `is_kept_pair`.
+    Counted in the round's selection's own combine."""
 
     def create_accumulator(self):
         return 0, 0
 
-    def add_input(self, counts, record):
+    def add_input(self, counts, kept_pair: bool):
         kept, judged = counts
-        return (kept + 1, judged) if isinstance(record, Example) else (kept, judged + 1)
+        return (kept + 1, judged) if kept_pair else (kept, judged + 1)
 
     def merge_accumulators(self, accumulators):
         kept, judged = zip(*accumulators)
@@ -204,6 +204,11 @@ class _KeptAndJudged(beam.CombineFn):
 
     def extract_output(self, counts):
         return counts
+
+
+def is_kept_pair(record) -> bool:
+    """Kept pairs are Examples, judged candidates Candidates."""
+    return isinstance(record, Example)
 
 
 def record_id(record) -> str:
@@ -355,7 +360,8 @@ class Round(DeadLettering):
             counted=(*self._judged_before, judged_now, *self._kept_before, kept),
             counter=_KeptAndJudged(),
             limit=lambda counts: round_slots(*counts, num_examples=num_examples,
-                                             margin=margin))
+                                             margin=margin),
+            measure=is_kept_pair)
 
     def _last(self, kept, undecided, judged, screened_out) -> RoundOutput:
         cfg = self._cfg

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import apache_beam as beam
 from pydantic import StringConstraints
@@ -88,6 +88,18 @@ class OrderScores:
     assistant_1: float
     assistant_2: float
     explanation: str = ""
+
+    def scores(self) -> "OrderScoresOnly":
+        return OrderScoresOnly(self.task.first_first, self.assistant_1, self.assistant_2,
+                               self.explanation)
+
+
+class OrderScoresOnly(NamedTuple):
+    """An order's scores without its contest, as they go to the contest's verdict."""
+    first_first: bool
+    assistant_1: float
+    assistant_2: float
+    explanation: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,14 +221,14 @@ class _Verdict(beam.DoFn):
 
     def process(self, keyed):
         _, grouped = keyed
-        by_order = {o.task.first_first: o for o in grouped["orders"]}
+        by_order = {o.first_first: o for o in grouped["orders"]}
         if len(by_order) != 2:
             # A judge call failed for good; its dead letter holds the reason.
             self._incomplete.inc()
             return
         first_first, second_first = by_order[True], by_order[False]
         yield Verdict(
-            contest=first_first.task.contest,
+            contest=grouped["contest"][0],
             first_scores=(first_first.assistant_1, second_first.assistant_2),
             second_scores=(first_first.assistant_2, second_first.assistant_1),
             explanations=(first_first.explanation, second_first.explanation))
@@ -242,9 +254,11 @@ class JudgeBothOrders(DeadLettering):
                       self._stage, self._judge, self._run_seed)))
         # Every contest is grouped with its orders, so one whose two judge calls
         # both failed still reaches the verdict, and is counted as incomplete there.
-        verdicts = ({"contest": contests | "KeyContests" >> beam.Map(lambda c: (c.key, 1)),
+        # The contest (both answers and the caller's record) crosses the shuffle once,
+        # its orders as their scores only: about half the bytes of two whole orders.
+        verdicts = ({"contest": contests | "KeyContests" >> beam.Map(lambda c: (c.key, c)),
                      "orders": judged
-                     | "ByContest" >> beam.Map(lambda o: (o.task.contest.key, o))}
+                     | "ByContest" >> beam.Map(lambda o: (o.task.contest.key, o.scores()))}
                     | "GroupOrders" >> beam.CoGroupByKey()
                     | "Verdict" >> beam.ParDo(_Verdict(self._stage.name)))
         return verdicts
