@@ -694,6 +694,9 @@ def realistic_rows(results: dict) -> list[str]:
              f"| realistic | quota use: ideal {r['ideal_s']} s ({r['binding_quota']}) / first "
              f"request to last answer {r['requests_span_s']} s | "
              f"{against(r['quota_use'], '>=', 0.9)} |",
+             f"| realistic | ceiling for any shape of the method: ideal / (pool ready at "
+             f"{r['pool_ready_s']} s + the quota's time for the rest) | "
+             f"{r['quota_use_ceiling']} (reported) |",
              f"| realistic | share of the span with the binding quota idle | "
              f"{idle['idle_share']} (reported; most at: {worst}) |",
              f"| realistic | latency p50 / p99 / max (s); 429s | "
