@@ -82,24 +82,14 @@ class JudgeTask:
     first_first: bool  # the first contestant's answer is "Assistant 1"
 
 
-@dataclasses.dataclass(frozen=True)
-class OrderScores:
-    task: JudgeTask
-    assistant_1: float
-    assistant_2: float
-    explanation: str = ""
-
-    def scores(self) -> "OrderScoresOnly":
-        return OrderScoresOnly(self.task.first_first, self.assistant_1, self.assistant_2,
-                               self.explanation)
-
-
-class OrderScoresOnly(NamedTuple):
-    """An order's scores without its contest, as they go to the contest's verdict."""
+class OrderScores(NamedTuple):
+    """One order's scores, named by its contest's key rather than carrying the
+    contest: they go to the contest's verdict, which the contest joins once."""
+    contest_key: str
     first_first: bool
     assistant_1: float
     assistant_2: float
-    explanation: str
+    explanation: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,7 +197,8 @@ class Judge(Stage):
         return judge_answer(self.score_scale, self.explain)
 
     def parse(self, task: JudgeTask, answer: JudgeAnswer) -> list[OrderScores]:
-        return [OrderScores(task, float(answer.assistant_1_score),
+        return [OrderScores(task.contest.key, task.first_first,
+                            float(answer.assistant_1_score),
                             float(answer.assistant_2_score),
                             getattr(answer, "explanation", "").strip())]
 
@@ -258,7 +249,7 @@ class JudgeBothOrders(DeadLettering):
         # its orders as their scores only: about half the bytes of two whole orders.
         verdicts = ({"contest": contests | "KeyContests" >> beam.Map(lambda c: (c.key, c)),
                      "orders": judged
-                     | "ByContest" >> beam.Map(lambda o: (o.task.contest.key, o.scores()))}
+                     | "ByContest" >> beam.Map(lambda o: (o.contest_key, o))}
                     | "GroupOrders" >> beam.CoGroupByKey()
                     | "Verdict" >> beam.ParDo(_Verdict(self._stage.name)))
         return verdicts
